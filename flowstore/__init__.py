@@ -1,0 +1,62 @@
+"""flowstore: an event-sourced flow state store.
+
+Keeps, for every (user, flow), where the user stands, how they got there and what happened on the way.
+Start with `FlowStore()` (embedded SQLite) and `create_flow(...)`.
+"""
+
+from flowstore.definitions import FlowDefinition, FlowStep, FlowTransition
+from flowstore.errors import (
+    ConcurrencyConflictError,
+    DefinitionError,
+    FlowError,
+    FlowExistsError,
+    FlowNotFoundError,
+    FlowStateCorruptionError,
+    FlowStateNotFoundError,
+    InvalidArgumentError,
+    InvalidStepError,
+    InvalidTransitionError,
+    PayloadTooLargeError,
+    PayloadValidationError,
+)
+from flowstore.models import (
+    FlowState,
+    FlowStateHistory,
+    FlowStatistics,
+    FlowStatus,
+    HistoryKind,
+    PerformanceMetrics,
+    StepCount,
+)
+from flowstore.storage import StorageConfigError
+from flowstore.store import FlowStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConcurrencyConflictError",
+    "DefinitionError",
+    "FlowDefinition",
+    "FlowError",
+    "FlowExistsError",
+    "FlowNotFoundError",
+    "FlowState",
+    "FlowStateCorruptionError",
+    "FlowStateHistory",
+    "FlowStateNotFoundError",
+    "FlowStatistics",
+    "FlowStatus",
+    "FlowStep",
+    "FlowStore",
+    "FlowTransition",
+    "HistoryKind",
+    "InvalidArgumentError",
+    "InvalidStepError",
+    "InvalidTransitionError",
+    "PayloadTooLargeError",
+    "PayloadValidationError",
+    "PerformanceMetrics",
+    "StepCount",
+    "StorageConfigError",
+    "__version__",
+]

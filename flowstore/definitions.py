@@ -1,0 +1,215 @@
+"""Flow definitions: the steps a user walks through and the transitions between them.
+
+The models accept the seed's JSON exactly as written (camelCase keys) and dump back to it. Parsing
+checks the whole definition and reports every problem at once in one `DefinitionError`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import jsonschema
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic.alias_generators import to_camel
+
+from flowstore.errors import DefinitionError, PayloadTooLargeError, PayloadValidationError
+
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD_BYTES",
+    "FlowDefinition",
+    "FlowStep",
+    "FlowTransition",
+    "check_payload",
+    "parse_definition",
+    "update_definition",
+]
+
+DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
+
+
+class _SeedModel(BaseModel):
+    """Frozen, camelCase on the wire, snake_case in Python; unknown keys are typos, not data."""
+
+    model_config = ConfigDict(
+        frozen=True, alias_generator=to_camel, populate_by_name=True, extra="forbid"
+    )
+
+    def to_seed(self) -> dict[str, Any]:
+        """The model in the seed's JSON shape (camelCase keys, unset optional fields left out)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class FlowTransition(_SeedModel):
+    """An edge: taking `transition` from its step moves the user to `step`."""
+
+    transition: str
+    step: str
+    payload_schema: dict[str, Any] | None = None
+    _validator: Any = PrivateAttr(default=None)
+
+    def payload_problem(self, payload: Any) -> str | None:
+        """The first reason the payload fails this transition's JSON Schema, or None."""
+        if self.payload_schema is None:
+            return None
+        if self._validator is None:
+            # Built once per transition object: definitions are immutable and cached by version.
+            cls = jsonschema.validators.validator_for(self.payload_schema)
+            self._validator = cls(self.payload_schema)
+        error = jsonschema.exceptions.best_match(self._validator.iter_errors(payload))
+        if error is None:
+            return None
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        return f"payload at {where}: {error.message}"
+
+
+class FlowStep(_SeedModel):
+    """A node: where the user is, which service and module render it, and where they can go."""
+
+    index: int
+    step: str
+    service: str
+    module: str | None = None
+    transitions: dict[str, FlowTransition] = Field(default_factory=dict)
+
+    @property
+    def is_terminal(self) -> bool:
+        """A step without transitions ends the flow; reaching it completes the instance."""
+        return not self.transitions
+
+
+class FlowDefinition(_SeedModel):
+    """A versioned flow: its steps, its initial step and the seed's free-form config and prefabs."""
+
+    flow: str
+    initial_step: str
+    steps: dict[str, FlowStep]
+    config: dict[str, Any] = Field(default_factory=dict)
+    prefabs: dict[str, Any] = Field(default_factory=dict)
+    ttl: int | None = None
+    """Seconds an unfinished instance may stay idle before `purge_expired_flows` expires it."""
+    version: int | None = None
+    """Set by the store on definitions it returns; ignored on input."""
+
+    def step(self, name: str) -> FlowStep | None:
+        """The step called `name`, or None."""
+        return self.steps.get(name)
+
+
+_UPDATABLE = set(FlowDefinition.model_fields) - {"version"}
+
+
+def _problems(definition: FlowDefinition) -> list[str]:
+    problems: list[str] = []
+    if not definition.flow.strip():
+        problems.append("flow id must not be empty")
+    if not definition.steps:
+        problems.append("steps must not be empty")
+    elif definition.initial_step not in definition.steps:
+        problems.append(f"initialStep {definition.initial_step!r} is not a step")
+    names = Counter(step.step for step in definition.steps.values())
+    problems.extend(f"step name {name!r} is used {n} times" for name, n in names.items() if n > 1)
+    indexes = Counter(step.index for step in definition.steps.values())
+    problems.extend(f"step index {i} is used {n} times" for i, n in indexes.items() if n > 1)
+    for key, step in definition.steps.items():
+        if not key.strip():
+            problems.append("a step has an empty name")
+        if step.step != key:
+            problems.append(f"step {key!r} says its name is {step.step!r}")
+        for tkey, transition in step.transitions.items():
+            if not tkey.strip():
+                problems.append(f"step {key!r} has a transition with an empty name")
+            if transition.transition != tkey:
+                problems.append(
+                    f"transition {tkey!r} of step {key!r} says its name is "
+                    f"{transition.transition!r}"
+                )
+            if transition.step not in definition.steps:
+                problems.append(
+                    f"transition {tkey!r} of step {key!r} targets unknown step {transition.step!r}"
+                )
+            if transition.payload_schema is not None:
+                try:
+                    jsonschema.validators.validator_for(transition.payload_schema).check_schema(
+                        transition.payload_schema
+                    )
+                except jsonschema.exceptions.SchemaError as exc:
+                    problems.append(
+                        f"payloadSchema of transition {tkey!r} of step {key!r} is not a valid "
+                        f"JSON Schema: {exc.message}"
+                    )
+    if definition.ttl is not None and definition.ttl <= 0:
+        problems.append(f"ttl must be a positive number of seconds, not {definition.ttl}")
+    return problems
+
+
+def parse_definition(data: FlowDefinition | Mapping[str, Any]) -> FlowDefinition:
+    """Validate a definition (model or seed-shaped dict); raise `DefinitionError` listing all problems."""
+    raw = data.to_seed() if isinstance(data, FlowDefinition) else data
+    if not isinstance(raw, Mapping):
+        raise DefinitionError(None, [f"a definition must be a JSON object, not {type(raw).__name__}"])
+    flow_id = raw.get("flow") if isinstance(raw.get("flow"), str) else None
+    try:
+        definition = FlowDefinition.model_validate({k: v for k, v in raw.items() if k != "version"})
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        raise DefinitionError(flow_id, problems) from None
+    problems = _problems(definition)
+    if problems:
+        raise DefinitionError(definition.flow, problems)
+    return definition
+
+
+def update_definition(current: FlowDefinition, changes: Mapping[str, Any]) -> FlowDefinition:
+    """The definition with the given top-level keys replaced whole (camelCase or snake_case keys)."""
+    if not isinstance(changes, Mapping):
+        raise DefinitionError(current.flow, ["changes must be a JSON object"])
+    aliases = {f: FlowDefinition.model_fields[f].alias or f for f in _UPDATABLE}
+    known = set(aliases) | set(aliases.values())
+    merged = current.to_seed()
+    merged.pop("version", None)
+    problems = []
+    for key, value in changes.items():
+        if key not in known:
+            problems.append(f"{key!r} is not a definition field")
+        elif aliases.get(key, key) == "flow" and value != current.flow:
+            problems.append(f"flow id cannot change (from {current.flow!r} to {value!r})")
+        else:
+            # Replace the whole top-level key; remove it when set to None (back to its default).
+            alias = aliases.get(key, key)
+            merged.pop(alias, None)
+            if value is not None:
+                merged[alias] = value
+    if problems:
+        raise DefinitionError(current.flow, problems)
+    return parse_definition(merged)
+
+
+def check_payload(payload: Any, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> dict[str, Any] | None:
+    """Return the payload if it is None or a JSON object within `limit` bytes; raise otherwise."""
+    if payload is None:
+        return None
+    if not isinstance(payload, dict):
+        raise PayloadValidationError(
+            f"Payload must be a JSON object, not {type(payload).__name__}",
+            type=type(payload).__name__,
+        )
+    try:
+        encoded = orjson.dumps(payload)
+    except TypeError as exc:
+        raise PayloadValidationError(f"Payload is not JSON: {exc}") from None
+    # orjson writes NaN as null, tuples as lists, datetimes as strings: anything that does not come
+    # back equal is not plain JSON and would be stored as something other than what was sent.
+    if orjson.loads(encoded) != payload:
+        raise PayloadValidationError(
+            "Payload is not plain JSON (NaN/Infinity, tuples, dates or non-string keys "
+            "do not survive a JSON round trip)"
+        )
+    if len(encoded) > limit:
+        raise PayloadTooLargeError(len(encoded), limit)
+    return payload

@@ -1,0 +1,681 @@
+"""The event-sourced core: aggregates, their events, and the pure functions between them.
+
+Three aggregates, all immutable pydantic models rebuilt from their events:
+
+- `FlowInstance`: one user in one flow, id `instance_id(user_id, flow_id)` (uuid5, so a lookup is a key
+  read and starting is idempotent). Every command on it, accepted or rejected, appends events.
+- `FlowVersions`: every version of one flow definition, id `definition_id(flow_id)`.
+- `FlowCatalog`: the ids of all flows ever defined (one aggregate), so listing flows is one key read.
+
+Commands are pure functions `(aggregate, inputs, now) -> events`; `evolve(aggregate, event)` folds an
+event into the aggregate. No I/O and no clock here: the service passes `now` (UTC) in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal, TypeVar
+from uuid import UUID, uuid5
+
+from pydantic import BaseModel, ConfigDict
+
+from flowstore.definitions import FlowDefinition
+from flowstore.errors import (
+    FlowError,
+    InvalidStepError,
+    InvalidTransitionError,
+    PayloadValidationError,
+)
+from flowstore.models import FlowState, FlowStateHistory, FlowStatus, HistoryKind
+
+__all__ = [
+    "CATALOG_ID",
+    "DomainEvent",
+    "FlowCatalog",
+    "FlowCleared",
+    "FlowCompleted",
+    "FlowDefined",
+    "FlowDeleted",
+    "FlowExpired",
+    "FlowInstance",
+    "FlowListed",
+    "FlowStarted",
+    "FlowVersions",
+    "InstanceEvent",
+    "StateOverridden",
+    "TransitionExecuted",
+    "TransitionRejected",
+    "definition_id",
+    "evolve",
+    "history_entry",
+    "instance_id",
+    "project",
+]
+
+_NAMESPACE = UUID("6f1c9f0e-3c1a-5b7e-9a51-0c3d3e7f1a42")
+
+
+def instance_id(user_id: str, flow_id: str) -> UUID:
+    """The id of a user's instance of a flow (deterministic, so reads are key lookups)."""
+    # The unit separator cannot appear in ids by accident, so ("a:b", "c") != ("a", "b:c").
+    return uuid5(_NAMESPACE, f"instance\x1f{user_id}\x1f{flow_id}")
+
+
+def definition_id(flow_id: str) -> UUID:
+    """The id of the aggregate holding every version of a flow definition."""
+    return uuid5(_NAMESPACE, f"definition\x1f{flow_id}")
+
+
+CATALOG_ID = uuid5(_NAMESPACE, "catalog")
+
+
+class DomainEvent(BaseModel):
+    """An immutable fact; the fields the eventsourcing library needs plus the event's own."""
+
+    model_config = ConfigDict(frozen=True)
+
+    originator_id: UUID
+    originator_version: int
+    timestamp: datetime
+
+
+class InstanceEvent(DomainEvent):
+    """Something that happened to one user's flow; carries what readers need without joins."""
+
+    user_id: str
+    flow_id: str
+    definition_version: int
+
+
+class FlowStarted(InstanceEvent):
+    """A run began at `step`: by `reset_flow` (reason reset) or by a first transition (start)."""
+
+    reason: Literal["start", "reset"]
+    from_step: str | None
+    step: str
+    service: str
+    expires_at: datetime | None
+
+
+class TransitionExecuted(InstanceEvent):
+    """The user took `transition` from `from_step` to `to_step`."""
+
+    transition: str
+    from_step: str
+    to_step: str
+    service: str
+    payload: dict[str, Any] | None
+    expires_at: datetime | None
+    elapsed_ms: float
+
+
+class TransitionRejected(InstanceEvent):
+    """An attempted transition was refused (not offered here, or its payload failed the schema)."""
+
+    transition: str
+    from_step: str
+    payload: dict[str, Any] | None
+    error: str
+    error_code: str
+    elapsed_ms: float
+
+
+class FlowCompleted(InstanceEvent):
+    """The instance reached a terminal step (saved together with the event that got it there)."""
+
+    step: str
+
+
+class StateOverridden(InstanceEvent):
+    """An administrator set the instance's state (`set_flow_state`)."""
+
+    from_step: str | None
+    step: str
+    service: str
+    ok: bool
+    payload: dict[str, Any] | None
+    expires_at: datetime | None
+
+
+class FlowCleared(InstanceEvent):
+    """The instance's state was cleared; its history stays."""
+
+    from_step: str | None
+
+
+class FlowExpired(InstanceEvent):
+    """The instance stayed idle past its definition's ttl and was purged."""
+
+    from_step: str | None
+
+
+class FlowDefined(DomainEvent):
+    """A new version of a flow definition."""
+
+    flow_id: str
+    version: int
+    definition: FlowDefinition
+
+
+class FlowDeleted(DomainEvent):
+    """The flow was deleted: no new runs or transitions; existing history stays readable."""
+
+    flow_id: str
+
+
+class FlowListed(DomainEvent):
+    """A flow id was added to the catalog."""
+
+    flow_id: str
+
+
+class _Aggregate(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: UUID
+    version: int
+    created_on: datetime
+    modified_on: datetime
+
+
+class FlowInstance(_Aggregate):
+    """One user's run through one flow, as its events left it."""
+
+    user_id: str
+    flow_id: str
+    definition_version: int
+    status: FlowStatus
+    step: str | None
+    service: str | None
+    ok: bool
+    payload: dict[str, Any] | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    expires_at: datetime | None
+
+    @property
+    def is_live(self) -> bool:
+        """True when the user has a state (active or completed), False when cleared or expired."""
+        return self.status in (FlowStatus.ACTIVE, FlowStatus.COMPLETED)
+
+    def to_state(self) -> FlowState:
+        """The public view of a live instance."""
+        assert self.step is not None
+        return FlowState(
+            flow=self.flow_id,
+            step=self.step,
+            service=self.service,
+            ok=self.ok,
+            payload=self.payload,
+            user_id=self.user_id,
+            status=self.status,
+            version=self.version,
+            definition_version=self.definition_version,
+            started_at=self.started_at,
+            updated_at=self.modified_on,
+            completed_at=self.completed_at,
+            expires_at=self.expires_at,
+        )
+
+
+class FlowVersions(_Aggregate):
+    """Every version of one flow definition; versions are numbered from 1 and never change."""
+
+    flow_id: str
+    definitions: tuple[FlowDefinition, ...]
+    deleted: bool
+
+    @property
+    def latest(self) -> FlowDefinition:
+        """The newest version."""
+        return self.definitions[-1]
+
+    def get(self, version: int | None) -> FlowDefinition | None:
+        """Version `version` (the newest when None), or None if there is no such version."""
+        if version is None:
+            return self.latest
+        if 1 <= version <= len(self.definitions):
+            return self.definitions[version - 1]
+        return None
+
+
+class FlowCatalog(_Aggregate):
+    """The ids of every flow ever defined, in order of creation."""
+
+    flow_ids: tuple[str, ...]
+
+
+TAggregate = TypeVar("TAggregate", bound=_Aggregate)
+
+
+def evolve(aggregate: Any, event: DomainEvent) -> Any:
+    """Fold one event into its aggregate (None before the first event)."""
+    ts = event.timestamp
+    base = {"version": event.originator_version, "modified_on": ts}
+    match event:
+        case FlowStarted():
+            if aggregate is None:
+                return FlowInstance(
+                    id=event.originator_id,
+                    created_on=ts,
+                    user_id=event.user_id,
+                    flow_id=event.flow_id,
+                    definition_version=event.definition_version,
+                    status=FlowStatus.ACTIVE,
+                    step=event.step,
+                    service=event.service,
+                    ok=True,
+                    payload=None,
+                    started_at=ts,
+                    completed_at=None,
+                    expires_at=event.expires_at,
+                    **base,
+                )
+            return aggregate.model_copy(
+                update={
+                    **base,
+                    "definition_version": event.definition_version,
+                    "status": FlowStatus.ACTIVE,
+                    "step": event.step,
+                    "service": event.service,
+                    "ok": True,
+                    "payload": None,
+                    "started_at": ts,
+                    "completed_at": None,
+                    "expires_at": event.expires_at,
+                }
+            )
+        case TransitionExecuted():
+            return aggregate.model_copy(
+                update={
+                    **base,
+                    "step": event.to_step,
+                    "service": event.service,
+                    "ok": True,
+                    "payload": event.payload,
+                    "expires_at": event.expires_at,
+                }
+            )
+        case TransitionRejected():
+            return aggregate.model_copy(update={**base, "ok": False})
+        case FlowCompleted():
+            return aggregate.model_copy(
+                update={
+                    **base,
+                    "status": FlowStatus.COMPLETED,
+                    "completed_at": ts,
+                    "expires_at": None,
+                }
+            )
+        case StateOverridden():
+            if aggregate is None:
+                return FlowInstance(
+                    id=event.originator_id,
+                    created_on=ts,
+                    user_id=event.user_id,
+                    flow_id=event.flow_id,
+                    definition_version=event.definition_version,
+                    status=FlowStatus.ACTIVE,
+                    step=event.step,
+                    service=event.service,
+                    ok=event.ok,
+                    payload=event.payload,
+                    started_at=ts,
+                    completed_at=None,
+                    expires_at=event.expires_at,
+                    **base,
+                )
+            restarted = not aggregate.is_live
+            return aggregate.model_copy(
+                update={
+                    **base,
+                    "definition_version": event.definition_version,
+                    "status": FlowStatus.ACTIVE,
+                    "step": event.step,
+                    "service": event.service,
+                    "ok": event.ok,
+                    "payload": event.payload,
+                    "started_at": ts if restarted else aggregate.started_at,
+                    "completed_at": None,
+                    "expires_at": event.expires_at,
+                }
+            )
+        case FlowCleared() | FlowExpired():
+            status = FlowStatus.CLEARED if isinstance(event, FlowCleared) else FlowStatus.EXPIRED
+            return aggregate.model_copy(
+                update={
+                    **base,
+                    "status": status,
+                    "step": None,
+                    "service": None,
+                    "payload": None,
+                    "expires_at": None,
+                }
+            )
+        case FlowDefined():
+            definition = event.definition.model_copy(update={"version": event.version})
+            if aggregate is None:
+                return FlowVersions(
+                    id=event.originator_id,
+                    created_on=ts,
+                    flow_id=event.flow_id,
+                    definitions=(definition,),
+                    deleted=False,
+                    **base,
+                )
+            return aggregate.model_copy(
+                update={**base, "definitions": (*aggregate.definitions, definition), "deleted": False}
+            )
+        case FlowDeleted():
+            return aggregate.model_copy(update={**base, "deleted": True})
+        case FlowListed():
+            if aggregate is None:
+                return FlowCatalog(
+                    id=event.originator_id, created_on=ts, flow_ids=(event.flow_id,), **base
+                )
+            return aggregate.model_copy(
+                update={**base, "flow_ids": (*aggregate.flow_ids, event.flow_id)}
+            )
+    msg = f"Unknown event type {type(event).__name__}"
+    raise TypeError(msg)
+
+
+def project(aggregate: TAggregate | None, events: Iterable[DomainEvent]) -> TAggregate | None:
+    """Fold events into an aggregate: the projector the repository uses to rebuild aggregates."""
+    for event in events:
+        aggregate = evolve(aggregate, event)
+    return aggregate
+
+
+# Commands. Each returns the events to append (in order); none of them touches storage.
+
+
+def _expiry(definition: FlowDefinition, now: datetime, terminal: bool) -> datetime | None:
+    if definition.ttl is None or terminal:
+        return None
+    return now + timedelta(seconds=definition.ttl)
+
+
+def _instance_fields(
+    user_id: str, flow_id: str, definition: FlowDefinition, iid: UUID, version: int, now: datetime
+) -> dict[str, Any]:
+    assert definition.version is not None, "definitions come from FlowVersions, versioned"
+    return {
+        "originator_id": iid,
+        "originator_version": version,
+        "timestamp": now,
+        "user_id": user_id,
+        "flow_id": flow_id,
+        "definition_version": definition.version,
+    }
+
+
+def start_flow(
+    instance: FlowInstance | None,
+    definition: FlowDefinition,
+    *,
+    user_id: str,
+    now: datetime,
+    step: str | None = None,
+    reason: Literal["start", "reset"] = "reset",
+) -> list[InstanceEvent]:
+    """Start (or restart) a run at `step`, the initial step by default, on `definition`."""
+    target = step or definition.initial_step
+    target_step = definition.step(target)
+    if target_step is None:
+        assert definition.version is not None
+        raise InvalidStepError(target, flow_id=definition.flow, definition_version=definition.version)
+    iid = instance_id(user_id, definition.flow)
+    version = instance.version + 1 if instance else 1
+    fields = _instance_fields(user_id, definition.flow, definition, iid, version, now)
+    events: list[InstanceEvent] = [
+        FlowStarted(
+            **fields,
+            reason=reason,
+            from_step=instance.step if instance else None,
+            step=target,
+            service=target_step.service,
+            expires_at=_expiry(definition, now, target_step.is_terminal),
+        )
+    ]
+    if target_step.is_terminal:
+        fields = {**fields, "originator_version": version + 1}
+        events.append(FlowCompleted(**fields, step=target))
+    return events
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The events a command appends, and the error to raise once they are saved (rejections)."""
+
+    events: list[InstanceEvent]
+    error: FlowError | None = None
+
+
+def execute_transition(
+    instance: FlowInstance,
+    definition: FlowDefinition,
+    *,
+    transition: str,
+    payload: dict[str, Any] | None,
+    now: datetime,
+    elapsed_ms: float,
+) -> Decision:
+    """Take `transition` from the instance's step, or record why it was refused."""
+    assert instance.step is not None and instance.is_live
+    fields = _instance_fields(
+        instance.user_id, instance.flow_id, definition, instance.id, instance.version + 1, now
+    )
+    current = definition.step(instance.step)
+    edge = current.transitions.get(transition) if current else None
+    error: FlowError | None = None
+    if edge is None:
+        error = InvalidTransitionError(
+            instance.step, transition, flow_id=instance.flow_id, user_id=instance.user_id
+        )
+    else:
+        problem = edge.payload_problem(payload)
+        if problem is not None:
+            error = PayloadValidationError(
+                f"Payload rejected by transition {transition!r} of step {instance.step!r}: "
+                f"{problem}",
+                transition=transition,
+                step=instance.step,
+                flow_id=instance.flow_id,
+            )
+    if error is not None:
+        rejected = TransitionRejected(
+            **fields,
+            transition=transition,
+            from_step=instance.step,
+            payload=payload,
+            error=error.message,
+            error_code=error.code,
+            elapsed_ms=elapsed_ms,
+        )
+        return Decision([rejected], error)
+    assert edge is not None
+    target = definition.steps[edge.step]
+    events: list[InstanceEvent] = [
+        TransitionExecuted(
+            **fields,
+            transition=transition,
+            from_step=instance.step,
+            to_step=edge.step,
+            service=target.service,
+            payload=payload,
+            expires_at=_expiry(definition, now, target.is_terminal),
+            elapsed_ms=elapsed_ms,
+        )
+    ]
+    if target.is_terminal:
+        events.append(
+            FlowCompleted(
+                **{**fields, "originator_version": instance.version + 2}, step=edge.step
+            )
+        )
+    return Decision(events)
+
+
+def override_state(
+    instance: FlowInstance | None,
+    definition: FlowDefinition,
+    *,
+    user_id: str,
+    step: str,
+    service: str | None,
+    ok: bool,
+    payload: dict[str, Any] | None,
+    now: datetime,
+) -> list[InstanceEvent]:
+    """Set the instance's state as an administrator said, on `definition`."""
+    target = definition.step(step)
+    if target is None:
+        assert definition.version is not None
+        raise InvalidStepError(step, flow_id=definition.flow, definition_version=definition.version)
+    version = instance.version + 1 if instance else 1
+    iid = instance_id(user_id, definition.flow)
+    fields = _instance_fields(user_id, definition.flow, definition, iid, version, now)
+    events: list[InstanceEvent] = [
+        StateOverridden(
+            **fields,
+            from_step=instance.step if instance else None,
+            step=step,
+            service=service or target.service,
+            ok=ok,
+            payload=payload,
+            expires_at=_expiry(definition, now, target.is_terminal),
+        )
+    ]
+    if target.is_terminal:
+        events.append(FlowCompleted(**{**fields, "originator_version": version + 1}, step=step))
+    return events
+
+
+def end_flow(
+    instance: FlowInstance, *, now: datetime, kind: Literal["clear", "expiry"]
+) -> list[InstanceEvent]:
+    """Clear or expire a live instance (its history stays)."""
+    fields = {
+        "originator_id": instance.id,
+        "originator_version": instance.version + 1,
+        "timestamp": now,
+        "user_id": instance.user_id,
+        "flow_id": instance.flow_id,
+        "definition_version": instance.definition_version,
+        "from_step": instance.step,
+    }
+    return [FlowCleared(**fields) if kind == "clear" else FlowExpired(**fields)]
+
+
+def define_flow(
+    versions: FlowVersions | None, definition: FlowDefinition, *, now: datetime
+) -> list[DomainEvent]:
+    """Record `definition` as the next version of its flow (version 1 for a new flow)."""
+    version = len(versions.definitions) + 1 if versions else 1
+    return [
+        FlowDefined(
+            originator_id=definition_id(definition.flow),
+            originator_version=versions.version + 1 if versions else 1,
+            timestamp=now,
+            flow_id=definition.flow,
+            version=version,
+            definition=definition.model_copy(update={"version": version}),
+        )
+    ]
+
+
+def delete_flow(versions: FlowVersions, *, now: datetime) -> list[DomainEvent]:
+    """Mark the flow deleted."""
+    return [
+        FlowDeleted(
+            originator_id=versions.id,
+            originator_version=versions.version + 1,
+            timestamp=now,
+            flow_id=versions.flow_id,
+        )
+    ]
+
+
+def list_flow(catalog: FlowCatalog | None, flow_id: str, *, now: datetime) -> list[DomainEvent]:
+    """Add a flow id to the catalog, unless it is there already."""
+    if catalog is not None and flow_id in catalog.flow_ids:
+        return []
+    return [
+        FlowListed(
+            originator_id=CATALOG_ID,
+            originator_version=catalog.version + 1 if catalog else 1,
+            timestamp=now,
+            flow_id=flow_id,
+        )
+    ]
+
+
+def history_entry(event: DomainEvent) -> FlowStateHistory | None:
+    """The history row an instance event stands for (None for events that are not commands)."""
+    if not isinstance(event, InstanceEvent) or isinstance(event, FlowCompleted):
+        return None
+    common: dict[str, Any] = {
+        "id": f"{event.originator_id}:{event.originator_version}",
+        "user_id": event.user_id,
+        "flow_id": event.flow_id,
+        "timestamp": event.timestamp,
+        "metadata": {"definition_version": event.definition_version},
+    }
+    match event:
+        case FlowStarted():
+            kind = HistoryKind.START if event.reason == "start" else HistoryKind.RESET
+            return FlowStateHistory(
+                **common,
+                kind=kind,
+                from_step=event.from_step,
+                to_step=event.step,
+                transition=None,
+                success=True,
+            )
+        case TransitionExecuted():
+            common["metadata"] |= {"elapsed_ms": event.elapsed_ms, "service": event.service}
+            return FlowStateHistory(
+                **common,
+                kind=HistoryKind.TRANSITION,
+                from_step=event.from_step,
+                to_step=event.to_step,
+                transition=event.transition,
+                payload=event.payload,
+                success=True,
+            )
+        case TransitionRejected():
+            common["metadata"] |= {"elapsed_ms": event.elapsed_ms, "error_code": event.error_code}
+            return FlowStateHistory(
+                **common,
+                kind=HistoryKind.TRANSITION,
+                from_step=event.from_step,
+                to_step=None,
+                transition=event.transition,
+                payload=event.payload,
+                success=False,
+                error=event.error,
+            )
+        case StateOverridden():
+            common["metadata"] |= {"service": event.service, "ok": event.ok}
+            return FlowStateHistory(
+                **common,
+                kind=HistoryKind.OVERRIDE,
+                from_step=event.from_step,
+                to_step=event.step,
+                transition=None,
+                payload=event.payload,
+                success=True,
+            )
+        case FlowCleared() | FlowExpired():
+            return FlowStateHistory(
+                **common,
+                kind=HistoryKind.CLEAR if isinstance(event, FlowCleared) else HistoryKind.EXPIRY,
+                from_step=event.from_step,
+                to_step=None,
+                transition=None,
+                success=True,
+            )
+    return None

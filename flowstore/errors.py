@@ -1,0 +1,198 @@
+"""The errors flowstore raises, one tree under `FlowError`.
+
+    FlowError                                   code
+     ├── FlowNotFoundError (LookupError)        FLOW_NOT_FOUND
+     │    └── FlowStateNotFoundError            FLOW_STATE_NOT_FOUND
+     ├── FlowExistsError                        FLOW_EXISTS
+     ├── InvalidTransitionError (ValueError)    INVALID_TRANSITION
+     ├── InvalidStepError (ValueError)          INVALID_STEP
+     ├── InvalidArgumentError (ValueError)      INVALID_ARGUMENT
+     ├── FlowStateCorruptionError               FLOW_STATE_CORRUPTION
+     ├── ConcurrencyConflictError               CONCURRENCY_CONFLICT
+     ├── DefinitionError (ValueError)           DEFINITION_INVALID
+     └── PayloadValidationError (ValueError)    PAYLOAD_INVALID
+          └── PayloadTooLargeError              PAYLOAD_TOO_LARGE
+
+Every error carries a stable `code` (used by the HTTP and CLI adapters to pick a status and an exit
+code, see `adapters/errors.py`) and a `details` mapping naming the offending values. Errors that are
+about bad input also derive from the fitting built-in, so callers can catch `ValueError` or
+`LookupError` without importing flowstore.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+__all__ = [
+    "ConcurrencyConflictError",
+    "DefinitionError",
+    "FlowError",
+    "FlowExistsError",
+    "FlowNotFoundError",
+    "FlowStateCorruptionError",
+    "FlowStateNotFoundError",
+    "InvalidArgumentError",
+    "InvalidStepError",
+    "InvalidTransitionError",
+    "PayloadTooLargeError",
+    "PayloadValidationError",
+]
+
+
+class FlowError(Exception):
+    """Base class of every error flowstore raises on purpose."""
+
+    code: ClassVar[str] = "FLOW_ERROR"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: Mapping[str, Any] = details
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as plain data: code, message and details (for HTTP, Kafka and the CLI)."""
+        return {"code": self.code, "message": self.message, "details": dict(self.details)}
+
+
+class FlowNotFoundError(FlowError, LookupError):
+    """The flow definition does not exist (or was deleted)."""
+
+    code = "FLOW_NOT_FOUND"
+
+    def __init__(self, flow_id: str, message: str | None = None, **details: Any) -> None:
+        super().__init__(message or f"Flow {flow_id!r} not found", flow_id=flow_id, **details)
+        self.flow_id = flow_id
+
+
+class FlowStateNotFoundError(FlowNotFoundError):
+    """The flow exists but the user has no state in it (never started, or cleared)."""
+
+    code = "FLOW_STATE_NOT_FOUND"
+
+    def __init__(self, user_id: str, flow_id: str) -> None:
+        super().__init__(
+            flow_id, f"User {user_id!r} has no state in flow {flow_id!r}", user_id=user_id
+        )
+        self.user_id = user_id
+
+
+class FlowExistsError(FlowError, ValueError):
+    """`create_flow` was given the id of a flow that already exists."""
+
+    code = "FLOW_EXISTS"
+
+    def __init__(self, flow_id: str) -> None:
+        super().__init__(
+            f"Flow {flow_id!r} already exists; use update_flow to make a new version",
+            flow_id=flow_id,
+        )
+        self.flow_id = flow_id
+
+
+class InvalidTransitionError(FlowError, ValueError):
+    """The transition is not offered by the user's current step."""
+
+    code = "INVALID_TRANSITION"
+
+    def __init__(self, from_step: str, transition: str, *, flow_id: str, user_id: str) -> None:
+        super().__init__(
+            f"Invalid transition {transition!r} from step {from_step!r} in flow {flow_id!r}",
+            from_step=from_step,
+            transition=transition,
+            flow_id=flow_id,
+            user_id=user_id,
+        )
+        self.from_step = from_step
+        self.transition = transition
+
+
+class InvalidStepError(FlowError, ValueError):
+    """A step named by the caller (reset target, override) does not exist in the definition."""
+
+    code = "INVALID_STEP"
+
+    def __init__(self, step: str, *, flow_id: str, definition_version: int) -> None:
+        super().__init__(
+            f"Step {step!r} does not exist in flow {flow_id!r} version {definition_version}",
+            step=step,
+            flow_id=flow_id,
+            definition_version=definition_version,
+        )
+        self.step = step
+
+
+class InvalidArgumentError(FlowError, ValueError):
+    """An id or name argument is empty, too long or not a string."""
+
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, name: str, value: object, reason: str) -> None:
+        super().__init__(f"{name} {value!r} is invalid: {reason}", argument=name, value=repr(value))
+
+
+class FlowStateCorruptionError(FlowError):
+    """Stored state contradicts its definition or its event log."""
+
+    code = "FLOW_STATE_CORRUPTION"
+
+    def __init__(self, user_id: str, flow_id: str, detail: str) -> None:
+        super().__init__(
+            f"Flow state corrupted for user {user_id!r}, flow {flow_id!r}: {detail}",
+            user_id=user_id,
+            flow_id=flow_id,
+            detail=detail,
+        )
+        self.user_id = user_id
+        self.flow_id = flow_id
+        self.detail = detail
+
+
+class ConcurrencyConflictError(FlowError):
+    """Other writers kept changing the same instance; the command gave up after its retries."""
+
+    code = "CONCURRENCY_CONFLICT"
+
+    def __init__(self, user_id: str, flow_id: str, attempts: int) -> None:
+        super().__init__(
+            f"Gave up on user {user_id!r} in flow {flow_id!r} after {attempts} conflicting attempts",
+            user_id=user_id,
+            flow_id=flow_id,
+            attempts=attempts,
+        )
+
+
+class DefinitionError(FlowError, ValueError):
+    """A flow definition (or an update to one) is malformed; `problems` lists every problem found."""
+
+    code = "DEFINITION_INVALID"
+
+    def __init__(self, flow_id: str | None, problems: Sequence[str]) -> None:
+        name = repr(flow_id) if flow_id else "(unnamed)"
+        super().__init__(
+            f"Flow definition {name} is invalid: " + "; ".join(problems),
+            flow_id=flow_id,
+            problems=list(problems),
+        )
+        self.flow_id = flow_id
+        self.problems = list(problems)
+
+
+class PayloadValidationError(FlowError, ValueError):
+    """A payload is not a JSON object, or fails the transition's JSON Schema."""
+
+    code = "PAYLOAD_INVALID"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message, **details)
+
+
+class PayloadTooLargeError(PayloadValidationError):
+    """A payload's JSON encoding is larger than the store's limit."""
+
+    code = "PAYLOAD_TOO_LARGE"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"Payload of {size} bytes exceeds the limit of {limit} bytes", size=size, limit=limit
+        )

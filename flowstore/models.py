@@ -1,0 +1,125 @@
+"""What the store answers with: a user's state in a flow, its history, and flow statistics.
+
+Field names are snake_case in Python and camelCase on the wire (`to_json`), like the seed's types, so
+the HTTP and Kafka adapters reuse these models as they are.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "FlowState",
+    "FlowStateHistory",
+    "FlowStatistics",
+    "FlowStatus",
+    "HistoryKind",
+    "PerformanceMetrics",
+    "StepCount",
+]
+
+
+class _ApiModel(BaseModel):
+    model_config = ConfigDict(frozen=True, alias_generator=to_camel, populate_by_name=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with camelCase keys."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_json(self) -> bytes:
+        """orjson-encoded JSON with camelCase keys."""
+        return orjson.dumps(self.model_dump(by_alias=True))
+
+
+class FlowStatus(StrEnum):
+    """Where an instance is in its life."""
+
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    CLEARED = "cleared"
+    EXPIRED = "expired"
+
+
+class HistoryKind(StrEnum):
+    """The command a history row records."""
+
+    START = "start"
+    """`execute_transition` started a flow the user had no state in."""
+    RESET = "reset"
+    TRANSITION = "transition"
+    OVERRIDE = "override"
+    CLEAR = "clear"
+    EXPIRY = "expiry"
+
+
+class FlowState(_ApiModel):
+    """Where one user stands in one flow."""
+
+    flow: str
+    step: str
+    service: str | None = None
+    ok: bool = True
+    """False right after a rejected transition; True after any accepted command."""
+    payload: dict[str, Any] | None = None
+    """The payload of the last accepted transition or override."""
+    user_id: str | None = None
+    status: FlowStatus = FlowStatus.ACTIVE
+    version: int = 0
+    """The instance's event version: how many events it has."""
+    definition_version: int | None = None
+    started_at: datetime | None = None
+    updated_at: datetime | None = None
+    completed_at: datetime | None = None
+    expires_at: datetime | None = None
+
+
+class FlowStateHistory(_ApiModel):
+    """One command on an instance: a transition (accepted or rejected), reset, override, clear..."""
+
+    id: str
+    user_id: str
+    flow_id: str
+    from_step: str | None
+    to_step: str | None
+    transition: str | None
+    payload: dict[str, Any] | None = None
+    timestamp: datetime
+    success: bool
+    error: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    kind: HistoryKind
+
+
+class StepCount(_ApiModel):
+    """How many times users entered a step."""
+
+    step: str
+    count: int
+
+
+class PerformanceMetrics(_ApiModel):
+    """Response times of `execute_transition` (ms) and recent throughput."""
+
+    average_response_time: float = 0.0
+    p95_response_time: float = 0.0
+    throughput_per_second: float = 0.0
+
+
+class FlowStatistics(_ApiModel):
+    """Usage of one flow, or of all flows: the seed's statistics in snake_case."""
+
+    total_flows: int = 0
+    """Runs started (a reset starts a new run)."""
+    active_users: int = 0
+    completion_rate: float = 0.0
+    average_flow_duration: float = 0.0
+    """Milliseconds from start to completion, averaged over completed runs."""
+    popular_steps: list[StepCount] = Field(default_factory=list)
+    error_rate: float = 0.0
+    performance_metrics: PerformanceMetrics = Field(default_factory=PerformanceMetrics)

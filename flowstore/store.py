@@ -1,0 +1,481 @@
+"""`FlowStore`: the service. Commands append events; queries read aggregates and the log.
+
+Every command on a user's flow follows one path (`_change_instance`): read the instance, decide the
+events with a pure function from `flowstore.domain`, append them. A concurrent append to the same
+instance makes the append fail on its version; the command then re-reads and decides again, so a
+transition is always validated against the state it is applied to.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self, TypeVar, cast
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import IntegrityError, Mapper, Transcoder
+from eventsourcing.utils import get_topic
+from pydantic import ValidationError
+
+from flowstore.codec import OrjsonTranscoder, PydanticMapper
+from flowstore.definitions import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    FlowDefinition,
+    check_payload,
+    parse_definition,
+    update_definition,
+)
+from flowstore.domain import (
+    CATALOG_ID,
+    Decision,
+    DomainEvent,
+    FlowCatalog,
+    FlowInstance,
+    FlowStarted,
+    FlowVersions,
+    InstanceEvent,
+    StateOverridden,
+    define_flow,
+    definition_id,
+    delete_flow,
+    end_flow,
+    execute_transition,
+    history_entry,
+    instance_id,
+    list_flow,
+    override_state,
+    project,
+    start_flow,
+)
+from flowstore.errors import (
+    ConcurrencyConflictError,
+    FlowExistsError,
+    FlowNotFoundError,
+    FlowStateCorruptionError,
+    FlowStateNotFoundError,
+    InvalidArgumentError,
+)
+from flowstore.models import FlowState, FlowStateHistory, FlowStatistics, FlowStatus
+from flowstore.statistics import StatisticsFold
+from flowstore.storage import StorageConfig, parse_url, resolve_url
+
+__all__ = ["FlowStore"]
+
+T = TypeVar("T")
+
+_MAX_ID_LENGTH = 256
+_LOG_PAGE = 1000
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _require_id(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgumentError(name, value, f"must be a string, not {type(value).__name__}")
+    if not value.strip():
+        raise InvalidArgumentError(name, value, "must not be empty")
+    if len(value) > _MAX_ID_LENGTH:
+        raise InvalidArgumentError(name, value[:40] + "...", f"longer than {_MAX_ID_LENGTH}")
+    return value
+
+
+class _FlowApplication(Application[UUID]):
+    """The eventsourcing Application: orjson transcoder and pydantic mapper, immutable aggregates."""
+
+    name = "FlowStore"
+
+    def construct_transcoder(self) -> Transcoder:
+        return OrjsonTranscoder()
+
+    def construct_mapper(self) -> Mapper[UUID]:
+        return self.factory.mapper(
+            transcoder=self.construct_transcoder(), mapper_class=PydanticMapper
+        )
+
+
+class FlowStore:
+    """Keeps, for every (user, flow), where the user stands, how they got there and what happened.
+
+    `FlowStore()` opens the embedded SQLite file `./flowstore.db` (or `$FLOWSTORE_URL`); pass a URL for
+    another database: `sqlite:///path.db`, `postgresql://user:pw@host:port/db` or `memory://`.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        max_retries: int = 10,
+        cache_size: int = 10_000,
+        statistics_window: float = 60.0,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.config: StorageConfig = parse_url(resolve_url(url))
+        self.max_payload_bytes = max_payload_bytes
+        self.max_retries = max_retries
+        self.statistics_window = statistics_window
+        self._clock = clock
+        env = {
+            **self.config.env,
+            "AGGREGATE_CACHE_MAXSIZE": str(cache_size),
+            # Aggregates are frozen pydantic models: a cached one cannot be corrupted by a caller,
+            # so the repository need not deep-copy it on every read.
+            "DEEPCOPY_FROM_AGGREGATE_CACHE": "n",
+        }
+        self._app = _FlowApplication(env=env)
+
+    # Lifecycle
+
+    def close(self) -> None:
+        """Release database connections. The store cannot be used afterwards."""
+        self._app.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # Flow definitions
+
+    def create_flow(self, definition: FlowDefinition | Mapping[str, Any]) -> str:
+        """Define a new flow (version 1) and return its id; a deleted flow's id gets a new version."""
+        parsed = parse_definition(definition)
+
+        def decide() -> list[DomainEvent]:
+            versions = self._get(definition_id(parsed.flow), FlowVersions)
+            if versions is not None and not versions.deleted:
+                raise FlowExistsError(parsed.flow)
+            now = self._clock()
+            catalog = self._get(CATALOG_ID, FlowCatalog)
+            return [*define_flow(versions, parsed, now=now), *list_flow(catalog, parsed.flow, now=now)]
+
+        self._append(decide, user_id="*", flow_id=parsed.flow)
+        return parsed.flow
+
+    def update_flow(self, flow_id: str, changes: FlowDefinition | Mapping[str, Any]) -> FlowDefinition:
+        """Make a new version: top-level keys in `changes` replace the old ones whole."""
+        _require_id(flow_id, "flow_id")
+        if isinstance(changes, FlowDefinition):
+            changes = changes.to_seed()
+
+        def decide() -> list[DomainEvent]:
+            versions = self._live_versions(flow_id)
+            return define_flow(
+                versions, update_definition(versions.latest, changes), now=self._clock()
+            )
+
+        self._append(decide, user_id="*", flow_id=flow_id)
+        return self.get_flow(flow_id)
+
+    def delete_flow(self, flow_id: str) -> None:
+        """Delete a flow: later transitions and resets on it raise `FlowNotFoundError`."""
+        _require_id(flow_id, "flow_id")
+        self._append(
+            lambda: delete_flow(self._live_versions(flow_id), now=self._clock()),
+            user_id="*",
+            flow_id=flow_id,
+        )
+
+    def list_flows(self) -> list[FlowDefinition]:
+        """The latest version of every flow that is not deleted, in order of creation."""
+        catalog = self._get(CATALOG_ID, FlowCatalog)
+        flows = []
+        for flow_id in catalog.flow_ids if catalog else ():
+            versions = self._get(definition_id(flow_id), FlowVersions)
+            if versions is not None and not versions.deleted:
+                flows.append(versions.latest)
+        return flows
+
+    def get_flow(self, flow_id: str, version: int | None = None) -> FlowDefinition:
+        """A flow's definition: the latest version, or version `version` (numbered from 1)."""
+        definition = self._live_versions(flow_id).get(version)
+        if definition is None:
+            raise FlowNotFoundError(
+                flow_id, f"Flow {flow_id!r} has no version {version}", version=version
+            )
+        return definition
+
+    # Commands on a user's flow
+
+    def reset_flow(self, user_id: str, flow_id: str, step: str | None = None) -> FlowState:
+        """Start or restart the user's run on the latest version, at `step` or the initial step."""
+        _require_id(user_id, "user_id")
+        if step is not None:
+            _require_id(step, "step")
+
+        def decide(instance: FlowInstance | None) -> Decision:
+            definition = self._live_versions(flow_id).latest
+            return Decision(
+                start_flow(instance, definition, user_id=user_id, now=self._clock(), step=step)
+            )
+
+        return self._change_instance(user_id, flow_id, decide).to_state()
+
+    def execute_transition(
+        self,
+        user_id: str,
+        flow_id: str,
+        transition: str,
+        payload: dict[str, Any] | None = None,
+    ) -> FlowState:
+        """Take `transition` from the user's current step (starting the flow first if needed).
+
+        A transition the step does not offer, or a payload its schema refuses, is recorded as a
+        rejected attempt and raises `InvalidTransitionError` / `PayloadValidationError`.
+        """
+        began = time.perf_counter()
+        _require_id(user_id, "user_id")
+        _require_id(transition, "transition")
+        payload = check_payload(payload, limit=self.max_payload_bytes)
+
+        def decide(instance: FlowInstance | None) -> Decision:
+            versions = self._live_versions(flow_id)
+            now = self._clock()
+            started: list[InstanceEvent] = []
+            if instance is None or not instance.is_live:
+                started = start_flow(
+                    instance, versions.latest, user_id=user_id, now=now, reason="start"
+                )
+                instance = cast(FlowInstance, project(instance, started))
+            definition = self._definition_of(instance, versions)
+            decision = execute_transition(
+                instance,
+                definition,
+                transition=transition,
+                payload=payload,
+                now=now,
+                elapsed_ms=(time.perf_counter() - began) * 1000,
+            )
+            return Decision([*started, *decision.events], decision.error)
+
+        return self._change_instance(user_id, flow_id, decide).to_state()
+
+    def set_flow_state(self, user_id: str, state: FlowState | Mapping[str, Any]) -> FlowState:
+        """Administrative override: put the user at `state.step` (recorded as an event).
+
+        The instance keeps its definition version unless `state.definition_version` names another;
+        a user without state starts on the latest version.
+        """
+        _require_id(user_id, "user_id")
+        if not isinstance(state, FlowState):
+            try:
+                state = FlowState.model_validate(state)
+            except ValidationError as exc:
+                raise InvalidArgumentError("state", state, str(exc)) from None
+        new = state
+        payload = check_payload(new.payload, limit=self.max_payload_bytes)
+
+        def decide(instance: FlowInstance | None) -> Decision:
+            versions = self._live_versions(new.flow)
+            version = new.definition_version or (
+                instance.definition_version if instance and instance.is_live else None
+            )
+            definition = versions.get(version)
+            if definition is None:
+                raise FlowNotFoundError(
+                    new.flow, f"Flow {new.flow!r} has no version {version}", version=version
+                )
+            return Decision(
+                override_state(
+                    instance,
+                    definition,
+                    user_id=user_id,
+                    step=new.step,
+                    service=new.service,
+                    ok=new.ok,
+                    payload=payload,
+                    now=self._clock(),
+                )
+            )
+
+        return self._change_instance(user_id, new.flow, decide).to_state()
+
+    def clear_flow_state(self, user_id: str, flow_id: str) -> None:
+        """Forget where the user stands: `get_flow_state` returns None; the history stays."""
+        _require_id(user_id, "user_id")
+
+        def decide(instance: FlowInstance | None) -> Decision:
+            if instance is None or not instance.is_live:
+                self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
+                raise FlowStateNotFoundError(user_id, flow_id)
+            return Decision(end_flow(instance, now=self._clock(), kind="clear"))
+
+        self._change_instance(user_id, flow_id, decide)
+
+    def purge_expired_flows(self) -> int:
+        """Expire every active instance idle past its definition's ttl; return how many."""
+        now = self._clock()
+        topics = [get_topic(FlowStarted), get_topic(StateOverridden)]
+        candidates = {event.originator_id: event for event in self._events(topics=topics)}
+        purged = 0
+        for event in candidates.values():
+            assert isinstance(event, InstanceEvent)
+            instance = self._get(event.originator_id, FlowInstance)
+            if instance is None or not self._expired(instance, now):
+                continue
+
+            def decide(current: FlowInstance | None) -> Decision:
+                # Re-checked on the fresh state: the user may have moved on since the scan.
+                if current is None or not self._expired(current, now):
+                    return Decision([])
+                return Decision(end_flow(current, now=now, kind="expiry"))
+
+            before = instance.version
+            after = self._change_instance(event.user_id, event.flow_id, decide)
+            purged += after.version > before
+        return purged
+
+    # Queries
+
+    def get_flow_state(self, user_id: str, flow_id: str) -> FlowState | None:
+        """Where the user stands in the flow, or None if they have no state in it."""
+        _require_id(user_id, "user_id")
+        _require_id(flow_id, "flow_id")
+        instance = self._get(instance_id(user_id, flow_id), FlowInstance)
+        return instance.to_state() if instance is not None and instance.is_live else None
+
+    def get_user_flows(self, user_id: str) -> list[FlowState]:
+        """Every flow the user has state in, in order of the flows' creation."""
+        _require_id(user_id, "user_id")
+        catalog = self._get(CATALOG_ID, FlowCatalog)
+        states = []
+        for flow_id in catalog.flow_ids if catalog else ():
+            instance = self._get(instance_id(user_id, flow_id), FlowInstance)
+            if instance is not None and instance.is_live:
+                states.append(instance.to_state())
+        return states
+
+    def get_flow_history(self, user_id: str, flow_id: str) -> list[FlowStateHistory]:
+        """Every command on the user's flow, oldest first (empty if they never started it)."""
+        _require_id(user_id, "user_id")
+        _require_id(flow_id, "flow_id")
+        events = self._app.events.get(instance_id(user_id, flow_id))
+        rows = [row for row in map(history_entry, cast(Any, events)) if row is not None]
+        if not rows:
+            self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
+        return rows
+
+    def get_flow_statistics(self, flow_id: str | None = None) -> FlowStatistics:
+        """Usage and performance of one flow, or of all flows."""
+        if flow_id is not None:
+            self._get_versions(flow_id)
+        fold = StatisticsFold()
+        for event in self._events():
+            fold.apply(event)
+        return fold.statistics(flow_id, now=self._clock(), window_seconds=self.statistics_window)
+
+    # Internals
+
+    def _get(self, aggregate_id: UUID, kind: type[T]) -> T | None:
+        try:
+            aggregate = self._app.repository.get(aggregate_id, projector_func=project)
+        except AggregateNotFoundError:
+            return None
+        if not isinstance(aggregate, kind):
+            msg = f"aggregate {aggregate_id} is a {type(aggregate).__name__}, not {kind.__name__}"
+            raise FlowStateCorruptionError("*", "*", msg)
+        return aggregate
+
+    def _get_versions(self, flow_id: str) -> FlowVersions:
+        _require_id(flow_id, "flow_id")
+        versions = self._get(definition_id(flow_id), FlowVersions)
+        if versions is None:
+            raise FlowNotFoundError(flow_id)
+        return versions
+
+    def _live_versions(self, flow_id: str) -> FlowVersions:
+        versions = self._get_versions(flow_id)
+        if versions.deleted:
+            raise FlowNotFoundError(flow_id, f"Flow {flow_id!r} was deleted", deleted=True)
+        return versions
+
+    @staticmethod
+    def _definition_of(instance: FlowInstance, versions: FlowVersions) -> FlowDefinition:
+        definition = versions.get(instance.definition_version)
+        if definition is None:
+            raise FlowStateCorruptionError(
+                instance.user_id,
+                instance.flow_id,
+                f"runs on definition version {instance.definition_version}, which does not exist",
+            )
+        if instance.step is not None and definition.step(instance.step) is None:
+            raise FlowStateCorruptionError(
+                instance.user_id,
+                instance.flow_id,
+                f"step {instance.step!r} does not exist in version {instance.definition_version}",
+            )
+        return definition
+
+    @staticmethod
+    def _expired(instance: FlowInstance, now: datetime) -> bool:
+        return (
+            instance.status is FlowStatus.ACTIVE
+            and instance.expires_at is not None
+            and instance.expires_at <= now
+        )
+
+    def _change_instance(
+        self, user_id: str, flow_id: str, decide: Callable[[FlowInstance | None], Decision]
+    ) -> FlowInstance:
+        """Read, decide, append; on a concurrent append, read the fresh state and decide again."""
+        _require_id(flow_id, "flow_id")
+        iid = instance_id(user_id, flow_id)
+        for attempt in range(self.max_retries):
+            instance = self._get(iid, FlowInstance)
+            decision = decide(instance)
+            if not decision.events:
+                if instance is None:
+                    raise FlowStateNotFoundError(user_id, flow_id)
+                return instance
+            try:
+                self._app.save(*decision.events)
+            except IntegrityError:
+                self._backoff(attempt)
+                continue
+            updated = cast(FlowInstance, project(instance, decision.events))
+            if decision.error is not None:
+                raise decision.error
+            return updated
+        raise ConcurrencyConflictError(user_id, flow_id, self.max_retries)
+
+    def _append(self, decide: Callable[[], list[DomainEvent]], *, user_id: str, flow_id: str) -> None:
+        """Append definition/catalog events, deciding again after a concurrent append."""
+        for attempt in range(self.max_retries):
+            events = decide()
+            try:
+                self._app.save(*events)
+            except IntegrityError:
+                self._backoff(attempt)
+                continue
+            return
+        raise ConcurrencyConflictError(user_id, flow_id, self.max_retries)
+
+    @staticmethod
+    def _backoff(attempt: int) -> None:
+        # Jittered, growing pause so that writers contending for one instance stop colliding.
+        time.sleep(random.uniform(0, 0.002 * (2 ** min(attempt, 6))))  # noqa: S311
+
+    def _events(self, topics: Sequence[str] = ()) -> Iterator[DomainEvent]:
+        """Every event in log order, read page by page (memory stays bounded)."""
+        recorder = self._app.recorder
+        start = 1
+        while True:
+            page = recorder.select_notifications(start, _LOG_PAGE, topics=topics)
+            for notification in page:
+                yield cast(DomainEvent, self._app.mapper.to_domain_event(notification))
+            if len(page) < _LOG_PAGE:
+                return
+            start = page[-1].id + 1
+
