@@ -149,7 +149,9 @@ def parse_definition(data: FlowDefinition | Mapping[str, Any]) -> FlowDefinition
     """Validate a definition (model or seed-shaped dict); raise `DefinitionError` listing all problems."""
     raw = data.to_seed() if isinstance(data, FlowDefinition) else data
     if not isinstance(raw, Mapping):
-        raise DefinitionError(None, [f"a definition must be a JSON object, not {type(raw).__name__}"])
+        raise DefinitionError(
+            None, [f"a definition must be a JSON object, not {type(raw).__name__}"]
+        )
     flow_id = raw.get("flow") if isinstance(raw.get("flow"), str) else None
     try:
         definition = FlowDefinition.model_validate({k: v for k, v in raw.items() if k != "version"})

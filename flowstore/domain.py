@@ -366,7 +366,11 @@ def evolve(aggregate: Any, event: DomainEvent) -> Any:
                     **base,
                 )
             return aggregate.model_copy(
-                update={**base, "definitions": (*aggregate.definitions, definition), "deleted": False}
+                update={
+                    **base,
+                    "definitions": (*aggregate.definitions, definition),
+                    "deleted": False,
+                }
             )
         case FlowDeleted():
             return aggregate.model_copy(update={**base, "deleted": True})
@@ -426,7 +430,9 @@ def start_flow(
     target_step = definition.step(target)
     if target_step is None:
         assert definition.version is not None
-        raise InvalidStepError(target, flow_id=definition.flow, definition_version=definition.version)
+        raise InvalidStepError(
+            target, flow_id=definition.flow, definition_version=definition.version
+        )
     iid = instance_id(user_id, definition.flow)
     version = instance.version + 1 if instance else 1
     fields = _instance_fields(user_id, definition.flow, definition, iid, version, now)
@@ -464,7 +470,8 @@ def execute_transition(
     elapsed_ms: float,
 ) -> Decision:
     """Take `transition` from the instance's step, or record why it was refused."""
-    assert instance.step is not None and instance.is_live
+    assert instance.step is not None
+    assert instance.is_live
     fields = _instance_fields(
         instance.user_id, instance.flow_id, definition, instance.id, instance.version + 1, now
     )
@@ -512,9 +519,7 @@ def execute_transition(
     ]
     if target.is_terminal:
         events.append(
-            FlowCompleted(
-                **{**fields, "originator_version": instance.version + 2}, step=edge.step
-            )
+            FlowCompleted(**{**fields, "originator_version": instance.version + 2}, step=edge.step)
         )
     return Decision(events)
 

@@ -17,7 +17,7 @@ from typing import Any, Self, TypeVar, cast
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.persistence import IntegrityError, Mapper, Transcoder
+from eventsourcing.persistence import IntegrityError, InternalError, Mapper, Transcoder
 from eventsourcing.utils import get_topic
 from pydantic import ValidationError
 
@@ -69,6 +69,7 @@ T = TypeVar("T")
 
 _MAX_ID_LENGTH = 256
 _LOG_PAGE = 1000
+_OPEN_ATTEMPTS = 5
 
 
 def _utc_now() -> datetime:
@@ -128,9 +129,22 @@ class FlowStore:
             # so the repository need not deep-copy it on every read.
             "DEEPCOPY_FROM_AGGREGATE_CACHE": "n",
         }
-        self._app = _FlowApplication(env=env)
+        self._app = self._open(env)
 
     # Lifecycle
+
+    @staticmethod
+    def _open(env: dict[str, str]) -> _FlowApplication:
+        # Processes starting together on one PostgreSQL database race on CREATE TABLE IF NOT EXISTS
+        # ("tuple concurrently updated", or a unique violation in pg_type); the loser just retries.
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                return _FlowApplication(env=env)
+            except (InternalError, IntegrityError):
+                if attempt == _OPEN_ATTEMPTS - 1:
+                    raise
+                FlowStore._backoff(attempt)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         """Release database connections. The store cannot be used afterwards."""
@@ -159,12 +173,17 @@ class FlowStore:
                 raise FlowExistsError(parsed.flow)
             now = self._clock()
             catalog = self._get(CATALOG_ID, FlowCatalog)
-            return [*define_flow(versions, parsed, now=now), *list_flow(catalog, parsed.flow, now=now)]
+            return [
+                *define_flow(versions, parsed, now=now),
+                *list_flow(catalog, parsed.flow, now=now),
+            ]
 
         self._append(decide, user_id="*", flow_id=parsed.flow)
         return parsed.flow
 
-    def update_flow(self, flow_id: str, changes: FlowDefinition | Mapping[str, Any]) -> FlowDefinition:
+    def update_flow(
+        self, flow_id: str, changes: FlowDefinition | Mapping[str, Any]
+    ) -> FlowDefinition:
         """Make a new version: top-level keys in `changes` replace the old ones whole."""
         _require_id(flow_id, "flow_id")
         if isinstance(changes, FlowDefinition):
@@ -376,11 +395,17 @@ class FlowStore:
             fold.apply(event)
         return fold.statistics(flow_id, now=self._clock(), window_seconds=self.statistics_window)
 
+    def log_position(self) -> int:
+        """The notification id of the newest event in the log (0 when the log is empty)."""
+        return self._app.recorder.max_notification_id() or 0
+
     # Internals
 
     def _get(self, aggregate_id: UUID, kind: type[T]) -> T | None:
         try:
-            aggregate = self._app.repository.get(aggregate_id, projector_func=project)
+            aggregate: object = self._app.repository.get(
+                aggregate_id, projector_func=cast(Any, project)
+            )
         except AggregateNotFoundError:
             return None
         if not isinstance(aggregate, kind):
@@ -450,7 +475,9 @@ class FlowStore:
             return updated
         raise ConcurrencyConflictError(user_id, flow_id, self.max_retries)
 
-    def _append(self, decide: Callable[[], list[DomainEvent]], *, user_id: str, flow_id: str) -> None:
+    def _append(
+        self, decide: Callable[[], list[DomainEvent]], *, user_id: str, flow_id: str
+    ) -> None:
         """Append definition/catalog events, deciding again after a concurrent append."""
         for attempt in range(self.max_retries):
             events = decide()
@@ -465,7 +492,7 @@ class FlowStore:
     @staticmethod
     def _backoff(attempt: int) -> None:
         # Jittered, growing pause so that writers contending for one instance stop colliding.
-        time.sleep(random.uniform(0, 0.002 * (2 ** min(attempt, 6))))  # noqa: S311
+        time.sleep(random.uniform(0, 0.002 * (2 ** min(attempt, 6))))
 
     def _events(self, topics: Sequence[str] = ()) -> Iterator[DomainEvent]:
         """Every event in log order, read page by page (memory stays bounded)."""
@@ -478,4 +505,3 @@ class FlowStore:
             if len(page) < _LOG_PAGE:
                 return
             start = page[-1].id + 1
-

@@ -1,0 +1,1 @@
+"""Everything that touches the outside world: CLI, HTTP, Kafka, definition providers."""

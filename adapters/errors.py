@@ -1,0 +1,39 @@
+"""The one mapping from a flowstore error to an HTTP status and a CLI exit code."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from flowstore.errors import FlowError
+
+__all__ = ["ErrorMapping", "mapping_for"]
+
+
+class ErrorMapping(NamedTuple):
+    """How an error code is reported outside the library."""
+
+    http_status: int
+    exit_code: int
+
+
+# Exit codes: 1 is reserved for unexpected failures, 2 for command-line usage errors (argparse).
+_BY_CODE: dict[str, ErrorMapping] = {
+    "FLOW_NOT_FOUND": ErrorMapping(404, 3),
+    "FLOW_STATE_NOT_FOUND": ErrorMapping(404, 3),
+    "FLOW_EXISTS": ErrorMapping(409, 4),
+    "CONCURRENCY_CONFLICT": ErrorMapping(409, 4),
+    "INVALID_TRANSITION": ErrorMapping(422, 5),
+    "INVALID_STEP": ErrorMapping(422, 5),
+    "INVALID_ARGUMENT": ErrorMapping(422, 5),
+    "DEFINITION_INVALID": ErrorMapping(422, 5),
+    "PAYLOAD_INVALID": ErrorMapping(422, 5),
+    "PAYLOAD_TOO_LARGE": ErrorMapping(413, 5),
+    "STORAGE_CONFIG_INVALID": ErrorMapping(500, 6),
+    "FLOW_STATE_CORRUPTION": ErrorMapping(500, 7),
+}
+_DEFAULT = ErrorMapping(500, 1)
+
+
+def mapping_for(error: FlowError) -> ErrorMapping:
+    """The HTTP status and exit code for an error (by its stable `code`)."""
+    return _BY_CODE.get(error.code, _DEFAULT)

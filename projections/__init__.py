@@ -1,0 +1,1 @@
+"""Read models built from the event log: current state, history and statistics tables."""
