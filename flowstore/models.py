@@ -19,6 +19,7 @@ __all__ = [
     "FlowStateHistory",
     "FlowStatistics",
     "FlowStatus",
+    "FunnelStep",
     "HistoryKind",
     "PerformanceMetrics",
     "StepCount",
@@ -123,3 +124,16 @@ class FlowStatistics(_ApiModel):
     popular_steps: list[StepCount] = Field(default_factory=list)
     error_rate: float = 0.0
     performance_metrics: PerformanceMetrics = Field(default_factory=PerformanceMetrics)
+
+
+class FunnelStep(_ApiModel):
+    """One step of a flow's funnel: how many entered it, moved on, dropped out, and are there now."""
+
+    step: str
+    entered: int
+    moved_on: int
+    """Left the step by an accepted transition."""
+    dropped: int
+    """Runs that ended at this step while active: cleared, expired, reset or moved by an override."""
+    current: int
+    """Active instances at this step now."""

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError, InternalError, Mapper, Transcoder
-from eventsourcing.utils import get_topic
 from pydantic import ValidationError
 
 from flowstore.codec import OrjsonTranscoder, PydanticMapper
@@ -35,16 +34,13 @@ from flowstore.domain import (
     DomainEvent,
     FlowCatalog,
     FlowInstance,
-    FlowStarted,
     FlowVersions,
     InstanceEvent,
-    StateOverridden,
     define_flow,
     definition_id,
     delete_flow,
     end_flow,
     execute_transition,
-    history_entry,
     instance_id,
     list_flow,
     override_state,
@@ -59,9 +55,11 @@ from flowstore.errors import (
     FlowStateNotFoundError,
     InvalidArgumentError,
 )
-from flowstore.models import FlowState, FlowStateHistory, FlowStatistics, FlowStatus
-from flowstore.statistics import StatisticsFold
+from flowstore.models import FlowState, FlowStateHistory, FlowStatistics, FlowStatus, FunnelStep
 from flowstore.storage import StorageConfig, parse_url, resolve_url
+
+if TYPE_CHECKING:
+    from projections.sql import Difference
 
 __all__ = ["FlowStore"]
 
@@ -130,6 +128,12 @@ class FlowStore:
             "DEEPCOPY_FROM_AGGREGATE_CACHE": "n",
         }
         self._app = self._open(env)
+        # Imported here, not at the top: projections import the domain, and the domain package
+        # must stay importable without SQLAlchemy (see tests/test_package.py).
+        from projections.sql import SqlProjections
+
+        self._projections = SqlProjections(self.config)
+        self._projections.catch_up(self._event_page)
 
     # Lifecycle
 
@@ -148,6 +152,7 @@ class FlowStore:
 
     def close(self) -> None:
         """Release database connections. The store cannot be used afterwards."""
+        self._projections.close()
         self._app.close()
 
     def __enter__(self) -> Self:
@@ -336,24 +341,21 @@ class FlowStore:
     def purge_expired_flows(self) -> int:
         """Expire every active instance idle past its definition's ttl; return how many."""
         now = self._clock()
-        topics = [get_topic(FlowStarted), get_topic(StateOverridden)]
-        candidates = {event.originator_id: event for event in self._events(topics=topics)}
         purged = 0
-        for event in candidates.values():
-            assert isinstance(event, InstanceEvent)
-            instance = self._get(event.originator_id, FlowInstance)
-            if instance is None or not self._expired(instance, now):
-                continue
+        for user_id, flow_id in self._projections.expired(now):
+            expired = False
 
             def decide(current: FlowInstance | None) -> Decision:
-                # Re-checked on the fresh state: the user may have moved on since the scan.
-                if current is None or not self._expired(current, now):
+                # Re-checked on the instance itself: the user may have moved on since the scan.
+                nonlocal expired
+                expired = current is not None and self._expired(current, now)
+                if not expired:
                     return Decision([])
+                assert current is not None
                 return Decision(end_flow(current, now=now, kind="expiry"))
 
-            before = instance.version
-            after = self._change_instance(event.user_id, event.flow_id, decide)
-            purged += after.version > before
+            self._change_instance(user_id, flow_id, decide)
+            purged += expired
         return purged
 
     # Queries
@@ -366,34 +368,91 @@ class FlowStore:
         return instance.to_state() if instance is not None and instance.is_live else None
 
     def get_user_flows(self, user_id: str) -> list[FlowState]:
-        """Every flow the user has state in, in order of the flows' creation."""
+        """Every flow the user has state in (active or completed), oldest run first.
+
+        Read from the `flow_states` table; a row naming a step its definition does not have raises
+        `FlowStateCorruptionError` (`recover_flow_state` rebuilds the row from the log).
+        """
         _require_id(user_id, "user_id")
-        catalog = self._get(CATALOG_ID, FlowCatalog)
         states = []
-        for flow_id in catalog.flow_ids if catalog else ():
-            instance = self._get(instance_id(user_id, flow_id), FlowInstance)
-            if instance is not None and instance.is_live:
-                states.append(instance.to_state())
+        for row in self._projections.user_flows(user_id):
+            versions = self._get(definition_id(row["flow_id"]), FlowVersions)
+            definition = versions.get(row["definition_version"]) if versions else None
+            if definition is None or definition.step(row["step"]) is None:
+                raise FlowStateCorruptionError(
+                    user_id,
+                    row["flow_id"],
+                    f"projected step {row['step']!r} does not exist in definition version "
+                    f"{row['definition_version']}",
+                )
+            states.append(FlowState.model_validate({**row, "flow": row["flow_id"]}))
         return states
 
     def get_flow_history(self, user_id: str, flow_id: str) -> list[FlowStateHistory]:
         """Every command on the user's flow, oldest first (empty if they never started it)."""
         _require_id(user_id, "user_id")
         _require_id(flow_id, "flow_id")
-        events = self._app.events.get(instance_id(user_id, flow_id))
-        rows = [row for row in map(history_entry, cast(Any, events)) if row is not None]
+        rows = self._projections.history(user_id, flow_id)
         if not rows:
             self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
         return rows
 
     def get_flow_statistics(self, flow_id: str | None = None) -> FlowStatistics:
-        """Usage and performance of one flow, or of all flows."""
+        """Usage and performance of one flow, or of all flows (read from the statistics tables)."""
         if flow_id is not None:
             self._get_versions(flow_id)
-        fold = StatisticsFold()
-        for event in self._events():
-            fold.apply(event)
-        return fold.statistics(flow_id, now=self._clock(), window_seconds=self.statistics_window)
+        return self._projections.statistics(
+            flow_id, now=self._clock(), window=self.statistics_window
+        )
+
+    def get_flow_funnel(self, flow_id: str) -> list[FunnelStep]:
+        """Per step of the flow: entered, moved on, dropped, and active there now."""
+        definition = self._get_versions(flow_id).latest
+        found = {step.step: step for step in self._projections.funnel(flow_id)}
+        order = sorted(definition.steps.values(), key=lambda step: step.index)
+        known = [
+            found.pop(
+                step.step, FunnelStep(step=step.step, entered=0, moved_on=0, dropped=0, current=0)
+            )
+            for step in order
+        ]
+        return known + sorted(found.values(), key=lambda step: step.step)  # steps of old versions
+
+    # Projections: rebuild, verify, repair, recover
+
+    def recover_flow_state(self, user_id: str, flow_id: str) -> FlowState | None:
+        """Rebuild one instance's projected state and history rows from its events."""
+        _require_id(user_id, "user_id")
+        self._get_versions(flow_id)
+        iid = instance_id(user_id, flow_id)
+        self._projections.recover(
+            (user_id, flow_id),
+            lambda: cast(list[DomainEvent], list(self._app.events.get(iid))),
+            self._event_page,
+        )
+        return self.get_flow_state(user_id, flow_id)
+
+    def rebuild_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Replay the whole log into fresh tables and swap them in; return the events replayed."""
+        return self._projections.rebuild(self._event_page, progress=progress)
+
+    def verify_projections(self) -> list[Difference]:
+        """Every difference between the tables and the log (empty when they agree)."""
+        return self._projections.verify(self._event_page)
+
+    def repair_projections(
+        self, user_id: str | None = None, flow_id: str | None = None
+    ) -> list[Difference]:
+        """Rewrite exactly the rows that differ from the log; return what was repaired."""
+        return self._projections.repair(self._event_page, user_id=user_id, flow_id=flow_id)
+
+    def catch_up_projections(self) -> int:
+        """Apply events the tables have not seen yet (written by other processes); return position."""
+        return self._projections.catch_up(self._event_page)
+
+    def projection_position(self) -> int:
+        """The notification id of the last event the tables reflect."""
+        return self._projections.position()
 
     def log_position(self) -> int:
         """The notification id of the newest event in the log (0 when the log is empty)."""
@@ -469,6 +528,7 @@ class FlowStore:
             except IntegrityError:
                 self._backoff(attempt)
                 continue
+            self._projections.catch_up(self._event_page)  # read-your-writes for table queries
             updated = cast(FlowInstance, project(instance, decision.events))
             if decision.error is not None:
                 raise decision.error
@@ -486,6 +546,7 @@ class FlowStore:
             except IntegrityError:
                 self._backoff(attempt)
                 continue
+            self._projections.catch_up(self._event_page)
             return
         raise ConcurrencyConflictError(user_id, flow_id, self.max_retries)
 
@@ -494,14 +555,8 @@ class FlowStore:
         # Jittered, growing pause so that writers contending for one instance stop colliding.
         time.sleep(random.uniform(0, 0.002 * (2 ** min(attempt, 6))))
 
-    def _events(self, topics: Sequence[str] = ()) -> Iterator[DomainEvent]:
-        """Every event in log order, read page by page (memory stays bounded)."""
-        recorder = self._app.recorder
-        start = 1
-        while True:
-            page = recorder.select_notifications(start, _LOG_PAGE, topics=topics)
-            for notification in page:
-                yield cast(DomainEvent, self._app.mapper.to_domain_event(notification))
-            if len(page) < _LOG_PAGE:
-                return
-            start = page[-1].id + 1
+    def _event_page(self, start: int, limit: int) -> list[tuple[int, DomainEvent]]:
+        """Up to `limit` events from notification id `start` on, in log order."""
+        page = self._app.recorder.select_notifications(start, limit)
+        to_event = self._app.mapper.to_domain_event
+        return [(n.id, cast(DomainEvent, to_event(n))) for n in page]

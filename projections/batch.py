@@ -1,0 +1,114 @@
+"""Applies row operations to an in-memory batch: the one place events become table rows.
+
+A `RowBatch` answers the two questions `changes()` asks (the instance's current state row, the flow's
+attempt count) from what it has applied so far, falling back to a loader (the database) for rows it
+has not seen. It accumulates the result; `projections.sql` writes a batch in a few statements. With
+loaders that know nothing, a batch fed the whole log *is* the expected content of every table, which
+is how `verify` replays the log in memory.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flowstore.domain import DomainEvent, InstanceEvent, TransitionExecuted, TransitionRejected
+from projections.ops import (
+    AddCounters,
+    AddHistory,
+    AddStepCounters,
+    AddThroughput,
+    PutSample,
+    PutState,
+    changes,
+)
+
+__all__ = ["RowBatch", "StateKey"]
+
+StateKey = tuple[str, str]
+"""(user_id, flow_id)"""
+
+
+def _no_state(_: StateKey) -> dict[str, Any] | None:
+    return None
+
+
+def _no_attempts(_: str) -> int:
+    return 0
+
+
+class RowBatch:
+    """Row changes accumulated from a run of events."""
+
+    def __init__(
+        self,
+        load_state: Callable[[StateKey], dict[str, Any] | None] = _no_state,
+        load_attempts: Callable[[str], int] = _no_attempts,
+    ) -> None:
+        self._load_state = load_state
+        self._load_attempts = load_attempts
+        self.states: dict[StateKey, dict[str, Any] | None] = {}
+        self.dirty: set[StateKey] = set()
+        self.history: list[dict[str, Any]] = []
+        self.counters: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self.steps: defaultdict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+        self.samples: dict[tuple[str, int], float] = {}
+        self.throughput: Counter[tuple[str, int]] = Counter()
+        self.forget_before: dict[str, int] = {}
+        self._attempts: dict[str, int] = {}
+        self.events = 0
+
+    def state(self, key: StateKey) -> dict[str, Any] | None:
+        """The current state row of an instance, as far as this batch knows."""
+        if key not in self.states:
+            self.states[key] = self._load_state(key)
+        return self.states[key]
+
+    def apply(self, event: DomainEvent) -> None:
+        """Fold one event's row operations into the batch."""
+        self.events += 1
+        if not isinstance(event, InstanceEvent):
+            return
+        key = (event.user_id, event.flow_id)
+        attempts = 0
+        if isinstance(event, TransitionExecuted | TransitionRejected):
+            if event.flow_id not in self._attempts:
+                self._attempts[event.flow_id] = self._load_attempts(event.flow_id)
+            attempts = self._attempts[event.flow_id]
+        for op in changes(event, self.state(key), attempts):
+            match op:
+                case PutState(row):
+                    self.states[key] = row
+                    self.dirty.add(key)
+                case AddHistory(row):
+                    self.history.append(row)
+                case AddCounters(flow_id, deltas):
+                    self.counters[flow_id].update(deltas)
+                    if "attempts" in deltas:
+                        self._attempts[flow_id] += int(deltas["attempts"])
+                case AddStepCounters(flow_id, step, deltas):
+                    self.steps[(flow_id, step)].update(deltas)
+                case PutSample(flow_id, slot, elapsed_ms):
+                    self.samples[(flow_id, slot)] = elapsed_ms
+                case AddThroughput(flow_id, second, forget_before):
+                    self.throughput[(flow_id, second)] += 1
+                    self.forget_before[flow_id] = max(
+                        forget_before, self.forget_before.get(flow_id, forget_before)
+                    )
+
+    def apply_all(self, events: Iterable[DomainEvent]) -> RowBatch:
+        """Fold many events; returns self."""
+        for event in events:
+            self.apply(event)
+        return self
+
+    def forget_old_throughput(self) -> None:
+        """Drop per-second counts that fell out of the retention window (in-memory replays)."""
+        for key in [k for k in self.throughput if k[1] < self.forget_before.get(k[0], k[1])]:
+            del self.throughput[key]
+
+    @property
+    def empty(self) -> bool:
+        """True when no event changed any row."""
+        return not (self.dirty or self.history or self.counters or self.steps or self.samples)

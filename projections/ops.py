@@ -1,0 +1,266 @@
+"""What each event does to the read-model tables, as plain data: a pure function of events.
+
+`changes(event, previous, attempts)` returns the row operations for one event, given the instance's
+current `flow_states` row and the flow's attempt count so far (both read from the tables being
+built). The live path, a rebuild and verify all apply these same operations, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from flowstore.domain import (
+    DomainEvent,
+    FlowCleared,
+    FlowCompleted,
+    FlowExpired,
+    FlowStarted,
+    InstanceEvent,
+    StateOverridden,
+    TransitionExecuted,
+    TransitionRejected,
+    history_entry,
+)
+from flowstore.models import FlowStatus
+
+__all__ = [
+    "SAMPLE_SLOTS",
+    "THROUGHPUT_RETENTION_SECONDS",
+    "AddCounters",
+    "AddHistory",
+    "AddStepCounters",
+    "AddThroughput",
+    "Op",
+    "PutSample",
+    "PutState",
+    "changes",
+]
+
+SAMPLE_SLOTS = 1000
+"""Response-time samples kept per flow (the p95 is over the most recent ones)."""
+THROUGHPUT_RETENTION_SECONDS = 3600
+"""Per-second attempt counts older than this (in event time) are dropped."""
+
+
+@dataclass(frozen=True)
+class PutState:
+    """Replace the `flow_states` row of (user_id, flow_id)."""
+
+    row: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AddHistory:
+    """Insert one `flow_history` row."""
+
+    row: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AddCounters:
+    """Add to the counters of one flow."""
+
+    flow_id: str
+    deltas: dict[str, float]
+
+
+@dataclass(frozen=True)
+class AddStepCounters:
+    """Add to the funnel counters of one step."""
+
+    flow_id: str
+    step: str
+    deltas: dict[str, int]
+
+
+@dataclass(frozen=True)
+class PutSample:
+    """Write a response-time sample into its ring slot."""
+
+    flow_id: str
+    slot: int
+    elapsed_ms: float
+
+
+@dataclass(frozen=True)
+class AddThroughput:
+    """Count an attempt in its second; forget seconds older than `forget_before`."""
+
+    flow_id: str
+    second: int
+    forget_before: int
+
+
+Op = PutState | AddHistory | AddCounters | AddStepCounters | PutSample | AddThroughput
+
+
+def _state_row(event: InstanceEvent, previous: dict[str, Any] | None, **fields: Any) -> PutState:
+    base: dict[str, Any] = (
+        dict(previous) if previous else {"started_at": None, "completed_at": None}
+    )
+    base.update(
+        user_id=event.user_id,
+        flow_id=event.flow_id,
+        definition_version=event.definition_version,
+        version=event.originator_version,
+        updated_at=event.timestamp,
+    )
+    base.update(fields)
+    return PutState(base)
+
+
+def _history_row(event: DomainEvent) -> AddHistory | None:
+    entry = history_entry(event)
+    if entry is None:
+        return None
+    assert isinstance(event, InstanceEvent)
+    data = entry.model_dump()
+    return AddHistory(
+        {
+            "user_id": data["user_id"],
+            "flow_id": data["flow_id"],
+            "version": event.originator_version,
+            "id": data["id"],
+            "kind": str(data["kind"]),
+            "from_step": data["from_step"],
+            "to_step": data["to_step"],
+            "transition": data["transition"],
+            "payload": data["payload"],
+            "timestamp": data["timestamp"],
+            "success": data["success"],
+            "error": data["error"],
+            "meta": data["metadata"],
+        }
+    )
+
+
+def _was_active(previous: dict[str, Any] | None) -> bool:
+    return previous is not None and previous["status"] == FlowStatus.ACTIVE
+
+
+def _attempt(event: TransitionExecuted | TransitionRejected, attempts: int) -> list[Op]:
+    second = int(event.timestamp.timestamp())
+    return [
+        PutSample(event.flow_id, attempts % SAMPLE_SLOTS, event.elapsed_ms),
+        AddThroughput(event.flow_id, second, second - THROUGHPUT_RETENTION_SECONDS),
+    ]
+
+
+def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) -> list[Op]:
+    """The row operations for one event (none for definition and catalog events)."""
+    if not isinstance(event, InstanceEvent):
+        return []
+    ops: list[Op] = []
+    history = _history_row(event)
+    if history is not None:
+        ops.append(history)
+    flow = event.flow_id
+    match event:
+        case FlowStarted():
+            if _was_active(previous):
+                assert previous is not None
+                ops.append(AddStepCounters(flow, previous["step"], {"dropped": 1}))
+            ops.append(AddCounters(flow, {"started": 1}))
+            ops.append(AddStepCounters(flow, event.step, {"entered": 1}))
+            ops.append(
+                _state_row(
+                    event,
+                    previous,
+                    step=event.step,
+                    service=event.service,
+                    ok=True,
+                    payload=None,
+                    status=FlowStatus.ACTIVE.value,
+                    started_at=event.timestamp,
+                    completed_at=None,
+                    expires_at=event.expires_at,
+                )
+            )
+        case TransitionExecuted():
+            assert previous is not None
+            ops.append(AddCounters(flow, {"attempts": 1, "response_ms_total": event.elapsed_ms}))
+            ops.append(AddStepCounters(flow, event.from_step, {"moved_on": 1}))
+            ops.append(AddStepCounters(flow, event.to_step, {"entered": 1}))
+            ops.extend(_attempt(event, attempts))
+            ops.append(
+                _state_row(
+                    event,
+                    previous,
+                    step=event.to_step,
+                    service=event.service,
+                    ok=True,
+                    payload=event.payload,
+                    expires_at=event.expires_at,
+                )
+            )
+        case TransitionRejected():
+            assert previous is not None
+            ops.append(
+                AddCounters(
+                    flow, {"attempts": 1, "rejections": 1, "response_ms_total": event.elapsed_ms}
+                )
+            )
+            ops.extend(_attempt(event, attempts))
+            ops.append(_state_row(event, previous, ok=False))
+        case FlowCompleted():
+            assert previous is not None
+            started = previous["started_at"]
+            duration = (event.timestamp - started) / timedelta(milliseconds=1) if started else 0.0
+            ops.append(AddCounters(flow, {"completed": 1, "completed_duration_ms": duration}))
+            ops.append(
+                _state_row(
+                    event,
+                    previous,
+                    status=FlowStatus.COMPLETED.value,
+                    completed_at=event.timestamp,
+                    expires_at=None,
+                )
+            )
+        case StateOverridden():
+            restarted = previous is None or previous["status"] in (
+                FlowStatus.CLEARED,
+                FlowStatus.EXPIRED,
+            )
+            if _was_active(previous):
+                assert previous is not None
+                ops.append(AddStepCounters(flow, previous["step"], {"dropped": 1}))
+            if restarted:
+                ops.append(AddCounters(flow, {"started": 1}))
+            ops.append(AddStepCounters(flow, event.step, {"entered": 1}))
+            ops.append(
+                _state_row(
+                    event,
+                    previous,
+                    step=event.step,
+                    service=event.service,
+                    ok=event.ok,
+                    payload=event.payload,
+                    status=FlowStatus.ACTIVE.value,
+                    started_at=event.timestamp
+                    if restarted
+                    else previous and previous["started_at"],
+                    completed_at=None,
+                    expires_at=event.expires_at,
+                )
+            )
+        case FlowCleared() | FlowExpired():
+            if _was_active(previous):
+                assert previous is not None
+                ops.append(AddStepCounters(flow, previous["step"], {"dropped": 1}))
+            expired = isinstance(event, FlowExpired)
+            if expired:
+                ops.append(AddCounters(flow, {"expired": 1}))
+            ops.append(
+                _state_row(
+                    event,
+                    previous,
+                    step=None,
+                    service=None,
+                    payload=None,
+                    status=(FlowStatus.EXPIRED if expired else FlowStatus.CLEARED).value,
+                    expires_at=None,
+                )
+            )
+    return ops
