@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +23,14 @@ from typing import Any
 
 import orjson
 from rich.console import Console, RenderableType
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from adapters.demo import DEMO_FLOW, run_demo
-from adapters.errors import mapping_for
+from adapters.errors import DIFFERENCES_EXIT_CODE, mapping_for
 from adapters.render import HISTORY_FIELDS, Model, model_view, record, table
 from flowstore import FlowError, FlowState, FlowStateNotFoundError, FlowStore
+from projections.sql import Difference
 
 __all__ = ["COMMANDS", "Listing", "Note", "Output", "build_parser", "main"]
 
@@ -48,6 +54,7 @@ class Note:
 
     text: str
     data: dict[str, Any]
+    exit_code: int = 0
 
 
 Result = Model | Listing | Note | None
@@ -88,7 +95,7 @@ class Output:
         if isinstance(result, Listing):
             return table(result.items, result.fields, title=result.title)
         if isinstance(result, Note):
-            return result.text
+            return escape(result.text)  # row keys in brackets are data, not rich markup
         return model_view(result)
 
 
@@ -193,6 +200,79 @@ def demo(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     return store.get_flow_statistics(DEMO_FLOW) if out.as_json else None
 
 
+def funnel(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`funnel FLOW`: per step, how many entered, moved on, dropped, and are there now."""
+    steps = store.get_flow_funnel(args.flow)
+    return Listing(
+        steps, ("step", "entered", "moved_on", "dropped", "current"), f"Funnel of {args.flow}"
+    )
+
+
+def projections_status(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`projections status`: how far the tables are behind the log."""
+    position, head = store.projection_position(), store.log_position()
+    data = {"position": position, "logPosition": head, "lag": max(0, head - position)}
+    return Note(f"tables at event {position} of {head} (lag {data['lag']})", data)
+
+
+def projections_rebuild(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`projections rebuild`: replay the whole log into fresh tables, then swap them in."""
+    began = time.perf_counter()
+    with Progress(
+        TextColumn("rebuilding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:,.0f} events/s"),
+        console=out.console,
+        transient=out.as_json,
+    ) as bar:
+        task = bar.add_task("rebuild", total=max(store.log_position(), 1), rate=0.0)
+
+        def progress(replayed: int, position: int) -> None:
+            rate = replayed / max(time.perf_counter() - began, 1e-9)
+            bar.update(task, completed=position, rate=rate)
+
+        replayed = store.rebuild_projections(progress)
+    seconds = time.perf_counter() - began
+    rate = replayed / seconds if seconds else 0.0
+    return Note(
+        f"Rebuilt from {replayed} events in {seconds:.2f} s ({rate:,.0f} events/s)",
+        {"events": replayed, "seconds": seconds, "eventsPerSecond": rate},
+    )
+
+
+def _differences(found: Sequence[Difference], verb: str) -> Note:
+    lines = [d.describe() for d in found]
+    text = "\n".join([*lines, f"{len(found)} difference(s) {verb}"])
+    data = {
+        "differences": [{"table": d.table, "key": list(d.key), "problem": d.problem} for d in found]
+    }
+    return Note(text, data, exit_code=DIFFERENCES_EXIT_CODE if found and verb == "found" else 0)
+
+
+def projections_verify(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`projections verify`: replay the log in memory and compare with the tables."""
+    return _differences(store.verify_projections(), "found")
+
+
+def projections_repair(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`projections repair [--user U] [--flow F]`: rewrite exactly the rows that differ."""
+    return _differences(store.repair_projections(args.user, args.flow), "repaired")
+
+
+def projections_run(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`projections run`: follow the log and keep the tables up to date until SIGTERM/SIGINT."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    out.console.print(f"following the log (every {args.interval}s); stop with Ctrl-C or SIGTERM")
+    position = store.projection_position()
+    while not stop.is_set():
+        position = store.catch_up_projections(args.batch)
+        stop.wait(args.interval)  # polling: SQLite cannot notify, and one code path is simpler
+    return Note(f"stopped at event {position}", {"position": position})
+
+
 COMMANDS: dict[str, Handler] = {
     "flows list": flows_list,
     "flows show": flows_show,
@@ -209,6 +289,12 @@ COMMANDS: dict[str, Handler] = {
     "stats": stats,
     "purge": purge,
     "demo": demo,
+    "funnel": funnel,
+    "projections status": projections_status,
+    "projections rebuild": projections_rebuild,
+    "projections verify": projections_verify,
+    "projections repair": projections_repair,
+    "projections run": projections_run,
 }
 """The dispatch table: command name (as typed) -> handler."""
 
@@ -273,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
         "state": top.add_parser("state", help="read and override users' state").add_subparsers(
             metavar="ACTION", required=True
         ),
+        "projections": top.add_parser(
+            "projections", help="the read-model tables: status, rebuild, verify, repair, run"
+        ).add_subparsers(metavar="ACTION", required=True),
     }
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -329,6 +418,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("demo", "drive simulated users through the README's onboarding flow")
     sub.add_argument("--users", type=_positive, default=300, help="how many (default: 300)")
     sub.add_argument("--seed", type=int, default=7, help="random seed (default: 7)")
+    command("funnel", "per-step funnel of a flow").add_argument("flow")
+    command("projections status", "how far the tables are behind the log")
+    command("projections rebuild", "replay the log into fresh tables and swap them in")
+    command(
+        "projections verify",
+        f"compare the tables with the log; exit {DIFFERENCES_EXIT_CODE} on any difference",
+    )
+    sub = command("projections repair", "rewrite the rows that differ from the log")
+    sub.add_argument("--user", help="only this user's rows")
+    sub.add_argument("--flow", help="only this flow's rows")
+    sub = command("projections run", "follow the log and keep the tables current")
+    sub.add_argument("--interval", type=float, default=0.5, help="poll interval in seconds")
+    sub.add_argument("--batch", type=_positive, default=1000, help="events per transaction")
     return parser
 
 
@@ -341,8 +443,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     out = Output(args.json)
     try:
-        with FlowStore(args.url) as store:
-            out.show(COMMANDS[args.command](store, args, out))
+        # The worker is the one that moves the tables; it must not do a whole catch-up on opening.
+        live = args.command != "projections run"
+        with FlowStore(args.url, live_projections=live) as store:
+            result = COMMANDS[args.command](store, args, out)
+            out.show(result)
+            if isinstance(result, Note):
+                return result.exit_code
     except FlowError as err:
         print(f"error[{err.code}]: {' '.join(err.message.split())}", file=sys.stderr)
         return mapping_for(err).exit_code

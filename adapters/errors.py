@@ -6,7 +6,10 @@ from typing import NamedTuple
 
 from flowstore.errors import FlowError
 
-__all__ = ["ErrorMapping", "mapping_for"]
+__all__ = ["DIFFERENCES_EXIT_CODE", "ErrorMapping", "mapping_for"]
+
+DIFFERENCES_EXIT_CODE = 8
+"""`flowstore projections verify` (and `flowstore audit`) found the tables or topic disagreeing."""
 
 
 class ErrorMapping(NamedTuple):

@@ -12,11 +12,11 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from flowstore import FlowDefinition, FlowState, FlowStateHistory, FlowStatistics
+from flowstore import FlowDefinition, FlowState, FlowStateHistory, FlowStatistics, FunnelStep
 
 __all__ = ["HISTORY_FIELDS", "Model", "cell", "model_view", "record", "table"]
 
-Model = FlowDefinition | FlowState | FlowStateHistory | FlowStatistics
+Model = FlowDefinition | FlowState | FlowStateHistory | FlowStatistics | FunnelStep
 """Everything the store answers with."""
 
 HISTORY_FIELDS = ("timestamp", "kind", "transition", "from_step", "to_step", "success", "error")

@@ -103,6 +103,9 @@ class FlowStore:
 
     `FlowStore()` opens the embedded SQLite file `./flowstore.db` (or `$FLOWSTORE_URL`); pass a URL for
     another database: `sqlite:///path.db`, `postgresql://user:pw@host:port/db` or `memory://`.
+
+    With `live_projections` (the default) every command also brings the read-model tables up to date
+    before it returns, so table queries read your writes; without it, a separate worker does that.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class FlowStore:
         max_retries: int = 10,
         cache_size: int = 10_000,
         statistics_window: float = 60.0,
+        live_projections: bool = True,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self.config: StorageConfig = parse_url(resolve_url(url))
@@ -133,7 +137,8 @@ class FlowStore:
         from projections.sql import SqlProjections
 
         self._projections = SqlProjections(self.config)
-        self._projections.catch_up(self._event_page)
+        self.live_projections = live_projections
+        self._catch_up()
 
     # Lifecycle
 
@@ -446,9 +451,9 @@ class FlowStore:
         """Rewrite exactly the rows that differ from the log; return what was repaired."""
         return self._projections.repair(self._event_page, user_id=user_id, flow_id=flow_id)
 
-    def catch_up_projections(self) -> int:
-        """Apply events the tables have not seen yet (written by other processes); return position."""
-        return self._projections.catch_up(self._event_page)
+    def catch_up_projections(self, batch: int = 1000) -> int:
+        """Apply events the tables have not seen yet, `batch` per transaction; return the position."""
+        return self._projections.catch_up(self._event_page, page=batch)
 
     def projection_position(self) -> int:
         """The notification id of the last event the tables reflect."""
@@ -459,6 +464,11 @@ class FlowStore:
         return self._app.recorder.max_notification_id() or 0
 
     # Internals
+
+    def _catch_up(self) -> None:
+        # With live projections off, a worker (`flowstore projections run`) keeps the tables current.
+        if self.live_projections:
+            self._projections.catch_up(self._event_page)
 
     def _get(self, aggregate_id: UUID, kind: type[T]) -> T | None:
         try:
@@ -528,7 +538,7 @@ class FlowStore:
             except IntegrityError:
                 self._backoff(attempt)
                 continue
-            self._projections.catch_up(self._event_page)  # read-your-writes for table queries
+            self._catch_up()  # read-your-writes for the table queries
             updated = cast(FlowInstance, project(instance, decision.events))
             if decision.error is not None:
                 raise decision.error
@@ -546,7 +556,7 @@ class FlowStore:
             except IntegrityError:
                 self._backoff(attempt)
                 continue
-            self._projections.catch_up(self._event_page)
+            self._catch_up()
             return
         raise ConcurrencyConflictError(user_id, flow_id, self.max_retries)
 

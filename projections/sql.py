@@ -75,6 +75,7 @@ class Difference:
 
     table: str
     key: tuple[Any, ...]
+    key_names: tuple[str, ...]
     problem: str
     """"missing row", "extra row" or "wrong <field>"."""
     expected: Any = None
@@ -82,8 +83,8 @@ class Difference:
 
     def describe(self) -> str:
         """One readable line naming the row (user id and flow id where the table has them)."""
-        where = ", ".join(str(k) for k in self.key)
-        text_ = f"{self.table} [{where}]: {self.problem}"
+        where = ", ".join(f"{n}={k!r}" for n, k in zip(self.key_names, self.key, strict=True))
+        text_ = f"{self.table} ({where}): {self.problem}"
         if self.problem.startswith("wrong"):
             text_ += f" (log says {self.expected!r}, table has {self.actual!r})"
         return text_
@@ -346,6 +347,11 @@ class SqlProjections:
             },
         }
 
+    def snapshot(self) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
+        """Every row of every live table, keyed by table name and primary key."""
+        with self._read() as conn:
+            return self._actual_rows(conn)
+
     def _actual_rows(self, conn: Connection) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
         actual: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {}
         for table in self.tables.all:
@@ -360,19 +366,23 @@ class SqlProjections:
         actual: dict[str, dict[tuple[Any, ...], dict[str, Any]]],
     ) -> list[Difference]:
         found: list[Difference] = []
+        names = {t.name: tuple(c.name for c in t.primary_key.columns) for t in self.tables.all}
         for table, rows in expected.items():
             have = actual.get(table, {})
+            keys = names[table]
             for key, row in rows.items():
                 if key not in have:
-                    found.append(Difference(table, key, "missing row", row))
+                    found.append(Difference(table, key, keys, "missing row", row))
                     continue
                 for column, value in row.items():
                     if not _same(value, have[key].get(column)):
                         found.append(
-                            Difference(table, key, f"wrong {column}", value, have[key].get(column))
+                            Difference(
+                                table, key, keys, f"wrong {column}", value, have[key].get(column)
+                            )
                         )
             found.extend(
-                Difference(table, key, "extra row", None, have[key])
+                Difference(table, key, keys, "extra row", None, have[key])
                 for key in have.keys() - rows.keys()
             )
         return found

@@ -202,12 +202,15 @@ class PostgresServer:
             server._initdb()
             server._start_on_free_port()
         except BaseException:
-            server.stop()
+            server._abort()
             raise
         return server
 
     def stop(self) -> None:
-        """Stop the server (fast shutdown) and delete its directory. Safe to call twice."""
+        """Stop the server (fast shutdown) and delete its directory. Safe to call twice.
+
+        If the fast shutdown fails, the watchdog does an immediate shutdown before this raises.
+        """
         try:
             if self._running:
                 self._run(
@@ -218,9 +221,11 @@ class PostgresServer:
                     timeout=STOP_TIMEOUT_S + 30,
                 )
                 self._running = False
-        finally:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-            self._release_watchdog()
+        except BaseException:
+            self._abort()
+            raise
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+        self._release_watchdog(clean=True)
 
     @property
     def watchdog_pid(self) -> int | None:
@@ -363,17 +368,27 @@ class PostgresServer:
             start_new_session=True,  # not hit by the Ctrl-C that interrupts us
         )
 
-    def _release_watchdog(self) -> None:
+    def _abort(self) -> None:
+        """Immediate shutdown (if running) and removal of the directory, by the watchdog."""
+        self._running = False
+        if self._watchdog is None:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+        else:
+            self._release_watchdog(clean=False)
+
+    def _release_watchdog(self, *, clean: bool) -> None:
+        """End the watchdog: a byte means "all done"; bare EOF makes it stop and clean up."""
         watchdog, self._watchdog = self._watchdog, None
         if watchdog is None or watchdog.stdin is None:
             return
         try:
-            watchdog.stdin.write(b".")
+            if clean:
+                watchdog.stdin.write(b".")
             watchdog.stdin.close()
         except BrokenPipeError:
             pass
         try:
-            watchdog.wait(timeout=10)
+            watchdog.wait(timeout=STOP_TIMEOUT_S + 30)
         except subprocess.TimeoutExpired:
             watchdog.kill()
             watchdog.wait()

@@ -112,6 +112,24 @@ def test_start_and_stop_without_pytest() -> None:
     server.stop()  # a second stop is harmless
 
 
+def test_failed_start_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[PostgresServer] = []
+    original = PostgresServer._start_on_free_port
+
+    def start_then_fail(self: PostgresServer) -> None:
+        original(self)
+        started.append(self)
+        raise RuntimeError("boom after the server came up")
+
+    monkeypatch.setattr(PostgresServer, "_start_on_free_port", start_then_fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        PostgresServer.start()
+    [server] = started
+    assert not server.base_dir.exists()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(server.url(), connect_timeout=5)
+
+
 _OWNER_CODE = """
 import json, sys
 from tests.pgserver import PostgresServer

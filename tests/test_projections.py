@@ -1,0 +1,288 @@
+"""Read-model tables: live path == rebuild == replay, exactly once under kill -9, verify/repair."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import text
+
+from flowstore import (
+    FlowError,
+    FlowStateCorruptionError,
+    FlowStore,
+    FunnelStep,
+)
+from flowstore.storage import parse_url
+from projections.sql import SqlProjections
+from tests.flows import Clock, linear, onboarding
+from tests.strategies import TRANSITION_NAMES, flow_definitions
+
+FLOW = "user-onboarding"
+
+
+@pytest.fixture
+def tables(store_url: str) -> Iterator[SqlProjections]:
+    """A second handle on the store's tables, to read and damage them from outside."""
+    handle = SqlProjections(parse_url(store_url))
+    yield handle
+    handle.close()
+
+
+commands = st.lists(
+    st.tuples(
+        st.sampled_from(["u1", "u2", "u3"]),
+        st.sampled_from(["transition", "transition", "transition", "reset", "clear", "override"]),
+        st.sampled_from([*TRANSITION_NAMES, "nope"]),
+        st.integers(0, 10),
+    ),
+    max_size=30,
+)
+
+
+def drive(store: FlowStore, flow: str, definition: dict[str, Any], script: list[Any]) -> None:
+    steps = list(definition["steps"])
+    for user, kind, name, n in script:
+        try:
+            if kind == "transition":
+                store.execute_transition(user, flow, name, {"n": n})
+            elif kind == "reset":
+                store.reset_flow(user, flow)
+            elif kind == "clear":
+                store.clear_flow_state(user, flow)
+            else:
+                store.set_flow_state(user, {"flow": flow, "step": steps[n % len(steps)]})
+        except FlowError:
+            pass
+
+
+def test_live_tables_equal_a_rebuild_for_random_streams(
+    store_url: str, tables: SqlProjections
+) -> None:
+    clock = Clock()
+    with FlowStore(store_url, clock=clock) as store:
+
+        @settings(
+            max_examples=15 if "postgres" in store_url else 30,
+            deadline=None,
+            suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        )
+        @given(definition=flow_definitions(), script=commands, tick=st.integers(0, 5))
+        def run(definition: dict[str, Any], script: list[Any], tick: int) -> None:
+            flow = f"f-{uuid.uuid4().hex[:10]}"
+            definition = {**definition, "flow": flow}
+            store.create_flow(definition)
+            clock.advance(tick)
+            drive(store, flow, definition, script)
+            assert store.verify_projections() == []
+
+        run()
+        live = tables.snapshot()
+        assert live["flow_history"]  # the examples did write something
+        replayed = store.rebuild_projections()
+        assert replayed == store.log_position() or "postgres" in store_url  # PG ids have gaps
+        assert tables.snapshot() == live
+        assert store.verify_projections() == []
+
+
+def test_queries_read_the_tables_and_see_their_own_writes(store_url: str) -> None:
+    with FlowStore(store_url) as store:
+        store.create_flow(onboarding())
+        store.execute_transition("ann", FLOW, "start")
+        assert [s.step for s in store.get_user_flows("ann")] == ["profile-setup"]
+        assert len(store.get_flow_history("ann", FLOW)) == 2
+        assert store.projection_position() == store.log_position()
+
+
+def test_funnel_counts_entries_moves_and_drops(store_url: str) -> None:
+    with FlowStore(store_url) as store:
+        store.create_flow(onboarding())
+        for user in ("a", "b", "c"):
+            store.execute_transition(user, FLOW, "start")
+        store.execute_transition("a", FLOW, "skip")
+        store.execute_transition("a", FLOW, "complete")
+        store.clear_flow_state("b", FLOW)  # dropped at profile-setup
+        funnel = {f.step: f for f in store.get_flow_funnel(FLOW)}
+    assert funnel["welcome"] == FunnelStep(
+        step="welcome", entered=3, moved_on=3, dropped=0, current=0
+    )
+    assert funnel["profile-setup"] == FunnelStep(
+        step="profile-setup", entered=3, moved_on=1, dropped=1, current=1
+    )
+    assert funnel["verification"].entered == 1
+    assert funnel["completed"].entered == 1
+    assert funnel["preferences"] == FunnelStep(
+        step="preferences", entered=0, moved_on=0, dropped=0, current=0
+    )
+
+
+def test_corrupted_rows_are_found_by_verify_and_fixed_by_repair(
+    store_url: str, tables: SqlProjections
+) -> None:
+    with FlowStore(store_url) as store:
+        store.create_flow(onboarding())
+        for user in ("ann", "bob"):
+            store.execute_transition(user, FLOW, "start")
+        with tables.engine.begin() as conn:
+            conn.execute(text("UPDATE flow_states SET step = 'bogus' WHERE user_id = 'ann'"))
+            conn.execute(text("UPDATE flow_counters SET started = started + 5"))
+            conn.execute(text("DELETE FROM flow_history WHERE user_id = 'bob' AND version = 1"))
+        with pytest.raises(FlowStateCorruptionError) as caught:
+            store.get_user_flows("ann")
+        assert (caught.value.user_id, caught.value.flow_id) == ("ann", FLOW)
+        assert "bogus" in caught.value.detail
+
+        found = {(d.table, d.key, d.problem) for d in store.verify_projections()}
+        assert found == {
+            ("flow_states", ("ann", FLOW), "wrong step"),
+            ("flow_counters", (FLOW,), "wrong started"),
+            ("flow_history", ("bob", FLOW, 1), "missing row"),
+        }
+        assert "user_id='ann'" in store.verify_projections()[0].describe() or any(
+            "user_id='ann'" in d.describe() for d in store.verify_projections()
+        )
+        repaired = store.repair_projections(user_id="bob")
+        assert [(d.table, d.key) for d in repaired] == [("flow_history", ("bob", FLOW, 1))]
+        assert len(store.verify_projections()) == 2
+        store.repair_projections()
+        assert store.verify_projections() == []
+        assert [s.step for s in store.get_user_flows("ann")] == ["profile-setup"]
+
+
+def test_recover_flow_state_rebuilds_one_instance(store_url: str, tables: SqlProjections) -> None:
+    with FlowStore(store_url) as store:
+        store.create_flow(onboarding())
+        store.execute_transition("ann", FLOW, "start")
+        store.execute_transition("ann", FLOW, "skip")
+        with tables.engine.begin() as conn:
+            conn.execute(text("UPDATE flow_states SET step = 'nowhere' WHERE user_id = 'ann'"))
+            conn.execute(text("DELETE FROM flow_history WHERE user_id = 'ann'"))
+        with pytest.raises(FlowStateCorruptionError):
+            store.get_user_flows("ann")
+        state = store.recover_flow_state("ann", FLOW)
+        assert state is not None
+        assert [s.step for s in store.get_user_flows("ann")] == ["verification"]
+        assert [h.transition for h in store.get_flow_history("ann", FLOW)] == [
+            None,
+            "start",
+            "skip",
+        ]
+        assert store.verify_projections() == []
+
+
+def test_readers_never_see_empty_tables_during_a_rebuild(store_url: str) -> None:
+    with FlowStore(store_url) as store:
+        store.create_flow(linear("f", steps=2))
+        for i in range(50):
+            store.reset_flow("ann", "f") if i % 2 else store.execute_transition(
+                f"u{i}", "f", "next"
+            )
+        expected = len(store.get_flow_history("ann", "f"))
+        seen: list[int] = []
+        errors: list[BaseException] = []
+        first_read = threading.Event()
+        stop = threading.Event()
+
+        def read() -> None:
+            try:
+                with FlowStore(store_url) as reader:
+                    while not stop.is_set():
+                        seen.append(len(reader.get_flow_history("ann", "f")))
+                        first_read.set()
+            except BaseException as exc:  # surfaced by the assertion below
+                errors.append(exc)
+                first_read.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            assert first_read.wait(timeout=60)
+            reads_before = len(seen)
+            rebuilds = 0
+            # Rebuild until the reader has read many times while rebuilds were running.
+            while len(seen) < reads_before + 50 and rebuilds < 200 and not errors:
+                store.rebuild_projections()
+                rebuilds += 1
+        finally:
+            stop.set()
+            reader.join()
+    assert errors == []
+    assert seen
+    assert set(seen) == {expected}
+
+
+WORKER = [sys.executable, "-m", "adapters.cli"]
+
+
+def test_a_worker_killed_at_random_points_leaves_exact_tables(
+    store_url: str, tables: SqlProjections
+) -> None:
+    rng = random.Random(4)
+    with FlowStore(store_url, live_projections=False) as store:
+        store.create_flow(onboarding())
+        for i in range(150):
+            user = f"u{i}"
+            for transition in rng.sample(["start", "skip", "continue", "bogus", "complete"], 3):
+                with contextlib.suppress(FlowError):
+                    store.execute_transition(user, FLOW, transition)
+        head = store.log_position()
+    assert tables.position() == 0
+    env = {**os.environ, "FLOWSTORE_URL": store_url}
+    args = [*WORKER, "projections", "run", "--interval", "0.02", "--batch", "7"]
+    kills = 0
+    while tables.position() < head and kills < 6:
+        before = tables.position()
+        worker = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while tables.position() == before and time.monotonic() < deadline:
+            time.sleep(0.005)  # polling for progress, not synchronising on time
+        time.sleep(rng.uniform(0, 0.05))  # then die at a random point of the work
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        kills += 1
+    assert kills >= 2, "the worker finished before it could be killed twice"
+    worker = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while tables.position() < head and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert tables.position() == head
+    with FlowStore(store_url) as store:
+        assert store.verify_projections() == []
+        after_kills = tables.snapshot()
+        store.rebuild_projections()
+    assert tables.snapshot() == after_kills
+
+
+def test_cli_verify_exits_non_zero_on_differences(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    with FlowStore(url) as store:
+        store.create_flow(onboarding())
+        store.execute_transition("ann", FLOW, "start")
+    env = {**os.environ, "FLOWSTORE_URL": url}
+    ok = subprocess.run([*WORKER, "projections", "verify"], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    handle = SqlProjections(parse_url(url))
+    with handle.engine.begin() as conn:
+        conn.execute(text("UPDATE flow_states SET version = 99"))
+    handle.close()
+    bad = subprocess.run(
+        [*WORKER, "projections", "verify"], env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 8
+    assert "user_id='ann'" in bad.stdout
+    assert "wrong version" in bad.stdout
