@@ -254,7 +254,11 @@ def test_a_worker_killed_at_random_points_leaves_exact_tables(
         worker.wait()
         kills += 1
     assert kills >= 2, "the worker finished before it could be killed twice"
-    worker = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    worker = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert worker.stdout is not None
+    assert "following the log" in worker.stdout.readline()  # its SIGTERM handler is in place
     deadline = time.monotonic() + 120
     while tables.position() < head and time.monotonic() < deadline:
         time.sleep(0.01)
