@@ -250,43 +250,48 @@ class FlowCatalog(_Aggregate):
 TAggregate = TypeVar("TAggregate", bound=_Aggregate)
 
 
+def _enter_step(
+    instance: FlowInstance | None,
+    event: FlowStarted | StateOverridden,
+    *,
+    ok: bool,
+    payload: dict[str, Any] | None,
+    new_run: bool,
+) -> FlowInstance:
+    """The instance after a start, reset or override put it at `event.step` (a new run or not)."""
+    ts = event.timestamp
+    fields: dict[str, Any] = {
+        "version": event.originator_version,
+        "modified_on": ts,
+        "definition_version": event.definition_version,
+        "status": FlowStatus.ACTIVE,
+        "step": event.step,
+        "service": event.service,
+        "ok": ok,
+        "payload": payload,
+        "completed_at": None,
+        "expires_at": event.expires_at,
+    }
+    if instance is None:
+        return FlowInstance(
+            id=event.originator_id,
+            created_on=ts,
+            user_id=event.user_id,
+            flow_id=event.flow_id,
+            started_at=ts,
+            **fields,
+        )
+    started_at = ts if new_run else instance.started_at
+    return instance.model_copy(update={**fields, "started_at": started_at})
+
+
 def evolve(aggregate: Any, event: DomainEvent) -> Any:
     """Fold one event into its aggregate (None before the first event)."""
     ts = event.timestamp
     base = {"version": event.originator_version, "modified_on": ts}
     match event:
         case FlowStarted():
-            if aggregate is None:
-                return FlowInstance(
-                    id=event.originator_id,
-                    created_on=ts,
-                    user_id=event.user_id,
-                    flow_id=event.flow_id,
-                    definition_version=event.definition_version,
-                    status=FlowStatus.ACTIVE,
-                    step=event.step,
-                    service=event.service,
-                    ok=True,
-                    payload=None,
-                    started_at=ts,
-                    completed_at=None,
-                    expires_at=event.expires_at,
-                    **base,
-                )
-            return aggregate.model_copy(
-                update={
-                    **base,
-                    "definition_version": event.definition_version,
-                    "status": FlowStatus.ACTIVE,
-                    "step": event.step,
-                    "service": event.service,
-                    "ok": True,
-                    "payload": None,
-                    "started_at": ts,
-                    "completed_at": None,
-                    "expires_at": event.expires_at,
-                }
-            )
+            return _enter_step(aggregate, event, ok=True, payload=None, new_run=True)
         case TransitionExecuted():
             return aggregate.model_copy(
                 update={
@@ -310,37 +315,10 @@ def evolve(aggregate: Any, event: DomainEvent) -> Any:
                 }
             )
         case StateOverridden():
-            if aggregate is None:
-                return FlowInstance(
-                    id=event.originator_id,
-                    created_on=ts,
-                    user_id=event.user_id,
-                    flow_id=event.flow_id,
-                    definition_version=event.definition_version,
-                    status=FlowStatus.ACTIVE,
-                    step=event.step,
-                    service=event.service,
-                    ok=event.ok,
-                    payload=event.payload,
-                    started_at=ts,
-                    completed_at=None,
-                    expires_at=event.expires_at,
-                    **base,
-                )
-            restarted = not aggregate.is_live
-            return aggregate.model_copy(
-                update={
-                    **base,
-                    "definition_version": event.definition_version,
-                    "status": FlowStatus.ACTIVE,
-                    "step": event.step,
-                    "service": event.service,
-                    "ok": event.ok,
-                    "payload": event.payload,
-                    "started_at": ts if restarted else aggregate.started_at,
-                    "completed_at": None,
-                    "expires_at": event.expires_at,
-                }
+            # An override of an instance without state (new, cleared, expired) starts a run.
+            new_run = aggregate is None or not aggregate.is_live
+            return _enter_step(
+                aggregate, event, ok=event.ok, payload=event.payload, new_run=new_run
             )
         case FlowCleared() | FlowExpired():
             status = FlowStatus.CLEARED if isinstance(event, FlowCleared) else FlowStatus.EXPIRED

@@ -136,8 +136,11 @@ def _history_row(event: DomainEvent) -> AddHistory | None:
     )
 
 
-def _was_active(previous: dict[str, Any] | None) -> bool:
-    return previous is not None and previous["status"] == FlowStatus.ACTIVE
+def _dropped(previous: dict[str, Any] | None, flow_id: str) -> list[Op]:
+    """An active run that ends or is moved away from its step without moving on drops out there."""
+    if previous is None or previous["status"] != FlowStatus.ACTIVE:
+        return []
+    return [AddStepCounters(flow_id, previous["step"], {"dropped": 1})]
 
 
 def _attempt(event: TransitionExecuted | TransitionRejected, attempts: int) -> list[Op]:
@@ -159,9 +162,7 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
     flow = event.flow_id
     match event:
         case FlowStarted():
-            if _was_active(previous):
-                assert previous is not None
-                ops.append(AddStepCounters(flow, previous["step"], {"dropped": 1}))
+            ops.extend(_dropped(previous, flow))
             ops.append(AddCounters(flow, {"started": 1}))
             ops.append(AddStepCounters(flow, event.step, {"entered": 1}))
             ops.append(
@@ -223,9 +224,7 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                 FlowStatus.CLEARED,
                 FlowStatus.EXPIRED,
             )
-            if _was_active(previous):
-                assert previous is not None
-                ops.append(AddStepCounters(flow, previous["step"], {"dropped": 1}))
+            ops.extend(_dropped(previous, flow))
             if restarted:
                 ops.append(AddCounters(flow, {"started": 1}))
             ops.append(AddStepCounters(flow, event.step, {"entered": 1}))
@@ -246,9 +245,7 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                 )
             )
         case FlowCleared() | FlowExpired():
-            if _was_active(previous):
-                assert previous is not None
-                ops.append(AddStepCounters(flow, previous["step"], {"dropped": 1}))
+            ops.extend(_dropped(previous, flow))
             expired = isinstance(event, FlowExpired)
             if expired:
                 ops.append(AddCounters(flow, {"expired": 1}))
