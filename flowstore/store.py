@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
@@ -433,31 +433,74 @@ class FlowStore:
         self._projections.recover(
             (user_id, flow_id),
             lambda: cast(list[DomainEvent], list(self._app.events.get(iid))),
-            self._event_page,
+            self.read_events,
         )
         return self.get_flow_state(user_id, flow_id)
 
     def rebuild_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Replay the whole log into fresh tables and swap them in; return the events replayed."""
-        return self._projections.rebuild(self._event_page, progress=progress)
+        return self._projections.rebuild(self.read_events, progress=progress)
 
     def verify_projections(self) -> list[Difference]:
         """Every difference between the tables and the log (empty when they agree)."""
-        return self._projections.verify(self._event_page)
+        return self._projections.verify(self.read_events)
 
     def repair_projections(
         self, user_id: str | None = None, flow_id: str | None = None
     ) -> list[Difference]:
         """Rewrite exactly the rows that differ from the log; return what was repaired."""
-        return self._projections.repair(self._event_page, user_id=user_id, flow_id=flow_id)
+        return self._projections.repair(self.read_events, user_id=user_id, flow_id=flow_id)
 
     def catch_up_projections(self, batch: int = 1000) -> int:
         """Apply events the tables have not seen yet, `batch` per transaction; return the position."""
-        return self._projections.catch_up(self._event_page, page=batch)
+        return self._projections.catch_up(self.read_events, page=batch)
 
     def projection_position(self) -> int:
         """The notification id of the last event the tables reflect."""
         return self._projections.position()
+
+    def read_events(self, start: int, limit: int = 1000) -> list[tuple[int, DomainEvent]]:
+        """Up to `limit` events of the log from notification id `start` on: (id, event) pairs.
+
+        Ids increase in commit order (they may have gaps); page with `start = last_id + 1`. This is
+        the stream publishers, pushers and auditors follow.
+        """
+        page = self._app.recorder.select_notifications(start, limit)
+        to_event = self._app.mapper.to_domain_event
+        return [(n.id, cast(DomainEvent, to_event(n))) for n in page]
+
+    def import_events(self, events: Iterable[DomainEvent], *, batch: int = 500) -> int:
+        """Append events recorded elsewhere (a restore), as they are: same ids, versions, times.
+
+        Each aggregate's events must come in version order without duplicates; an event whose
+        version is already taken raises `ConcurrencyConflictError` and its batch is not written.
+        Returns how many events were appended; projections are brought up to date at the end.
+        """
+        pending: list[DomainEvent] = []
+        appended = 0
+
+        def flush() -> None:
+            nonlocal appended
+            try:
+                self._app.save(*pending)
+            except IntegrityError:
+                first = pending[0]
+                raise ConcurrencyConflictError(
+                    str(getattr(first, "user_id", "*")),
+                    str(getattr(first, "flow_id", "*")),
+                    1,
+                ) from None
+            appended += len(pending)
+            pending.clear()
+
+        for event in events:
+            pending.append(event)
+            if len(pending) >= batch:
+                flush()
+        if pending:
+            flush()
+        self._catch_up()
+        return appended
 
     def log_position(self) -> int:
         """The notification id of the newest event in the log (0 when the log is empty)."""
@@ -468,7 +511,7 @@ class FlowStore:
     def _catch_up(self) -> None:
         # With live projections off, a worker (`flowstore projections run`) keeps the tables current.
         if self.live_projections:
-            self._projections.catch_up(self._event_page)
+            self._projections.catch_up(self.read_events)
 
     def _get(self, aggregate_id: UUID, kind: type[T]) -> T | None:
         try:
@@ -564,9 +607,3 @@ class FlowStore:
     def _backoff(attempt: int) -> None:
         # Jittered, growing pause so that writers contending for one instance stop colliding.
         time.sleep(random.uniform(0, 0.002 * (2 ** min(attempt, 6))))
-
-    def _event_page(self, start: int, limit: int) -> list[tuple[int, DomainEvent]]:
-        """Up to `limit` events from notification id `start` on, in log order."""
-        page = self._app.recorder.select_notifications(start, limit)
-        to_event = self._app.mapper.to_domain_event
-        return [(n.id, cast(DomainEvent, to_event(n))) for n in page]

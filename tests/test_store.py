@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from flowstore import (
+    ConcurrencyConflictError,
     DefinitionError,
     FlowExistsError,
     FlowNotFoundError,
@@ -405,3 +406,24 @@ def test_models_serialise_to_camel_case_json(store: FlowStore) -> None:
     assert FlowState.model_validate(data) == state
     history = store.get_flow_history("ann", FLOW)[0].to_dict()
     assert {"fromStep", "toStep", "userId", "flowId", "kind"} <= set(history)
+
+
+def test_the_log_can_be_read_in_pages_and_imported_into_an_empty_store(
+    store: FlowStore, tmp_path: Any
+) -> None:
+    walk(store, "ann", "start", "skip")
+    with pytest.raises(InvalidTransitionError):
+        store.execute_transition("ann", FLOW, "save")
+    events, start = [], 1
+    while page := store.read_events(start, 2):
+        assert [n for n, _ in page] == sorted(n for n, _ in page)
+        events.extend(e for _, e in page)
+        start = page[-1][0] + 1
+    assert len(events) == 6  # definition, catalog entry, start, two transitions, one rejection
+    with FlowStore(f"sqlite:///{tmp_path / 'copy.db'}") as copy:
+        assert copy.import_events(events, batch=3) == len(events)
+        assert copy.get_flow_state("ann", FLOW) == store.get_flow_state("ann", FLOW)
+        assert copy.get_flow_history("ann", FLOW) == store.get_flow_history("ann", FLOW)
+        assert copy.get_flow_statistics(FLOW) == store.get_flow_statistics(FLOW)
+        with pytest.raises(ConcurrencyConflictError):
+            copy.import_events(events[-1:])
