@@ -409,7 +409,7 @@ def test_models_serialise_to_camel_case_json(store: FlowStore) -> None:
 
 
 def test_the_log_can_be_read_in_pages_and_imported_into_an_empty_store(
-    store: FlowStore, tmp_path: Any
+    store: FlowStore, clock: Clock, tmp_path: Any
 ) -> None:
     walk(store, "ann", "start", "skip")
     with pytest.raises(InvalidTransitionError):
@@ -420,7 +420,7 @@ def test_the_log_can_be_read_in_pages_and_imported_into_an_empty_store(
         events.extend(e for _, e in page)
         start = page[-1][0] + 1
     assert len(events) == 6  # definition, catalog entry, start, two transitions, one rejection
-    with FlowStore(f"sqlite:///{tmp_path / 'copy.db'}") as copy:
+    with FlowStore(f"sqlite:///{tmp_path / 'copy.db'}", clock=clock) as copy:
         assert copy.import_events(events, batch=3) == len(events)
         assert copy.get_flow_state("ann", FLOW) == store.get_flow_state("ann", FLOW)
         assert copy.get_flow_history("ann", FLOW) == store.get_flow_history("ann", FLOW)
