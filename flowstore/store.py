@@ -9,7 +9,9 @@ transition is always validated against the state it is applied to.
 from __future__ import annotations
 
 import random
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
@@ -49,6 +51,7 @@ from flowstore.domain import (
 )
 from flowstore.errors import (
     ConcurrencyConflictError,
+    FlowError,
     FlowExistsError,
     FlowNotFoundError,
     FlowStateCorruptionError,
@@ -117,12 +120,18 @@ class FlowStore:
         cache_size: int = 10_000,
         statistics_window: float = 60.0,
         live_projections: bool = True,
+        definition_refresh: float = 1.0,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self.config: StorageConfig = parse_url(resolve_url(url))
         self.max_payload_bytes = max_payload_bytes
         self.max_retries = max_retries
         self.statistics_window = statistics_window
+        self.definition_refresh = definition_refresh
+        self._cache_size = cache_size
+        self._cache_lock = threading.Lock()
+        self._instances: OrderedDict[UUID, FlowInstance] = OrderedDict()
+        self._definitions: dict[str, tuple[FlowVersions, float]] = {}
         self._clock = clock
         env = {
             **self.config.env,
@@ -264,13 +273,92 @@ class FlowStore:
         A transition the step does not offer, or a payload its schema refuses, is recorded as a
         rejected attempt and raises `InvalidTransitionError` / `PayloadValidationError`.
         """
-        began = time.perf_counter()
+        decide = self._transition(user_id, flow_id, transition, payload, time.perf_counter())
+        return self._change_instance(user_id, flow_id, decide).to_state()
+
+    def execute_transitions(
+        self,
+        requests: Iterable[tuple[str, str, str, dict[str, Any] | None]],
+        *,
+        batch_size: int = 500,
+    ) -> list[FlowState | FlowError]:
+        """Apply many (user_id, flow_id, transition, payload) requests, one transaction per batch.
+
+        Returns, in request order, the new state or the error of each request; a rejected
+        transition is recorded as in `execute_transition`, and bad input writes nothing for its own
+        request only. If another writer touched one of the batch's instances meanwhile, that batch
+        is applied again one request at a time (each retried as usual).
+        """
+        results: list[FlowState | FlowError] = []
+        batch: list[tuple[str, str, str, dict[str, Any] | None]] = []
+        for request in requests:
+            batch.append(request)
+            if len(batch) >= batch_size:
+                results.extend(self._apply_batch(batch))
+                batch = []
+        if batch:
+            results.extend(self._apply_batch(batch))
+        return results
+
+    def _apply_batch(
+        self, batch: list[tuple[str, str, str, dict[str, Any] | None]]
+    ) -> list[FlowState | FlowError]:
+        outcomes: list[FlowInstance | FlowError] = []
+        events: list[DomainEvent] = []
+        seen: dict[UUID, FlowInstance | None] = {}  # later requests see earlier ones' effects
+        for user_id, flow_id, transition, payload in batch:
+            try:
+                decide = self._transition(
+                    user_id, flow_id, transition, payload, time.perf_counter()
+                )
+                _require_id(flow_id, "flow_id")
+                iid = instance_id(user_id, flow_id)
+                if iid not in seen:
+                    seen[iid] = self._cached_instance(iid)
+                decision = decide(seen[iid])
+            except FlowError as error:
+                outcomes.append(error)
+                continue
+            updated = cast(FlowInstance, project(seen[iid], decision.events))
+            seen[iid] = updated
+            events.extend(decision.events)
+            outcomes.append(decision.error or updated)
+        try:
+            self._app.save(*events)
+        except IntegrityError:
+            for iid in seen:
+                self._forget_instance(iid)
+            return [self._one(*request) for request in batch]
+        for instance in seen.values():
+            if instance is not None:
+                self._remember_instance(instance)
+        self._catch_up()
+        return [o if isinstance(o, FlowError) else o.to_state() for o in outcomes]
+
+    def _one(
+        self, user_id: str, flow_id: str, transition: str, payload: dict[str, Any] | None
+    ) -> FlowState | FlowError:
+        try:
+            return self.execute_transition(user_id, flow_id, transition, payload)
+        except FlowError as error:
+            return error
+
+    def _transition(
+        self,
+        user_id: str,
+        flow_id: str,
+        transition: str,
+        payload: dict[str, Any] | None,
+        began: float,
+    ) -> Callable[[FlowInstance | None], Decision]:
+        """Check a transition request's input, and return how to decide it on an instance."""
         _require_id(user_id, "user_id")
         _require_id(transition, "transition")
-        payload = check_payload(payload, limit=self.max_payload_bytes)
+        checked = check_payload(payload, limit=self.max_payload_bytes)
 
         def decide(instance: FlowInstance | None) -> Decision:
-            versions = self._live_versions(flow_id)
+            needed = instance.definition_version if instance and instance.is_live else 0
+            versions = self._command_versions(flow_id, needed)
             now = self._clock()
             started: list[InstanceEvent] = []
             if instance is None or not instance.is_live:
@@ -283,13 +371,13 @@ class FlowStore:
                 instance,
                 definition,
                 transition=transition,
-                payload=payload,
+                payload=checked,
                 now=now,
                 elapsed_ms=(time.perf_counter() - began) * 1000,
             )
             return Decision([*started, *decision.events], decision.error)
 
-        return self._change_instance(user_id, flow_id, decide).to_state()
+        return decide
 
     def set_flow_state(self, user_id: str, state: FlowState | Mapping[str, Any]) -> FlowState:
         """Administrative override: put the user at `state.step` (recorded as an event).
@@ -532,6 +620,46 @@ class FlowStore:
             raise FlowNotFoundError(flow_id)
         return versions
 
+    def _cached_instance(self, iid: UUID) -> FlowInstance | None:
+        with self._cache_lock:
+            cached = self._instances.get(iid)
+            if cached is not None:
+                self._instances.move_to_end(iid)
+                return cached
+        return self._get(iid, FlowInstance)
+
+    def _remember_instance(self, instance: FlowInstance) -> None:
+        with self._cache_lock:
+            self._instances[instance.id] = instance
+            self._instances.move_to_end(instance.id)
+            while len(self._instances) > self._cache_size:
+                self._instances.popitem(last=False)
+
+    def _forget_instance(self, iid: UUID) -> None:
+        with self._cache_lock:
+            self._instances.pop(iid, None)
+
+    def _command_versions(self, flow_id: str, needed_version: int) -> FlowVersions:
+        """The flow's definitions for a transition, cached for `definition_refresh` seconds.
+
+        Versions never change once written, so a cached copy is only stale about new versions and
+        deletion; this process's own changes drop the cache at once, other processes' are seen
+        within `definition_refresh` seconds (or at once if an instance needs a newer version).
+        """
+        now = time.monotonic()
+        with self._cache_lock:
+            cached = self._definitions.get(flow_id)
+        if (
+            cached is not None
+            and now - cached[1] < self.definition_refresh
+            and needed_version <= len(cached[0].definitions)
+        ):
+            return cached[0]
+        versions = self._live_versions(flow_id)
+        with self._cache_lock:
+            self._definitions[flow_id] = (versions, now)
+        return versions
+
     def _live_versions(self, flow_id: str) -> FlowVersions:
         versions = self._get_versions(flow_id)
         if versions.deleted:
@@ -570,7 +698,9 @@ class FlowStore:
         _require_id(flow_id, "flow_id")
         iid = instance_id(user_id, flow_id)
         for attempt in range(self.max_retries):
-            instance = self._get(iid, FlowInstance)
+            # The first attempt trusts this process's last known state; if another writer moved
+            # the instance on, the append fails on its version and the retry reads it fresh.
+            instance = self._cached_instance(iid) if attempt == 0 else self._get(iid, FlowInstance)
             decision = decide(instance)
             if not decision.events:
                 if instance is None:
@@ -579,10 +709,12 @@ class FlowStore:
             try:
                 self._app.save(*decision.events)
             except IntegrityError:
+                self._forget_instance(iid)
                 self._backoff(attempt)
                 continue
             self._catch_up()  # read-your-writes for the table queries
             updated = cast(FlowInstance, project(instance, decision.events))
+            self._remember_instance(updated)
             if decision.error is not None:
                 raise decision.error
             return updated
@@ -599,6 +731,7 @@ class FlowStore:
             except IntegrityError:
                 self._backoff(attempt)
                 continue
+            self._definitions.pop(flow_id, None)
             self._catch_up()
             return
         raise ConcurrencyConflictError(user_id, flow_id, self.max_retries)

@@ -16,6 +16,7 @@ from flowstore.domain import (
     FlowCleared,
     FlowCompleted,
     FlowExpired,
+    FlowMigrated,
     FlowStarted,
     InstanceEvent,
     StateOverridden,
@@ -41,7 +42,7 @@ __all__ = [
 SAMPLE_SLOTS = 1000
 """Response-time samples kept per flow (the p95 is over the most recent ones)."""
 THROUGHPUT_RETENTION_SECONDS = 3600
-"""Per-second attempt counts older than this (in event time) are dropped."""
+"""Per-second attempt counts are kept for the current and the previous hour (of event time)."""
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,11 @@ def _dropped(previous: dict[str, Any] | None, flow_id: str) -> list[Op]:
 
 def _attempt(event: TransitionExecuted | TransitionRejected, attempts: int) -> list[Op]:
     second = int(event.timestamp.timestamp())
+    # Whole hours are forgotten at once, so the bound (and the delete behind it) moves rarely.
+    hour = THROUGHPUT_RETENTION_SECONDS
     return [
         PutSample(event.flow_id, attempts % SAMPLE_SLOTS, event.elapsed_ms),
-        AddThroughput(event.flow_id, second, second - THROUGHPUT_RETENTION_SECONDS),
+        AddThroughput(event.flow_id, second, (second // hour - 1) * hour),
     ]
 
 
@@ -244,6 +247,14 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                     expires_at=event.expires_at,
                 )
             )
+        case FlowMigrated():
+            # A migration is not a drop-out: the run goes on. When it lands on another step, the
+            # funnel counts that as moving on from the old step and entering the new one, which
+            # keeps entered == moved_on + dropped + current for every non-terminal step.
+            if event.to_step != event.from_step:
+                ops.append(AddStepCounters(flow, event.from_step, {"moved_on": 1}))
+                ops.append(AddStepCounters(flow, event.to_step, {"entered": 1}))
+            ops.append(_state_row(event, previous, step=event.to_step, service=event.service))
         case FlowCleared() | FlowExpired():
             ops.extend(_dropped(previous, flow))
             expired = isinstance(event, FlowExpired)

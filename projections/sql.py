@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     Connection,
     Engine,
     Table,
     and_,
+    bindparam,
     create_engine,
     delete,
     distinct,
@@ -90,6 +92,11 @@ class Difference:
         return text_
 
 
+def _json(value: Any) -> str:
+    """JSON columns (payloads, metadata) written with orjson, like the events."""
+    return orjson.dumps(value).decode()
+
+
 def _utc(value: Any) -> Any:
     # SQLite keeps no time zone: everything stored is UTC, so naive values read back are UTC.
     if isinstance(value, datetime) and value.tzinfo is None:
@@ -115,9 +122,13 @@ class SqlProjections:
                 connect_args={"check_same_thread": False},
             )
         elif config.backend == "sqlite":
-            self.engine = create_engine(config.sqlalchemy_url, connect_args={"timeout": 60})
+            self.engine = create_engine(
+                config.sqlalchemy_url, connect_args={"timeout": 60}, json_serializer=_json
+            )
         else:
-            self.engine = create_engine(config.sqlalchemy_url, pool_pre_ping=True)
+            self.engine = create_engine(
+                config.sqlalchemy_url, pool_pre_ping=True, json_serializer=_json
+            )
         self._sqlite = self.engine.dialect.name == "sqlite"
         self._shared_connection = config.sqlalchemy_url is None
         # Readers never need the write lock: on a SQLite file they get an engine of their own.
@@ -130,6 +141,13 @@ class SqlProjections:
             _immediate_transactions(self.engine)
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
         self._upserts: dict[tuple[str, bool], Any] = {}
+        self._lookup_cache: dict[str, tuple[Any, Any]] = {}
+        # The lower bound each flow's old throughput rows were last deleted below (see _write).
+        self._forgotten: dict[str, int] = {}
+        mine = TRACKING.c.name == PROJECTION
+        self._read_position = select(TRACKING.c.position).where(mine)
+        self._locking_position = self._read_position.with_for_update()
+        self._move_position = update(TRACKING).where(mine).values(position=bindparam("position"))
         self.create()
 
     def close(self) -> None:
@@ -165,9 +183,7 @@ class SqlProjections:
             return self._position(conn, lock=False)
 
     def _position(self, conn: Connection, *, lock: bool) -> int:
-        query = select(TRACKING.c.position).where(TRACKING.c.name == PROJECTION)
-        if lock and not self._sqlite:
-            query = query.with_for_update()
+        query = self._locking_position if lock and not self._sqlite else self._read_position
         return int(conn.execute(query).scalar_one())
 
     @contextmanager
@@ -189,29 +205,35 @@ class SqlProjections:
                 return events[-1][0]
 
     def _set_position(self, conn: Connection, position: int) -> None:
-        conn.execute(
-            update(TRACKING).where(TRACKING.c.name == PROJECTION).values(position=position)
-        )
+        conn.execute(self._move_position, {"position": position})
 
     def _apply(
         self, conn: Connection, tables: ProjectionTables, events: Sequence[tuple[int, DomainEvent]]
     ) -> None:
+        state_query, attempts_query = self._lookups(tables)
+
         def load_state(key: StateKey) -> dict[str, Any] | None:
-            found = conn.execute(
-                select(tables.states).where(
-                    tables.states.c.user_id == key[0], tables.states.c.flow_id == key[1]
-                )
-            ).first()
+            found = conn.execute(state_query, {"user": key[0], "flow": key[1]}).first()
             return _row(found._mapping) if found else None
 
         def load_attempts(flow_id: str) -> int:
-            found = conn.execute(
-                select(tables.counters.c.attempts).where(tables.counters.c.flow_id == flow_id)
-            ).scalar()
-            return int(found or 0)
+            return int(conn.execute(attempts_query, {"flow": flow_id}).scalar() or 0)
 
         batch = RowBatch(load_state, load_attempts).apply_all(event for _, event in events)
         self._write(conn, tables, batch)
+
+    def _lookups(self, tables: ProjectionTables) -> tuple[Any, Any]:
+        # Built once per table set: constructing SQLAlchemy expressions costs more than running them.
+        name = tables.states.name
+        if name not in self._lookup_cache:
+            states, counters = tables.states, tables.counters
+            self._lookup_cache[name] = (
+                select(states).where(
+                    states.c.user_id == bindparam("user"), states.c.flow_id == bindparam("flow")
+                ),
+                select(counters.c.attempts).where(counters.c.flow_id == bindparam("flow")),
+            )
+        return self._lookup_cache[name]
 
     def _upsert(self, table: Table, keys: list[str], *, add: bool) -> Any:
         cache_key = (table.name, add)
@@ -260,12 +282,19 @@ class SqlProjections:
                 {"flow_id": f, "second": s, "attempts": n} for (f, s), n in batch.throughput.items()
             ]
             conn.execute(self._upsert(t.throughput, ["flow_id", "second"], add=True), rows)
+            oldest = {f: min(s for g, s in batch.throughput if g == f) for f in batch.forget_before}
             for flow_id, before in batch.forget_before.items():
+                # Deleting is only needed when the bound moved (at most once an hour per flow) or
+                # a late event wrote below it; otherwise the rows below it are already gone.
+                key = f"{t.throughput.name}/{flow_id}"
+                if self._forgotten.get(key) == before and oldest[flow_id] >= before:
+                    continue
                 conn.execute(
                     delete(t.throughput).where(
                         t.throughput.c.flow_id == flow_id, t.throughput.c.second < before
                     )
                 )
+                self._forgotten[key] = before
 
     # Rebuild
 

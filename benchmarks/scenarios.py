@@ -1,0 +1,391 @@
+"""The benchmark scenarios: each measures the raw limit, the naive baseline and flowstore, in one run.
+
+Every function takes a database URL (a fresh, empty database per call) and a size, and returns a
+`Row` of rates (operations per second, higher is better) or latencies (ms, lower is better).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import random
+import sqlite3
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+import orjson
+import psycopg
+from eventsourcing.application import Application
+from eventsourcing.domain import Aggregate, event
+
+from flowstore import FlowError, FlowStore
+from flowstore.storage import parse_url
+
+LOOP = {
+    "flow": "loop",
+    "initialStep": "a",
+    "steps": {
+        "a": {
+            "index": 0,
+            "step": "a",
+            "service": "bench",
+            "transitions": {
+                "tick": {"transition": "tick", "step": "a"},
+                "done": {"transition": "done", "step": "end"},
+            },
+        },
+        "end": {"index": 1, "step": "end", "service": "bench", "transitions": {}},
+    },
+}
+PAYLOAD = {"form": {"name": "Ada Lovelace", "email": "ada@example.org", "plan": "pro"}, "n": 1}
+"""About the size of a real form payload; every scenario writes the same one."""
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    scenario: str
+    backend: str
+    unit: str
+    raw: float | None
+    baseline: float | None
+    flowstore: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vs_raw(self) -> float | None:
+        """flowstore / raw limit (for rates; raw / flowstore would be the latency analogue)."""
+        return self.flowstore / self.raw if self.raw else None
+
+    @property
+    def vs_baseline(self) -> float | None:
+        """flowstore / naive baseline."""
+        return self.flowstore / self.baseline if self.baseline else None
+
+
+# The naive baseline: bare eventsourcing, its default JSON transcoder, a mutable aggregate.
+
+
+class NaiveInstance(Aggregate):
+    """What a first eventsourcing implementation of a flow instance looks like."""
+
+    @event("Started")
+    def __init__(self, user_id: str, flow_id: str, step: str) -> None:
+        self.user_id, self.flow_id, self.step = user_id, flow_id, step
+
+    @staticmethod
+    def create_id(user_id: str, flow_id: str) -> UUID:
+        """Deterministic id, as flowstore's."""
+        return uuid5(NAMESPACE_URL, f"{user_id}/{flow_id}")
+
+    @event("Moved")
+    def move(self, transition: str, to_step: str, payload: dict[str, Any]) -> None:
+        """Take a transition."""
+        self.step = to_step
+
+
+class NaiveApp(Application[UUID]):
+    """A bare eventsourcing application with the aggregate cache on."""
+
+
+def naive_env(url: str) -> dict[str, str]:
+    """The same persistence settings flowstore uses for this URL."""
+    return {**parse_url(url).env, "AGGREGATE_CACHE_MAXSIZE": "10000"}
+
+
+def _naive_transitions(url: str, users: list[str], ops: int) -> float:
+    app = NaiveApp(env=naive_env(url))
+    for user in users:
+        app.save(NaiveInstance(user, "loop", "a"))
+    ids = [NaiveInstance.create_id(u, "loop") for u in users]
+    began = time.perf_counter()
+    for i in range(ops):
+        instance: NaiveInstance = app.repository.get(ids[i % len(ids)])
+        instance.move("tick", "a", PAYLOAD)
+        app.save(instance)
+    rate = ops / (time.perf_counter() - began)
+    app.close()
+    return rate
+
+
+# The raw limit: the bare driver doing one durable insert of a similar row per operation.
+
+_ROW = orjson.dumps({"transition": "tick", "from_step": "a", "to_step": "a", "payload": PAYLOAD})
+
+
+def _raw_sqlite(path: str, ops: int, batch: int = 1) -> float:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")  # as eventsourcing sets it; synchronous stays FULL
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS raw (id INTEGER PRIMARY KEY, oid TEXT, v INTEGER, "
+        "topic TEXT, state BLOB, UNIQUE (oid, v))"
+    )
+    began = time.perf_counter()
+    for start in range(0, ops, batch):
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO raw (oid, v, topic, state) VALUES (?, ?, ?, ?)",
+            [(f"u{i}", i, "tick", _ROW) for i in range(start, min(start + batch, ops))],
+        )
+        conn.execute("COMMIT")
+    rate = ops / (time.perf_counter() - began)
+    conn.close()
+    return rate
+
+
+def _pg_conninfo(url: str) -> str:
+    parts = urlsplit(url)
+    return (
+        f"host={parts.hostname} port={parts.port} dbname={parts.path.strip('/')} "
+        f"user={parts.username} password={parts.password}"
+    )
+
+
+def _raw_postgres(url: str, ops: int, batch: int = 1) -> float:
+    with psycopg.connect(_pg_conninfo(url), autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS raw (id BIGSERIAL PRIMARY KEY, oid TEXT, v INTEGER, "
+            "topic TEXT, state BYTEA, UNIQUE (oid, v))"
+        )
+        began = time.perf_counter()
+        for start in range(0, ops, batch):
+            rows = [(f"u{i}", i, "tick", _ROW) for i in range(start, min(start + batch, ops))]
+            if batch == 1:
+                conn.execute(
+                    "INSERT INTO raw (oid, v, topic, state) VALUES (%s, %s, %s, %s)", rows[0]
+                )
+            else:
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO raw (oid, v, topic, state) VALUES (%s, %s, %s, %s)", rows
+                    )
+        return ops / (time.perf_counter() - began)
+
+
+def raw_writes(url: str, ops: int, batch: int = 1) -> float:
+    """Durable single-row inserts (or `batch` rows per transaction) per second with the bare driver."""
+    config = parse_url(url)
+    if config.backend == "sqlite":
+        return _raw_sqlite(config.env["SQLITE_DBNAME"] + ".raw", ops, batch)
+    return _raw_postgres(url, ops, batch)
+
+
+def _started_store(url: str, users: list[str], **options: Any) -> FlowStore:
+    store = FlowStore(url, **options)
+    with contextlib.suppress(FlowError):
+        store.create_flow(LOOP)
+    for user in users:
+        store.reset_flow(user, "loop")
+    return store
+
+
+def single_transitions(urls: Callable[[], str], backend: str, ops: int) -> Row:
+    """Scenario 1: one writer, one durable commit per transition."""
+    users = [f"user-{i}" for i in range(min(200, ops))]
+    raw = raw_writes(urls(), ops)
+    baseline = _naive_transitions(urls(), users, ops)
+    with _started_store(urls(), users) as store:
+        began = time.perf_counter()
+        for i in range(ops):
+            store.execute_transition(users[i % len(users)], "loop", "tick", PAYLOAD)
+        rate = ops / (time.perf_counter() - began)
+    return Row("1 single transitions", backend, "transitions/s", raw, baseline, rate)
+
+
+def batched_transitions(urls: Callable[[], str], backend: str, ops: int, batch: int = 500) -> Row:
+    """Scenario 2: many users' transitions per call, one transaction, vs a bulk insert."""
+    users = [f"user-{i}" for i in range(batch)]
+    raw = raw_writes(urls(), ops, batch=batch)
+    with _started_store(urls(), users) as store:
+        began = time.perf_counter()
+        for _ in range(0, ops, batch):
+            results = store.execute_transitions([(u, "loop", "tick", PAYLOAD) for u in users])
+            assert all(not isinstance(r, Exception) for r in results)
+        rate = (ops // batch * batch) / (time.perf_counter() - began)
+    return Row("2 batched transitions", backend, "transitions/s", raw, None, rate, {"batch": batch})
+
+
+def _thread_writer(store: FlowStore, users: list[str], ops: int, barrier: Any) -> None:
+    barrier.wait()
+    for i in range(ops):
+        store.execute_transition(users[i % len(users)], "loop", "tick", PAYLOAD)
+
+
+def _process_writer(url: str, users: list[str], ops: int, barrier: Any, out: Any) -> None:
+    with FlowStore(url) as store:
+        barrier.wait()
+        began = time.perf_counter()
+        _thread_writer(store, users, ops, threading.Barrier(1))
+        out.put((began, time.perf_counter()))
+
+
+def concurrent_writers(urls: Callable[[], str], backend: str, ops: int) -> list[Row]:
+    """Scenario 3: 4 threads (and 2 processes on PostgreSQL) on distinct users."""
+    rows = []
+    threads = 4
+    users = [[f"t{t}-user-{i}" for i in range(50)] for t in range(threads)]
+    solo = [f"solo-user-{i}" for i in range(50)]
+    url = urls()
+    with _started_store(url, [u for group in [*users, solo] for u in group]) as store:
+        single_began = time.perf_counter()
+        _thread_writer(store, solo, ops // threads, threading.Barrier(1))
+        single = (ops // threads) / (time.perf_counter() - single_began)
+        barrier = threading.Barrier(threads + 1)
+        workers = [
+            threading.Thread(target=_thread_writer, args=(store, users[t], ops // threads, barrier))
+            for t in range(threads)
+        ]
+        for worker in workers:
+            worker.start()
+        barrier.wait()
+        began = time.perf_counter()
+        for worker in workers:
+            worker.join()
+        rate = (ops // threads * threads) / (time.perf_counter() - began)
+        lost = _lost_updates(store, users, 1 + (ops // threads) // 50)
+    rows.append(
+        Row(f"3 {threads} threads", backend, "transitions/s", single, None, rate, {"lost": lost})
+    )
+    if backend == "postgres":
+        url = urls()
+        groups = [[f"p{p}-user-{i}" for i in range(50)] for p in range(2)]
+        _started_store(url, [u for g in groups for u in g]).close()
+        context = multiprocessing.get_context("spawn")
+        barrier, out = context.Barrier(2), context.Queue()
+        procs = [
+            context.Process(target=_process_writer, args=(url, groups[p], ops // 2, barrier, out))
+            for p in range(2)
+        ]
+        for proc in procs:
+            proc.start()
+        spans = [out.get(timeout=600) for _ in procs]
+        for proc in procs:
+            proc.join()
+        elapsed = max(end for _, end in spans) - min(start for start, _ in spans)
+        with FlowStore(url) as store:
+            lost = _lost_updates(store, groups, 1 + (ops // 2) // 50)
+        rows.append(
+            Row(
+                "3 2 processes",
+                backend,
+                "transitions/s",
+                single,
+                None,
+                ops // 2 * 2 / elapsed,
+                {"lost": lost},
+            )
+        )
+    return rows
+
+
+def _lost_updates(store: FlowStore, groups: list[list[str]], expected_version: int) -> int:
+    """How many instances ended with fewer events than the writers were told succeeded."""
+    lost = 0
+    for group in groups:
+        for user in group:
+            state = store.get_flow_state(user, "loop")
+            lost += state is None or state.version < expected_version
+    return lost
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    qs = statistics.quantiles(samples, n=100, method="inclusive")
+    return {"p50": qs[49], "p95": qs[94], "p99": qs[98]}
+
+
+def read_latency(
+    urls: Callable[[], str], backend: str, instances: int, reads: int = 2000
+) -> list[Row]:
+    """Scenario 4: get_flow_state / get_flow_history latency (ms) on a warm store."""
+    url = urls()
+    users = [f"user-{i}" for i in range(instances)]
+    with FlowStore(url) as store:
+        store.create_flow(LOOP)
+        store.execute_transitions([(u, "loop", "tick", PAYLOAD) for u in users], batch_size=1000)
+        rng = random.Random(3)
+        sample = [rng.choice(users) for _ in range(reads)]
+        for user in sample:  # warm: the store's cache and the database pages
+            store.get_flow_state(user, "loop")
+        rows = []
+        for name, call in (
+            ("get_flow_state", store.get_flow_state),
+            ("get_flow_history", store.get_flow_history),
+        ):
+            times = []
+            for user in sample:
+                began = time.perf_counter()
+                call(user, "loop")
+                times.append((time.perf_counter() - began) * 1000)
+            p = _percentiles(times)
+            rows.append(
+                Row(
+                    f"4 {name} p95",
+                    backend,
+                    "ms",
+                    None,
+                    None,
+                    p["p95"],
+                    {**p, "instances": instances},
+                )
+            )
+    return rows
+
+
+def _rebuild_child(url: str, out: Any) -> None:
+    import resource
+
+    with FlowStore(url, live_projections=False) as store:
+        began = time.perf_counter()
+        replayed = store.rebuild_projections()
+        elapsed = time.perf_counter() - began
+    out.put((replayed, elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def rebuild(urls: Callable[[], str], backend: str, events: int) -> Row:
+    """Scenario 5: projection rebuild vs the raw ordered log read; peak RSS of the rebuilding process."""
+    url = urls()
+    users = [f"user-{i}" for i in range(1000)]
+    with FlowStore(url, live_projections=False) as store:
+        store.create_flow(LOOP)
+        while store.log_position() < events:
+            store.execute_transitions(
+                [(u, "loop", "tick", PAYLOAD) for u in users], batch_size=1000
+            )
+        recorder = store._app.recorder
+        began, count, start = time.perf_counter(), 0, 1
+        while page := recorder.select_notifications(start, 5000):
+            count += len(page)
+            start = page[-1].id + 1
+        raw = count / (time.perf_counter() - began)
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    child = context.Process(target=_rebuild_child, args=(url, out))
+    child.start()
+    replayed, elapsed, rss = out.get(timeout=3600)
+    child.join()
+    return Row(
+        "5 rebuild",
+        backend,
+        "events/s",
+        raw,
+        None,
+        replayed / elapsed,
+        {"events": replayed, "peak_rss_mb": rss},
+    )
+
+
+__all__ = [
+    "Row",
+    "batched_transitions",
+    "concurrent_writers",
+    "read_latency",
+    "rebuild",
+    "single_transitions",
+]
