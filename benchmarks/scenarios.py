@@ -195,6 +195,7 @@ def single_transitions(urls: Callable[[], str], backend: str, ops: int) -> Row:
         began = time.perf_counter()
         for i in range(ops):
             store.execute_transition(users[i % len(users)], "loop", "tick", PAYLOAD)
+        store.sync_projections()  # the tables' work counts too
         rate = ops / (time.perf_counter() - began)
     return Row("1 single transitions", backend, "transitions/s", raw, baseline, rate)
 
@@ -208,6 +209,7 @@ def batched_transitions(urls: Callable[[], str], backend: str, ops: int, batch: 
         for _ in range(0, ops, batch):
             results = store.execute_transitions([(u, "loop", "tick", PAYLOAD) for u in users])
             assert all(not isinstance(r, Exception) for r in results)
+        store.sync_projections()
         rate = (ops // batch * batch) / (time.perf_counter() - began)
     return Row("2 batched transitions", backend, "transitions/s", raw, None, rate, {"batch": batch})
 
@@ -223,6 +225,7 @@ def _process_writer(url: str, users: list[str], ops: int, barrier: Any, out: Any
         barrier.wait()
         began = time.perf_counter()
         _thread_writer(store, users, ops, threading.Barrier(1))
+        store.sync_projections()
         out.put((began, time.perf_counter()))
 
 
@@ -236,6 +239,7 @@ def concurrent_writers(urls: Callable[[], str], backend: str, ops: int) -> list[
     with _started_store(url, [u for group in [*users, solo] for u in group]) as store:
         single_began = time.perf_counter()
         _thread_writer(store, solo, ops // threads, threading.Barrier(1))
+        store.sync_projections()
         single = (ops // threads) / (time.perf_counter() - single_began)
         barrier = threading.Barrier(threads + 1)
         workers = [
@@ -248,6 +252,7 @@ def concurrent_writers(urls: Callable[[], str], backend: str, ops: int) -> list[
         began = time.perf_counter()
         for worker in workers:
             worker.join()
+        store.sync_projections()
         rate = (ops // threads * threads) / (time.perf_counter() - began)
         lost = _lost_updates(store, users, 1 + (ops // threads) // 50)
     rows.append(

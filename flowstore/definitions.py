@@ -24,6 +24,7 @@ __all__ = [
     "FlowTransition",
     "check_payload",
     "parse_definition",
+    "reachable_steps",
     "update_definition",
 ]
 
@@ -142,6 +143,35 @@ def _problems(definition: FlowDefinition) -> list[str]:
                     )
     if definition.ttl is not None and definition.ttl <= 0:
         problems.append(f"ttl must be a positive number of seconds, not {definition.ttl}")
+    if definition.initial_step in definition.steps:
+        problems.extend(_reachability_problems(definition))
+    return problems
+
+
+def reachable_steps(definition: FlowDefinition) -> list[str]:
+    """The steps a user can reach from the initial step (itself included), in breadth-first order."""
+    if definition.initial_step not in definition.steps:
+        return []
+    seen = [definition.initial_step]
+    for name in seen:  # grows while iterating: a breadth-first walk without a separate queue
+        for transition in definition.steps[name].transitions.values():
+            if transition.step in definition.steps and transition.step not in seen:
+                seen.append(transition.step)
+    return seen
+
+
+def _reachability_problems(definition: FlowDefinition) -> list[str]:
+    # A step no user can reach is dead weight at best and a typo at worst; a flow with no reachable
+    # terminal step can never complete, so every run would end by clear, reset or expiry only.
+    reachable = reachable_steps(definition)
+    start = definition.initial_step
+    problems = [
+        f"step {name!r} is not reachable from initialStep {start!r}"
+        for name in definition.steps
+        if name not in reachable
+    ]
+    if not any(definition.steps[name].is_terminal for name in reachable):
+        problems.append(f"no terminal step (one without transitions) is reachable from {start!r}")
     return problems
 
 

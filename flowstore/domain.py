@@ -13,7 +13,7 @@ event into the aggregate. No I/O and no clock here: the service passes `now` (UT
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -41,6 +41,7 @@ __all__ = [
     "FlowExpired",
     "FlowInstance",
     "FlowListed",
+    "FlowMigrated",
     "FlowStarted",
     "FlowVersions",
     "InstanceEvent",
@@ -149,6 +150,21 @@ class FlowExpired(InstanceEvent):
     """The instance stayed idle past its definition's ttl and was purged."""
 
     from_step: str | None
+
+
+class FlowMigrated(InstanceEvent):
+    """An active instance moved to another definition version (`definition_version` is the new one).
+
+    `to_step` is `from_step` when that step still exists, else where the migration's step map sent
+    it. The instance keeps its run, payload, ok flag and expiry; its service becomes the target
+    step's service in the new version.
+    """
+
+    from_version: int
+    to_version: int
+    from_step: str
+    to_step: str
+    service: str
 
 
 class FlowDefined(DomainEvent):
@@ -319,6 +335,15 @@ def evolve(aggregate: Any, event: DomainEvent) -> Any:
             new_run = aggregate is None or not aggregate.is_live
             return _enter_step(
                 aggregate, event, ok=event.ok, payload=event.payload, new_run=new_run
+            )
+        case FlowMigrated():
+            return aggregate.model_copy(
+                update={
+                    **base,
+                    "definition_version": event.to_version,
+                    "step": event.to_step,
+                    "service": event.service,
+                }
             )
         case FlowCleared() | FlowExpired():
             status = FlowStatus.CLEARED if isinstance(event, FlowCleared) else FlowStatus.EXPIRED
@@ -553,6 +578,60 @@ def end_flow(
     return [FlowCleared(**fields) if kind == "clear" else FlowExpired(**fields)]
 
 
+def migration_target(
+    instance: FlowInstance, definition: FlowDefinition, step_map: Mapping[str, str]
+) -> tuple[str | None, str | None]:
+    """Where an active instance's step goes in `definition`: (step, None), or (None, why not).
+
+    An explicit `step_map` entry wins (so a kept step can still be redirected); otherwise a step
+    that exists in the target version maps to itself.
+    """
+    assert instance.step is not None
+    target = step_map.get(instance.step, instance.step)
+    if definition.step(target) is not None:
+        return target, None
+    if instance.step in step_map:
+        return None, f"step_map sends {instance.step!r} to {target!r}, which is not a step"
+    return None, (
+        f"step {instance.step!r} does not exist in version {definition.version} "
+        "and step_map does not map it"
+    )
+
+
+def migrate_instance(
+    instance: FlowInstance, definition: FlowDefinition, *, to_step: str, now: datetime
+) -> list[InstanceEvent]:
+    """Move an active instance to `definition` (another version) at `to_step`.
+
+    Landing on a terminal step completes the run, as reaching one by a transition would.
+    """
+    assert instance.status is FlowStatus.ACTIVE
+    assert instance.step is not None
+    assert definition.version is not None
+    target = definition.step(to_step)
+    if target is None:
+        raise InvalidStepError(
+            to_step, flow_id=definition.flow, definition_version=definition.version
+        )
+    version = instance.version + 1
+    fields = _instance_fields(
+        instance.user_id, instance.flow_id, definition, instance.id, version, now
+    )
+    events: list[InstanceEvent] = [
+        FlowMigrated(
+            **fields,
+            from_version=instance.definition_version,
+            to_version=definition.version,
+            from_step=instance.step,
+            to_step=to_step,
+            service=target.service,
+        )
+    ]
+    if target.is_terminal:
+        events.append(FlowCompleted(**{**fields, "originator_version": version + 1}, step=to_step))
+    return events
+
+
 def define_flow(
     versions: FlowVersions | None, definition: FlowDefinition, *, now: datetime
 ) -> list[DomainEvent]:
@@ -650,6 +729,16 @@ def history_entry(event: DomainEvent) -> FlowStateHistory | None:
                 to_step=event.step,
                 transition=None,
                 payload=event.payload,
+                success=True,
+            )
+        case FlowMigrated():
+            common["metadata"] |= {"from_version": event.from_version, "service": event.service}
+            return FlowStateHistory(
+                **common,
+                kind=HistoryKind.MIGRATION,
+                from_step=event.from_step,
+                to_step=event.to_step,
+                transition=None,
                 success=True,
             )
         case FlowCleared() | FlowExpired():

@@ -21,6 +21,8 @@ __all__ = [
     "FlowStatus",
     "FunnelStep",
     "HistoryKind",
+    "InstanceMigration",
+    "MigrationReport",
     "PerformanceMetrics",
     "StepCount",
 ]
@@ -57,6 +59,8 @@ class HistoryKind(StrEnum):
     OVERRIDE = "override"
     CLEAR = "clear"
     EXPIRY = "expiry"
+    MIGRATION = "migration"
+    """`migrate_flows` moved an active instance to another definition version."""
 
 
 class FlowState(_ApiModel):
@@ -132,8 +136,35 @@ class FunnelStep(_ApiModel):
     step: str
     entered: int
     moved_on: int
-    """Left the step by an accepted transition."""
+    """Left the step by an accepted transition, or by a migration that mapped it to another step."""
     dropped: int
     """Runs that ended at this step while active: cleared, expired, reset or moved by an override."""
     current: int
     """Active instances at this step now."""
+
+
+class InstanceMigration(_ApiModel):
+    """One active instance in a migration: where it is and where it goes (None: it cannot go)."""
+
+    user_id: str
+    from_version: int
+    from_step: str
+    to_version: int
+    to_step: str | None
+    """The step in the target version; None when the step could not be mapped."""
+    reason: str | None = None
+    """Why the instance was left alone (unmappable), else None."""
+
+
+class MigrationReport(_ApiModel):
+    """What `migrate_flows` did (or, on a dry run, would do) to a flow's active instances."""
+
+    flow_id: str
+    to_version: int
+    dry_run: bool
+    migrated: list[InstanceMigration] = Field(default_factory=list)
+    """Moved to `to_version` (on a dry run: would be moved)."""
+    unmappable: list[InstanceMigration] = Field(default_factory=list)
+    """Left alone: their step is not in the target version and `step_map` does not map it."""
+    skipped: int = 0
+    """Active instances already on `to_version`, or no longer active when re-read."""

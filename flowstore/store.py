@@ -8,11 +8,13 @@ transition is always validated against the state it is applied to.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
@@ -30,6 +32,7 @@ from flowstore.definitions import (
     parse_definition,
     update_definition,
 )
+from flowstore.diagrams import DIAGRAM_FORMATS, DiagramStats, text_diagram
 from flowstore.domain import (
     CATALOG_ID,
     Decision,
@@ -45,6 +48,8 @@ from flowstore.domain import (
     execute_transition,
     instance_id,
     list_flow,
+    migrate_instance,
+    migration_target,
     override_state,
     project,
     start_flow,
@@ -57,16 +62,28 @@ from flowstore.errors import (
     FlowStateCorruptionError,
     FlowStateNotFoundError,
     InvalidArgumentError,
+    InvalidStepError,
 )
-from flowstore.models import FlowState, FlowStateHistory, FlowStatistics, FlowStatus, FunnelStep
+from flowstore.models import (
+    FlowState,
+    FlowStateHistory,
+    FlowStatistics,
+    FlowStatus,
+    FunnelStep,
+    InstanceMigration,
+    MigrationReport,
+)
 from flowstore.storage import StorageConfig, parse_url, resolve_url
 
 if TYPE_CHECKING:
-    from projections.sql import Difference
+    from projections.live import LiveProjector
+    from projections.sql import Difference, SqlProjections
 
 __all__ = ["FlowStore"]
 
 T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
 
 _MAX_ID_LENGTH = 256
 _LOG_PAGE = 1000
@@ -107,8 +124,9 @@ class FlowStore:
     `FlowStore()` opens the embedded SQLite file `./flowstore.db` (or `$FLOWSTORE_URL`); pass a URL for
     another database: `sqlite:///path.db`, `postgresql://user:pw@host:port/db` or `memory://`.
 
-    With `live_projections` (the default) every command also brings the read-model tables up to date
-    before it returns, so table queries read your writes; without it, a separate worker does that.
+    With `live_projections` (the default) a background thread keeps the read-model tables up to date
+    with this process's writes, and table queries wait for it, so they read your writes; without
+    it, a separate worker (`flowstore projections run`) does that.
     """
 
     def __init__(
@@ -130,6 +148,11 @@ class FlowStore:
         self.definition_refresh = definition_refresh
         self._cache_size = cache_size
         self._cache_lock = threading.Lock()
+        # SQLite has one writer: threads of this process queue here, in order, rather than in
+        # SQLite's busy-wait, which starves some of them under load. PostgreSQL needs no such lock.
+        self._write_lock: AbstractContextManager[Any] = (
+            nullcontext() if self.config.backend == "postgres" else threading.Lock()
+        )
         self._instances: OrderedDict[UUID, FlowInstance] = OrderedDict()
         self._definitions: dict[str, tuple[FlowVersions, float]] = {}
         self._clock = clock
@@ -143,11 +166,15 @@ class FlowStore:
         self._app = self._open(env)
         # Imported here, not at the top: projections import the domain, and the domain package
         # must stay importable without SQLAlchemy (see tests/test_package.py).
+        from projections.live import LiveProjector
         from projections.sql import SqlProjections
 
         self._projections = SqlProjections(self.config)
         self.live_projections = live_projections
-        self._catch_up()
+        self._live: LiveProjector | None = None
+        if live_projections:
+            self._projections.catch_up(self.read_events)  # whatever happened while we were away
+            self._live = LiveProjector(lambda: self._projections.catch_up(self.read_events))
 
     # Lifecycle
 
@@ -165,7 +192,9 @@ class FlowStore:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        """Release database connections. The store cannot be used afterwards."""
+        """Finish projecting, release database connections. The store cannot be used afterwards."""
+        if self._live is not None:
+            self._live.close()
         self._projections.close()
         self._app.close()
 
@@ -244,6 +273,143 @@ class FlowStore:
                 flow_id, f"Flow {flow_id!r} has no version {version}", version=version
             )
         return definition
+
+    # Definition changes, migration, diagrams
+
+    _definition_listeners: tuple[Callable[[str], None], ...] = ()
+
+    def on_definition_change(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call `listener(flow_id)` after this store creates, updates or deletes a flow definition.
+
+        Returns a function that removes the listener. Only changes made through this store object
+        are seen: a cache that other processes' changes must reach needs an expiry as well.
+        """
+        self._definition_listeners = (*self._definition_listeners, listener)
+
+        def remove() -> None:
+            self._definition_listeners = tuple(
+                known for known in self._definition_listeners if known is not listener
+            )
+
+        return remove
+
+    def migrate_flows(
+        self,
+        flow_id: str,
+        to_version: int,
+        step_map: Mapping[str, str] | None = None,
+        dry_run: bool = False,
+    ) -> MigrationReport:
+        """Move the flow's active instances to definition version `to_version`, one event each.
+
+        A step `step_map` names goes where it says; any other step that exists in the target
+        version maps to itself. Instances whose step maps nowhere are reported as `unmappable`
+        and left alone; completed instances stay on their version. With `dry_run` nothing is
+        written. Instances are found in the `flow_states` table and each move is decided again on
+        the instance itself (`_change_instance`), so a user moving meanwhile is never lost.
+        """
+        _require_id(flow_id, "flow_id")
+        if isinstance(to_version, bool) or not isinstance(to_version, int):
+            raise InvalidArgumentError("to_version", to_version, "must be a version number")
+        target = self._live_versions(flow_id).get(to_version)
+        if target is None:
+            raise FlowNotFoundError(
+                flow_id, f"Flow {flow_id!r} has no version {to_version}", version=to_version
+            )
+        mapping = dict(step_map or {})
+        for old, new in mapping.items():
+            _require_id(old, "step_map key")
+            if not isinstance(new, str) or target.step(new) is None:
+                raise InvalidStepError(str(new), flow_id=flow_id, definition_version=to_version)
+        migrated: list[InstanceMigration] = []
+        unmappable: list[InstanceMigration] = []
+        skipped = 0
+        for row in self._tables.instances(flow_id, FlowStatus.ACTIVE):
+            outcome: InstanceMigration | None = None
+
+            def decide(instance: FlowInstance | None) -> Decision:
+                nonlocal outcome
+                outcome = None  # decided afresh on every attempt
+                if (
+                    instance is None
+                    or instance.status is not FlowStatus.ACTIVE
+                    or instance.definition_version == to_version
+                ):
+                    return Decision([])
+                assert instance.step is not None
+                to_step, reason = migration_target(instance, target, mapping)
+                outcome = InstanceMigration(
+                    user_id=instance.user_id,
+                    from_version=instance.definition_version,
+                    from_step=instance.step,
+                    to_version=to_version,
+                    to_step=to_step,
+                    reason=reason,
+                )
+                if to_step is None or dry_run:
+                    return Decision([])
+                return Decision(
+                    migrate_instance(instance, target, to_step=to_step, now=self._clock())
+                )
+
+            user_id = row["user_id"]
+            if dry_run:
+                decide(self._get(instance_id(user_id, flow_id), FlowInstance))
+            else:
+                try:
+                    self._change_instance(user_id, flow_id, decide)
+                except FlowStateNotFoundError:  # the row outlived its instance: nothing to move
+                    outcome = None
+            if outcome is None:
+                skipped += 1
+            elif outcome.to_step is None:
+                unmappable.append(outcome)
+            else:
+                migrated.append(outcome)
+        return MigrationReport(
+            flow_id=flow_id,
+            to_version=to_version,
+            dry_run=dry_run,
+            migrated=migrated,
+            unmappable=unmappable,
+            skipped=skipped,
+        )
+
+    def diagram(
+        self,
+        flow_id: str,
+        format: str = "mermaid",
+        stats: bool = False,
+        version: int | None = None,
+    ) -> str:
+        """The flow as a state diagram: Mermaid `stateDiagram-v2` (default) or Graphviz DOT text.
+
+        With `stats`, each step is labelled with the users on it now and each transition with how
+        many runs took it and its drop-off (`flowstore.diagrams`), from the statistics tables.
+        """
+        if format not in DIAGRAM_FORMATS:
+            raise InvalidArgumentError(
+                "format", format, f"must be one of {', '.join(DIAGRAM_FORMATS)}"
+            )
+        definition = self.get_flow(flow_id, version)
+        counts = None
+        if stats:
+            funnel = self._tables.funnel(flow_id)
+            counts = DiagramStats(
+                current={step.step: step.current for step in funnel},
+                entered={step.step: step.entered for step in funnel},
+                taken=self._tables.transition_counts(flow_id),
+            )
+        return text_diagram(definition, format, counts)
+
+    def _definition_changed(self, flow_id: str) -> None:
+        for listener in self._definition_listeners:
+            try:
+                listener(flow_id)
+            except Exception:
+                # The change is already committed: a failing listener must not make it look
+                # failed to the caller, so it is logged and the others still run.
+                _log.exception("definition listener %r failed for flow %r", listener, flow_id)
 
     # Commands on a user's flow
 
@@ -324,7 +490,7 @@ class FlowStore:
             events.extend(decision.events)
             outcomes.append(decision.error or updated)
         try:
-            self._app.save(*events)
+            self._save(events)
         except IntegrityError:
             for iid in seen:
                 self._forget_instance(iid)
@@ -332,7 +498,6 @@ class FlowStore:
         for instance in seen.values():
             if instance is not None:
                 self._remember_instance(instance)
-        self._catch_up()
         return [o if isinstance(o, FlowError) else o.to_state() for o in outcomes]
 
     def _one(
@@ -435,7 +600,7 @@ class FlowStore:
         """Expire every active instance idle past its definition's ttl; return how many."""
         now = self._clock()
         purged = 0
-        for user_id, flow_id in self._projections.expired(now):
+        for user_id, flow_id in self._tables.expired(now):
             expired = False
 
             def decide(current: FlowInstance | None) -> Decision:
@@ -468,7 +633,7 @@ class FlowStore:
         """
         _require_id(user_id, "user_id")
         states = []
-        for row in self._projections.user_flows(user_id):
+        for row in self._tables.user_flows(user_id):
             versions = self._get(definition_id(row["flow_id"]), FlowVersions)
             definition = versions.get(row["definition_version"]) if versions else None
             if definition is None or definition.step(row["step"]) is None:
@@ -485,7 +650,7 @@ class FlowStore:
         """Every command on the user's flow, oldest first (empty if they never started it)."""
         _require_id(user_id, "user_id")
         _require_id(flow_id, "flow_id")
-        rows = self._projections.history(user_id, flow_id)
+        rows = self._tables.history(user_id, flow_id)
         if not rows:
             self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
         return rows
@@ -494,14 +659,12 @@ class FlowStore:
         """Usage and performance of one flow, or of all flows (read from the statistics tables)."""
         if flow_id is not None:
             self._get_versions(flow_id)
-        return self._projections.statistics(
-            flow_id, now=self._clock(), window=self.statistics_window
-        )
+        return self._tables.statistics(flow_id, now=self._clock(), window=self.statistics_window)
 
     def get_flow_funnel(self, flow_id: str) -> list[FunnelStep]:
         """Per step of the flow: entered, moved on, dropped, and active there now."""
         definition = self._get_versions(flow_id).latest
-        found = {step.step: step for step in self._projections.funnel(flow_id)}
+        found = {step.step: step for step in self._tables.funnel(flow_id)}
         order = sorted(definition.steps.values(), key=lambda step: step.index)
         known = [
             found.pop(
@@ -518,7 +681,7 @@ class FlowStore:
         _require_id(user_id, "user_id")
         self._get_versions(flow_id)
         iid = instance_id(user_id, flow_id)
-        self._projections.recover(
+        self._tables.recover(
             (user_id, flow_id),
             lambda: cast(list[DomainEvent], list(self._app.events.get(iid))),
             self.read_events,
@@ -527,21 +690,26 @@ class FlowStore:
 
     def rebuild_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Replay the whole log into fresh tables and swap them in; return the events replayed."""
-        return self._projections.rebuild(self.read_events, progress=progress)
+        return self._tables.rebuild(self.read_events, progress=progress)
 
     def verify_projections(self) -> list[Difference]:
         """Every difference between the tables and the log (empty when they agree)."""
-        return self._projections.verify(self.read_events)
+        return self._tables.verify(self.read_events)
 
     def repair_projections(
         self, user_id: str | None = None, flow_id: str | None = None
     ) -> list[Difference]:
         """Rewrite exactly the rows that differ from the log; return what was repaired."""
-        return self._projections.repair(self.read_events, user_id=user_id, flow_id=flow_id)
+        return self._tables.repair(self.read_events, user_id=user_id, flow_id=flow_id)
 
     def catch_up_projections(self, batch: int = 1000) -> int:
         """Apply events the tables have not seen yet, `batch` per transaction; return the position."""
         return self._projections.catch_up(self.read_events, page=batch)
+
+    def sync_projections(self, timeout: float = 60.0) -> None:
+        """Wait until the tables reflect every event this process wrote (table queries do this)."""
+        if self._live is not None:
+            self._live.wait(timeout)
 
     def projection_position(self) -> int:
         """The notification id of the last event the tables reflect."""
@@ -570,7 +738,7 @@ class FlowStore:
         def flush() -> None:
             nonlocal appended
             try:
-                self._app.save(*pending)
+                self._save(pending)
             except IntegrityError:
                 first = pending[0]
                 raise ConcurrencyConflictError(
@@ -587,7 +755,6 @@ class FlowStore:
                 flush()
         if pending:
             flush()
-        self._catch_up()
         return appended
 
     def log_position(self) -> int:
@@ -596,10 +763,18 @@ class FlowStore:
 
     # Internals
 
-    def _catch_up(self) -> None:
-        # With live projections off, a worker (`flowstore projections run`) keeps the tables current.
-        if self.live_projections:
-            self._projections.catch_up(self.read_events)
+    def _save(self, events: Sequence[DomainEvent]) -> None:
+        """Append events and hand them to the live projector."""
+        with self._write_lock:
+            recordings = self._app.save(*events)
+        if self._live is not None and recordings:
+            self._live.written(recordings[-1].notification.id)
+
+    @property
+    def _tables(self) -> SqlProjections:
+        """The read-model tables, once they reflect everything this process wrote."""
+        self.sync_projections()
+        return self._projections
 
     def _get(self, aggregate_id: UUID, kind: type[T]) -> T | None:
         try:
@@ -707,12 +882,11 @@ class FlowStore:
                     raise FlowStateNotFoundError(user_id, flow_id)
                 return instance
             try:
-                self._app.save(*decision.events)
+                self._save(decision.events)
             except IntegrityError:
                 self._forget_instance(iid)
                 self._backoff(attempt)
                 continue
-            self._catch_up()  # read-your-writes for the table queries
             updated = cast(FlowInstance, project(instance, decision.events))
             self._remember_instance(updated)
             if decision.error is not None:
@@ -727,12 +901,12 @@ class FlowStore:
         for attempt in range(self.max_retries):
             events = decide()
             try:
-                self._app.save(*events)
+                self._save(events)
             except IntegrityError:
                 self._backoff(attempt)
                 continue
             self._definitions.pop(flow_id, None)
-            self._catch_up()
+            self._definition_changed(flow_id)
             return
         raise ConcurrencyConflictError(user_id, flow_id, self.max_retries)
 

@@ -109,6 +109,11 @@ class RowBatch:
             del self.throughput[key]
 
     @property
+    def attempts(self) -> dict[str, int]:
+        """Each flow's attempt count after this batch (for the flows it touched)."""
+        return self._attempts
+
+    @property
     def empty(self) -> bool:
         """True when no event changed any row."""
         return not (self.dirty or self.history or self.counters or self.steps or self.samples)

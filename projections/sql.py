@@ -142,6 +142,10 @@ class SqlProjections:
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
         self._upserts: dict[tuple[str, bool], Any] = {}
         self._lookup_cache: dict[str, tuple[Any, Any]] = {}
+        # Copies of the rows this process last wrote, valid while the tracking position is still
+        # the one it set (then no other process has touched the tables): saves a read per event.
+        self._rows = _RowCache()
+        self._owned_position: int | None = None
         # The lower bound each flow's old throughput rows were last deleted below (see _write).
         self._forgotten: dict[str, int] = {}
         mine = TRACKING.c.name == PROJECTION
@@ -199,8 +203,14 @@ class SqlProjections:
                 events = read(position + 1, page)
                 if not events:
                     return position
-                self._apply(conn, self.tables, events)
+                if position != self._owned_position:
+                    # Someone else moved the tables since our last batch: our copies may be stale.
+                    self._rows.clear()
+                self._owned_position = None  # until this transaction commits
+                batch = self._apply(conn, self.tables, events, cache=self._rows)
                 self._set_position(conn, events[-1][0])
+            self._rows.keep(batch)
+            self._owned_position = events[-1][0]
             if len(events) < page:  # the log's end: no need for another transaction to find it
                 return events[-1][0]
 
@@ -208,19 +218,28 @@ class SqlProjections:
         conn.execute(self._move_position, {"position": position})
 
     def _apply(
-        self, conn: Connection, tables: ProjectionTables, events: Sequence[tuple[int, DomainEvent]]
-    ) -> None:
+        self,
+        conn: Connection,
+        tables: ProjectionTables,
+        events: Sequence[tuple[int, DomainEvent]],
+        cache: _RowCache | None = None,
+    ) -> RowBatch:
         state_query, attempts_query = self._lookups(tables)
 
         def load_state(key: StateKey) -> dict[str, Any] | None:
+            if cache is not None and key in cache.states:
+                return cache.states[key]
             found = conn.execute(state_query, {"user": key[0], "flow": key[1]}).first()
             return _row(found._mapping) if found else None
 
         def load_attempts(flow_id: str) -> int:
+            if cache is not None and flow_id in cache.attempts:
+                return cache.attempts[flow_id]
             return int(conn.execute(attempts_query, {"flow": flow_id}).scalar() or 0)
 
         batch = RowBatch(load_state, load_attempts).apply_all(event for _, event in events)
         self._write(conn, tables, batch)
+        return batch
 
     def _lookups(self, tables: ProjectionTables) -> tuple[Any, Any]:
         # Built once per table set: constructing SQLAlchemy expressions costs more than running them.
@@ -330,6 +349,7 @@ class SqlProjections:
                 position, replayed = events[-1][0], replayed + len(events)
             self._swap(conn, shadow)
             self._set_position(conn, position)
+            self._owned_position = None
         if progress:
             progress(replayed, position)
         return replayed
@@ -443,6 +463,7 @@ class SqlProjections:
                 for d in self._compare(expected, self._actual_rows(conn))
                 if _concerns(d, user_id, flow_id)
             ]
+            self._owned_position = None
             by_name = {t.name: t for t in self.tables.all}
             for difference in differences:
                 table = by_name[difference.table]
@@ -472,6 +493,7 @@ class SqlProjections:
                 if not read(position + 1, 1):
                     break
             self._set_position(conn, position)
+            self._owned_position = None
             batch = RowBatch().apply_all(events)
             user, flow = key
             conn.execute(
@@ -607,6 +629,48 @@ class SqlProjections:
     def table_names(self) -> list[str]:
         """Names of the tables that exist in the database (for tests and the console)."""
         return inspect(self.engine).get_table_names()
+
+    def instances(self, flow_id: str, status: FlowStatus) -> list[dict[str, Any]]:
+        """The flow's state rows with `status` (user_id, step, definition_version), by user id."""
+        s = self.tables.states
+        query = (
+            select(s.c.user_id, s.c.step, s.c.definition_version)
+            .where(s.c.flow_id == flow_id, s.c.status == status)
+            .order_by(s.c.user_id)
+        )
+        with self._read() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def transition_counts(self, flow_id: str) -> dict[tuple[str, str], int]:
+        """Accepted transitions of the flow so far, per (from_step, transition), all versions."""
+        h = self.tables.history
+        query = (
+            select(h.c.from_step, h.c.transition, func.count().label("n"))
+            .where(h.c.flow_id == flow_id, h.c.kind == "transition", h.c.success.is_(True))
+            .group_by(h.c.from_step, h.c.transition)
+        )
+        with self._read() as conn:
+            return {(r.from_step, r.transition): int(r.n) for r in conn.execute(query)}
+
+
+class _RowCache:
+    """The state rows and attempt counts as this process's last catch-up left them (bounded)."""
+
+    LIMIT = 50_000
+
+    def __init__(self) -> None:
+        self.states: dict[StateKey, dict[str, Any] | None] = {}
+        self.attempts: dict[str, int] = {}
+
+    def clear(self) -> None:
+        self.states.clear()
+        self.attempts.clear()
+
+    def keep(self, batch: RowBatch) -> None:
+        if len(self.states) + len(batch.states) > self.LIMIT:
+            self.states.clear()
+        self.states.update(batch.states)
+        self.attempts.update(batch.attempts)
 
 
 def _same(a: Any, b: Any) -> bool:

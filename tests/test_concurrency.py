@@ -38,8 +38,11 @@ LOOP = {
             "transitions": {
                 "tick": {"transition": "tick", "step": "b"},
                 "flop": {"transition": "flop", "step": "a"},
+                "finish": {"transition": "finish", "step": "done"},
             },
         },
+        # Never reached by these tests; a definition must have a reachable terminal step.
+        "done": {"index": 2, "step": "done", "service": "s", "transitions": {}},
     },
 }
 
@@ -128,6 +131,7 @@ def test_conflicts_past_the_retry_limit_raise(store_url: str) -> None:
             store.execute_transition("ann", FLOW, "flip")
         assert caught.value.details["attempts"] == 3
         state = store.get_flow_state("ann", FLOW)
+        other.sync_projections()  # another writer's rows reach the tables shortly after its writes
         history = store.get_flow_history("ann", FLOW)
     other.close()
     # Only the other writer's three ticks were written: the reset, then tick x3, and no flip.

@@ -90,6 +90,7 @@ def test_live_tables_equal_a_rebuild_for_random_streams(
             assert store.verify_projections() == []
 
         run()
+        store.sync_projections()
         live = tables.snapshot()
         assert live["flow_history"]  # the examples did write something
         replayed = store.rebuild_projections()
@@ -104,6 +105,7 @@ def test_queries_read_the_tables_and_see_their_own_writes(store_url: str) -> Non
         store.execute_transition("ann", FLOW, "start")
         assert [s.step for s in store.get_user_flows("ann")] == ["profile-setup"]
         assert len(store.get_flow_history("ann", FLOW)) == 2
+        store.sync_projections()
         assert store.projection_position() == store.log_position()
 
 
@@ -136,6 +138,7 @@ def test_corrupted_rows_are_found_by_verify_and_fixed_by_repair(
         store.create_flow(onboarding())
         for user in ("ann", "bob"):
             store.execute_transition(user, FLOW, "start")
+        store.sync_projections()  # the rows to damage are there
         with tables.engine.begin() as conn:
             conn.execute(text("UPDATE flow_states SET step = 'bogus' WHERE user_id = 'ann'"))
             conn.execute(text("UPDATE flow_counters SET started = started + 5"))
@@ -167,6 +170,7 @@ def test_recover_flow_state_rebuilds_one_instance(store_url: str, tables: SqlPro
         store.create_flow(onboarding())
         store.execute_transition("ann", FLOW, "start")
         store.execute_transition("ann", FLOW, "skip")
+        store.sync_projections()
         with tables.engine.begin() as conn:
             conn.execute(text("UPDATE flow_states SET step = 'nowhere' WHERE user_id = 'ann'"))
             conn.execute(text("DELETE FROM flow_history WHERE user_id = 'ann'"))

@@ -1,0 +1,102 @@
+"""The live path: a background thread that keeps the tables up to date with this process's writes.
+
+Commands append their events and tell the projector the notification id of the last one; they do not
+wait for the tables. The thread lingers a few milliseconds after a write (unless a reader is waiting),
+then catches up in one batch (many commands' events in one transaction, which is what makes it cheaper
+than a catch-up per command); it also picks up other processes' events every `poll` seconds. A query that reads the tables first waits until they have reached everything this
+process wrote, so every query in the process still reads its writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+__all__ = ["LiveProjector", "ProjectionLagError"]
+
+log = logging.getLogger(__name__)
+
+
+class ProjectionLagError(TimeoutError):
+    """The tables did not reach this process's writes in time (the last catch-up error is chained)."""
+
+
+class LiveProjector:
+    """Runs `catch_up()` in a thread whenever this process writes (and every `poll` seconds)."""
+
+    def __init__(
+        self, catch_up: Callable[[], int], *, poll: float = 1.0, linger: float = 0.005
+    ) -> None:
+        self._catch_up = catch_up
+        self._poll = poll
+        self._linger = linger
+        self._waiters = 0
+        self._changed = threading.Condition()
+        self._target = 0  # the newest notification id this process wrote
+        self._reached = 0  # the tables' position after the last catch-up
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="flowstore-projector", daemon=True)
+        self._thread.start()
+
+    def written(self, notification_id: int) -> None:
+        """This process appended events up to `notification_id`: project them soon."""
+        with self._changed:
+            if notification_id > self._target:
+                self._target = notification_id
+                self._changed.notify_all()
+
+    def wait(self, timeout: float = 60.0) -> None:
+        """Return once the tables reflect every event this process wrote."""
+        with self._changed:
+            self._waiters += 1  # a reader is waiting: the projector stops lingering
+            self._changed.notify_all()
+            try:
+                if not self._changed.wait_for(
+                    lambda: self._reached >= self._target or self._stopping, timeout
+                ):
+                    raise ProjectionLagError(
+                        f"projections at {self._reached}, this process wrote up to {self._target}"
+                    ) from self._error
+            finally:
+                self._waiters -= 1
+
+    def close(self) -> None:
+        """Stop the thread after a last catch-up."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self._thread.join()
+        self._reached = max(self._reached, self._catch_up())
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            with self._changed:
+                if failures:  # back off while the database is unavailable
+                    self._changed.wait_for(lambda: self._stopping, min(0.05 * 2**failures, 5.0))
+                else:
+                    self._changed.wait_for(
+                        lambda: self._stopping or self._reached < self._target, self._poll
+                    )
+                    # Linger a moment so that a burst of commands is projected in one batch
+                    # (one transaction instead of one each), unless a reader is waiting.
+                    self._changed.wait_for(
+                        lambda: self._stopping or self._waiters > 0, self._linger
+                    )
+                if self._stopping:
+                    return
+            try:
+                position = self._catch_up()
+            except Exception as exc:  # keep following: the database may come back
+                failures += 1
+                log.warning("projection catch-up failed (%s); retrying", exc)
+                with self._changed:
+                    self._error = exc
+                continue
+            failures = 0
+            with self._changed:
+                self._reached = max(self._reached, position)
+                self._error = None
+                self._changed.notify_all()
