@@ -326,10 +326,12 @@ class SqlProjections:
     ) -> int:
         """Replay the whole log into fresh tables, then swap them in; return the events replayed.
 
-        Memory stays bounded by `page`: each page is applied and committed before the next is read.
-        Readers keep the old tables until the swap commits.
+        Memory stays bounded: each page is applied and committed before the next is read, and the
+        copies of recent state rows kept between pages (only this rebuild writes the new tables, so
+        they cannot go stale) are capped. Readers keep the old tables until the swap commits.
         """
         shadow = define_tables(REBUILD_SUFFIX)
+        rows = _RowCache()
         with self._lock, self.engine.begin() as conn:
             shadow.metadata.drop_all(conn)
             shadow.metadata.create_all(conn)
@@ -339,13 +341,13 @@ class SqlProjections:
                 events = read(position + 1, page)
                 if not events:
                     break
-                self._apply(conn, shadow, events)
+                rows.keep(self._apply(conn, shadow, events, cache=rows))
             position, replayed = events[-1][0], replayed + len(events)
             if progress:
                 progress(replayed, position)
         with self._locked() as (conn, _):
             while events := read(position + 1, page):  # what arrived meanwhile
-                self._apply(conn, shadow, events)
+                rows.keep(self._apply(conn, shadow, events, cache=rows))
                 position, replayed = events[-1][0], replayed + len(events)
             self._swap(conn, shadow)
             self._set_position(conn, position)
