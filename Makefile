@@ -2,6 +2,7 @@
 #
 #   make venv               .venv with the package installed editable, plus dev extras
 #   make postgres-binaries  PostgreSQL 15 server binaries (apt-get install postgresql-15 if missing)
+#   make graphviz           Graphviz `dot` for SVG/PNG diagrams (apt-get install graphviz if missing)
 #   make lint               ruff check + mypy (config in pyproject.toml)
 #   make test               lint, then pytest           (PYTEST_ARGS='-k store -x' passes through)
 #   make demo               flowstore demo
@@ -31,7 +32,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help venv postgres-binaries lint test demo bench
+.PHONY: help venv postgres-binaries graphviz lint test demo bench
 
 help:
 	@sed -n '3,8s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
@@ -63,11 +64,18 @@ postgres-binaries:
 	[ -x "$(PG_BINDIR)/initdb" ] && [ -x "$(PG_BINDIR)/pg_ctl" ] \
 		|| { echo "postgresql-$(PG_MAJOR) installed but $(PG_BINDIR) lacks initdb/pg_ctl" >&2; exit 1; }
 
+# Graphviz's `dot` renders diagrams to SVG/PNG (optional for users, exercised by the tests).
+graphviz:
+	@command -v dot >/dev/null 2>&1 && echo "Graphviz: $$(command -v dot)" || { \
+		echo "Graphviz not found; installing graphviz"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends graphviz; }
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: venv postgres-binaries lint
+test: venv postgres-binaries graphviz lint
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: venv

@@ -27,9 +27,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from adapters.demo import DEMO_FLOW, run_demo
+from adapters.diagrams import OUTPUT_FORMATS, diagram_bytes
 from adapters.errors import DIFFERENCES_EXIT_CODE, mapping_for
+from adapters.providers import load_flows, read_definitions
 from adapters.render import HISTORY_FIELDS, Model, model_view, record, table
 from flowstore import FlowError, FlowState, FlowStateNotFoundError, FlowStore
+from flowstore.errors import InvalidArgumentError
 from projections.sql import Difference
 
 __all__ = ["COMMANDS", "Listing", "Note", "Output", "build_parser", "main"]
@@ -131,6 +134,58 @@ def flows_delete(store: FlowStore, args: argparse.Namespace, out: Output) -> Res
     """`flows delete FLOW`."""
     store.delete_flow(args.flow)
     return Note(f"Deleted flow {args.flow}", {"flow": args.flow, "deleted": True})
+
+
+def flows_load(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`flows load FILE_OR_DIR`: create each flow that is new, version each that changed."""
+    try:
+        definitions = read_definitions(args.path)
+    except OSError as exc:
+        raise InvalidArgumentError("path", args.path, exc.strerror or str(exc)) from None
+    loaded = load_flows(store, definitions)
+    lines = [f"{item.action} {item.flow} (version {item.version})" for item in loaded]
+    data = {"flows": [{"flow": i.flow, "action": i.action, "version": i.version} for i in loaded]}
+    return Note("\n".join(lines) or f"No flow definitions in {args.path}", data)
+
+
+def flows_export(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`flows export FLOW [--version N]`: the definition as seed JSON, ready for `flows load`."""
+    seed = store.get_flow(args.flow, args.version).to_seed()
+    seed.pop("version", None)
+    # JSON with or without --json: the output is meant for files and other tools.
+    sys.stdout.write(orjson.dumps(seed, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return None
+
+
+def flows_migrate(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`flows migrate FLOW --to N [--map OLD=NEW ...] [--dry-run]`: move active instances."""
+    report = store.migrate_flows(args.flow, args.to_version, dict(args.map), args.dry_run)
+    verb = "would migrate" if report.dry_run else "migrated"
+    lines = [
+        f"{verb} {m.user_id}: {m.from_step} (v{m.from_version}) -> {m.to_step} (v{m.to_version})"
+        for m in report.migrated
+    ]
+    lines += [f"left {m.user_id} at {m.from_step}: {m.reason}" for m in report.unmappable]
+    lines.append(
+        f"{len(report.migrated)} {verb}, {len(report.unmappable)} unmappable, "
+        f"{report.skipped} skipped" + (" (dry run: nothing written)" if report.dry_run else "")
+    )
+    return Note("\n".join(lines), report.to_dict())
+
+
+def diagram(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`diagram FLOW [--format F] [--stats] [--output FILE]`: the flow as a state diagram."""
+    if args.format == "png" and args.output is None:
+        raise InvalidArgumentError("output", None, "a png diagram needs --output FILE")
+    data = diagram_bytes(store, args.flow, args.format, stats=args.stats, version=args.version)
+    info = {"flow": args.flow, "format": args.format}
+    if args.output is not None:
+        Path(args.output).write_bytes(data)
+        return Note(f"Wrote the {args.format} diagram of {args.flow} to {args.output}", info)
+    if out.as_json:
+        return Note("", {**info, "diagram": data.decode()})
+    sys.stdout.write(data.decode())  # as it is: rich would wrap and restyle the diagram text
+    return None
 
 
 def state_get(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
@@ -273,12 +328,53 @@ def projections_run(store: FlowStore, args: argparse.Namespace, out: Output) -> 
     return Note(f"stopped at event {position}", {"position": position})
 
 
+def serve(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`serve [--host H] [--port P]`: the HTTP and WebSocket API, until SIGTERM/SIGINT."""
+    try:
+        # Imported here, not at the top: the rest of the CLI works without the `http` extra.
+        from adapters.http import serve as serve_http
+    except ImportError as exc:
+        hint = "flowstore serve needs the http extra: pip install 'flowstore[http]'"
+        raise SystemExit(f"{hint} ({exc})") from None
+    serve_http(store, host=args.host, port=args.port)
+    return None
+
+
+def _kafka_commands() -> Any:
+    try:
+        # Imported here, not at the top: the rest of the CLI works without the `kafka` extra.
+        from adapters.kafka import commands
+    except ImportError as exc:
+        hint = "this command needs the kafka extra: pip install 'flowstore[kafka]'"
+        raise SystemExit(f"{hint} ({exc})") from None
+    return commands
+
+
+def publish(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`publish`: send every event to a Kafka topic (at least once) until SIGTERM/SIGINT."""
+    return Note(*_kafka_commands().publish(store, args, out))
+
+
+def restore(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`restore --from-kafka`: rebuild this empty store from every event on a topic."""
+    return Note(*_kafka_commands().restore(store, args, out))
+
+
+def audit(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`audit`: report events missing, duplicated or out of order on a topic."""
+    return Note(*_kafka_commands().audit(store, args, out))
+
+
 COMMANDS: dict[str, Handler] = {
     "flows list": flows_list,
     "flows show": flows_show,
     "flows create": flows_create,
     "flows update": flows_update,
     "flows delete": flows_delete,
+    "flows load": flows_load,
+    "flows export": flows_export,
+    "flows migrate": flows_migrate,
+    "diagram": diagram,
     "state get": state_get,
     "state set": state_set,
     "state clear": state_clear,
@@ -295,6 +391,10 @@ COMMANDS: dict[str, Handler] = {
     "projections verify": projections_verify,
     "projections repair": projections_repair,
     "projections run": projections_run,
+    "serve": serve,
+    "publish": publish,
+    "restore": restore,
+    "audit": audit,
 }
 """The dispatch table: command name (as typed) -> handler."""
 
@@ -327,6 +427,13 @@ def _json_file(path: str) -> dict[str, Any]:
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
     return _json_object(text)
+
+
+def _step_pair(text: str) -> tuple[str, str]:
+    old, equals, new = text.partition("=")
+    if not equals or not old or not new:
+        raise argparse.ArgumentTypeError(f"must be OLD=NEW (two step names), not {text!r}")
+    return old, new
 
 
 def _positive(text: str) -> int:
@@ -384,6 +491,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("flow")
     sub.add_argument("file", type=_json_file, help="JSON object file, or - for stdin")
     command("flows delete", "delete a flow").add_argument("flow")
+    sub = command("flows load", "create or version flows from a YAML/JSON file or folder")
+    sub.add_argument("path", help="a .json/.yaml/.yml file, or a folder of them")
+    sub = command("flows export", "print a flow's definition as seed JSON")
+    sub.add_argument("flow")
+    sub.add_argument("--version", type=_positive, help="a past version (default: latest)")
+    sub = command("flows migrate", "move a flow's active instances to another version")
+    sub.add_argument("flow")
+    sub.add_argument(
+        "--to", dest="to_version", metavar="N", type=_positive, required=True, help="target version"
+    )
+    sub.add_argument(
+        "--map",
+        type=_step_pair,
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="send users at step OLD to step NEW (repeatable)",
+    )
+    sub.add_argument("--dry-run", action="store_true", help="report only; write nothing")
+    sub = command("diagram", "the flow as a state diagram (Mermaid, DOT, SVG or PNG)")
+    sub.add_argument("flow")
+    sub.add_argument("--format", choices=OUTPUT_FORMATS, default="mermaid", help="default: mermaid")
+    sub.add_argument("--stats", action="store_true", help="label with users now and transitions")
+    sub.add_argument("--output", metavar="FILE", help="write to this file (needed for png)")
+    sub.add_argument("--version", type=_positive, help="a past version (default: latest)")
 
     for name, help_text in (
         ("state get", "where a user stands in a flow"),
@@ -431,6 +563,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("projections run", "follow the log and keep the tables current")
     sub.add_argument("--interval", type=float, default=0.5, help="poll interval in seconds")
     sub.add_argument("--batch", type=_positive, default=1000, help="events per transaction")
+    sub = command("serve", "serve the HTTP and WebSocket API (token settings: FLOWSTORE_JWT_*)")
+    sub.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
+    sub.add_argument("--port", type=_positive, default=8000, help="TCP port (default: 8000)")
+
+    def kafka(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--bootstrap", help="brokers (default: $FLOWSTORE_KAFKA_BOOTSTRAP)")
+        sub.add_argument("--topic", help="default: $FLOWSTORE_KAFKA_TOPIC, else flowstore.events")
+
+    sub = command("publish", "send every event to a Kafka topic, at least once, until stopped")
+    kafka(sub)
+    sub.add_argument("--once", action="store_true", help="stop when caught up")
+    sub.add_argument("--batch", type=_positive, default=500, help="events per flush")
+    sub.add_argument("--interval", type=float, default=0.2, help="poll interval in seconds")
+    sub.add_argument("--partitions", type=_positive, default=6, help="for a new topic")
+    sub.add_argument("--replication-factor", type=_positive, default=1, help="for a new topic")
+    sub.add_argument("--report-every", type=float, default=5.0, help="seconds between lines")
+    sub = command("restore", "rebuild this empty store (--url) from a Kafka topic")
+    sub.add_argument("--from-kafka", action="store_true", required=True, help="the source")
+    kafka(sub)
+    sub = command(
+        "audit",
+        f"compare a Kafka topic with the log; exit {DIFFERENCES_EXIT_CODE} on any gap",
+    )
+    kafka(sub)
+    sub.add_argument("--up-to", type=int, help="last event due (default: publisher position)")
     return parser
 
 

@@ -33,6 +33,13 @@ _BY_CODE: dict[str, ErrorMapping] = {
     "PAYLOAD_TOO_LARGE": ErrorMapping(413, 5),
     "STORAGE_CONFIG_INVALID": ErrorMapping(500, 6),
     "FLOW_STATE_CORRUPTION": ErrorMapping(500, 7),
+    # Raised by the HTTP adapter (adapters/http). `flowstore serve` can exit on AUTH_CONFIG_INVALID;
+    # the others only reach HTTP clients, so their exit code is the generic one.
+    "REQUEST_INVALID": ErrorMapping(422, 5),
+    "UNAUTHENTICATED": ErrorMapping(401, 1),
+    "FORBIDDEN": ErrorMapping(403, 1),
+    "STORAGE_UNAVAILABLE": ErrorMapping(503, 1),
+    "AUTH_CONFIG_INVALID": ErrorMapping(500, 6),
 }
 _DEFAULT = ErrorMapping(500, 1)
 

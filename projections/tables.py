@@ -84,6 +84,8 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("success", Boolean, nullable=False),
         Column("error", String, nullable=True),
         Column("meta", JSON, nullable=False),
+        # Per-flow scans: transition counts for diagrams, a flow's history for exports.
+        Index(f"ix_flow_history{suffix}_flow_kind", "flow_id", "kind"),
     )
     counters = Table(
         f"flow_counters{suffix}",

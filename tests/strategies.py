@@ -11,20 +11,39 @@ TRANSITION_NAMES = ["go", "back", "skip", "done", "retry"]
 
 @st.composite
 def flow_definitions(draw: st.DrawFn, flow_id: str = "flow") -> dict[str, Any]:
-    """A valid definition: 1-5 steps, each with 0-3 transitions to any step (terminals allowed)."""
+    """A valid definition: 1-5 steps, every one reachable, at least one terminal step reachable.
+
+    Steps are visited in a random order starting at the initial step; each one after the first is
+    the target of a transition from a step visited before it (a random tree, so all are reachable).
+    The last step visited keeps no transitions (a reachable terminal); the others may get up to two
+    extra transitions to any step, so loops, back edges and further terminals all occur.
+    """
     count = draw(st.integers(min_value=1, max_value=5))
-    names = [f"step-{i}" for i in range(count)]
-    steps: dict[str, Any] = {}
-    for i, name in enumerate(names):
-        chosen = draw(st.lists(st.sampled_from(TRANSITION_NAMES), max_size=3, unique=True))
-        transitions = {t: {"transition": t, "step": draw(st.sampled_from(names))} for t in chosen}
-        steps[name] = {
-            "index": i,
+    order = draw(st.permutations([f"step-{i}" for i in range(count)]))
+    transitions: dict[str, dict[str, Any]] = {name: {} for name in order}
+
+    def add(source: str, target: str) -> None:
+        free = [t for t in TRANSITION_NAMES if t not in transitions[source]]
+        name = draw(st.sampled_from(free))
+        transitions[source][name] = {"transition": name, "step": target}
+
+    for i, name in enumerate(order[1:], start=1):
+        # A parent is always visited before its child, so the last step is nobody's parent.
+        add(draw(st.sampled_from(order[:i])), name)
+    for name in order[:-1]:
+        for _ in range(draw(st.integers(min_value=0, max_value=2))):
+            if len(transitions[name]) < len(TRANSITION_NAMES):
+                add(name, draw(st.sampled_from(order)))
+    steps = {
+        name: {
+            "index": int(name.removeprefix("step-")),
             "step": name,
             "service": draw(st.sampled_from(["svc-a", "svc-b"])),
-            "transitions": transitions,
+            "transitions": transitions[name],
         }
-    return {"flow": flow_id, "initialStep": draw(st.sampled_from(names)), "steps": steps}
+        for name in sorted(order)
+    }
+    return {"flow": flow_id, "initialStep": order[0], "steps": steps}
 
 
 payloads = st.none() | st.dictionaries(

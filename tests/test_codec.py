@@ -16,6 +16,7 @@ from flowstore.domain import (
     FlowCleared,
     FlowCompleted,
     FlowDefined,
+    FlowMigrated,
     FlowStarted,
     StateOverridden,
     TransitionExecuted,
@@ -78,6 +79,15 @@ events = st.one_of(
         expires_at=st.none() | times,
     ),
     st.builds(FlowCleared, **common, from_step=st.none() | names),
+    st.builds(
+        FlowMigrated,
+        **common,
+        from_version=st.integers(1, 1000),
+        to_version=st.integers(1, 1000),
+        from_step=names,
+        to_step=names,
+        service=names,
+    ),
     st.builds(
         FlowDefined,
         originator_id=st.uuids(),

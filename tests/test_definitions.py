@@ -7,7 +7,12 @@ from typing import Any
 import pytest
 
 from flowstore import DefinitionError, FlowDefinition, PayloadTooLargeError, PayloadValidationError
-from flowstore.definitions import check_payload, parse_definition, update_definition
+from flowstore.definitions import (
+    check_payload,
+    parse_definition,
+    reachable_steps,
+    update_definition,
+)
 from tests.flows import linear, onboarding
 
 
@@ -65,6 +70,67 @@ def test_malformed_definitions_name_the_problem(mutate: Any, needle: str) -> Non
         parse_definition(definition)
 
 
+def test_unreachable_steps_are_named() -> None:
+    flow = onboarding()
+    flow["steps"]["welcome"]["transitions"]["start"]["step"] = "verification"
+    with pytest.raises(DefinitionError) as caught:
+        parse_definition(flow)
+    assert caught.value.problems == [
+        "step 'profile-setup' is not reachable from initialStep 'welcome'",
+        "step 'preferences' is not reachable from initialStep 'welcome'",
+    ]
+
+
+def test_a_flow_that_can_never_complete_is_refused() -> None:
+    flow = linear("f")
+    flow["steps"]["s2"]["transitions"] = {"again": {"transition": "again", "step": "s0"}}
+    with pytest.raises(DefinitionError) as caught:
+        parse_definition(flow)
+    assert caught.value.problems == [
+        "no terminal step (one without transitions) is reachable from 's0'"
+    ]
+
+
+def test_a_terminal_step_that_cannot_be_reached_does_not_count() -> None:
+    flow = linear("f")
+    flow["steps"]["s1"]["transitions"]["next"]["step"] = "s0"  # s0 <-> s1 loop; s2 unreachable
+    with pytest.raises(DefinitionError) as caught:
+        parse_definition(flow)
+    assert caught.value.problems == [
+        "step 's2' is not reachable from initialStep 's0'",
+        "no terminal step (one without transitions) is reachable from 's0'",
+    ]
+
+
+def test_reachability_problems_come_with_all_the_others() -> None:
+    bad = onboarding()
+    bad["steps"]["welcome"]["transitions"]["start"]["step"] = "missing-step"
+    bad["steps"]["preferences"]["index"] = 1  # same index as profile-setup
+    bad["ttl"] = -5
+    with pytest.raises(DefinitionError) as caught:
+        parse_definition(bad)
+    problems = caught.value.problems
+    assert "transition 'start' of step 'welcome' targets unknown step 'missing-step'" in problems
+    assert "step index 1 is used 2 times" in problems
+    assert "ttl must be a positive number of seconds, not -5" in problems
+    # Only the initial step is reachable, and it has a transition: nothing can complete.
+    unreachable = [p for p in problems if "is not reachable" in p]
+    assert len(unreachable) == 4
+    assert "no terminal step (one without transitions) is reachable from 'welcome'" in problems
+    assert len(problems) == 8
+
+
+def test_reachable_steps_walk_breadth_first_from_the_initial_step() -> None:
+    definition = parse_definition(onboarding())
+    assert reachable_steps(definition) == [
+        "welcome",
+        "profile-setup",
+        "preferences",
+        "verification",
+        "completed",
+    ]
+
+
 def test_non_object_definition_is_rejected() -> None:
     with pytest.raises(DefinitionError, match="JSON object"):
         parse_definition(["not", "a", "flow"])  # type: ignore[arg-type]
@@ -79,9 +145,12 @@ def test_update_replaces_top_level_keys_whole() -> None:
 
 
 def test_update_accepts_snake_and_camel_keys() -> None:
-    current = parse_definition(onboarding())
-    assert update_definition(current, {"initialStep": "preferences"}).initial_step == "preferences"
-    assert update_definition(current, {"initial_step": "preferences"}).initial_step == "preferences"
+    # s0 -> s1 -> s2 with a way back from s1, so starting at s1 still reaches every step.
+    flow = linear("f")
+    flow["steps"]["s1"]["transitions"]["back"] = {"transition": "back", "step": "s0"}
+    current = parse_definition(flow)
+    assert update_definition(current, {"initialStep": "s1"}).initial_step == "s1"
+    assert update_definition(current, {"initial_step": "s1"}).initial_step == "s1"
 
 
 def test_update_cannot_rename_the_flow_or_add_unknown_keys() -> None:

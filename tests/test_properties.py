@@ -90,6 +90,18 @@ class FlowModel:
         self._enter(inst, definition, edge["step"])
         return True
 
+    def migrate(self) -> None:
+        """Every active instance whose step the latest version has moves there (no step map)."""
+        latest = self.versions[-1]
+        for inst in self.instances.values():
+            if inst.step is None or inst.completed or inst.definition_version == len(self.versions):
+                continue
+            if inst.step not in latest["steps"]:
+                continue  # unmappable: left alone
+            inst.history.append(("migration", inst.step, inst.step, None, True))
+            inst.definition_version = len(self.versions)
+            self._enter(inst, latest, inst.step)
+
     def clear(self, user: str) -> bool:
         inst = self.instances.get(user)
         if inst is None or inst.step is None:
@@ -157,6 +169,11 @@ class FlowMachine(RuleBasedStateMachine):
         definition = {**definition, "flow": self.flow_id}
         self.store.update_flow(self.flow_id, definition)
         self.model.versions.append(definition)
+
+    @rule()
+    def migrate(self) -> None:
+        self.store.migrate_flows(self.flow_id, len(self.model.versions))
+        self.model.migrate()
 
     def check(self, store: FlowStore) -> None:
         for user in USERS:
