@@ -35,7 +35,7 @@ BENCH_ARGS ?=
 .PHONY: help venv postgres-binaries graphviz lint test demo bench
 
 help:
-	@sed -n '3,8s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '3,9s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 venv: $(VENV_STAMP)
 
