@@ -32,6 +32,7 @@ _BY_CODE: dict[str, ErrorMapping] = {
     "PAYLOAD_INVALID": ErrorMapping(422, 5),
     "PAYLOAD_TOO_LARGE": ErrorMapping(413, 5),
     "STORAGE_CONFIG_INVALID": ErrorMapping(500, 6),
+    "ENCRYPTION_KEY_INVALID": ErrorMapping(500, 6),
     "FLOW_STATE_CORRUPTION": ErrorMapping(500, 7),
     # Raised by the HTTP adapter (adapters/http). `flowstore serve` can exit on AUTH_CONFIG_INVALID;
     # the others only reach HTTP clients, so their exit code is the generic one.

@@ -8,6 +8,7 @@ from flowstore.definitions import FlowDefinition, FlowStep, FlowTransition
 from flowstore.errors import (
     ConcurrencyConflictError,
     DefinitionError,
+    EncryptionKeyError,
     FlowError,
     FlowExistsError,
     FlowNotFoundError,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConcurrencyConflictError",
     "DefinitionError",
+    "EncryptionKeyError",
     "FlowDefinition",
     "FlowError",
     "FlowExistsError",

@@ -9,6 +9,7 @@
      ├── InvalidArgumentError (ValueError)      INVALID_ARGUMENT
      ├── FlowStateCorruptionError               FLOW_STATE_CORRUPTION
      ├── ConcurrencyConflictError               CONCURRENCY_CONFLICT
+     ├── EncryptionKeyError                     ENCRYPTION_KEY_INVALID
      ├── DefinitionError (ValueError)           DEFINITION_INVALID
      └── PayloadValidationError (ValueError)    PAYLOAD_INVALID
           └── PayloadTooLargeError              PAYLOAD_TOO_LARGE
@@ -27,6 +28,7 @@ from typing import Any, ClassVar
 __all__ = [
     "ConcurrencyConflictError",
     "DefinitionError",
+    "EncryptionKeyError",
     "FlowError",
     "FlowExistsError",
     "FlowNotFoundError",
@@ -160,6 +162,12 @@ class ConcurrencyConflictError(FlowError):
             flow_id=flow_id,
             attempts=attempts,
         )
+
+
+class EncryptionKeyError(FlowError):
+    """The event log cannot be read with the configured key (wrong, missing or malformed)."""
+
+    code = "ENCRYPTION_KEY_INVALID"
 
 
 class DefinitionError(FlowError, ValueError):

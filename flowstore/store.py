@@ -8,7 +8,10 @@ transition is always validated against the state it is applied to.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
+import os
 import random
 import threading
 import time
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.cryptography import AESCipher
 from eventsourcing.persistence import IntegrityError, InternalError, Mapper, Transcoder
 from pydantic import ValidationError
 
@@ -56,6 +60,7 @@ from flowstore.domain import (
 )
 from flowstore.errors import (
     ConcurrencyConflictError,
+    EncryptionKeyError,
     FlowError,
     FlowExistsError,
     FlowNotFoundError,
@@ -92,6 +97,28 @@ _OPEN_ATTEMPTS = 5
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+CIPHER_KEY_ENV = "FLOWSTORE_CIPHER_KEY"
+"""Base64 AES key (16, 24 or 32 bytes) that encrypts every event at rest."""
+
+
+def _cipher_settings(cipher_key: str | None) -> dict[str, str]:
+    # eventsourcing looks settings up with the application's name as a prefix first, so both the
+    # plain and the FLOWSTORE_-prefixed names are set: the key given here is the only one used.
+    key = cipher_key if cipher_key is not None else os.environ.get(CIPHER_KEY_ENV, "")
+    if key:
+        try:
+            AESCipher.check_key_size(len(base64.b64decode(key, validate=True)))
+        except (ValueError, binascii.Error) as exc:
+            raise EncryptionKeyError(f"{CIPHER_KEY_ENV} is not a base64 AES key: {exc}") from None
+    topic = "eventsourcing.cryptography:AESCipher" if key else ""
+    return {
+        "CIPHER_KEY": key,
+        "FLOWSTORE_CIPHER_KEY": key,
+        "CIPHER_TOPIC": topic,
+        "FLOWSTORE_CIPHER_TOPIC": topic,
+    }
 
 
 def _require_id(value: object, name: str) -> str:
@@ -134,6 +161,7 @@ class FlowStore:
         url: str | None = None,
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        cipher_key: str | None = None,
         max_retries: int = 10,
         cache_size: int = 10_000,
         statistics_window: float = 60.0,
@@ -162,8 +190,10 @@ class FlowStore:
             # Aggregates are frozen pydantic models: a cached one cannot be corrupted by a caller,
             # so the repository need not deep-copy it on every read.
             "DEEPCOPY_FROM_AGGREGATE_CACHE": "n",
+            **_cipher_settings(cipher_key),
         }
         self._app = self._open(env)
+        self._check_key(cipher_key is not None or bool(os.environ.get(CIPHER_KEY_ENV)))
         # Imported here, not at the top: projections import the domain, and the domain package
         # must stay importable without SQLAlchemy (see tests/test_package.py).
         from projections.live import LiveProjector
@@ -177,6 +207,23 @@ class FlowStore:
             self._live = LiveProjector(lambda: self._projections.catch_up(self.read_events))
 
     # Lifecycle
+
+    def _check_key(self, encrypted: bool) -> None:
+        """Refuse to open a log this store cannot read: a wrong key, or a missing one."""
+        first = self._app.recorder.select_notifications(1, 1)
+        if not first:
+            return
+        try:
+            self._app.mapper.to_domain_event(first[0])
+        except Exception as exc:  # AES-GCM tag mismatch, or ciphertext fed to the JSON decoder
+            self._app.close()
+            hint = (
+                "the key does not match the one the log was written with"
+                if encrypted
+                else (f"the log is encrypted: set {CIPHER_KEY_ENV} or pass cipher_key")
+            )
+            raise EncryptionKeyError(f"Cannot read the event log: {hint}") from exc
+
 
     @staticmethod
     def _open(env: dict[str, str]) -> _FlowApplication:
