@@ -204,7 +204,7 @@ class FlowStore:
         self._live: LiveProjector | None = None
         if live_projections:
             self._projections.catch_up(self.read_events)  # whatever happened while we were away
-            self._live = LiveProjector(lambda: self._projections.catch_up(self.read_events))
+            self._live = LiveProjector(self._project_written)
 
     # Lifecycle
 
@@ -816,6 +816,12 @@ class FlowStore:
             recordings = self._app.save(*events)
         if self._live is not None and recordings:
             self._live.written(recordings[-1].notification.id)
+
+    def _project_written(self) -> int:
+        # On SQLite the projector and this process's writers take turns on the Python lock:
+        # waiting in SQLite's busy handler instead sleeps in steps of up to 100 ms.
+        with self._write_lock:
+            return self._projections.catch_up(self.read_events)
 
     @property
     def _tables(self) -> SqlProjections:

@@ -1,7 +1,7 @@
 """The live path: a background thread that keeps the tables up to date with this process's writes.
 
 Commands append their events and tell the projector the notification id of the last one; they do not
-wait for the tables. The thread lingers a few milliseconds after a write (unless a reader is waiting),
+wait for the tables. The thread lingers 20 ms after a write (unless a reader is waiting),
 then catches up in one batch (many commands' events in one transaction, which is what makes it cheaper
 than a catch-up per command); it also picks up other processes' events every `poll` seconds. A query that reads the tables first waits until they have reached everything this
 process wrote, so every query in the process still reads its writes.
@@ -26,7 +26,7 @@ class LiveProjector:
     """Runs `catch_up()` in a thread whenever this process writes (and every `poll` seconds)."""
 
     def __init__(
-        self, catch_up: Callable[[], int], *, poll: float = 1.0, linger: float = 0.005
+        self, catch_up: Callable[[], int], *, poll: float = 1.0, linger: float = 0.02
     ) -> None:
         self._catch_up = catch_up
         self._poll = poll
