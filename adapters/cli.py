@@ -602,7 +602,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The worker is the one that moves the tables; it must not do a whole catch-up on opening.
         live = args.command != "projections run"
-        with FlowStore(args.url, live_projections=live) as store:
+        # Only the long-running server publishes to Kafka from $FLOWSTORE_KAFKA_BOOTSTRAP; a
+        # one-shot command must not start (and drain) a publisher on every call.
+        kafka = None if args.command == "serve" else False
+        with FlowStore(args.url, live_projections=live, kafka=kafka) as store:
             result = COMMANDS[args.command](store, args, out)
             out.show(result)
             if isinstance(result, Note):

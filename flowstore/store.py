@@ -99,6 +99,9 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+KAFKA_BOOTSTRAP_ENV = "FLOWSTORE_KAFKA_BOOTSTRAP"
+"""Kafka bootstrap servers: when set, every FlowStore (unless kafka=False) publishes its log."""
+
 CIPHER_KEY_ENV = "FLOWSTORE_CIPHER_KEY"
 """Base64 AES key (16, 24 or 32 bytes) that encrypts every event at rest."""
 
@@ -151,6 +154,10 @@ class FlowStore:
     `FlowStore()` opens the embedded SQLite file `./flowstore.db` (or `$FLOWSTORE_URL`); pass a URL for
     another database: `sqlite:///path.db`, `postgresql://user:pw@host:port/db` or `memory://`.
 
+    `kafka` starts an embedded publisher that sends every event to Kafka in a background thread:
+    bootstrap servers (a string) or `KafkaPublisher` options (a mapping with `bootstrap`, `topic`, ...);
+    None (the default) uses `$FLOWSTORE_KAFKA_BOOTSTRAP` when it is set, False never publishes.
+
     With `live_projections` (the default) a background thread keeps the read-model tables up to date
     with this process's writes, and table queries wait for it, so they read your writes; without
     it, a separate worker (`flowstore projections run`) does that.
@@ -162,6 +169,7 @@ class FlowStore:
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         cipher_key: str | None = None,
+        kafka: str | Mapping[str, Any] | bool | None = None,
         max_retries: int = 10,
         cache_size: int = 10_000,
         statistics_window: float = 60.0,
@@ -205,8 +213,38 @@ class FlowStore:
         if live_projections:
             self._projections.catch_up(self.read_events)  # whatever happened while we were away
             self._live = LiveProjector(self._project_written)
+        self._publisher: Any = None
+        try:
+            self._publisher = self._start_publisher(kafka)
+        except BaseException:
+            self.close()
+            raise
 
     # Lifecycle
+
+    def _start_publisher(self, kafka: str | Mapping[str, Any] | bool | None) -> Any:
+        """The embedded Kafka publisher, if asked for (see `kafka` in the class docstring)."""
+        if kafka is False:
+            return None
+        if kafka is None or kafka is True:
+            bootstrap = os.environ.get(KAFKA_BOOTSTRAP_ENV, "")
+            if not bootstrap:
+                if kafka is True:
+                    raise FlowError(f"kafka=True needs ${KAFKA_BOOTSTRAP_ENV}")
+                return None
+            options: dict[str, Any] = {"bootstrap": bootstrap}
+        elif isinstance(kafka, str):
+            options = {"bootstrap": kafka}
+        else:
+            options = dict(kafka)
+        try:
+            # The one place the core reaches into an adapter, lazily: Kafka is an optional extra.
+            from adapters.kafka.publisher import start_embedded_publisher
+        except ImportError as exc:
+            raise FlowError(
+                f"Kafka publishing needs the kafka extra (pip install 'flowstore[kafka]'): {exc}"
+            ) from None
+        return start_embedded_publisher(self, **options)
 
     def _check_key(self, encrypted: bool) -> None:
         """Refuse to open a log this store cannot read: a wrong key, or a missing one."""
@@ -224,7 +262,6 @@ class FlowStore:
             )
             raise EncryptionKeyError(f"Cannot read the event log: {hint}") from exc
 
-
     @staticmethod
     def _open(env: dict[str, str]) -> _FlowApplication:
         # Processes starting together on one PostgreSQL database race on CREATE TABLE IF NOT EXISTS
@@ -239,7 +276,9 @@ class FlowStore:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
-        """Finish projecting, release database connections. The store cannot be used afterwards."""
+        """Publish and project what is left, release connections. The store is unusable after."""
+        if self._publisher is not None:
+            self._publisher.stop()  # first: it drains the log to Kafka, then releases its lock
         if self._live is not None:
             self._live.close()
         self._projections.close()

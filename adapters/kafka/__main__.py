@@ -1,0 +1,6 @@
+"""`python -m adapters.kafka`: write `envelope.schema.json` again from the envelope model."""
+
+from adapters.kafka.envelope import SCHEMA_PATH, schema_text
+
+SCHEMA_PATH.write_text(schema_text())
+print(f"wrote {SCHEMA_PATH}")
