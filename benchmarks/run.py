@@ -1,7 +1,7 @@
 """flowstore side by side with the raw limit and the naive baseline, in one run, as ratios.
 
     python -m benchmarks.run [--ops N] [--events N] [--instances N] [--backends sqlite,postgres]
-                             [--scenarios 1,2,3,4,5]
+                             [--scenarios 1,2,3,4,5,6]
 
 Starts its own PostgreSQL (as the tests do), gives every measurement a fresh database, prints one
 row per scenario and backend, and writes `benchmarks/results/<time>.json` and `benchmarks/RESULTS.md`.
@@ -31,6 +31,7 @@ from benchmarks.scenarios import (
     Row,
     batched_transitions,
     concurrent_writers,
+    kafka_publisher,
     read_latency,
     rebuild,
     single_transitions,
@@ -143,6 +144,8 @@ def _plan(
         ("3", lambda: concurrent_writers(urls, backend, args.ops)),
         ("4", lambda: read_latency(urls, backend, args.instances)),
         ("5", lambda: [rebuild(urls, backend, args.events)]),
+        # The publisher only reads the log; measured once, on the embedded backend.
+        ("6", lambda: [kafka_publisher(urls, backend, 10_000)] if backend == "sqlite" else []),
     ]
 
 
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--events", type=int, default=50_000, help="log size for the rebuild")
     parser.add_argument("--instances", type=int, default=10_000, help="warm store size for latency")
     parser.add_argument("--backends", default="sqlite,postgres")
-    parser.add_argument("--scenarios", default="1,2,3,4,5")
+    parser.add_argument("--scenarios", default="1,2,3,4,5,6")
     args = parser.parse_args(argv)
     chosen = set(args.scenarios.split(","))
     console = Console()

@@ -386,8 +386,26 @@ def rebuild(urls: Callable[[], str], backend: str, events: int) -> Row:
     )
 
 
+def kafka_publisher(urls: Callable[[], str], backend: str, events: int, rounds: int = 2) -> Row:
+    """Scenario 6: the Kafka publisher vs the raw kafka-python producer, same payloads and broker."""
+    from adapters.kafka.envelope import FlowEventEnvelope, message_key
+    from benchmarks.kafka import best, publisher_rate, raw_rate, write_log
+    from tests.kafka.broker import TansuBroker
+
+    with TansuBroker.start() as broker, FlowStore(urls(), live_projections=False) as store:
+        write_log(store, events)
+        log = store.read_events(1, store.log_position() + 1)
+        messages = [(message_key(e), FlowEventEnvelope.of(n, e).to_bytes()) for n, e in log]
+        raw = best(rounds, lambda t: raw_rate(broker.bootstrap, t, messages), 6, broker.bootstrap)
+        published = best(
+            rounds, lambda t: publisher_rate(store, broker.bootstrap, t, 500), 6, broker.bootstrap
+        )
+    return Row("6 kafka publisher", backend, "events/s", raw, None, published, {"events": len(log)})
+
+
 __all__ = [
     "Row",
+    "kafka_publisher",
     "batched_transitions",
     "concurrent_writers",
     "read_latency",
