@@ -405,9 +405,9 @@ def kafka_publisher(urls: Callable[[], str], backend: str, events: int, rounds: 
 
 __all__ = [
     "Row",
-    "kafka_publisher",
     "batched_transitions",
     "concurrent_writers",
+    "kafka_publisher",
     "read_latency",
     "rebuild",
     "single_transitions",
