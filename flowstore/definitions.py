@@ -23,6 +23,7 @@ __all__ = [
     "FlowStep",
     "FlowTransition",
     "check_payload",
+    "has_control_characters",
     "parse_definition",
     "reachable_steps",
     "update_definition",
@@ -102,8 +103,25 @@ class FlowDefinition(_SeedModel):
 _UPDATABLE = set(FlowDefinition.model_fields) - {"version"}
 
 
+def has_control_characters(text: str) -> bool:
+    """Control characters and lone surrogates: unstorable (NUL in PostgreSQL) or unencodable."""
+    return any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in text)
+
+
+def _name_problems(definition: FlowDefinition) -> list[str]:
+    names = [("flow id", definition.flow)]
+    for key, step in definition.steps.items():
+        names += [("step name", key), ("service", step.service), ("module", step.module or "")]
+        names += [("transition name", t) for t in step.transitions]
+    return [
+        f"{kind} {name!r} contains a control character"
+        for kind, name in names
+        if has_control_characters(name)
+    ]
+
+
 def _problems(definition: FlowDefinition) -> list[str]:
-    problems: list[str] = []
+    problems: list[str] = _name_problems(definition)
     if not definition.flow.strip():
         problems.append("flow id must not be empty")
     if not definition.steps:
@@ -244,4 +262,18 @@ def check_payload(payload: Any, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> di
         )
     if len(encoded) > limit:
         raise PayloadTooLargeError(len(encoded), limit)
+    if b"\\u0000" in encoded and _has_nul(payload):  # the byte test is the cheap filter
+        # Valid JSON, but PostgreSQL text and jsonb cannot store NUL: refused on every backend so
+        # that a store behaves the same wherever it runs.
+        raise PayloadValidationError("Payload contains a NUL character (\\u0000)")
     return payload
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False

@@ -33,6 +33,7 @@ from flowstore.definitions import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     FlowDefinition,
     check_payload,
+    has_control_characters,
     parse_definition,
     update_definition,
 )
@@ -131,6 +132,8 @@ def _require_id(value: object, name: str) -> str:
         raise InvalidArgumentError(name, value, "must not be empty")
     if len(value) > _MAX_ID_LENGTH:
         raise InvalidArgumentError(name, value[:40] + "...", f"longer than {_MAX_ID_LENGTH}")
+    if has_control_characters(value):
+        raise InvalidArgumentError(name, value, "contains a control character or lone surrogate")
     return value
 
 
@@ -643,6 +646,8 @@ class FlowStore:
             except ValidationError as exc:
                 raise InvalidArgumentError("state", state, str(exc)) from None
         new = state
+        if new.service is not None:
+            _require_id(new.service, "service")
         payload = check_payload(new.payload, limit=self.max_payload_bytes)
 
         def decide(instance: FlowInstance | None) -> Decision:

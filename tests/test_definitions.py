@@ -213,3 +213,20 @@ def test_definition_models_are_frozen() -> None:
     with pytest.raises(ValueError, match="frozen"):
         definition.flow = "other"  # type: ignore[misc]
     assert isinstance(definition, FlowDefinition)
+
+
+@pytest.mark.parametrize("payload", [{"note": "a\x00b"}, {"k\x00": 1}, {"deep": [{"x": ["\x00"]}]}])
+def test_payloads_with_nul_are_refused(payload: Any) -> None:
+    with pytest.raises(PayloadValidationError, match="NUL"):
+        check_payload(payload)
+
+
+def test_the_text_backslash_u0000_is_not_a_nul() -> None:
+    assert check_payload({"note": "\\u0000"}) == {"note": "\\u0000"}
+
+
+def test_names_with_control_characters_are_problems() -> None:
+    definition = linear("f")
+    definition["steps"]["s0"]["service"] = "svc\x00"
+    with pytest.raises(DefinitionError, match="service 'svc\\\\x00' contains a control character"):
+        parse_definition(definition)

@@ -427,3 +427,15 @@ def test_the_log_can_be_read_in_pages_and_imported_into_an_empty_store(
         assert copy.get_flow_statistics(FLOW) == store.get_flow_statistics(FLOW)
         with pytest.raises(ConcurrencyConflictError):
             copy.import_events(events[-1:])
+
+
+@pytest.mark.parametrize("user", ["a\x00b", "tab\there", "\ud800"])
+def test_ids_with_control_characters_or_lone_surrogates_are_refused(
+    store: FlowStore, user: str
+) -> None:
+    position = store.log_position()
+    with pytest.raises(InvalidArgumentError, match="control character"):
+        store.execute_transition(user, FLOW, "start")
+    with pytest.raises(InvalidArgumentError):
+        store.set_flow_state("ann", {"flow": FLOW, "step": "welcome", "service": user})
+    assert store.log_position() == position

@@ -1,0 +1,31 @@
+"""The HTTP and WebSocket API (FastAPI): `create_app(store, verifier)`, served by `flowstore serve`.
+
+Needs the `http` extra (`pip install 'flowstore[http]'`).
+"""
+
+from adapters.http.app import DEFAULT_MAX_BODY_BYTES, create_app
+from adapters.http.auth import (
+    ADMIN_ROLE,
+    AuthConfigError,
+    AuthenticationError,
+    JwtVerifier,
+    PermissionDeniedError,
+    Principal,
+    TokenVerifier,
+)
+from adapters.http.problems import Problem
+from adapters.http.server import serve
+
+__all__ = [
+    "ADMIN_ROLE",
+    "DEFAULT_MAX_BODY_BYTES",
+    "AuthConfigError",
+    "AuthenticationError",
+    "JwtVerifier",
+    "PermissionDeniedError",
+    "Principal",
+    "Problem",
+    "TokenVerifier",
+    "create_app",
+    "serve",
+]

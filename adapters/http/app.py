@@ -1,0 +1,534 @@
+"""The HTTP API: `create_app(store, verifier)` builds the FastAPI app `flowstore serve` runs.
+
+Users act on their own flows only: every `/api/flow/...` endpoint takes the user id from the token,
+never from the request. Administrative endpoints (flow definitions, statistics, overrides) need the
+`admin` role. Errors are problem+json with a stable `code` (`adapters/http/problems.py`).
+
+Endpoints are plain functions: FastAPI runs them in its thread pool, because FlowStore is synchronous.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from importlib import resources
+from typing import Annotated, Any
+
+import anyio
+from fastapi import Body, Depends, FastAPI, Path, Query, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRouter
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import WithJsonSchema
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import flowstore
+from adapters.http.auth import (
+    ADMIN_ROLE,
+    AuthenticationError,
+    PermissionDeniedError,
+    Principal,
+    TokenVerifier,
+)
+from adapters.http.problems import (
+    PROBLEM_MEDIA_TYPE,
+    Problem,
+    RequestInvalidError,
+    StorageUnavailableError,
+    http_status_code,
+    problem,
+    problem_for,
+    problem_response,
+)
+from adapters.http.push import LogPusher
+from adapters.http.schemas import (
+    Health,
+    PurgeResult,
+    Readiness,
+    ResetRequest,
+    StateOverride,
+    TransitionRequest,
+    nul_errors,
+)
+from adapters.http.websocket import FlowSocket
+from flowstore import (
+    FlowDefinition,
+    FlowError,
+    FlowState,
+    FlowStateHistory,
+    FlowStateNotFoundError,
+    FlowStatistics,
+    FlowStore,
+    FunnelStep,
+    PayloadTooLargeError,
+)
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+"""Request bodies above this are refused with 413 before they are parsed."""
+
+# Ids in paths: what the store accepts (non-empty, at most 256 characters), without control
+# characters, which no real id has and PostgreSQL text columns refuse (NUL).
+_ID = {"min_length": 1, "max_length": 256, "pattern": r"^[^\x00-\x1f\x7f]+$"}
+FlowId = Annotated[str, Path(alias="flowId", examples=["user-onboarding"], **_ID)]
+UserId = Annotated[str, Path(alias="userId", examples=["user-1"], **_ID)]
+TransitionName = Annotated[str, Path(alias="transition", examples=["start"], **_ID)]
+
+_ONBOARDING = json.loads(
+    resources.files("flowstore").joinpath("data/user-onboarding.json").read_text(encoding="utf-8")
+)
+
+# Taken as a plain object so that every problem comes back as one DEFINITION_INVALID (as from the
+# library and the CLI); the spec still says what a definition looks like.
+DefinitionBody = Annotated[
+    dict[str, Any],
+    WithJsonSchema({"$ref": "#/components/schemas/FlowDefinition"}),
+    Body(
+        description="A flow definition in the seed's JSON shape.",
+        openapi_examples={"onboarding": {"value": _ONBOARDING}},
+    ),
+]
+
+_DESCRIPTION = """\
+Where every user stands in every flow, how they got there, and what happened on the way.
+
+Authenticate with `Authorization: Bearer <JWT>` (`sub` = user id, `roles` may hold `admin`).
+Errors are RFC 9457 problem details (`application/problem+json`) with a stable `code`.
+
+WebSocket `/api/flow/ws` (token as the `token` query parameter or in a first message
+`{"type": "authenticate", "token": ...}`) pushes `flow-state-updated` whenever one of the caller's
+flows changes, and runs `{"type": "flow-transition", "flowId", "transition", "payload"}`.
+"""
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the problem responses an operation can return."""
+    return {
+        status: {"model": Problem, "description": HTTPStatus(status).phrase} for status in statuses
+    }
+
+
+_bearer = HTTPBearer(auto_error=False, description="A JWT: `sub` = user id, `roles` may hold admin")
+
+
+def _caller(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """The authenticated caller, by the app's verifier (401 UNAUTHENTICATED otherwise)."""
+    if credentials is None:
+        raise AuthenticationError("A bearer token is required", reason="missing")
+    verifier: TokenVerifier = request.app.state.verifier
+    return verifier.verify(credentials.credentials)
+
+
+Caller = Annotated[Principal, Depends(_caller)]
+
+
+async def _no_nul(request: Request, principal: Caller) -> None:
+    """Refuses JSON bodies with a NUL character in any string (see `nul_errors`); after auth."""
+    body = await request.body()
+    if b"\\u0000" not in body:  # JSON can carry NUL only as this escape
+        return
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return  # not JSON: the body's own validation says so
+    errors = nul_errors(data)
+    if errors:
+        raise RequestInvalidError(errors)
+
+
+def _admin(principal: Caller) -> Principal:
+    """The caller, if they hold the admin role (403 FORBIDDEN otherwise)."""
+    if not principal.is_admin:
+        raise PermissionDeniedError(ADMIN_ROLE)
+    return principal
+
+
+class _BodyLimit:
+    """Refuses request bodies over `limit` bytes with 413 before anything parses them.
+
+    The body is read here (at most `limit` bytes are held) and replayed to the app, so a chunked body
+    without Content-Length is capped as well as a declared one.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(int(declared), scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client disconnected before sending its body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(size, scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, size: int, scope: Scope, receive: Receive, send: Send) -> None:
+        body = problem_for(PayloadTooLargeError(size, self.limit))
+        # The client may still be sending; closing after the answer spares reading the rest.
+        await problem_response(body, {"Connection": "close"})(scope, receive, send)
+
+
+_HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the API serves at the request's path, read from its OpenAPI paths.
+
+    Starlette's 405 names only the methods of the first route matching the path; `/api/flows`,
+    for one, has a GET route and a POST route.
+    """
+    paths: dict[str, dict[str, Any]] = request.app.openapi()["paths"]
+    # OpenAPI matches a concrete path before templated ones (/api/flows/mine, /api/flows/{flowId}).
+    matching = [paths[request.url.path]] if request.url.path in paths else []
+    for template, operations in paths.items():
+        pattern = "[^/]+".join(re.escape(part) for part in re.split(r"\{[^}]+\}", template))
+        if not matching and re.fullmatch(pattern, request.url.path):
+            matching.append(operations)
+    return sorted({m.upper() for operations in matching for m in operations if m in _HTTP_METHODS})
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def flow_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, FlowError)
+        headers = None
+        if isinstance(exc, AuthenticationError):
+            error = "invalid_token" if exc.reason != "missing" else None
+            headers = {"WWW-Authenticate": f'Bearer error="{error}"' if error else "Bearer"}
+        return problem_response(problem_for(exc), headers)
+
+    async def invalid_request(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return problem_response(problem_for(RequestInvalidError(errors)))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it cannot decode (not UTF-8, nested too deep): invalid
+            # input like any other, so the same 422 as a body that is not JSON.
+            errors = [{"loc": ["body"], "msg": "cannot be decoded as JSON", "type": "json_invalid"}]
+            return problem_response(problem_for(RequestInvalidError(errors)))
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        code = http_status_code(exc.status_code)
+        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return problem_response(problem(exc.status_code, code, detail), headers)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        # Logged by the server with its traceback; the client learns nothing about the internals.
+        return problem_response(problem(500, "INTERNAL_ERROR", "Internal server error"))
+
+    app.add_exception_handler(FlowError, flow_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def _problem_media_type(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """The OpenAPI document, with error responses declared as problem+json (as they are sent)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    for status, response in operation.get("responses", {}).items():
+                        content = response.get("content", {})
+                        if int(status) >= 400 and "application/json" in content:
+                            content[PROBLEM_MEDIA_TYPE] = content.pop("application/json")
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
+def create_app(
+    store: FlowStore,
+    verifier: TokenVerifier,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    poll_interval: float = 0.15,
+) -> FastAPI:
+    """The HTTP and WebSocket API over `store`, authenticating callers with `verifier`.
+
+    `max_body_bytes` caps request bodies (413 above it; payloads are also held to the store's own
+    `max_payload_bytes`); `poll_interval` is how often the WebSocket pusher reads the event log.
+    """
+    pusher = LogPusher(store, interval=poll_interval)
+    sockets = FlowSocket(store, verifier, pusher)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(pusher.run)  # serving starts once the pusher knows where it starts
+            yield
+            tasks.cancel_scope.cancel()
+
+    app = FastAPI(
+        title="flowstore",
+        version=flowstore.__version__,
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.store = store
+    app.state.verifier = verifier
+    app.state.pusher = pusher
+    app.add_middleware(_BodyLimit, limit=max(max_body_bytes, 0))
+    _install_error_handlers(app)
+    app.openapi = _problem_media_type(app)  # type: ignore[method-assign]
+
+    users = APIRouter(
+        prefix="/api", tags=["flow state (the caller's own)"], dependencies=[Depends(_no_nul)]
+    )
+    admins = APIRouter(
+        prefix="/api",
+        tags=["administration"],
+        dependencies=[Depends(_admin), Depends(_no_nul)],
+    )
+
+    # The caller's own flows
+
+    @users.get("/flow/{flowId}/state", response_model=FlowState, responses=_errors(401, 404, 422))
+    def get_state(flow_id: FlowId, principal: Caller) -> FlowState:
+        """The caller's state in the flow (404 FLOW_STATE_NOT_FOUND when they have none)."""
+        state = store.get_flow_state(principal.user_id, flow_id)
+        if state is None:
+            store.get_flow(flow_id)  # an unknown flow is FLOW_NOT_FOUND rather than no state
+            raise FlowStateNotFoundError(principal.user_id, flow_id)
+        return state
+
+    @users.post(
+        "/flow/{flowId}/transition/{transition}",
+        response_model=FlowState,
+        responses=_errors(401, 404, 409, 413, 422),
+    )
+    def execute_transition(
+        flow_id: FlowId,
+        transition: TransitionName,
+        principal: Caller,
+        body: Annotated[TransitionRequest | None, Body()] = None,
+    ) -> FlowState:
+        """Take the transition from the caller's current step (starting the flow if needed)."""
+        payload = body.payload if body is not None else None
+        return store.execute_transition(principal.user_id, flow_id, transition, payload)
+
+    @users.post(
+        "/flow/{flowId}/reset", response_model=FlowState, responses=_errors(401, 404, 409, 422)
+    )
+    def reset(
+        flow_id: FlowId,
+        principal: Caller,
+        body: Annotated[ResetRequest | None, Body()] = None,
+    ) -> FlowState:
+        """Start the caller's run again on the latest version, at `step` or the initial step."""
+        return store.reset_flow(principal.user_id, flow_id, body.step if body else None)
+
+    @users.delete("/flow/{flowId}/state", status_code=204, responses=_errors(401, 404, 409, 422))
+    def clear_state(flow_id: FlowId, principal: Caller) -> Response:
+        """Forget where the caller stands in the flow; the history stays."""
+        store.clear_flow_state(principal.user_id, flow_id)
+        return Response(status_code=204)
+
+    @users.get(
+        "/flow/{flowId}/history",
+        response_model=list[FlowStateHistory],
+        responses=_errors(401, 404, 422),
+    )
+    def history(flow_id: FlowId, principal: Caller) -> list[FlowStateHistory]:
+        """Every command on the caller's flow, oldest first."""
+        return store.get_flow_history(principal.user_id, flow_id)
+
+    # Registered before /flows/{flowId} so that "mine" is not taken for a flow id.
+    @users.get("/flows/mine", response_model=list[FlowState], responses=_errors(401))
+    def my_flows(principal: Caller) -> list[FlowState]:
+        """Every flow the caller has state in (active or completed)."""
+        return store.get_user_flows(principal.user_id)
+
+    @users.api_route(
+        "/flows/mine", methods=["POST", "PUT", "PATCH", "DELETE"], include_in_schema=False
+    )
+    def mine_is_read_only() -> None:
+        # A concrete path owns all its methods (OpenAPI's rule): PATCH /api/flows/mine must not
+        # fall through to /api/flows/{flowId} and change a flow called "mine".
+        raise HTTPException(405)
+
+    # Administration
+
+    @admins.get(
+        "/flows",
+        response_model=list[FlowDefinition],
+        response_model_exclude_none=True,  # definitions in the seed's shape, as POST takes them
+        responses=_errors(401, 403),
+    )
+    def list_flows() -> list[FlowDefinition]:
+        """The latest version of every flow."""
+        return store.list_flows()
+
+    @admins.post(
+        "/flows",
+        status_code=201,
+        response_model=FlowDefinition,
+        response_model_exclude_none=True,
+        responses=_errors(401, 403, 409, 413, 422),
+    )
+    def create_flow(definition: DefinitionBody) -> FlowDefinition:
+        """Define a new flow (version 1); 422 DEFINITION_INVALID lists every problem."""
+        # `version` is set by the store and ignored on input (so a fetched definition can be posted
+        # back), but the spec says it is an integer: hold the request to that.
+        version = definition.get("version")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            error = {"loc": ["body", "version"], "msg": "must be an integer", "type": "int_type"}
+            raise RequestInvalidError([error])
+        return store.get_flow(store.create_flow(definition))
+
+    @admins.get(
+        "/flows/{flowId}",
+        response_model=FlowDefinition,
+        response_model_exclude_none=True,
+        responses=_errors(401, 403, 404, 422),
+    )
+    def get_flow(
+        flow_id: FlowId,
+        version: Annotated[int | None, Query(ge=1, description="A past version")] = None,
+    ) -> FlowDefinition:
+        """A flow's definition: the latest version or `version`."""
+        return store.get_flow(flow_id, version)
+
+    @admins.patch(
+        "/flows/{flowId}",
+        response_model=FlowDefinition,
+        response_model_exclude_none=True,
+        responses=_errors(401, 403, 404, 409, 413, 422),
+    )
+    def update_flow(
+        flow_id: FlowId,
+        changes: Annotated[
+            dict[str, Any],
+            Body(description="Top-level definition keys; each replaces the old one whole."),
+        ],
+    ) -> FlowDefinition:
+        """Make a new version of the flow."""
+        return store.update_flow(flow_id, changes)
+
+    @admins.delete("/flows/{flowId}", status_code=204, responses=_errors(401, 403, 404, 409, 422))
+    def delete_flow(flow_id: FlowId) -> Response:
+        """Delete the flow: later transitions and resets on it are FLOW_NOT_FOUND."""
+        store.delete_flow(flow_id)
+        return Response(status_code=204)
+
+    @admins.get(
+        "/flows/{flowId}/statistics",
+        response_model=FlowStatistics,
+        responses=_errors(401, 403, 404, 422),
+    )
+    def flow_statistics(flow_id: FlowId) -> FlowStatistics:
+        """Usage and performance of one flow."""
+        return store.get_flow_statistics(flow_id)
+
+    @admins.get("/statistics", response_model=FlowStatistics, responses=_errors(401, 403))
+    def statistics() -> FlowStatistics:
+        """Usage and performance of all flows."""
+        return store.get_flow_statistics()
+
+    @admins.get(
+        "/flows/{flowId}/funnel",
+        response_model=list[FunnelStep],
+        responses=_errors(401, 403, 404, 422),
+    )
+    def funnel(flow_id: FlowId) -> list[FunnelStep]:
+        """Per step: how many entered, moved on, dropped, and are there now."""
+        return store.get_flow_funnel(flow_id)
+
+    @admins.post(
+        "/admin/purge-expired", response_model=PurgeResult, responses=_errors(401, 403, 409)
+    )
+    def purge_expired() -> PurgeResult:
+        """Expire every instance idle past its flow's ttl."""
+        return PurgeResult(purged=store.purge_expired_flows())
+
+    @admins.put(
+        "/admin/users/{userId}/flows/{flowId}/state",
+        response_model=FlowState,
+        responses=_errors(401, 403, 404, 409, 413, 422),
+    )
+    def override_state(user_id: UserId, flow_id: FlowId, body: StateOverride) -> FlowState:
+        """Put a user at a step (administrative override, recorded as an event)."""
+        state = FlowState(
+            flow=flow_id,
+            step=body.step,
+            service=body.service,
+            ok=body.ok,
+            payload=body.payload,
+            definition_version=body.definition_version,
+        )
+        return store.set_flow_state(user_id, state)
+
+    app.include_router(users)
+    app.include_router(admins)
+
+    # Probes (no authentication: load balancers and orchestrators call them)
+
+    @app.get("/healthz", response_model=Health, tags=["probes"])
+    def healthz() -> Health:
+        """The process is up."""
+        return Health()
+
+    @app.get("/readyz", response_model=Readiness, tags=["probes"], responses=_errors(503))
+    def readyz() -> Readiness:
+        """The database answers (503 STORAGE_UNAVAILABLE when it does not)."""
+        try:
+            return Readiness(log_position=store.log_position())
+        except Exception as exc:
+            log.warning("readiness check failed", exc_info=True)
+            raise StorageUnavailableError(type(exc).__name__) from None
+
+    @app.websocket("/api/flow/ws")
+    async def flow_socket(websocket: WebSocket) -> None:
+        await sockets.serve(websocket)
+
+    return app

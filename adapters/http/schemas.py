@@ -1,0 +1,127 @@
+"""Request and response bodies of the HTTP API that are not flowstore models (camelCase on the wire).
+
+Responses that are flowstore models (`FlowState`, `FlowStateHistory`, `FlowStatistics`, `FunnelStep`,
+`FlowDefinition`) are declared as those models, so the OpenAPI document describes what is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "Health",
+    "PurgeResult",
+    "Readiness",
+    "ResetRequest",
+    "StateOverride",
+    "TransitionMessage",
+    "TransitionRequest",
+    "nul_errors",
+]
+
+
+class _Camel(BaseModel):
+    # Unknown keys are refused: a misspelt "paylod" must not silently run a transition without one.
+    # Strict: "false" is not a boolean and "2" not a version, as the published JSON Schema says.
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True
+    )
+
+
+class TransitionRequest(_Camel):
+    """Body of `POST /api/flow/{flowId}/transition/{transition}`."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"payload": {"name": "Ada"}}]})
+
+    payload: dict[str, Any] | None = Field(
+        default=None,
+        description="JSON object recorded with the transition (checked by its schema).",
+    )
+
+
+class ResetRequest(_Camel):
+    """Body of `POST /api/flow/{flowId}/reset`."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"step": "profile-setup"}]})
+
+    step: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Where to restart (default: the initial step).",
+    )
+
+
+class StateOverride(_Camel):
+    """Body of `PUT /api/admin/users/{userId}/flows/{flowId}/state`: where to put the user."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"step": "verification", "ok": True, "payload": {}}]}
+    )
+
+    step: str = Field(min_length=1, max_length=256)
+    service: str | None = None
+    ok: bool = True
+    payload: dict[str, Any] | None = None
+    definition_version: int | None = Field(default=None, ge=1)
+
+
+class PurgeResult(_Camel):
+    """How many instances `POST /api/admin/purge-expired` expired."""
+
+    purged: int
+
+
+class Health(_Camel):
+    """The process answers."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(_Camel):
+    """The database answers; `logPosition` is the newest event's notification id."""
+
+    status: Literal["ready"] = "ready"
+    log_position: int
+
+
+class TransitionMessage(_Camel):
+    """WebSocket message asking for a transition; answered by `flow-transition-result` or `flow-error`."""
+
+    type: Literal["flow-transition"]
+    flow_id: str = Field(min_length=1, max_length=256)
+    transition: str = Field(min_length=1, max_length=256)
+    payload: dict[str, Any] | None = None
+    request_id: str | int | None = Field(
+        default=None, description="Echoed in the answer, to match answers to requests."
+    )
+
+
+def nul_errors(value: Any, loc: tuple[str | int, ...] = ("body",)) -> list[dict[str, Any]]:
+    """Validation errors for every NUL character in the strings (and keys) of a parsed JSON value.
+
+    PostgreSQL text and JSON columns cannot hold NUL: the store would append such an event to its
+    log and then fail to project it. JSON can carry it (as \\u0000), so requests are checked here.
+    """
+    return [
+        {"loc": list(where), "msg": "must not contain NUL characters", "type": "string_nul"}
+        for where in _nul_locations(value, loc)
+    ]
+
+
+def _nul_locations(value: Any, loc: tuple[str | int, ...]) -> Iterator[tuple[str | int, ...]]:
+    if isinstance(value, str):
+        if "\x00" in value:
+            yield loc
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and "\x00" in key:
+                yield (*loc, key)
+            yield from _nul_locations(item, (*loc, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _nul_locations(item, (*loc, index))
