@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from flowstore import FlowStore
+from tests.flows import Clock, onboarding
 from tests.pgserver import PostgresServer
 
 # Explicit parents: a profile registered without one inherits whatever is active at the time, and
@@ -47,3 +49,20 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'flowstore.db'}"
     server: PostgresServer = request.getfixturevalue("pg_server")
     return server.create_database()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A UTC clock the test moves by hand."""
+    return Clock()
+
+
+@pytest.fixture
+def store(store_url: str, clock: Clock) -> Iterator[FlowStore]:
+    """A store on a fresh database (both backends) with the seed's onboarding flow defined.
+
+    The payload limit is lowered to 1 KiB so that size checks need no megabyte payloads.
+    """
+    with FlowStore(store_url, clock=clock, max_payload_bytes=1024) as s:
+        s.create_flow(onboarding())
+        yield s

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,18 +22,6 @@ from flowstore import (
 from tests.flows import Clock, onboarding
 
 FLOW = "user-onboarding"
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(store_url: str, clock: Clock) -> Iterator[FlowStore]:
-    with FlowStore(store_url, clock=clock) as s:
-        s.create_flow(onboarding())
-        yield s
 
 
 def renamed() -> dict[str, Any]:

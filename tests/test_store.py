@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -27,18 +26,6 @@ from flowstore import (
 from tests.flows import Clock, linear, onboarding
 
 FLOW = "user-onboarding"
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(store_url: str, clock: Clock) -> Iterator[FlowStore]:
-    with FlowStore(store_url, clock=clock, max_payload_bytes=1024) as s:
-        s.create_flow(onboarding())
-        yield s
 
 
 def walk(store: FlowStore, user: str, *transitions: str) -> FlowState:
