@@ -101,7 +101,7 @@ def write_markdown(rows: list[Row], info: dict[str, object], command: str) -> No
     lines = [
         "# Benchmark results",
         "",
-        f"Measured {info['when']} with `{command}` (quick profile unless flags say otherwise).",
+        f"Measured {info['when']} with `{command}` (the quick profile).",
         "Every row ran its raw limit, baseline and flowstore back to back in one process tree.",
         "",
         "| scenario | backend | unit | raw limit | naive baseline | flowstore | flowstore/raw | flowstore/baseline | notes |",
