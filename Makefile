@@ -3,6 +3,7 @@
 #   make venv               .venv with the package installed editable, plus dev extras
 #   make postgres-binaries  PostgreSQL 15 server binaries (apt-get install postgresql-15 if missing)
 #   make graphviz           Graphviz `dot` for SVG/PNG diagrams (apt-get install graphviz if missing)
+#   make chromium           Debian's chromium for the console's browser tests (apt-get install chromium)
 #   make lint               ruff check + mypy (config in pyproject.toml)
 #   make test               lint, then pytest           (PYTEST_ARGS='-k store -x' passes through)
 #   make demo               flowstore demo
@@ -32,10 +33,10 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help venv postgres-binaries graphviz lint test demo bench
+.PHONY: help venv postgres-binaries graphviz chromium lint test demo bench
 
 help:
-	@sed -n '3,9s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '3,10s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 venv: $(VENV_STAMP)
 
@@ -71,11 +72,19 @@ graphviz:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends graphviz; }
 
+# Debian's chromium, driven by Playwright in tests/http/test_console_browser.py (never a downloaded
+# browser: `playwright install` is not used). The tests look for /usr/bin/chromium.
+chromium:
+	@[ -x /usr/bin/chromium ] && echo "Chromium: /usr/bin/chromium" || { \
+		echo "Chromium not found; installing chromium"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: venv postgres-binaries graphviz lint
+test: venv postgres-binaries graphviz chromium lint
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: venv

@@ -41,6 +41,9 @@ _BY_CODE: dict[str, ErrorMapping] = {
     "FORBIDDEN": ErrorMapping(403, 1),
     "STORAGE_UNAVAILABLE": ErrorMapping(503, 1),
     "AUTH_CONFIG_INVALID": ErrorMapping(500, 6),
+    # Raised by the web console (adapters/http/console), only ever seen by browsers.
+    "CSRF_INVALID": ErrorMapping(403, 1),
+    "OPERATION_RUNNING": ErrorMapping(409, 1),
 }
 _DEFAULT = ErrorMapping(500, 1)
 

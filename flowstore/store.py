@@ -797,6 +797,11 @@ class FlowStore:
         """Apply events the tables have not seen yet, `batch` per transaction; return the position."""
         return self._projections.catch_up(self.read_events, page=batch)
 
+    @property
+    def publisher(self) -> Any:
+        """The embedded Kafka publisher (`adapters.kafka.EmbeddedPublisher`), or None."""
+        return self._publisher
+
     def sync_projections(self, timeout: float = 60.0) -> None:
         """Wait until the tables reflect every event this process wrote (table queries do this)."""
         if self._live is not None:

@@ -37,6 +37,7 @@ from adapters.http.auth import (
     Principal,
     TokenVerifier,
 )
+from adapters.http.console import mount_console
 from adapters.http.problems import (
     PROBLEM_MEDIA_TYPE,
     Problem,
@@ -531,4 +532,5 @@ def create_app(
     async def flow_socket(websocket: WebSocket) -> None:
         await sockets.serve(websocket)
 
+    mount_console(app)  # the web console at /ui (adapters/http/console)
     return app

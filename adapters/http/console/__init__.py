@@ -1,0 +1,11 @@
+"""The web console at `/ui`: flows, funnels, users' journeys and operations, in a browser.
+
+Server-rendered HTML (Jinja2) with one small hand-written script for live updates; everything is
+served from this package (no build step, no CDN). `create_app` mounts it with `mount_console`; it
+needs the admin role and signs browsers in with the API's bearer token kept in a cookie.
+"""
+
+from adapters.http.console.live import CLOSE_FORBIDDEN
+from adapters.http.console.routes import Console, mount_console
+
+__all__ = ["CLOSE_FORBIDDEN", "Console", "mount_console"]
