@@ -90,9 +90,10 @@ def parse_url(url: str) -> StorageConfig:
             "POSTGRES_PORT": str(parts.port or 5432),
             "POSTGRES_USER": unquote(parts.username or ""),
             "POSTGRES_PASSWORD": unquote(parts.password or ""),
-            # eventsourcing's insert as one server-side function call: one round trip per append
-            # instead of several (lock, insert, notify); measured about 3x faster per transition.
-            "POSTGRES_ENABLE_DB_FUNCTIONS": "y",
+            # Not POSTGRES_ENABLE_DB_FUNCTIONS: its insert function (eventsourcing 9.5.6) skips the
+            # LOCK TABLE that keeps notification ids in commit order, so followers of the log
+            # (projections, the Kafka publisher) skipped late-committing events under concurrent
+            # writers (tests/reliability/test_load.py). Three times faster, and wrong.
         }
         for key, values in parse_qs(parts.query).items():
             if key not in _POSTGRES_OPTIONS:
