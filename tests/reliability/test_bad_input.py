@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +45,7 @@ from flowstore.domain import TransitionRejected, instance_id
 from flowstore.storage import parse_url
 from projections.sql import SqlProjections
 from tests.flows import linear
-from tests.reliability.harness import LONG
+from tests.reliability.harness import LONG, REPO
 from tests.reliability.ledger import all_events
 
 SCHEMA_FLOW = {
@@ -181,7 +183,7 @@ CASES = [
     Case("definition-update-changes-flow-id", lambda s: s.update_flow("f", {"flow": "other"}), DefinitionError, match='cannot change'),
     Case("definition-update-unknown-key", lambda s: s.update_flow("f", {"colour": "red"}), DefinitionError, match='colour'),
     # Hostile definitions
-    Case("definition-10mb", lambda s: s.create_flow({**linear("g"), "config": {"blob": "x" * 10_000_000}}), DefinitionError, storage=True, bug="a 10 MB definition is accepted and stored as one event (no size limit on definitions, unlike payloads' 64 KiB); a Kafka broker's default 1 MB message limit then refuses it"),
+    Case("definition-10mb", lambda s: s.create_flow({**linear("g"), "config": {"blob": "x" * 10_000_000}}), DefinitionError, bug="a 10 MB definition is accepted and stored as one event (no size limit on definitions, unlike payloads' 64 KiB); a Kafka broker's default 1 MB message limit then refuses it"),
     Case("definition-deeply-nested-config", lambda s: s.create_flow({**linear("g"), "config": deep(2000)}), DefinitionError, bug="a config nested 2000 deep passes validation, then orjson refuses it while appending: untyped TypeError ('Recursion limit reached')"),
     Case("definition-huge-integer", lambda s: s.create_flow({**linear("g"), "config": {"n": 10**30}}), DefinitionError, bug="an integer beyond 64 bits in a definition passes validation, then orjson refuses it while appending: untyped TypeError ('Integer exceeds 64-bit range')"),
     Case("definition-huge-step-index", lambda s: s.create_flow(one_step("g", index=10**30)), DefinitionError, bug="an index beyond 64 bits passes validation: untyped TypeError from orjson while appending"),
@@ -238,10 +240,15 @@ CASES = [
 # fmt: on
 
 
+# On PostgreSQL a 10 MB append can hang (test_a_10mb_definition_never_hangs_postgres_writers):
+# that row runs on SQLite only, so that a hang cannot stall the table.
+SQLITE_ONLY = {"definition-10mb"}
+
+
 def combinations() -> Iterator[Any]:
     for case in CASES:
         for backend in ("sqlite", "postgres"):
-            if backend == "postgres" and not (case.storage or LONG):
+            if backend == "postgres" and (not (case.storage or LONG) or case.id in SQLITE_ONLY):
                 continue
             yield pytest.param(case, backend, id=f"{case.id}-{backend}")
 
@@ -435,3 +442,47 @@ def test_hostile_but_valid_input_is_stored_verbatim(
     with FlowStore(store_url) as reopened:  # the tables and the log are all still there
         assert reopened.get_flow_state(user, flow) == state
         assert [f.flow for f in reopened.list_flows()] == [flow]
+
+
+HUGE_DEFINITION = """
+import sys
+from flowstore import FlowStore
+from tests.flows import linear
+with FlowStore(sys.argv[1], live_projections=False) as store:
+    try:
+        store.create_flow({**linear("big"), "config": {"blob": "x" * 10_000_000}})
+    except Exception as exc:  # a refusal is fine: only a hang fails this test
+        print(type(exc).__name__)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.skipif(not LONG, reason="long variant: up to 10 attempts of 15 s")
+@pytest.mark.xfail(
+    strict=False,  # the hang is intermittent (about 1 attempt in 3 here)
+    reason="bug: appending a 6-10 MB event on PostgreSQL hangs about a third of the time in "
+    "psycopg's pipeline mode (eventsourcing's insert_events: pipeline.sync() waits while the "
+    "server waits in ClientRead), holding LOCK TABLE ... IN EXCLUSIVE MODE on the events table, "
+    "so every writer of that database blocks until the process dies; nothing limits the size "
+    "of a definition",
+)
+def test_a_10mb_definition_never_hangs_postgres_writers(pg_server: Any) -> None:
+    hung = 0
+    for _ in range(10):
+        url = pg_server.create_database()
+        with subprocess.Popen(
+            [sys.executable, "-c", HUGE_DEFINITION, url],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        ) as process:
+            try:
+                out, _ = process.communicate(timeout=15)  # it takes well under a second
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+                hung += 1
+                break
+            assert "done" in out
+    assert hung == 0
