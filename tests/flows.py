@@ -36,6 +36,40 @@ def linear(flow: str, steps: int = 3, **extra: Any) -> dict[str, Any]:
     }
 
 
+def ring(flow: str) -> dict[str, Any]:
+    """Steps a and b looping forever (tick stays, flip a->b, flop b->a); `finish` from b ends it.
+
+    Concurrency tests hammer one instance with transitions that are always (tick) or sometimes
+    (flip/flop) valid; the terminal step exists only because a definition must be able to end.
+    """
+    return {
+        "flow": flow,
+        "initialStep": "a",
+        "steps": {
+            "a": {
+                "index": 0,
+                "step": "a",
+                "service": "s",
+                "transitions": {
+                    "tick": {"transition": "tick", "step": "a"},
+                    "flip": {"transition": "flip", "step": "b"},
+                },
+            },
+            "b": {
+                "index": 1,
+                "step": "b",
+                "service": "s",
+                "transitions": {
+                    "tick": {"transition": "tick", "step": "b"},
+                    "flop": {"transition": "flop", "step": "a"},
+                    "finish": {"transition": "finish", "step": "done"},
+                },
+            },
+            "done": {"index": 2, "step": "done", "service": "s", "transitions": {}},
+        },
+    }
+
+
 class Clock:
     """A UTC clock that only moves when a test moves it."""
 

@@ -15,36 +15,11 @@ from flowstore import (
     HistoryKind,
     InvalidTransitionError,
 )
+from tests.flows import ring
 from tests.pgserver import PostgresServer
 
 FLOW = "loop"
-LOOP = {
-    "flow": FLOW,
-    "initialStep": "a",
-    "steps": {
-        "a": {
-            "index": 0,
-            "step": "a",
-            "service": "s",
-            "transitions": {
-                "tick": {"transition": "tick", "step": "a"},
-                "flip": {"transition": "flip", "step": "b"},
-            },
-        },
-        "b": {
-            "index": 1,
-            "step": "b",
-            "service": "s",
-            "transitions": {
-                "tick": {"transition": "tick", "step": "b"},
-                "flop": {"transition": "flop", "step": "a"},
-                "finish": {"transition": "finish", "step": "done"},
-            },
-        },
-        # Never reached by these tests; a definition must have a reachable terminal step.
-        "done": {"index": 2, "step": "done", "service": "s", "transitions": {}},
-    },
-}
+LOOP = ring(FLOW)
 
 
 def tick(url: str, user: str, count: int, barrier: Any) -> int:

@@ -26,37 +26,13 @@ from flowstore import (
     FlowStore,
     InvalidTransitionError,
 )
+from tests.flows import ring
 from tests.reliability.ledger import nonce
 
 __all__ = ["FLOW", "RING", "CountingStore", "hammer", "main"]
 
 FLOW = "ring"
-RING: dict[str, Any] = {
-    "flow": FLOW,
-    "initialStep": "a",
-    "steps": {
-        "a": {
-            "index": 0,
-            "step": "a",
-            "service": "s",
-            "transitions": {
-                "tick": {"transition": "tick", "step": "a"},
-                "flip": {"transition": "flip", "step": "b"},
-            },
-        },
-        "b": {
-            "index": 1,
-            "step": "b",
-            "service": "s",
-            "transitions": {
-                "tick": {"transition": "tick", "step": "b"},
-                "flop": {"transition": "flop", "step": "a"},
-                "finish": {"transition": "finish", "step": "done"},
-            },
-        },
-        "done": {"index": 2, "step": "done", "service": "s", "transitions": {}},
-    },
-}
+RING: dict[str, Any] = ring(FLOW)
 """Two steps that loop forever (tick, flip, flop); `done` is never sent, so no run ends."""
 
 # "bogus" is never offered, "flip" only from a and "flop" only from b: about a third are rejected.
