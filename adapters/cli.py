@@ -216,6 +216,13 @@ def state_clear(store: FlowStore, args: argparse.Namespace, out: Output) -> Resu
     return Note(text, {"userId": args.user, "flow": args.flow, "cleared": True})
 
 
+def erase_user(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`erase-user USER`: crypto-shred everything the store knows about the user."""
+    erased = store.erase_user(args.user)
+    text = f"Erased {args.user}: {erased} flow instance(s); their key is deleted"
+    return Note(text, {"userId": args.user, "erasedInstances": erased})
+
+
 def state_list(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`state list USER`: every flow the user has state in."""
     return Listing(store.get_user_flows(args.user), _STATE_FIELDS, f"Flows of {args.user}")
@@ -379,6 +386,7 @@ COMMANDS: dict[str, Handler] = {
     "state set": state_set,
     "state clear": state_clear,
     "state list": state_list,
+    "erase-user": erase_user,
     "transition": transition,
     "reset": reset,
     "history": history,
@@ -533,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--service", help="service to record (default: the step's)")
     sub.add_argument("--not-ok", action="store_true", help="record the state as not ok")
     command("state list", "every flow a user has state in").add_argument("user")
+    command(
+        "erase-user", "erase a user for good: state, history and payloads (crypto-shredding)"
+    ).add_argument("user")
 
     sub = command("transition", "take a transition from the user's current step")
     sub.add_argument("user")

@@ -19,7 +19,8 @@ class ErrorMapping(NamedTuple):
     exit_code: int
 
 
-# Exit codes: 1 is reserved for unexpected failures, 2 for command-line usage errors (argparse).
+# Exit codes: 1 is reserved for unexpected failures, 2 for command-line usage errors (argparse),
+# 8 for DIFFERENCES_EXIT_CODE.
 _BY_CODE: dict[str, ErrorMapping] = {
     "FLOW_NOT_FOUND": ErrorMapping(404, 3),
     "FLOW_STATE_NOT_FOUND": ErrorMapping(404, 3),
@@ -34,12 +35,15 @@ _BY_CODE: dict[str, ErrorMapping] = {
     "STORAGE_CONFIG_INVALID": ErrorMapping(500, 6),
     "ENCRYPTION_KEY_INVALID": ErrorMapping(500, 6),
     "FLOW_STATE_CORRUPTION": ErrorMapping(500, 7),
+    # The database is down, unreachable or read-only: worth retrying later (the readiness probe in
+    # adapters/http reports the same code).
+    "STORAGE_UNAVAILABLE": ErrorMapping(503, 9),
+    "PROJECTION_LAG": ErrorMapping(503, 9),
     # Raised by the HTTP adapter (adapters/http). `flowstore serve` can exit on AUTH_CONFIG_INVALID;
     # the others only reach HTTP clients, so their exit code is the generic one.
     "REQUEST_INVALID": ErrorMapping(422, 5),
     "UNAUTHENTICATED": ErrorMapping(401, 1),
     "FORBIDDEN": ErrorMapping(403, 1),
-    "STORAGE_UNAVAILABLE": ErrorMapping(503, 1),
     "AUTH_CONFIG_INVALID": ErrorMapping(500, 6),
     # Raised by the web console (adapters/http/console), only ever seen by browsers.
     "CSRF_INVALID": ErrorMapping(403, 1),

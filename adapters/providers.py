@@ -45,6 +45,7 @@ from flowstore import (
     FlowNotFoundError,
     FlowStore,
     InvalidArgumentError,
+    StorageUnavailableError,
 )
 from flowstore.definitions import parse_definition
 
@@ -344,7 +345,7 @@ class _DatabaseFetcher:
                 return {flow_id: self.store.get_flow(flow_id)}
             except FlowNotFoundError:
                 return {}
-        except PersistenceError as exc:  # the database itself failed: serve what we had
+        except (PersistenceError, StorageUnavailableError) as exc:  # serve what we had
             raise _SourceUnavailableError(f"{type(exc).__name__}: {exc}") from None
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ Start with `FlowStore()` (embedded SQLite) and `create_flow(...)`.
 from flowstore.definitions import FlowDefinition, FlowStep, FlowTransition
 from flowstore.errors import (
     ConcurrencyConflictError,
+    CorruptEventError,
     DefinitionError,
     EncryptionKeyError,
     FlowError,
@@ -19,6 +20,8 @@ from flowstore.errors import (
     InvalidTransitionError,
     PayloadTooLargeError,
     PayloadValidationError,
+    ProjectionLagError,
+    StorageUnavailableError,
 )
 from flowstore.models import (
     FlowState,
@@ -39,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConcurrencyConflictError",
+    "CorruptEventError",
     "DefinitionError",
     "EncryptionKeyError",
     "FlowDefinition",
@@ -64,7 +68,9 @@ __all__ = [
     "PayloadTooLargeError",
     "PayloadValidationError",
     "PerformanceMetrics",
+    "ProjectionLagError",
     "StepCount",
     "StorageConfigError",
+    "StorageUnavailableError",
     "__version__",
 ]

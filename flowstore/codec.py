@@ -3,17 +3,27 @@
 Selected through the Application (`construct_transcoder` / `construct_mapper`), as in the eventsourcing
 `aggregate7` example: the mapper dumps an event's fields, orjson encodes them (UUIDs and datetimes as
 strings), and on reading pydantic validates the fields back into their types.
+
+Instance events have their personal fields sealed with their user's key first (`flowstore.keys`):
+the stored state holds `subject` (which key) and `sealed` (the fields, encrypted) instead. Once the
+key is shredded the event still reads, with a stand-in user id and no payload: erased, not corrupt.
+An event that cannot be read at all raises `CorruptEventError` naming it, never a decoder's error.
 """
 
 from __future__ import annotations
 
+import base64
 from typing import Any, cast
+from uuid import UUID
 
 import orjson
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Mapper, StoredEvent, Transcoder
 from eventsourcing.utils import get_topic, resolve_topic
 from pydantic import BaseModel
+
+from flowstore.errors import CorruptEventError, EncryptionKeyError
+from flowstore.keys import PERSONAL_FIELDS, UserKeys, erased_user_id
 
 __all__ = ["OrjsonTranscoder", "PydanticMapper"]
 
@@ -31,13 +41,23 @@ class OrjsonTranscoder(Transcoder):
 
 
 class PydanticMapper(Mapper[Any]):
-    """Maps frozen pydantic events to stored events and back."""
+    """Maps frozen pydantic events to stored events and back, sealing personal fields per user."""
+
+    keys: UserKeys | None = None
+    """Set by the store right after construction; without it nothing is sealed (nor opened)."""
 
     def to_stored_event(self, domain_event: DomainEventProtocol[Any]) -> StoredEvent:
         """Serialise an event; id and version live in their own columns, not in the state."""
         state = cast(BaseModel, domain_event).model_dump(
             exclude={"originator_id", "originator_version"}
         )
+        if self.keys is not None and "user_id" in state:
+            key = self.keys.for_user(state["user_id"])
+            personal = {f: state.pop(f) for f in PERSONAL_FIELDS if f in state}
+            context = _context(domain_event.originator_id, domain_event.originator_version)
+            sealed = key.seal(self.transcoder.encode(personal), context)
+            state["subject"] = key.subject
+            state["sealed"] = base64.b64encode(sealed).decode()
         stored = self.transcoder.encode(state)
         if self.compressor:
             stored = self.compressor.compress(stored)
@@ -54,11 +74,52 @@ class PydanticMapper(Mapper[Any]):
         """Rebuild (and type-check) an event from its stored form."""
         data = stored_event.state
         if self.cipher:
-            data = self.cipher.decrypt(data)
-        if self.compressor:
-            data = self.compressor.decompress(data)
-        state = self.transcoder.decode(data)
-        state["originator_id"] = stored_event.originator_id
-        state["originator_version"] = stored_event.originator_version
-        cls = resolve_topic(stored_event.topic)
-        return cast(DomainEventProtocol[Any], cls.model_validate(state))
+            try:
+                data = self.cipher.decrypt(data)
+            except ValueError as exc:  # the AES-GCM tag does not match: wrong key, or tampering
+                raise EncryptionKeyError(
+                    f"Cannot decrypt event {stored_event.originator_id} "
+                    f"v{stored_event.originator_version}: wrong key, or the row was altered"
+                ) from exc
+        try:
+            if self.compressor:
+                data = self.compressor.decompress(data)
+            state = self.transcoder.decode(data)
+            cls = resolve_topic(stored_event.topic)
+            if "sealed" in state:
+                state.update(self._open(stored_event, state, cls))
+            state["originator_id"] = stored_event.originator_id
+            state["originator_version"] = stored_event.originator_version
+            return cast(DomainEventProtocol[Any], cls.model_validate(state))
+        except CorruptEventError:
+            raise
+        except Exception as exc:  # undecodable bytes, unknown topic, fields that do not validate
+            raise CorruptEventError(
+                stored_event.originator_id, stored_event.originator_version, repr(exc)[:300]
+            ) from exc
+
+    def _open(self, stored_event: StoredEvent, state: dict[str, Any], cls: type) -> dict[str, Any]:
+        """The personal fields of a sealed event; stand-ins when its key has been shredded."""
+        subject = state.pop("subject")
+        sealed = base64.b64decode(state.pop("sealed"))
+        key = self.keys.for_subject(subject) if self.keys is not None else None
+        if key is None:  # erased (or a store opened without keys): the event reads anonymised
+            fields = cast(type[BaseModel], cls).model_fields
+            stand_in = {"user_id": erased_user_id(subject), "payload": None, "error": "(erased)"}
+            return {f: v for f, v in stand_in.items() if f in fields}
+        opened = key.open(
+            sealed, _context(stored_event.originator_id, stored_event.originator_version)
+        )
+        if opened is None:
+            raise CorruptEventError(
+                stored_event.originator_id,
+                stored_event.originator_version,
+                "its sealed fields do not open with their user's key (the row was altered)",
+            )
+        return cast(dict[str, Any], self.transcoder.decode(opened))
+
+
+def _context(originator_id: UUID | str, version: int) -> bytes:
+    """What a sealed blob is bound to: the event it belongs to."""
+    uuid = originator_id if isinstance(originator_id, UUID) else UUID(originator_id)
+    return uuid.bytes + version.to_bytes(8, "big")

@@ -19,6 +19,10 @@ from flowstore.errors import DefinitionError, PayloadTooLargeError, PayloadValid
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
+    "MAX_DEFINITION_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_NAME_LENGTH",
+    "MAX_TTL_SECONDS",
     "FlowDefinition",
     "FlowStep",
     "FlowTransition",
@@ -30,6 +34,29 @@ __all__ = [
 ]
 
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
+
+MAX_DEFINITION_BYTES = 256 * 1024
+"""Largest definition accepted, in bytes of its orjson encoding (as its `FlowDefined` event stores it).
+
+A definition travels as one event: one row appended to the log and one Kafka message. A quarter of
+Kafka's default 1 MB message limit (`max_request_size`) leaves room for the event's envelope; far
+larger events also hung PostgreSQL writers (megabytes in one psycopg pipeline). Real flows need a
+few kilobytes.
+"""
+
+MAX_JSON_DEPTH = 100
+"""Deepest nesting of objects and arrays accepted in a payload or a definition (the value itself is 1).
+
+orjson refuses more than 254 levels; the event, the Kafka envelope and HTTP responses wrap the
+value in a few more, so the limit leaves them room.
+"""
+
+MAX_NAME_LENGTH = 256
+"""Longest flow id, step, service, module or transition name: the tables' columns are VARCHAR(256),
+and every other call refuses longer ids."""
+
+MAX_TTL_SECONDS = 100 * 365 * 24 * 60 * 60
+"""Longest ttl (100 years): the expiry, now + ttl, must stay a date (before year 10000)."""
 
 
 class _SeedModel(BaseModel):
@@ -108,16 +135,50 @@ def has_control_characters(text: str) -> bool:
     return any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in text)
 
 
+def _shown(name: str) -> str:
+    """A name short enough to quote in a message."""
+    return name if len(name) <= MAX_NAME_LENGTH else name[:40] + "..."
+
+
 def _name_problems(definition: FlowDefinition) -> list[str]:
+    # Empty flow, step and transition names are reported in `_problems`, where they are found.
     names = [("flow id", definition.flow)]
     for key, step in definition.steps.items():
         names += [("step name", key), ("service", step.service), ("module", step.module or "")]
         names += [("transition name", t) for t in step.transitions]
-    return [
-        f"{kind} {name!r} contains a control character"
-        for kind, name in names
-        if has_control_characters(name)
-    ]
+    problems = []
+    for kind, name in names:
+        if len(name) > MAX_NAME_LENGTH:
+            problems.append(
+                f"{kind} {_shown(name)!r} is longer than {MAX_NAME_LENGTH} characters ({len(name)})"
+            )
+        if has_control_characters(name):
+            problems.append(f"{kind} {_shown(name)!r} contains a control character")
+    problems.extend(
+        f"service of step {key!r} must not be empty"
+        for key, step in definition.steps.items()
+        if not step.service.strip()
+    )
+    return problems
+
+
+def _storage_problems(definition: FlowDefinition) -> list[str]:
+    # What the validation above cannot see but storing it would trip on: a definition is one event,
+    # encoded by orjson like any other (see flowstore.codec), so it must be plain, small JSON.
+    data = definition.model_dump()
+    try:
+        encoded = _encode_json(data)
+    except ValueError as exc:
+        return [f"the definition cannot be stored as JSON: {exc}"]
+    if len(encoded) > MAX_DEFINITION_BYTES:
+        return [
+            f"the definition is {len(encoded)} bytes as JSON, over the limit of "
+            f"{MAX_DEFINITION_BYTES} bytes"
+        ]
+    depth = _nesting(data)
+    if depth > MAX_JSON_DEPTH:
+        return [f"the definition is nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH}"]
+    return []
 
 
 def _problems(definition: FlowDefinition) -> list[str]:
@@ -161,6 +222,10 @@ def _problems(definition: FlowDefinition) -> list[str]:
                     )
     if definition.ttl is not None and definition.ttl <= 0:
         problems.append(f"ttl must be a positive number of seconds, not {definition.ttl}")
+    elif definition.ttl is not None and definition.ttl > MAX_TTL_SECONDS:
+        problems.append(
+            f"ttl must be at most {MAX_TTL_SECONDS} seconds (100 years), not {definition.ttl}"
+        )
     if definition.initial_step in definition.steps:
         problems.extend(_reachability_problems(definition))
     return problems
@@ -195,12 +260,18 @@ def _reachability_problems(definition: FlowDefinition) -> list[str]:
 
 def parse_definition(data: FlowDefinition | Mapping[str, Any]) -> FlowDefinition:
     """Validate a definition (model or seed-shaped dict); raise `DefinitionError` listing all problems."""
-    raw = data.to_seed() if isinstance(data, FlowDefinition) else data
+    if isinstance(data, FlowDefinition):
+        try:
+            raw: Any = data.to_seed()
+        except ValueError as exc:  # pydantic: nested too deep, or a value without a JSON form
+            raise DefinitionError(_shown(data.flow), [f"not JSON: {exc}"]) from None
+    else:
+        raw = data
     if not isinstance(raw, Mapping):
         raise DefinitionError(
             None, [f"a definition must be a JSON object, not {type(raw).__name__}"]
         )
-    flow_id = raw.get("flow") if isinstance(raw.get("flow"), str) else None
+    flow_id = _shown(raw["flow"]) if isinstance(raw.get("flow"), str) else None
     try:
         definition = FlowDefinition.model_validate({k: v for k, v in raw.items() if k != "version"})
     except ValidationError as exc:
@@ -209,9 +280,9 @@ def parse_definition(data: FlowDefinition | Mapping[str, Any]) -> FlowDefinition
             for err in exc.errors()
         ]
         raise DefinitionError(flow_id, problems) from None
-    problems = _problems(definition)
+    problems = _problems(definition) + _storage_problems(definition)
     if problems:
-        raise DefinitionError(definition.flow, problems)
+        raise DefinitionError(_shown(definition.flow), problems)
     return definition
 
 
@@ -250,9 +321,11 @@ def check_payload(payload: Any, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> di
             type=type(payload).__name__,
         )
     try:
-        encoded = orjson.dumps(payload)
-    except TypeError as exc:
+        encoded = _encode_json(payload)
+    except ValueError as exc:
         raise PayloadValidationError(f"Payload is not JSON: {exc}") from None
+    if len(encoded) > limit:
+        raise PayloadTooLargeError(len(encoded), limit)
     # orjson writes NaN as null, tuples as lists, datetimes as strings: anything that does not come
     # back equal is not plain JSON and would be stored as something other than what was sent.
     if orjson.loads(encoded) != payload:
@@ -260,13 +333,44 @@ def check_payload(payload: Any, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> di
             "Payload is not plain JSON (NaN/Infinity, tuples, dates or non-string keys "
             "do not survive a JSON round trip)"
         )
-    if len(encoded) > limit:
-        raise PayloadTooLargeError(len(encoded), limit)
+    if (depth := _nesting(payload)) > MAX_JSON_DEPTH:
+        raise PayloadValidationError(
+            f"Payload is nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH}"
+        )
     if b"\\u0000" in encoded and _has_nul(payload):  # the byte test is the cheap filter
         # Valid JSON, but PostgreSQL text and jsonb cannot store NUL: refused on every backend so
         # that a store behaves the same wherever it runs.
         raise PayloadValidationError("Payload contains a NUL character (\\u0000)")
     return payload
+
+
+def _encode_json(value: Any) -> bytes:
+    """`value` as orjson encodes it for storage; `ValueError` saying why it cannot be encoded."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        # orjson's messages are terse ("Integer exceeds 64-bit range", "Recursion limit reached",
+        # "str is not valid UTF-8: surrogates not allowed"): name the limits they refer to.
+        raise ValueError(
+            f"{exc} (JSON here holds objects with string keys, arrays, text in valid UTF-8, "
+            f"64-bit integers and at most {MAX_JSON_DEPTH} levels of nesting)"
+        ) from None
+
+
+def _nesting(value: Any) -> int:
+    """How deeply objects and arrays nest in `value` (0 for a scalar); iterative, not recursive."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _has_nul(value: Any) -> bool:

@@ -38,6 +38,7 @@ __all__ = [
     "FlowCompleted",
     "FlowDefined",
     "FlowDeleted",
+    "FlowErased",
     "FlowExpired",
     "FlowInstance",
     "FlowListed",
@@ -152,6 +153,16 @@ class FlowExpired(InstanceEvent):
     from_step: str | None
 
 
+class FlowErased(InstanceEvent):
+    """The user was erased (`FlowStore.erase_user`): the instance and its history read as absent.
+
+    Appended while the user's key still exists, then the key is shredded: from then on this event,
+    like every earlier one of the user, reads with a stand-in user id and no payload.
+    """
+
+    from_step: str | None
+
+
 class FlowMigrated(InstanceEvent):
     """An active instance moved to another definition version (`definition_version` is the new one).
 
@@ -210,6 +221,8 @@ class FlowInstance(_Aggregate):
     started_at: datetime | None
     completed_at: datetime | None
     expires_at: datetime | None
+    erased: bool = False
+    """The user was erased; a new run (the same user id coming back) sets it back to False."""
 
     @property
     def is_live(self) -> bool:
@@ -287,6 +300,7 @@ def _enter_step(
         "payload": payload,
         "completed_at": None,
         "expires_at": event.expires_at,
+        "erased": False,
     }
     if instance is None:
         return FlowInstance(
@@ -298,7 +312,10 @@ def _enter_step(
             **fields,
         )
     started_at = ts if new_run else instance.started_at
-    return instance.model_copy(update={**fields, "started_at": started_at})
+    # The user id too: after an erasure the instance's old events read with a stand-in id.
+    return instance.model_copy(
+        update={**fields, "started_at": started_at, "user_id": event.user_id}
+    )
 
 
 def evolve(aggregate: Any, event: DomainEvent) -> Any:
@@ -345,11 +362,12 @@ def evolve(aggregate: Any, event: DomainEvent) -> Any:
                     "service": event.service,
                 }
             )
-        case FlowCleared() | FlowExpired():
-            status = FlowStatus.CLEARED if isinstance(event, FlowCleared) else FlowStatus.EXPIRED
+        case FlowCleared() | FlowExpired() | FlowErased():
+            status = FlowStatus.EXPIRED if isinstance(event, FlowExpired) else FlowStatus.CLEARED
             return aggregate.model_copy(
                 update={
                     **base,
+                    "erased": isinstance(event, FlowErased),
                     "status": status,
                     "step": None,
                     "service": None,
@@ -563,9 +581,9 @@ def override_state(
 
 
 def end_flow(
-    instance: FlowInstance, *, now: datetime, kind: Literal["clear", "expiry"]
+    instance: FlowInstance, *, now: datetime, kind: Literal["clear", "expiry", "erasure"]
 ) -> list[InstanceEvent]:
-    """Clear or expire a live instance (its history stays)."""
+    """Clear or expire a live instance (its history stays), or erase any instance (history too)."""
     fields = {
         "originator_id": instance.id,
         "originator_version": instance.version + 1,
@@ -575,7 +593,8 @@ def end_flow(
         "definition_version": instance.definition_version,
         "from_step": instance.step,
     }
-    return [FlowCleared(**fields) if kind == "clear" else FlowExpired(**fields)]
+    event = {"clear": FlowCleared, "expiry": FlowExpired, "erasure": FlowErased}[kind]
+    return [event(**fields)]
 
 
 def migration_target(

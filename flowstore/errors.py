@@ -8,16 +8,19 @@
      ├── InvalidStepError (ValueError)          INVALID_STEP
      ├── InvalidArgumentError (ValueError)      INVALID_ARGUMENT
      ├── FlowStateCorruptionError               FLOW_STATE_CORRUPTION
+     │    └── CorruptEventError                 FLOW_STATE_CORRUPTION
      ├── ConcurrencyConflictError               CONCURRENCY_CONFLICT
      ├── EncryptionKeyError                     ENCRYPTION_KEY_INVALID
+     ├── StorageUnavailableError (OSError)      STORAGE_UNAVAILABLE
+     ├── ProjectionLagError (TimeoutError)      PROJECTION_LAG
      ├── DefinitionError (ValueError)           DEFINITION_INVALID
      └── PayloadValidationError (ValueError)    PAYLOAD_INVALID
           └── PayloadTooLargeError              PAYLOAD_TOO_LARGE
 
 Every error carries a stable `code` (used by the HTTP and CLI adapters to pick a status and an exit
 code, see `adapters/errors.py`) and a `details` mapping naming the offending values. Errors that are
-about bad input also derive from the fitting built-in, so callers can catch `ValueError` or
-`LookupError` without importing flowstore.
+about bad input also derive from the fitting built-in, and a storage outage from `OSError`, so
+callers can catch `ValueError`, `LookupError` or `OSError` without importing flowstore.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "ConcurrencyConflictError",
+    "CorruptEventError",
     "DefinitionError",
     "EncryptionKeyError",
     "FlowError",
@@ -39,6 +43,8 @@ __all__ = [
     "InvalidTransitionError",
     "PayloadTooLargeError",
     "PayloadValidationError",
+    "ProjectionLagError",
+    "StorageUnavailableError",
 ]
 
 
@@ -150,6 +156,27 @@ class FlowStateCorruptionError(FlowError):
         self.detail = detail
 
 
+class CorruptEventError(FlowStateCorruptionError):
+    """An event in the log cannot be read: undecodable bytes, an unknown type, invalid fields.
+
+    The log is append-only, so the event stays; whatever reads it (the instance it belongs to,
+    projections, the publisher) stops there with this error rather than skip history. Restore the
+    store from the Kafka topic (`flowstore restore`) or a backup to get past it.
+    """
+
+    def __init__(self, aggregate_id: object, version: int, detail: str) -> None:
+        FlowError.__init__(
+            self,
+            f"Event {aggregate_id} v{version} in the log cannot be read: {detail}",
+            aggregate_id=str(aggregate_id),
+            version=version,
+            detail=detail,
+        )
+        self.user_id = ""
+        self.flow_id = ""
+        self.detail = detail
+
+
 class ConcurrencyConflictError(FlowError):
     """Other writers kept changing the same instance; the command gave up after its retries."""
 
@@ -168,6 +195,37 @@ class EncryptionKeyError(FlowError):
     """The event log cannot be read with the configured key (wrong, missing or malformed)."""
 
     code = "ENCRYPTION_KEY_INVALID"
+
+
+class StorageUnavailableError(FlowError, OSError):
+    """The database cannot be reached or written: server down, connection lost, file read-only.
+
+    The command that raises it was not applied, with one exception: when a PostgreSQL connection is
+    lost while the commit itself is under way, the database alone knows whether it went through
+    (read the state before repeating a command that must not run twice). The cause is chained.
+    """
+
+    code = "STORAGE_UNAVAILABLE"
+
+    def __init__(self, backend: str, action: str, reason: str) -> None:
+        super().__init__(
+            f"{backend} is unavailable: {action} failed: {reason}",
+            backend=backend,
+            action=action,
+            reason=reason,
+        )
+        self.backend = backend
+        self.action = action
+
+
+class ProjectionLagError(FlowError, TimeoutError):
+    """The read-model tables did not reach this process's writes in time.
+
+    The writes are safe in the log; the tables (and so `get_user_flows`, history, statistics) lag,
+    usually because the database is slow or unavailable: the projector's last error is chained.
+    """
+
+    code = "PROJECTION_LAG"
 
 
 class DefinitionError(FlowError, ValueError):

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 import os
 import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from types import TracebackType
@@ -25,12 +26,20 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.cryptography import AESCipher
-from eventsourcing.persistence import IntegrityError, InternalError, Mapper, Transcoder
+from eventsourcing.persistence import (
+    IntegrityError,
+    InterfaceError,
+    InternalError,
+    Mapper,
+    OperationalError,
+    Transcoder,
+)
 from pydantic import ValidationError
 
 from flowstore.codec import OrjsonTranscoder, PydanticMapper
 from flowstore.definitions import (
     DEFAULT_MAX_PAYLOAD_BYTES,
+    MAX_NAME_LENGTH,
     FlowDefinition,
     check_payload,
     has_control_characters,
@@ -43,6 +52,7 @@ from flowstore.domain import (
     Decision,
     DomainEvent,
     FlowCatalog,
+    FlowErased,
     FlowInstance,
     FlowVersions,
     InstanceEvent,
@@ -69,7 +79,9 @@ from flowstore.errors import (
     FlowStateNotFoundError,
     InvalidArgumentError,
     InvalidStepError,
+    StorageUnavailableError,
 )
+from flowstore.keys import MemoryKeyStore, SqlKeyStore, UserKeys
 from flowstore.models import (
     FlowState,
     FlowStateHistory,
@@ -91,7 +103,6 @@ T = TypeVar("T")
 
 _log = logging.getLogger(__name__)
 
-_MAX_ID_LENGTH = 256
 _LOG_PAGE = 1000
 _OPEN_ATTEMPTS = 5
 
@@ -130,8 +141,8 @@ def _require_id(value: object, name: str) -> str:
         raise InvalidArgumentError(name, value, f"must be a string, not {type(value).__name__}")
     if not value.strip():
         raise InvalidArgumentError(name, value, "must not be empty")
-    if len(value) > _MAX_ID_LENGTH:
-        raise InvalidArgumentError(name, value[:40] + "...", f"longer than {_MAX_ID_LENGTH}")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidArgumentError(name, value[:40] + "...", f"longer than {MAX_NAME_LENGTH}")
     if has_control_characters(value):
         raise InvalidArgumentError(name, value, "contains a control character or lone surrogate")
     return value
@@ -204,18 +215,29 @@ class FlowStore:
             **_cipher_settings(cipher_key),
         }
         self._app = self._open(env)
-        self._check_key(cipher_key is not None or bool(os.environ.get(CIPHER_KEY_ENV)))
         # Imported here, not at the top: projections import the domain, and the domain package
         # must stay importable without SQLAlchemy (see tests/test_package.py).
         from projections.live import LiveProjector
         from projections.sql import SqlProjections
 
-        self._projections = SqlProjections(self.config)
         self.live_projections = live_projections
         self._live: LiveProjector | None = None
-        if live_projections:
-            self._projections.catch_up(self.read_events)  # whatever happened while we were away
-            self._live = LiveProjector(self._project_written)
+        opened: list[Callable[[], None]] = [self._app.close]
+        try:
+            with self._storage_errors(self.config.env, "opening the store"):
+                self._keys = self._open_keys()
+                opened.append(self._keys.close)
+                self._check_key(cipher_key is not None or bool(os.environ.get(CIPHER_KEY_ENV)))
+                self._projections = SqlProjections(self.config)
+                opened.append(self._projections.close)
+                if live_projections:
+                    self._projections.catch_up(self.read_events)  # what happened while away
+                    self._live = LiveProjector(self._project_written)
+        except BaseException:
+            for close in reversed(opened):
+                with contextlib.suppress(Exception):
+                    close()
+            raise
         self._publisher: Any = None
         try:
             self._publisher = self._start_publisher(kafka)
@@ -256,8 +278,9 @@ class FlowStore:
             return
         try:
             self._app.mapper.to_domain_event(first[0])
-        except Exception as exc:  # AES-GCM tag mismatch, or ciphertext fed to the JSON decoder
-            self._app.close()
+        except FlowError as exc:  # AES-GCM tag mismatch, or ciphertext fed to the JSON decoder
+            if not encrypted and first[0].state.startswith(b"{"):
+                return  # plain JSON, so not encrypted: merely corrupt, which reading it will say
             hint = (
                 "the key does not match the one the log was written with"
                 if encrypted
@@ -265,17 +288,41 @@ class FlowStore:
             )
             raise EncryptionKeyError(f"Cannot read the event log: {hint}") from exc
 
+    def _open_keys(self) -> UserKeys:
+        """The users' keys (see `flowstore.keys`), wrapped with the store's cipher if it has one."""
+        keys: UserKeys
+        if self.config.sqlalchemy_url is None:
+            keys = MemoryKeyStore(refresh=self.definition_refresh)
+        else:
+            keys = SqlKeyStore(
+                self.config, self._app.mapper.cipher, refresh=self.definition_refresh
+            )
+        cast(PydanticMapper, self._app.mapper).keys = keys
+        return keys
+
     @staticmethod
     def _open(env: dict[str, str]) -> _FlowApplication:
         # Processes starting together on one PostgreSQL database race on CREATE TABLE IF NOT EXISTS
         # ("tuple concurrently updated", or a unique violation in pg_type); the loser just retries.
         for attempt in range(_OPEN_ATTEMPTS):
             try:
-                return _FlowApplication(env=env)
+                with FlowStore._storage_errors(env, "opening the event store"):
+                    app = _FlowApplication(env=env)
             except (InternalError, IntegrityError):
                 if attempt == _OPEN_ATTEMPTS - 1:
                     raise
                 FlowStore._backoff(attempt)
+                continue
+            # A read-only SQLite file opens fine and fails on the first write (a command, or the
+            # projections' bookkeeping): refuse it here, as SQLite itself decides (no write access).
+            path = env.get("SQLITE_DBNAME", "")
+            for file in (path, f"{path}-wal") if path else ():
+                if os.path.exists(file) and not os.access(file, os.W_OK):
+                    app.close()
+                    raise StorageUnavailableError(
+                        "SQLite", "opening the event store", f"{file} is read-only"
+                    )
+            return app
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -285,6 +332,7 @@ class FlowStore:
         if self._live is not None:
             self._live.close()
         self._projections.close()
+        self._keys.close()
         self._app.close()
 
     def __enter__(self) -> Self:
@@ -579,7 +627,7 @@ class FlowStore:
             events.extend(decision.events)
             outcomes.append(decision.error or updated)
         try:
-            self._save(events)
+            self._save(events, decided_here=True)
         except IntegrityError:
             for iid in seen:
                 self._forget_instance(iid)
@@ -707,6 +755,45 @@ class FlowStore:
             purged += expired
         return purged
 
+    def erase_user(self, user_id: str) -> int:
+        """Erase one user (crypto-shredding); return how many of their flow instances were erased.
+
+        Appends `FlowErased` to each instance of the user (the tables delete their state and history
+        rows; the Kafka stream carries the event to other services), brings the tables up to date,
+        then deletes the user's key: every event of the user, in the log and in any copy of it, then
+        reads with a stand-in user id (`erased:<subject>`) and no payload, while the log stays
+        append-only and the statistics keep their (anonymous) counts. Erasing again is harmless
+        and finishes an erasure interrupted half-way. The same user id may come back later: it
+        starts afresh, under a new key.
+        """
+        _require_id(user_id, "user_id")
+        catalog = self._get(CATALOG_ID, FlowCatalog)
+        erased = 0
+        for flow_id in catalog.flow_ids if catalog else ():
+            changed = False
+
+            def decide(instance: FlowInstance | None) -> Decision:
+                nonlocal changed
+                changed = instance is not None and not instance.erased
+                if instance is None or not changed:
+                    return Decision([])
+                return Decision(end_flow(instance, now=self._clock(), kind="erasure"))
+
+            with contextlib.suppress(FlowStateNotFoundError):  # never started this flow
+                self._change_instance(user_id, flow_id, decide)
+            erased += changed
+        self._shred(user_id)
+        return erased
+
+    def _shred(self, user_id: str) -> None:
+        """Delete the user's keys, once the tables have seen their erasure events.
+
+        The tables find the rows to delete by user id, which the erasure events only say while
+        the key exists; so the tables catch up first (whichever process applies those events).
+        """
+        self._project_written()
+        self._keys.shred(user_id)
+
     # Queries
 
     def get_flow_state(self, user_id: str, flow_id: str) -> FlowState | None:
@@ -817,7 +904,8 @@ class FlowStore:
         Ids increase in commit order (they may have gaps); page with `start = last_id + 1`. This is
         the stream publishers, pushers and auditors follow.
         """
-        page = self._app.recorder.select_notifications(start, limit)
+        with self._storage_errors(self.config.env, "reading the log"):
+            page = self._app.recorder.select_notifications(start, limit)
         to_event = self._app.mapper.to_domain_event
         return [(n.id, cast(DomainEvent, to_event(n))) for n in page]
 
@@ -833,6 +921,8 @@ class FlowStore:
 
         def flush() -> None:
             nonlocal appended
+            if not pending:
+                return
             try:
                 self._save(pending)
             except IntegrityError:
@@ -846,25 +936,65 @@ class FlowStore:
             pending.clear()
 
         for event in events:
+            if isinstance(event, FlowErased):
+                # Erased in the source: erase here too, at this point of the stream (a later run
+                # of the same user id gets a new key). Its user is whoever the instance's events
+                # named: the event itself may carry a stand-in id (published after the erasure).
+                flush()
+                instance = self._get(event.originator_id, FlowInstance)
+                if instance is not None:
+                    event = event.model_copy(update={"user_id": instance.user_id})
+                pending.append(event)
+                flush()
+                self._shred(event.user_id)
+                continue
             pending.append(event)
             if len(pending) >= batch:
                 flush()
-        if pending:
-            flush()
+        flush()
         return appended
 
     def log_position(self) -> int:
         """The notification id of the newest event in the log (0 when the log is empty)."""
-        return self._app.recorder.max_notification_id() or 0
+        with self._storage_errors(self.config.env, "reading the log"):
+            return self._app.recorder.max_notification_id() or 0
 
     # Internals
 
-    def _save(self, events: Sequence[DomainEvent]) -> None:
-        """Append events and hand them to the live projector."""
-        with self._write_lock:
-            recordings = self._app.save(*events)
-        if self._live is not None and recordings:
-            self._live.written(recordings[-1].notification.id)
+    def _save(self, events: Sequence[DomainEvent], *, decided_here: bool = False) -> None:
+        """Append events (all or none) and hand them to the live projector.
+
+        `decided_here` says the events were just decided by this store, stamped by its clock: then
+        a conflict where the log already holds these very events is our own append, committed but
+        unacknowledged (eventsourcing's PostgreSQL recorder retries an insert whose connection
+        dropped, and the retry meets the rows it wrote), and it counts as done. Events copied
+        from elsewhere (`import_events`) must not pass it: finding them stored proves nothing.
+        """
+        with self._storage_errors(self.config.env, "appending events"):
+            try:
+                with self._write_lock:
+                    recordings = self._app.save(*events)
+            except IntegrityError:
+                if not decided_here:
+                    raise
+                first = events[0]  # the insert is atomic: the first event settles it for all
+                stored = self._app.events.get(
+                    first.originator_id,
+                    gt=first.originator_version - 1,
+                    lte=first.originator_version,
+                )
+                if list(stored) != [first]:
+                    raise
+                _log.warning(
+                    "append at %s v%d was committed but not acknowledged; counted once",
+                    first.originator_id,
+                    first.originator_version,
+                )
+                position = self._app.recorder.max_notification_id() or 0  # past our events
+            else:
+                position = recordings[-1].notification.id if recordings else 0
+        if self._live is not None and position:
+            self._live.written(position)
 
     def _project_written(self) -> int:
         # On SQLite the projector and this process's writers take turns on the Python lock:
@@ -880,9 +1010,11 @@ class FlowStore:
 
     def _get(self, aggregate_id: UUID, kind: type[T]) -> T | None:
         try:
-            aggregate: object = self._app.repository.get(
-                aggregate_id, projector_func=cast(Any, project)
-            )
+            reading = f"reading {kind.__name__} {aggregate_id}"
+            with self._storage_errors(self.config.env, reading):
+                aggregate: object = self._app.repository.get(
+                    aggregate_id, projector_func=cast(Any, project)
+                )
         except AggregateNotFoundError:
             return None
         if not isinstance(aggregate, kind):
@@ -984,11 +1116,14 @@ class FlowStore:
                     raise FlowStateNotFoundError(user_id, flow_id)
                 return instance
             try:
-                self._save(decision.events)
+                self._save(decision.events, decided_here=True)
             except IntegrityError:
                 self._forget_instance(iid)
                 self._backoff(attempt)
                 continue
+            except StorageUnavailableError:
+                self._forget_instance(iid)  # a commit cut off in flight may still have landed
+                raise
             updated = cast(FlowInstance, project(instance, decision.events))
             self._remember_instance(updated)
             if decision.error is not None:
@@ -1001,9 +1136,9 @@ class FlowStore:
     ) -> None:
         """Append definition/catalog events, deciding again after a concurrent append."""
         for attempt in range(self.max_retries):
-            events = decide()
+            events = decide()  # reads through _get, which reports a storage outage
             try:
-                self._save(events)
+                self._save(events, decided_here=True)
             except IntegrityError:
                 self._backoff(attempt)
                 continue
@@ -1011,6 +1146,31 @@ class FlowStore:
             self._definition_changed(flow_id)
             return
         raise ConcurrencyConflictError(user_id, flow_id, self.max_retries)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _storage_errors(env: Mapping[str, str], action: str) -> Iterator[None]:
+        """Raise `StorageUnavailableError` when the database fails under `action`.
+
+        Down, cut off or read-only: eventsourcing's OperationalError and InterfaceError (already
+        retried: ten attempts on PostgreSQL, each waiting up to POSTGRES_CONNECT_TIMEOUT for a
+        connection), and SQLAlchemy's (the projection tables). Other errors pass through.
+        """
+        try:
+            yield
+        except Exception as exc:
+            from sqlalchemy import exc as sql  # loaded already, by the projections
+
+            if not isinstance(
+                exc, OperationalError | InterfaceError | sql.OperationalError | sql.InterfaceError
+            ):
+                raise
+            module = env.get("PERSISTENCE_MODULE", "")
+            backend = {"eventsourcing.sqlite": "SQLite", "eventsourcing.postgres": "PostgreSQL"}
+            reason = str(getattr(exc, "orig", None) or exc)  # SQLAlchemy's names the statement
+            raise StorageUnavailableError(
+                backend.get(module, "The database"), action, reason or type(exc).__name__
+            ) from exc
 
     @staticmethod
     def _backoff(attempt: int) -> None:

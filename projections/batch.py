@@ -19,6 +19,7 @@ from projections.ops import (
     AddHistory,
     AddStepCounters,
     AddThroughput,
+    EraseInstance,
     PutSample,
     PutState,
     changes,
@@ -51,6 +52,8 @@ class RowBatch:
         self.states: dict[StateKey, dict[str, Any] | None] = {}
         self.dirty: set[StateKey] = set()
         self.history: list[dict[str, Any]] = []
+        self.erased: set[StateKey] = set()
+        """Instances whose rows written before this batch must be deleted (before its own rows)."""
         self.counters: defaultdict[str, defaultdict[str, float]] = defaultdict(
             lambda: defaultdict(float)
         )
@@ -85,6 +88,15 @@ class RowBatch:
                     self.dirty.add(key)
                 case AddHistory(row):
                     self.history.append(row)
+                case EraseInstance(user_id, flow_id):
+                    self.states[key] = None
+                    self.dirty.add(key)
+                    self.erased.add(key)
+                    self.history = [
+                        h
+                        for h in self.history
+                        if (h["user_id"], h["flow_id"]) != (user_id, flow_id)
+                    ]
                 case AddCounters(flow_id, deltas):
                     counters = self.counters[flow_id]
                     for name, delta in deltas.items():  # Counter.update is slower per call
@@ -122,4 +134,6 @@ class RowBatch:
     @property
     def empty(self) -> bool:
         """True when no event changed any row."""
-        return not (self.dirty or self.history or self.counters or self.steps or self.samples)
+        return not (
+            self.dirty or self.erased or self.history or self.counters or self.steps or self.samples
+        )

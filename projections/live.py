@@ -13,13 +13,11 @@ import logging
 import threading
 from collections.abc import Callable
 
+from flowstore.errors import ProjectionLagError
+
 __all__ = ["LiveProjector", "ProjectionLagError"]
 
 log = logging.getLogger(__name__)
-
-
-class ProjectionLagError(TimeoutError):
-    """The tables did not reach this process's writes in time (the last catch-up error is chained)."""
 
 
 class LiveProjector:

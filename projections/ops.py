@@ -15,6 +15,7 @@ from flowstore.domain import (
     DomainEvent,
     FlowCleared,
     FlowCompleted,
+    FlowErased,
     FlowExpired,
     FlowMigrated,
     FlowStarted,
@@ -33,6 +34,7 @@ __all__ = [
     "AddHistory",
     "AddStepCounters",
     "AddThroughput",
+    "EraseInstance",
     "Op",
     "PutSample",
     "PutState",
@@ -94,7 +96,23 @@ class AddThroughput:
     forget_before: int
 
 
-Op = PutState | AddHistory | AddCounters | AddStepCounters | PutSample | AddThroughput
+@dataclass(frozen=True)
+class EraseInstance:
+    """Delete the `flow_states` row and every `flow_history` row of (user_id, flow_id)."""
+
+    user_id: str
+    flow_id: str
+
+
+Op = (
+    EraseInstance
+    | PutState
+    | AddHistory
+    | AddCounters
+    | AddStepCounters
+    | PutSample
+    | AddThroughput
+)
 
 
 def _state_row(event: InstanceEvent, previous: dict[str, Any] | None, **fields: Any) -> PutState:
@@ -271,4 +289,8 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                     expires_at=None,
                 )
             )
+        case FlowErased():
+            # The counters keep counting the erased user's steps (they say nothing about who).
+            ops.extend(_dropped(previous, flow))
+            ops.append(EraseInstance(event.user_id, flow))
     return ops

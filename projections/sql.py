@@ -267,8 +267,13 @@ class SqlProjections:
         return stmt.on_conflict_do_update(index_elements=keys, set_=values)
 
     def _write(self, conn: Connection, t: ProjectionTables, batch: RowBatch) -> None:
-        if batch.dirty:
-            states = [row for key in batch.dirty if (row := batch.states[key]) is not None]
+        for user_id, flow_id in batch.erased:  # first: rows of a new run after it must stay
+            for table in (t.states, t.history):
+                conn.execute(
+                    delete(table).where(table.c.user_id == user_id, table.c.flow_id == flow_id)
+                )
+        states = [row for key in batch.dirty if (row := batch.states[key]) is not None]
+        if states:
             conn.execute(self._upsert(t.states, ["user_id", "flow_id"], add=False), states)
         if batch.history:
             conn.execute(t.history.insert(), batch.history)

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
-from flowstore import DefinitionError, FlowDefinition, PayloadTooLargeError, PayloadValidationError
+from flowstore import (
+    DefinitionError,
+    FlowDefinition,
+    FlowStore,
+    PayloadTooLargeError,
+    PayloadValidationError,
+)
 from flowstore.definitions import (
+    MAX_DEFINITION_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_NAME_LENGTH,
+    MAX_TTL_SECONDS,
     check_payload,
     parse_definition,
     reachable_steps,
@@ -230,3 +242,197 @@ def test_names_with_control_characters_are_problems() -> None:
     definition["steps"]["s0"]["service"] = "svc\x00"
     with pytest.raises(DefinitionError, match="service 'svc\\\\x00' contains a control character"):
         parse_definition(definition)
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """An object `depth` levels deep: {"a": {"a": ... {"leaf": 1}}}."""
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+def with_blob(size: int) -> dict[str, Any]:
+    return linear("f", config={"blob": "x" * size})
+
+
+def encoded_size(definition: dict[str, Any]) -> int:
+    """Bytes of the definition's JSON as its event stores it."""
+    return len(orjson.dumps(parse_definition(definition).model_dump()))
+
+
+def test_a_definition_of_the_size_limit_is_accepted_and_one_byte_more_is_refused() -> None:
+    size = MAX_DEFINITION_BYTES - encoded_size(with_blob(0))
+    assert encoded_size(with_blob(size)) == MAX_DEFINITION_BYTES
+    with pytest.raises(DefinitionError) as caught:
+        parse_definition(with_blob(size + 1))
+    assert caught.value.problems == [
+        f"the definition is {MAX_DEFINITION_BYTES + 1} bytes as JSON, over the limit of "
+        f"{MAX_DEFINITION_BYTES} bytes"
+    ]
+
+
+def test_the_size_limit_leaves_room_under_kafkas_one_megabyte_messages() -> None:
+    assert MAX_DEFINITION_BYTES <= 1024 * 1024 // 4
+
+
+def test_a_10mb_definition_is_refused() -> None:
+    with pytest.raises(DefinitionError, match="over the limit of"):
+        parse_definition(with_blob(10_000_000))
+
+
+def test_an_update_that_makes_the_definition_too_large_is_refused() -> None:
+    current = parse_definition(linear("f"))
+    with pytest.raises(DefinitionError, match="over the limit of"):
+        update_definition(current, {"prefabs": {"blob": "x" * MAX_DEFINITION_BYTES}})
+
+
+def long_names(name: str) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, definition) for each kind of name in a definition, set to `name`."""
+    flow = linear("f")
+    step = linear("f")
+    step["steps"][name] = step["steps"].pop("s2") | {"step": name}
+    step["steps"]["s1"]["transitions"]["next"]["step"] = name
+    service, module, transition = linear("f"), linear("f"), linear("f")
+    service["steps"]["s0"]["service"] = name
+    module["steps"]["s0"]["module"] = name
+    edges = transition["steps"]["s0"]["transitions"]
+    edges[name] = edges.pop("next") | {"transition": name}
+    return [
+        ("flow id", flow | {"flow": name}),
+        ("step name", step),
+        ("service", service),
+        ("module", module),
+        ("transition name", transition),
+    ]
+
+
+@pytest.mark.parametrize(("kind", "definition"), long_names("n" * (MAX_NAME_LENGTH + 1)))
+def test_names_longer_than_the_limit_are_refused(kind: str, definition: dict[str, Any]) -> None:
+    with pytest.raises(DefinitionError) as caught:
+        parse_definition(definition)
+    assert caught.value.problems == [
+        f"{kind} 'nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn...' is longer than {MAX_NAME_LENGTH} "
+        f"characters ({MAX_NAME_LENGTH + 1})"
+    ]
+
+
+@pytest.mark.parametrize(("kind", "definition"), long_names("n" * MAX_NAME_LENGTH))
+def test_names_as_long_as_the_limit_are_accepted(kind: str, definition: dict[str, Any]) -> None:
+    assert parse_definition(definition).to_seed() == {**definition, "config": {}, "prefabs": {}}
+
+
+def test_a_refused_long_flow_id_is_shortened_in_the_error() -> None:
+    with pytest.raises(DefinitionError) as caught:
+        parse_definition(linear("g" * 10_000))
+    assert caught.value.flow_id == "g" * 40 + "..."
+    assert len(caught.value.message) < 500
+
+
+def test_an_empty_service_is_refused() -> None:
+    definition = linear("f")
+    definition["steps"]["s1"]["service"] = " "
+    with pytest.raises(DefinitionError) as caught:
+        parse_definition(definition)
+    assert caught.value.problems == ["service of step 's1' must not be empty"]
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        ("config", {"n": 10**30}),
+        ("config", {"n": 2**64}),
+        ("config", {"n": -(2**63) - 1}),
+        ("prefabs", {"list": [1, 2, 10**20]}),
+    ],
+)
+def test_integers_beyond_64_bits_are_refused(where: str, value: dict[str, Any]) -> None:
+    with pytest.raises(DefinitionError, match="Integer exceeds 64-bit range"):
+        parse_definition(linear("f", **{where: value}))
+
+
+def test_integers_within_64_bits_are_accepted() -> None:
+    config = {"max": 2**64 - 1, "min": -(2**63)}
+    assert parse_definition(linear("f", config=config)).config == config
+
+
+def test_a_step_index_beyond_64_bits_is_refused() -> None:
+    definition = linear("f")
+    definition["steps"]["s0"]["index"] = 10**30
+    with pytest.raises(DefinitionError, match="64-bit") as caught:
+        parse_definition(definition)
+    assert len(caught.value.problems) == 1
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        lambda d: d.update(config={"x": "\udc80"}),
+        lambda d: d.update(prefabs={"\ud800": 1}),
+        lambda d: d["steps"]["s0"]["transitions"]["next"].update(
+            payloadSchema={"type": "object", "description": "\udfff"}
+        ),
+    ],
+    ids=["config-value", "prefabs-key", "payload-schema"],
+)
+def test_lone_surrogates_anywhere_are_refused(where: Any) -> None:
+    definition = linear("f")
+    where(definition)
+    with pytest.raises(DefinitionError, match="surrogates not allowed"):
+        parse_definition(definition)
+
+
+def test_nesting_up_to_the_limit_is_accepted_and_one_level_more_is_refused() -> None:
+    # The definition is level 1, so its config starts at level 2.
+    fits = linear("f", config=nested(MAX_JSON_DEPTH - 1))
+    assert parse_definition(fits).config == fits["config"]
+    with pytest.raises(DefinitionError) as caught:
+        parse_definition(linear("f", config=nested(MAX_JSON_DEPTH)))
+    assert caught.value.problems == [
+        f"the definition is nested {MAX_JSON_DEPTH + 1} levels deep, over the limit of "
+        f"{MAX_JSON_DEPTH}"
+    ]
+
+
+@pytest.mark.parametrize("depth", [253, 254, 2000])
+def test_configs_nested_past_what_orjson_encodes_are_refused(depth: int) -> None:
+    with pytest.raises(DefinitionError, match="nest"):
+        parse_definition(linear("f", config=nested(depth)))
+
+
+def test_a_model_nested_too_deep_for_pydantic_is_refused() -> None:
+    model = FlowDefinition.model_validate(linear("f", config=nested(2000)))
+    with pytest.raises(DefinitionError, match="not JSON"):
+        parse_definition(model)
+
+
+def test_a_ttl_of_at_most_100_years_is_accepted() -> None:
+    assert MAX_TTL_SECONDS == 100 * 365 * 24 * 3600
+    assert parse_definition(linear("f", ttl=MAX_TTL_SECONDS)).ttl == MAX_TTL_SECONDS
+
+
+@pytest.mark.parametrize("ttl", [MAX_TTL_SECONDS + 1, 10**12, 10**30])
+def test_a_longer_ttl_is_refused(ttl: int) -> None:
+    with pytest.raises(DefinitionError, match=f"ttl must be at most {MAX_TTL_SECONDS} seconds"):
+        parse_definition(linear("f", ttl=ttl))
+
+
+def test_the_longest_ttl_still_gives_an_expiry(tmp_path: Path) -> None:
+    with FlowStore(f"sqlite:///{tmp_path / 'store.db'}") as store:
+        store.create_flow(linear("f", ttl=MAX_TTL_SECONDS))
+        state = store.execute_transition("ann", "f", "next")
+        assert state.expires_at is not None
+        assert (state.expires_at - state.updated_at).total_seconds() == MAX_TTL_SECONDS
+
+
+def test_payloads_nested_up_to_the_limit_are_accepted_and_deeper_ones_refused() -> None:
+    assert check_payload(nested(MAX_JSON_DEPTH)) == nested(MAX_JSON_DEPTH)
+    with pytest.raises(PayloadValidationError, match=f"nested {MAX_JSON_DEPTH + 1} levels deep"):
+        check_payload(nested(MAX_JSON_DEPTH + 1))
+
+
+@pytest.mark.parametrize("depth", [253, 254, 255, 2000])
+def test_payloads_nested_near_orjsons_limit_are_refused(depth: int) -> None:
+    # 253 levels passed orjson alone but not inside its event (one level more): untyped TypeError.
+    with pytest.raises(PayloadValidationError, match=r"nest|Recursion"):
+        check_payload(nested(depth))

@@ -57,6 +57,8 @@ class FlowModel:
     def __init__(self, definition: dict[str, Any]) -> None:
         self.versions = [definition]
         self.instances: dict[str, ModelInstance] = {}
+        self.erased: set[str] = set()
+        """Users erased since their last event (erasing again changes nothing)."""
 
     def _enter(self, inst: ModelInstance, definition: dict[str, Any], step: str) -> None:
         inst.step = step
@@ -67,6 +69,7 @@ class FlowModel:
 
     def start(self, user: str, step: str | None, kind: str) -> None:
         inst = self.instances.setdefault(user, ModelInstance())
+        self.erased.discard(user)
         definition = self.versions[-1]
         target = step or definition["initialStep"]
         inst.history.append((kind, inst.step, target, None, True))
@@ -109,6 +112,17 @@ class FlowModel:
         inst.history.append(("clear", inst.step, None, None, True))
         inst.step, inst.payload, inst.completed = None, None, False
         inst.version += 1
+        return True
+
+    def erase(self, user: str) -> bool:
+        """`erase_user`: no state, no history; the instance's version goes on (one event more)."""
+        inst = self.instances.get(user)
+        if inst is None or user in self.erased:
+            return False
+        inst.history.clear()
+        inst.step, inst.payload, inst.completed = None, None, False
+        inst.version += 1
+        self.erased.add(user)
         return True
 
 
@@ -163,6 +177,12 @@ class FlowMachine(RuleBasedStateMachine):
             assert not expected
         else:
             assert expected
+
+    @rule(user=st.sampled_from(USERS))
+    def erase(self, user: str) -> None:
+        # At least this flow's instance: the examples share one database, so the user may have
+        # instances in earlier examples' flows too (the invariant checks this flow's side).
+        assert self.store.erase_user(user) >= self.model.erase(user)
 
     @rule(definition=flow_definitions())
     def update(self, definition: dict[str, Any]) -> None:

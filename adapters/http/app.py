@@ -42,7 +42,6 @@ from adapters.http.problems import (
     PROBLEM_MEDIA_TYPE,
     Problem,
     RequestInvalidError,
-    StorageUnavailableError,
     http_status_code,
     problem,
     problem_for,
@@ -50,6 +49,7 @@ from adapters.http.problems import (
 )
 from adapters.http.push import LogPusher
 from adapters.http.schemas import (
+    ErasureResult,
     Health,
     PurgeResult,
     Readiness,
@@ -69,6 +69,7 @@ from flowstore import (
     FlowStore,
     FunnelStep,
     PayloadTooLargeError,
+    StorageUnavailableError,
 )
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
@@ -509,6 +510,15 @@ def create_app(
         )
         return store.set_flow_state(user_id, state)
 
+    @admins.delete(
+        "/admin/users/{userId}",
+        response_model=ErasureResult,
+        responses=_errors(401, 403, 409, 422),
+    )
+    def erase_user(user_id: UserId) -> ErasureResult:
+        """Erase the user for good (crypto-shredding): state, history and payloads, every flow."""
+        return ErasureResult(user_id=user_id, erased_instances=store.erase_user(user_id))
+
     app.include_router(users)
     app.include_router(admins)
 
@@ -526,7 +536,9 @@ def create_app(
             return Readiness(log_position=store.log_position())
         except Exception as exc:
             log.warning("readiness check failed", exc_info=True)
-            raise StorageUnavailableError(type(exc).__name__) from None
+            raise StorageUnavailableError(
+                "The database", "the readiness check", type(exc).__name__
+            ) from None
 
     @app.websocket("/api/flow/ws")
     async def flow_socket(websocket: WebSocket) -> None:

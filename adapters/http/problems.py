@@ -23,7 +23,6 @@ __all__ = [
     "PROBLEM_MEDIA_TYPE",
     "Problem",
     "RequestInvalidError",
-    "StorageUnavailableError",
     "http_status_code",
     "problem",
     "problem_for",
@@ -41,15 +40,6 @@ class RequestInvalidError(FlowError, ValueError):
     def __init__(self, errors: list[dict[str, Any]]) -> None:
         where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
         super().__init__(f"Invalid request: {where}", errors=errors)
-
-
-class StorageUnavailableError(FlowError):
-    """The database cannot be reached (readiness probe)."""
-
-    code = "STORAGE_UNAVAILABLE"
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"Database unreachable: {reason}")
 
 
 class Problem(BaseModel):

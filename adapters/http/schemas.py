@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 __all__ = [
+    "ErasureResult",
     "Health",
     "PurgeResult",
     "Readiness",
@@ -74,6 +75,13 @@ class PurgeResult(_Camel):
     """How many instances `POST /api/admin/purge-expired` expired."""
 
     purged: int
+
+
+class ErasureResult(_Camel):
+    """What `DELETE /api/admin/users/{userId}` erased."""
+
+    user_id: str
+    erased_instances: int
 
 
 class Health(_Camel):

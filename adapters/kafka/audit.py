@@ -5,7 +5,8 @@ are taken in partition order and checked against the log:
 
 - missing: a version the log has (up to the publisher's recorded position) and the topic lacks;
 - out of order: a version whose first copy comes after the first copy of a later version;
-- changed: a version whose message differs from the event in the log;
+- changed: a version whose message differs from the event in the log (except events of erased
+  users: their copies on the topic predate the erasure, the log's now read anonymised);
 - extra: a version the log does not have (a topic of another store?);
 - split: the aggregate's messages sit on more than one partition (their order is not defined);
 - duplicated: a version sent more than once. At least once delivery allows this (consumers drop
@@ -28,6 +29,7 @@ from adapters.kafka.envelope import EnvelopeError, FlowEventEnvelope
 from adapters.kafka.publisher import bootstrap_from_env, topic_from_env
 from adapters.kafka.tracking import PublisherTracking
 from flowstore import FlowStore
+from flowstore.keys import ERASED_USER_PREFIX
 
 __all__ = ["PROBLEMS", "AuditFinding", "AuditReport", "audit_topic"]
 
@@ -146,15 +148,16 @@ def audit_topic(
         entry.copies[version] += 1
 
     # Per aggregate and version: the event's digest, and whether it must be on the topic by now.
-    expected: dict[UUID, dict[int, tuple[bytes, bool]]] = {}
+    expected: dict[UUID, dict[int, tuple[bytes | None, bool]]] = {}
     owners: dict[UUID, tuple[str | None, str | None]] = {}
     checked = unpublished = 0
     start = 1
     while page := store.read_events(start, _PAGE):
         for notification_id, event in page:
             envelope = FlowEventEnvelope.of(notification_id, event)
+            erased = (envelope.user_id or "").startswith(ERASED_USER_PREFIX)
             expected.setdefault(event.originator_id, {})[event.originator_version] = (
-                _digest(envelope),
+                None if erased else _digest(envelope),
                 notification_id <= up_to,
             )
             owners.setdefault(event.originator_id, (envelope.user_id, envelope.flow_id))
@@ -185,7 +188,7 @@ def audit_topic(
 def _compare(
     aggregate: UUID,
     topic: _Seen | None,
-    log: dict[int, tuple[bytes, bool]],
+    log: dict[int, tuple[bytes | None, bool]],
     owner: tuple[str | None, str | None] | None,
 ) -> list[AuditFinding]:
     """The findings for one aggregate: its copies on the topic against its events in the log."""
@@ -196,7 +199,9 @@ def _compare(
     }
     if topic is not None:
         found["out of order"] = _late(topic.first)
-        found["changed"] = [v for v, d in topic.digests.items() if v in log and log[v][0] != d]
+        found["changed"] = [
+            v for v, d in topic.digests.items() if v in log and log[v][0] not in (d, None)
+        ]
         found["extra"] = [v for v in topic.first if v not in log]
         found["split"] = list(topic.first) if len(topic.partitions) > 1 else []
         found["duplicated"] = [v for v, n in on_topic.items() for _ in range(n - 1)]

@@ -448,6 +448,31 @@ def test_purge_expired_expires_idle_instances(sqlite_url: str, admin: User, alic
             assert_problem(state, 404, "FLOW_STATE_NOT_FOUND")
 
 
+def test_an_admin_erases_a_user_and_nobody_else_can(
+    sqlite_url: str, admin: User, alice: User, bob: User
+) -> None:
+    with FlowStore(sqlite_url) as store:
+        store.create_flow(linear("line"))
+        for user in (alice, bob):
+            store.execute_transition(user.id, "line", "next", {"secret": user.id})
+        with (
+            LiveServer(create_app(store, JwtVerifier(SECRET))) as live,
+            httpx.Client(base_url=live.url) as client,
+        ):
+            path = f"/api/admin/users/{alice.id}"
+            assert_problem(client.delete(path, headers=bob.headers), 403, "FORBIDDEN")
+            assert_problem(client.delete(path), 401, "UNAUTHENTICATED")
+            assert client.get("/api/flow/line/state", headers=alice.headers).status_code == 200
+            erased = client.delete(path, headers=admin.headers)
+            assert erased.json() == {"userId": alice.id, "erasedInstances": 1}
+            state = client.get("/api/flow/line/state", headers=alice.headers)
+            assert_problem(state, 404, "FLOW_STATE_NOT_FOUND")
+            assert client.get("/api/flow/line/history", headers=alice.headers).json() == []
+            assert client.get("/api/flow/line/state", headers=bob.headers).status_code == 200
+            again = client.delete(path, headers=admin.headers)
+            assert again.json() == {"userId": alice.id, "erasedInstances": 0}
+
+
 def test_a_command_that_gives_up_on_conflicts_is_409(sqlite_url: str, alice: User) -> None:
     # A store allowed no retries gives up at once: the mapping of CONCURRENCY_CONFLICT is what is
     # under test here (tests/test_concurrency.py shows the retries themselves).
@@ -502,6 +527,7 @@ def test_openapi_and_docs_are_served(client: httpx.Client) -> None:
         "/api/flows/{flowId}/funnel",
         "/api/admin/purge-expired",
         "/api/admin/users/{userId}/flows/{flowId}/state",
+        "/api/admin/users/{userId}",
         "/healthz",
         "/readyz",
     } == set(spec["paths"])

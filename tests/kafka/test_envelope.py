@@ -43,6 +43,8 @@ def every_kind_of_event() -> list[tuple[int, DomainEvent]]:
         clock.advance(5)
         store.purge_expired_flows()
         store.delete_flow("short")
+        store.reset_flow("eve", FLOW)
+        store.erase_user("eve")
         return store.read_events(1, 1000)
 
 

@@ -12,12 +12,14 @@ from kafka import KafkaProducer
 
 from adapters.cli import main
 from adapters.errors import DIFFERENCES_EXIT_CODE
+from adapters.kafka.audit import audit_topic
 from adapters.kafka.consumer import TopicMessage, read_topic
 from adapters.kafka.envelope import FlowEventEnvelope
 from adapters.kafka.publisher import KafkaPublisher, ensure_topic
 from adapters.kafka.restore import TopicIncompleteError, restore_from_kafka
 from adapters.kafka.tracking import PublisherTracking
 from flowstore import FlowStore
+from flowstore.domain import instance_id
 from tests.flows import Clock
 from tests.kafka.conftest import FLOW, drive
 
@@ -228,3 +230,36 @@ def test_audit_of_a_topic_that_does_not_exist_fails_without_creating_it(
     assert code == 1
     assert f"error[KAFKA_UNAVAILABLE]: topic {topic!r} not found" in capsys.readouterr().err
     assert ensure_topic(bootstrap, topic)  # created now, by us: it did not exist
+
+
+def test_an_erasure_travels_the_stream_to_audits_and_restores(
+    store_url: str, tmp_path: Path, bootstrap: str, topic: str, clock: Clock
+) -> None:
+    source_url = f"sqlite:///{tmp_path / 'source.db'}"
+    with published(source_url, bootstrap, topic, clock) as source:
+        # u0's events went out before the erasure (with their user id), the erasure after it.
+        assert source.erase_user("u0") == 1
+        publisher = KafkaPublisher(source, bootstrap, topic)
+        publisher.lock.acquire()
+        publisher.publish_pending()
+        publisher.close()
+        erasures = [
+            e
+            for m in read_topic(bootstrap, topic)
+            if (e := FlowEventEnvelope.parse(m.value)).event_type == "FlowErased"
+        ]
+        assert len(erasures) == 1
+        assert erasures[0].aggregate_id == instance_id("u0", FLOW)  # consumers delete by key
+        # The log now reads u0's events anonymised; the topic's older copies are not "changed".
+        report = audit_topic(source, bootstrap, topic)
+        assert (report.ok, report.findings) == (True, [])
+        original = everything(source)
+    with FlowStore(store_url, clock=clock) as restored:
+        restore_from_kafka(restored, bootstrap, topic)
+        assert everything(restored) == original
+        assert restored.get_flow_state("u0", FLOW) is None
+        # The restore shredded u0's key too: the user id is nowhere in its log any more.
+        users = {getattr(e, "user_id", None) for _, e in restored.read_events(1, 100_000)}
+        assert "u0" not in users
+        assert "u1" in users
+        assert restored.verify_projections() == []

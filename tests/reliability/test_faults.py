@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, OperationalError
 
-from flowstore import FlowError, FlowStore
+from flowstore import FlowStore, StorageUnavailableError
 from flowstore.domain import TransitionExecuted
 from flowstore.storage import parse_url
 from projections.sql import SqlProjections
@@ -193,24 +193,25 @@ def test_postgres_stopped_and_restarted_under_load_loses_nothing(
     print(hammers.errors)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a lost PostgreSQL connection surfaces as eventsourcing.persistence."
-    "OperationalError (not a FlowError) after 10 retries of the pool timeout",
-)
 def test_a_command_while_postgres_is_down_raises_a_flow_error(
     restartable_pg: RestartablePostgres,
 ) -> None:
     url = restartable_pg.create_database("connect_timeout=1")
     create_ring(url)
     with FlowStore(url) as store:
-        store.execute_transition("ann", FLOW, "tick")
+        before = store.execute_transition("ann", FLOW, "tick")
         restartable_pg.stop("fast")
         try:
-            with pytest.raises(FlowError):
+            with pytest.raises(StorageUnavailableError, match="PostgreSQL") as caught:
                 store.execute_transition("ann", FLOW, "tick")
+            assert isinstance(caught.value.__cause__, OperationalError)
+            with pytest.raises(StorageUnavailableError, match="opening"):
+                FlowStore(url)
         finally:
             restartable_pg.start()
+        # Nothing was written, and the store goes on from the state it had.
+        assert store.get_flow_state("ann", FLOW) == before
+        assert store.execute_transition("ann", FLOW, "tick").version == before.version + 1
 
 
 # SQLite made read-only
@@ -302,38 +303,29 @@ def test_sqlite_made_read_only_under_load_refuses_writes_and_corrupts_nothing(
     print(hammers.errors, opening)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a read-only SQLite file surfaces as eventsourcing.persistence.OperationalError "
-    "('disk I/O error') on commands and sqlalchemy.exc.OperationalError on opening, not FlowError",
-)
 def test_a_command_on_a_read_only_database_raises_a_flow_error(
     tmp_path: Path, read_only_files: Callable[[bool], None]
 ) -> None:
     url = f"sqlite:///{tmp_path / 'store.db'}"
     create_ring(url)
     with FlowStore(url) as store:
-        store.execute_transition("ann", FLOW, "tick")
+        before = store.execute_transition("ann", FLOW, "tick")
         read_only_files(True)
         try:
-            with pytest.raises(FlowError):
+            with pytest.raises(StorageUnavailableError, match="SQLite") as caught:
                 store.execute_transition("ann", FLOW, "tick")
-            with pytest.raises(FlowError):
+            assert isinstance(caught.value.__cause__, OperationalError)
+            with pytest.raises(StorageUnavailableError, match="read-only"):
                 FlowStore(url)
+            assert store.get_flow_state("ann", FLOW) == before  # nothing was written
         finally:
             read_only_files(False)
+        assert store.execute_transition("ann", FLOW, "tick").version == before.version + 1
 
 
 # An append whose acknowledgement is lost
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="risk (simulated, not seen in the restart runs): eventsourcing's PostgreSQL recorder "
-    "retries insert_events on OperationalError; if the connection drops after the commit, the "
-    "retry fails with IntegrityError on the now-taken version, FlowStore treats that as a "
-    "concurrent writer, decides again on the fresh state and appends the command a second time",
-)
 def test_an_append_whose_acknowledgement_was_lost_is_not_applied_twice(
     pg_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -354,7 +346,9 @@ def test_an_append_whose_acknowledgement_was_lost_is_not_applied_twice(
             return result
 
         monkeypatch.setattr(recorder, "insert_events", commit_then_lose_the_reply)
-        store.execute_transition("ann", FLOW, "tick", {"nonce": "once"})
+        state = store.execute_transition("ann", FLOW, "tick", {"nonce": "once"})
+        assert calls == 1  # no second decision, no second append
+        assert state.payload == {"nonce": "once"}
         copies = [
             e
             for _, e in all_events(store)

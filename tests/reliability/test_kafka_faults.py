@@ -5,7 +5,6 @@ shows no gap, the ledger of accepted transitions is exact and the tables equal t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
@@ -15,7 +14,9 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
+import orjson
 import pytest
 
 pytest.importorskip("kafka", reason="needs the kafka extra")
@@ -26,6 +27,8 @@ from adapters.kafka.consumer import read_topic
 from adapters.kafka.publisher import KafkaPublisher
 from adapters.kafka.tracking import PublisherTracking
 from flowstore import DefinitionError, FlowStore
+from flowstore.definitions import MAX_DEFINITION_BYTES, parse_definition
+from flowstore.domain import FlowDefined
 from flowstore.storage import parse_url
 from tests.flows import linear
 from tests.kafka.broker import TansuBroker
@@ -257,19 +260,25 @@ def test_a_broker_restarted_empty_gets_everything_after_the_restart_then_a_full_
     assert_audit_clean(report)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: create_flow accepts a 10 MB definition; its FlowDefined event exceeds the "
-    "producer's max_request_size (1 MB), the publisher retries that page forever (state "
-    "'failing', MessageSizeTooLargeError) and no later event of any user is published",
-)
+def with_blob(flow: str, size: int) -> dict[str, Any]:
+    """The linear flow with a config string of `size` characters."""
+    return {**linear(flow), "config": {"blob": "x" * size}}
+
+
 def test_an_oversized_definition_does_not_stall_the_publisher(
     broker: TansuBroker, topic: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    # A 10 MB FlowDefined event exceeded the producer's max_request_size (1 MB): the publisher
+    # retried that page forever (MessageSizeTooLargeError) and nothing later was published. Such a
+    # definition is refused now, before anything is written; the largest one accepted must fit.
+    empty = len(orjson.dumps(parse_definition(with_blob("largest", 0)).model_dump()))
+    largest = with_blob("largest", MAX_DEFINITION_BYTES - empty)
     url = f"sqlite:///{tmp_path_factory.mktemp('kafka') / 'store.db'}"
     with FlowStore(url) as store:
-        with contextlib.suppress(DefinitionError):  # refusing it is one way to fix this
-            store.create_flow({**linear("big"), "config": {"blob": "x" * 10_000_000}})
+        with pytest.raises(DefinitionError, match="over the limit of"):
+            store.create_flow(with_blob("big", 10_000_000))
+        assert store.log_position() == 0
+        store.create_flow(largest)
         store.create_flow(linear("small"))
         store.execute_transition("ann", "small", "next")
         publisher = KafkaPublisher(store, broker.bootstrap, topic, batch=10)
@@ -288,3 +297,14 @@ def test_an_oversized_definition_does_not_stall_the_publisher(
             stop.set()
             worker.join(timeout=60)
             publisher.close()
+        assert_audit_clean(audit_topic(store, broker.bootstrap, topic))
+    defined = [
+        m
+        for m in read_topic(broker.bootstrap, topic)
+        if m.envelope().event_type == "FlowDefined" and m.envelope().flow_id == "largest"
+    ]
+    assert len(defined) == 1
+    assert MAX_DEFINITION_BYTES < len(defined[0].value) < 1024 * 1024
+    event = defined[0].envelope().to_event()
+    assert isinstance(event, FlowDefined)
+    assert event.definition.config == largest["config"]

@@ -151,6 +151,7 @@ class StoreModel(FlowModel):
             return False
         self._drop(user)
         inst = self.instances.setdefault(user, ModelInstance())
+        self.erased.discard(user)
         inst.history.append(("override", inst.step, step, None, True))
         inst.definition_version = version
         inst.ok, inst.payload = ok, payload
@@ -164,6 +165,13 @@ class StoreModel(FlowModel):
         if cleared:
             self.expires_at[user] = None
         return cleared
+
+    def erase(self, user: str) -> bool:
+        self._drop(user)
+        erased = super().erase(user)
+        if erased:
+            self.expires_at[user] = None
+        return erased
 
     def expire(self, now: datetime) -> int:
         """`purge_expired_flows`: every active instance idle past its ttl is expired."""
@@ -412,6 +420,13 @@ class WholeStoreMachine(RuleBasedStateMachine):
             return
         self.store.clear_flow_state(user, self.flow_id(slot))
 
+    @rule(user=st.sampled_from(USERS))
+    def erase(self, user: str) -> None:
+        """`erase_user` reaches the user's instances in every flow, deleted ones too."""
+        expected = sum(model.erase(user) for model in self.models.values())
+        assert self.store.erase_user(user) == expected
+        self.seen["erased"] += expected
+
     @rule(seconds=st.integers(0, 400))
     def advance_clock(self, seconds: int) -> None:
         self.clock.advance(seconds)
@@ -549,11 +564,19 @@ def test_random_commands_on_the_whole_store_match_the_model(
         count=f"{len(runs)} runs, {sum(runs)} steps",
         seconds=time.monotonic() - began,
         load="2 flows x 3 users; create/update/delete, transitions, reset, set/clear, purge, "
-        "migrate, rebuild, reopen",
+        "migrate, erase, rebuild, reopen",
         held="state, history, statistics, funnel == model; verify == []; rebuild == live",
         notes=", ".join(f"{k} {n}" for k, n in sorted(seen.items())),
     )
     # The rules did reach the states that matter (a run that never expired anything proves less).
     if LONG:
-        for what in ("expired", "migrated", "revived", "rebuilt", "reopened", "completed"):
+        for what in (
+            "expired",
+            "migrated",
+            "revived",
+            "rebuilt",
+            "reopened",
+            "completed",
+            "erased",
+        ):
             assert seen[what] > 0, f"no {what} in {len(runs)} runs"

@@ -1,0 +1,300 @@
+"""A key per user, so that erasing a user is deleting one key (crypto-shredding).
+
+The personal fields of every instance event (`PERSONAL_FIELDS`: who the user is, what they sent, the
+error their input caused) are sealed with AES-GCM under a key of that user's own before the event is
+stored; the rest of the event (flow, steps, transition names, times, versions) stays readable, so the
+log keeps its shape and the statistics stay countable after an erasure. A key is known by a random
+`subject` id stored in the clear beside the sealed fields; `UserKeys.shred(user_id)` deletes the
+user's keys, after which their sealed fields can never be opened again, by anyone, while the log
+stays append-only.
+
+The keys live in the store's own database (`flowstore_user_keys`), wrapped with the store's cipher
+key when one is configured, else in the clear (then a copy of the database holds both the sealed
+data and its keys, as it does the events themselves: encryption at rest is `FLOWSTORE_CIPHER_KEY`'s
+job; erasure is this module's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+from uuid import uuid4
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from flowstore.storage import StorageConfig
+
+__all__ = [
+    "ERASED_USER_PREFIX",
+    "PERSONAL_FIELDS",
+    "KeyWrapper",
+    "MemoryKeyStore",
+    "SealedKey",
+    "SqlKeyStore",
+    "UserKeys",
+    "erased_user_id",
+]
+
+PERSONAL_FIELDS = ("user_id", "payload", "error")
+"""The fields of instance events that say something about a person; sealed with the user's key."""
+
+ERASED_USER_PREFIX = "erased:"
+"""What an erased user's events carry as their user id: this prefix and the erased key's subject."""
+
+_NONCE = 12
+_KEY_BITS = 256
+
+
+def erased_user_id(subject: str) -> str:
+    """The stand-in user id of the events sealed with `subject`'s key once that key is shredded."""
+    return f"{ERASED_USER_PREFIX}{subject}"
+
+
+def _user_ref(user_id: str) -> str:
+    # Keys are looked up by a digest rather than the user id: the key table holds no personal data.
+    return hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class KeyWrapper(Protocol):
+    """Encrypts keys at rest (the store's cipher when `FLOWSTORE_CIPHER_KEY` is set)."""
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        """Encrypt a key."""
+        ...
+
+    def decrypt(self, ciphertext: bytes) -> bytes:
+        """Decrypt a key."""
+        ...
+
+
+@dataclass(frozen=True)
+class SealedKey:
+    """One user key, ready to seal and open: its subject id and its AES-GCM cipher."""
+
+    subject: str
+    aead: AESGCM
+
+    def seal(self, plaintext: bytes, context: bytes) -> bytes:
+        """Encrypt, bound to `context` (the event's id and version: a sealed blob cannot move)."""
+        nonce = os.urandom(_NONCE)
+        return nonce + self.aead.encrypt(nonce, plaintext, context)
+
+    def open(self, sealed: bytes, context: bytes) -> bytes | None:
+        """Decrypt; None when the blob was not sealed by this key for this context."""
+        try:
+            return self.aead.decrypt(sealed[:_NONCE], sealed[_NONCE:], context)
+        except (InvalidTag, ValueError):
+            return None
+
+
+class UserKeys:
+    """Finds or creates users' keys, with a short-lived cache in front of the key table.
+
+    Cached entries live `refresh` seconds: a key shredded by another process stops being used here
+    within that time (the erasing process itself forgets it at once).
+    """
+
+    def __init__(self, refresh: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.refresh = refresh
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._by_user: dict[str, tuple[SealedKey, float]] = {}
+        self._by_subject: dict[str, tuple[SealedKey | None, float]] = {}
+
+    # The storage, per backend
+
+    def _load_user(self, ref: str) -> tuple[str, bytes] | None:
+        raise NotImplementedError
+
+    def _insert(self, subject: str, ref: str, key: bytes) -> None:
+        """Insert a key; a concurrent insert for the same user must make this a no-op."""
+        raise NotImplementedError
+
+    def _load_subject(self, subject: str) -> bytes | None:
+        raise NotImplementedError
+
+    def _delete_user(self, ref: str) -> list[str]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections."""
+
+    # The API
+
+    def for_user(self, user_id: str) -> SealedKey:
+        """The user's current key, created on first use."""
+        now = self._clock()
+        cached = self._by_user.get(user_id)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        ref = _user_ref(user_id)
+        found = self._load_user(ref)
+        if found is None:
+            self._insert(uuid4().hex, ref, AESGCM.generate_key(_KEY_BITS))
+            found = self._load_user(ref)  # ours, or the one a concurrent writer inserted first
+            assert found is not None
+        key = SealedKey(found[0], AESGCM(found[1]))
+        self._remember(user_id, key, now)
+        return key
+
+    def for_subject(self, subject: str) -> SealedKey | None:
+        """The key known by `subject`; None once it has been shredded."""
+        now = self._clock()
+        cached = self._by_subject.get(subject)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        raw = self._load_subject(subject)
+        key = SealedKey(subject, AESGCM(raw)) if raw is not None else None
+        with self._lock:
+            self._trim()
+            self._by_subject[subject] = (key, now + self.refresh)
+        return key
+
+    def shred(self, user_id: str) -> list[str]:
+        """Delete every key of the user for good; return their subjects."""
+        subjects = self._delete_user(_user_ref(user_id))
+        self.forget(user_id, subjects)
+        return subjects
+
+    def forget(self, user_id: str | None, subjects: list[str]) -> None:
+        """Drop cached keys (after an erasure, here or seen in the log)."""
+        with self._lock:
+            if user_id is not None:
+                self._by_user.pop(user_id, None)
+            for subject in subjects:
+                self._by_subject.pop(subject, None)
+            for user, (key, _) in list(self._by_user.items()):
+                if key.subject in subjects:
+                    del self._by_user[user]
+
+    def _remember(self, user_id: str, key: SealedKey, now: float) -> None:
+        with self._lock:
+            self._trim()
+            self._by_user[user_id] = (key, now + self.refresh)
+            self._by_subject[key.subject] = (key, now + self.refresh)
+
+    def _trim(self) -> None:
+        # A bound, not an LRU: a full cache is simply started afresh (keys are one read away).
+        if len(self._by_subject) > 100_000:
+            self._by_subject.clear()
+            self._by_user.clear()
+
+
+class MemoryKeyStore(UserKeys):
+    """Keys of a `memory://` store: gone with the process, like its log."""
+
+    def __init__(self, refresh: float = 1.0) -> None:
+        super().__init__(refresh)
+        self._keys: dict[str, tuple[str, bytes]] = {}  # subject -> (user ref, key)
+
+    def _load_user(self, ref: str) -> tuple[str, bytes] | None:
+        return next(((s, k) for s, (r, k) in self._keys.items() if r == ref), None)
+
+    def _insert(self, subject: str, ref: str, key: bytes) -> None:
+        with self._lock:
+            if self._load_user(ref) is None:
+                self._keys[subject] = (ref, key)
+
+    def _load_subject(self, subject: str) -> bytes | None:
+        found = self._keys.get(subject)
+        return found[1] if found else None
+
+    def _delete_user(self, ref: str) -> list[str]:
+        with self._lock:
+            subjects = [s for s, (r, _) in self._keys.items() if r == ref]
+            for subject in subjects:
+                del self._keys[subject]
+        return subjects
+
+
+class SqlKeyStore(UserKeys):
+    """Keys in the `flowstore_user_keys` table of the store's SQLite or PostgreSQL database."""
+
+    def __init__(
+        self, config: StorageConfig, wrapper: KeyWrapper | None = None, refresh: float = 1.0
+    ) -> None:
+        # Imported here: the domain modules stay importable without SQLAlchemy.
+        from sqlalchemy import (
+            Column,
+            LargeBinary,
+            MetaData,
+            String,
+            Table,
+            bindparam,
+            create_engine,
+            delete,
+            select,
+        )
+        from sqlalchemy.dialects import postgresql, sqlite
+        from sqlalchemy.exc import DBAPIError
+
+        super().__init__(refresh)
+        assert config.sqlalchemy_url is not None
+        self._wrapper = wrapper
+        sqlite_file = config.backend == "sqlite"
+        self.engine = create_engine(
+            config.sqlalchemy_url,
+            **({"connect_args": {"timeout": 60}} if sqlite_file else {"pool_pre_ping": True}),
+        )
+        md = MetaData()
+        self.table = table = Table(
+            "flowstore_user_keys",
+            md,
+            Column("subject", String(32), primary_key=True),
+            Column("user_ref", String(64), nullable=False, unique=True),
+            Column("key", LargeBinary, nullable=False),
+        )
+        for attempt in range(5):
+            try:
+                md.create_all(self.engine, checkfirst=True)
+                break
+            except DBAPIError:
+                # Processes opening a new PostgreSQL database together race on CREATE TABLE.
+                if attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        insert: Any = sqlite.insert if sqlite_file else postgresql.insert
+        self._insert_stmt = insert(table).on_conflict_do_nothing()
+        self._by_ref = select(table.c.subject, table.c.key).where(
+            table.c.user_ref == bindparam("ref")
+        )
+        self._by_subj = select(table.c.key).where(table.c.subject == bindparam("subject"))
+        self._delete_ref = delete(table).where(table.c.user_ref == bindparam("ref"))
+        self._refs = select(table.c.subject).where(table.c.user_ref == bindparam("ref"))
+
+    def close(self) -> None:
+        """Release connections."""
+        self.engine.dispose()
+
+    def _wrap(self, key: bytes) -> bytes:
+        return self._wrapper.encrypt(key) if self._wrapper else key
+
+    def _unwrap(self, stored: bytes) -> bytes:
+        return self._wrapper.decrypt(stored) if self._wrapper else stored
+
+    def _load_user(self, ref: str) -> tuple[str, bytes] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(self._by_ref, {"ref": ref}).first()
+        return (row.subject, self._unwrap(row.key)) if row else None
+
+    def _insert(self, subject: str, ref: str, key: bytes) -> None:
+        with self.engine.begin() as conn:
+            row = {"subject": subject, "user_ref": ref, "key": self._wrap(key)}
+            conn.execute(self._insert_stmt, row)
+
+    def _load_subject(self, subject: str) -> bytes | None:
+        with self.engine.connect() as conn:
+            stored = conn.execute(self._by_subj, {"subject": subject}).scalar()
+        return self._unwrap(stored) if stored is not None else None
+
+    def _delete_user(self, ref: str) -> list[str]:
+        with self.engine.begin() as conn:
+            subjects = list(conn.execute(self._refs, {"ref": ref}).scalars())
+            conn.execute(self._delete_ref, {"ref": ref})
+        return subjects
