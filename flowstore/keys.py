@@ -20,7 +20,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 from uuid import uuid4
@@ -119,6 +119,9 @@ class UserKeys:
     def _load_subject(self, subject: str) -> bytes | None:
         raise NotImplementedError
 
+    def _load_subjects(self, subjects: list[str]) -> dict[str, bytes]:
+        raise NotImplementedError
+
     def _delete_user(self, ref: str) -> list[str]:
         raise NotImplementedError
 
@@ -155,6 +158,20 @@ class UserKeys:
             self._trim()
             self._by_subject[subject] = (key, now + self.refresh)
         return key
+
+    def prefetch(self, subjects: Iterable[str]) -> None:
+        """Load the keys of many subjects at once (a page of events being decoded)."""
+        now = self._clock()
+        missing = {s for s in subjects if (c := self._by_subject.get(s)) is None or c[1] <= now}
+        if not missing:
+            return
+        found = self._load_subjects(sorted(missing))
+        with self._lock:
+            self._trim()
+            for subject in missing:
+                raw = found.get(subject)
+                key = SealedKey(subject, AESGCM(raw)) if raw is not None else None
+                self._by_subject[subject] = (key, now + self.refresh)
 
     def shred(self, user_id: str) -> list[str]:
         """Delete every key of the user for good; return their subjects."""
@@ -204,6 +221,9 @@ class MemoryKeyStore(UserKeys):
     def _load_subject(self, subject: str) -> bytes | None:
         found = self._keys.get(subject)
         return found[1] if found else None
+
+    def _load_subjects(self, subjects: list[str]) -> dict[str, bytes]:
+        return {s: self._keys[s][1] for s in subjects if s in self._keys}
 
     def _delete_user(self, ref: str) -> list[str]:
         with self._lock:
@@ -265,6 +285,9 @@ class SqlKeyStore(UserKeys):
             table.c.user_ref == bindparam("ref")
         )
         self._by_subj = select(table.c.key).where(table.c.subject == bindparam("subject"))
+        self._by_subjects = select(table.c.subject, table.c.key).where(
+            table.c.subject.in_(bindparam("subjects", expanding=True))
+        )
         self._delete_ref = delete(table).where(table.c.user_ref == bindparam("ref"))
         self._refs = select(table.c.subject).where(table.c.user_ref == bindparam("ref"))
 
@@ -292,6 +315,14 @@ class SqlKeyStore(UserKeys):
         with self.engine.connect() as conn:
             stored = conn.execute(self._by_subj, {"subject": subject}).scalar()
         return self._unwrap(stored) if stored is not None else None
+
+    def _load_subjects(self, subjects: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(subjects), 500):
+                rows = conn.execute(self._by_subjects, {"subjects": subjects[i : i + 500]})
+                found.update((row.subject, self._unwrap(row.key)) for row in rows)
+        return found
 
     def _delete_user(self, ref: str) -> list[str]:
         with self.engine.begin() as conn:

@@ -906,8 +906,8 @@ class FlowStore:
         """
         with self._storage_errors(self.config.env, "reading the log"):
             page = self._app.recorder.select_notifications(start, limit)
-        to_event = self._app.mapper.to_domain_event
-        return [(n.id, cast(DomainEvent, to_event(n))) for n in page]
+        events = cast(PydanticMapper, self._app.mapper).to_domain_events(page)
+        return [(n.id, event) for n, event in zip(page, events, strict=True)]
 
     def import_events(self, events: Iterable[DomainEvent], *, batch: int = 500) -> int:
         """Append events recorded elsewhere (a restore), as they are: same ids, versions, times.
