@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 class LiveProjector:
     """Runs `catch_up()` in a thread whenever this process writes (and every `poll` seconds)."""
 
+    FAILING = 3
+    """Catch-ups failed in a row (about 0.35 s of backoff) after which readers stop waiting."""
+
     def __init__(
         self, catch_up: Callable[[], int], *, poll: float = 1.0, linger: float = 0.02
     ) -> None:
@@ -34,6 +37,8 @@ class LiveProjector:
         self._target = 0  # the newest notification id this process wrote
         self._reached = 0  # the tables' position after the last catch-up
         self._error: BaseException | None = None
+        self._failures = 0  # catch-ups failed in a row
+        self._failed_total = 0  # catch-ups failed since the start
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="flowstore-projector", daemon=True)
         self._thread.start()
@@ -46,16 +51,35 @@ class LiveProjector:
                 self._changed.notify_all()
 
     def wait(self, timeout: float = 60.0) -> None:
-        """Return once the tables reflect every event this process wrote."""
+        """Return once the tables reflect every event this process wrote before the call.
+
+        Writes made while waiting do not count: under a steady stream of writes the target would
+        otherwise keep moving away. Raises `ProjectionLagError` (the projector's error chained)
+        after `timeout`, or once `FAILING` catch-ups in a row have failed, the last of them after
+        this call began (a waiting reader cuts the projector's backoff short): the database is
+        unavailable, and a reader learns it in a second rather than a minute.
+        """
         with self._changed:
+            target, failed_before = self._target, self._failed_total
             self._waiters += 1  # a reader is waiting: the projector stops lingering
             self._changed.notify_all()
             try:
-                if not self._changed.wait_for(
-                    lambda: self._reached >= self._target or self._stopping, timeout
-                ):
+                self._changed.wait_for(
+                    lambda: (
+                        self._reached >= target
+                        or self._stopping
+                        or (self._failures >= self.FAILING and self._failed_total > failed_before)
+                    ),
+                    timeout,
+                )
+                if self._reached < target and not self._stopping:
                     raise ProjectionLagError(
-                        f"projections at {self._reached}, this process wrote up to {self._target}"
+                        f"projections at {self._reached}, this process wrote up to {target}"
+                        + (
+                            f"; catching up failed: {_first_line(self._error)}"
+                            if self._error
+                            else ""
+                        )
                     ) from self._error
             finally:
                 self._waiters -= 1
@@ -72,8 +96,10 @@ class LiveProjector:
         failures = 0
         while True:
             with self._changed:
-                if failures:  # back off while the database is unavailable
-                    self._changed.wait_for(lambda: self._stopping, min(0.05 * 2**failures, 5.0))
+                if failures:  # back off while the database is unavailable, unless a reader waits
+                    self._changed.wait_for(
+                        lambda: self._stopping or self._waiters > 0, min(0.05 * 2**failures, 5.0)
+                    )
                 else:
                     self._changed.wait_for(
                         lambda: self._stopping or self._reached < self._target, self._poll
@@ -89,12 +115,21 @@ class LiveProjector:
                 position = self._catch_up()
             except Exception as exc:  # keep following: the database may come back
                 failures += 1
-                log.warning("projection catch-up failed (%s); retrying", exc)
+                log.warning("projection catch-up failed (%s); retrying", _first_line(exc))
                 with self._changed:
                     self._error = exc
+                    self._failures = failures
+                    self._failed_total += 1
+                    self._changed.notify_all()
                 continue
             failures = 0
             with self._changed:
                 self._reached = max(self._reached, position)
                 self._error = None
+                self._failures = 0
                 self._changed.notify_all()
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error without SQLAlchemy's statement and parameters (which can fill a screen)."""
+    return str(getattr(exc, "orig", None) or exc).split("\n", 1)[0]

@@ -144,11 +144,15 @@ def store(backend_url: str) -> Iterator[FlowStore]:
         yield store
 
 
+def api_app(store: FlowStore) -> FastAPI:
+    """The app the tests serve: the API and console over `store`, HS256 tokens signed with SECRET."""
+    return create_app(store, JwtVerifier(SECRET), poll_interval=0.05, max_body_bytes=MAX_BODY_BYTES)
+
+
 @pytest.fixture(scope="session")
 def server(store: FlowStore) -> Iterator[LiveServer]:
-    """The API over `store` on a free port; HS256 tokens signed with SECRET."""
-    app = create_app(store, JwtVerifier(SECRET), poll_interval=0.05, max_body_bytes=MAX_BODY_BYTES)
-    with LiveServer(app) as live:
+    """The API over `store` on a free port (`api_app`)."""
+    with LiveServer(api_app(store)) as live:
         yield live
 
 

@@ -18,6 +18,7 @@ from websockets.sync.client import ClientConnection, connect
 from adapters.http.websocket import CLOSE_UNAUTHENTICATED
 from flowstore import FlowStore
 from tests.http.conftest import ONBOARDING, LiveServer, User, mint
+from tests.http.security import bad_ws_tokens
 
 TIMEOUT = 10.0
 
@@ -98,15 +99,7 @@ def test_the_token_may_come_in_the_first_message(server: LiveServer, alice: User
         assert receive(ws)["userId"] == alice.id
 
 
-@pytest.mark.parametrize(
-    ("token", "reason"),
-    [
-        (mint("alice", ttl=-1), "expired"),
-        (mint("alice", key="forged-forged-forged-forged-forged-forged"), "invalid"),
-        ("garbage", "invalid"),
-    ],
-    ids=["expired", "forged", "garbage"],
-)
+@pytest.mark.parametrize(("token", "reason"), bad_ws_tokens("alice"))
 @pytest.mark.parametrize("where", ["query", "message"])
 def test_bad_tokens_are_refused_with_4401(
     server: LiveServer, token: str, reason: str, where: str

@@ -169,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
             **os.environ,
             OUT_ENV: str(figures),
             "FLOWSTORE_LONG": "0" if args.quick else "1",
-            "FLOWSTORE_RELIABILITY": "1",  # tests/conftest.py collects tests/reliability only then
         }
         command = [
             *(sys.executable, "-m", "pytest", "tests/reliability", "-q", "-p", "no:cacheprovider"),
