@@ -103,6 +103,8 @@ class PydanticMapper(Mapper[Any]):
             state = self.transcoder.decode(data)
             if not isinstance(state, dict):
                 raise TypeError(f"the stored state is a {type(state).__name__}, not an object")
+            if "sealed" in state and not isinstance(state.get("subject"), str):
+                raise TypeError("sealed fields without the subject of their key")
             return state
         except Exception as exc:  # undecodable bytes
             raise CorruptEventError(

@@ -249,6 +249,7 @@ class SqlKeyStore(UserKeys):
             bindparam,
             create_engine,
             delete,
+            event,
             select,
         )
         from sqlalchemy.dialects import postgresql, sqlite
@@ -270,6 +271,11 @@ class SqlKeyStore(UserKeys):
             Column("user_ref", String(64), nullable=False, unique=True),
             Column("key", LargeBinary, nullable=False),
         )
+        if sqlite_file:
+            # Deleted keys are overwritten on disk, not left in free pages of the file.
+            event.listen(
+                self.engine, "connect", lambda conn, _: conn.execute("PRAGMA secure_delete = ON")
+            )
         for attempt in range(5):
             try:
                 md.create_all(self.engine, checkfirst=True)

@@ -81,7 +81,7 @@ from flowstore.errors import (
     InvalidStepError,
     StorageUnavailableError,
 )
-from flowstore.keys import MemoryKeyStore, SqlKeyStore, UserKeys
+from flowstore.keys import ERASED_USER_PREFIX, MemoryKeyStore, SqlKeyStore, UserKeys
 from flowstore.models import (
     FlowState,
     FlowStateHistory,
@@ -145,6 +145,8 @@ def _require_id(value: object, name: str) -> str:
         raise InvalidArgumentError(name, value[:40] + "...", f"longer than {MAX_NAME_LENGTH}")
     if has_control_characters(value):
         raise InvalidArgumentError(name, value, "contains a control character or lone surrogate")
+    if name == "user_id" and value.startswith(ERASED_USER_PREFIX):
+        raise InvalidArgumentError(name, value, f"{ERASED_USER_PREFIX!r} marks erased users")
     return value
 
 
@@ -767,6 +769,17 @@ class FlowStore:
         starts afresh, under a new key.
         """
         _require_id(user_id, "user_id")
+        erased = self._erase_instances(user_id)
+        self._shred(user_id)
+        # A write for the user racing the erasure (another process, with the key in its cache)
+        # may have been sealed with the key just shredded: a second pass erases what it left.
+        late = self._erase_instances(user_id)
+        if late:
+            self._shred(user_id)
+        return erased + late
+
+    def _erase_instances(self, user_id: str) -> int:
+        """Append `FlowErased` to each of the user's instances not erased yet; return how many."""
         catalog = self._get(CATALOG_ID, FlowCatalog)
         erased = 0
         for flow_id in catalog.flow_ids if catalog else ():
@@ -779,10 +792,13 @@ class FlowStore:
                     return Decision([])
                 return Decision(end_flow(instance, now=self._clock(), kind="erasure"))
 
+            # Read from the log, not this process's cache: an instance it last saw erased may
+            # have been started again by another process, and "nothing to do" appends nothing
+            # that a stale version could conflict with.
+            self._forget_instance(instance_id(user_id, flow_id))
             with contextlib.suppress(FlowStateNotFoundError):  # never started this flow
                 self._change_instance(user_id, flow_id, decide)
             erased += changed
-        self._shred(user_id)
         return erased
 
     def _shred(self, user_id: str) -> None:
@@ -919,6 +935,8 @@ class FlowStore:
         pending: list[DomainEvent] = []
         appended = 0
 
+        erased: set[str] = set()  # users erased in the stream whose keys are still to be shredded
+
         def flush() -> None:
             nonlocal appended
             if not pending:
@@ -936,22 +954,29 @@ class FlowStore:
             pending.clear()
 
         for event in events:
+            user = getattr(event, "user_id", None)
             if isinstance(event, FlowErased):
-                # Erased in the source: erase here too, at this point of the stream (a later run
-                # of the same user id gets a new key). Its user is whoever the instance's events
-                # named: the event itself may carry a stand-in id (published after the erasure).
+                # Erased in the source: erase here too. Its user is whoever the instance's events
+                # named (the event itself may carry a stand-in id, if published after the
+                # erasure); their key is shredded once all their erasures are in, or before
+                # their next run (which gets a new key).
                 flush()
                 instance = self._get(event.originator_id, FlowInstance)
                 if instance is not None:
                     event = event.model_copy(update={"user_id": instance.user_id})
                 pending.append(event)
+                erased.add(event.user_id)
+            elif user in erased:
                 flush()
-                self._shred(event.user_id)
-                continue
-            pending.append(event)
+                self._shred(user)
+                erased.discard(user)
+            if not isinstance(event, FlowErased):
+                pending.append(event)
             if len(pending) >= batch:
                 flush()
         flush()
+        for user in erased:
+            self._shred(user)
         return appended
 
     def log_position(self) -> int:
@@ -971,6 +996,10 @@ class FlowStore:
         from elsewhere (`import_events`) must not pass it: finding them stored proves nothing.
         """
         with self._storage_errors(self.config.env, "appending events"):
+            # The users' keys first, outside the write lock: creating one is a transaction of
+            # its own, and the mapper, sealing under the lock, then finds them cached.
+            for user in {e.user_id for e in events if isinstance(e, InstanceEvent)}:
+                self._keys.for_user(user)
             try:
                 with self._write_lock:
                     recordings = self._app.save(*events)

@@ -52,8 +52,8 @@ class RowBatch:
         self.states: dict[StateKey, dict[str, Any] | None] = {}
         self.dirty: set[StateKey] = set()
         self.history: list[dict[str, Any]] = []
-        self.erased: set[StateKey] = set()
-        """Instances whose rows written before this batch must be deleted (before its own rows)."""
+        self.erased: set[str] = set()
+        """Ids of instances whose rows written before this batch must go (before its own rows)."""
         self.counters: defaultdict[str, defaultdict[str, float]] = defaultdict(
             lambda: defaultdict(float)
         )
@@ -88,15 +88,13 @@ class RowBatch:
                     self.dirty.add(key)
                 case AddHistory(row):
                     self.history.append(row)
-                case EraseInstance(user_id, flow_id):
-                    self.states[key] = None
-                    self.dirty.add(key)
-                    self.erased.add(key)
-                    self.history = [
-                        h
-                        for h in self.history
-                        if (h["user_id"], h["flow_id"]) != (user_id, flow_id)
-                    ]
+                case EraseInstance(instance):
+                    self.erased.add(instance)
+                    for known, copy in self.states.items():
+                        if known == key or (copy is not None and copy["instance_id"] == instance):
+                            self.states[known] = None
+                            self.dirty.add(known)
+                    self.history = [h for h in self.history if h["instance_id"] != instance]
                 case AddCounters(flow_id, deltas):
                     counters = self.counters[flow_id]
                     for name, delta in deltas.items():  # Counter.update is slower per call

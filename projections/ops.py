@@ -98,10 +98,13 @@ class AddThroughput:
 
 @dataclass(frozen=True)
 class EraseInstance:
-    """Delete the `flow_states` row and every `flow_history` row of (user_id, flow_id)."""
+    """Delete the `flow_states` row and every `flow_history` row of one instance (by its id).
 
-    user_id: str
-    flow_id: str
+    By id, not by user id: an instance's events read with the user's id while their key exists and
+    with a stand-in once it is shredded, and the rows to delete may carry either.
+    """
+
+    instance_id: str
 
 
 Op = (
@@ -116,10 +119,11 @@ Op = (
 
 
 def _state_row(event: InstanceEvent, previous: dict[str, Any] | None, **fields: Any) -> PutState:
-    base: dict[str, Any] = (
-        dict(previous) if previous else {"started_at": None, "completed_at": None}
-    )
+    # Without a previous row (only when one run's events were sealed under two keys, a write
+    # racing an erasure), the row starts from neutral values rather than failing the projection.
+    base: dict[str, Any] = dict(previous) if previous else dict(_NEW_ROW)
     base.update(
+        instance_id=str(event.originator_id),
         user_id=event.user_id,
         flow_id=event.flow_id,
         definition_version=event.definition_version,
@@ -128,6 +132,18 @@ def _state_row(event: InstanceEvent, previous: dict[str, Any] | None, **fields: 
     )
     base.update(fields)
     return PutState(base)
+
+
+_NEW_ROW: dict[str, Any] = {
+    "step": None,
+    "service": None,
+    "ok": True,
+    "payload": None,
+    "status": FlowStatus.ACTIVE.value,
+    "started_at": None,
+    "completed_at": None,
+    "expires_at": None,
+}
 
 
 def _history_row(event: DomainEvent) -> AddHistory | None:
@@ -141,6 +157,7 @@ def _history_row(event: DomainEvent) -> AddHistory | None:
             "user_id": data["user_id"],
             "flow_id": data["flow_id"],
             "version": event.originator_version,
+            "instance_id": str(event.originator_id),
             "id": data["id"],
             "kind": str(data["kind"]),
             "from_step": data["from_step"],
@@ -201,7 +218,6 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                 )
             )
         case TransitionExecuted():
-            assert previous is not None
             ops.append(AddCounters(flow, {"attempts": 1, "response_ms_total": event.elapsed_ms}))
             ops.append(AddStepCounters(flow, event.from_step, {"moved_on": 1}))
             ops.append(AddStepCounters(flow, event.to_step, {"entered": 1}))
@@ -218,7 +234,6 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                 )
             )
         case TransitionRejected():
-            assert previous is not None
             ops.append(
                 AddCounters(
                     flow, {"attempts": 1, "rejections": 1, "response_ms_total": event.elapsed_ms}
@@ -227,8 +242,7 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
             ops.extend(_attempt(event, attempts))
             ops.append(_state_row(event, previous, ok=False))
         case FlowCompleted():
-            assert previous is not None
-            started = previous["started_at"]
+            started = previous["started_at"] if previous else None
             duration = (event.timestamp - started) / timedelta(milliseconds=1) if started else 0.0
             ops.append(AddCounters(flow, {"completed": 1, "completed_duration_ms": duration}))
             ops.append(
@@ -292,5 +306,5 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
         case FlowErased():
             # The counters keep counting the erased user's steps (they say nothing about who).
             ops.extend(_dropped(previous, flow))
-            ops.append(EraseInstance(event.user_id, flow))
+            ops.append(EraseInstance(str(event.originator_id)))
     return ops

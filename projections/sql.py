@@ -8,6 +8,7 @@ them, and a crash between two batches leaves the tables exactly at the last comm
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -61,6 +62,8 @@ _PAGE = 1000
 
 EventPage = Callable[[int, int], Sequence[tuple[int, DomainEvent]]]
 """Reads up to `limit` events with notification ids >= `start`: (start, limit) -> [(id, event)]."""
+
+log = logging.getLogger(__name__)
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -169,8 +172,16 @@ class SqlProjections:
                 yield conn
 
     def create(self) -> None:
-        """Create the live tables and the tracking row if they are missing."""
+        """Create the live tables and the tracking row if they are missing.
+
+        Tables of an older layout (missing a column) are dropped and the tracking position reset:
+        the next catch-up rebuilds them from the log, which is what makes them disposable.
+        """
         with self._lock, self.engine.begin() as conn:
+            if self._outdated(conn):
+                log.warning("projection tables have an older layout: rebuilding them from the log")
+                self.tables.metadata.drop_all(conn)
+                conn.execute(delete(TRACKING).where(TRACKING.c.name == PROJECTION))
             self.tables.metadata.create_all(conn)
             TRACKING.metadata.create_all(conn)
             conn.execute(
@@ -178,6 +189,15 @@ class SqlProjections:
                 .values(name=PROJECTION, position=0)
                 .on_conflict_do_nothing(index_elements=["name"])
             )
+
+    def _outdated(self, conn: Connection) -> bool:
+        found = inspect(conn)
+        for table in self.tables.all:
+            if found.has_table(table.name):
+                columns = {c["name"] for c in found.get_columns(table.name)}
+                if not {c.name for c in table.columns} <= columns:
+                    return True
+        return False
 
     # Catching up
 
@@ -267,11 +287,10 @@ class SqlProjections:
         return stmt.on_conflict_do_update(index_elements=keys, set_=values)
 
     def _write(self, conn: Connection, t: ProjectionTables, batch: RowBatch) -> None:
-        for user_id, flow_id in batch.erased:  # first: rows of a new run after it must stay
+        if batch.erased:  # first: rows of a new run after the erasure must stay
+            erased = sorted(batch.erased)
             for table in (t.states, t.history):
-                conn.execute(
-                    delete(table).where(table.c.user_id == user_id, table.c.flow_id == flow_id)
-                )
+                conn.execute(delete(table).where(table.c.instance_id.in_(erased)))
         states = [row for key in batch.dirty if (row := batch.states[key]) is not None]
         if states:
             conn.execute(self._upsert(t.states, ["user_id", "flow_id"], add=False), states)
@@ -676,6 +695,10 @@ class _RowCache:
     def keep(self, batch: RowBatch) -> None:
         if len(self.states) + len(batch.states) > self.LIMIT:
             self.states.clear()
+        if batch.erased:  # copies of an erased instance's row under another user id are gone too
+            for key, row in list(self.states.items()):
+                if row is not None and row["instance_id"] in batch.erased:
+                    self.states[key] = None
         self.states.update(batch.states)
         self.attempts.update(batch.attempts)
 

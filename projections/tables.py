@@ -54,6 +54,8 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         md,
         Column("user_id", _ID, primary_key=True),
         Column("flow_id", _ID, primary_key=True),
+        # The aggregate's id: what an erasure deletes by, whatever user id its events read with.
+        Column("instance_id", String(36), nullable=False),
         Column("step", _ID, nullable=True),
         Column("service", _ID, nullable=True),
         Column("ok", Boolean, nullable=False),
@@ -67,6 +69,7 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("expires_at", DateTime(timezone=True), nullable=True),
         Index(f"ix_flow_states{suffix}_flow_status", "flow_id", "status"),
         Index(f"ix_flow_states{suffix}_expiry", "status", "expires_at"),
+        Index(f"ix_flow_states{suffix}_instance", "instance_id"),
     )
     history = Table(
         f"flow_history{suffix}",
@@ -74,6 +77,7 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("user_id", _ID, primary_key=True),
         Column("flow_id", _ID, primary_key=True),
         Column("version", Integer, primary_key=True),
+        Column("instance_id", String(36), nullable=False),
         Column("id", String(80), nullable=False),
         Column("kind", String(16), nullable=False),
         Column("from_step", _ID, nullable=True),
@@ -86,6 +90,7 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("meta", JSON, nullable=False),
         # Per-flow scans: transition counts for diagrams, a flow's history for exports.
         Index(f"ix_flow_history{suffix}_flow_kind", "flow_id", "kind"),
+        Index(f"ix_flow_history{suffix}_instance", "instance_id"),
     )
     counters = Table(
         f"flow_counters{suffix}",

@@ -231,3 +231,64 @@ def test_an_interrupted_erasure_is_finished_by_erasing_again(
         assert store.erase_user("ann") == 0  # nothing left to append: only the key to delete
         assert len(raw_keys(store_url)) == 1
         assert all(not getattr(e, "user_id", "").startswith("ann") for _, e in store.read_events(1))
+
+
+def test_a_store_that_last_saw_the_user_erased_erases_their_new_run(store_url: str) -> None:
+    # definition_refresh=0: the serving store caches no keys (as if it came back after a while).
+    with FlowStore(store_url, definition_refresh=0) as serving, FlowStore(store_url) as admin:
+        populate(serving)
+        assert admin.erase_user("ann") == 2
+        serving.execute_transition("ann", FLOW, "start", {"note": "second run"})
+        # The admin store's cache still has Ann's instance erased: it must read the log.
+        assert admin.erase_user("ann") == 1
+        assert admin.get_flow_state("ann", FLOW) is None
+        assert admin.get_user_flows("ann") == []
+        assert admin.verify_projections() == []
+    with FlowStore(store_url) as fresh:
+        assert fresh.get_flow_state("ann", FLOW) is None
+        assert fresh.verify_projections() == []
+
+
+def test_a_restore_of_a_user_erased_in_two_flows_keeps_nothing_of_them(store_url: str) -> None:
+    with FlowStore("memory://") as source:
+        populate(source)
+        published = [e for _, e in source.read_events(1, 10_000)]  # sent before the erasure
+        position = source.log_position()
+        source.erase_user("ann")
+        published += [e for _, e in source.read_events(position + 1)]  # the erasures, after it
+    with FlowStore(store_url) as restored:
+        restored.import_events(published)
+        assert restored.get_user_flows("ann") == []
+        for flow in (FLOW, "other"):
+            assert restored.get_flow_state("ann", flow) is None
+            assert restored.get_flow_history("ann", flow) == []
+        assert restored.get_flow_state("bob", FLOW) is not None
+        assert len(raw_keys(store_url)) == 1  # Bob's
+        tables = repr(restored._projections.snapshot())
+        assert ANN_SECRET not in tables
+        assert BOB_SECRET in tables
+        assert restored.verify_projections() == []
+
+
+def test_erased_is_a_reserved_prefix_for_user_ids() -> None:
+    with FlowStore("memory://") as store:
+        store.create_flow(onboarding())
+        with pytest.raises(InvalidArgumentError, match="erased"):
+            store.execute_transition("erased:abc", FLOW, "start")
+
+
+def test_tables_of_the_layout_before_erasure_are_rebuilt_from_the_log(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path}/old.db"
+    with FlowStore(url) as store:
+        populate(store)
+        before = store.get_user_flows("ann")
+    engine = create_engine(parse_url(url).sqlalchemy_url or "")
+    with engine.begin() as conn:  # the layout before instance ids were stored
+        conn.execute(text("DROP INDEX ix_flow_states_instance"))
+        conn.execute(text("ALTER TABLE flow_states DROP COLUMN instance_id"))
+    engine.dispose()
+    with FlowStore(url) as reopened:
+        assert reopened.get_user_flows("ann") == before
+        assert reopened.verify_projections() == []
+        assert reopened.erase_user("ann") == 2
+        assert reopened.get_user_flows("ann") == []
