@@ -20,6 +20,7 @@ import hashlib
 import os
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -93,7 +94,7 @@ class SealedKey:
             return None
 
 
-class UserKeys:
+class UserKeys(ABC):
     """Finds or creates users' keys, with a short-lived cache in front of the key table.
 
     Cached entries live `refresh` seconds: a key shredded by another process stops being used here
@@ -109,23 +110,24 @@ class UserKeys:
 
     # The storage, per backend
 
-    def _load_user(self, ref: str) -> tuple[str, bytes] | None:
-        raise NotImplementedError
+    @abstractmethod
+    def _load_user(self, ref: str) -> tuple[str, bytes] | None: ...
 
+    @abstractmethod
     def _insert(self, subject: str, ref: str, key: bytes) -> None:
         """Insert a key; a concurrent insert for the same user must make this a no-op."""
-        raise NotImplementedError
+        ...
 
-    def _load_subject(self, subject: str) -> bytes | None:
-        raise NotImplementedError
+    @abstractmethod
+    def _load_subject(self, subject: str) -> bytes | None: ...
 
-    def _load_subjects(self, subjects: list[str]) -> dict[str, bytes]:
-        raise NotImplementedError
+    @abstractmethod
+    def _load_subjects(self, subjects: list[str]) -> dict[str, bytes]: ...
 
-    def _delete_user(self, ref: str) -> list[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def _delete_user(self, ref: str) -> list[str]: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (nothing to release by default, e.g. in memory)
         """Release connections."""
 
     # The API
