@@ -119,9 +119,6 @@ class UserKeys(ABC):
         ...
 
     @abstractmethod
-    def _load_subject(self, subject: str) -> bytes | None: ...
-
-    @abstractmethod
     def _load_subjects(self, subjects: list[str]) -> dict[str, bytes]: ...
 
     @abstractmethod
@@ -150,47 +147,41 @@ class UserKeys(ABC):
 
     def for_subject(self, subject: str) -> SealedKey | None:
         """The key known by `subject`; None once it has been shredded."""
-        now = self._clock()
-        cached = self._by_subject.get(subject)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        raw = self._load_subject(subject)
-        key = SealedKey(subject, AESGCM(raw)) if raw is not None else None
-        with self._lock:
-            self._trim()
-            self._by_subject[subject] = (key, now + self.refresh)
-        return key
+        return self._lookup((subject,))[subject]
 
     def prefetch(self, subjects: Iterable[str]) -> None:
         """Load the keys of many subjects at once (a page of events being decoded)."""
+        self._lookup(subjects)
+
+    def _lookup(self, subjects: Iterable[str]) -> dict[str, SealedKey | None]:
+        """The keys of `subjects`, from the cache where fresh, the rest in one query."""
         now = self._clock()
-        missing = {s for s in subjects if (c := self._by_subject.get(s)) is None or c[1] <= now}
-        if not missing:
-            return
-        found = self._load_subjects(sorted(missing))
-        with self._lock:
-            self._trim()
-            for subject in missing:
-                raw = found.get(subject)
-                key = SealedKey(subject, AESGCM(raw)) if raw is not None else None
-                self._by_subject[subject] = (key, now + self.refresh)
+        keys: dict[str, SealedKey | None] = {}
+        missing = []
+        for subject in set(subjects):
+            cached = self._by_subject.get(subject)
+            if cached is not None and cached[1] > now:
+                keys[subject] = cached[0]
+            else:
+                missing.append(subject)
+        if missing:
+            found = self._load_subjects(sorted(missing))
+            with self._lock:
+                self._trim()
+                for subject in missing:
+                    raw = found.get(subject)
+                    keys[subject] = SealedKey(subject, AESGCM(raw)) if raw is not None else None
+                    self._by_subject[subject] = (keys[subject], now + self.refresh)
+        return keys
 
     def shred(self, user_id: str) -> list[str]:
         """Delete every key of the user for good; return their subjects."""
         subjects = self._delete_user(_user_ref(user_id))
-        self.forget(user_id, subjects)
-        return subjects
-
-    def forget(self, user_id: str | None, subjects: list[str]) -> None:
-        """Drop cached keys (after an erasure, here or seen in the log)."""
-        with self._lock:
-            if user_id is not None:
-                self._by_user.pop(user_id, None)
+        with self._lock:  # a subject belongs to one user: nothing else caches these keys
+            self._by_user.pop(user_id, None)
             for subject in subjects:
                 self._by_subject.pop(subject, None)
-            for user, (key, _) in list(self._by_user.items()):
-                if key.subject in subjects:
-                    del self._by_user[user]
+        return subjects
 
     def _remember(self, user_id: str, key: SealedKey, now: float) -> None:
         with self._lock:
@@ -219,10 +210,6 @@ class MemoryKeyStore(UserKeys):
         with self._lock:
             if self._load_user(ref) is None:
                 self._keys[subject] = (ref, key)
-
-    def _load_subject(self, subject: str) -> bytes | None:
-        found = self._keys.get(subject)
-        return found[1] if found else None
 
     def _load_subjects(self, subjects: list[str]) -> dict[str, bytes]:
         return {s: self._keys[s][1] for s in subjects if s in self._keys}
@@ -292,7 +279,6 @@ class SqlKeyStore(UserKeys):
         self._by_ref = select(table.c.subject, table.c.key).where(
             table.c.user_ref == bindparam("ref")
         )
-        self._by_subj = select(table.c.key).where(table.c.subject == bindparam("subject"))
         self._by_subjects = select(table.c.subject, table.c.key).where(
             table.c.subject.in_(bindparam("subjects", expanding=True))
         )
@@ -318,11 +304,6 @@ class SqlKeyStore(UserKeys):
         with self.engine.begin() as conn:
             row = {"subject": subject, "user_ref": ref, "key": self._wrap(key)}
             conn.execute(self._insert_stmt, row)
-
-    def _load_subject(self, subject: str) -> bytes | None:
-        with self.engine.connect() as conn:
-            stored = conn.execute(self._by_subj, {"subject": subject}).scalar()
-        return self._unwrap(stored) if stored is not None else None
 
     def _load_subjects(self, subjects: list[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}

@@ -760,10 +760,10 @@ class FlowStore:
     def erase_user(self, user_id: str) -> int:
         """Erase one user (crypto-shredding); return how many of their flow instances were erased.
 
-        Appends `FlowErased` to each instance of the user (the tables delete their state and history
-        rows; the Kafka stream carries the event to other services), brings the tables up to date,
-        then deletes the user's key: every event of the user, in the log and in any copy of it, then
-        reads with a stand-in user id (`erased:<subject>`) and no payload, while the log stays
+        Appends `FlowErased` to each instance of the user (the tables delete that instance's state
+        and history rows, found by instance id; the Kafka stream carries the event to other
+        services), brings the tables up to date, then deletes the user's key: every event of the user, in the log and in any copy
+        of it made from now on, reads with a stand-in user id (`erased:<subject>`) and no payload, while the log stays
         append-only and the statistics keep their (anonymous) counts. Erasing again is harmless
         and finishes an erasure interrupted half-way. The same user id may come back later: it
         starts afresh, under a new key.
@@ -802,10 +802,11 @@ class FlowStore:
         return erased
 
     def _shred(self, user_id: str) -> None:
-        """Delete the user's keys, once the tables have seen their erasure events.
+        """Delete the user's keys, once the tables have applied their erasure events.
 
-        The tables find the rows to delete by user id, which the erasure events only say while
-        the key exists; so the tables catch up first (whichever process applies those events).
+        Rows are deleted by instance id whatever the events read with, but the funnel counts the
+        erased run as dropped at its step by finding the instance's state row by the user id the
+        `FlowErased` event carries, which is the real one only while the key exists.
         """
         self._project_written()
         self._keys.shred(user_id)
@@ -954,7 +955,6 @@ class FlowStore:
             pending.clear()
 
         for event in events:
-            user = getattr(event, "user_id", None)
             if isinstance(event, FlowErased):
                 # Erased in the source: erase here too. Its user is whoever the instance's events
                 # named (the event itself may carry a stand-in id, if published after the
@@ -964,14 +964,12 @@ class FlowStore:
                 instance = self._get(event.originator_id, FlowInstance)
                 if instance is not None:
                     event = event.model_copy(update={"user_id": instance.user_id})
-                pending.append(event)
                 erased.add(event.user_id)
-            elif user in erased:
+            elif (user := getattr(event, "user_id", None)) in erased:
                 flush()
                 self._shred(user)
                 erased.discard(user)
-            if not isinstance(event, FlowErased):
-                pending.append(event)
+            pending.append(event)
             if len(pending) >= batch:
                 flush()
         flush()

@@ -93,12 +93,14 @@ class LiveProjector:
         self._reached = max(self._reached, self._catch_up())
 
     def _run(self) -> None:
-        failures = 0
         while True:
             with self._changed:
-                if failures:  # back off while the database is unavailable, unless a reader waits
+                if (
+                    self._failures
+                ):  # back off while the database is unavailable, unless a reader waits
                     self._changed.wait_for(
-                        lambda: self._stopping or self._waiters > 0, min(0.05 * 2**failures, 5.0)
+                        lambda: self._stopping or self._waiters > 0,
+                        min(0.05 * 2**self._failures, 5.0),
                     )
                 else:
                     self._changed.wait_for(
@@ -114,15 +116,13 @@ class LiveProjector:
             try:
                 position = self._catch_up()
             except Exception as exc:  # keep following: the database may come back
-                failures += 1
                 log.warning("projection catch-up failed (%s); retrying", _first_line(exc))
                 with self._changed:
                     self._error = exc
-                    self._failures = failures
+                    self._failures += 1
                     self._failed_total += 1
                     self._changed.notify_all()
                 continue
-            failures = 0
             with self._changed:
                 self._reached = max(self._reached, position)
                 self._error = None
