@@ -5,7 +5,7 @@
 `--url` defaults to $FLOWSTORE_URL, else the embedded `sqlite:///flowstore.db`. Output is rich
 tables for people; with `--json` stdout carries nothing but JSON (camelCase, like the HTTP API).
 A flowstore error prints `error[CODE]: message` on stderr and exits with the code from
-`adapters.errors.mapping_for`; command-line usage errors exit with 2.
+`flowstore.adapters.errors.mapping_for`; command-line usage errors exit with 2.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from adapters.demo import DEMO_FLOW, run_demo
-from adapters.diagrams import OUTPUT_FORMATS, diagram_bytes
-from adapters.errors import DIFFERENCES_EXIT_CODE, mapping_for
-from adapters.providers import load_flows, read_definitions
-from adapters.render import HISTORY_FIELDS, Model, model_view, record, table
 from flowstore import FlowError, FlowState, FlowStateNotFoundError, FlowStore
+from flowstore.adapters.demo import DEMO_FLOW, run_demo
+from flowstore.adapters.diagrams import OUTPUT_FORMATS, diagram_bytes
+from flowstore.adapters.errors import DIFFERENCES_EXIT_CODE, mapping_for
+from flowstore.adapters.providers import load_flows, read_definitions
+from flowstore.adapters.render import HISTORY_FIELDS, Model, model_view, record, table
 from flowstore.errors import InvalidArgumentError
-from projections.sql import Difference
+from flowstore.projections.sql import Difference
 
 __all__ = ["COMMANDS", "Listing", "Note", "Output", "build_parser", "main"]
 
@@ -339,7 +339,7 @@ def serve(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`serve [--host H] [--port P]`: the HTTP and WebSocket API, until SIGTERM/SIGINT."""
     try:
         # Imported here, not at the top: the rest of the CLI works without the `http` extra.
-        from adapters.http import serve as serve_http
+        from flowstore.adapters.http import serve as serve_http
     except ImportError as exc:
         hint = "flowstore serve needs the http extra: pip install 'flowstore[http]'"
         raise SystemExit(f"{hint} ({exc})") from None
@@ -350,7 +350,7 @@ def serve(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
 def _kafka_commands() -> Any:
     try:
         # Imported here, not at the top: the rest of the CLI works without the `kafka` extra.
-        from adapters.kafka import commands
+        from flowstore.adapters.kafka import commands
     except ImportError as exc:
         hint = "this command needs the kafka extra: pip install 'flowstore[kafka]'"
         raise SystemExit(f"{hint} ({exc})") from None

@@ -20,7 +20,6 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from adapters.render import HISTORY_FIELDS, model_view, table
 from flowstore import (
     FlowDefinition,
     FlowExistsError,
@@ -29,6 +28,7 @@ from flowstore import (
     InvalidTransitionError,
     PayloadValidationError,
 )
+from flowstore.adapters.render import HISTORY_FIELDS, model_view, table
 
 __all__ = ["DEMO_FLOW", "load_onboarding", "run_demo"]
 

@@ -30,9 +30,9 @@ from kafka import KafkaProducer
 from rich.console import Console
 from rich.table import Table
 
-from adapters.kafka.envelope import FlowEventEnvelope, message_key
-from adapters.kafka.publisher import KafkaPublisher, ensure_topic, producer_settings
 from flowstore import FlowError, FlowStore
+from flowstore.adapters.kafka.envelope import FlowEventEnvelope, message_key
+from flowstore.adapters.kafka.publisher import KafkaPublisher, ensure_topic, producer_settings
 from tests.flows import onboarding
 from tests.kafka.broker import TansuBroker
 

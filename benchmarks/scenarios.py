@@ -388,8 +388,8 @@ def rebuild(urls: Callable[[], str], backend: str, events: int) -> Row:
 
 def kafka_publisher(urls: Callable[[], str], backend: str, events: int, rounds: int = 2) -> Row:
     """Scenario 6: the Kafka publisher vs the raw kafka-python producer, same payloads and broker."""
-    from adapters.kafka.envelope import FlowEventEnvelope, message_key
     from benchmarks.kafka import best, publisher_rate, raw_rate, write_log
+    from flowstore.adapters.kafka.envelope import FlowEventEnvelope, message_key
     from tests.kafka.broker import TansuBroker
 
     with TansuBroker.start() as broker, FlowStore(urls(), live_projections=False) as store:

@@ -1,7 +1,7 @@
 """A flow definition as a state diagram: Mermaid `stateDiagram-v2` or Graphviz DOT text.
 
 Pure functions of a definition and (optionally) usage counts; no I/O. `FlowStore.diagram` feeds
-them the counts from the statistics tables, and `adapters.diagrams` renders DOT to SVG or PNG.
+them the counts from the statistics tables, and `flowstore.adapters.diagrams` renders DOT to SVG or PNG.
 
 With statistics, each step is labelled with the users on it now, and each transition with how many
 runs took it and its drop-off: the share of entries into the transition's source step that did not
@@ -21,7 +21,7 @@ __all__ = ["DIAGRAM_FORMATS", "DiagramFormat", "DiagramStats", "dot", "mermaid",
 
 DiagramFormat = Literal["mermaid", "dot"]
 DIAGRAM_FORMATS: tuple[DiagramFormat, ...] = ("mermaid", "dot")
-"""The text formats; SVG and PNG are DOT rendered by Graphviz (`adapters.diagrams`)."""
+"""The text formats; SVG and PNG are DOT rendered by Graphviz (`flowstore.adapters.diagrams`)."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, cast
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -94,8 +94,8 @@ from flowstore.models import (
 from flowstore.storage import StorageConfig, parse_url, resolve_url
 
 if TYPE_CHECKING:
-    from projections.live import LiveProjector
-    from projections.sql import Difference, SqlProjections
+    from flowstore.projections.live import LiveProjector
+    from flowstore.projections.sql import Difference, SqlProjections
 
 __all__ = ["FlowStore"]
 
@@ -150,6 +150,37 @@ def _require_id(value: object, name: str) -> str:
     return value
 
 
+PUBLISHER_ENTRY_POINTS = "flowstore.publishers"
+"""Entry-point group naming publisher factories by kind (`kafka`): how `kafka=` finds its adapter
+without the service importing the adapters layer."""
+
+
+class Publisher(Protocol):
+    """A running embedded publisher (the port the service knows an adapter by)."""
+
+    def stop(self) -> None:
+        """Drain what can be drained and stop; called by `FlowStore.close()` before anything else."""
+
+
+PublisherFactory = Callable[["FlowStore"], Publisher]
+"""Starts a publisher for a store: `FlowStore(publisher=factory)` calls it once, while opening."""
+
+
+def _plugin_publisher(kind: str, options: Mapping[str, Any]) -> PublisherFactory:
+    """The factory an installed adapter registers for `kind`, bound to `options`."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group=PUBLISHER_ENTRY_POINTS, name=kind)
+    try:
+        make = next(iter(found)).load()
+    except (StopIteration, ImportError) as exc:
+        raise FlowError(
+            f"{kind} publishing needs the {kind} extra (pip install 'flowstore-es[{kind}]'): "
+            f"{exc or 'no adapter registered'}"
+        ) from None
+    return cast(PublisherFactory, make(**options))
+
+
 class _FlowApplication(Application[UUID]):
     """The eventsourcing Application: orjson transcoder and pydantic mapper, immutable aggregates."""
 
@@ -173,6 +204,9 @@ class FlowStore:
     `kafka` starts an embedded publisher that sends every event to Kafka in a background thread:
     bootstrap servers (a string) or `KafkaPublisher` options (a mapping with `bootstrap`, `topic`, ...);
     None (the default) uses `$FLOWSTORE_KAFKA_BOOTSTRAP` when it is set, False never publishes.
+    `publisher` is the general port: a factory called with this store that returns a running
+    `Publisher` (what `flowstore.adapters.kafka.kafka_publisher(...)` gives); the store stops it
+    first on `close()`.
 
     With `live_projections` (the default) a background thread keeps the read-model tables up to date
     with this process's writes, and table queries wait for it, so they read your writes; without
@@ -186,6 +220,7 @@ class FlowStore:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         cipher_key: str | None = None,
         kafka: str | Mapping[str, Any] | bool | None = None,
+        publisher: PublisherFactory | None = None,
         max_retries: int = 10,
         cache_size: int = 10_000,
         statistics_window: float = 60.0,
@@ -219,8 +254,8 @@ class FlowStore:
         self._app = self._open(env)
         # Imported here, not at the top: projections import the domain, and the domain package
         # must stay importable without SQLAlchemy (see tests/test_package.py).
-        from projections.live import LiveProjector
-        from projections.sql import SqlProjections
+        from flowstore.projections.live import LiveProjector
+        from flowstore.projections.sql import SqlProjections
 
         self.live_projections = live_projections
         self._live: LiveProjector | None = None
@@ -240,17 +275,23 @@ class FlowStore:
                 with contextlib.suppress(Exception):
                     close()
             raise
-        self._publisher: Any = None
+        self._publisher: Publisher | None = None
         try:
-            self._publisher = self._start_publisher(kafka)
+            self._publisher = self._start_publisher(kafka, publisher)
         except BaseException:
             self.close()
             raise
 
     # Lifecycle
 
-    def _start_publisher(self, kafka: str | Mapping[str, Any] | bool | None) -> Any:
-        """The embedded Kafka publisher, if asked for (see `kafka` in the class docstring)."""
+    def _start_publisher(
+        self, kafka: str | Mapping[str, Any] | bool | None, publisher: PublisherFactory | None
+    ) -> Publisher | None:
+        """The embedded publisher: `publisher` if given, else Kafka's if asked for (`kafka`)."""
+        if publisher is not None:
+            if kafka not in (None, False):
+                raise InvalidArgumentError("kafka", kafka, "pass either kafka= or publisher=, not both")
+            return publisher(self)
         if kafka is False:
             return None
         if kafka is None or kafka is True:
@@ -264,14 +305,7 @@ class FlowStore:
             options = {"bootstrap": kafka}
         else:
             options = dict(kafka)
-        try:
-            # The one place the core reaches into an adapter, lazily: Kafka is an optional extra.
-            from adapters.kafka.publisher import start_embedded_publisher
-        except ImportError as exc:
-            raise FlowError(
-                f"Kafka publishing needs the kafka extra (pip install 'flowstore[kafka]'): {exc}"
-            ) from None
-        return start_embedded_publisher(self, **options)
+        return _plugin_publisher("kafka", options)(self)
 
     def _check_key(self, encrypted: bool) -> None:
         """Refuse to open a log this store cannot read: a wrong key, or a missing one."""
@@ -902,8 +936,8 @@ class FlowStore:
         return self._projections.catch_up(self.read_events, page=batch)
 
     @property
-    def publisher(self) -> Any:
-        """The embedded Kafka publisher (`adapters.kafka.EmbeddedPublisher`), or None."""
+    def publisher(self) -> Publisher | None:
+        """The embedded Kafka publisher (`flowstore.adapters.kafka.EmbeddedPublisher`), or None."""
         return self._publisher
 
     def sync_projections(self, timeout: float = 60.0) -> None:

@@ -2,7 +2,7 @@
 
 A `RowBatch` answers the two questions `changes()` asks (the instance's current state row, the flow's
 attempt count) from what it has applied so far, falling back to a loader (the database) for rows it
-has not seen. It accumulates the result; `projections.sql` writes a batch in a few statements. With
+has not seen. It accumulates the result; `flowstore.projections.sql` writes a batch in a few statements. With
 loaders that know nothing, a batch fed the whole log *is* the expected content of every table, which
 is how `verify` replays the log in memory.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flowstore.domain import DomainEvent, InstanceEvent, TransitionExecuted, TransitionRejected
-from projections.ops import (
+from flowstore.projections.ops import (
     AddCounters,
     AddHistory,
     AddStepCounters,

@@ -46,9 +46,9 @@ from flowstore.models import (
     PerformanceMetrics,
     StepCount,
 )
+from flowstore.projections.batch import RowBatch, StateKey
+from flowstore.projections.tables import REBUILD_SUFFIX, TRACKING, ProjectionTables, define_tables
 from flowstore.storage import StorageConfig
-from projections.batch import RowBatch, StateKey
-from projections.tables import REBUILD_SUFFIX, TRACKING, ProjectionTables, define_tables
 
 __all__ = [
     "Difference",

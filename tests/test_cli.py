@@ -14,14 +14,14 @@ from typing import Any
 import orjson
 import pytest
 
-from adapters.cli import main
-from adapters.errors import mapping_for
 from flowstore import (
     FlowExistsError,
     FlowNotFoundError,
     FlowStateNotFoundError,
     InvalidTransitionError,
 )
+from flowstore.adapters.cli import main
+from flowstore.adapters.errors import mapping_for
 
 FLOW = "user-onboarding"
 SEED = files("flowstore").joinpath("data/user-onboarding.json").read_text(encoding="utf-8")

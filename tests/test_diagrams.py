@@ -11,10 +11,10 @@ from typing import Any
 import orjson
 import pytest
 
-from adapters import diagrams as rendering
-from adapters.cli import main
-from adapters.diagrams import diagram_bytes, graphviz_available
 from flowstore import FlowStore, InvalidArgumentError
+from flowstore.adapters import diagrams as rendering
+from flowstore.adapters.cli import main
+from flowstore.adapters.diagrams import diagram_bytes, graphviz_available
 from flowstore.definitions import parse_definition
 from flowstore.diagrams import DiagramStats, dot, mermaid
 from tests.flows import onboarding

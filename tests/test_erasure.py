@@ -14,8 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import create_engine, text
 
-from adapters.cli import main
 from flowstore import FlowStore, InvalidArgumentError, InvalidTransitionError
+from flowstore.adapters.cli import main
 from flowstore.domain import FlowErased, instance_id
 from flowstore.keys import ERASED_USER_PREFIX
 from flowstore.storage import parse_url

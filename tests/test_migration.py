@@ -9,7 +9,6 @@ from typing import Any
 import orjson
 import pytest
 
-from adapters.cli import main
 from flowstore import (
     FlowNotFoundError,
     FlowStatus,
@@ -19,6 +18,7 @@ from flowstore import (
     InvalidArgumentError,
     InvalidStepError,
 )
+from flowstore.adapters.cli import main
 from tests.flows import Clock, onboarding
 
 FLOW = "user-onboarding"

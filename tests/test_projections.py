@@ -26,8 +26,8 @@ from flowstore import (
     FlowStore,
     FunnelStep,
 )
+from flowstore.projections.sql import SqlProjections
 from flowstore.storage import parse_url
-from projections.sql import SqlProjections
 from tests.flows import Clock, linear, onboarding
 from tests.strategies import TRANSITION_NAMES, flow_definitions
 
@@ -228,7 +228,7 @@ def test_readers_never_see_empty_tables_during_a_rebuild(store_url: str) -> None
     assert set(seen) == {expected}
 
 
-WORKER = [sys.executable, "-m", "adapters.cli"]
+WORKER = [sys.executable, "-m", "flowstore.adapters.cli"]
 
 
 def test_a_worker_killed_at_random_points_leaves_exact_tables(

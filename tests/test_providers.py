@@ -16,21 +16,21 @@ import orjson
 import pytest
 import yaml
 
-from adapters.cli import main
-from adapters.providers import (
-    Authentication,
-    CachedFlowProvider,
-    FlowProviderConfig,
-    load_flows,
-    make_flow_provider,
-    read_definitions,
-)
 from flowstore import (
     DefinitionError,
     FlowDefinition,
     FlowNotFoundError,
     FlowStore,
     InvalidArgumentError,
+)
+from flowstore.adapters.cli import main
+from flowstore.adapters.providers import (
+    Authentication,
+    CachedFlowProvider,
+    FlowProviderConfig,
+    load_flows,
+    make_flow_provider,
+    read_definitions,
 )
 from flowstore.definitions import parse_definition
 from tests.flows import linear, onboarding
@@ -192,7 +192,7 @@ def test_a_broken_file_keeps_serving_the_last_good_copy(
     bad["steps"]["s0"]["transitions"]["next"]["step"] = "nowhere"
     write_json(path, bad)
     ticker.advance(10)
-    with caplog.at_level(logging.WARNING, logger="adapters.providers"):
+    with caplog.at_level(logging.WARNING, logger="flowstore.adapters.providers"):
         assert provider.get_flow("f").steps["s0"].transitions["next"].step == "s1"
     assert "unavailable" in caplog.text
     assert "nowhere" in caplog.text
@@ -379,7 +379,7 @@ def test_a_failing_remote_keeps_serving_the_last_good_copy(
     else:
         server.stop()  # connection refused from now on
     ticker.advance(61)
-    with caplog.at_level(logging.WARNING, logger="adapters.providers"):
+    with caplog.at_level(logging.WARNING, logger="flowstore.adapters.providers"):
         assert provider.get_flow(FLOW).to_seed() == onboarding()
     assert "serving the cached copy" in caplog.text
     with pytest.raises(FlowNotFoundError) as caught:

@@ -23,9 +23,9 @@ import pytest
 import sqlalchemy.exc
 from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
 
-from adapters.cli import main
-from adapters.errors import ErrorMapping, mapping_for
 from flowstore import FlowError, FlowStore, HistoryKind, StorageUnavailableError
+from flowstore.adapters.cli import main
+from flowstore.adapters.errors import ErrorMapping, mapping_for
 from flowstore.domain import instance_id
 from flowstore.storage import parse_url
 from tests.flows import linear

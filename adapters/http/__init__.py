@@ -3,8 +3,8 @@
 Needs the `http` extra (`pip install 'flowstore[http]'`).
 """
 
-from adapters.http.app import DEFAULT_MAX_BODY_BYTES, create_app
-from adapters.http.auth import (
+from flowstore.adapters.http.app import DEFAULT_MAX_BODY_BYTES, create_app
+from flowstore.adapters.http.auth import (
     ADMIN_ROLE,
     AuthConfigError,
     AuthenticationError,
@@ -13,8 +13,8 @@ from adapters.http.auth import (
     Principal,
     TokenVerifier,
 )
-from adapters.http.problems import Problem
-from adapters.http.server import serve
+from flowstore.adapters.http.problems import Problem
+from flowstore.adapters.http.server import serve
 
 __all__ = [
     "ADMIN_ROLE",

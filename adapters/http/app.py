@@ -30,35 +30,6 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import flowstore
-from adapters.http.auth import (
-    ADMIN_ROLE,
-    AuthenticationError,
-    PermissionDeniedError,
-    Principal,
-    TokenVerifier,
-)
-from adapters.http.console import mount_console
-from adapters.http.problems import (
-    PROBLEM_MEDIA_TYPE,
-    Problem,
-    RequestInvalidError,
-    http_status_code,
-    problem,
-    problem_for,
-    problem_response,
-)
-from adapters.http.push import LogPusher
-from adapters.http.schemas import (
-    ErasureResult,
-    Health,
-    PurgeResult,
-    Readiness,
-    ResetRequest,
-    StateOverride,
-    TransitionRequest,
-    nul_errors,
-)
-from adapters.http.websocket import FlowSocket
 from flowstore import (
     FlowDefinition,
     FlowError,
@@ -71,6 +42,35 @@ from flowstore import (
     PayloadTooLargeError,
     StorageUnavailableError,
 )
+from flowstore.adapters.http.auth import (
+    ADMIN_ROLE,
+    AuthenticationError,
+    PermissionDeniedError,
+    Principal,
+    TokenVerifier,
+)
+from flowstore.adapters.http.console import mount_console
+from flowstore.adapters.http.problems import (
+    PROBLEM_MEDIA_TYPE,
+    Problem,
+    RequestInvalidError,
+    http_status_code,
+    problem,
+    problem_for,
+    problem_response,
+)
+from flowstore.adapters.http.push import LogPusher
+from flowstore.adapters.http.schemas import (
+    ErasureResult,
+    Health,
+    PurgeResult,
+    Readiness,
+    ResetRequest,
+    StateOverride,
+    TransitionRequest,
+    nul_errors,
+)
+from flowstore.adapters.http.websocket import FlowSocket
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 

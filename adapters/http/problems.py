@@ -16,8 +16,8 @@ import orjson
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from adapters.errors import mapping_for
 from flowstore import FlowError
+from flowstore.adapters.errors import mapping_for
 
 __all__ = [
     "PROBLEM_MEDIA_TYPE",
@@ -87,7 +87,7 @@ def problem(status: int, code: str, detail: str, details: Any = None) -> dict[st
 
 
 def problem_for(error: FlowError) -> dict[str, Any]:
-    """A FlowError's problem details; its status from `adapters.errors.mapping_for`."""
+    """A FlowError's problem details; its status from `flowstore.adapters.errors.mapping_for`."""
     return problem(mapping_for(error).http_status, error.code, error.message, error.details)
 
 

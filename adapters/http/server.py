@@ -9,9 +9,9 @@ import threading
 
 import uvicorn
 
-from adapters.http.app import DEFAULT_MAX_BODY_BYTES, create_app
-from adapters.http.auth import JwtVerifier, TokenVerifier
 from flowstore import FlowStore
+from flowstore.adapters.http.app import DEFAULT_MAX_BODY_BYTES, create_app
+from flowstore.adapters.http.auth import JwtVerifier, TokenVerifier
 
 __all__ = ["serve"]
 

@@ -25,11 +25,11 @@ import orjson
 from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from adapters.http.auth import AuthenticationError, Principal, TokenVerifier
-from adapters.http.problems import RequestInvalidError, problem, problem_for
-from adapters.http.push import LogPusher, Subscriber
-from adapters.http.schemas import TransitionMessage, nul_errors
 from flowstore import FlowError, FlowStore
+from flowstore.adapters.http.auth import AuthenticationError, Principal, TokenVerifier
+from flowstore.adapters.http.problems import RequestInvalidError, problem, problem_for
+from flowstore.adapters.http.push import LogPusher, Subscriber
+from flowstore.adapters.http.schemas import TransitionMessage, nul_errors
 
 __all__ = ["CLOSE_TOO_SLOW", "CLOSE_UNAUTHENTICATED", "FlowSocket"]
 

@@ -1,6 +1,6 @@
 """Kafka: publish a store's events to a topic, consume them elsewhere, audit and restore from it.
 
-The envelope (`adapters.kafka.envelope`) needs only pydantic and orjson, so services that consume
+The envelope (`flowstore.adapters.kafka.envelope`) needs only pydantic and orjson, so services that consume
 the topic with another client can use it without kafka-python; everything else needs the `kafka`
 extra and is imported on first use.
 """
@@ -10,12 +10,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from adapters.kafka.envelope import EVENT_TYPES, EnvelopeError, FlowEventEnvelope, message_key
+from flowstore.adapters.kafka.envelope import (
+    EVENT_TYPES,
+    EnvelopeError,
+    FlowEventEnvelope,
+    message_key,
+)
 
 if TYPE_CHECKING:
-    from adapters.kafka.audit import AuditFinding, AuditReport, audit_topic
-    from adapters.kafka.consumer import FlowEventConsumer, TopicMessage, read_topic
-    from adapters.kafka.publisher import (
+    from flowstore.adapters.kafka.audit import AuditFinding, AuditReport, audit_topic
+    from flowstore.adapters.kafka.consumer import FlowEventConsumer, TopicMessage, read_topic
+    from flowstore.adapters.kafka.publisher import (
         DEFAULT_TOPIC,
         EmbeddedPublisher,
         KafkaPublisher,
@@ -24,9 +29,14 @@ if TYPE_CHECKING:
         PublisherStatus,
         embedded_publisher_from_env,
         ensure_topic,
+        kafka_publisher,
         start_embedded_publisher,
     )
-    from adapters.kafka.restore import RestoreReport, TopicIncompleteError, restore_from_kafka
+    from flowstore.adapters.kafka.restore import (
+        RestoreReport,
+        TopicIncompleteError,
+        restore_from_kafka,
+    )
 
 __all__ = [
     "DEFAULT_TOPIC",
@@ -47,6 +57,7 @@ __all__ = [
     "audit_topic",
     "embedded_publisher_from_env",
     "ensure_topic",
+    "kafka_publisher",
     "message_key",
     "read_topic",
     "restore_from_kafka",
@@ -68,6 +79,7 @@ _LAZY = {
     "PublisherStatus": "publisher",
     "embedded_publisher_from_env": "publisher",
     "ensure_topic": "publisher",
+    "kafka_publisher": "publisher",
     "start_embedded_publisher": "publisher",
     "RestoreReport": "restore",
     "TopicIncompleteError": "restore",
@@ -80,4 +92,4 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"adapters.kafka.{module}"), name)
+    return getattr(importlib.import_module(f"flowstore.adapters.kafka.{module}"), name)

@@ -24,11 +24,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from uuid import UUID
 
-from adapters.kafka.consumer import read_topic
-from adapters.kafka.envelope import EnvelopeError, FlowEventEnvelope
-from adapters.kafka.publisher import bootstrap_from_env, topic_from_env
-from adapters.kafka.tracking import PublisherTracking
 from flowstore import FlowStore
+from flowstore.adapters.kafka.consumer import read_topic
+from flowstore.adapters.kafka.envelope import EnvelopeError, FlowEventEnvelope
+from flowstore.adapters.kafka.publisher import bootstrap_from_env, topic_from_env
+from flowstore.adapters.kafka.tracking import PublisherTracking
 from flowstore.keys import ERASED_USER_PREFIX
 
 __all__ = ["PROBLEMS", "AuditFinding", "AuditReport", "audit_topic"]

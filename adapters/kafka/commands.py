@@ -10,23 +10,32 @@ import argparse
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from adapters.errors import DIFFERENCES_EXIT_CODE
-from adapters.kafka.audit import audit_topic
-from adapters.kafka.publisher import KafkaPublisher, PublisherStatus
-from adapters.kafka.restore import TopicIncompleteError, restore_from_kafka
 from flowstore import FlowStore
+from flowstore.adapters.errors import DIFFERENCES_EXIT_CODE
+from flowstore.adapters.kafka.audit import audit_topic
+from flowstore.adapters.kafka.publisher import KafkaPublisher, PublisherStatus
+from flowstore.adapters.kafka.restore import TopicIncompleteError, restore_from_kafka
 
 if TYPE_CHECKING:
-    from adapters.cli import Output
+    from rich.console import Console
+
+
+class Output(Protocol):
+    """What these commands need of the CLI's output (`flowstore.adapters.cli.Output`): its console.
+
+    A protocol rather than an import, so the CLI depends on this module and not the other way round.
+    """
+
+    console: Console
 
 __all__ = ["Outcome", "audit", "publish", "restore"]
 
 Outcome = tuple[str, dict[str, Any], int]
 """What a command reports: a sentence for people, an object for JSON, the exit code.
 
-Plain data rather than `adapters.cli.Note`: under `python -m adapters.cli` that module is
+Plain data rather than `flowstore.adapters.cli.Note`: under `python -m flowstore.adapters.cli` that module is
 `__main__`, and importing it by name here would make a second, different `Note` class.
 """
 

@@ -27,8 +27,12 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from adapters.kafka.envelope import EnvelopeError, FlowEventEnvelope
-from adapters.kafka.publisher import KafkaUnavailableError, bootstrap_from_env, topic_from_env
+from flowstore.adapters.kafka.envelope import EnvelopeError, FlowEventEnvelope
+from flowstore.adapters.kafka.publisher import (
+    KafkaUnavailableError,
+    bootstrap_from_env,
+    topic_from_env,
+)
 
 __all__ = ["FlowEventConsumer", "TopicMessage", "read_topic"]
 

@@ -8,7 +8,7 @@ the wire like the rest of flowstore's JSON; `data` holds the event's own fields,
 
     envelope = FlowEventEnvelope.parse(message.value)   # one call for consumers
 
-The JSON Schema is `envelope.schema.json` beside this module (`python -m adapters.kafka` writes it
+The JSON Schema is `envelope.schema.json` beside this module (`python -m flowstore.adapters.kafka` writes it
 again from the model; a test checks they agree).
 """
 

@@ -37,9 +37,9 @@ from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
-from adapters.kafka.envelope import FlowEventEnvelope, message_key
-from adapters.kafka.tracking import PublisherLock, PublisherTracking
 from flowstore import FlowStore
+from flowstore.adapters.kafka.envelope import FlowEventEnvelope, message_key
+from flowstore.adapters.kafka.tracking import PublisherLock, PublisherTracking
 from flowstore.domain import DomainEvent
 from flowstore.errors import FlowError
 
@@ -55,6 +55,7 @@ __all__ = [
     "PublisherStatus",
     "embedded_publisher_from_env",
     "ensure_topic",
+    "kafka_publisher",
     "start_embedded_publisher",
 ]
 
@@ -486,6 +487,24 @@ def embedded_publisher_from_env(store: FlowStore, **options: Any) -> EmbeddedPub
     if not os.environ.get(BOOTSTRAP_ENV):
         return None
     return start_embedded_publisher(store, **options)
+
+
+def kafka_publisher(
+    bootstrap: str | None = None,
+    topic: str | None = None,
+    *,
+    drain_timeout: float = 5.0,
+    **options: Any,
+) -> Callable[[FlowStore], EmbeddedPublisher]:
+    """A publisher factory for `FlowStore(publisher=...)` (and the `flowstore.publishers` entry point
+    `kafka`, which `FlowStore(kafka=...)` uses): arguments as for `start_embedded_publisher`."""
+
+    def start(store: FlowStore) -> EmbeddedPublisher:
+        return start_embedded_publisher(
+            store, bootstrap, topic, drain_timeout=drain_timeout, **options
+        )
+
+    return start
 
 
 def start_embedded_publisher(

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from uuid import UUID
 
-from adapters.kafka.consumer import read_topic
-from adapters.kafka.envelope import FlowEventEnvelope
-from adapters.kafka.publisher import bootstrap_from_env, topic_from_env
 from flowstore import FlowStore, InvalidArgumentError
+from flowstore.adapters.kafka.consumer import read_topic
+from flowstore.adapters.kafka.envelope import FlowEventEnvelope
+from flowstore.adapters.kafka.publisher import bootstrap_from_env, topic_from_env
 from flowstore.domain import DomainEvent
 from flowstore.errors import FlowError
 

@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
 
-from adapters.http import JwtVerifier, create_app
 from flowstore import FlowStore
+from flowstore.adapters.http import JwtVerifier, create_app
 from tests.flows import linear, onboarding
 from tests.pgserver import PostgresServer
 

@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 from websockets.typing import Origin
 
-from adapters.http.console.session import SESSION_COOKIE
+from flowstore.adapters.http.console.session import SESSION_COOKIE
 from tests.flows import linear
 from tests.http.conftest import ONBOARDING, SECRET, bearer, mint
 

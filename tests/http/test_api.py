@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from adapters.http import JwtVerifier, create_app
 from flowstore import FlowStore, HistoryKind
+from flowstore.adapters.http import JwtVerifier, create_app
 from tests.flows import Clock, linear
 from tests.http.conftest import MAX_BODY_BYTES, ONBOARDING, SECRET, LiveServer, User
 

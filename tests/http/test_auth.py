@@ -12,14 +12,14 @@ import httpx
 import jwt
 import pytest
 
-from adapters.http import (
+from flowstore import FlowStore
+from flowstore.adapters.http import (
     AuthConfigError,
     AuthenticationError,
     JwtVerifier,
     Principal,
     create_app,
 )
-from flowstore import FlowStore
 from tests.flows import linear
 from tests.http.conftest import ONBOARDING, SECRET, LiveServer, User, bearer, mint
 from tests.http.security import (

@@ -19,11 +19,11 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from adapters.http.console import CLOSE_FORBIDDEN, render
-from adapters.http.console.jobs import Job, OperationRunningError, Operations
-from adapters.http.console.windows import WINDOWS, LogWindows, flow_summary
-from adapters.http.websocket import CLOSE_UNAUTHENTICATED
 from flowstore import FlowStore, InvalidTransitionError
+from flowstore.adapters.http.console import CLOSE_FORBIDDEN, render
+from flowstore.adapters.http.console.jobs import Job, OperationRunningError, Operations
+from flowstore.adapters.http.console.windows import WINDOWS, LogWindows, flow_summary
+from flowstore.adapters.http.websocket import CLOSE_UNAUTHENTICATED
 from tests.flows import Clock, linear, onboarding
 from tests.http.conftest import ONBOARDING, LiveServer, User, mint
 from tests.http.security import console_socket_refusal, csrf_forgeries

@@ -24,9 +24,9 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from adapters.http import JwtVerifier, create_app
-from adapters.http.console.render import HEAT, duration, percent
 from flowstore import FlowStore, InvalidTransitionError
+from flowstore.adapters.http import JwtVerifier, create_app
+from flowstore.adapters.http.console.render import HEAT, duration, percent
 from tests.flows import linear, onboarding
 from tests.http.conftest import ONBOARDING, SECRET, LiveServer, bearer, mint
 

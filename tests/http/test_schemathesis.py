@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from adapters.http import JwtVerifier, create_app
 from flowstore import FlowStore
+from flowstore.adapters.http import JwtVerifier, create_app
 from tests.flows import onboarding
 from tests.http.conftest import ONBOARDING, SECRET, LiveServer, mint
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 from websockets.sync.client import connect
 
-from adapters.errors import mapping_for
-from adapters.http import AuthConfigError
+from flowstore.adapters.errors import mapping_for
+from flowstore.adapters.http import AuthConfigError
 from tests.http.conftest import SECRET, bearer, mint, wait_until_healthy
 
 
@@ -35,7 +35,7 @@ def environment(**settings: str) -> dict[str, str]:
 def test_serve_runs_the_api_until_sigterm(tmp_path: Path, rsa_keys: tuple[bytes, str]) -> None:
     private, public = rsa_keys
     port, log = free_port(), tmp_path / "server.log"
-    command = [sys.executable, "-m", "adapters.cli", "--url", f"sqlite:///{tmp_path / 'f.db'}"]
+    command = [sys.executable, "-m", "flowstore.adapters.cli", "--url", f"sqlite:///{tmp_path / 'f.db'}"]
     with log.open("w") as out:
         server = subprocess.Popen(
             [*command, "serve", "--port", str(port)],
@@ -69,7 +69,7 @@ def test_serve_runs_the_api_until_sigterm(tmp_path: Path, rsa_keys: tuple[bytes,
 def test_serve_without_token_settings_exits_with_a_config_error(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'f.db'}"
     run = subprocess.run(
-        [sys.executable, "-m", "adapters.cli", "--url", url, "serve", "--port", "1"],
+        [sys.executable, "-m", "flowstore.adapters.cli", "--url", url, "serve", "--port", "1"],
         capture_output=True,
         text=True,
         env=environment(),

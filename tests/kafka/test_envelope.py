@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 import jsonschema
 import pytest
 
-from adapters.kafka.envelope import (
+from flowstore import FlowError, FlowStore, domain
+from flowstore.adapters.kafka.envelope import (
     EVENT_TYPES,
     SCHEMA_PATH,
     EnvelopeError,
@@ -18,7 +19,6 @@ from adapters.kafka.envelope import (
     message_key,
     schema_text,
 )
-from flowstore import FlowError, FlowStore, domain
 from flowstore.domain import DomainEvent, InstanceEvent
 from tests.flows import Clock, linear, onboarding
 
@@ -111,7 +111,7 @@ def test_the_wire_format_is_camel_case_and_ids_are_stable() -> None:
 
 
 def test_the_schema_file_is_the_one_the_model_generates() -> None:
-    assert SCHEMA_PATH.read_text() == schema_text(), "run: python -m adapters.kafka"
+    assert SCHEMA_PATH.read_text() == schema_text(), "run: python -m flowstore.adapters.kafka"
 
 
 @pytest.mark.parametrize(

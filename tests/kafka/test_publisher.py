@@ -14,20 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from adapters.kafka.publisher import (
+from flowstore import FlowStore
+from flowstore.adapters.kafka.publisher import (
     KafkaPublisher,
     PublisherStatus,
     embedded_publisher_from_env,
     ensure_topic,
     start_embedded_publisher,
 )
-from adapters.kafka.tracking import PublisherTracking
-from flowstore import FlowStore
+from flowstore.adapters.kafka.tracking import PublisherTracking
 from flowstore.storage import parse_url
 from tests.kafka.broker import TansuBroker
 from tests.kafka.conftest import check_topic, drive, wait_until
 
-CLI = [sys.executable, "-m", "adapters.cli"]
+CLI = [sys.executable, "-m", "flowstore.adapters.cli"]
 
 
 def test_every_event_arrives_once_keyed_by_aggregate_in_order(
@@ -272,7 +272,7 @@ def test_flowstore_reads_the_bootstrap_from_the_environment_unless_told_not_to(
 
 
 def test_the_package_exports_what_it_lists() -> None:
-    import adapters.kafka as package
+    import flowstore.adapters.kafka as package
 
     assert len(set(package.__all__)) == len(package.__all__)
     for name in package.__all__:

@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
-from adapters.cli import main
-from adapters.errors import DIFFERENCES_EXIT_CODE
-from adapters.kafka.audit import audit_topic
-from adapters.kafka.consumer import TopicMessage, read_topic
-from adapters.kafka.envelope import FlowEventEnvelope
-from adapters.kafka.publisher import KafkaPublisher, ensure_topic
-from adapters.kafka.restore import TopicIncompleteError, restore_from_kafka
-from adapters.kafka.tracking import PublisherTracking
 from flowstore import FlowStore
+from flowstore.adapters.cli import main
+from flowstore.adapters.errors import DIFFERENCES_EXIT_CODE
+from flowstore.adapters.kafka.audit import audit_topic
+from flowstore.adapters.kafka.consumer import TopicMessage, read_topic
+from flowstore.adapters.kafka.envelope import FlowEventEnvelope
+from flowstore.adapters.kafka.publisher import KafkaPublisher, ensure_topic
+from flowstore.adapters.kafka.restore import TopicIncompleteError, restore_from_kafka
+from flowstore.adapters.kafka.tracking import PublisherTracking
 from flowstore.domain import instance_id
 from tests.flows import Clock
 from tests.kafka.conftest import FLOW, drive

@@ -42,8 +42,8 @@ from flowstore import (
     PayloadValidationError,
 )
 from flowstore.domain import TransitionRejected, instance_id
+from flowstore.projections.sql import SqlProjections
 from flowstore.storage import parse_url
-from projections.sql import SqlProjections
 from tests.flows import linear
 from tests.reliability.harness import LONG, REPO
 from tests.reliability.ledger import all_events

@@ -31,8 +31,8 @@ from eventsourcing.persistence import IntegrityError, OperationalError
 
 from flowstore import FlowStore, StorageUnavailableError
 from flowstore.domain import TransitionExecuted
+from flowstore.projections.sql import SqlProjections
 from flowstore.storage import parse_url
-from projections.sql import SqlProjections
 from tests.pgserver import PostgresServer
 from tests.reliability.harness import (
     REPO,
@@ -49,7 +49,7 @@ from tests.reliability.harness import (
 from tests.reliability.ledger import Ledger, all_events
 from tests.reliability.writer import FLOW, CountingStore
 
-CLI = [sys.executable, "-m", "adapters.cli"]
+CLI = [sys.executable, "-m", "flowstore.adapters.cli"]
 
 
 # kill -9 of a writer

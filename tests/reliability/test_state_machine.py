@@ -41,8 +41,8 @@ from flowstore import (
     InvalidTransitionError,
     PayloadValidationError,
 )
+from flowstore.projections.sql import SqlProjections
 from flowstore.storage import parse_url
-from projections.sql import SqlProjections
 from tests.flows import Clock
 from tests.reliability.harness import LONG, Figures, scale
 from tests.strategies import TRANSITION_NAMES, flow_definitions, payloads

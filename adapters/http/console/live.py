@@ -18,10 +18,10 @@ import anyio
 import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from adapters.http.auth import AuthenticationError
-from adapters.http.console.session import ConsoleSessions, CsrfError
-from adapters.http.push import LogPusher, Subscriber
-from adapters.http.websocket import CLOSE_TOO_SLOW, CLOSE_UNAUTHENTICATED
+from flowstore.adapters.http.auth import AuthenticationError
+from flowstore.adapters.http.console.session import ConsoleSessions, CsrfError
+from flowstore.adapters.http.push import LogPusher, Subscriber
+from flowstore.adapters.http.websocket import CLOSE_TOO_SLOW, CLOSE_UNAUTHENTICATED
 
 __all__ = ["CLOSE_FORBIDDEN", "watch"]
 

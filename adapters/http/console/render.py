@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from markupsafe import Markup
 
-from adapters.diagrams import graphviz_available, render_dot
 from flowstore import FlowStore
+from flowstore.adapters.diagrams import graphviz_available, render_dot
 
 __all__ = [
     "HEAT",

@@ -21,16 +21,28 @@ from starlette.requests import HTTPConnection
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from adapters.errors import mapping_for
-from adapters.http.auth import ADMIN_ROLE, AuthenticationError, PermissionDeniedError, Principal
-from adapters.http.console.jobs import ACTIONS, Operations
-from adapters.http.console.live import watch
-from adapters.http.console.render import HEAT, duration, flow_diagram, heat_level, legend, percent
-from adapters.http.console.session import CSRF_FIELD, ConsoleSessions
-from adapters.http.console.windows import WINDOWS, LogWindows, flow_summary
-from adapters.http.problems import RequestInvalidError
-from adapters.http.push import LogPusher
 from flowstore import FlowError, FlowNotFoundError, FlowStore
+from flowstore.adapters.errors import mapping_for
+from flowstore.adapters.http.auth import (
+    ADMIN_ROLE,
+    AuthenticationError,
+    PermissionDeniedError,
+    Principal,
+)
+from flowstore.adapters.http.console.jobs import ACTIONS, Operations
+from flowstore.adapters.http.console.live import watch
+from flowstore.adapters.http.console.render import (
+    HEAT,
+    duration,
+    flow_diagram,
+    heat_level,
+    legend,
+    percent,
+)
+from flowstore.adapters.http.console.session import CSRF_FIELD, ConsoleSessions
+from flowstore.adapters.http.console.windows import WINDOWS, LogWindows, flow_summary
+from flowstore.adapters.http.problems import RequestInvalidError
+from flowstore.adapters.http.push import LogPusher
 
 __all__ = ["PREFIX", "Console", "mount_console"]
 
@@ -113,7 +125,7 @@ class Console:
         self.operations = Operations(store)
         self.windows = LogWindows(store)
         self.templates = Environment(
-            loader=PackageLoader("adapters.http.console", "templates"),
+            loader=PackageLoader("flowstore.adapters.http.console", "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),
             undefined=StrictUndefined,
             trim_blocks=True,
@@ -166,6 +178,10 @@ def _publisher_status(store: FlowStore) -> dict[str, Any] | None:
     """The embedded Kafka publisher's status, when this process's store runs one."""
     if store.publisher is None:
         return None
+    from flowstore.adapters.kafka.publisher import EmbeddedPublisher  # kafka is installed here
+
+    if not isinstance(store.publisher, EmbeddedPublisher):
+        return None  # some other publisher handed to the store: nothing Kafka-shaped to show
     current = store.publisher.status()
     return {
         "topic": current.topic,
@@ -532,7 +548,7 @@ def mount_console(app: FastAPI) -> None:
     app.add_api_websocket_route(PREFIX + "/ws", live)
     app.mount(
         PREFIX + "/static",
-        StaticFiles(packages=[("adapters.http.console", "static")]),
+        StaticFiles(packages=[("flowstore.adapters.http.console", "static")]),
         name="console-static",
     )
 

@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from adapters.http.auth import AuthenticationError, Principal, TokenVerifier
 from flowstore import FlowError
+from flowstore.adapters.http.auth import AuthenticationError, Principal, TokenVerifier
 
 __all__ = [
     "CSRF_FIELD",

@@ -2,7 +2,7 @@
 
 All time is what the store answers (`get_flow_statistics`, `get_flow_funnel`: counter tables). The
 store keeps no counts by time, so for "the last hour/day/week" the console folds the event log itself
-(`read_events`) through `projections.ops.changes`, the function the projections apply, so the two
+(`read_events`) through `flowstore.projections.ops.changes`, the function the projections apply, so the two
 count alike. Counts go into one-minute buckets; each flow's fold is built on first use (one pass over
 the log) and then only reads events it has not seen.
 
@@ -25,8 +25,8 @@ from typing import Any
 
 from flowstore import FlowStore
 from flowstore.domain import DomainEvent, InstanceEvent
-from projections.ops import AddCounters, AddStepCounters, PutSample, PutState, changes
-from projections.sql import percentile
+from flowstore.projections.ops import AddCounters, AddStepCounters, PutSample, PutState, changes
+from flowstore.projections.sql import percentile
 
 __all__ = ["WINDOWS", "FunnelSummary", "LogWindows", "StepFigures", "Window", "flow_summary"]
 
