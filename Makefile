@@ -4,7 +4,7 @@
 #   make postgres-binaries  PostgreSQL 15 server binaries (apt-get install postgresql-15 if missing)
 #   make graphviz           Graphviz `dot` for SVG/PNG diagrams (apt-get install graphviz if missing)
 #   make chromium           Debian's chromium for the console's browser tests (apt-get install chromium)
-#   make lint               ruff check + mypy (config in pyproject.toml)
+#   make lint               ruff check + mypy + import-linter contracts (config in pyproject.toml)
 #   make test               lint, then pytest           (PYTEST_ARGS='-k store -x' passes through)
 #   make demo               flowstore demo
 #   make bench              python -m benchmarks.run    (BENCH_ARGS passes through)
@@ -83,6 +83,7 @@ chromium:
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: venv postgres-binaries graphviz chromium lint
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
