@@ -10,12 +10,12 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-import jsonschema
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic.alias_generators import to_camel
 
 from flowstore.errors import DefinitionError, PayloadTooLargeError, PayloadValidationError
+from flowstore.schemas import PayloadSchema, schema_problems
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
@@ -85,13 +85,9 @@ class FlowTransition(_SeedModel):
             return None
         if self._validator is None:
             # Built once per transition object: definitions are immutable and cached by version.
-            cls = jsonschema.validators.validator_for(self.payload_schema)
-            self._validator = cls(self.payload_schema)
-        error = jsonschema.exceptions.best_match(self._validator.iter_errors(payload))
-        if error is None:
-            return None
-        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        return f"payload at {where}: {error.message}"
+            self._validator = PayloadSchema(self.payload_schema)
+        problem: str | None = self._validator.problem(payload)
+        return problem
 
 
 class FlowStep(_SeedModel):
@@ -211,15 +207,10 @@ def _problems(definition: FlowDefinition) -> list[str]:
                     f"transition {tkey!r} of step {key!r} targets unknown step {transition.step!r}"
                 )
             if transition.payload_schema is not None:
-                try:
-                    jsonschema.validators.validator_for(transition.payload_schema).check_schema(
-                        transition.payload_schema
-                    )
-                except jsonschema.exceptions.SchemaError as exc:
-                    problems.append(
-                        f"payloadSchema of transition {tkey!r} of step {key!r} is not a valid "
-                        f"JSON Schema: {exc.message}"
-                    )
+                problems.extend(
+                    f"payloadSchema of transition {tkey!r} of step {key!r}: {problem}"
+                    for problem in schema_problems(transition.payload_schema)
+                )
     if definition.ttl is not None and definition.ttl <= 0:
         problems.append(f"ttl must be a positive number of seconds, not {definition.ttl}")
     elif definition.ttl is not None and definition.ttl > MAX_TTL_SECONDS:
