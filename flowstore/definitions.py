@@ -19,6 +19,7 @@ from flowstore.schemas import PayloadSchema, schema_problems
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
+    "DOT_IDS",
     "MAX_DEFINITION_BYTES",
     "MAX_JSON_DEPTH",
     "MAX_NAME_LENGTH",
@@ -50,6 +51,10 @@ MAX_JSON_DEPTH = 100
 orjson refuses more than 254 levels; the event, the Kafka envelope and HTTP responses wrap the
 value in a few more, so the limit leaves them room.
 """
+
+DOT_IDS = frozenset({".", ".."})
+"""Flow ids that are path segments of their own in a URL (`/flows/..` is `/`): refused, as is `/`
+(flow ids are one segment of every REST path and per-flow remote URL)."""
 
 MAX_NAME_LENGTH = 256
 """Longest flow id, step, service, module or transition name: the tables' columns are VARCHAR(256),
@@ -150,6 +155,8 @@ def _name_problems(definition: FlowDefinition) -> list[str]:
             )
         if has_control_characters(name):
             problems.append(f"{kind} {_shown(name)!r} contains a control character")
+    if definition.flow in DOT_IDS or "/" in definition.flow:
+        problems.append(f"flow id {definition.flow!r} must not be '.', '..' or contain '/'")
     problems.extend(
         f"service of step {key!r} must not be empty"
         for key, step in definition.steps.items()
