@@ -145,14 +145,14 @@ def test_bad_and_expired_tokens_are_refused_at_sign_in(client: httpx.Client) -> 
     bad = client.get("/ui", params={"token": "not-a-jwt"})
     assert bad.status_code == 401
     assert "not valid here" in bad.text
-    expired = client.get("/ui", params={"token": mint("root", roles=["admin"], ttl=-60)})
+    expired = client.get("/ui", params={"token": mint("root", roles=["admin"], ttl=-120)})
     assert expired.status_code == 401
     assert "expired" in expired.text
     assert not any(c.startswith(f"{SESSION}=") for c in expired.headers.get_list("set-cookie"))
 
 
 def test_an_expired_session_sends_the_browser_back_to_sign_in(client: httpx.Client) -> None:
-    client.cookies.set(SESSION, mint("root", roles=["admin"], ttl=-60), path="/ui")
+    client.cookies.set(SESSION, mint("root", roles=["admin"], ttl=-120), path="/ui")
     response = client.get("/ui/flows")
     assert response.status_code == 303
     assert response.headers["location"] == "/ui/login?next=%2Fui%2Fflows&reason=expired"
