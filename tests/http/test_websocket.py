@@ -222,10 +222,8 @@ def test_a_deeply_nested_message_is_a_request_error_not_an_internal_one(
 ) -> None:
     nested = "[" * depth + "]" * depth
     with signed_in(server, alice) as ws:
-        ws.send(
-            '{"type": "flow-transition", "requestId": "deep", "flowId": "%s", '
-            '"transition": "start", "payload": {"x": %s}}' % (ONBOARDING, nested)
-        )
+        head = {"type": "flow-transition", "requestId": "deep", "flowId": ONBOARDING}
+        ws.send(json.dumps(head)[:-1] + ', "transition": "start", "payload": {"x": ' + nested + "}}")
         reply = answer(ws)
         assert reply["type"] == "flow-error"
         assert reply["code"] in ("REQUEST_INVALID", "PAYLOAD_INVALID")
