@@ -494,7 +494,7 @@ def create_app(
         return PurgeResult(purged=store.purge_expired_flows())
 
     @admins.put(
-        "/admin/users/{userId}/flows/{flowId}/state",
+        "/admin/users/{userId:path}/flows/{flowId}/state",
         response_model=FlowState,
         responses=_errors(401, 403, 404, 409, 413, 422),
     )
@@ -511,7 +511,7 @@ def create_app(
         return store.set_flow_state(user_id, state)
 
     @admins.delete(
-        "/admin/users/{userId}",
+        "/admin/users/{userId:path}",
         response_model=ErasureResult,
         responses=_errors(401, 403, 409, 422),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from flowstore import FlowStore, HistoryKind
 from flowstore.adapters.http import JwtVerifier, create_app
 from tests.flows import Clock, linear
-from tests.http.conftest import MAX_BODY_BYTES, ONBOARDING, SECRET, LiveServer, User
+from tests.http.conftest import MAX_BODY_BYTES, ONBOARDING, SECRET, LiveServer, User, mint
 
 PROBLEM = "application/problem+json"
 
@@ -548,3 +549,28 @@ def test_unknown_routes_and_methods_are_problems_too(client: httpx.Client, alice
     mine = client.delete("/api/flows/mine", headers=alice.headers)
     assert_problem(mine, 405, "METHOD_NOT_ALLOWED")
     assert mine.headers["allow"] == "GET"
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    ["tenant-7/ann", "a/flows/line/state", "/lead", "trail/", "x%2Fy", "dots/../.."],
+)
+def test_user_ids_with_slashes_can_be_overridden_and_erased(
+    client: httpx.Client, admin: User, line: str, user_id: str
+) -> None:
+    user = User(user_id, mint(user_id))
+    assert client.post(f"/api/flow/{line}/transition/next", headers=user.headers).status_code == 200
+    # Quoted (as a client library sends an id) and, where the id allows it, as written.
+    for path_id in {quote(user_id, safe=""), quote(user_id, safe="/")}:
+        if "/." in path_id or path_id.startswith("/"):
+            continue  # a client normalises /../ and // away before sending: only quoted ids reach us
+        state = client.put(
+            f"/api/admin/users/{path_id}/flows/{line}/state",
+            json={"step": "s1"},
+            headers=admin.headers,
+        )
+        assert state.status_code == 200, state.text
+    assert client.get(f"/api/flow/{line}/state", headers=user.headers).json()["step"] == "s1"
+    erased = client.delete(f"/api/admin/users/{quote(user_id, safe='')}", headers=admin.headers)
+    assert erased.json() == {"userId": user_id, "erasedInstances": 1}
+    assert_problem(client.get(f"/api/flow/{line}/state", headers=user.headers), 404, "FLOW_STATE_NOT_FOUND")
