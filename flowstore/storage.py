@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from flowstore.errors import FlowError
 
-__all__ = ["DEFAULT_URL", "StorageConfig", "StorageConfigError", "parse_url", "resolve_url"]
+__all__ = ["DEFAULT_URL", "SQLITE_PERSISTENCE", "StorageConfig", "StorageConfigError", "parse_url", "resolve_url"]
 
 DEFAULT_URL = "sqlite:///flowstore.db"
 """The embedded default: a SQLite file in the working directory."""
@@ -41,6 +41,9 @@ class StorageConfig:
     display: str = ""
     """The URL with any password masked, for logs and errors."""
 
+
+SQLITE_PERSISTENCE = "flowstore.sqlitelog:SecureSQLiteFactory"
+"""The eventsourcing persistence topic of SQLite stores."""
 
 _CONNECT_TIMEOUT = "2"
 """Seconds a PostgreSQL call waits for a connection per attempt, unless the URL sets connect_timeout."""
@@ -79,7 +82,8 @@ def parse_url(url: str) -> StorageConfig:
             raise StorageConfigError(
                 f"SQLite URL {url!r}: directory {str(parent)!r} does not exist", url=url
             )
-        env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": path}
+        # eventsourcing's SQLite persistence, with secure_delete on its connections (sqlitelog.py).
+        env = {"PERSISTENCE_MODULE": SQLITE_PERSISTENCE, "SQLITE_DBNAME": path}
         return StorageConfig("sqlite", env, f"sqlite:///{path}", url)
     if scheme in ("postgresql", "postgres"):
         if not parts.hostname or not parts.path.strip("/"):

@@ -48,6 +48,7 @@ from flowstore.models import (
 )
 from flowstore.projections.batch import RowBatch, StateKey
 from flowstore.projections.tables import REBUILD_SUFFIX, TRACKING, ProjectionTables, define_tables
+from flowstore.sqlitelog import secure_sqlite
 from flowstore.storage import StorageConfig
 
 __all__ = [
@@ -142,6 +143,9 @@ class SqlProjections:
         )
         if self._sqlite:
             _immediate_transactions(self.engine)
+            # Erased users' rows are overwritten on disk, not left in free pages (sqlitelog.py).
+            secure_sqlite(self.engine)
+            secure_sqlite(self._reader)
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
         self._upserts: dict[tuple[str, bool], Any] = {}
         self._lookup_cache: dict[str, tuple[Any, Any]] = {}
