@@ -349,13 +349,14 @@ class SqlKeyStore(UserKeys):
 
         SQLite: the rows were overwritten in the file (secure_delete); the WAL still holds the frames
         written before, so it is checkpointed and truncated. PostgreSQL: a deleted row stays in its
-        heap page until VACUUM prunes it; the key table is vacuumed (its WAL, and any base backup,
-        keep the row until they are recycled: see README "Erasure").
+        heap page, and plain VACUUM only marks its space free (the bytes stay until reused), so the
+        small key table is rewritten (VACUUM FULL: a new file; the old one is unlinked). Its WAL,
+        and any base backup, keep the row until they are recycled: see README "Erasure".
         """
         from sqlalchemy import text
 
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             if self._sqlite_file:
                 return wipe_wal(conn)
-            conn.execute(text(f"VACUUM {self.table.name}"))
+            conn.execute(text(f"VACUUM FULL {self.table.name}"))
             return True
