@@ -29,6 +29,7 @@ from uuid import uuid4
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from flowstore.definitions import ERASED_USER_PREFIX
 from flowstore.sqlitelog import secure_sqlite, wipe_wal
 from flowstore.storage import StorageConfig
 
@@ -46,8 +47,6 @@ __all__ = [
 PERSONAL_FIELDS = ("user_id", "payload", "error")
 """The fields of instance events that say something about a person; sealed with the user's key."""
 
-ERASED_USER_PREFIX = "erased:"
-"""What an erased user's events carry as their user id: this prefix and the erased key's subject."""
 
 _NONCE = 12
 _USER_LOCK_STRIPES = 256
