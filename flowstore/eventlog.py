@@ -41,7 +41,7 @@ from flowstore.errors import (
     StorageUnavailableError,
 )
 from flowstore.keys import MemoryKeyStore, SqlKeyStore, UserKeys
-from flowstore.storage import StorageConfig
+from flowstore.storage import SQLITE_PERSISTENCE, StorageConfig
 
 __all__ = ["CIPHER_KEY_ENV", "EventLog", "backoff", "cipher_settings", "storage_errors"]
 
@@ -92,7 +92,11 @@ def storage_errors(env: Mapping[str, str], action: str) -> Iterator[None]:
         ):
             raise
         module = env.get("PERSISTENCE_MODULE", "")
-        backend = {"eventsourcing.sqlite": "SQLite", "eventsourcing.postgres": "PostgreSQL"}
+        backend = {
+            "eventsourcing.sqlite": "SQLite",
+            SQLITE_PERSISTENCE: "SQLite",
+            "eventsourcing.postgres": "PostgreSQL",
+        }
         reason = str(getattr(exc, "orig", None) or exc)  # SQLAlchemy's names the statement
         raise StorageUnavailableError(
             backend.get(module, "The database"), action, reason or type(exc).__name__
