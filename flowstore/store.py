@@ -683,8 +683,14 @@ class FlowStore:
         return self.get_flow_state(user_id, flow_id)
 
     def rebuild_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Replay the whole log into fresh tables and swap them in; return the events replayed."""
-        return self._tables.rebuild(self.read_events, progress=progress)
+        """Replay the whole log into fresh tables and swap them in; return the events replayed.
+
+        One rebuild at a time per database (across processes): another one running raises
+        `RebuildRunningError`. A rebuild that fails drops its shadow tables and leaves the live
+        ones as they were; a database that fails under it (a full disk) is `StorageUnavailableError`.
+        """
+        with self._log.errors("rebuilding the projections"):
+            return self._tables.rebuild(self.read_events, progress=progress)
 
     def verify_projections(self) -> list[Difference]:
         """Every difference between the tables and the log (empty when they agree)."""

@@ -11,7 +11,9 @@ them, and a crash between two batches leaves the tables exactly at the last comm
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.pool import StaticPool
 
 from flowstore.domain import DomainEvent
+from flowstore.errors import RebuildRunningError
 from flowstore.projections.batch import RowBatch, StateKey
 from flowstore.projections.queries import Queries, percentile, row_dict
 from flowstore.projections.tables import REBUILD_SUFFIX, TRACKING, ProjectionTables, define_tables
@@ -104,6 +107,7 @@ class SqlProjections(Queries, Verification):
         self._owned_position: int | None = None
         # The lower bound each flow's old throughput rows were last deleted below (see _write).
         self._forgotten: dict[str, int] = {}
+        self._rebuild_mutex = threading.Lock()
         mine = TRACKING.c.name == PROJECTION
         self._read_position = select(TRACKING.c.position).where(mine)
         self._locking_position = self._read_position.with_for_update()
@@ -307,7 +311,71 @@ class SqlProjections(Queries, Verification):
         copies of recent state rows kept between pages (only this rebuild writes the new tables, so
         they cannot go stale) are capped. Readers keep the old tables until the swap commits.
         """
-        shadow = define_tables(REBUILD_SUFFIX)
+        with self._rebuild_lock():
+            shadow = define_tables(REBUILD_SUFFIX)
+            try:
+                return self._rebuild(shadow, read, page=page, progress=progress)
+            except BaseException:
+                # A failed rebuild (a full disk, a lost connection) must not leave its half-filled
+                # shadow tables behind: they held thousands of rows and broke later commands.
+                self._drop_shadow(shadow)
+                raise
+
+    def _drop_shadow(self, shadow: ProjectionTables) -> None:
+        try:
+            with self._lock, self.engine.begin() as conn:
+                shadow.metadata.drop_all(conn)
+        except Exception:
+            log.warning("could not drop the rebuild's shadow tables", exc_info=True)
+
+    @contextmanager
+    def _rebuild_lock(self) -> Iterator[None]:
+        """One rebuild at a time on this database, across processes; else `RebuildRunningError`.
+
+        SQLite: an exclusive flock on a file beside the database (per open file, so two threads of
+        one process exclude each other too). PostgreSQL: a session-level advisory lock, held on a
+        connection of its own for the whole rebuild. memory://: this process is the only one.
+        """
+        if self._shared_connection:
+            if not self._rebuild_mutex.acquire(blocking=False):
+                raise RebuildRunningError("in this process")
+            try:
+                yield
+            finally:
+                self._rebuild_mutex.release()
+            return
+        if self._sqlite:
+            database = self.engine.url.database or ""
+            path = f"{database}.rebuild-lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise RebuildRunningError(f"lock file {path}") from None
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+            return
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            taken = conn.execute(
+                text("SELECT pg_try_advisory_lock(:key)"), {"key": _REBUILD_LOCK_KEY}
+            ).scalar_one()
+            if not taken:
+                raise RebuildRunningError("PostgreSQL advisory lock")
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _REBUILD_LOCK_KEY})
+
+    def _rebuild(
+        self,
+        shadow: ProjectionTables,
+        read: EventPage,
+        *,
+        page: int,
+        progress: Callable[[int, int], None] | None,
+    ) -> int:
         rows = _RowCache()
         with self._lock, self.engine.begin() as conn:
             shadow.metadata.drop_all(conn)
@@ -359,6 +427,10 @@ class SqlProjections(Queries, Verification):
 
 
 
+
+
+# pg_advisory_lock's key for rebuilds: any bigint the application uses for nothing else.
+_REBUILD_LOCK_KEY = 0x666C6F77_72656231  # "flowreb1"
 
 
 class _RowCache:
