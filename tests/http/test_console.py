@@ -434,3 +434,19 @@ def test_one_operation_runs_at_a_time_and_a_rebuild_reports_log_positions(
         failed = ended(operations.start("purge", "root"))
         assert failed.state == "failed"
         assert failed.summary == "Failed: ZeroDivisionError: division by zero"
+
+
+def test_a_window_forgets_an_erased_users_id() -> None:
+    clock = Clock()
+    with FlowStore("memory://", clock=clock) as store:
+        store.create_flow(onboarding())
+        windows = LogWindows(store, clock=clock)
+        store.execute_transition("erase-me-5d1", ONBOARDING, "start")
+        store.execute_transition("keep-me", ONBOARDING, "start")
+        windows.summary(ONBOARDING, WINDOWS[1])
+        store.erase_user("erase-me-5d1")
+        after = windows.summary(ONBOARDING, WINDOWS[1])
+        assert {s.step: s.dropped for s in after.steps}["profile-setup"] == 1  # still counted
+        held = repr([fold.__dict__ for fold in windows._folds.values()])
+        assert "erase-me-5d1" not in held
+        assert "keep-me" not in held  # ids are not kept at all: instances are
