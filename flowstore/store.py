@@ -640,11 +640,18 @@ class FlowStore:
             states.append(FlowState.model_validate({**row, "flow": row["flow_id"]}))
         return states
 
-    def get_flow_history(self, user_id: str, flow_id: str) -> list[FlowStateHistory]:
-        """Every command on the user's flow, oldest first (empty if they never started it)."""
+    def get_flow_history(
+        self, user_id: str, flow_id: str, *, max_bytes: int | None = None
+    ) -> list[FlowStateHistory]:
+        """Every command on the user's flow, oldest first (empty if they never started it).
+
+        With `max_bytes`, the rows end at the first one that brings their payloads and errors (as
+        JSON and text) to more than that; it is included, so the caller can tell the cap was
+        reached. The rows are read in batches, never all at once.
+        """
         require_id(user_id, "user_id")
         require_id(flow_id, "flow_id")
-        rows = self._tables.history(user_id, flow_id)
+        rows = self._tables.history(user_id, flow_id, max_bytes=max_bytes)
         if not rows:
             self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
         return rows

@@ -63,7 +63,8 @@ def test_a_second_rebuild_while_one_runs_in_another_process_is_refused(store_url
             text=True,
         )
         try:
-            assert holder.stdout is not None and holder.stdin is not None
+            assert holder.stdout is not None
+            assert holder.stdin is not None
             assert holder.stdout.readline().strip() == "rebuilding"
             with pytest.raises(RebuildRunningError):
                 store.rebuild_projections()

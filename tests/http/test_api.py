@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 
 from flowstore import FlowStore, HistoryKind
 from flowstore.adapters.http import JwtVerifier, create_app
+from flowstore.adapters.http.app import MAX_HISTORY_RESPONSE_BYTES
 from tests.flows import Clock, linear
 from tests.http.conftest import MAX_BODY_BYTES, ONBOARDING, SECRET, LiveServer, User, mint
 
@@ -574,3 +576,26 @@ def test_user_ids_with_slashes_can_be_overridden_and_erased(
     erased = client.delete(f"/api/admin/users/{quote(user_id, safe='')}", headers=admin.headers)
     assert erased.json() == {"userId": user_id, "erasedInstances": 1}
     assert_problem(client.get(f"/api/flow/{line}/state", headers=user.headers), 404, "FLOW_STATE_NOT_FOUND")
+
+
+def test_one_history_response_holds_at_most_its_cap(
+    client: httpx.Client, store: FlowStore, line: str
+) -> None:
+    user = User.new("hoarder")
+    big = {"blob": "x" * 60_000}
+    for _ in range(80):  # rejected attempts keep their payloads: 4.8 MB of history
+        response = client.post(f"/api/flow/{line}/transition/nope", json={"payload": big}, headers=user.headers)
+        assert response.status_code == 422
+    answer = client.get(f"/api/flow/{line}/history", headers=user.headers)
+    assert answer.status_code == 200
+    assert answer.headers["X-History-Truncated"] == "true"
+    rows = answer.json()
+    assert 0 < len(rows) < 81
+    assert sum(len(json.dumps(row["payload"])) for row in rows) <= MAX_HISTORY_RESPONSE_BYTES
+    assert rows == [r.model_dump(mode="json", by_alias=True) for r in store.get_flow_history(user.id, line)][: len(rows)]
+    # A history under the cap comes whole, unmarked.
+    small = User.new("small")
+    client.post(f"/api/flow/{line}/transition/next", json={"payload": {"a": 1}}, headers=small.headers)
+    whole = client.get(f"/api/flow/{line}/history", headers=small.headers)
+    assert "X-History-Truncated" not in whole.headers
+    assert len(whole.json()) == len(store.get_flow_history(small.id, line))
