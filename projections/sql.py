@@ -17,7 +17,8 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from datetime import datetime
+from typing import Any, cast
 
 import orjson
 from sqlalchemy import (
@@ -38,9 +39,17 @@ from sqlalchemy.pool import StaticPool
 
 from flowstore.domain import DomainEvent
 from flowstore.errors import RebuildRunningError
+from flowstore.eventlog import UnreadableEvent
 from flowstore.projections.batch import RowBatch, StateKey
 from flowstore.projections.queries import Queries, percentile, row_dict
-from flowstore.projections.tables import REBUILD_SUFFIX, TRACKING, ProjectionTables, define_tables
+from flowstore.projections.tables import (
+    QUARANTINE,
+    REBUILD_SUFFIX,
+    TRACKING,
+    UNREADABLE,
+    ProjectionTables,
+    define_tables,
+)
 from flowstore.projections.verify import Difference, EventPage, Verification
 from flowstore.sqlitelog import secure_sqlite
 from flowstore.storage import StorageConfig
@@ -216,7 +225,69 @@ class SqlProjections(Queries, Verification):
 
         batch = RowBatch(load_state, load_attempts).apply_all(event for _, event in events)
         self._write(conn, tables, batch)
+        unreadable = [
+            {
+                "position": e.position,
+                "originator_id": e.originator_id,
+                "originator_version": e.originator_version,
+                "detail": e.detail,
+            }
+            for _, e in cast(Sequence[tuple[int, object]], events)  # contained reads mix them in
+            if isinstance(e, UnreadableEvent)
+        ]
+        if unreadable:  # skipped, so named: with the rows, in their transaction
+            for row in unreadable:
+                log.error(
+                    "event %s (%s v%s) cannot be read; projections skip it: %s",
+                    row["position"], row["originator_id"], row["originator_version"], row["detail"],
+                )
+            conn.execute(self._insert(UNREADABLE).on_conflict_do_nothing(), unreadable)
         return batch
+
+    # Unreadable events
+
+    def unreadable(self) -> list[dict[str, Any]]:
+        """The events the projections skipped because they cannot be decoded, by position."""
+        with self._read() as conn:
+            rows = conn.execute(select(UNREADABLE).order_by(UNREADABLE.c.position))
+            return [dict(r._mapping) for r in rows]
+
+    def quarantine(self, position: int, reason: str, now: datetime) -> dict[str, Any] | None:
+        """Move the event at `position` out of the log into `flowstore_quarantine`; None if absent.
+
+        One transaction: the audit row (the stored bytes, why, when) and the delete commit
+        together. Only the events table of this store's database is touched.
+        """
+        if self._shared_connection:
+            return None  # memory:// has no events table here
+        events, id_column = (
+            ("stored_events", "rowid") if self._sqlite else ("flowstore_events", "notification_id")
+        )
+        with self._lock, self.engine.begin() as conn:
+            found = conn.execute(
+                text(
+                    f"SELECT originator_id, originator_version, topic, state FROM {events} "
+                    f"WHERE {id_column} = :position"
+                ),
+                {"position": position},
+            ).first()
+            if found is None:
+                return None
+            record = {
+                "position": position,
+                "originator_id": str(found.originator_id),
+                "originator_version": found.originator_version,
+                "topic": found.topic,
+                "state": bytes(found.state),
+                "reason": reason,
+                "quarantined_at": now,
+            }
+            conn.execute(self._insert(QUARANTINE).on_conflict_do_nothing(), record)
+            conn.execute(
+                text(f"DELETE FROM {events} WHERE {id_column} = :position"), {"position": position}
+            )
+            conn.execute(delete(UNREADABLE).where(UNREADABLE.c.position == position))
+        return record
 
     def _lookups(self, tables: ProjectionTables) -> tuple[Any, Any]:
         # Built once per table set: constructing SQLAlchemy expressions costs more than running them.
