@@ -252,6 +252,9 @@ class PayloadSchema:
             return f"payloadSchema reference cannot be resolved: {_short(str(exc))}"
         except RecursionError:
             return "payloadSchema refers to itself without end"
+        except re2.error:
+            # A definition stored before patterns were checked: refused per payload, not a 500.
+            return "payloadSchema has a pattern RE2 cannot run (back reference or lookaround)"
         finally:
             _budget.left = None
         if error is None:

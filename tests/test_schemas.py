@@ -155,3 +155,10 @@ def test_a_schema_whose_work_multiplies_is_cut_off_by_the_budget() -> None:
 def test_a_schema_that_refers_to_itself_without_end_is_a_payload_problem() -> None:
     edge = parse_definition(_with_schema({"$ref": "#"})).steps["s0"].transitions["next"]
     assert edge.payload_problem({}) is not None
+
+
+def test_a_stored_schema_with_a_pattern_re2_refuses_fails_payloads_not_the_server() -> None:
+    # Definitions saved before patterns were checked are still in logs: validation says no.
+    problem = PayloadSchema({"properties": {"a": {"pattern": r"(a)\1"}}}).problem({"a": "aa"})
+    assert problem is not None
+    assert "RE2" in problem
