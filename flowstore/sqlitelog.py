@@ -67,12 +67,16 @@ def secure_sqlite(engine: Any) -> None:
     event.listen(engine, "connect", on_connect)
 
 
-def wipe_wal(connection: Any) -> bool:
+def wipe_wal(connection: Any) -> bool:  # a DBAPI (sqlite3) connection, outside any transaction
     """Checkpoint the WAL into the database file and truncate it to zero bytes; True when done.
 
     Deleted rows are overwritten in the pages written from now on, but the WAL still holds the
     frames written before: until this runs, the "deleted" content sits in the -wal file. A reader
     in the middle of a transaction (any process) keeps the checkpoint from finishing (False).
     """
-    row = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()
+    cursor = connection.cursor()
+    try:
+        row = cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        cursor.close()
     return row is not None and row[0] == 0

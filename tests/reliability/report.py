@@ -33,7 +33,7 @@ BAD_INPUT_TEST = "test_bad_input_gets_its_typed_error_and_changes_nothing"
 ERASURE_SECTION = [
     "## Erasure: what remains where, and for how long",
     "",
-    "Asserted by `tests/test_erasure_on_disk.py` (a live `flowstore serve`, an erasure over HTTP, "
+    "Asserted by `tests/e2e/test_erasure_on_disk.py` (a live `flowstore serve`, an erasure over HTTP, "
     "then every file of the store searched byte by byte; on PostgreSQL the key table's heap file "
     "after a CHECKPOINT) and measured with 2,000 and 20,000 other users in the store:",
     "",
@@ -51,7 +51,7 @@ ERASURE_SECTION = [
     "| until the segments are recycled (checkpoints, `max_wal_size`) or the WAL archive expires |",
     "| backups, replicas, Kafka topics | what they held before | their own retention |",
 ]
-"""RELIABILITY.md's erasure section (its figures come from tests/test_erasure_on_disk.py and the
+"""RELIABILITY.md's erasure section (its figures come from tests/e2e/test_erasure_on_disk.py and the
 measurement in the sec branch's note; rerun them when erasure changes)."""
 
 

@@ -239,7 +239,7 @@ CASES = [
     Case("corrupt-bytes-get-state", lambda s: s.get_flow_state("ann", "f"), FlowStateCorruptionError, storage=True, corrupt="bytes"),
     Case("corrupt-bytes-transition", lambda s: s.execute_transition("ann", "f", "next"), FlowStateCorruptionError, storage=True, corrupt="bytes"),
     # Verify, rebuild and opening a store skip the unreadable event and name it instead (the
-    # projections contain it to its instance): tests/test_unreadable_events.py.
+    # projections contain it to its instance): tests/integration/test_unreadable_events.py.
     Case("corrupt-bytes-read-events", lambda s: s.read_events(1, 100), FlowStateCorruptionError, storage=True, corrupt="bytes"),
     Case("corrupt-fields-get-state", lambda s: s.get_flow_state("ann", "f"), FlowStateCorruptionError, corrupt="fields"),
     Case("corrupt-topic-get-state", lambda s: s.get_flow_state("ann", "f"), FlowStateCorruptionError, corrupt="topic"),

@@ -17,11 +17,11 @@ from sqlalchemy import create_engine, text
 
 from flowstore import FlowStore
 from flowstore.storage import parse_url
+from tests.e2e.http.conftest import SECRET, bearer, mint, wait_until_healthy
+from tests.e2e.http.test_serve import environment, free_port
 from tests.flows import linear
-from tests.http.conftest import SECRET, bearer, mint, wait_until_healthy
-from tests.http.test_serve import environment, free_port
+from tests.integration.test_encryption import new_key
 from tests.pgserver import PostgresServer
-from tests.test_encryption import new_key
 
 USER = "erasable-user-7f3a"
 PAYLOAD = "payload-secret-91bc"
