@@ -150,7 +150,7 @@ TRACKING = Table(
 """One row per projection: the notification id of the last event applied (same transaction)."""
 
 UNREADABLE = Table(
-    "projection_unreadable_events",
+    "projection_unreadable",
     tracking_metadata,
     Column("position", BigInteger, primary_key=True),
     Column("originator_id", String(64), nullable=False),
