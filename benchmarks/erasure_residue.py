@@ -41,15 +41,17 @@ def _counts(data: bytes) -> str:
 def main(argv: list[str]) -> None:
     """Print the measurements."""
     others = int(argv[0]) if argv else 2000
-    with tempfile.TemporaryDirectory() as folder:
-        with FlowStore(f"sqlite:///{folder}/m.db") as store:
-            _fill(store, others)
-            began = time.perf_counter()
-            store.erase_user(USER)
-            print(f"sqlite, {others} other users: erase_user {(time.perf_counter() - began) * 1000:.0f} ms")
-            for path in sorted(Path(folder).iterdir()):  # while the store is open: -wal, -shm too
-                data = path.read_bytes()
-                print(f"  {path.name}: {len(data)} bytes, {_counts(data)}")
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        FlowStore(f"sqlite:///{folder}/m.db") as store,
+    ):
+        _fill(store, others)
+        began = time.perf_counter()
+        store.erase_user(USER)
+        print(f"sqlite, {others} other users: erase_user {(time.perf_counter() - began) * 1000:.0f} ms")
+        for path in sorted(Path(folder).iterdir()):  # while the store is open: -wal, -shm too
+            data = path.read_bytes()
+            print(f"  {path.name}: {len(data)} bytes, {_counts(data)}")
     with PostgresServer.start() as server:
         url = server.create_database()
         engine = create_engine(parse_url(url).sqlalchemy_url or "")
