@@ -39,6 +39,14 @@ from flowstore.models import (
     PerformanceMetrics,
     StepCount,
 )
+from flowstore.tokens import (
+    StateTokenError,
+    StateTokenFlowError,
+    StateTokenFormatError,
+    StateTokenStepError,
+    decode_state_token,
+    encode_state_token,
+)
 
 if TYPE_CHECKING:
     from flowstore.storage import StorageConfigError
@@ -95,8 +103,14 @@ __all__ = [
     "PayloadValidationError",
     "PerformanceMetrics",
     "ProjectionLagError",
+    "StateTokenError",
+    "StateTokenFlowError",
+    "StateTokenFormatError",
+    "StateTokenStepError",
     "StepCount",
     "StorageConfigError",
     "StorageUnavailableError",
     "__version__",
+    "decode_state_token",
+    "encode_state_token",
 ]
