@@ -29,6 +29,7 @@ from uuid import uuid4
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from flowstore.definitions import ERASED_USER_PREFIX
 from flowstore.storage import StorageConfig
 
 __all__ = [
@@ -48,8 +49,6 @@ PERSONAL_FIELDS = ("user_id", "payload", "error", "message", "entity_id")
 `message` and `entity_id` (the OwlMeans model's fields) came later: events written before them
 have none, and read with their defaults."""
 
-ERASED_USER_PREFIX = "erased:"
-"""What an erased user's events carry as their user id: this prefix and the erased key's subject."""
 
 _NONCE = 12
 _KEY_BITS = 256
