@@ -25,6 +25,10 @@ from flowstore.errors import (
     PayloadTooLargeError,
     PayloadValidationError,
     ProjectionLagError,
+    StateTokenError,
+    StateTokenFlowError,
+    StateTokenFormatError,
+    StateTokenStepError,
     StorageUnavailableError,
 )
 from flowstore.models import (
@@ -39,14 +43,7 @@ from flowstore.models import (
     PerformanceMetrics,
     StepCount,
 )
-from flowstore.tokens import (
-    StateTokenError,
-    StateTokenFlowError,
-    StateTokenFormatError,
-    StateTokenStepError,
-    decode_state_token,
-    encode_state_token,
-)
+from flowstore.tokens import decode_state_token, encode_state_token
 
 if TYPE_CHECKING:
     from flowstore.storage import StorageConfigError

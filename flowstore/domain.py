@@ -722,12 +722,16 @@ def override_state(
     return events
 
 
-def go_back(instance: FlowInstance, definition: FlowDefinition, *, now: datetime) -> list[InstanceEvent]:
+def go_back(
+    instance: FlowInstance, definition: FlowDefinition, *, now: datetime
+) -> list[InstanceEvent]:
     """Return an active instance to its previous step (`InvalidTransitionError` without one)."""
     assert instance.step is not None
     back_to = definition.step(instance.previous) if instance.previous is not None else None
     if instance.status is not FlowStatus.ACTIVE or back_to is None:
-        why = "the run is complete" if instance.status is FlowStatus.COMPLETED else "no previous step"
+        why = (
+            "the run is complete" if instance.status is FlowStatus.COMPLETED else "no previous step"
+        )
         raise InvalidTransitionError(
             instance.step,
             "back",
@@ -786,7 +790,9 @@ def hand_over(
         )
     ]
     if step.is_terminal:
-        events.append(FlowCompleted(**{**fields, "originator_version": version + 1}, step=step.step))
+        events.append(
+            FlowCompleted(**{**fields, "originator_version": version + 1}, step=step.step)
+        )
     return events
 
 

@@ -29,14 +29,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from flowstore.definitions import FlowDefinition, FlowStep
-from flowstore.errors import FlowError, InvalidStepError
+from flowstore.errors import (
+    InvalidStepError,
+    StateTokenFlowError,
+    StateTokenFormatError,
+    StateTokenStepError,
+)
 from flowstore.models import FlowState
 
 __all__ = [
-    "StateTokenError",
-    "StateTokenFlowError",
-    "StateTokenFormatError",
-    "StateTokenStepError",
     "decode_state_token",
     "encode_state_token",
     "token_flow_id",
@@ -44,48 +45,6 @@ __all__ = [
 
 FLOW_SEP = ":"
 PAYLOAD_SEP = ","
-
-
-class StateTokenError(FlowError, ValueError):
-    """A state token cannot be read: malformed, or naming a flow or step the definition lacks."""
-
-    code = "STATE_TOKEN_INVALID"
-
-
-class StateTokenFormatError(StateTokenError):
-    """The token is not base64url (no padding) of a UTF-8 JSON object with a string `f`."""
-
-    code = "STATE_TOKEN_MALFORMED"
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"State token is malformed: {reason}", reason=reason)
-        self.reason = reason
-
-
-class StateTokenFlowError(StateTokenError):
-    """The token is for another flow than the definition given (or a flow that does not exist)."""
-
-    code = "STATE_TOKEN_UNKNOWN_FLOW"
-
-    def __init__(self, flow_id: str, expected: str | None = None) -> None:
-        message = f"State token names flow {flow_id!r}"
-        message += f", not {expected!r}" if expected is not None else ", which does not exist"
-        super().__init__(message, flow_id=flow_id, expected=expected)
-        self.flow_id = flow_id
-
-
-class StateTokenStepError(StateTokenError):
-    """No step of the flow has the step index the token names."""
-
-    code = "STATE_TOKEN_UNKNOWN_STEP"
-
-    def __init__(self, flow_id: str, index: str | None) -> None:
-        super().__init__(
-            f"State token names step index {index!r}, which flow {flow_id!r} does not have",
-            flow_id=flow_id,
-            index=index,
-        )
-        self.index = index
 
 
 # Encoding
@@ -186,7 +145,9 @@ def _js_number(value: float) -> str:
         text = "0." + "0" * -n + digits
     else:
         e = n - 1
-        text = digits[0] + ("." + digits[1:] if k > 1 else "") + f"e{'+' if e >= 0 else '-'}{abs(e)}"
+        text = (
+            digits[0] + ("." + digits[1:] if k > 1 else "") + f"e{'+' if e >= 0 else '-'}{abs(e)}"
+        )
     return sign + text
 
 
@@ -236,7 +197,8 @@ def _json_type(value: Any) -> str:
 
 def token_flow_id(token: str) -> str:
     """The flow a token is for (its `f` up to the first ":"); `StateTokenFormatError` if unreadable."""
-    return _token_object(token)["f"].split(FLOW_SEP)[0]
+    flow: str = _token_object(token)["f"].split(FLOW_SEP)[0]
+    return flow
 
 
 def decode_state_token(
@@ -299,7 +261,7 @@ def _parse_int(text: str) -> int | None:
     """JavaScript's `parseInt(text)`: leading digits (or 0x hex), None for NaN."""
     text = text.lstrip(_JS_SPACE)
     found = _INT_PREFIX.match(text)
-    if found is None or re.match(r"[+-]?0[xX]", text) and found.group(2) is None:
+    if found is None or (re.match(r"[+-]?0[xX]", text) and found.group(2) is None):
         return None
     sign, hexa, decimal = found.groups()
     value = int(hexa, 16) if hexa is not None else int(decimal)

@@ -59,11 +59,15 @@ def owl_definitions(draw: st.DrawFn) -> dict[str, Any]:
                 if (value := draw(maybe_bool)) is not None:
                     edge[name] = value
             if draw(st.integers(0, 5)) == 0:  # like `_oidp`'s "denied": {"transition": "link-id"}
-                edge["transition"] = draw(st.sampled_from([n for n in TRANSITION_NAMES if n != key]))
+                edge["transition"] = draw(
+                    st.sampled_from([n for n in TRANSITION_NAMES if n != key])
+                )
     return definition
 
 
-_text = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=8)
+_text = st.text(
+    st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=8
+)
 payloads = st.none() | st.dictionaries(
     st.sampled_from([*KEYS, "extra"]),
     st.none() | st.booleans() | st.integers(-50, 50) | _text,
@@ -228,7 +232,9 @@ class OwlMachine(RuleBasedStateMachine):
         service=st.none() | st.just("svc-target"),
         entity=entities,
     )
-    def reset(self, user: str, data: st.DataObject, service: str | None, entity: str | None) -> None:
+    def reset(
+        self, user: str, data: st.DataObject, service: str | None, entity: str | None
+    ) -> None:
         step = data.draw(st.none() | st.sampled_from(sorted(self.model.steps())))
         if step is not None and not self.model.entry_allowed(step):
             with pytest.raises(InvalidStepError):
@@ -249,9 +255,7 @@ class OwlMachine(RuleBasedStateMachine):
     ) -> None:
         expected = self.model.transition(user, key, payload, ok, message)
         try:
-            self.store.execute_transition(
-                user, self.flow_id, key, payload, ok=ok, message=message
-            )
+            self.store.execute_transition(user, self.flow_id, key, payload, ok=ok, message=message)
         except InvalidTransitionError:
             assert not expected
         else:
@@ -318,9 +322,7 @@ class OwlMachine(RuleBasedStateMachine):
                 status = FlowStatus.COMPLETED if run.completed else FlowStatus.ACTIVE
                 assert state.status is status
                 for explicit in (None, True, False):
-                    offered = store.get_available_transitions(
-                        user, self.flow_id, explicit=explicit
-                    )
+                    offered = store.get_available_transitions(user, self.flow_id, explicit=explicit)
                     assert [t.to_seed() for t in offered] == self.model.offered(user, explicit)
                 token = store.state_token(user, self.flow_id)
                 assert token == encode_state_token(self.definition, expected)
@@ -331,7 +333,8 @@ class OwlMachine(RuleBasedStateMachine):
                     run.ok,
                     run.message,
                 )
-                assert decoded.entity_id == run.entity_id and decoded.service == run.service
+                assert decoded.entity_id == run.entity_id
+                assert decoded.service == run.service
                 # The token re-encodes to itself (no payload value here holds a comma).
                 if not any("," in str(v) for v in (run.payload or {}).values()):
                     assert encode_state_token(self.definition, decoded) == token
@@ -372,4 +375,3 @@ def test_random_walks_match_the_owlmeans_model_in_memory() -> None:
         OwlMachine,
         settings=settings(max_examples=60, stateful_step_count=30, deadline=None),
     )
-
