@@ -227,7 +227,10 @@ def test_old_events_replay_as_they_did() -> None:
             TransitionExecuted,
             {"transition": "go", "from_step": "b", "to_step": "a", "service": "s"},
         ),
-        (TransitionRejected, {"transition": "x", "from_step": "a", "error": "no", "error_code": "E"}),
+        (
+            TransitionRejected,
+            {"transition": "x", "from_step": "a", "error": "no", "error_code": "E"},
+        ),
     ]
     payloads = [None, {"k": 1}, {"j": 2}, {"bad": True}]
     events = []
