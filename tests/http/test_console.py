@@ -434,3 +434,27 @@ def test_one_operation_runs_at_a_time_and_a_rebuild_reports_log_positions(
         failed = ended(operations.start("purge", "root"))
         assert failed.state == "failed"
         assert failed.summary == "Failed: ZeroDivisionError: division by zero"
+
+
+def test_the_timeline_shows_the_owlmeans_commands(
+    console: httpx.Client, store: FlowStore, alice: User, bob: User
+) -> None:
+    import json
+    from pathlib import Path
+
+    data = json.loads((Path(__file__).parent.parent / "fixtures/owlmeans/_oa.json").read_text())
+    flow = store.create_flow({**data, "flow": f"_oa-console-{alice.id}"})
+    store.reset_flow(alice.id, flow, entity_id="org-<1>")
+    store.execute_transition(alice.id, flow, "signup", ok=False, message="try <b>again</b>")
+    store.go_back(alice.id, flow)
+    store.execute_transition(alice.id, flow, "signup", message="second go")
+    store.adopt_state_token(bob.id, store.state_token(alice.id, flow), sender="idp")
+    page = console.get("/ui/users", params={"user": alice.id})
+    kinds = re.findall(r'data-kind="(\w+)"', page.text)
+    assert kinds == ["transition", "back", "transition", "reset"]
+    assert "not ok" in page.text
+    assert "try &lt;b&gt;again&lt;/b&gt;" in page.text  # escaped, like every value
+    assert "entity org-&lt;1&gt;" in page.text
+    handed = console.get("/ui/users", params={"user": bob.id})
+    assert re.findall(r'data-kind="(\w+)"', handed.text) == ["handoff"]
+    assert "handed over by idp" in handed.text
