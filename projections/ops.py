@@ -234,7 +234,7 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
             ops.append(AddStepCounters(flow, event.from_step, {"moved_on": 1}))
             ops.append(AddStepCounters(flow, event.to_step, {"entered": 1}))
             ops.extend(_attempt(event, attempts))
-            before = previous["payload"] if previous else None
+            before = previous.get("payload") if previous else None
             ops.append(
                 _state_row(
                     event,
