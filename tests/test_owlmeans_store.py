@@ -253,3 +253,35 @@ def test_old_events_replay_as_they_did() -> None:
     # Old rules: the payload was replaced, and a refusal set ok to false.
     assert (instance.step, instance.payload, instance.ok) == ("a", {"j": 2}, False)
     assert (instance.previous, instance.message, instance.entity_id) == (None, None, None)
+
+
+def test_a_migration_keeps_the_runs_target_entity_and_previous_where_it_can(owl: FlowStore) -> None:
+    owl.reset_flow("ann", "_oa", service="portal", entity_id="org-1")
+    owl.execute_transition("ann", "_oa", "signup", {"k": 1}, message="hi")
+    owl.reset_flow("bob", "_oa")
+    owl.execute_transition("bob", "_oa", "signup")
+    steps = owl_flow("_oa")["steps"]
+    steps["signup"]["service"] = "$signup-v2"
+    del steps["choice"]  # bob's previous step is gone in version 2
+    for step in steps.values():
+        step["transitions"] = {
+            k: t for k, t in step["transitions"].items() if t["step"] != "choice"
+        }
+    owl.update_flow("_oa", {"initialStep": "signup", "steps": steps})
+    report = owl.migrate_flows("_oa", 2)
+    assert {m.user_id for m in report.migrated} == {"ann", "bob"}
+    ann = owl.get_flow_state("ann", "_oa")
+    bob = owl.get_flow_state("bob", "_oa")
+    assert ann is not None
+    assert bob is not None
+    # Ann's run targets the portal: the step's new service does not change it; her previous step
+    # does not exist in version 2 either, so it is gone (no `back` into a step that is not there).
+    assert (ann.step, ann.service, ann.entity_id, ann.message, ann.payload) == (
+        "signup",
+        "portal",
+        "org-1",
+        "hi",
+        {"k": 1},
+    )
+    assert (ann.previous, bob.previous, bob.service) == (None, None, "$signup-v2")
+    assert owl.verify_projections() == []
