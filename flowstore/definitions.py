@@ -199,6 +199,12 @@ def _name_problems(definition: FlowDefinition) -> list[str]:
     for key, step in definition.steps.items():
         names += [("step name", key), ("service", step.service), ("module", step.module or "")]
         names += [("transition name", t) for t in step.transitions]
+        # A `transition` field may differ from its key (kept as given): it must be a name too.
+        names += [
+            ("transition name", t.transition)
+            for key, t in step.transitions.items()
+            if t.transition != key
+        ]
     problems = []
     for kind, name in names:
         if len(name) > MAX_NAME_LENGTH:

@@ -436,3 +436,23 @@ def test_payloads_nested_near_orjsons_limit_are_refused(depth: int) -> None:
     # 253 levels passed orjson alone but not inside its event (one level more): untyped TypeError.
     with pytest.raises(PayloadValidationError, match=r"nest|Recursion"):
         check_payload(nested(depth))
+
+
+def test_a_transition_field_differing_from_its_key_is_kept_but_must_be_a_name() -> None:
+    flow = onboarding()
+    flow["steps"]["welcome"]["transitions"]["start"]["transition"] = "begin"
+    assert parse_definition(flow).to_seed() == flow
+    flow["steps"]["welcome"]["transitions"]["start"]["transition"] = "bad\nname"
+    with pytest.raises(DefinitionError) as caught:
+        parse_definition(flow)
+    assert caught.value.problems == ["transition name 'bad\\nname' contains a control character"]
+
+
+def test_steps_marked_initial_count_as_entry_points_for_reachability() -> None:
+    flow = linear("entries", 3)
+    flow["steps"]["s0"]["transitions"] = {}  # s1 and s2 are now unreachable from s0
+    with pytest.raises(DefinitionError) as caught:
+        parse_definition(flow)
+    assert "step 's1' is not reachable from initialStep 's0'" in caught.value.problems
+    flow["steps"]["s1"]["initial"] = True
+    assert parse_definition(flow).entry_steps() == ["s0", "s1"]
