@@ -372,9 +372,10 @@ def _enter_step(
         "completed_at": None,
         "expires_at": event.expires_at,
         "erased": False,
-        "previous": getattr(event, "previous", None),
+        # A start begins with neither; an override or a hand-over says what they are.
+        "previous": None if isinstance(event, FlowStarted) else event.previous,
         "entity_id": event.entity_id,
-        "message": getattr(event, "message", None),
+        "message": None if isinstance(event, FlowStarted) else event.message,
         "target": event.target,
     }
     if instance is None:
