@@ -48,7 +48,19 @@ def owl_definitions(draw: st.DrawFn) -> dict[str, Any]:
     """A valid flow with the model's optional fields drawn at random on every step and edge."""
     definition = draw(flow_definitions())
     maybe_bool = st.sampled_from([None, True, False])
+    if draw(st.booleans()):
+        definition["config"] = {
+            "queryParam": "flow",
+            "services": {"auth": "svc-a"},
+            "modules": {"auth.choice": "choice-module"},
+            "pathes": {"choice": "/auth/choice"},
+            "defaultFlow": definition["flow"],
+        }
+        definition["prefabs"] = {definition["initialStep"]: "eyJmIjoiX29hOjAiLCJzIjoiIiwibyI6MX0"}
     for step in definition["steps"].values():
+        if draw(st.booleans()):
+            step["path"] = f"/{step['step']}"
+            step["module"] = f"${step['step']}.module"
         if (initial := draw(maybe_bool)) is not None:
             step["initial"] = initial
         if draw(st.booleans()):
@@ -221,6 +233,8 @@ class OwlMachine(RuleBasedStateMachine):
     @initialize(definition=owl_definitions())
     def define(self, definition: dict[str, Any]) -> None:
         definition = {**definition, "flow": self.flow_id}
+        if "config" in definition:
+            definition["config"] = {**definition["config"], "defaultFlow": self.flow_id}
         self.store.create_flow(definition)
         self.definition = self.store.get_flow(self.flow_id)
         assert self.definition.to_seed() == {**definition, "version": 1}
