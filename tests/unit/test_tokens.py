@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,8 +21,8 @@ from flowstore import (
 )
 from flowstore.definitions import parse_definition
 from flowstore.tokens import _js_number, token_flow_id
+from tests.owlmeans import FIXTURES
 
-FIXTURES = Path(__file__).parent / "fixtures" / "owlmeans"
 FLOWS = {
     name: parse_definition(json.loads((FIXTURES / f"{name}.json").read_text()))
     for name in ("_oa", "_oidc", "_oidp", "_stb")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -22,9 +21,9 @@ from flowstore.adapters.kafka.envelope import (
 )
 from flowstore.domain import DomainEvent, InstanceEvent
 from tests.flows import Clock, linear, onboarding
+from tests.owlmeans import owl_flow
 
 FLOW = "user-onboarding"
-OWLMEANS = Path(__file__).parent.parent / "fixtures" / "owlmeans"
 
 
 def every_kind_of_event() -> list[tuple[int, DomainEvent]]:
@@ -48,7 +47,7 @@ def every_kind_of_event() -> list[tuple[int, DomainEvent]]:
         store.reset_flow("eve", FLOW)
         store.erase_user("eve")
         # The OwlMeans model's events and fields: target, entity, ok/message, back, hand-over.
-        store.create_flow(json.loads((OWLMEANS / "_oa.json").read_text()))
+        store.create_flow(owl_flow("_oa"))
         store.reset_flow("fay", "_oa", service="portal", entity_id="org-1")
         store.execute_transition("fay", "_oa", "signup", {"k": 1}, ok=False, message="retry")
         store.go_back("fay", "_oa")

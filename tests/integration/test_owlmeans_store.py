@@ -3,7 +3,6 @@ going back, `advance`, hand-over between services by state token, statistics, er
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,15 +30,8 @@ from flowstore.domain import (
     project,
 )
 from tests.flows import linear
-from tests.test_encryption import raw_event_states
-
-FIXTURES = Path(__file__).parent / "fixtures" / "owlmeans"
-
-
-def owl_flow(name: str) -> dict[str, Any]:
-    """One of the model's standard flows, as the real library exports it (a fresh copy)."""
-    data: dict[str, Any] = json.loads((FIXTURES / f"{name}.json").read_text())
-    return data
+from tests.integration.test_encryption import raw_event_states
+from tests.owlmeans import owl_flow
 
 
 @pytest.fixture

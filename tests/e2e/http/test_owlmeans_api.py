@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import itertools
-import json
-from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from flowstore import FlowStore, decode_state_token
-from tests.http.conftest import LiveServer, User
-from tests.http.test_api import assert_problem
-from tests.http.test_websocket import answer, send, signed_in
+from tests.e2e.http.conftest import LiveServer, User
+from tests.e2e.http.test_api import assert_problem
+from tests.e2e.http.test_websocket import answer, send, signed_in
+from tests.owlmeans import owl_flow
 
-FIXTURES = Path(__file__).parent.parent / "fixtures" / "owlmeans"
 _ids = itertools.count()
 
 
 def owl_copy(store: FlowStore, name: str) -> str:
     """A copy of one of the model's standard flows under a flow id of this test only."""
-    data: dict[str, Any] = json.loads((FIXTURES / f"{name}.json").read_text())
-    return store.create_flow({**data, "flow": f"{name}-{next(_ids)}"})
+    return store.create_flow({**owl_flow(name), "flow": f"{name}-{next(_ids)}"})
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from flowstore import (
 )
 from flowstore.adapters.cli import main
 from flowstore.adapters.errors import mapping_for
+from tests.owlmeans import FIXTURES
 
 FLOW = "user-onboarding"
 SEED = files("flowstore").joinpath("data/user-onboarding.json").read_text(encoding="utf-8")
@@ -325,7 +326,7 @@ def test_owlmeans_commands_hand_a_flow_over_by_token(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = f"sqlite:///{tmp_path}/owl.db"
-    flow = Path(__file__).parent / "fixtures" / "owlmeans" / "_oa.json"
+    flow = FIXTURES / "_oa.json"
     assert main(["--url", url, "flows", "create", str(flow)]) == 0
     capsys.readouterr()
     cli_json(capsys, url, "reset", "ann", "_oa", "--service", "portal", "--entity", "org-1")

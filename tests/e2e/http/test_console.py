@@ -24,9 +24,9 @@ from flowstore.adapters.http.console import CLOSE_FORBIDDEN, render
 from flowstore.adapters.http.console.jobs import Job, OperationRunningError, Operations
 from flowstore.adapters.http.console.windows import WINDOWS, LogWindows, flow_summary
 from flowstore.adapters.http.websocket import CLOSE_UNAUTHENTICATED
+from tests.e2e.http.conftest import ONBOARDING, LiveServer, User, mint
+from tests.e2e.http.security import console_socket_refusal, csrf_forgeries
 from tests.flows import Clock, linear, onboarding
-from tests.http.conftest import ONBOARDING, LiveServer, User, mint
-from tests.http.security import console_socket_refusal, csrf_forgeries
 
 SESSION = "flowstore_console"
 
@@ -439,11 +439,9 @@ def test_one_operation_runs_at_a_time_and_a_rebuild_reports_log_positions(
 def test_the_timeline_shows_the_owlmeans_commands(
     console: httpx.Client, store: FlowStore, alice: User, bob: User
 ) -> None:
-    import json
-    from pathlib import Path
+    from tests.owlmeans import owl_flow
 
-    data = json.loads((Path(__file__).parent.parent / "fixtures/owlmeans/_oa.json").read_text())
-    flow = store.create_flow({**data, "flow": f"_oa-console-{alice.id}"})
+    flow = store.create_flow({**owl_flow("_oa"), "flow": f"_oa-console-{alice.id}"})
     store.reset_flow(alice.id, flow, entity_id="org-<1>")
     store.execute_transition(alice.id, flow, "signup", ok=False, message="try <b>again</b>")
     store.go_back(alice.id, flow)
