@@ -522,6 +522,17 @@ def project(aggregate: TAggregate | None, events: Iterable[DomainEvent]) -> TAgg
 # Commands. Each returns the events to append (in order); none of them touches storage.
 
 
+def _not_before(instance: FlowInstance | None, now: datetime) -> datetime:
+    """`now`, or the instance's last event time if the clock has stepped back since.
+
+    An instance's events are stamped in order whatever the wall clock does (an NTP step back, a
+    VM restored), so no run completes before it started and no duration is negative.
+    """
+    if instance is None:
+        return now
+    return max(now, instance.modified_on)
+
+
 def _expiry(definition: FlowDefinition, now: datetime, terminal: bool) -> datetime | None:
     if definition.ttl is None or terminal:
         return None
@@ -558,6 +569,7 @@ def start_flow(
     Where the definition marks steps `initial`, only those and the initial step may be entered.
     `service` makes the run target that service (the state's service for the whole run).
     """
+    now = _not_before(instance, now)
     target = step or definition.initial_step
     target_step = definition.step(target)
     if target_step is None or not definition.may_enter(target):
@@ -614,6 +626,7 @@ def execute_transition(
     transition is reversible, `ok` and `message` say how the step's work went; a refusal is recorded
     but leaves the state unchanged.
     """
+    now = _not_before(instance, now)
     assert instance.step is not None
     assert instance.is_live
     fields = _instance_fields(
@@ -692,6 +705,7 @@ def override_state(
     A live run keeps its target service (and so its service, unless `service` names another).
     """
     assert definition.version is not None
+    now = _not_before(instance, now)
     target = definition.step(step)
     if target is None:
         raise InvalidStepError(step, flow_id=definition.flow, definition_version=definition.version)
@@ -727,6 +741,7 @@ def go_back(
     instance: FlowInstance, definition: FlowDefinition, *, now: datetime
 ) -> list[InstanceEvent]:
     """Return an active instance to its previous step (`InvalidTransitionError` without one)."""
+    now = _not_before(instance, now)
     assert instance.step is not None
     back_to = definition.step(instance.previous) if instance.previous is not None else None
     if instance.status is not FlowStatus.ACTIVE or back_to is None:
@@ -764,6 +779,7 @@ def hand_over(
     now: datetime,
 ) -> list[InstanceEvent]:
     """Make `state` (read from a state token for `definition`) the user's state in the flow."""
+    now = _not_before(instance, now)
     assert definition.version is not None
     step = definition.step(state.step)
     if step is None:
@@ -801,6 +817,7 @@ def end_flow(
     instance: FlowInstance, *, now: datetime, kind: Literal["clear", "expiry", "erasure"]
 ) -> list[InstanceEvent]:
     """Clear or expire a live instance (its history stays), or erase any instance (history too)."""
+    now = _not_before(instance, now)
     fields = {
         "originator_id": instance.id,
         "originator_version": instance.version + 1,
@@ -841,6 +858,7 @@ def migrate_instance(
 
     Landing on a terminal step completes the run, as reaching one by a transition would.
     """
+    now = _not_before(instance, now)
     assert instance.status is FlowStatus.ACTIVE
     assert instance.step is not None
     assert definition.version is not None

@@ -438,6 +438,12 @@ def test_payloads_nested_near_orjsons_limit_are_refused(depth: int) -> None:
         check_payload(nested(depth))
 
 
+@pytest.mark.parametrize("flow_id", [".", "..", "a/b", "/"])
+def test_flow_ids_that_break_urls_are_refused(flow_id: str) -> None:
+    with pytest.raises(DefinitionError, match="must not be '\\.', '\\.\\.' or contain '/'"):
+        parse_definition(linear(flow_id))
+
+
 def test_a_transition_field_differing_from_its_key_is_kept_but_must_be_a_name() -> None:
     flow = onboarding()
     flow["steps"]["welcome"]["transitions"]["start"]["transition"] = "begin"
