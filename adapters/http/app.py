@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from importlib import resources
@@ -21,6 +22,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import Body, Depends, FastAPI, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRouter
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -35,7 +37,6 @@ from flowstore import (
     FlowError,
     FlowState,
     FlowStateHistory,
-    FlowStateNotFoundError,
     FlowStatistics,
     FlowStore,
     FunnelStep,
@@ -72,12 +73,21 @@ from flowstore.adapters.http.schemas import (
 )
 from flowstore.adapters.http.websocket import FlowSocket
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
+__all__ = ["CORS_ORIGINS_ENV", "DEFAULT_MAX_BODY_BYTES", "cors_origins_from_env", "create_app"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 """Request bodies above this are refused with 413 before they are parsed."""
+
+CORS_ORIGINS_ENV = "FLOWSTORE_CORS_ORIGINS"
+"""Comma-separated origins browsers may call the API from (`*` for any); unset: no CORS headers."""
+
+
+def cors_origins_from_env() -> list[str]:
+    """The origins `$FLOWSTORE_CORS_ORIGINS` allows (none when unset or empty)."""
+    return [o.strip() for o in os.environ.get(CORS_ORIGINS_ENV, "").split(",") if o.strip()]
+
 
 # Ids in paths: what the store accepts (non-empty, at most 256 characters), without control
 # characters, which no real id has and PostgreSQL text columns refuse (NUL).
@@ -295,11 +305,14 @@ def create_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     poll_interval: float = 0.15,
+    cors_origins: Sequence[str] | None = None,
 ) -> FastAPI:
     """The HTTP and WebSocket API over `store`, authenticating callers with `verifier`.
 
     `max_body_bytes` caps request bodies (413 above it; payloads are also held to the store's own
-    `max_payload_bytes`); `poll_interval` is how often the WebSocket pusher reads the event log.
+    `max_payload_bytes`); `poll_interval` is how often the WebSocket pusher reads the event log;
+    `cors_origins` are the browser origins allowed to call (default: `$FLOWSTORE_CORS_ORIGINS`,
+    else none: without CORS headers, browsers keep other sites' pages from reading answers).
     """
     pusher = LogPusher(store, interval=poll_interval)
     sockets = FlowSocket(store, verifier, pusher)
@@ -321,6 +334,18 @@ def create_app(
     app.state.verifier = verifier
     app.state.pusher = pusher
     app.add_middleware(_BodyLimit, limit=max(max_body_bytes, 0))
+    origins = cors_origins_from_env() if cors_origins is None else list(cors_origins)
+    if origins:
+        # Added last, so outermost: a preflight is answered before the body limit or any route.
+        # Credentials stay off: callers send a bearer token, which is not a cookie; the console's
+        # cookie must never be usable from another origin.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            max_age=600,
+        )
     _install_error_handlers(app)
     app.openapi = _problem_media_type(app)  # type: ignore[method-assign]
 
@@ -335,13 +360,14 @@ def create_app(
 
     # The caller's own flows
 
-    @users.get("/flow/{flowId}/state", response_model=FlowState, responses=_errors(401, 404, 422))
-    def get_state(flow_id: FlowId, principal: Caller) -> FlowState:
-        """The caller's state in the flow (404 FLOW_STATE_NOT_FOUND when they have none)."""
+    @users.get(
+        "/flow/{flowId}/state", response_model=FlowState | None, responses=_errors(401, 404, 422)
+    )
+    def get_state(flow_id: FlowId, principal: Caller) -> FlowState | None:
+        """The caller's state in the flow, or null when they have none (as the seed's module)."""
         state = store.get_flow_state(principal.user_id, flow_id)
         if state is None:
-            store.get_flow(flow_id)  # an unknown flow is FLOW_NOT_FOUND rather than no state
-            raise FlowStateNotFoundError(principal.user_id, flow_id)
+            store.get_flow(flow_id)  # an unknown flow is 404 FLOW_NOT_FOUND rather than null
         return state
 
     @users.post(
@@ -399,6 +425,21 @@ def create_app(
         # fall through to /api/flows/{flowId} and change a flow called "mine".
         raise HTTPException(405)
 
+    # Any caller may read a definition; changing one is administration.
+    @users.get(
+        "/flows/{flowId}",
+        response_model=FlowDefinition,
+        response_model_exclude_none=True,
+        responses=_errors(401, 404, 422),
+    )
+    def get_flow(
+        flow_id: FlowId,
+        version: Annotated[int | None, Query(ge=1, description="A past version")] = None,
+    ) -> FlowDefinition:
+        """A flow's definition: the latest version or `version` (any authenticated caller, as the
+        seed's module; changing it needs the admin role)."""
+        return store.get_flow(flow_id, version)
+
     # Administration
 
     @admins.get(
@@ -427,19 +468,6 @@ def create_app(
             error = {"loc": ["body", "version"], "msg": "must be an integer", "type": "int_type"}
             raise RequestInvalidError([error])
         return store.get_flow(store.create_flow(definition))
-
-    @admins.get(
-        "/flows/{flowId}",
-        response_model=FlowDefinition,
-        response_model_exclude_none=True,
-        responses=_errors(401, 403, 404, 422),
-    )
-    def get_flow(
-        flow_id: FlowId,
-        version: Annotated[int | None, Query(ge=1, description="A past version")] = None,
-    ) -> FlowDefinition:
-        """A flow's definition: the latest version or `version`."""
-        return store.get_flow(flow_id, version)
 
     @admins.patch(
         "/flows/{flowId}",
