@@ -28,6 +28,7 @@ from flowstore.adapters.providers import (
     Authentication,
     CachedFlowProvider,
     FlowProviderConfig,
+    config_from_seed,
     load_flows,
     make_flow_provider,
     read_definitions,
@@ -432,6 +433,53 @@ def test_hybrid_asks_sources_in_order(tmp_path: Path, server: FlowServer, ticker
     assert len(caught.value.details["reasons"]) == 2  # each source's answer, in order
     assert "hybrid(file:" in caught.value.message
     provider.close()
+
+
+def test_the_seeds_camel_case_config_works_with_cache_timeout_in_milliseconds(
+    tmp_path: Path, ticker: Ticker
+) -> None:
+    path = write_json(tmp_path / "flow.json", linear("f", ttl=10))
+    provider = make_flow_provider(
+        {"source": "file", "filePath": str(path), "cacheTimeout": 30_000, "clock": ticker}
+    )
+    assert provider.get_flow("f").ttl == 10
+    write_json(path, linear("f", ttl=20))
+    ticker.advance(29)
+    assert provider.get_flow("f").ttl == 10  # 30,000 ms: still fresh after 29 s
+    ticker.advance(2)
+    assert provider.get_flow("f").ttl == 20
+    config = config_from_seed(
+        {
+            "source": "hybrid",
+            "sources": [
+                {"source": "file", "filePath": str(path)},
+                {
+                    "source": "remote",
+                    "remoteUrl": "https://cfg.example/flows",
+                    "authentication": {"type": "bearer", "credentials": "t"},
+                    "cacheTimeout": 300000,
+                },
+            ],
+        }
+    )
+    assert config.sources[1].cache_timeout == 300
+    assert config.sources[1].authentication == Authentication("bearer", "t")
+    assert config.sources[0].file_path == str(path)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"source": "file", "file_path": "x"},  # snake_case is ours, not the seed's
+        {"filePath": "x"},
+        {"source": "file", "filePath": "x", "cacheTimeout": "300000"},
+        {"source": "remote", "remoteUrl": "u", "authentication": {"kind": "bearer"}},
+        ["source", "file"],
+    ],
+)
+def test_bad_seed_configs_are_invalid_arguments(config: Any) -> None:
+    with pytest.raises(InvalidArgumentError):
+        make_flow_provider(config)
 
 
 def test_configuration_errors_are_invalid_arguments() -> None:
