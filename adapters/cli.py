@@ -190,9 +190,17 @@ def flows_load(store: FlowStore, args: argparse.Namespace, out: Output) -> Resul
         definitions = read_definitions(args.path)
     except OSError as exc:
         raise InvalidArgumentError("path", args.path, exc.strerror or str(exc)) from None
+    from flowstore.definitions import flow_warnings
+
     loaded = load_flows(store, definitions)
     lines = [f"{item.action} {item.flow} (version {item.version})" for item in loaded]
-    data = {"flows": [{"flow": i.flow, "action": i.action, "version": i.version} for i in loaded]}
+    # Legal but likely mistakes (unreachable steps, no reachable terminal step): loaded, and said.
+    warnings = [(d.flow, w) for d in definitions for w in flow_warnings(d)]
+    lines += [f"warning: flow {flow}: {text}" for flow, text in warnings]
+    data = {
+        "flows": [{"flow": i.flow, "action": i.action, "version": i.version} for i in loaded],
+        "warnings": [{"flow": flow, "warning": text} for flow, text in warnings],
+    }
     return Note("\n".join(lines) or f"No flow definitions in {args.path}", data)
 
 

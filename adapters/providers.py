@@ -57,8 +57,8 @@ __all__ = [
     "FlowProviderConfig",
     "HybridFlowProvider",
     "LoadedFlow",
-    "load_flows",
     "config_from_seed",
+    "load_flows",
     "make_flow_provider",
     "read_definitions",
 ]

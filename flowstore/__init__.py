@@ -28,7 +28,7 @@ from flowstore.errors import (
 )
 
 if TYPE_CHECKING:
-    from flowstore.definitions import FlowDefinition, FlowStep, FlowTransition
+    from flowstore.definitions import FlowDefinition, FlowStep, FlowTransition, validate_flow
     from flowstore.models import (
         FlowState,
         FlowStateHistory,
@@ -52,7 +52,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "FlowStore": "flowstore.store",
     "StorageConfigError": "flowstore.storage",
-    **dict.fromkeys(("FlowDefinition", "FlowStep", "FlowTransition"), "flowstore.definitions"),
+    **dict.fromkeys(
+        ("FlowDefinition", "FlowStep", "FlowTransition", "validate_flow"), "flowstore.definitions"
+    ),
     **dict.fromkeys(
         (
             "FlowState",
@@ -119,4 +121,5 @@ __all__ = [
     "StorageConfigError",
     "StorageUnavailableError",
     "__version__",
+    "validate_flow",
 ]

@@ -524,6 +524,29 @@ def test_load_creates_versions_and_leaves_identical_flows_alone(
         assert store.get_flow("b").version == 3
 
 
+def test_cli_load_shows_warnings_and_loads_the_flow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/cli.db"
+    looping = linear("sub")
+    looping["steps"]["s2"]["transitions"] = {"renew": {"transition": "renew", "step": "s1"}}
+    looping["steps"]["orphan"] = {"index": 9, "step": "orphan", "service": "s"}
+    path = write_json(tmp_path / "sub.json", looping)
+    assert main(["--url", url, "flows", "load", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "created sub (version 1)" in out
+    assert "warning: flow sub: step 'orphan' is not reachable from initialStep 's0'" in out
+    assert "warning: flow sub: no terminal step" in out
+    assert main(["--url", url, "--json", "flows", "load", str(path)]) == 0
+    assert orjson.loads(capsys.readouterr().out)["warnings"] == [
+        {"flow": "sub", "warning": "step 'orphan' is not reachable from initialStep 's0'"},
+        {
+            "flow": "sub",
+            "warning": "no terminal step (one without transitions) is reachable from 's0'",
+        },
+    ]
+
+
 def test_cli_load_and_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path}/cli.db"
     folder = tmp_path / "flows"
@@ -538,7 +561,8 @@ def test_cli_load_and_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFi
     (folder / "onboarding.json").write_text(exported, encoding="utf-8")
     assert main(["--url", url, "--json", "flows", "load", str(folder)]) == 0
     assert orjson.loads(capsys.readouterr().out) == {
-        "flows": [{"flow": FLOW, "action": "unchanged", "version": 1}]
+        "flows": [{"flow": FLOW, "action": "unchanged", "version": 1}],
+        "warnings": [],
     }
     assert main(["--url", url, "flows", "load", str(tmp_path / "missing")]) == 5
     assert "missing" in capsys.readouterr().err
