@@ -11,7 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 __all__ = [
@@ -85,20 +85,32 @@ class FlowState(_ApiModel):
 
 
 class FlowStateHistory(_ApiModel):
-    """One command on an instance: a transition (accepted or rejected), reset, override, clear..."""
+    """One command on an instance: a transition (accepted or rejected), reset, override, clear...
+
+    `from_step`, `to_step` and `transition` are strings, as in the seed's type: `to_step` is the
+    step the user is on after the command (after a rejected attempt, the step they stayed on;
+    after a clear or expiry, ""), `from_step` the step before ("" when there was none), and
+    `transition` the transition's name ("" for commands that are not transitions).
+    """
 
     id: str
     user_id: str
     flow_id: str
-    from_step: str | None
-    to_step: str | None
-    transition: str | None
+    from_step: str = ""
+    to_step: str = ""
+    transition: str = ""
     payload: dict[str, Any] | None = None
     timestamp: datetime
     success: bool
     error: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     kind: HistoryKind
+
+
+    @field_validator("from_step", "to_step", "transition", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return "" if value is None else value
 
 
 class StepCount(_ApiModel):

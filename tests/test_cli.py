@@ -151,7 +151,7 @@ def test_transition_and_history(created: str, capsys: pytest.CaptureFixture[str]
 
     rows = cli_json(capsys, created, "history", "ada", FLOW)
     assert [(r["kind"], r["transition"], r["fromStep"], r["toStep"]) for r in rows] == [
-        ("start", None, None, "welcome"),
+        ("start", "", "", "welcome"),
         ("transition", "start", "welcome", "profile-setup"),
         ("transition", "continue", "profile-setup", "preferences"),
     ]

@@ -112,7 +112,7 @@ def test_conflicts_past_the_retry_limit_raise(store_url: str) -> None:
     # Only the other writer's three ticks were written: the reset, then tick x3, and no flip.
     assert state is not None
     assert (state.step, state.version) == ("a", 4)
-    assert [h.transition for h in history] == [None, "tick", "tick", "tick"]
+    assert [h.transition for h in history] == ["", "tick", "tick", "tick"]
 
 
 def _process_worker(url: str, user: str, count: int, barrier: Any, out: Any) -> None:
