@@ -106,7 +106,6 @@ class FlowStateHistory(_ApiModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     kind: HistoryKind
 
-
     @field_validator("from_step", "to_step", "transition", mode="before")
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:

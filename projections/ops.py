@@ -234,8 +234,12 @@ def _activity(event: InstanceEvent, previous: dict[str, Any] | None, ops: list[O
     for op in ops:
         if isinstance(op, AddCounters):
             by_run = {k: v for k, v in op.deltas.items() if k in _RUN_COUNTS}
-            by_now = {k: v for k, v in op.deltas.items() if k in ACTIVITY_COLUMNS and k not in by_run}
-            activity += [AddActivity(op.flow_id, m, "", d) for m, d in ((run, by_run), (now, by_now)) if d]
+            by_now = {
+                k: v for k, v in op.deltas.items() if k in ACTIVITY_COLUMNS and k not in by_run
+            }
+            activity += [
+                AddActivity(op.flow_id, m, "", d) for m, d in ((run, by_run), (now, by_now)) if d
+            ]
         elif isinstance(op, AddStepCounters):
             activity.append(AddActivity(op.flow_id, now, op.step, dict(op.deltas)))
     return activity

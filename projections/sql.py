@@ -36,8 +36,8 @@ from sqlalchemy.pool import StaticPool
 
 from flowstore.domain import DomainEvent
 from flowstore.projections.batch import RowBatch, StateKey
-from flowstore.projections.queries import Queries, percentile, row_dict
 from flowstore.projections.ops import ACTIVITY_COLUMNS
+from flowstore.projections.queries import Queries, percentile, row_dict
 from flowstore.projections.tables import (
     LAYOUT,
     REBUILD_SUFFIX,
@@ -370,24 +370,6 @@ class SqlProjections(Queries, Verification):
             conn.execute(text(f'ALTER TABLE "{new.name}" RENAME TO "{live.name}"'))
             for index in live.indexes:
                 index.create(conn)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 class _RowCache:

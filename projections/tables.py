@@ -98,7 +98,12 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         # list_instances: a flow's instances at a step and status, paged by user id; idle_for
         # filters on updated_at along the same index entries.
         Index(
-            f"ix_flow_states{suffix}_flow_step", "flow_id", "status", "step", "user_id", "updated_at"
+            f"ix_flow_states{suffix}_flow_step",
+            "flow_id",
+            "status",
+            "step",
+            "user_id",
+            "updated_at",
         ),
     )
     history = Table(
@@ -174,8 +179,12 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("minute", Integer, primary_key=True),
         Column("step", _ID, primary_key=True),
         *(
-            Column(name, Float if name.endswith("_ms") or name.endswith("_total") else Integer,
-                   nullable=False, default=0)
+            Column(
+                name,
+                Float if name.endswith(("_ms", "_total")) else Integer,
+                nullable=False,
+                default=0,
+            )
             for name in ACTIVITY_COLUMNS
         ),
         Index(f"ix_flow_activity{suffix}_minute", "minute"),

@@ -47,9 +47,7 @@ class ModelInstance:
     payload: dict[str, Any] | None = None
     completed: bool = False
     # (kind, from_step, to_step, transition, success) as the seed's strings: "" for none.
-    history: list[tuple[str, str, str, str, bool]] = field(
-        default_factory=list
-    )
+    history: list[tuple[str, str, str, str, bool]] = field(default_factory=list)
 
 
 class FlowModel:
