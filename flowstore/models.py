@@ -22,6 +22,7 @@ __all__ = [
     "FunnelStep",
     "HistoryKind",
     "InstanceMigration",
+    "InstancePage",
     "MigrationReport",
     "PerformanceMetrics",
     "StepCount",
@@ -110,6 +111,14 @@ class FlowStateHistory(_ApiModel):
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
         return "" if value is None else value
+
+
+class InstancePage(_ApiModel):
+    """One page of `FlowStore.list_instances`: the states, and the cursor of the next page."""
+
+    instances: list[FlowState]
+    next_cursor: str | None = None
+    """Pass as `cursor` for the next page; None on the last page."""
 
 
 class StepCount(_ApiModel):

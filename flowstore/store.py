@@ -12,7 +12,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 from uuid import UUID
@@ -67,7 +67,20 @@ from flowstore.models import (
     FlowStatistics,
     FlowStatus,
     FunnelStep,
+    HistoryKind,
+    InstancePage,
     MigrationReport,
+)
+from flowstore.paging import (
+    MAX_PAGE,
+    check_aware,
+    check_kinds,
+    check_limit,
+    check_listed_status,
+    decode_instance_cursor,
+    encode_instance_cursor,
+    history_bound,
+    idle_seconds,
 )
 from flowstore.storage import StorageConfig, parse_url, resolve_url
 
@@ -619,46 +632,165 @@ class FlowStore:
         instance = self._log.get(instance_id(user_id, flow_id), FlowInstance)
         return instance.to_state() if instance is not None and instance.is_live else None
 
-    def get_user_flows(self, user_id: str) -> list[FlowState]:
-        """Every flow the user has state in (active or completed), oldest run first.
+    def get_user_flows(
+        self, user_id: str, *, status: FlowStatus | str | None = None
+    ) -> list[FlowState]:
+        """Every flow the user has state in (active or completed, or only `status`), oldest run
+        first.
 
         Read from the `flow_states` table; a row naming a step its definition does not have raises
         `FlowStateCorruptionError` (`recover_flow_state` rebuilds the row from the log).
         """
         require_id(user_id, "user_id")
-        states = []
-        for row in self._tables.user_flows(user_id):
-            versions = self._log.get(definition_id(row["flow_id"]), FlowVersions)
-            definition = versions.get(row["definition_version"]) if versions else None
-            if definition is None or definition.step(row["step"]) is None:
-                raise FlowStateCorruptionError(
-                    user_id,
-                    row["flow_id"],
-                    f"projected step {row['step']!r} does not exist in definition version "
-                    f"{row['definition_version']}",
-                )
-            states.append(FlowState.model_validate({**row, "flow": row["flow_id"]}))
-        return states
+        wanted = check_listed_status(status, default=None)
+        return [self._state_of(row) for row in self._tables.user_flows(user_id, wanted)]
 
-    def get_flow_history(self, user_id: str, flow_id: str) -> list[FlowStateHistory]:
-        """Every command on the user's flow, oldest first (empty if they never started it)."""
+    def _state_of(self, row: dict[str, Any]) -> FlowState:
+        versions = self._log.get(definition_id(row["flow_id"]), FlowVersions)
+        definition = versions.get(row["definition_version"]) if versions else None
+        if definition is None or definition.step(row["step"]) is None:
+            raise FlowStateCorruptionError(
+                row["user_id"],
+                row["flow_id"],
+                f"projected step {row['step']!r} does not exist in definition version "
+                f"{row['definition_version']}",
+            )
+        return FlowState.model_validate({**row, "flow": row["flow_id"]})
+
+    def list_instances(
+        self,
+        flow_id: str,
+        *,
+        step: str | None = None,
+        status: FlowStatus | str | None = None,
+        idle_for: timedelta | float | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> InstancePage:
+        """The flow's instances (active by default, or `completed`), by user id, a page at a time.
+
+        `step` keeps those at that step; `idle_for` (a timedelta or seconds) those untouched for at
+        least that long ("who is stuck at verification for more than a day"). Pass the page's
+        `next_cursor` as `cursor` for the next page (at most `MAX_PAGE` per page). Read from the
+        `flow_states` table through its (flow, status, step, user) index.
+        """
+        require_id(flow_id, "flow_id")
+        if step is not None:
+            require_id(step, "step")
+        wanted = check_listed_status(status, default=FlowStatus.ACTIVE)
+        assert wanted is not None
+        size = check_limit(limit, maximum=MAX_PAGE)
+        if size is None:
+            raise InvalidArgumentError("limit", limit, "must be a positive integer")
+        idle = idle_seconds(idle_for)
+        after_user = decode_instance_cursor(cursor)
+        self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
+        idle_since = self._clock() - timedelta(seconds=idle) if idle is not None else None
+        rows = self._tables.instance_page(
+            flow_id,
+            status=wanted,
+            step=step,
+            idle_since=idle_since,
+            after_user=after_user,
+            limit=size + 1,  # one more: is there a next page?
+        )
+        states = [self._state_of(row) for row in rows[:size]]
+        more = len(rows) > size
+        next_cursor = encode_instance_cursor(rows[size - 1]["user_id"]) if more else None
+        return InstancePage(instances=states, next_cursor=next_cursor)
+
+    def get_flow_history(
+        self,
+        user_id: str,
+        flow_id: str,
+        *,
+        limit: int | None = None,
+        after: str | datetime | None = None,
+        before: str | datetime | None = None,
+        kinds: Iterable[HistoryKind | str] | None = None,
+    ) -> list[FlowStateHistory]:
+        """The commands on the user's flow, oldest first (empty if they never started it).
+
+        All of them, or a page: `after`/`before` take a row's `id` (a stable cursor: the next page
+        is `after=page[-1].id`) or an aware datetime (`after` inclusive, `before` exclusive);
+        `limit` caps the rows (with only `before`, the ones just before it); `kinds` keeps those
+        kinds (`HistoryKind`).
+        """
         require_id(user_id, "user_id")
         require_id(flow_id, "flow_id")
-        rows = self._tables.history(user_id, flow_id)
+        size = check_limit(limit)
+        iid = instance_id(user_id, flow_id)
+        after_version, since = history_bound(after, "after", iid)
+        before_version, until = history_bound(before, "before", iid)
+        wanted = check_kinds(kinds)
+        rows = self._tables.history(
+            user_id,
+            flow_id,
+            limit=size,
+            after_version=after_version,
+            before_version=before_version,
+            since=since,
+            until=until,
+            kinds=wanted,
+        )
         if not rows:
             self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
         return rows
 
-    def get_flow_statistics(self, flow_id: str | None = None) -> FlowStatistics:
-        """Usage and performance of one flow, or of all flows (read from the statistics tables)."""
+    def get_flow_statistics(
+        self,
+        flow_id: str | None = None,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> FlowStatistics:
+        """Usage and performance of one flow, or of all flows (read from the statistics tables).
+
+        With `since` and/or `until` (aware datetimes; `until` defaults to now, `since` to the
+        first event), over that window, to the minute, from the per-minute activity table: see
+        `README.md` (Statistics) for what each figure counts in a window.
+        """
         if flow_id is not None:
             self._get_versions(flow_id)
-        return self._tables.statistics(flow_id, now=self._clock(), window=self.statistics_window)
+        window = self._window(since, until)
+        if window is None:
+            return self._tables.statistics(
+                flow_id, now=self._clock(), window=self.statistics_window
+            )
+        return self._tables.window_statistics(flow_id, since=window[0], until=window[1])
 
-    def get_flow_funnel(self, flow_id: str) -> list[FunnelStep]:
-        """Per step of the flow: entered, moved on, dropped, and active there now."""
+    def _window(
+        self, since: datetime | None, until: datetime | None
+    ) -> tuple[datetime, datetime] | None:
+        start, end = check_aware(since, "since"), check_aware(until, "until")
+        if start is None and end is None:
+            return None
+        end = end or self._clock()
+        start = start or datetime.fromtimestamp(0, UTC)
+        if start >= end:
+            raise InvalidArgumentError("since", since, f"must be before until ({end.isoformat()})")
+        return start, end
+
+    def get_flow_funnel(
+        self,
+        flow_id: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[FunnelStep]:
+        """Per step of the flow: entered, moved on, dropped, and active there now.
+
+        With `since`/`until`, entered, moved on and dropped count only what happened in that
+        window (to the minute); `current` is always now.
+        """
         definition = self._get_versions(flow_id).latest
-        found = {step.step: step for step in self._tables.funnel(flow_id)}
+        window = self._window(since, until)
+        funnel = (
+            self._tables.funnel(flow_id)
+            if window is None
+            else self._tables.window_funnel(flow_id, since=window[0], until=window[1])
+        )
+        found = {step.step: step for step in funnel}
         order = sorted(definition.steps.values(), key=lambda step: step.index)
         known = [
             found.pop(
