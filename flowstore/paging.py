@@ -123,8 +123,10 @@ def decode_instance_cursor(cursor: object) -> str | None:
     if not isinstance(cursor, str) or not cursor:
         raise InvalidArgumentError("cursor", cursor, "must be a cursor from an earlier page")
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        padded = cursor + "=" * (-len(cursor) % 4)
+        user_id = base64.b64decode(padded, altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidArgumentError(
-            "cursor", cursor, "must be a cursor from an earlier page"
-        ) from None
+        user_id = ""
+    if not user_id:
+        raise InvalidArgumentError("cursor", cursor, "must be a cursor from an earlier page")
+    return user_id

@@ -90,6 +90,34 @@ if TYPE_CHECKING:
 
 __all__ = ["FlowStore", "Publisher", "PublisherFactory"]
 
+_Prepared = tuple[
+    Callable[[], tuple[str, str, Callable[["FlowInstance | None"], Decision]]],
+    Callable[[], "FlowState | FlowError"],
+]
+"""One request of a batch: (check it and give (user, flow, decide), apply it on its own)."""
+
+
+def _outcome(call: Callable[[], FlowState]) -> FlowState | FlowError:
+    try:
+        return call()
+    except FlowError as error:
+        return error
+
+
+def _state_update(update: Any) -> tuple[str, FlowState | Mapping[str, Any]]:
+    """`(user_id, state)` or the seed's `{"userId": ..., "state": ...}`."""
+    if isinstance(update, Mapping):
+        user_id, state = update.get("userId", update.get("user_id")), update.get("state")
+    elif isinstance(update, tuple) and len(update) == 2:
+        user_id, state = update
+    else:
+        user_id, state = None, None
+    if not isinstance(user_id, str) or not isinstance(state, FlowState | Mapping):
+        raise InvalidArgumentError(
+            "updates", update, 'each must be (user_id, state) or {"userId": ..., "state": {...}}'
+        )
+    return user_id, state
+
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
@@ -233,7 +261,9 @@ class FlowStore:
         """The embedded publisher: `publisher` if given, else Kafka's if asked for (`kafka`)."""
         if publisher is not None:
             if kafka not in (None, False):
-                raise InvalidArgumentError("kafka", kafka, "pass either kafka= or publisher=, not both")
+                raise InvalidArgumentError(
+                    "kafka", kafka, "pass either kafka= or publisher=, not both"
+                )
             return publisher(self)
         if kafka is False:
             return None
@@ -370,9 +400,7 @@ class FlowStore:
             )
         mapping = check_step_map(flow_id, target, to_version, step_map)
         users = [row["user_id"] for row in self._tables.instances(flow_id, FlowStatus.ACTIVE)]
-        return migrate(
-            self._commands, flow_id, target, to_version, mapping, users, dry_run=dry_run
-        )
+        return migrate(self._commands, flow_id, target, to_version, mapping, users, dry_run=dry_run)
 
     def diagram(
         self,
@@ -445,8 +473,53 @@ class FlowStore:
         request only. If another writer touched one of the batch's instances meanwhile, that batch
         is applied again one request at a time (each retried as usual).
         """
+
+        def prepare(request: tuple[str, str, str, dict[str, Any] | None]) -> _Prepared:
+            user_id, flow_id, transition, payload = request
+
+            def decide() -> tuple[str, str, Callable[[FlowInstance | None], Decision]]:
+                began = time.perf_counter()
+                return (
+                    user_id,
+                    flow_id,
+                    self._transition(user_id, flow_id, transition, payload, began),
+                )
+
+            return decide, lambda: self._one(*request)
+
+        return self._in_batches(map(prepare, requests), batch_size)
+
+    def set_flow_states(
+        self,
+        updates: Iterable[tuple[str, FlowState | Mapping[str, Any]] | Mapping[str, Any]],
+        *,
+        batch_size: int = 500,
+    ) -> list[FlowState | FlowError]:
+        """Many administrative overrides in one call: the seed's batch update of flow states.
+
+        Each update is `(user_id, state)` or the seed's `{"userId": ..., "state": {...}}`; each is
+        what `set_flow_state` does, and each instance's change is atomic. They are written one
+        transaction per `batch_size` (retried one by one if another writer touched an instance
+        meanwhile). Returns, in order, each new state or the error of each update (bad input
+        writes nothing for its own update only).
+        """
+
+        def prepare(update: Any) -> _Prepared:
+            user_id, state = _state_update(update)
+
+            def decide() -> tuple[str, str, Callable[[FlowInstance | None], Decision]]:
+                return user_id, *self._override(user_id, state)
+
+            return decide, lambda: _outcome(lambda: self.set_flow_state(user_id, state))
+
+        prepared = [prepare(update) for update in updates]  # a malformed update: nothing written
+        return self._in_batches(prepared, batch_size)
+
+    def _in_batches(
+        self, requests: Iterable[_Prepared], batch_size: int
+    ) -> list[FlowState | FlowError]:
         results: list[FlowState | FlowError] = []
-        batch: list[tuple[str, str, str, dict[str, Any] | None]] = []
+        batch: list[_Prepared] = []
         for request in requests:
             batch.append(request)
             if len(batch) >= batch_size:
@@ -456,17 +529,13 @@ class FlowStore:
             results.extend(self._apply_batch(batch))
         return results
 
-    def _apply_batch(
-        self, batch: list[tuple[str, str, str, dict[str, Any] | None]]
-    ) -> list[FlowState | FlowError]:
+    def _apply_batch(self, batch: list[_Prepared]) -> list[FlowState | FlowError]:
         outcomes: list[FlowInstance | FlowError] = []
         events: list[DomainEvent] = []
         seen: dict[UUID, FlowInstance | None] = {}  # later requests see earlier ones' effects
-        for user_id, flow_id, transition, payload in batch:
+        for prepare, _ in batch:
             try:
-                decide = self._transition(
-                    user_id, flow_id, transition, payload, time.perf_counter()
-                )
+                user_id, flow_id, decide = prepare()
                 require_id(flow_id, "flow_id")
                 iid = instance_id(user_id, flow_id)
                 if iid not in seen:
@@ -484,7 +553,7 @@ class FlowStore:
         except IntegrityError:
             for iid in seen:
                 self._commands.forget_instance(iid)
-            return [self._one(*request) for request in batch]
+            return [one() for _, one in batch]
         for instance in seen.values():
             if instance is not None:
                 self._commands.remember_instance(instance)
@@ -540,6 +609,13 @@ class FlowStore:
         The instance keeps its definition version unless `state.definition_version` names another;
         a user without state starts on the latest version.
         """
+        flow_id, decide = self._override(user_id, state)
+        return self._commands.change_instance(user_id, flow_id, decide).to_state()
+
+    def _override(
+        self, user_id: str, state: FlowState | Mapping[str, Any]
+    ) -> tuple[str, Callable[[FlowInstance | None], Decision]]:
+        """Check an override's input; the flow it is in and the decision it makes."""
         require_id(user_id, "user_id")
         if not isinstance(state, FlowState):
             try:
@@ -574,7 +650,7 @@ class FlowStore:
                 )
             )
 
-        return self._commands.change_instance(user_id, new.flow, decide).to_state()
+        return new.flow, decide
 
     def clear_flow_state(self, user_id: str, flow_id: str) -> None:
         """Forget where the user stands: `get_flow_state` returns None; the history stays."""
