@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from http import HTTPStatus
 from importlib import resources
 from typing import Annotated, Any
@@ -40,6 +41,7 @@ from flowstore import (
     FlowStatistics,
     FlowStore,
     FunnelStep,
+    HistoryKind,
     PayloadTooLargeError,
     StorageUnavailableError,
 )
@@ -72,6 +74,8 @@ from flowstore.adapters.http.schemas import (
     nul_errors,
 )
 from flowstore.adapters.http.websocket import FlowSocket
+from flowstore.models import FlowStatus, InstancePage
+from flowstore.paging import MAX_PAGE
 
 __all__ = ["CORS_ORIGINS_ENV", "DEFAULT_MAX_BODY_BYTES", "cors_origins_from_env", "create_app"]
 
@@ -121,6 +125,20 @@ WebSocket `/api/flow/ws` (token as the `token` query parameter or in a first mes
 `{"type": "authenticate", "token": ...}`) pushes `flow-state-updated` whenever one of the caller's
 flows changes, and runs `{"type": "flow-transition", "flowId", "transition", "payload"}`.
 """
+
+
+Since = Annotated[
+    datetime | None, Query(description="Window start (ISO 8601 with a time zone), inclusive")
+]
+Until = Annotated[
+    datetime | None, Query(description="Window end (ISO 8601 with a time zone), exclusive")
+]
+
+
+def _link_next(request: Request, response: Response, cursor: str) -> None:
+    """Point the `Link` header at the next page: the same request with `cursor` moved on."""
+    url = request.url.include_query_params(cursor=cursor)
+    response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -407,9 +425,26 @@ def create_app(
         response_model=list[FlowStateHistory],
         responses=_errors(401, 404, 422),
     )
-    def history(flow_id: FlowId, principal: Caller) -> list[FlowStateHistory]:
-        """Every command on the caller's flow, oldest first."""
-        return store.get_flow_history(principal.user_id, flow_id)
+    def history(
+        flow_id: FlowId,
+        principal: Caller,
+        request: Request,
+        response: Response,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Rows per page")] = MAX_PAGE,
+        cursor: Annotated[
+            str | None, Query(max_length=200, description="The `next` link's cursor")
+        ] = None,
+        kind: Annotated[list[HistoryKind] | None, Query(description="Only these kinds")] = None,
+    ) -> list[FlowStateHistory]:
+        """The commands on the caller's flow, oldest first, a page at a time (at most 1,000 rows;
+        a `Link: <...>; rel="next"` header points at the next page while there is one)."""
+        rows = store.get_flow_history(
+            principal.user_id, flow_id, limit=limit + 1, after=cursor, kinds=kind
+        )
+        page = rows[:limit]
+        if len(rows) > limit:
+            _link_next(request, response, page[-1].id)
+        return page
 
     # Registered before /flows/{flowId} so that "mine" is not taken for a flow id.
     @users.get("/flows/mine", response_model=list[FlowState], responses=_errors(401))
@@ -496,23 +531,55 @@ def create_app(
         response_model=FlowStatistics,
         responses=_errors(401, 403, 404, 422),
     )
-    def flow_statistics(flow_id: FlowId) -> FlowStatistics:
-        """Usage and performance of one flow."""
-        return store.get_flow_statistics(flow_id)
+    def flow_statistics(
+        flow_id: FlowId, since: Since = None, until: Until = None
+    ) -> FlowStatistics:
+        """Usage and performance of one flow (over [since, until) when given)."""
+        return store.get_flow_statistics(flow_id, since=since, until=until)
 
-    @admins.get("/statistics", response_model=FlowStatistics, responses=_errors(401, 403))
-    def statistics() -> FlowStatistics:
-        """Usage and performance of all flows."""
-        return store.get_flow_statistics()
+    @admins.get("/statistics", response_model=FlowStatistics, responses=_errors(401, 403, 422))
+    def statistics(since: Since = None, until: Until = None) -> FlowStatistics:
+        """Usage and performance of all flows (over [since, until) when given)."""
+        return store.get_flow_statistics(since=since, until=until)
+
+    @admins.get(
+        "/flows/{flowId}/instances",
+        response_model=InstancePage,
+        responses=_errors(401, 403, 404, 422),
+    )
+    def instances(
+        flow_id: FlowId,
+        request: Request,
+        response: Response,
+        step: Annotated[str | None, Query(description="Only those at this step", **_ID)] = None,
+        status: Annotated[FlowStatus, Query(description="active or completed")] = (
+            FlowStatus.ACTIVE
+        ),
+        idle_for: Annotated[
+            float | None,
+            Query(alias="idleFor", ge=0, le=1e10, description="Untouched for this many seconds"),
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        cursor: Annotated[str | None, Query(max_length=1400)] = None,
+    ) -> InstancePage:
+        """The flow's instances by user id, a page at a time ("who is stuck at verification for
+        more than a day": `?step=verification&idleFor=86400`)."""
+        page = store.list_instances(
+            flow_id, step=step, status=status, idle_for=idle_for, limit=limit, cursor=cursor
+        )
+        if page.next_cursor is not None:
+            _link_next(request, response, page.next_cursor)
+        return page
 
     @admins.get(
         "/flows/{flowId}/funnel",
         response_model=list[FunnelStep],
         responses=_errors(401, 403, 404, 422),
     )
-    def funnel(flow_id: FlowId) -> list[FunnelStep]:
-        """Per step: how many entered, moved on, dropped, and are there now."""
-        return store.get_flow_funnel(flow_id)
+    def funnel(flow_id: FlowId, since: Since = None, until: Until = None) -> list[FunnelStep]:
+        """Per step: how many entered, moved on, dropped (in [since, until) when given), and are
+        there now."""
+        return store.get_flow_funnel(flow_id, since=since, until=until)
 
     @admins.post(
         "/admin/purge-expired", response_model=PurgeResult, responses=_errors(401, 403, 409)

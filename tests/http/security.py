@@ -58,6 +58,7 @@ ADMIN_ROUTES = [
     ("GET", "/api/flows/{flow}/statistics"),
     ("GET", "/api/statistics"),
     ("GET", "/api/flows/{flow}/funnel"),
+    ("GET", "/api/flows/{flow}/instances"),
     ("POST", "/api/admin/purge-expired"),
     ("PUT", "/api/admin/users/someone/flows/{flow}/state"),
 ]

@@ -524,6 +524,7 @@ def test_openapi_and_docs_are_served(client: httpx.Client) -> None:
         "/api/flows/{flowId}/statistics",
         "/api/statistics",
         "/api/flows/{flowId}/funnel",
+        "/api/flows/{flowId}/instances",
         "/api/admin/purge-expired",
         "/api/admin/users/{userId}/flows/{flowId}/state",
         "/api/admin/users/{userId}",

@@ -103,3 +103,68 @@ def test_cors_origins_passed_to_create_app_win_over_the_environment(
     with _app(store, cors_origins=[]) as http:
         preflight = http.options(f"/api/flow/{ONBOARDING}/transition/start", headers=PREFLIGHT)
         assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_history_pages_carry_a_next_link(
+    client: httpx.Client, store: FlowStore, line: str, alice: User
+) -> None:
+    store.execute_transition(alice.id, line, "next")
+    store.reset_flow(alice.id, line)
+    store.execute_transition(alice.id, line, "next")
+    store.execute_transition(alice.id, line, "next")  # 5 rows: start, next, reset, next, next
+    everything = client.get(f"/api/flow/{line}/history", headers=alice.headers)
+    assert "link" not in everything.headers
+    rows, url = [], f"/api/flow/{line}/history?limit=2"
+    while url:
+        page = client.get(url, headers=alice.headers)
+        assert page.status_code == 200
+        assert len(page.json()) <= 2
+        rows += page.json()
+        link = page.headers.get("link")
+        url = link[1 : link.index(">")] if link else ""
+    assert rows == everything.json()
+    assert len(rows) == 5
+    kinds = client.get(f"/api/flow/{line}/history?kind=reset", headers=alice.headers).json()
+    assert [r["kind"] for r in kinds] == ["reset"]
+    too_many = client.get(f"/api/flow/{line}/history?limit=1001", headers=alice.headers)
+    assert (too_many.status_code, too_many.json()["code"]) == (422, "REQUEST_INVALID")
+    bad = client.get(f"/api/flow/{line}/history?cursor=nope", headers=alice.headers)
+    assert (bad.status_code, bad.json()["code"]) == (422, "INVALID_ARGUMENT")
+
+
+def test_admins_list_a_flows_instances_by_step_and_idle_time(
+    client: httpx.Client, store: FlowStore, line: str, alice: User, bob: User, admin: User
+) -> None:
+    for user in (alice, bob):
+        store.execute_transition(user.id, line, "next")
+    path = f"/api/flows/{line}/instances"
+    assert client.get(path, headers=alice.headers).status_code == 403
+    first = client.get(f"{path}?step=s1&limit=1", headers=admin.headers)
+    assert first.status_code == 200
+    body = first.json()
+    assert [s["userId"] for s in body["instances"]] == [min(alice.id, bob.id)]
+    assert body["nextCursor"]
+    link = first.headers["link"]
+    second = client.get(link[1 : link.index(">")], headers=admin.headers).json()
+    assert [s["userId"] for s in second["instances"]] == [max(alice.id, bob.id)]
+    assert second["nextCursor"] is None
+    idle = client.get(f"{path}?idleFor=86400", headers=admin.headers).json()
+    assert idle["instances"] == []
+    bad = client.get(f"{path}?status=cleared", headers=admin.headers)
+    assert bad.status_code == 422
+
+
+def test_statistics_and_funnel_take_a_window(
+    client: httpx.Client, store: FlowStore, line: str, alice: User, admin: User
+) -> None:
+    store.execute_transition(alice.id, line, "next")
+    since = "2000-01-01T00:00:00Z"
+    stats = client.get(f"/api/flows/{line}/statistics?since={since}", headers=admin.headers)
+    assert stats.json()["totalFlows"] == 1
+    future = client.get(
+        f"/api/flows/{line}/funnel?since=2999-01-01T00:00:00Z&until=2999-01-02T00:00:00Z",
+        headers=admin.headers,
+    ).json()
+    assert {s["step"]: s["entered"] for s in future} == {"s0": 0, "s1": 0, "s2": 0}
+    naive = client.get("/api/statistics?since=2000-01-01T00:00:00", headers=admin.headers)
+    assert (naive.status_code, naive.json()["code"]) == (422, "INVALID_ARGUMENT")
