@@ -72,6 +72,7 @@ READ_ONLY_COMMANDS = frozenset(
         "state get",
         "state list",
         "history",
+        "instances",
         "stats",
         "funnel",
         "projections status",
@@ -307,13 +308,32 @@ def history(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`history USER FLOW`: every command on the user's flow, oldest first."""
     from flowstore.adapters.render import HISTORY_FIELDS
 
-    rows = store.get_flow_history(args.user, args.flow)
+    rows = store.get_flow_history(
+        args.user, args.flow, limit=args.limit, after=args.after, kinds=args.kind or None
+    )
     return Listing(rows, HISTORY_FIELDS, f"History of {args.user} in {args.flow}")
+
+
+def instances(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`instances FLOW [--step S] [--status S] [--idle-for SECONDS] [--limit N] [--cursor C]`."""
+    page = store.list_instances(
+        args.flow,
+        step=args.step,
+        status=args.status,
+        idle_for=args.idle_for,
+        limit=args.limit,
+        cursor=args.cursor,
+    )
+    if out.as_json:
+        return Note("", page.to_dict())
+    out.show(Listing(page.instances, ("user_id", *_STATE_FIELDS), f"Instances of {args.flow}"))
+    more = f"next page: --cursor {page.next_cursor}" if page.next_cursor else "last page"
+    return Note(f"{len(page.instances)} instance(s); {more}", {})
 
 
 def stats(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`stats [--flow FLOW]`: usage and performance of one flow or all."""
-    return store.get_flow_statistics(args.flow)
+    return store.get_flow_statistics(args.flow, since=args.since, until=args.until)
 
 
 def purge(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
@@ -333,7 +353,7 @@ def demo(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
 
 def funnel(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`funnel FLOW`: per step, how many entered, moved on, dropped, and are there now."""
-    steps = store.get_flow_funnel(args.flow)
+    steps = store.get_flow_funnel(args.flow, since=args.since, until=args.until)
     return Listing(
         steps, ("step", "entered", "moved_on", "dropped", "current"), f"Funnel of {args.flow}"
     )
@@ -466,6 +486,7 @@ COMMANDS: dict[str, Handler] = {
     "transition": transition,
     "reset": reset,
     "history": history,
+    "instances": instances,
     "stats": stats,
     "purge": purge,
     "demo": demo,
@@ -540,6 +561,27 @@ def _step_pair(text: str) -> tuple[str, str]:
     return old, new
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}")
+    return value
+
+
+def _moment(text: str) -> Any:
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an ISO 8601 time, not {text!r}") from None
+    # A command line has no other zone to mean: a time without one is UTC, like everything stored.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -581,6 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub = subparsers.add_parser(leaf, parents=[common], help=help_text, description=help_text)
         sub.set_defaults(command=name)
         return sub
+
+    def window(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--since", type=_moment, help="window start, ISO 8601 (UTC if no zone)")
+        sub.add_argument("--until", type=_moment, help="window end, ISO 8601 (default: now)")
 
     def payload(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--payload", type=_json_object, help="a JSON object")
@@ -628,11 +674,25 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("state get", "where a user stands in a flow"),
         ("state clear", "forget where a user stands in a flow (history stays)"),
-        ("history", "every command on a user's flow"),
+        ("history", "the commands on a user's flow, oldest first"),
     ):
         sub = command(name, help_text)
         sub.add_argument("user")
         sub.add_argument("flow")
+    sub.add_argument("--limit", type=_positive, help="at most N rows")
+    sub.add_argument("--after", metavar="ROW_ID", help="rows after this row id (the next page)")
+    sub.add_argument(
+        "--kind", action="append", default=[], help="only this kind (repeatable: start, reset, ...)"
+    )
+    sub = command("instances", "a flow's instances: who is where, and for how long")
+    sub.add_argument("flow")
+    sub.add_argument("--step", help="only those at this step")
+    sub.add_argument("--status", choices=("active", "completed"), default="active")
+    sub.add_argument(
+        "--idle-for", type=_seconds, metavar="SECONDS", help="only those untouched this long"
+    )
+    sub.add_argument("--limit", type=_positive, default=100, help="per page (default 100)")
+    sub.add_argument("--cursor", help="the next page's cursor, from the previous page")
     sub = command("state set", "put a user at a step (administrative override)")
     sub.add_argument("user")
     sub.add_argument("flow")
@@ -654,14 +714,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("user")
     sub.add_argument("flow")
     sub.add_argument("--step", help="where to start (default: the initial step)")
-    command("stats", "usage and performance statistics").add_argument(
-        "--flow", help="one flow (default: all)"
-    )
+    sub = command("stats", "usage and performance statistics")
+    sub.add_argument("--flow", help="one flow (default: all)")
+    window(sub)
     command("purge", "expire instances idle past their flow's ttl")
     sub = command("demo", "drive simulated users through the README's onboarding flow")
     sub.add_argument("--users", type=_positive, default=300, help="how many (default: 300)")
     sub.add_argument("--seed", type=int, default=7, help="random seed (default: 7)")
-    command("funnel", "per-step funnel of a flow").add_argument("flow")
+    sub = command("funnel", "per-step funnel of a flow")
+    sub.add_argument("flow")
+    window(sub)
     command("projections status", "how far the tables are behind the log")
     command("projections rebuild", "replay the log into fresh tables and swap them in")
     command(

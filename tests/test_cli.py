@@ -409,3 +409,35 @@ def test_help_imports_nothing_heavy() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stderr.strip().splitlines()[-1] == "[]"
     assert "flows" in done.stdout
+
+
+def test_instances_history_pages_and_windows(
+    created: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for user in ("ann", "bob", "cat"):
+        cli_json(capsys, created, "transition", user, FLOW, "start")
+    page = cli_json(capsys, created, "instances", FLOW, "--step", "profile-setup", "--limit", "2")
+    assert [s["userId"] for s in page["instances"]] == ["ann", "bob"]
+    rest = cli_json(capsys, created, "instances", FLOW, "--cursor", page["nextCursor"])
+    assert [s["userId"] for s in rest["instances"]] == ["cat"]
+    assert rest["nextCursor"] is None
+    idle = cli_json(capsys, created, "instances", FLOW, "--idle-for", "86400")
+    assert idle["instances"] == []
+    assert main(["--url", created, "instances", FLOW]) == 0
+    assert "3 instance(s); last page" in capsys.readouterr().out
+
+    first = cli_json(capsys, created, "history", "ann", FLOW, "--limit", "1")
+    assert [r["kind"] for r in first] == ["start"]
+    after = cli_json(capsys, created, "history", "ann", FLOW, "--after", first[0]["id"])
+    assert [r["kind"] for r in after] == ["transition"]
+    only = cli_json(capsys, created, "history", "ann", FLOW, "--kind", "transition")
+    assert [r["transition"] for r in only] == ["start"]
+
+    window = ("--since", "2000-01-01T00:00:00", "--until", "2000-01-02T00:00:00+00:00")
+    assert cli_json(capsys, created, "stats", "--flow", FLOW, *window)["totalFlows"] == 0
+    assert cli_json(capsys, created, "stats", "--flow", FLOW)["totalFlows"] == 3
+    funnel = cli_json(capsys, created, "funnel", FLOW, "--since", "2000-01-01")
+    assert {s["step"]: s["entered"] for s in funnel}["welcome"] == 3
+    code, err = cli_fails(capsys, created, "stats", "--since", "yesterday")
+    assert code == USAGE
+    assert "ISO 8601" in err
