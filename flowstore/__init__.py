@@ -25,6 +25,7 @@ from flowstore.errors import (
     PayloadValidationError,
     ProjectionLagError,
     StorageUnavailableError,
+    StoreClosedError,
 )
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ __all__ = [
     "StepCount",
     "StorageConfigError",
     "StorageUnavailableError",
+    "StoreClosedError",
     "__version__",
     "validate_flow",
 ]

@@ -17,6 +17,7 @@
      ├── PayloadValidationError (ValueError)    PAYLOAD_INVALID
      │    └── PayloadTooLargeError              PAYLOAD_TOO_LARGE
      ├── StorageConfigError (ValueError)        STORAGE_CONFIG_INVALID
+     ├── StoreClosedError (RuntimeError)        STORE_CLOSED
      │   at the HTTP boundary (flowstore.adapters.http):
      ├── RequestInvalidError (ValueError)       REQUEST_INVALID
      ├── AuthenticationError                    UNAUTHENTICATED
@@ -72,6 +73,7 @@ __all__ = [
     "RequestInvalidError",
     "StorageConfigError",
     "StorageUnavailableError",
+    "StoreClosedError",
     "TopicIncompleteError",
 ]
 
@@ -269,6 +271,15 @@ class StorageUnavailableError(FlowError, OSError):
         )
         self.backend = backend
         self.action = action
+
+
+class StoreClosedError(FlowError, RuntimeError):
+    """The store was closed (`close()`, or the end of its `with` block): open a new one."""
+
+    code = "STORE_CLOSED"
+
+    def __init__(self, action: str = "used") -> None:
+        super().__init__(f"The FlowStore is closed and cannot be {action}", action=action)
 
 
 class ProjectionLagError(FlowError, TimeoutError):

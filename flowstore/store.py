@@ -9,10 +9,13 @@ write path: read, decide, append, retry), `flowstore.erasure`, `flowstore.migrat
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 from uuid import UUID
@@ -57,6 +60,7 @@ from flowstore.errors import (
     FlowStateCorruptionError,
     FlowStateNotFoundError,
     InvalidArgumentError,
+    StoreClosedError,
 )
 from flowstore.eventlog import CIPHER_KEY_ENV, EventLog, cipher_settings
 from flowstore.importing import import_events
@@ -89,6 +93,46 @@ if TYPE_CHECKING:
     from flowstore.projections.sql import Difference, SqlProjections
 
 __all__ = ["FlowStore", "Publisher", "PublisherFactory"]
+
+_fork_generation = 0
+"""How many times this process has been forked from its ancestors (see `_forked`)."""
+_reopen_lock = threading.Lock()
+
+
+def _forked() -> None:
+    # In the child, at once: count the fork, and a fresh lock (the parent's may have been held by
+    # a thread that does not exist here). Stores reopen lazily, on their next call.
+    global _fork_generation, _reopen_lock
+    _fork_generation += 1
+    _reopen_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _reopen(url: str, options: dict[str, Any]) -> FlowStore:
+    return FlowStore(url, **options)
+
+
+def _url_of(url: object) -> str | None:
+    """A URL from a string, or from a path (`FlowStore(Path("x.db"))`: that SQLite file)."""
+    if url is None or isinstance(url, str):
+        return url
+    if isinstance(url, os.PathLike):
+        path = Path(os.fspath(url)).expanduser()
+        return f"sqlite:///{path.resolve()}"
+    raise InvalidArgumentError("url", url, "must be a URL (str) or a path to a SQLite file")
+
+
+def _check_clock(clock: object) -> None:
+    """The clock must tell UTC-aware time: naive times would be stored as if they were UTC."""
+    if not callable(clock):
+        raise InvalidArgumentError("clock", clock, "must be a callable returning a datetime")
+    now = clock()
+    if not isinstance(now, datetime) or now.utcoffset() is None:
+        raise InvalidArgumentError(
+            "clock", now, "must return timezone-aware datetimes (e.g. datetime.now(UTC))"
+        )
 
 _Prepared = tuple[
     Callable[[], tuple[str, str, Callable[["FlowInstance | None"], Decision]]],
@@ -177,7 +221,7 @@ class FlowStore:
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | os.PathLike[str] | None = None,
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         cipher_key: str | None = None,
@@ -190,32 +234,62 @@ class FlowStore:
         definition_refresh: float = 1.0,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
-        self.config: StorageConfig = parse_url(resolve_url(url))
+        self._closed = True  # until opened: close() and the guards see a consistent store
+        self._url = _url_of(url)
+        self.config: StorageConfig = parse_url(resolve_url(self._url))
+        _check_clock(clock)
         self.max_payload_bytes = max_payload_bytes
         self.statistics_window = statistics_window
         self._clock = clock
+        self.live_projections = live_projections
+        # What a process that receives this store (pickled, or forked) needs to open it again.
+        self._options: dict[str, Any] = {
+            "max_payload_bytes": max_payload_bytes,
+            "cipher_key": cipher_key,
+            "max_retries": max_retries,
+            "cache_size": cache_size,
+            "statistics_window": statistics_window,
+            "live_projections": live_projections,
+            "definition_refresh": definition_refresh,
+            "clock": clock,
+        }
+        self._inherited: list[object] = []  # a forked child's copies of the parent's connections
+        self._publisher: Publisher | None = None
+        self._generation = _fork_generation
+        self._open_parts()
+        self._closed = False
+        try:
+            self._publisher = self._start_publisher(kafka, publisher)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_parts(self) -> None:
+        """Open the event log, the write path, the tables and the live projector."""
+        options = self._options
+        cipher_key = options["cipher_key"]
         env = {
             **self.config.env,
-            "AGGREGATE_CACHE_MAXSIZE": str(cache_size),
+            "AGGREGATE_CACHE_MAXSIZE": str(options["cache_size"]),
             # Aggregates are frozen pydantic models: a cached one cannot be corrupted by a caller,
             # so the repository need not deep-copy it on every read.
             "DEEPCOPY_FROM_AGGREGATE_CACHE": "n",
             **cipher_settings(cipher_key),
         }
         encrypted = cipher_key is not None or bool(os.environ.get(CIPHER_KEY_ENV))
-        self._log = EventLog(self.config, env, encrypted=encrypted, refresh=definition_refresh)
+        refresh = options["definition_refresh"]
+        self._log = EventLog(self.config, env, encrypted=encrypted, refresh=refresh)
         # Imported here, not at the top: the service module loads before SQLAlchemy is needed.
         from flowstore.projections.live import LiveProjector
         from flowstore.projections.sql import SqlProjections
 
-        self.live_projections = live_projections
         self._live: LiveProjector | None = None
         self._commands = Commands(
             self._log,
-            clock=clock,
-            max_retries=max_retries,
-            cache_size=cache_size,
-            definition_refresh=definition_refresh,
+            clock=self._clock,
+            max_retries=options["max_retries"],
+            cache_size=options["cache_size"],
+            definition_refresh=refresh,
             written=self._written,
         )
         opened: list[Callable[[], None]] = [self._log.close]
@@ -223,8 +297,8 @@ class FlowStore:
             with self._log.errors("opening the store"):
                 self._projections = SqlProjections(self.config)
                 opened.append(self._projections.close)
-                if live_projections:
-                    self._projections.catch_up(self.read_events)  # what happened while away
+                if self.live_projections:
+                    self._projections.catch_up(self._log.read)  # what happened while away
                     self._live = LiveProjector(self._project_written)
         except BaseException:
             for close in reversed(opened):
@@ -232,12 +306,36 @@ class FlowStore:
                     close()
             raise
         self._erasure = Erasure(self._commands, self._log.keys, self._project_written)
-        self._publisher: Publisher | None = None
-        try:
-            self._publisher = self._start_publisher(kafka, publisher)
-        except BaseException:
-            self.close()
-            raise
+
+    def _after_fork(self) -> None:
+        """In a child process (after `fork`): open connections, projector and caches of its own.
+
+        The parent's connections, threads and locks came along in the fork but are not the
+        child's to use: a connection shared by two processes interleaves their protocol, the
+        projector thread did not survive, and a lock held by another thread at the fork stays
+        held. They are kept (never closed: closing a connection ends the parent's session too)
+        and replaced. The parent's publisher stays the parent's.
+        """
+        with _reopen_lock:
+            if self._generation == _fork_generation:
+                return  # another thread of the child reopened it first
+            self._projections.abandon()
+            self._inherited.append((self._log, self._projections, self._live, self._publisher))
+            self._publisher = None
+            self._generation = _fork_generation
+            try:
+                self._open_parts()
+            except BaseException:
+                self._closed = True  # nothing of its own to use: the child must open a new store
+                raise
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Sent to another process (multiprocessing with spawn/forkserver, a process pool), a store
+        # opens the same database there: the URL and options travel, connections do not.
+        if self.config.backend == "memory":
+            raise TypeError("a memory:// store lives in one process and cannot be pickled")
+        options = {**self._options, "kafka": False}
+        return (_reopen, (resolve_url(self._url), options))
 
     @property
     def max_retries(self) -> int:
@@ -281,13 +379,21 @@ class FlowStore:
         return _plugin_publisher("kafka", options)(self)
 
     def close(self) -> None:
-        """Publish and project what is left, release connections. The store is unusable after."""
-        if self._publisher is not None:
-            self._publisher.stop()  # first: it drains the log to Kafka, then releases its lock
-        if self._live is not None:
-            self._live.close()
-        self._projections.close()
-        self._log.close()
+        """Publish and project what is left, release connections. The store is unusable after
+        (any call raises `StoreClosedError`, closing again too)."""
+        if self._closed:
+            raise StoreClosedError("closed again")
+        if self._generation != _fork_generation:
+            self._after_fork()  # a child closes its own connections, not the parent's
+        try:
+            if self._publisher is not None:
+                self._publisher.stop()  # first: it drains the log to Kafka, then releases its lock
+            if self._live is not None:
+                self._live.close()
+        finally:
+            self._closed = True
+            self._projections.close()
+            self._log.close()
 
     def __enter__(self) -> Self:
         return self
@@ -530,33 +636,45 @@ class FlowStore:
         return results
 
     def _apply_batch(self, batch: list[_Prepared]) -> list[FlowState | FlowError]:
-        outcomes: list[FlowInstance | FlowError] = []
-        events: list[DomainEvent] = []
-        seen: dict[UUID, FlowInstance | None] = {}  # later requests see earlier ones' effects
+        checked: list[tuple[UUID, Callable[[FlowInstance | None], Decision]] | FlowError] = []
         for prepare, _ in batch:
             try:
                 user_id, flow_id, decide = prepare()
                 require_id(flow_id, "flow_id")
-                iid = instance_id(user_id, flow_id)
-                if iid not in seen:
-                    seen[iid] = self._commands.cached_instance(iid)
-                decision = decide(seen[iid])
+                checked.append((instance_id(user_id, flow_id), decide))
             except FlowError as error:
-                outcomes.append(error)
-                continue
-            updated = cast(FlowInstance, project(seen[iid], decision.events))
-            seen[iid] = updated
-            events.extend(decision.events)
-            outcomes.append(decision.error or updated)
-        try:
-            self._commands.save(events, decided_here=True)
-        except IntegrityError:
-            for iid in seen:
-                self._commands.forget_instance(iid)
-            return [one() for _, one in batch]
-        for instance in seen.values():
-            if instance is not None:
-                self._commands.remember_instance(instance)
+                checked.append(error)
+        iids = [item[0] for item in checked if not isinstance(item, FlowError)]
+        # The batch's instances are this process's alone until it is written (see Commands).
+        with self._commands.locked(iids):
+            outcomes: list[FlowInstance | FlowError] = []
+            events: list[DomainEvent] = []
+            seen: dict[UUID, FlowInstance | None] = {}  # later requests see earlier ones' effects
+            for item in checked:
+                if isinstance(item, FlowError):
+                    outcomes.append(item)
+                    continue
+                iid, decide = item
+                try:
+                    if iid not in seen:
+                        seen[iid] = self._commands.cached_instance(iid)
+                    decision = decide(seen[iid])
+                except FlowError as error:
+                    outcomes.append(error)
+                    continue
+                updated = cast(FlowInstance, project(seen[iid], decision.events))
+                seen[iid] = updated
+                events.extend(decision.events)
+                outcomes.append(decision.error or updated)
+            try:
+                self._commands.save(events, decided_here=True)
+            except IntegrityError:
+                for iid in seen:
+                    self._commands.forget_instance(iid)
+                return [one() for _, one in batch]
+            for instance in seen.values():
+                if instance is not None:
+                    self._commands.remember_instance(instance)
         return [o if isinstance(o, FlowError) else o.to_state() for o in outcomes]
 
     def _one(
@@ -886,27 +1004,27 @@ class FlowStore:
         self._tables.recover(
             (user_id, flow_id),
             lambda: self._log.events_of(iid),
-            self.read_events,
+            self._log.read,
         )
         return self.get_flow_state(user_id, flow_id)
 
     def rebuild_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Replay the whole log into fresh tables and swap them in; return the events replayed."""
-        return self._tables.rebuild(self.read_events, progress=progress)
+        return self._tables.rebuild(self._log.read, progress=progress)
 
     def verify_projections(self) -> list[Difference]:
         """Every difference between the tables and the log (empty when they agree)."""
-        return self._tables.verify(self.read_events)
+        return self._tables.verify(self._log.read)
 
     def repair_projections(
         self, user_id: str | None = None, flow_id: str | None = None
     ) -> list[Difference]:
         """Rewrite exactly the rows that differ from the log; return what was repaired."""
-        return self._tables.repair(self.read_events, user_id=user_id, flow_id=flow_id)
+        return self._tables.repair(self._log.read, user_id=user_id, flow_id=flow_id)
 
     def catch_up_projections(self, batch: int = 1000) -> int:
         """Apply events the tables have not seen yet, `batch` per transaction; return the position."""
-        return self._projections.catch_up(self.read_events, page=batch)
+        return self._projections.catch_up(self._log.read, page=batch)
 
     @property
     def publisher(self) -> Publisher | None:
@@ -953,7 +1071,7 @@ class FlowStore:
         # On SQLite the projector and this process's writers take turns on the Python lock:
         # waiting in SQLite's busy handler instead sleeps in steps of up to 100 ms.
         with self._log.write_lock:
-            return self._projections.catch_up(self.read_events)
+            return self._projections.catch_up(self._log.read)
 
     @property
     def _tables(self) -> SqlProjections:
@@ -966,3 +1084,24 @@ class FlowStore:
 
     def _live_versions(self, flow_id: str) -> FlowVersions:
         return self._commands.live_versions(flow_id)
+
+
+def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method`, refusing to run on a closed store and reopening a forked child's first."""
+
+    @functools.wraps(method)
+    def call(self: FlowStore, *args: Any, **kwargs: Any) -> Any:
+        if self._closed:
+            raise StoreClosedError(f"used ({method.__name__})")
+        if self._generation != _fork_generation:
+            self._after_fork()
+        return method(self, *args, **kwargs)
+
+    return call
+
+
+# Every public method: a closed store says so (not a pool error or "no such table" from deep
+# inside), and a store inherited through fork() opens its own connections before its first use.
+for _name, _member in list(vars(FlowStore).items()):
+    if callable(_member) and not _name.startswith("_") and _name != "close":
+        setattr(FlowStore, _name, _guarded(_member))

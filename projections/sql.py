@@ -120,6 +120,12 @@ class SqlProjections(Queries, Verification):
         self._reader.dispose()
         self.engine.dispose()
 
+    def abandon(self) -> None:
+        """In a forked child: drop the parent's pooled connections without closing them (closing
+        would end the parent's sessions too; SQLAlchemy's recipe for `fork`)."""
+        self._reader.dispose(close=False)
+        self.engine.dispose(close=False)
+
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         if self._shared_connection:
