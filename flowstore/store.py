@@ -134,6 +134,7 @@ def _check_clock(clock: object) -> None:
             "clock", now, "must return timezone-aware datetimes (e.g. datetime.now(UTC))"
         )
 
+
 _Prepared = tuple[
     Callable[[], tuple[str, str, Callable[["FlowInstance | None"], Decision]]],
     Callable[[], "FlowState | FlowError"],

@@ -42,6 +42,7 @@ from flowstore import (
     FlowStore,
     FunnelStep,
     HistoryKind,
+    InvalidArgumentError,
     PayloadTooLargeError,
     StorageUnavailableError,
 )
@@ -127,12 +128,35 @@ flows changes, and runs `{"type": "flow-transition", "flowId", "transition", "pa
 """
 
 
+# ISO 8601 with a zone, and nothing else: pydantic would also take a number as a Unix time,
+# which the spec (format date-time) does not allow.
+_MOMENT = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})$"
 Since = Annotated[
-    datetime | None, Query(description="Window start (ISO 8601 with a time zone), inclusive")
+    str | None,
+    Query(
+        description="Window start (ISO 8601 with a time zone), inclusive",
+        pattern=_MOMENT,
+        json_schema_extra={"format": "date-time"},
+    ),
 ]
 Until = Annotated[
-    datetime | None, Query(description="Window end (ISO 8601 with a time zone), exclusive")
+    str | None,
+    Query(
+        description="Window end (ISO 8601 with a time zone), exclusive",
+        pattern=_MOMENT,
+        json_schema_extra={"format": "date-time"},
+    ),
 ]
+
+
+def _moment(value: str | None, name: str) -> datetime | None:
+    """A `Since`/`Until` parameter as a datetime (the pattern has made sure it is one)."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:  # right shape, impossible date (2026-02-31)
+        raise InvalidArgumentError(name, value, "must be an ISO 8601 time") from None
 
 
 def _link_next(request: Request, response: Response, cursor: str) -> None:
@@ -535,12 +559,15 @@ def create_app(
         flow_id: FlowId, since: Since = None, until: Until = None
     ) -> FlowStatistics:
         """Usage and performance of one flow (over [since, until) when given)."""
-        return store.get_flow_statistics(flow_id, since=since, until=until)
+        window = {"since": _moment(since, "since"), "until": _moment(until, "until")}
+        return store.get_flow_statistics(flow_id, **window)
 
     @admins.get("/statistics", response_model=FlowStatistics, responses=_errors(401, 403, 422))
     def statistics(since: Since = None, until: Until = None) -> FlowStatistics:
         """Usage and performance of all flows (over [since, until) when given)."""
-        return store.get_flow_statistics(since=since, until=until)
+        return store.get_flow_statistics(
+            since=_moment(since, "since"), until=_moment(until, "until")
+        )
 
     @admins.get(
         "/flows/{flowId}/instances",
@@ -579,7 +606,8 @@ def create_app(
     def funnel(flow_id: FlowId, since: Since = None, until: Until = None) -> list[FunnelStep]:
         """Per step: how many entered, moved on, dropped (in [since, until) when given), and are
         there now."""
-        return store.get_flow_funnel(flow_id, since=since, until=until)
+        window = {"since": _moment(since, "since"), "until": _moment(until, "until")}
+        return store.get_flow_funnel(flow_id, **window)
 
     @admins.post(
         "/admin/purge-expired", response_model=PurgeResult, responses=_errors(401, 403, 409)

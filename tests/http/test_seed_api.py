@@ -167,4 +167,8 @@ def test_statistics_and_funnel_take_a_window(
     ).json()
     assert {s["step"]: s["entered"] for s in future} == {"s0": 0, "s1": 0, "s2": 0}
     naive = client.get("/api/statistics?since=2000-01-01T00:00:00", headers=admin.headers)
-    assert (naive.status_code, naive.json()["code"]) == (422, "INVALID_ARGUMENT")
+    assert (naive.status_code, naive.json()["code"]) == (422, "REQUEST_INVALID")
+    impossible = client.get("/api/statistics?since=2000-02-31T00:00:00Z", headers=admin.headers)
+    assert (impossible.status_code, impossible.json()["code"]) == (422, "INVALID_ARGUMENT")
+    unix = client.get("/api/statistics?since=0.5", headers=admin.headers)
+    assert unix.status_code == 422
