@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from flowstore import __version__
 from flowstore.adapters.errors import DIFFERENCES_EXIT_CODE, mapping_for
 from flowstore.errors import FlowError
 from flowstore.storage import StorageConfigError, parse_url, resolve_url
@@ -96,7 +97,13 @@ class Output:
     def console(self) -> Console:
         """The rich console for people (stderr under `--json`), made on first use."""
         if self._console is None:
-            from rich.console import Console
+            try:
+                from rich.console import Console
+            except ImportError as missing:  # the library installs without the command's extras
+                raise SystemExit(
+                    f"flowstore: the command line needs the cli extra ({missing.name} is "
+                    "missing): pip install 'flowstore-es[cli]'"
+                ) from None
 
             stream = sys.stderr if self.as_json else sys.stdout
             width = None if stream.isatty() or "COLUMNS" in os.environ else _PIPE_WIDTH
@@ -112,7 +119,8 @@ class Output:
 
             sys.stdout.write(orjson.dumps(self._data(result)).decode() + "\n")
         else:
-            self.console.print(self._view(result))
+            console = self.console  # first: it says which extra is missing, if one is
+            console.print(self._view(result))
 
     def error(self, err: FlowError) -> None:
         """Report a flowstore error: a JSON object on stdout with `--json`, else a line on stderr."""
@@ -597,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     url_help = "database URL (default: $FLOWSTORE_URL, else sqlite:///flowstore.db)"
     json_help = "print JSON (camelCase) instead of tables"
     parser = argparse.ArgumentParser(prog="flowstore", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"flowstore {__version__}")
     parser.add_argument("--url", help=url_help)
     parser.add_argument("--json", action="store_true", help=json_help)
     # The global options are also accepted after the command (`flowstore flows list --json`).

@@ -10,8 +10,8 @@ import pytest
 
 from flowstore import FlowStore
 from flowstore.adapters.http import JwtVerifier, create_app
+from tests.e2e.http.conftest import ONBOARDING, SECRET, LiveServer, mint
 from tests.flows import onboarding
-from tests.http.conftest import ONBOARDING, SECRET, LiveServer, mint
 
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 EXAMPLES = 80

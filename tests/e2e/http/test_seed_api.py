@@ -12,7 +12,7 @@ from websockets.sync.client import connect
 from flowstore import FlowStore
 from flowstore.adapters.http import JwtVerifier, create_app
 from flowstore.adapters.http.app import CORS_ORIGINS_ENV
-from tests.http.conftest import ONBOARDING, SECRET, LiveServer, User
+from tests.e2e.http.conftest import ONBOARDING, SECRET, LiveServer, User
 
 
 def test_any_authenticated_caller_reads_a_definition_and_only_admins_change_it(
