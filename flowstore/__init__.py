@@ -24,9 +24,15 @@ from flowstore.errors import (
     PayloadTooLargeError,
     PayloadValidationError,
     ProjectionLagError,
+    RebuildRunningError,
+    StateTokenError,
+    StateTokenFlowError,
+    StateTokenFormatError,
+    StateTokenStepError,
     StorageUnavailableError,
     StoreClosedError,
 )
+from flowstore.tokens import decode_state_token, encode_state_token
 
 if TYPE_CHECKING:
     from flowstore.definitions import FlowDefinition, FlowStep, FlowTransition, validate_flow
@@ -118,10 +124,17 @@ __all__ = [
     "PayloadValidationError",
     "PerformanceMetrics",
     "ProjectionLagError",
+    "RebuildRunningError",
+    "StateTokenError",
+    "StateTokenFlowError",
+    "StateTokenFormatError",
+    "StateTokenStepError",
     "StepCount",
     "StorageConfigError",
     "StorageUnavailableError",
     "StoreClosedError",
     "__version__",
+    "decode_state_token",
+    "encode_state_token",
     "validate_flow",
 ]

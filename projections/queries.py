@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, Engine, Table, distinct, func, inspect, select
 
 from flowstore.models import (
@@ -84,13 +85,16 @@ class Queries:
         since: datetime | None = None,
         until: datetime | None = None,
         kinds: Sequence[str] | None = None,
+        max_bytes: int | None = None,
     ) -> list[FlowStateHistory]:
         """The instance's history rows, oldest first: all, or a page of them.
 
         `after_version`/`before_version` are cursors (rows strictly after/before that event
         version of the instance: stable, whatever is appended meanwhile); `since` (inclusive) and
         `until` (exclusive) bound the time; with `before_version` and a `limit`, the page is the
-        `limit` rows just before it (still oldest first).
+        `limit` rows just before it (still oldest first). With `max_bytes`, rows stop at the first
+        one that brings their payloads and errors to more than that (it is included, so the caller
+        can tell the cap was reached); read in batches, so a huge history never sits in memory whole.
         """
         h = self.tables.history
         query = select(h).where(h.c.user_id == user_id, h.c.flow_id == flow_id)
@@ -108,8 +112,18 @@ class Queries:
         query = query.order_by(h.c.version.desc() if backwards else h.c.version)
         if limit is not None:
             query = query.limit(limit)
+        rows: list[dict[str, Any]] = []
+        size = 0
         with self._read() as conn:
-            rows = [row_dict(r._mapping) for r in conn.execute(query)]
+            result = conn.execution_options(stream_results=True, yield_per=200).execute(query)
+            for r in result:
+                row = row_dict(r._mapping)
+                rows.append(row)
+                if max_bytes is not None:
+                    size += len(orjson.dumps(row["payload"])) + len(row["error"] or "")
+                    if size > max_bytes:
+                        result.close()
+                        break
         if backwards:
             rows.reverse()
         return [
@@ -145,6 +159,7 @@ class Queries:
                     c.completed,
                     c.attempts,
                     c.rejections,
+                    c.failures,
                     c.completed_duration_ms,
                     c.response_ms_total,
                 )
@@ -166,7 +181,8 @@ class Queries:
             t.throughput.c.second <= now_second,
         )
         with self._read() as conn:
-            started, completed, attempts, rejections, duration, response = conn.execute(sums).one()
+            sums_row = conn.execute(sums).one()
+            started, completed, attempts, rejections, failures, duration, response = sums_row
             steps = [StepCount(step=r.step, count=int(r.n)) for r in conn.execute(popular) if r.n]
             samples = list(
                 conn.execute(select(t.samples.c.elapsed_ms).where(only(t.samples))).scalars()
@@ -177,7 +193,8 @@ class Queries:
                 completion_rate=completed / started if started else 0.0,
                 average_flow_duration=duration / completed if completed else 0.0,
                 popular_steps=steps,
-                error_rate=rejections / attempts if attempts else 0.0,
+                # Refused attempts and transitions taken with ok=False (the step's work failed).
+                error_rate=(rejections + failures) / attempts if attempts else 0.0,
                 performance_metrics=PerformanceMetrics(
                     average_response_time=response / attempts if attempts else 0.0,
                     p95_response_time=percentile(samples, 95),
@@ -212,6 +229,7 @@ class Queries:
                     a.completed,
                     a.attempts,
                     a.rejections,
+                    a.failures,
                     a.completed_duration_ms,
                     a.response_ms_total,
                 )
@@ -233,7 +251,8 @@ class Queries:
         )
         seconds = max((until - since).total_seconds(), 1e-9)
         with self._read() as conn:
-            started, completed, attempts, rejections, duration, response = conn.execute(sums).one()
+            row = conn.execute(sums).one()
+            started, completed, attempts, rejections, failures, duration, response = row
             steps = [StepCount(step=r.step, count=int(r.n)) for r in conn.execute(popular) if r.n]
             samples = list(conn.execute(samples_query).scalars())
             return FlowStatistics(
@@ -242,7 +261,8 @@ class Queries:
                 completion_rate=completed / started if started else 0.0,
                 average_flow_duration=duration / completed if completed else 0.0,
                 popular_steps=steps,
-                error_rate=rejections / attempts if attempts else 0.0,
+                # As for all time: refusals and transitions taken with ok=False.
+                error_rate=(rejections + failures) / attempts if attempts else 0.0,
                 performance_metrics=PerformanceMetrics(
                     average_response_time=response / attempts if attempts else 0.0,
                     p95_response_time=percentile(samples, 95),
