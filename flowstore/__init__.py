@@ -32,7 +32,6 @@ from flowstore.errors import (
     StorageUnavailableError,
     StoreClosedError,
 )
-from flowstore.tokens import decode_state_token, encode_state_token
 
 if TYPE_CHECKING:
     from flowstore.definitions import FlowDefinition, FlowStep, FlowTransition, validate_flow
@@ -50,6 +49,7 @@ if TYPE_CHECKING:
     )
     from flowstore.storage import StorageConfigError
     from flowstore.store import FlowStore
+    from flowstore.tokens import decode_state_token, encode_state_token
 
 __version__ = "0.1.0"
 
@@ -59,6 +59,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "FlowStore": "flowstore.store",
     "StorageConfigError": "flowstore.storage",
+    **dict.fromkeys(("decode_state_token", "encode_state_token"), "flowstore.tokens"),
     **dict.fromkeys(
         ("FlowDefinition", "FlowStep", "FlowTransition", "validate_flow"), "flowstore.definitions"
     ),
