@@ -974,7 +974,7 @@ def history_entry(event: DomainEvent) -> FlowStateHistory | None:
                 **common,
                 kind=HistoryKind.TRANSITION,
                 from_step=event.from_step,
-                to_step=None,
+                to_step=event.from_step,  # rejected: the user stays where they were
                 transition=event.transition,
                 payload=event.payload,
                 success=False,
