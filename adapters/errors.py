@@ -32,7 +32,13 @@ _BY_CODE: dict[str, ErrorMapping] = {
     "DEFINITION_INVALID": ErrorMapping(422, 5),
     "PAYLOAD_INVALID": ErrorMapping(422, 5),
     "PAYLOAD_TOO_LARGE": ErrorMapping(413, 5),
+    "STATE_TOKEN_INVALID": ErrorMapping(422, 5),
+    "STATE_TOKEN_MALFORMED": ErrorMapping(422, 5),
+    "STATE_TOKEN_UNKNOWN_FLOW": ErrorMapping(422, 5),
+    "STATE_TOKEN_UNKNOWN_STEP": ErrorMapping(422, 5),
     "STORAGE_CONFIG_INVALID": ErrorMapping(500, 6),
+    # A programming error in the embedding application (a store used after close()).
+    "STORE_CLOSED": ErrorMapping(500, 1),
     "ENCRYPTION_KEY_INVALID": ErrorMapping(500, 6),
     "FLOW_STATE_CORRUPTION": ErrorMapping(500, 7),
     # The database is down, unreachable or read-only: worth retrying later (the readiness probe in

@@ -171,8 +171,8 @@ CASES = [
     Case("definition-not-an-object", lambda s: s.create_flow(["a"]), DefinitionError),  # type: ignore[arg-type]
     Case("definition-dangling-target", lambda s: s.create_flow(two_steps("g", target="ghost")), DefinitionError, match="unknown step 'ghost'"),
     Case("definition-missing-initial-step", lambda s: s.create_flow({**linear("g"), "initialStep": "zz"}), DefinitionError, match="initialStep 'zz' is not a step"),
-    Case("definition-unreachable-step", lambda s: s.create_flow({**linear("g"), "steps": {**linear("g")["steps"], "x": {"index": 9, "step": "x", "service": "s"}}}), DefinitionError, match="'x' is not reachable"),
-    Case("definition-cycle-without-terminal", lambda s: s.create_flow({"flow": "g", "initialStep": "a", "steps": {"a": {"index": 0, "step": "a", "service": "s", "transitions": {"loop": {"transition": "loop", "step": "a"}}}}}), DefinitionError, match='no terminal step'),
+    # Unreachable steps and loops without a terminal step are warnings (validate_flow), not errors.
+    Case("definition-shape-and-meaning-together", lambda s: s.create_flow({**two_steps("g", target="ghost"), "ttl": -5} | {"steps": {**two_steps("g", target="ghost")["steps"], "b": {"index": "x", "step": "b", "service": "s"}}}), DefinitionError, match="(?s)index.*ghost.*ttl must be a positive"),
     Case("definition-wrong-types", lambda s: s.create_flow({"flow": "g", "initialStep": 3, "steps": "many"}), DefinitionError, match='initialStep'),
     Case("definition-unknown-key", lambda s: s.create_flow({**linear("g"), "colour": "red"}), DefinitionError, match='colour'),
     Case("definition-remote-ref", lambda s: s.create_flow(schema_flow("g", {"properties": {"a": {"$ref": "http://127.0.0.1:1/x.json"}}})), DefinitionError, match="refers outside the schema"),
@@ -356,13 +356,17 @@ def test_bad_input_gets_its_typed_error_and_changes_nothing(
             return
         after = snapshot(store, tables)
         if case.recorded:
-            # Exactly one event more, the rejection; the user stays where they were.
+            # Exactly one event more, the rejection; the state stays as it was (ok included).
             assert after["log"] > before["log"]
             new = [e for n, e in all_events(store) if n > before["log"]]
             assert [type(e) for e in new] == [TransitionRejected]
             (user, flow) = (new[0].user_id, new[0].flow_id)
             old, now = before["states"][(user, flow)], after["states"][(user, flow)]
-            assert (now["step"], now["payload"], now["ok"]) == (old["step"], old["payload"], False)
+            assert (now["step"], now["payload"], now["ok"]) == (
+                old["step"],
+                old["payload"],
+                old["ok"],
+            )
             assert now["version"] == old["version"] + 1
             others = {k: v for k, v in after["states"].items() if k != (user, flow)}
             assert others == {k: v for k, v in before["states"].items() if k != (user, flow)}
