@@ -41,6 +41,7 @@ from flowstore.models import (
 )
 
 if TYPE_CHECKING:
+    from flowstore.aio import AsyncFlowStore
     from flowstore.storage import StorageConfigError
     from flowstore.store import FlowStore
 
@@ -48,7 +49,11 @@ __version__ = "0.1.0"
 
 # The store and storage pull in eventsourcing, SQLAlchemy and cryptography; they load on first use so
 # that `import flowstore.domain` (or a consumer of the Kafka envelope) stays free of them.
-_LAZY = {"FlowStore": "flowstore.store", "StorageConfigError": "flowstore.storage"}
+_LAZY = {
+    "AsyncFlowStore": "flowstore.aio",
+    "FlowStore": "flowstore.store",
+    "StorageConfigError": "flowstore.storage",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -67,6 +72,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AsyncFlowStore",
     "ConcurrencyConflictError",
     "CorruptEventError",
     "DefinitionError",

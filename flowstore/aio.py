@@ -1,0 +1,299 @@
+"""`AsyncFlowStore`: every call of `FlowStore` as a coroutine, for asyncio applications.
+
+Each call runs on a small pool of worker threads owned by the async store, never on the event loop.
+Why threads, not async drivers: the event log is eventsourcing's recorder (sqlite3 and psycopg's
+synchronous pool), the commands hold a process-wide write lock on SQLite and the projections run in
+their own thread; there is no async recorder for eventsourcing 9.5, and a command is a handful of
+short statements, so the price of a thread hop is small against the commit it waits for.
+
+The pool is sized to what the database can serve at once (`worker_threads`): more threads would only
+queue for a connection, and on PostgreSQL a call that waits too long for one fails.
+
+Cancellation: a call cancelled while it waits for a worker never runs; a call cancelled while it runs
+finishes in its thread (a command commits whole or not at all) and its result is dropped. Nothing is
+ever half-written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
+
+from flowstore.definitions import FlowDefinition
+from flowstore.models import (
+    FlowState,
+    FlowStateHistory,
+    FlowStatistics,
+    FunnelStep,
+    MigrationReport,
+)
+from flowstore.storage import StorageConfig
+from flowstore.store import FlowStore, Publisher
+
+if TYPE_CHECKING:
+    from flowstore.domain import DomainEvent
+    from flowstore.errors import FlowError
+    from flowstore.projections.sql import Difference
+
+__all__ = ["AsyncFlowStore", "worker_threads"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# eventsourcing's PostgreSQL pool: POSTGRES_POOL_SIZE connections kept, POSTGRES_MAX_OVERFLOW more
+# opened on demand (its defaults).
+_PG_POOL_SIZE = 5
+_PG_MAX_OVERFLOW = 10
+# A SQLite file has one writer at a time (commands queue on the store's write lock) and reads go
+# through SQLAlchemy's default pool of five connections.
+_SQLITE_THREADS = 5
+# memory:// keeps everything on one shared connection: a second thread would only wait for it.
+_MEMORY_THREADS = 1
+
+
+def worker_threads(config: StorageConfig) -> int:
+    """How many calls the store's database serves at once: the size of `AsyncFlowStore`'s pool."""
+    if config.backend == "postgres":
+        size = int(config.env.get("POSTGRES_POOL_SIZE") or _PG_POOL_SIZE)
+        overflow = int(config.env.get("POSTGRES_MAX_OVERFLOW") or _PG_MAX_OVERFLOW)
+        return max(1, size + overflow)
+    if config.backend == "sqlite":
+        return _SQLITE_THREADS
+    return _MEMORY_THREADS
+
+
+class AsyncFlowStore:
+    """`FlowStore` for asyncio: the same calls, arguments, results and errors, as coroutines.
+
+    `AsyncFlowStore(url, **options)` opens a `FlowStore(url, **options)` (opening reads the database:
+    do it at startup, or `await AsyncFlowStore.open(...)`); `AsyncFlowStore.wrap(store)` serves an
+    open one. `threads` overrides the worker pool size (`worker_threads`). Use it as an async
+    context manager, or `await store.close()`.
+    """
+
+    def __init__(
+        self, url: str | None = None, *, threads: int | None = None, **options: Any
+    ) -> None:
+        self._init(FlowStore(url, **options), threads)
+
+    def _init(self, store: FlowStore, threads: int | None) -> None:
+        self.store = store
+        """The synchronous store every call runs on."""
+        self.threads = threads if threads is not None else worker_threads(store.config)
+        """How many calls run at once."""
+        self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="flowstore-aio")
+
+    @classmethod
+    def wrap(cls, store: FlowStore, *, threads: int | None = None) -> AsyncFlowStore:
+        """An async store over an open `store` (closing the async store closes `store`)."""
+        wrapped = cls.__new__(cls)
+        wrapped._init(store, threads)
+        return wrapped
+
+    @classmethod
+    async def open(
+        cls, url: str | None = None, *, threads: int | None = None, **options: Any
+    ) -> AsyncFlowStore:
+        """Open a store without blocking the event loop (opening catches the tables up)."""
+        store = await asyncio.to_thread(functools.partial(FlowStore, url, **options))
+        return cls.wrap(store, threads=threads)
+
+    async def _run(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run `call` on a worker thread; see the module docstring for cancellation."""
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()  # as asyncio.to_thread does: logging context etc.
+        bound = functools.partial(context.run, call, *args, **kwargs)
+        return await loop.run_in_executor(self._executor, bound)
+
+    # Lifecycle
+
+    async def close(self) -> None:
+        """Let running calls finish, then close the store (`FlowStore.close`)."""
+
+        def close() -> None:
+            self._executor.shutdown(wait=True)
+            self.store.close()
+
+        # Shielded: a cancelled close would leave the store open and its threads running.
+        await asyncio.shield(asyncio.to_thread(close))
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def config(self) -> StorageConfig:
+        """The store's parsed database URL."""
+        return self.store.config
+
+    @property
+    def publisher(self) -> Publisher | None:
+        """The embedded Kafka publisher, or None (`FlowStore.publisher`)."""
+        return self.store.publisher
+
+    def on_definition_change(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Register `listener` (`FlowStore.on_definition_change`); registering does no I/O."""
+        return self.store.on_definition_change(listener)
+
+    # Flow definitions
+
+    async def create_flow(self, definition: FlowDefinition | Mapping[str, Any]) -> str:
+        """Define a new flow (`FlowStore.create_flow`)."""
+        return await self._run(self.store.create_flow, definition)
+
+    async def update_flow(
+        self, flow_id: str, changes: FlowDefinition | Mapping[str, Any]
+    ) -> FlowDefinition:
+        """Make a new version of a flow (`FlowStore.update_flow`)."""
+        return await self._run(self.store.update_flow, flow_id, changes)
+
+    async def delete_flow(self, flow_id: str) -> None:
+        """Delete a flow (`FlowStore.delete_flow`)."""
+        return await self._run(self.store.delete_flow, flow_id)
+
+    async def list_flows(self) -> list[FlowDefinition]:
+        """The latest version of every flow (`FlowStore.list_flows`)."""
+        return await self._run(self.store.list_flows)
+
+    async def get_flow(self, flow_id: str, version: int | None = None) -> FlowDefinition:
+        """A flow's definition (`FlowStore.get_flow`)."""
+        return await self._run(self.store.get_flow, flow_id, version)
+
+    async def migrate_flows(
+        self,
+        flow_id: str,
+        to_version: int,
+        step_map: Mapping[str, str] | None = None,
+        dry_run: bool = False,
+    ) -> MigrationReport:
+        """Move a flow's active instances to another version (`FlowStore.migrate_flows`)."""
+        return await self._run(self.store.migrate_flows, flow_id, to_version, step_map, dry_run)
+
+    async def diagram(
+        self,
+        flow_id: str,
+        format: str = "mermaid",
+        stats: bool = False,
+        version: int | None = None,
+    ) -> str:
+        """The flow as a state diagram (`FlowStore.diagram`)."""
+        return await self._run(self.store.diagram, flow_id, format, stats, version)
+
+    # Commands
+
+    async def reset_flow(self, user_id: str, flow_id: str, step: str | None = None) -> FlowState:
+        """Start or restart the user's run (`FlowStore.reset_flow`)."""
+        return await self._run(self.store.reset_flow, user_id, flow_id, step)
+
+    async def execute_transition(
+        self,
+        user_id: str,
+        flow_id: str,
+        transition: str,
+        payload: dict[str, Any] | None = None,
+    ) -> FlowState:
+        """Take a transition from the user's current step (`FlowStore.execute_transition`)."""
+        return await self._run(self.store.execute_transition, user_id, flow_id, transition, payload)
+
+    async def execute_transitions(
+        self,
+        requests: Iterable[tuple[str, str, str, dict[str, Any] | None]],
+        *,
+        batch_size: int = 500,
+    ) -> list[FlowState | FlowError]:
+        """Apply many transitions in batches (`FlowStore.execute_transitions`)."""
+        return await self._run(self.store.execute_transitions, requests, batch_size=batch_size)
+
+    async def set_flow_state(self, user_id: str, state: FlowState | Mapping[str, Any]) -> FlowState:
+        """Administrative override of a user's step (`FlowStore.set_flow_state`)."""
+        return await self._run(self.store.set_flow_state, user_id, state)
+
+    async def clear_flow_state(self, user_id: str, flow_id: str) -> None:
+        """Forget where the user stands (`FlowStore.clear_flow_state`)."""
+        return await self._run(self.store.clear_flow_state, user_id, flow_id)
+
+    async def purge_expired_flows(self) -> int:
+        """Expire idle instances (`FlowStore.purge_expired_flows`)."""
+        return await self._run(self.store.purge_expired_flows)
+
+    async def erase_user(self, user_id: str) -> int:
+        """Erase one user by crypto-shredding (`FlowStore.erase_user`)."""
+        return await self._run(self.store.erase_user, user_id)
+
+    # Queries
+
+    async def get_flow_state(self, user_id: str, flow_id: str) -> FlowState | None:
+        """Where the user stands in the flow (`FlowStore.get_flow_state`)."""
+        return await self._run(self.store.get_flow_state, user_id, flow_id)
+
+    async def get_user_flows(self, user_id: str) -> list[FlowState]:
+        """Every flow the user has state in (`FlowStore.get_user_flows`)."""
+        return await self._run(self.store.get_user_flows, user_id)
+
+    async def get_flow_history(self, user_id: str, flow_id: str) -> list[FlowStateHistory]:
+        """Every command on the user's flow (`FlowStore.get_flow_history`)."""
+        return await self._run(self.store.get_flow_history, user_id, flow_id)
+
+    async def get_flow_statistics(self, flow_id: str | None = None) -> FlowStatistics:
+        """Usage and performance (`FlowStore.get_flow_statistics`)."""
+        return await self._run(self.store.get_flow_statistics, flow_id)
+
+    async def get_flow_funnel(self, flow_id: str) -> list[FunnelStep]:
+        """Per step: entered, moved on, dropped, active (`FlowStore.get_flow_funnel`)."""
+        return await self._run(self.store.get_flow_funnel, flow_id)
+
+    async def recover_flow_state(self, user_id: str, flow_id: str) -> FlowState | None:
+        """Rebuild one instance's rows from its events (`FlowStore.recover_flow_state`)."""
+        return await self._run(self.store.recover_flow_state, user_id, flow_id)
+
+    # Projections and the log
+
+    async def rebuild_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Replay the log into fresh tables (`FlowStore.rebuild_projections`); `progress` runs on a worker thread."""
+        return await self._run(self.store.rebuild_projections, progress)
+
+    async def verify_projections(self) -> list[Difference]:
+        """Differences between the tables and the log (`FlowStore.verify_projections`)."""
+        return await self._run(self.store.verify_projections)
+
+    async def repair_projections(
+        self, user_id: str | None = None, flow_id: str | None = None
+    ) -> list[Difference]:
+        """Rewrite the rows that differ from the log (`FlowStore.repair_projections`)."""
+        return await self._run(self.store.repair_projections, user_id, flow_id)
+
+    async def catch_up_projections(self, batch: int = 1000) -> int:
+        """Apply events the tables have not seen (`FlowStore.catch_up_projections`)."""
+        return await self._run(self.store.catch_up_projections, batch)
+
+    async def sync_projections(self, timeout: float = 60.0) -> None:
+        """Wait until the tables reflect this process's writes (`FlowStore.sync_projections`)."""
+        return await self._run(self.store.sync_projections, timeout)
+
+    async def projection_position(self) -> int:
+        """The last event the tables reflect (`FlowStore.projection_position`)."""
+        return await self._run(self.store.projection_position)
+
+    async def read_events(self, start: int, limit: int = 1000) -> list[tuple[int, DomainEvent]]:
+        """A page of the event log (`FlowStore.read_events`)."""
+        return await self._run(self.store.read_events, start, limit)
+
+    async def import_events(self, events: Iterable[DomainEvent], *, batch: int = 500) -> int:
+        """Append events recorded elsewhere (`FlowStore.import_events`)."""
+        return await self._run(self.store.import_events, events, batch=batch)
+
+    async def log_position(self) -> int:
+        """The newest event's notification id (`FlowStore.log_position`)."""
+        return await self._run(self.store.log_position)
