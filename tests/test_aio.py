@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -49,10 +48,10 @@ def test_the_pool_is_sized_to_what_the_database_serves_at_once() -> None:
 
 
 @pytest.fixture
-def astore(store: FlowStore) -> Iterator[AsyncFlowStore]:
+def astore(store: FlowStore) -> AsyncFlowStore:
     """The conftest store (both backends) behind an async store."""
     store.create_flow(linear("line"))
-    yield AsyncFlowStore.wrap(store)
+    return AsyncFlowStore.wrap(store)
 
 
 def test_calls_give_the_sync_stores_results_and_errors(astore: AsyncFlowStore) -> None:
@@ -127,11 +126,11 @@ class _GateClock:
 
 
 @pytest.fixture
-def gated(store_url: str) -> Iterator[tuple[str, _GateClock]]:
+def gated(store_url: str) -> tuple[str, _GateClock]:
     """A database with the `line` flow, and a clock to hold a command in the middle."""
     with FlowStore(store_url) as setup:
         setup.create_flow(linear("line"))
-    yield store_url, _GateClock()
+    return store_url, _GateClock()
 
 
 def test_a_command_cancelled_while_running_is_finished_whole(
