@@ -139,6 +139,20 @@ class AsyncFlowStore:
         return self.store.config
 
     @property
+    def max_retries(self) -> int:
+        """How many times a command is decided again after a concurrent append (`FlowStore.max_retries`)."""
+        return self.store.max_retries
+
+    @max_retries.setter
+    def max_retries(self, value: int) -> None:
+        self.store.max_retries = value
+
+    @property
+    def definition_refresh(self) -> float:
+        """Seconds a transition may use a cached definition (`FlowStore.definition_refresh`)."""
+        return self.store.definition_refresh
+
+    @property
     def publisher(self) -> Publisher | None:
         """The embedded Kafka publisher, or None (`FlowStore.publisher`)."""
         return self.store.publisher
