@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from collections.abc import Callable, Iterable, Mapping
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeAlias, TypeVar
 
 from flowstore.definitions import FlowDefinition
+from flowstore.domain import DomainEvent
 from flowstore.models import (
     FlowState,
     FlowStateHistory,
@@ -32,15 +34,21 @@ from flowstore.models import (
     FunnelStep,
     MigrationReport,
 )
+from flowstore.reactions import Handler
 from flowstore.storage import StorageConfig
 from flowstore.store import FlowStore, Publisher
 
 if TYPE_CHECKING:
-    from flowstore.domain import DomainEvent
+    from sqlalchemy import Connection
+
     from flowstore.errors import FlowError
+    from flowstore.follow import Follower, FollowHandler
     from flowstore.projections.sql import Difference
 
-__all__ = ["AsyncFlowStore", "worker_threads"]
+__all__ = ["AsyncFlowStore", "AsyncFollowHandler", "AsyncFollower", "worker_threads"]
+
+AsyncFollowHandler: TypeAlias = "Callable[[DomainEvent, Connection], Awaitable[object]]"
+"""A follower's handler as a coroutine function: `async def handler(event, connection)`."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -65,6 +73,37 @@ def worker_threads(config: StorageConfig) -> int:
     if config.backend == "sqlite":
         return _SQLITE_THREADS
     return _MEMORY_THREADS
+
+
+class AsyncFollower:
+    """A durable follower (`flowstore.follow.Follower`) driven from asyncio."""
+
+    def __init__(self, follower: Follower) -> None:
+        self.follower = follower
+        """The follower (its thread, position and lock)."""
+
+    @property
+    def name(self) -> str:
+        """The follower's name."""
+        return self.follower.name
+
+    async def position(self) -> int:
+        """The notification id of the last event applied."""
+        return await asyncio.to_thread(self.follower.position)
+
+    async def catch_up(self) -> int:
+        """Apply every event the log holds now; return how many."""
+        return await asyncio.to_thread(self.follower.catch_up)
+
+    async def stop(self) -> None:
+        """Stop once the event being applied commits or rolls back, and release the name."""
+        await asyncio.shield(asyncio.to_thread(self.follower.stop))
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
 
 class AsyncFlowStore:
@@ -160,6 +199,50 @@ class AsyncFlowStore:
     def on_definition_change(self, listener: Callable[[str], None]) -> Callable[[], None]:
         """Register `listener` (`FlowStore.on_definition_change`); registering does no I/O."""
         return self.store.on_definition_change(listener)
+
+    def on(
+        self,
+        event_kind: str,
+        handler: Handler,
+        *,
+        flow: str | None = None,
+        step: str | None = None,
+    ) -> Callable[[], None]:
+        """Register an in-process reaction (`FlowStore.on`); it runs on the worker thread after the commit."""
+        return self.store.on(event_kind, handler, flow=flow, step=step)
+
+    async def follow(
+        self,
+        name: str,
+        handler: FollowHandler | AsyncFollowHandler,
+        *,
+        page: int = 100,
+        interval: float = 0.2,
+        start: bool = True,
+    ) -> AsyncFollower:
+        """A durable follower (`FlowStore.follow`); `handler` may be a coroutine function.
+
+        A coroutine handler runs on this event loop while the follower's thread holds the event's
+        transaction open: it may await (an HTTP call, say) and write through the connection; its
+        writes commit with the follower's position.
+        """
+        loop = asyncio.get_running_loop()
+        call: FollowHandler
+        if inspect.iscoroutinefunction(handler):
+            coroutine_handler = handler
+
+            def call(event: DomainEvent, connection: Connection) -> object:
+                future = asyncio.run_coroutine_threadsafe(
+                    coroutine_handler(event, connection), loop
+                )
+                return future.result()
+
+        else:
+            call = handler
+        follower = await self._run(
+            self.store.follow, name, call, page=page, interval=interval, start=start
+        )
+        return AsyncFollower(follower)
 
     # Flow definitions
 

@@ -17,6 +17,7 @@
      ├── PayloadValidationError (ValueError)    PAYLOAD_INVALID
      │    └── PayloadTooLargeError              PAYLOAD_TOO_LARGE
      ├── StorageConfigError (ValueError)        STORAGE_CONFIG_INVALID
+     ├── FollowerBusyError                      FOLLOWER_BUSY
      │   at the HTTP boundary (flowstore.adapters.http):
      ├── RequestInvalidError (ValueError)       REQUEST_INVALID
      ├── AuthenticationError                    UNAUTHENTICATED
@@ -59,6 +60,7 @@ __all__ = [
     "FlowNotFoundError",
     "FlowStateCorruptionError",
     "FlowStateNotFoundError",
+    "FollowerBusyError",
     "InvalidArgumentError",
     "InvalidStepError",
     "InvalidTransitionError",
@@ -377,6 +379,16 @@ class OperationRunningError(FlowError):
 
     def __init__(self, what: str, *, job: str, action: str) -> None:
         super().__init__(f"{what} is still running (job {job})", job=job, action=action)
+
+
+class FollowerBusyError(FlowError):
+    """Another process is the active follower of this name (`FlowStore.follow`)."""
+
+    code = "FOLLOWER_BUSY"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Another process is following the log as {name!r}", name=name)
+        self.name = name
 
 
 # The Kafka boundary (flowstore.adapters.kafka)

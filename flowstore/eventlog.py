@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -43,7 +43,17 @@ from flowstore.errors import (
 from flowstore.keys import MemoryKeyStore, SqlKeyStore, UserKeys
 from flowstore.storage import StorageConfig
 
-__all__ = ["CIPHER_KEY_ENV", "EventLog", "backoff", "cipher_settings", "storage_errors"]
+if TYPE_CHECKING:
+    from sqlalchemy import MetaData, Table
+
+__all__ = [
+    "CIPHER_KEY_ENV",
+    "EventLog",
+    "backoff",
+    "cipher_settings",
+    "log_tables",
+    "storage_errors",
+]
 
 T = TypeVar("T")
 
@@ -118,6 +128,44 @@ class _FlowApplication(Application[UUID]):
         return self.factory.mapper(
             transcoder=self.construct_transcoder(), mapper_class=PydanticMapper
         )
+
+
+def log_tables(metadata: MetaData, backend: str | None = None) -> list[Table]:
+    """The event log's table(s) as eventsourcing creates them, for `backend` (None: both kinds).
+
+    SQLite: `stored_events` (the rowid is the notification id). PostgreSQL: `<app name>_events` in
+    POSTGRES_SCHEMA (public by default), with a `notification_id` bigserial. eventsourcing creates
+    and owns them; these definitions let other tools (Alembic) recognise them, not create them.
+    """
+    from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, Table, Text, Uuid
+
+    tables = []
+    if backend in (None, "sqlite"):
+        tables.append(
+            Table(
+                "stored_events",
+                metadata,
+                Column("originator_id", Text, primary_key=True),
+                Column("originator_version", Integer, primary_key=True),
+                Column("topic", Text),
+                Column("state", LargeBinary),
+            )
+        )
+    if backend in (None, "postgres"):
+        name = f"{_FlowApplication.name.lower()}_events"
+        tables.append(
+            Table(
+                name,
+                metadata,
+                Column("originator_id", Uuid, primary_key=True),
+                Column("originator_version", BigInteger, primary_key=True),
+                Column("topic", Text),
+                Column("state", LargeBinary),
+                Column("notification_id", BigInteger, autoincrement=True, nullable=False),
+                Index(f"{name}_notification_id_idx", "notification_id", unique=True),
+            )
+        )
+    return tables
 
 
 class EventLog:

@@ -23,7 +23,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import uuid4
 
 from cryptography.exceptions import InvalidTag
@@ -32,8 +32,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from flowstore.definitions import ERASED_USER_PREFIX
 from flowstore.storage import StorageConfig
 
+if TYPE_CHECKING:
+    from sqlalchemy import MetaData, Table
+
 __all__ = [
     "ERASED_USER_PREFIX",
+    "KEY_TABLE",
     "PERSONAL_FIELDS",
     "KeyWrapper",
     "MemoryKeyStore",
@@ -41,7 +45,11 @@ __all__ = [
     "SqlKeyStore",
     "UserKeys",
     "erased_user_id",
+    "key_table",
 ]
+
+KEY_TABLE = "flowstore_user_keys"
+"""The table of the users' keys, in the store's database."""
 
 PERSONAL_FIELDS = ("user_id", "payload", "error")
 """The fields of instance events that say something about a person; sealed with the user's key."""
@@ -221,6 +229,19 @@ class MemoryKeyStore(UserKeys):
         return subjects
 
 
+def key_table(metadata: MetaData) -> Table:
+    """The `flowstore_user_keys` table (one key per user) in `metadata`."""
+    from sqlalchemy import Column, LargeBinary, String, Table
+
+    return Table(
+        KEY_TABLE,
+        metadata,
+        Column("subject", String(32), primary_key=True),
+        Column("user_ref", String(64), nullable=False, unique=True),
+        Column("key", LargeBinary, nullable=False),
+    )
+
+
 class SqlKeyStore(UserKeys):
     """Keys in the `flowstore_user_keys` table of the store's SQLite or PostgreSQL database."""
 
@@ -229,11 +250,7 @@ class SqlKeyStore(UserKeys):
     ) -> None:
         # Imported here: the domain modules stay importable without SQLAlchemy.
         from sqlalchemy import (
-            Column,
-            LargeBinary,
             MetaData,
-            String,
-            Table,
             bindparam,
             create_engine,
             delete,
@@ -252,13 +269,7 @@ class SqlKeyStore(UserKeys):
             **({"connect_args": {"timeout": 60}} if sqlite_file else {"pool_pre_ping": True}),
         )
         md = MetaData()
-        self.table = table = Table(
-            "flowstore_user_keys",
-            md,
-            Column("subject", String(32), primary_key=True),
-            Column("user_ref", String(64), nullable=False, unique=True),
-            Column("key", LargeBinary, nullable=False),
-        )
+        self.table = table = key_table(md)
         if sqlite_file:
             # Deleted keys are overwritten on disk, not left in free pages of the file.
             event.listen(
