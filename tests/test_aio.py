@@ -22,9 +22,7 @@ _OTHER_TYPES = {"follow"}
 
 
 def _public_members(cls: type) -> dict[str, object]:
-    return {
-        name: member for name, member in inspect.getmembers(cls) if not name.startswith("_")
-    }
+    return {name: member for name, member in inspect.getmembers(cls) if not name.startswith("_")}
 
 
 def test_every_public_call_of_flowstore_has_an_async_twin_with_the_same_signature() -> None:

@@ -229,9 +229,8 @@ def test_a_running_follower_is_stopped_by_close(store_url: str) -> None:
 
 
 def test_names_and_databases_are_checked() -> None:
-    with FlowStore("memory://") as store:
-        with pytest.raises(StorageConfigError):
-            store.follow("x", _record)
+    with FlowStore("memory://") as store, pytest.raises(StorageConfigError):
+        store.follow("x", _record)
     with FlowStore("memory://") as store, pytest.raises(InvalidArgumentError):
         store.follow("bad name!", _record)
 
