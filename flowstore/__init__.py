@@ -42,6 +42,9 @@ from flowstore.models import (
 )
 
 if TYPE_CHECKING:
+    from flowstore.adapters.alembic import include_name as alembic_include_name
+    from flowstore.adapters.alembic import include_object as alembic_include_object
+    from flowstore.adapters.alembic import metadata
     from flowstore.aio import AsyncFlowStore
     from flowstore.storage import StorageConfigError
     from flowstore.store import FlowStore
@@ -51,19 +54,24 @@ __version__ = "0.1.0"
 # The store and storage pull in eventsourcing, SQLAlchemy and cryptography; they load on first use so
 # that `import flowstore.domain` (or a consumer of the Kafka envelope) stays free of them.
 _LAZY = {
-    "AsyncFlowStore": "flowstore.aio",
-    "FlowStore": "flowstore.store",
-    "StorageConfigError": "flowstore.storage",
+    "AsyncFlowStore": "flowstore.aio:AsyncFlowStore",
+    "FlowStore": "flowstore.store:FlowStore",
+    "StorageConfigError": "flowstore.storage:StorageConfigError",
+    # Alembic coexistence (flowstore.adapters.alembic): the store's tables and the env.py hooks.
+    "alembic_include_name": "flowstore.adapters.alembic:include_name",
+    "alembic_include_object": "flowstore.adapters.alembic:include_object",
+    "metadata": "flowstore.adapters.alembic:metadata",
 }
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    target = _LAZY.get(name)
+    if target is None:
         raise AttributeError(f"module 'flowstore' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(module), name)
+    module, attribute = target.split(":")
+    value = getattr(importlib.import_module(module), attribute)
     globals()[name] = value
     return value
 
@@ -107,4 +115,7 @@ __all__ = [
     "StorageConfigError",
     "StorageUnavailableError",
     "__version__",
+    "alembic_include_name",
+    "alembic_include_object",
+    "metadata",
 ]
