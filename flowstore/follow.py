@@ -213,6 +213,10 @@ class Follower:
         finally:
             self.lock.release()
 
+    def halt(self) -> None:
+        """Ask `run()` or `catch_up()` to return after the event being applied (signal-safe)."""
+        self._stop.set()
+
     def start(self) -> Follower:
         """Run in a background (daemon) thread; returns self."""
         if self._thread is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import subprocess
 import sys
@@ -314,3 +315,45 @@ def _child_env() -> dict[str, Any]:
     import os
 
     return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+_HANDLER_MODULE = """
+from sqlalchemy import text
+
+def record(event, connection):
+    connection.execute(
+        text("INSERT INTO effects (event_id, version) VALUES (:id, :v)"),
+        {"id": str(event.originator_id), "v": event.originator_version},
+    )
+"""
+
+
+def _cli(url: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flowstore.adapters.cli", "--url", url, "--json", *args],
+        cwd=cwd,
+        env=_child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_cli_runs_a_follower_with_a_handler_of_the_app(
+    line: FlowStore, store_url: str, tmp_path: Path
+) -> None:
+    sa_url = _effects_table(store_url)
+    line.execute_transition("u1", "line", "next")
+    (tmp_path / "my_reactions.py").write_text(_HANDLER_MODULE)
+    done = _cli(
+        store_url, tmp_path, "follow", "audit", "--handler", "my_reactions:record", "--once"
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["position"] == line.log_position()
+    assert set(_effects(sa_url)) == _log_events(line)
+    bad = _cli(store_url, tmp_path, "follow", "audit", "--handler", "my_reactions", "--once")
+    assert bad.returncode == 5
+    assert bad.stderr.startswith("error[INVALID_ARGUMENT]")
+    missing = _cli(store_url, tmp_path, "follow", "audit", "--handler", "nope:record", "--once")
+    assert missing.returncode == 5
