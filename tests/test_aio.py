@@ -48,8 +48,9 @@ def test_every_public_call_of_flowstore_has_an_async_twin_with_the_same_signatur
 
 
 def test_the_pool_is_sized_to_what_the_database_serves_at_once() -> None:
-    assert worker_threads(parse_url("postgresql://u@h/db")) == 15  # eventsourcing's 5 + 10
-    assert worker_threads(parse_url("postgresql://u@h/db?pool_size=3&max_overflow=1")) == 4
+    assert worker_threads(parse_url("postgresql://u@h/db")) == 5  # eventsourcing's pool size
+    assert worker_threads(parse_url("postgresql://u@h/db?pool_size=3&max_overflow=1")) == 3
+    assert worker_threads(parse_url("sqlite:///flowstore.db")) == 2
     assert worker_threads(parse_url("memory://")) == 1
 
 
