@@ -23,11 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from rich.console import Console, RenderableType
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from flowstore import FlowError, FlowState, FlowStateNotFoundError, FlowStore
+try:
+    from rich.console import Console, RenderableType
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+except ImportError as missing:  # the library installs without the command line's extras
+    raise SystemExit(
+        f"flowstore: the command line needs the cli extra ({missing.name} is missing): "
+        "pip install 'flowstore-es[cli]'"
+    ) from None
+
+from flowstore import FlowError, FlowState, FlowStateNotFoundError, FlowStore, __version__
 from flowstore.adapters.demo import DEMO_FLOW, run_demo
 from flowstore.adapters.diagrams import OUTPUT_FORMATS, diagram_bytes
 from flowstore.adapters.errors import DIFFERENCES_EXIT_CODE, mapping_for
@@ -501,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     url_help = "database URL (default: $FLOWSTORE_URL, else sqlite:///flowstore.db)"
     json_help = "print JSON (camelCase) instead of tables"
     parser = argparse.ArgumentParser(prog="flowstore", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"flowstore {__version__}")
     parser.add_argument("--url", help=url_help)
     parser.add_argument("--json", action="store_true", help=json_help)
     # The global options are also accepted after the command (`flowstore flows list --json`).

@@ -21,6 +21,7 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -36,7 +37,7 @@ from flowstore.models import (
     MigrationReport,
 )
 from flowstore.reactions import Handler
-from flowstore.storage import StorageConfig
+from flowstore.storage import POOL_SIZE_ENV, StorageConfig
 from flowstore.store import FlowStore, Publisher
 
 if TYPE_CHECKING:
@@ -71,7 +72,8 @@ _MEMORY_THREADS = 1
 def worker_threads(config: StorageConfig) -> int:
     """How many calls `AsyncFlowStore` runs at once by default, from the store's connection pool."""
     if config.backend == "postgres":
-        return max(1, int(config.env.get("POSTGRES_POOL_SIZE") or _PG_POOL_SIZE))
+        size = config.env.get("POSTGRES_POOL_SIZE") or os.environ.get(POOL_SIZE_ENV)
+        return max(1, int(size or _PG_POOL_SIZE))
     if config.backend == "sqlite":
         return _SQLITE_THREADS
     return _MEMORY_THREADS

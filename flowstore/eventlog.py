@@ -44,7 +44,7 @@ from flowstore.keys import MemoryKeyStore, SqlKeyStore, UserKeys
 from flowstore.storage import StorageConfig
 
 if TYPE_CHECKING:
-    from sqlalchemy import MetaData, Table
+    from sqlalchemy import Engine, MetaData, Table
 
 __all__ = [
     "CIPHER_KEY_ENV",
@@ -97,8 +97,14 @@ def storage_errors(env: Mapping[str, str], action: str) -> Iterator[None]:
     except Exception as exc:
         from sqlalchemy import exc as sql  # loaded already, by the keys and the projections
 
+        # sql.TimeoutError: no connection came free in the engine's pool in time (all busy).
         if not isinstance(
-            exc, OperationalError | InterfaceError | sql.OperationalError | sql.InterfaceError
+            exc,
+            OperationalError
+            | InterfaceError
+            | sql.OperationalError
+            | sql.InterfaceError
+            | sql.TimeoutError,
         ):
             raise
         module = env.get("PERSISTENCE_MODULE", "")
@@ -172,7 +178,13 @@ class EventLog:
     """The append-only log of one store: append, read aggregates, read the total order."""
 
     def __init__(
-        self, config: StorageConfig, env: dict[str, str], *, encrypted: bool, refresh: float
+        self,
+        config: StorageConfig,
+        env: dict[str, str],
+        *,
+        encrypted: bool,
+        refresh: float,
+        engine: Engine | None = None,
     ) -> None:
         self.config = config
         self.env = env
@@ -184,7 +196,7 @@ class EventLog:
         self.app = self._open(env)
         try:
             with storage_errors(config.env, "opening the store"):
-                self.keys = self._open_keys(refresh)
+                self.keys = self._open_keys(refresh, engine)
                 try:
                     self._check_key(encrypted)
                 except BaseException:
@@ -219,13 +231,13 @@ class EventLog:
             return app
         raise AssertionError("unreachable")
 
-    def _open_keys(self, refresh: float) -> UserKeys:
+    def _open_keys(self, refresh: float, engine: Engine | None) -> UserKeys:
         """The users' keys (see `flowstore.keys`), wrapped with the log's cipher if it has one."""
         keys: UserKeys
         if self.config.sqlalchemy_url is None:
             keys = MemoryKeyStore(refresh=refresh)
         else:
-            keys = SqlKeyStore(self.config, self.app.mapper.cipher, refresh=refresh)
+            keys = SqlKeyStore(self.config, self.app.mapper.cipher, refresh=refresh, engine=engine)
         cast(PydanticMapper, self.app.mapper).keys = keys
         return keys
 

@@ -21,7 +21,6 @@ import re
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -32,8 +31,6 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    create_engine,
-    event,
     insert,
     select,
     update,
@@ -43,7 +40,7 @@ from sqlalchemy.exc import IntegrityError
 from flowstore.domain import DomainEvent
 from flowstore.errors import FollowerBusyError, InvalidArgumentError, StorageConfigError
 from flowstore.locks import WorkerLock
-from flowstore.storage import StorageConfig
+from flowstore.storage import StorageConfig, make_engine
 
 __all__ = ["FOLLOWERS", "FollowHandler", "Follower", "ReadLog"]
 
@@ -76,21 +73,11 @@ def _engine(config: StorageConfig) -> Engine:
             "not memory://",
             url=config.display,
         )
-    if config.backend == "postgres":
-        return create_engine(config.sqlalchemy_url, pool_pre_ping=True, pool_size=1)
-    engine = create_engine(config.sqlalchemy_url, connect_args={"timeout": 60})
-
-    # pysqlite starts transactions late (never for a SELECT); BEGIN IMMEDIATE takes the write lock
-    # up front, so reading the position, the handler's writes and moving it are one atomic step.
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_connection: Any, _: Any) -> None:
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
+    # An engine of its own, of one connection: the follower holds a transaction open while its
+    # handler runs, which must not take a connection from the store's pool. `make_engine` gives
+    # BEGIN IMMEDIATE on SQLite (reading the position, the handler's writes and moving the
+    # position are one atomic step) and the URL's schema as PostgreSQL's search path.
+    return make_engine(config, pool_size=1)
 
 
 class Follower:

@@ -30,10 +30,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from flowstore.definitions import ERASED_USER_PREFIX
-from flowstore.storage import StorageConfig
+from flowstore.storage import READ_ONLY, StorageConfig, make_engine
 
 if TYPE_CHECKING:
-    from sqlalchemy import MetaData, Table
+    from sqlalchemy import Engine, MetaData, Table
 
 __all__ = [
     "ERASED_USER_PREFIX",
@@ -246,15 +246,17 @@ class SqlKeyStore(UserKeys):
     """Keys in the `flowstore_user_keys` table of the store's SQLite or PostgreSQL database."""
 
     def __init__(
-        self, config: StorageConfig, wrapper: KeyWrapper | None = None, refresh: float = 1.0
+        self,
+        config: StorageConfig,
+        wrapper: KeyWrapper | None = None,
+        refresh: float = 1.0,
+        engine: Engine | None = None,
     ) -> None:
         # Imported here: the domain modules stay importable without SQLAlchemy.
         from sqlalchemy import (
             MetaData,
             bindparam,
-            create_engine,
             delete,
-            event,
             select,
         )
         from sqlalchemy.dialects import postgresql, sqlite
@@ -264,17 +266,12 @@ class SqlKeyStore(UserKeys):
         assert config.sqlalchemy_url is not None
         self._wrapper = wrapper
         sqlite_file = config.backend == "sqlite"
-        self.engine = create_engine(
-            config.sqlalchemy_url,
-            **({"connect_args": {"timeout": 60}} if sqlite_file else {"pool_pre_ping": True}),
-        )
+        # The store's one engine (`make_engine`: on SQLite it overwrites deleted keys on disk,
+        # `secure_delete`), or one of our own.
+        self._owns_engine = engine is None
+        self.engine = engine if engine is not None else make_engine(config)
         md = MetaData()
         self.table = table = key_table(md)
-        if sqlite_file:
-            # Deleted keys are overwritten on disk, not left in free pages of the file.
-            event.listen(
-                self.engine, "connect", lambda conn, _: conn.execute("PRAGMA secure_delete = ON")
-            )
         for attempt in range(5):
             try:
                 md.create_all(self.engine, checkfirst=True)
@@ -296,8 +293,9 @@ class SqlKeyStore(UserKeys):
         self._refs = select(table.c.subject).where(table.c.user_ref == bindparam("ref"))
 
     def close(self) -> None:
-        """Release connections."""
-        self.engine.dispose()
+        """Release connections (of an engine of our own; the store disposes of its engine)."""
+        if self._owns_engine:
+            self.engine.dispose()
 
     def _wrap(self, key: bytes) -> bytes:
         return self._wrapper.encrypt(key) if self._wrapper else key
@@ -306,7 +304,7 @@ class SqlKeyStore(UserKeys):
         return self._wrapper.decrypt(stored) if self._wrapper else stored
 
     def _load_user(self, ref: str) -> tuple[str, bytes] | None:
-        with self.engine.connect() as conn:
+        with self.engine.connect().execution_options(**READ_ONLY) as conn:
             row = conn.execute(self._by_ref, {"ref": ref}).first()
         return (row.subject, self._unwrap(row.key)) if row else None
 
@@ -317,7 +315,7 @@ class SqlKeyStore(UserKeys):
 
     def _load_subjects(self, subjects: list[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
-        with self.engine.connect() as conn:
+        with self.engine.connect().execution_options(**READ_ONLY) as conn:
             for i in range(0, len(subjects), 500):
                 rows = conn.execute(self._by_subjects, {"subjects": subjects[i : i + 500]})
                 found.update((row.subject, self._unwrap(row.key)) for row in rows)

@@ -70,9 +70,11 @@ from flowstore.models import (
     MigrationReport,
 )
 from flowstore.reactions import Handler
-from flowstore.storage import StorageConfig, parse_url, resolve_url
+from flowstore.storage import StorageConfig, make_engine, parse_url, resolve_url
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from flowstore.follow import Follower, FollowHandler
     from flowstore.projections.live import LiveProjector
     from flowstore.projections.sql import Difference, SqlProjections
@@ -131,6 +133,10 @@ class FlowStore:
     `Publisher` (what `flowstore.adapters.kafka.kafka_publisher(...)` gives); the store stops it
     first on `close()`.
 
+    `pool_size` sizes the SQLAlchemy engine's pool (default: the URL's `pool_size`, else
+    `$FLOWSTORE_POOL_SIZE`, else 5; as many again are opened on demand); size it to the threads
+    that call the store at once.
+
     With `live_projections` (the default) a background thread keeps the read-model tables up to date
     with this process's writes, and table queries wait for it, so they read your writes; without
     it, a separate worker (`flowstore projections run`) does that.
@@ -146,6 +152,7 @@ class FlowStore:
         publisher: PublisherFactory | None = None,
         max_retries: int = 10,
         cache_size: int = 10_000,
+        pool_size: int | None = None,
         statistics_window: float = 60.0,
         live_projections: bool = True,
         definition_refresh: float = 1.0,
@@ -164,7 +171,20 @@ class FlowStore:
             **cipher_settings(cipher_key),
         }
         encrypted = cipher_key is not None or bool(os.environ.get(CIPHER_KEY_ENV))
-        self._log = EventLog(self.config, env, encrypted=encrypted, refresh=definition_refresh)
+        # One SQLAlchemy engine for everything of ours in the database (projections, keys,
+        # trackers); eventsourcing keeps its own connections for the events.
+        self._engine = make_engine(self.config, pool_size=pool_size)
+        try:
+            self._log = EventLog(
+                self.config,
+                env,
+                encrypted=encrypted,
+                refresh=definition_refresh,
+                engine=self._engine,
+            )
+        except BaseException:
+            self._engine.dispose()
+            raise
         # Imported here, not at the top: the service module loads before SQLAlchemy is needed.
         from flowstore.projections.live import LiveProjector
         from flowstore.projections.sql import SqlProjections
@@ -179,10 +199,10 @@ class FlowStore:
             definition_refresh=definition_refresh,
             written=self._written,
         )
-        opened: list[Callable[[], None]] = [self._log.close]
+        opened: list[Callable[[], None]] = [self._engine.dispose, self._log.close]
         try:
             with self._log.errors("opening the store"):
-                self._projections = SqlProjections(self.config)
+                self._projections = SqlProjections(self.config, self._engine)
                 opened.append(self._projections.close)
                 if live_projections:
                     self._projections.catch_up(self.read_events)  # what happened while away
@@ -209,6 +229,15 @@ class FlowStore:
     @max_retries.setter
     def max_retries(self, value: int) -> None:
         self._commands.max_retries = value
+
+    @property
+    def engine(self) -> Engine:
+        """The store's SQLAlchemy engine (its tables, keys and trackers; not the event log's).
+
+        Adapters that keep rows beside the store's (trackers, followers) use it rather than
+        opening connections of their own. Its pool holds `pool_size` connections.
+        """
+        return self._engine
 
     @property
     def definition_refresh(self) -> float:
@@ -250,6 +279,7 @@ class FlowStore:
             self._live.close()
         self._projections.close()
         self._log.close()
+        self._engine.dispose()
 
     def __enter__(self) -> Self:
         return self

@@ -23,23 +23,20 @@ from sqlalchemy import (
     Engine,
     Table,
     bindparam,
-    create_engine,
     delete,
-    event,
     inspect,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.pool import StaticPool
 
 from flowstore.domain import DomainEvent
 from flowstore.projections.batch import RowBatch, StateKey
 from flowstore.projections.queries import Queries, percentile, row_dict
 from flowstore.projections.tables import REBUILD_SUFFIX, TRACKING, ProjectionTables, define_tables
 from flowstore.projections.verify import Difference, EventPage, Verification
-from flowstore.storage import StorageConfig
+from flowstore.storage import READ_ONLY, StorageConfig, make_engine
 
 __all__ = [
     "Difference",
@@ -63,34 +60,14 @@ def _json(value: Any) -> str:
 class SqlProjections(Queries, Verification):
     """The projection tables of one store, and everything that reads or writes them."""
 
-    def __init__(self, config: StorageConfig) -> None:
+    def __init__(self, config: StorageConfig, engine: Engine | None = None) -> None:
         self.tables = define_tables()
         self._lock = threading.RLock()
-        if config.sqlalchemy_url is None:
-            # memory:// keeps its tables in an in-process SQLite database on one shared connection.
-            self.engine = create_engine(
-                "sqlite://",
-                poolclass=StaticPool,
-                connect_args={"check_same_thread": False},
-            )
-        elif config.backend == "sqlite":
-            self.engine = create_engine(
-                config.sqlalchemy_url, connect_args={"timeout": 60}, json_serializer=_json
-            )
-        else:
-            self.engine = create_engine(
-                config.sqlalchemy_url, pool_pre_ping=True, json_serializer=_json
-            )
+        # The store's one engine (`flowstore.storage.make_engine`), or one of our own.
+        self._owns_engine = engine is None
+        self.engine = engine if engine is not None else make_engine(config)
         self._sqlite = self.engine.dialect.name == "sqlite"
         self._shared_connection = config.sqlalchemy_url is None
-        # Readers never need the write lock: on a SQLite file they get an engine of their own.
-        self._reader = (
-            create_engine(self.engine.url, connect_args={"timeout": 60})
-            if self._sqlite and not self._shared_connection
-            else self.engine
-        )
-        if self._sqlite:
-            _immediate_transactions(self.engine)
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
         self._upserts: dict[tuple[str, bool], Any] = {}
         self._lookup_cache: dict[str, tuple[Any, Any]] = {}
@@ -107,9 +84,9 @@ class SqlProjections(Queries, Verification):
         self.create()
 
     def close(self) -> None:
-        """Release connections."""
-        self._reader.dispose()
-        self.engine.dispose()
+        """Release connections (of an engine of our own; the store disposes of its engine)."""
+        if self._owns_engine:
+            self.engine.dispose()
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -117,7 +94,8 @@ class SqlProjections(Queries, Verification):
             with self._lock, self.engine.begin() as conn:
                 yield conn
         else:
-            with self._reader.connect() as conn:
+            # Readers never need the write lock: on SQLite their transactions begin deferred.
+            with self.engine.connect().execution_options(**READ_ONLY) as conn:
                 yield conn
 
     def create(self) -> None:
@@ -379,24 +357,3 @@ class _RowCache:
                     self.states[key] = None
         self.states.update(batch.states)
         self.attempts.update(batch.attempts)
-
-
-def _immediate_transactions(engine: Engine) -> None:
-    """Make SQLAlchemy's SQLite transactions real, and writers take the lock at BEGIN.
-
-    pysqlite's own transaction handling starts transactions late and never for SELECT; SQLAlchemy's
-    documented recipe hands control back to us. BEGIN IMMEDIATE takes the write lock up front, which
-    is what makes reading the tracking row and moving it one atomic step.
-    """
-
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_connection: Any, _: Any) -> None:
-        dbapi_connection.isolation_level = None
-        # The tables are disposable and their tracking row commits with them: after a power cut
-        # they can only be behind the log, never inconsistent, and the next catch-up fills the
-        # gap. So these commits need WAL's atomicity but not an fsync each (the events keep FULL).
-        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -24,8 +24,8 @@ from flowstore.adapters.kafka.publisher import (
 )
 from flowstore.adapters.kafka.tracking import PublisherTracking
 from flowstore.storage import parse_url
-from tests.kafka.broker import TansuBroker
-from tests.kafka.conftest import check_topic, drive, wait_until
+from tests.e2e.kafka.broker import TansuBroker
+from tests.e2e.kafka.conftest import check_topic, drive, wait_until
 
 CLI = [sys.executable, "-m", "flowstore.adapters.cli"]
 

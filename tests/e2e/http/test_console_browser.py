@@ -27,8 +27,8 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from flowstore import FlowStore, InvalidTransitionError
 from flowstore.adapters.http import JwtVerifier, create_app
 from flowstore.adapters.http.console.render import HEAT, duration, percent
+from tests.e2e.http.conftest import ONBOARDING, SECRET, LiveServer, bearer, mint
 from tests.flows import linear, onboarding
-from tests.http.conftest import ONBOARDING, SECRET, LiveServer, bearer, mint
 
 CHROMIUM = os.environ.get("FLOWSTORE_CHROMIUM", "/usr/bin/chromium")
 # Without the background-networking flags Chromium keeps trying to reach Google's hosts, which
@@ -42,7 +42,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 ARTIFACTS = (
-    Path(os.environ.get("FLOWSTORE_TEST_ARTIFACTS") or Path(__file__).parents[2] / "test-artifacts")
+    Path(os.environ.get("FLOWSTORE_TEST_ARTIFACTS") or Path(__file__).parents[3] / "test-artifacts")
     / "console"
 )
 ADMIN = mint("console-admin", roles=["admin"], ttl=3600)

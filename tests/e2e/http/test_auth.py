@@ -20,9 +20,8 @@ from flowstore.adapters.http import (
     Principal,
     create_app,
 )
-from tests.flows import linear
-from tests.http.conftest import ONBOARDING, SECRET, LiveServer, User, bearer, mint
-from tests.http.security import (
+from tests.e2e.http.conftest import ONBOARDING, SECRET, LiveServer, User, bearer, mint
+from tests.e2e.http.security import (
     ADMIN_ROUTES,
     CROSS_USER_PROBES,
     USER_ROUTES,
@@ -30,7 +29,8 @@ from tests.http.security import (
     call,
     escalation_tokens,
 )
-from tests.http.test_api import assert_problem
+from tests.e2e.http.test_api import assert_problem
+from tests.flows import linear
 
 # The verifier
 

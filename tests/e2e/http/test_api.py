@@ -11,8 +11,8 @@ import pytest
 
 from flowstore import FlowStore, HistoryKind
 from flowstore.adapters.http import JwtVerifier, create_app
+from tests.e2e.http.conftest import MAX_BODY_BYTES, ONBOARDING, SECRET, LiveServer, User
 from tests.flows import Clock, linear
-from tests.http.conftest import MAX_BODY_BYTES, ONBOARDING, SECRET, LiveServer, User
 
 PROBLEM = "application/problem+json"
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.pgserver import PostgresServer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tables(url: str) -> set[str]:

@@ -1,4 +1,4 @@
-"""The HTTP security cases in one place: `tests/http` checks them one at a time, and
+"""The HTTP security cases in one place: `tests/e2e/http` checks them one at a time, and
 `tests/reliability/test_http_under_load.py` checks them all again against a server under load.
 
 A case says what to send and what must come back. The cross-user probes say it as a list of
@@ -19,8 +19,8 @@ from websockets.sync.client import connect
 from websockets.typing import Origin
 
 from flowstore.adapters.http.console.session import SESSION_COOKIE
+from tests.e2e.http.conftest import ONBOARDING, SECRET, bearer, mint
 from tests.flows import linear
-from tests.http.conftest import ONBOARDING, SECRET, bearer, mint
 
 __all__ = [
     "ADMIN_ROUTES",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from flowstore import FlowStore
 from flowstore.adapters.http import JwtVerifier, create_app
+from tests.e2e.http.conftest import ONBOARDING, SECRET, LiveServer, mint
 from tests.flows import onboarding
-from tests.http.conftest import ONBOARDING, SECRET, LiveServer, mint
 
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 EXAMPLES = 80

@@ -17,8 +17,8 @@ from websockets.sync.client import ClientConnection, connect
 
 from flowstore import FlowStore
 from flowstore.adapters.http.websocket import CLOSE_UNAUTHENTICATED
-from tests.http.conftest import ONBOARDING, LiveServer, User, mint
-from tests.http.security import bad_ws_tokens
+from tests.e2e.http.conftest import ONBOARDING, LiveServer, User, mint
+from tests.e2e.http.security import bad_ws_tokens
 
 TIMEOUT = 10.0
 

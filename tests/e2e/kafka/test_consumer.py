@@ -9,7 +9,7 @@ from flowstore.adapters.kafka.consumer import FlowEventConsumer
 from flowstore.adapters.kafka.envelope import FlowEventEnvelope
 from flowstore.adapters.kafka.publisher import KafkaPublisher
 from flowstore.adapters.kafka.tracking import PublisherTracking
-from tests.kafka.conftest import drive, wait_until
+from tests.e2e.kafka.conftest import drive, wait_until
 
 # tansu completes a group's first join after session_timeout_ms / 2: keep it short in tests.
 GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}

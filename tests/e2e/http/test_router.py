@@ -17,10 +17,10 @@ from websockets.sync.client import connect
 
 from flowstore import FlowStore
 from flowstore.adapters.http import FlowRouter, JwtVerifier, create_router
+from tests.e2e.http.conftest import SECRET, LiveServer, User
 from tests.flows import linear
-from tests.http.conftest import SECRET, LiveServer, User
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TIMEOUT = 10.0
 
 

@@ -24,9 +24,9 @@ from flowstore.adapters.http.console import CLOSE_FORBIDDEN, render
 from flowstore.adapters.http.console.jobs import Job, OperationRunningError, Operations
 from flowstore.adapters.http.console.windows import WINDOWS, LogWindows, flow_summary
 from flowstore.adapters.http.websocket import CLOSE_UNAUTHENTICATED
+from tests.e2e.http.conftest import ONBOARDING, LiveServer, User, mint
+from tests.e2e.http.security import console_socket_refusal, csrf_forgeries
 from tests.flows import Clock, linear, onboarding
-from tests.http.conftest import ONBOARDING, LiveServer, User, mint
-from tests.http.security import console_socket_refusal, csrf_forgeries
 
 SESSION = "flowstore_console"
 

@@ -20,8 +20,8 @@ from flowstore.adapters.kafka.publisher import KafkaPublisher, ensure_topic
 from flowstore.adapters.kafka.restore import TopicIncompleteError, restore_from_kafka
 from flowstore.adapters.kafka.tracking import PublisherTracking
 from flowstore.domain import instance_id
+from tests.e2e.kafka.conftest import FLOW, drive
 from tests.flows import Clock
-from tests.kafka.conftest import FLOW, drive
 
 USERS = 40
 

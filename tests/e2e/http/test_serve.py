@@ -15,7 +15,7 @@ from websockets.sync.client import connect
 
 from flowstore.adapters.errors import mapping_for
 from flowstore.adapters.http import AuthConfigError
-from tests.http.conftest import SECRET, bearer, mint, wait_until_healthy
+from tests.e2e.http.conftest import SECRET, bearer, mint, wait_until_healthy
 
 
 def free_port() -> int:

@@ -32,7 +32,7 @@ from flowstore.domain import (
 from flowstore.storage import StorageConfigError
 from tests.flows import linear
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

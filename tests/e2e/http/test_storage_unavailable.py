@@ -8,8 +8,8 @@ import httpx
 
 from flowstore import StorageUnavailableError
 from flowstore.adapters.http import JwtVerifier, create_app
-from tests.http.conftest import SECRET, LiveServer, User
-from tests.http.test_api import assert_problem
+from tests.e2e.http.conftest import SECRET, LiveServer, User
+from tests.e2e.http.test_api import assert_problem
 
 
 class _DownStore:
