@@ -343,11 +343,17 @@ def projections_run(store: FlowStore, args: argparse.Namespace, out: Output) -> 
     return Note(f"stopped at event {position}", {"position": position})
 
 
+def _handler_spec(text: str) -> str:
+    module_name, colon, attribute = text.partition(":")
+    names = [*module_name.split("."), attribute]
+    if not colon or not all(name.isidentifier() for name in names):
+        raise argparse.ArgumentTypeError(f"must be module:function, not {text!r}")
+    return text
+
+
 def _handler(spec: str) -> Any:
     """The function `module:function` names, imported (from the working directory too)."""
-    module_name, colon, attribute = spec.partition(":")
-    if not colon or not module_name or not attribute:
-        raise InvalidArgumentError("--handler", spec, "must be module:function")
+    module_name, _, attribute = spec.partition(":")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as uvicorn does: the app's own modules
     try:
@@ -629,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--handler",
         required=True,
+        type=_handler_spec,
         metavar="MODULE:FUNCTION",
         help="called as function(event, connection); its writes commit with the position",
     )

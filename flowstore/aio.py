@@ -41,7 +41,7 @@ from flowstore.storage import POOL_SIZE_ENV, StorageConfig
 from flowstore.store import FlowStore, Publisher
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection
+    from sqlalchemy import Connection, Engine
 
     from flowstore.errors import FlowError
     from flowstore.follow import Follower, FollowHandler
@@ -180,6 +180,11 @@ class AsyncFlowStore:
     def config(self) -> StorageConfig:
         """The store's parsed database URL."""
         return self.store.config
+
+    @property
+    def engine(self) -> Engine:
+        """The store's SQLAlchemy engine (`FlowStore.engine`); blocking: use it in a worker thread."""
+        return self.store.engine
 
     @property
     def max_retries(self) -> int:

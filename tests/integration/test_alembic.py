@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,23 @@ def test_the_hooks_keep_the_tables_autogenerate_would_drop(used_database: str) -
     assert _removed_tables(used_database, include_name=flowstore.alembic_include_name) == set()
 
 
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    """Undo what the generated env.py's `fileConfig` does to logging (it disables our loggers)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    loggers = [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    disabled = {lg.name: lg.disabled for lg in loggers}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for logger in loggers:
+        logger.disabled = disabled[logger.name]
+
+
+@pytest.mark.usefixtures("logging_restored")
 def test_autogenerate_in_an_app_leaves_the_stores_tables_alone(
     used_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -353,7 +353,8 @@ def test_the_cli_runs_a_follower_with_a_handler_of_the_app(
     assert json.loads(done.stdout)["position"] == line.log_position()
     assert set(_effects(sa_url)) == _log_events(line)
     bad = _cli(store_url, tmp_path, "follow", "audit", "--handler", "my_reactions", "--once")
-    assert bad.returncode == 5
-    assert bad.stderr.startswith("error[INVALID_ARGUMENT]")
+    assert bad.returncode == 2  # a usage error, found before the database is opened
+    assert "must be module:function" in bad.stderr
     missing = _cli(store_url, tmp_path, "follow", "audit", "--handler", "nope:record", "--once")
     assert missing.returncode == 5
+    assert "error[INVALID_ARGUMENT]" in missing.stderr
