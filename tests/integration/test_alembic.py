@@ -119,6 +119,8 @@ def test_autogenerate_in_an_app_leaves_the_stores_tables_alone(
         " include_name=flowstore.alembic_include_name",
     )
     env.write_text(source)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "include_object=flowstore.alembic_include_object" in readme  # what env.py got here
 
     command.revision(config, message="widgets", autogenerate=True)
     [script] = (migrations / "versions").glob("*.py")
