@@ -137,7 +137,8 @@ def _caller(
         raise AuthenticationError("A bearer token is required", reason="missing")
     # The route knows its router's verifier; `request.app` may be an application of the user's.
     route = request.scope.get("route")
-    assert isinstance(route, _FlowRoute), "flowstore endpoints are served by a FlowRouter"
+    if not isinstance(route, _FlowRoute):
+        raise RuntimeError("flowstore endpoints are served by a FlowRouter (create_router)")
     return route.verifier.verify(credentials.credentials)
 
 

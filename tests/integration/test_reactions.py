@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -358,3 +359,31 @@ def test_the_cli_runs_a_follower_with_a_handler_of_the_app(
     missing = _cli(store_url, tmp_path, "follow", "audit", "--handler", "nope:record", "--once")
     assert missing.returncode == 5
     assert "error[INVALID_ARGUMENT]" in missing.stderr
+
+
+def test_a_standby_takes_over_when_the_active_follower_stops(
+    line: FlowStore, store_url: str
+) -> None:
+    sa_url = _effects_table(store_url)
+    line.execute_transition("u1", "line", "next")
+    [(_, last)] = line.read_events(line.log_position(), 1)
+    caught_up = threading.Event()
+
+    def record(event: DomainEvent, connection: Connection) -> None:
+        _record(event, connection)
+        if (event.originator_id, event.originator_version) == (
+            last.originator_id,
+            last.originator_version,
+        ):
+            caught_up.set()
+
+    active = line.follow("shift", record, start=False)
+    assert active.lock.try_acquire()
+    standby = line.follow("shift", record, interval=0.01)  # waits for the name
+    assert not caught_up.is_set()
+    active.stop()  # releases it: the standby takes over
+    assert caught_up.wait(timeout=60)
+    standby.stop()
+    effects = _effects(sa_url)
+    assert set(effects) == _log_events(line)
+    assert set(effects.values()) == {1}
