@@ -30,8 +30,9 @@ from flowstore.domain import (
     TransitionExecuted,
     TransitionRejected,
 )
+from flowstore.reactions import event_step
 from flowstore.storage import StorageConfigError
-from tests.flows import linear
+from tests.flows import Clock, linear
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,6 +110,19 @@ def test_a_handler_may_run_commands_of_its_own(line: FlowStore) -> None:
     line.execute_transition("u1", "line", "next")
     line.execute_transition("u1", "line", "next")
     assert len(line.get_flow_history("u1", "welcome")) == 2  # start + one transition
+
+
+def test_expiry_and_erasure_are_reacted_to(line: FlowStore, clock: Clock) -> None:
+    line.create_flow(linear("short", ttl=10))
+    ended: list[tuple[str, str, str | None]] = []
+    line.on("flow_expired", lambda e: ended.append(("expired", e.user_id, event_step(e))))
+    line.on("flow_erased", lambda e: ended.append(("erased", e.user_id, event_step(e))))
+    line.execute_transition("u1", "short", "next")
+    line.execute_transition("u2", "line", "next")
+    clock.advance(11)
+    assert line.purge_expired_flows() == 1
+    assert line.erase_user("u2") == 1
+    assert ended == [("expired", "u1", "s1"), ("erased", "u2", "s1")]
 
 
 def test_bad_registrations_are_refused(line: FlowStore) -> None:
