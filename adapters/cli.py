@@ -11,7 +11,9 @@ A flowstore error prints `error[CODE]: message` on stderr and exits with the cod
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
+import inspect
 import os
 import signal
 import sys
@@ -367,7 +369,18 @@ def _handler(spec: str) -> Any:
 
 def follow(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`follow NAME --handler module:function`: a durable follower, until SIGTERM/SIGINT."""
-    follower = store.follow(args.name, _handler(args.handler), interval=args.interval, start=False)
+    handler = _handler(args.handler)
+    loop: asyncio.AbstractEventLoop | None = None
+    if inspect.iscoroutinefunction(handler):
+        # An `async def` handler runs to completion inside the event's transaction, on a loop
+        # of this worker's own.
+        loop, coroutine_handler = asyncio.new_event_loop(), handler
+
+        def handler(event: Any, connection: Any) -> object:
+            assert loop is not None
+            return loop.run_until_complete(coroutine_handler(event, connection))
+
+    follower = store.follow(args.name, handler, interval=args.interval, start=False)
     try:
         if args.once:
             applied = follower.catch_up()
@@ -383,6 +396,8 @@ def follow(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
         position = follower.position()
     finally:
         follower.stop()
+        if loop is not None:
+            loop.close()
     details: dict[str, Any] = {"name": args.name, "position": position}
     if applied is not None:
         details["applied"] = applied

@@ -21,14 +21,15 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeAlias, TypeVar
 
 from flowstore.definitions import FlowDefinition
-from flowstore.domain import DomainEvent
+from flowstore.domain import DomainEvent, InstanceEvent
 from flowstore.models import (
     FlowState,
     FlowStateHistory,
@@ -47,10 +48,30 @@ if TYPE_CHECKING:
     from flowstore.follow import Follower, FollowHandler
     from flowstore.projections.sql import Difference
 
-__all__ = ["AsyncFlowStore", "AsyncFollowHandler", "AsyncFollower", "worker_threads"]
+__all__ = [
+    "AsyncFlowStore",
+    "AsyncFollowHandler",
+    "AsyncFollower",
+    "AsyncHandler",
+    "worker_threads",
+]
 
 AsyncFollowHandler: TypeAlias = "Callable[[DomainEvent, Connection], Awaitable[object]]"
 """A follower's handler as a coroutine function: `async def handler(event, connection)`."""
+
+AsyncHandler: TypeAlias = "Callable[[InstanceEvent], Awaitable[object]]"
+"""An `on` reaction as a coroutine function: `async def handler(event)`."""
+
+_log = logging.getLogger(__name__)
+
+
+def _log_failure(handler: object, event: InstanceEvent, future: Future[object]) -> None:
+    """Log what a coroutine reaction raised (the command that caused it has returned)."""
+    if not future.cancelled() and future.exception() is not None:
+        _log.error(
+            "reaction %r to %s failed", handler, type(event).__name__, exc_info=future.exception()
+        )
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -212,13 +233,29 @@ class AsyncFlowStore:
     def on(
         self,
         event_kind: str,
-        handler: Handler,
+        handler: Handler | AsyncHandler,
         *,
         flow: str | None = None,
         step: str | None = None,
     ) -> Callable[[], None]:
-        """Register an in-process reaction (`FlowStore.on`); it runs on the worker thread after the commit."""
-        return self.store.on(event_kind, handler, flow=flow, step=step)
+        """Register an in-process reaction (`FlowStore.on`); `handler` may be a coroutine function.
+
+        A plain handler runs on the worker thread after the commit. A coroutine handler is
+        scheduled on the event loop current at registration (the command does not wait for it);
+        what it raises is logged.
+        """
+        call: Handler
+        if inspect.iscoroutinefunction(handler):
+            loop = asyncio.get_running_loop()
+            coroutine_handler = handler
+
+            def call(event: InstanceEvent) -> None:
+                future = asyncio.run_coroutine_threadsafe(coroutine_handler(event), loop)
+                future.add_done_callback(functools.partial(_log_failure, handler, event))
+
+        else:
+            call = handler
+        return self.store.on(event_kind, call, flow=flow, step=step)
 
     async def follow(
         self,

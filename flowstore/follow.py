@@ -16,6 +16,7 @@ again after a pause (a poisoned event holds the follower up rather than being sk
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import threading
@@ -99,6 +100,12 @@ class Follower:
             )
         if not callable(handler):
             raise InvalidArgumentError("handler", handler, "a callable (event, connection)")
+        if inspect.iscoroutinefunction(handler):
+            # Called here it would return a coroutine nobody awaits: the position would move on
+            # with no effect written.
+            raise InvalidArgumentError(
+                "handler", handler, "a coroutine function: use AsyncFlowStore.follow"
+            )
         self.name = name
         self.handler = handler
         self._read = read
@@ -142,7 +149,11 @@ class Follower:
             current = conn.execute(select(FOLLOWERS.c.position).where(mine).with_for_update())
             if int(current.scalar() or 0) != after:
                 return False  # another follower got here (the lock was lost): read again
-            self.handler(event, conn)
+            result = self.handler(event, conn)
+            if inspect.isawaitable(result):  # an async handler in disguise (a partial, say)
+                if inspect.iscoroutine(result):
+                    result.close()
+                raise TypeError(f"follower {self.name!r}: the handler returned an awaitable")
             moved = (
                 update(FOLLOWERS)
                 .where(mine)

@@ -21,6 +21,7 @@ every change, whichever process made it, and exactly once across crashes, use `F
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -103,6 +104,10 @@ class Reactions:
             raise InvalidArgumentError("event_kind", kind, f"one of {['*', *KINDS]}")
         if not callable(handler):
             raise InvalidArgumentError("handler", handler, "a callable taking the event")
+        if inspect.iscoroutinefunction(handler):  # its coroutine would never be awaited
+            raise InvalidArgumentError(
+                "handler", handler, "a coroutine function: use AsyncFlowStore.on"
+            )
         for field, value in (("flow", flow), ("step", step)):
             if value is not None and (not isinstance(value, str) or not value):
                 raise InvalidArgumentError(field, value, "a non-empty string or None")

@@ -17,8 +17,8 @@ from tests.flows import linear
 
 # Calls that do no I/O stay plain methods: registering a listener returns at once.
 _SYNC_ON_PURPOSE = {"on", "on_definition_change"}
-# The async follower also takes coroutine handlers and returns an AsyncFollower.
-_OTHER_TYPES = {"follow"}
+# These also take coroutine handlers (and the follower comes back as an AsyncFollower).
+_OTHER_TYPES = {"follow", "on"}
 
 
 def _public_members(cls: type) -> dict[str, object]:

@@ -125,6 +125,49 @@ def test_expiry_and_erasure_are_reacted_to(line: FlowStore, clock: Clock) -> Non
     assert ended == [("expired", "u1", "s1"), ("erased", "u2", "s1")]
 
 
+def test_coroutine_handlers_belong_to_the_async_store(line: FlowStore) -> None:
+    seen: list[InstanceEvent] = []
+    done = asyncio.Event()
+
+    async def handler(event: InstanceEvent) -> None:
+        seen.append(event)
+        done.set()
+
+    async def follow_handler(event: DomainEvent, connection: Connection) -> None:
+        pass
+
+    with pytest.raises(InvalidArgumentError):
+        line.on("transition_taken", handler)  # its coroutine would never be awaited
+    with pytest.raises(InvalidArgumentError):
+        line.follow("async-only", follow_handler, start=False)
+
+    async def main() -> None:
+        astore = AsyncFlowStore.wrap(line)
+        astore.on("transition_taken", handler)
+        await astore.execute_transition("u1", "line", "next")
+        await asyncio.wait_for(done.wait(), timeout=30)
+
+    asyncio.run(main())
+    assert [type(e) for e in seen] == [TransitionExecuted]
+
+
+def test_a_handler_returning_an_awaitable_rolls_back(line: FlowStore, store_url: str) -> None:
+    sa_url = _effects_table(store_url)
+
+    async def record(event: DomainEvent, connection: Connection) -> None:
+        _record(event, connection)
+
+    def disguised(event: DomainEvent, connection: Connection) -> Any:
+        return record(event, connection)
+
+    follower = line.follow("disguised", disguised, start=False)
+    with pytest.raises(TypeError):
+        follower.catch_up()
+    assert follower.position() == 0
+    assert not _effects(sa_url)
+    follower.stop()
+
+
 def test_bad_registrations_are_refused(line: FlowStore) -> None:
     with pytest.raises(InvalidArgumentError):
         line.on("step_left", print)
@@ -340,6 +383,9 @@ def record(event, connection):
         text("INSERT INTO effects (event_id, version) VALUES (:id, :v)"),
         {"id": str(event.originator_id), "v": event.originator_version},
     )
+
+async def record_async(event, connection):
+    record(event, connection)
 """
 
 
@@ -367,6 +413,10 @@ def test_the_cli_runs_a_follower_with_a_handler_of_the_app(
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["position"] == line.log_position()
     assert set(_effects(sa_url)) == _log_events(line)
+    args = ("follow", "audit-async", "--handler", "my_reactions:record_async", "--once")
+    done_async = _cli(store_url, tmp_path, *args)
+    assert done_async.returncode == 0, done_async.stderr
+    assert set(_effects(sa_url).values()) == {2}  # once by each follower
     bad = _cli(store_url, tmp_path, "follow", "audit", "--handler", "my_reactions", "--once")
     assert bad.returncode == 2  # a usage error, found before the database is opened
     assert "must be module:function" in bad.stderr
