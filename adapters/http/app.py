@@ -76,6 +76,7 @@ from flowstore.adapters.http.schemas import (
     nul_errors,
 )
 from flowstore.adapters.http.websocket import FlowSocket
+from flowstore.aio import AsyncFlowStore
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "FlowRouter", "create_app", "create_router"]
 
@@ -399,7 +400,7 @@ class FlowRouter(APIRouter):
 
 
 def create_router(
-    store: FlowStore,
+    store: FlowStore | AsyncFlowStore,
     verifier: TokenVerifier,
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -407,9 +408,12 @@ def create_router(
 ) -> FlowRouter:
     """Every HTTP and WebSocket endpoint over `store` as a router, authenticating with `verifier`.
 
-    `max_body_bytes` caps request bodies (413 above it; payloads are also held to the store's own
+    `store` may be the app's `AsyncFlowStore` (the endpoints use the store under it). `max_body_bytes`
+    caps request bodies (413 above it; payloads are also held to the store's own
     `max_payload_bytes`); `poll_interval` is how often the WebSocket pusher reads the event log.
     """
+    if isinstance(store, AsyncFlowStore):
+        store = store.store
     router = FlowRouter(store, verifier, max_body_bytes=max_body_bytes, poll_interval=poll_interval)
     sockets = router.sockets
     route_class = router.route_class

@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 from websockets.sync.client import connect
 
-from flowstore import FlowStore
+from flowstore import AsyncFlowStore, FlowStore
 from flowstore.adapters.http import FlowRouter, JwtVerifier, create_router
 from tests.e2e.http.conftest import SECRET, LiveServer, User
 from tests.flows import linear
@@ -50,7 +50,8 @@ def own_server(request: pytest.FixtureRequest, store_url: str) -> Iterator[tuple
     """The user's app over a store on a fresh database (both backends), served by uvicorn."""
     with FlowStore(store_url) as store:
         store.create_flow(linear("line"))
-        router = create_router(store, JwtVerifier(SECRET), poll_interval=0.05)
+        served = AsyncFlowStore.wrap(store) if request.param else store  # either is taken
+        router = create_router(served, JwtVerifier(SECRET), poll_interval=0.05)
         with LiveServer(_own_app(router, enter_running=request.param)) as live:
             yield live, store_url
 
