@@ -26,6 +26,11 @@ from flowstore.errors import (
     PayloadTooLargeError,
     PayloadValidationError,
     ProjectionLagError,
+    RebuildRunningError,
+    StateTokenError,
+    StateTokenFlowError,
+    StateTokenFormatError,
+    StateTokenStepError,
     StorageUnavailableError,
 )
 from flowstore.models import (
@@ -40,6 +45,7 @@ from flowstore.models import (
     PerformanceMetrics,
     StepCount,
 )
+from flowstore.tokens import decode_state_token, encode_state_token
 
 if TYPE_CHECKING:
     from flowstore.adapters.alembic import include_name as alembic_include_name
@@ -111,11 +117,18 @@ __all__ = [
     "PayloadValidationError",
     "PerformanceMetrics",
     "ProjectionLagError",
+    "RebuildRunningError",
+    "StateTokenError",
+    "StateTokenFlowError",
+    "StateTokenFormatError",
+    "StateTokenStepError",
     "StepCount",
     "StorageConfigError",
     "StorageUnavailableError",
     "__version__",
     "alembic_include_name",
     "alembic_include_object",
+    "decode_state_token",
+    "encode_state_token",
     "metadata",
 ]
