@@ -20,7 +20,7 @@ from flowstore.adapters.kafka.tracking import TRACKING_TABLE as KAFKA_TRACKING_T
 from flowstore.eventlog import log_tables
 from flowstore.follow import FOLLOWERS
 from flowstore.keys import key_table
-from flowstore.projections.tables import REBUILD_SUFFIX, TRACKING, define_tables
+from flowstore.projections.tables import REBUILD_SUFFIX, define_tables, tracking_metadata
 from flowstore.storage import parse_url
 
 __all__ = ["include_name", "include_object", "is_flowstore_table", "metadata"]
@@ -40,7 +40,8 @@ def metadata(url: str | None = None) -> MetaData:
     for suffix in ("", REBUILD_SUFFIX):
         for table in define_tables(suffix).all:
             table.to_metadata(md)
-    for table in (TRACKING, KAFKA_TRACKING_TABLE, FOLLOWERS):
+    # The projections' bookkeeping (tracking, unreadable events, quarantine) shares one MetaData.
+    for table in (*tracking_metadata.tables.values(), KAFKA_TRACKING_TABLE, FOLLOWERS):
         table.to_metadata(md)
     return md
 

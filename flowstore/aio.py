@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeAlias, TypeVar
 
-from flowstore.definitions import FlowDefinition
+from flowstore.definitions import FlowDefinition, FlowTransition
 from flowstore.domain import DomainEvent, InstanceEvent
 from flowstore.models import (
     FlowState,
@@ -336,9 +336,19 @@ class AsyncFlowStore:
 
     # Commands
 
-    async def reset_flow(self, user_id: str, flow_id: str, step: str | None = None) -> FlowState:
+    async def reset_flow(
+        self,
+        user_id: str,
+        flow_id: str,
+        step: str | None = None,
+        *,
+        service: str | None = None,
+        entity_id: str | None = None,
+    ) -> FlowState:
         """Start or restart the user's run (`FlowStore.reset_flow`)."""
-        return await self._run(self.store.reset_flow, user_id, flow_id, step)
+        return await self._run(
+            self.store.reset_flow, user_id, flow_id, step, service=service, entity_id=entity_id
+        )
 
     async def execute_transition(
         self,
@@ -346,9 +356,48 @@ class AsyncFlowStore:
         flow_id: str,
         transition: str,
         payload: dict[str, Any] | None = None,
+        *,
+        ok: bool = True,
+        message: str | None = None,
     ) -> FlowState:
         """Take a transition from the user's current step (`FlowStore.execute_transition`)."""
-        return await self._run(self.store.execute_transition, user_id, flow_id, transition, payload)
+        return await self._run(
+            self.store.execute_transition,
+            user_id,
+            flow_id,
+            transition,
+            payload,
+            ok=ok,
+            message=message,
+        )
+
+    async def advance(
+        self, user_id: str, flow_id: str, payload: dict[str, Any] | None = None
+    ) -> FlowState:
+        """Take the step's first transition the user does not choose (`FlowStore.advance`)."""
+        return await self._run(self.store.advance, user_id, flow_id, payload)
+
+    async def go_back(self, user_id: str, flow_id: str) -> FlowState:
+        """Return the user to the `previous` step (`FlowStore.go_back`)."""
+        return await self._run(self.store.go_back, user_id, flow_id)
+
+    async def get_available_transitions(
+        self, user_id: str, flow_id: str, *, explicit: bool | None = None
+    ) -> list[FlowTransition]:
+        """The transitions the user's current step offers (`FlowStore.get_available_transitions`)."""
+        return await self._run(
+            self.store.get_available_transitions, user_id, flow_id, explicit=explicit
+        )
+
+    async def state_token(self, user_id: str, flow_id: str) -> str:
+        """The user's state as an OwlMeans state token (`FlowStore.state_token`)."""
+        return await self._run(self.store.state_token, user_id, flow_id)
+
+    async def adopt_state_token(
+        self, user_id: str, token: str, *, sender: str | None = None
+    ) -> FlowState:
+        """Take over a flow handed over as a state token (`FlowStore.adopt_state_token`)."""
+        return await self._run(self.store.adopt_state_token, user_id, token, sender=sender)
 
     async def execute_transitions(
         self,
@@ -385,9 +434,11 @@ class AsyncFlowStore:
         """Every flow the user has state in (`FlowStore.get_user_flows`)."""
         return await self._run(self.store.get_user_flows, user_id)
 
-    async def get_flow_history(self, user_id: str, flow_id: str) -> list[FlowStateHistory]:
+    async def get_flow_history(
+        self, user_id: str, flow_id: str, *, max_bytes: int | None = None
+    ) -> list[FlowStateHistory]:
         """Every command on the user's flow (`FlowStore.get_flow_history`)."""
-        return await self._run(self.store.get_flow_history, user_id, flow_id)
+        return await self._run(self.store.get_flow_history, user_id, flow_id, max_bytes=max_bytes)
 
     async def get_flow_statistics(self, flow_id: str | None = None) -> FlowStatistics:
         """Usage and performance (`FlowStore.get_flow_statistics`)."""
@@ -436,6 +487,14 @@ class AsyncFlowStore:
     async def import_events(self, events: Iterable[DomainEvent], *, batch: int = 500) -> int:
         """Append events recorded elsewhere (`FlowStore.import_events`)."""
         return await self._run(self.store.import_events, events, batch=batch)
+
+    async def unreadable_events(self) -> list[dict[str, Any]]:
+        """Events the projections skipped as undecodable (`FlowStore.unreadable_events`)."""
+        return await self._run(self.store.unreadable_events)
+
+    async def quarantine_event(self, position: int, reason: str) -> dict[str, Any]:
+        """Move an unreadable event out of the log (`FlowStore.quarantine_event`)."""
+        return await self._run(self.store.quarantine_event, position, reason)
 
     async def log_position(self) -> int:
         """The newest event's notification id (`FlowStore.log_position`)."""

@@ -9,9 +9,11 @@ every change, whichever process made it, and exactly once across crashes, use `F
 | kind | event | `step` matches |
 |---|---|---|
 | `flow_started` | FlowStarted (a first transition or a reset) | the step entered |
-| `step_entered` | FlowStarted, TransitionExecuted, StateOverridden, FlowMigrated | the step entered |
+| `step_entered` | FlowStarted, TransitionExecuted, StateOverridden, FlowMigrated, FlowWentBack, FlowHandedOver | the step entered |
 | `transition_taken` | TransitionExecuted | the step entered |
 | `transition_rejected` | TransitionRejected | the step the user stayed at |
+| `went_back` | FlowWentBack (`go_back`) | the step returned to |
+| `handed_over` | FlowHandedOver (`adopt_state_token`) | the step taken over at |
 | `flow_completed` | FlowCompleted | the terminal step |
 | `flow_cleared` | FlowCleared | the step left |
 | `flow_expired` | FlowExpired | the step left |
@@ -32,8 +34,10 @@ from flowstore.domain import (
     FlowCompleted,
     FlowErased,
     FlowExpired,
+    FlowHandedOver,
     FlowMigrated,
     FlowStarted,
+    FlowWentBack,
     InstanceEvent,
     StateOverridden,
     TransitionExecuted,
@@ -50,9 +54,18 @@ Handler = Callable[[InstanceEvent], object]
 
 KINDS: dict[str, tuple[type[InstanceEvent], ...]] = {
     "flow_started": (FlowStarted,),
-    "step_entered": (FlowStarted, TransitionExecuted, StateOverridden, FlowMigrated),
+    "step_entered": (
+        FlowStarted,
+        TransitionExecuted,
+        StateOverridden,
+        FlowMigrated,
+        FlowWentBack,
+        FlowHandedOver,
+    ),
     "transition_taken": (TransitionExecuted,),
     "transition_rejected": (TransitionRejected,),
+    "went_back": (FlowWentBack,),
+    "handed_over": (FlowHandedOver,),
     "flow_completed": (FlowCompleted,),
     "flow_cleared": (FlowCleared,),
     "flow_expired": (FlowExpired,),
