@@ -25,6 +25,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeAlias, TypeVar
 
@@ -34,7 +35,10 @@ from flowstore.models import (
     FlowState,
     FlowStateHistory,
     FlowStatistics,
+    FlowStatus,
     FunnelStep,
+    HistoryKind,
+    InstancePage,
     MigrationReport,
 )
 from flowstore.reactions import Handler
@@ -412,6 +416,15 @@ class AsyncFlowStore:
         """Administrative override of a user's step (`FlowStore.set_flow_state`)."""
         return await self._run(self.store.set_flow_state, user_id, state)
 
+    async def set_flow_states(
+        self,
+        updates: Iterable[tuple[str, FlowState | Mapping[str, Any]] | Mapping[str, Any]],
+        *,
+        batch_size: int = 500,
+    ) -> list[FlowState | FlowError]:
+        """Many administrative overrides in one call (`FlowStore.set_flow_states`)."""
+        return await self._run(self.store.set_flow_states, updates, batch_size=batch_size)
+
     async def clear_flow_state(self, user_id: str, flow_id: str) -> None:
         """Forget where the user stands (`FlowStore.clear_flow_state`)."""
         return await self._run(self.store.clear_flow_state, user_id, flow_id)
@@ -430,23 +443,71 @@ class AsyncFlowStore:
         """Where the user stands in the flow (`FlowStore.get_flow_state`)."""
         return await self._run(self.store.get_flow_state, user_id, flow_id)
 
-    async def get_user_flows(self, user_id: str) -> list[FlowState]:
+    async def get_user_flows(
+        self, user_id: str, *, status: FlowStatus | str | None = None
+    ) -> list[FlowState]:
         """Every flow the user has state in (`FlowStore.get_user_flows`)."""
-        return await self._run(self.store.get_user_flows, user_id)
+        return await self._run(self.store.get_user_flows, user_id, status=status)
+
+    async def list_instances(
+        self,
+        flow_id: str,
+        *,
+        step: str | None = None,
+        status: FlowStatus | str | None = None,
+        idle_for: timedelta | float | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> InstancePage:
+        """A page of the flow's instances (`FlowStore.list_instances`)."""
+        return await self._run(
+            self.store.list_instances,
+            flow_id,
+            step=step,
+            status=status,
+            idle_for=idle_for,
+            limit=limit,
+            cursor=cursor,
+        )
 
     async def get_flow_history(
-        self, user_id: str, flow_id: str, *, max_bytes: int | None = None
+        self,
+        user_id: str,
+        flow_id: str,
+        *,
+        limit: int | None = None,
+        after: str | datetime | None = None,
+        before: str | datetime | None = None,
+        kinds: Iterable[HistoryKind | str] | None = None,
+        max_bytes: int | None = None,
     ) -> list[FlowStateHistory]:
-        """Every command on the user's flow (`FlowStore.get_flow_history`)."""
-        return await self._run(self.store.get_flow_history, user_id, flow_id, max_bytes=max_bytes)
+        """Commands on the user's flow, oldest first (`FlowStore.get_flow_history`)."""
+        return await self._run(
+            self.store.get_flow_history,
+            user_id,
+            flow_id,
+            limit=limit,
+            after=after,
+            before=before,
+            kinds=kinds,
+            max_bytes=max_bytes,
+        )
 
-    async def get_flow_statistics(self, flow_id: str | None = None) -> FlowStatistics:
+    async def get_flow_statistics(
+        self,
+        flow_id: str | None = None,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> FlowStatistics:
         """Usage and performance (`FlowStore.get_flow_statistics`)."""
-        return await self._run(self.store.get_flow_statistics, flow_id)
+        return await self._run(self.store.get_flow_statistics, flow_id, since=since, until=until)
 
-    async def get_flow_funnel(self, flow_id: str) -> list[FunnelStep]:
+    async def get_flow_funnel(
+        self, flow_id: str, *, since: datetime | None = None, until: datetime | None = None
+    ) -> list[FunnelStep]:
         """Per step: entered, moved on, dropped, active (`FlowStore.get_flow_funnel`)."""
-        return await self._run(self.store.get_flow_funnel, flow_id)
+        return await self._run(self.store.get_flow_funnel, flow_id, since=since, until=until)
 
     async def recover_flow_state(self, user_id: str, flow_id: str) -> FlowState | None:
         """Rebuild one instance's rows from its events (`FlowStore.recover_flow_state`)."""

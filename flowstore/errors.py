@@ -23,6 +23,7 @@
      │    └── StateTokenStepError               STATE_TOKEN_UNKNOWN_STEP
      ├── StorageConfigError (ValueError)        STORAGE_CONFIG_INVALID
      ├── FollowerBusyError                      FOLLOWER_BUSY
+     ├── StoreClosedError (RuntimeError)        STORE_CLOSED
      │   at the HTTP boundary (flowstore.adapters.http):
      ├── RequestInvalidError (ValueError)       REQUEST_INVALID
      ├── AuthenticationError                    UNAUTHENTICATED
@@ -84,6 +85,7 @@ __all__ = [
     "StateTokenStepError",
     "StorageConfigError",
     "StorageUnavailableError",
+    "StoreClosedError",
     "TopicIncompleteError",
 ]
 
@@ -295,6 +297,15 @@ class StorageUnavailableError(FlowError, OSError):
         )
         self.backend = backend
         self.action = action
+
+
+class StoreClosedError(FlowError, RuntimeError):
+    """The store was closed (`close()`, or the end of its `with` block): open a new one."""
+
+    code = "STORE_CLOSED"
+
+    def __init__(self, action: str = "used") -> None:
+        super().__init__(f"The FlowStore is closed and cannot be {action}", action=action)
 
 
 class ProjectionLagError(FlowError, TimeoutError):

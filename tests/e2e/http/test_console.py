@@ -355,6 +355,26 @@ def test_a_window_counts_only_what_happened_in_it() -> None:
         )
 
 
+def test_a_window_is_read_from_the_activity_table_not_folded_from_the_log(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    with FlowStore("memory://", clock=clock) as store:
+        store.create_flow(onboarding())
+        store.execute_transition("ann", ONBOARDING, "start")
+        clock.advance(60)
+        store.sync_projections()  # the projector reads the log; the console must not
+
+        def no_log_reads(*args: object) -> None:
+            raise AssertionError("the console folded the event log")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(store, "read_events", no_log_reads)
+            hour = LogWindows(store, clock=clock).summary(ONBOARDING, WINDOWS[1])
+        assert hour.runs_started == 1
+        assert {s.step: s.entered for s in hour.steps}["profile-setup"] == 1
+
+
 def test_a_window_holding_the_whole_log_agrees_with_the_stores_counters() -> None:
     clock = Clock()
     with FlowStore("memory://", clock=clock) as store:
