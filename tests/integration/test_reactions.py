@@ -422,7 +422,7 @@ def test_the_cli_runs_a_follower_with_a_handler_of_the_app(
     assert "must be module:function" in bad.stderr
     missing = _cli(store_url, tmp_path, "follow", "audit", "--handler", "nope:record", "--once")
     assert missing.returncode == 5
-    assert "error[INVALID_ARGUMENT]" in missing.stderr
+    assert "INVALID_ARGUMENT" in missing.stdout + missing.stderr  # --json: the error as JSON
 
 
 def test_a_standby_takes_over_when_the_active_follower_stops(
