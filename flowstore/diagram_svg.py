@@ -323,7 +323,8 @@ def layout(definition: FlowDefinition, stats: DiagramStats | None = None) -> Lay
             # A loop back to an earlier step: a dashed arc under all the rows, each one lower
             # than the last so they stay apart.
             depth += 1
-            low = floor + 10 + 22 * depth
+            # Below the loops on single steps (and their labels), when there are any.
+            low = floor + (44 if any(e.source == e.target for e in edges) else 10) + 22 * depth
             s_bottom, t_bottom = source.y + source.height / 2, target.y + target.height / 2
             edge.points = [
                 (source.x, s_bottom),
@@ -355,7 +356,7 @@ def layout(definition: FlowDefinition, stats: DiagramStats | None = None) -> Lay
             below.label_at = (lx, max(ly, above.label_at[1] + _LABEL_H))
     lowest = max(
         (max(y for _, y in e.points) for e in edges if e.back or e.source == e.target),
-        default=floor,
+        default=floor - 32,
     )
     height = max(floor, lowest + 32) + _MARGIN
     init = nodes.get(definition.initial_step)
