@@ -443,3 +443,45 @@ def test_an_unknown_idle_choice_or_cursor_is_refused(server: Server) -> None:
         assert bad.status_code == 422
         assert "not a cursor" in bad.text
         assert client.get("/ui/flows/nope/activity").status_code == 404
+
+
+# The README's pictures
+
+
+README_PAGES = [
+    ("flows", "/ui/flows", "Flows"),
+    ("flow", f"/ui/flows/{ONBOARDING}", ONBOARDING),
+    ("funnel", f"/ui/flows/{ONBOARDING}/funnel", f"Funnel of {ONBOARDING}"),
+    ("activity", f"/ui/flows/{ONBOARDING}/activity", f"Activity of {ONBOARDING}"),
+    (
+        "stuck",
+        f"/ui/flows/{ONBOARDING}/stuck?idle=5m&step=profile-setup",
+        f"Where users get stuck in {ONBOARDING}",
+    ),
+    ("users", "/ui/users?user=user-02", "Users"),
+    ("operations", "/ui/operations", "Operations"),
+]
+
+
+def test_each_page_renders_for_the_readme(browser: Browser, without_dot: Server) -> None:
+    # Small screenshots (0.6 device pixels per CSS pixel, the top 1,500 CSS pixels) for docs/console/.
+    context = browser.new_context(
+        base_url=without_dot.url, viewport={"width": 1200, "height": 900}, device_scale_factor=0.6
+    )
+    page = context.new_page()
+    try:
+        page.goto(f"/ui?token={ADMIN}")
+        expect(page).to_have_url(re.compile(r"/ui/flows$"))
+        folder = ARTIFACTS / "readme"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, path, heading in README_PAGES:
+            page.goto(path)
+            expect(page.get_by_role("heading", level=1)).to_contain_text(heading)
+            height = min(1500, page.evaluate("document.documentElement.scrollHeight"))
+            page.screenshot(
+                path=str(folder / f"{name}.png"),
+                full_page=True,
+                clip={"x": 0, "y": 0, "width": 1200, "height": height},
+            )
+    finally:
+        context.close()
