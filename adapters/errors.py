@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from flowstore.errors import FlowError
 
-__all__ = ["DIFFERENCES_EXIT_CODE", "ErrorMapping", "mapping_for"]
+__all__ = ["DIFFERENCES_EXIT_CODE", "ErrorMapping", "known_codes", "mapping_for"]
 
 DIFFERENCES_EXIT_CODE = 8
 """`flowstore projections verify` (and `flowstore audit`) found the tables or topic disagreeing."""
@@ -48,6 +48,12 @@ _BY_CODE: dict[str, ErrorMapping] = {
     # Raised by the web console (adapters/http/console), only ever seen by browsers.
     "CSRF_INVALID": ErrorMapping(403, 1),
     "OPERATION_RUNNING": ErrorMapping(409, 1),
+    # Raised by the Kafka adapter (adapters/kafka): the broker is down (retry later), another
+    # publisher holds the lock, a message is not ours, the topic cannot be restored from.
+    "KAFKA_UNAVAILABLE": ErrorMapping(503, 9),
+    "KAFKA_PUBLISHER_LOCK": ErrorMapping(409, 4),
+    "KAFKA_ENVELOPE_INVALID": ErrorMapping(422, 5),
+    "KAFKA_TOPIC_INCOMPLETE": ErrorMapping(422, 8),
 }
 _DEFAULT = ErrorMapping(500, 1)
 
@@ -55,3 +61,8 @@ _DEFAULT = ErrorMapping(500, 1)
 def mapping_for(error: FlowError) -> ErrorMapping:
     """The HTTP status and exit code for an error (by its stable `code`)."""
     return _BY_CODE.get(error.code, _DEFAULT)
+
+
+def known_codes() -> frozenset[str]:
+    """Every code this map names (a test checks each FlowError subclass has its own entry)."""
+    return frozenset(_BY_CODE)

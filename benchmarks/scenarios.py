@@ -363,7 +363,7 @@ def rebuild(urls: Callable[[], str], backend: str, events: int) -> Row:
             store.execute_transitions(
                 [(u, "loop", "tick", PAYLOAD) for u in users], batch_size=1000
             )
-        recorder = store._app.recorder
+        recorder = store._log.app.recorder
         began, count, start = time.perf_counter(), 0, 1
         while page := recorder.select_notifications(start, 5000):
             count += len(page)

@@ -15,10 +15,16 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic.alias_generators import to_camel
 
-from flowstore.errors import DefinitionError, PayloadTooLargeError, PayloadValidationError
+from flowstore.errors import (
+    DefinitionError,
+    InvalidArgumentError,
+    PayloadTooLargeError,
+    PayloadValidationError,
+)
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
+    "ERASED_USER_PREFIX",
     "MAX_DEFINITION_BYTES",
     "MAX_JSON_DEPTH",
     "MAX_NAME_LENGTH",
@@ -30,6 +36,7 @@ __all__ = [
     "has_control_characters",
     "parse_definition",
     "reachable_steps",
+    "require_id",
     "update_definition",
 ]
 
@@ -128,6 +135,27 @@ class FlowDefinition(_SeedModel):
 
 
 _UPDATABLE = set(FlowDefinition.model_fields) - {"version"}
+
+
+ERASED_USER_PREFIX = "erased:"
+"""What an erased user's events carry as their user id: this prefix and the erased key's subject.
+Reserved: no user id given to a command may start with it."""
+
+
+def require_id(value: object, name: str) -> str:
+    """`value` if it is a usable id (a non-blank string of printable characters), else
+    `InvalidArgumentError` naming the argument."""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(name, value, f"must be a string, not {type(value).__name__}")
+    if not value.strip():
+        raise InvalidArgumentError(name, value, "must not be empty")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidArgumentError(name, value[:40] + "...", f"longer than {MAX_NAME_LENGTH}")
+    if has_control_characters(value):
+        raise InvalidArgumentError(name, value, "contains a control character or lone surrogate")
+    if name == "user_id" and value.startswith(ERASED_USER_PREFIX):
+        raise InvalidArgumentError(name, value, f"{ERASED_USER_PREFIX!r} marks erased users")
+    return value
 
 
 def has_control_characters(text: str) -> bool:

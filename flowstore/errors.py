@@ -14,13 +14,30 @@
      ├── StorageUnavailableError (OSError)      STORAGE_UNAVAILABLE
      ├── ProjectionLagError (TimeoutError)      PROJECTION_LAG
      ├── DefinitionError (ValueError)           DEFINITION_INVALID
-     └── PayloadValidationError (ValueError)    PAYLOAD_INVALID
-          └── PayloadTooLargeError              PAYLOAD_TOO_LARGE
+     ├── PayloadValidationError (ValueError)    PAYLOAD_INVALID
+     │    └── PayloadTooLargeError              PAYLOAD_TOO_LARGE
+     ├── StorageConfigError (ValueError)        STORAGE_CONFIG_INVALID
+     │   at the HTTP boundary (flowstore.adapters.http):
+     ├── RequestInvalidError (ValueError)       REQUEST_INVALID
+     ├── AuthenticationError                    UNAUTHENTICATED
+     ├── PermissionDeniedError                  FORBIDDEN
+     ├── AuthConfigError (ValueError)           AUTH_CONFIG_INVALID
+     ├── CsrfError                              CSRF_INVALID
+     ├── OperationRunningError                  OPERATION_RUNNING
+     │   at the Kafka boundary (flowstore.adapters.kafka):
+     ├── KafkaUnavailableError                  KAFKA_UNAVAILABLE
+     ├── PublisherLockError                     KAFKA_PUBLISHER_LOCK
+     ├── EnvelopeError (ValueError)             KAFKA_ENVELOPE_INVALID
+     └── TopicIncompleteError (ValueError)      KAFKA_TOPIC_INCOMPLETE
 
 Every error carries a stable `code` (used by the HTTP and CLI adapters to pick a status and an exit
 code, see `adapters/errors.py`) and a `details` mapping naming the offending values. Errors that are
 about bad input also derive from the fitting built-in, and a storage outage from `OSError`, so
 callers can catch `ValueError`, `LookupError` or `OSError` without importing flowstore.
+
+Every error pickles and unpickles as itself, with its code, message, details and attributes (a
+`ProcessPoolExecutor` worker can raise one), whatever its constructor's arguments. The errors of
+the adapters live here too, so that this tree is the whole list; the adapters re-export theirs.
 """
 
 from __future__ import annotations
@@ -29,10 +46,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
+    "AuthConfigError",
+    "AuthenticationError",
     "ConcurrencyConflictError",
     "CorruptEventError",
+    "CsrfError",
     "DefinitionError",
     "EncryptionKeyError",
+    "EnvelopeError",
     "FlowError",
     "FlowExistsError",
     "FlowNotFoundError",
@@ -41,10 +62,17 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidStepError",
     "InvalidTransitionError",
+    "KafkaUnavailableError",
+    "OperationRunningError",
     "PayloadTooLargeError",
     "PayloadValidationError",
+    "PermissionDeniedError",
     "ProjectionLagError",
+    "PublisherLockError",
+    "RequestInvalidError",
+    "StorageConfigError",
     "StorageUnavailableError",
+    "TopicIncompleteError",
 ]
 
 
@@ -61,6 +89,18 @@ class FlowError(Exception):
     def to_dict(self) -> dict[str, Any]:
         """The error as plain data: code, message and details (for HTTP, Kafka and the CLI)."""
         return {"code": self.code, "message": self.message, "details": dict(self.details)}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions pickle as `cls(*args)`, which fails or changes the message for any
+        # constructor that does not take the message alone: rebuild from the state instead.
+        return (_unpickle, (type(self), self.message, dict(self.__dict__)))
+
+
+def _unpickle(cls: type[FlowError], message: str, state: dict[str, Any]) -> FlowError:
+    error = cls.__new__(cls)
+    BaseException.__init__(error, message)
+    error.__dict__.update(state)
+    return error
 
 
 class FlowNotFoundError(FlowError, LookupError):
@@ -103,16 +143,29 @@ class InvalidTransitionError(FlowError, ValueError):
 
     code = "INVALID_TRANSITION"
 
-    def __init__(self, from_step: str, transition: str, *, flow_id: str, user_id: str) -> None:
+    def __init__(
+        self,
+        from_step: str,
+        transition: str,
+        *,
+        flow_id: str | None = None,
+        user_id: str | None = None,
+        **details: Any,
+    ) -> None:
+        # (from_step, transition) alone, as the seed constructs it; the store adds the rest.
+        where = f" in flow {flow_id!r}" if flow_id is not None else ""
+        known = {"flow_id": flow_id, "user_id": user_id}
         super().__init__(
-            f"Invalid transition {transition!r} from step {from_step!r} in flow {flow_id!r}",
+            f"Invalid transition {transition!r} from step {from_step!r}{where}",
             from_step=from_step,
             transition=transition,
-            flow_id=flow_id,
-            user_id=user_id,
+            **{key: value for key, value in known.items() if value is not None},
+            **details,
         )
         self.from_step = from_step
         self.transition = transition
+        self.flow_id = flow_id
+        self.user_id = user_id
 
 
 class InvalidStepError(FlowError, ValueError):
@@ -262,3 +315,92 @@ class PayloadTooLargeError(PayloadValidationError):
         super().__init__(
             f"Payload of {size} bytes exceeds the limit of {limit} bytes", size=size, limit=limit
         )
+
+
+class StorageConfigError(FlowError, ValueError):
+    """The database URL cannot be used."""
+
+    code = "STORAGE_CONFIG_INVALID"
+
+
+# The HTTP boundary (flowstore.adapters.http)
+
+
+class RequestInvalidError(FlowError, ValueError):
+    """The request does not match the API's schema (path, query, body or WebSocket message)."""
+
+    code = "REQUEST_INVALID"
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
+        super().__init__(f"Invalid request: {where}", errors=errors)
+
+
+class AuthenticationError(FlowError):
+    """No token, or a token that is malformed, forged or expired (HTTP 401)."""
+
+    code = "UNAUTHENTICATED"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message, reason=reason)
+        self.reason = reason
+
+
+class PermissionDeniedError(FlowError):
+    """The caller is authenticated but lacks the role the operation needs (HTTP 403)."""
+
+    code = "FORBIDDEN"
+
+    def __init__(self, role: str) -> None:
+        super().__init__(f"This operation needs the {role!r} role", role=role)
+
+
+class AuthConfigError(FlowError, ValueError):
+    """The server's token settings are missing or unusable (`flowstore serve` exits on it)."""
+
+    code = "AUTH_CONFIG_INVALID"
+
+
+class CsrfError(FlowError):
+    """A console POST without a valid CSRF token, or from another origin (HTTP 403)."""
+
+    code = "CSRF_INVALID"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Request refused: {reason}", reason=reason)
+
+
+class OperationRunningError(FlowError):
+    """An operation was asked for while another one is still running (HTTP 409)."""
+
+    code = "OPERATION_RUNNING"
+
+    def __init__(self, what: str, *, job: str, action: str) -> None:
+        super().__init__(f"{what} is still running (job {job})", job=job, action=action)
+
+
+# The Kafka boundary (flowstore.adapters.kafka)
+
+
+class KafkaUnavailableError(FlowError):
+    """The Kafka brokers could not be reached (or refused the request)."""
+
+    code = "KAFKA_UNAVAILABLE"
+
+
+class PublisherLockError(FlowError):
+    """The publisher lock is not (or no longer) held: another publisher may be active."""
+
+    code = "KAFKA_PUBLISHER_LOCK"
+
+
+class EnvelopeError(FlowError, ValueError):
+    """A message is not a flowstore event envelope, or names an event type this version lacks."""
+
+    code = "KAFKA_ENVELOPE_INVALID"
+
+
+class TopicIncompleteError(FlowError, ValueError):
+    """The topic lacks events (a hole in some aggregate's versions): it cannot be restored."""
+
+    code = "KAFKA_TOPIC_INCOMPLETE"

@@ -29,6 +29,7 @@ from uuid import uuid4
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from flowstore.definitions import ERASED_USER_PREFIX
 from flowstore.storage import StorageConfig
 
 __all__ = [
@@ -45,8 +46,6 @@ __all__ = [
 PERSONAL_FIELDS = ("user_id", "payload", "error")
 """The fields of instance events that say something about a person; sealed with the user's key."""
 
-ERASED_USER_PREFIX = "erased:"
-"""What an erased user's events carry as their user id: this prefix and the erased key's subject."""
 
 _NONCE = 12
 _KEY_BITS = 256

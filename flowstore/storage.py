@@ -15,18 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from flowstore.errors import FlowError
+from flowstore.errors import StorageConfigError
 
 __all__ = ["DEFAULT_URL", "StorageConfig", "StorageConfigError", "parse_url", "resolve_url"]
 
 DEFAULT_URL = "sqlite:///flowstore.db"
 """The embedded default: a SQLite file in the working directory."""
-
-
-class StorageConfigError(FlowError, ValueError):
-    """The database URL cannot be used."""
-
-    code = "STORAGE_CONFIG_INVALID"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""The read models in SQL: catch-up (exactly once), rebuild with a swap, verify, repair, queries.
+"""The read models in SQL, the runner: catch-up (exactly once) and rebuild with a swap.
+
+Queries are in `flowstore.projections.queries`, verify/repair in `flowstore.projections.verify`;
+`SqlProjections` puts the three together over one set of tables.
 
 Exactly once: every batch of events is applied in one transaction that also moves the projection's
 tracking row, and the tracking row is locked first (`SELECT ... FOR UPDATE` on PostgreSQL,
@@ -9,12 +12,9 @@ them, and a crash between two batches leaves the tables exactly at the last comm
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -22,13 +22,10 @@ from sqlalchemy import (
     Connection,
     Engine,
     Table,
-    and_,
     bindparam,
     create_engine,
     delete,
-    distinct,
     event,
-    func,
     inspect,
     select,
     text,
@@ -38,16 +35,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.pool import StaticPool
 
 from flowstore.domain import DomainEvent
-from flowstore.models import (
-    FlowStateHistory,
-    FlowStatistics,
-    FlowStatus,
-    FunnelStep,
-    PerformanceMetrics,
-    StepCount,
-)
 from flowstore.projections.batch import RowBatch, StateKey
+from flowstore.projections.queries import Queries, percentile, row_dict
 from flowstore.projections.tables import REBUILD_SUFFIX, TRACKING, ProjectionTables, define_tables
+from flowstore.projections.verify import Difference, EventPage, Verification
 from flowstore.storage import StorageConfig
 
 __all__ = [
@@ -60,39 +51,8 @@ __all__ = [
 PROJECTION = "flowstore"
 _PAGE = 1000
 
-EventPage = Callable[[int, int], Sequence[tuple[int, DomainEvent]]]
-"""Reads up to `limit` events with notification ids >= `start`: (start, limit) -> [(id, event)]."""
 
 log = logging.getLogger(__name__)
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """The nearest-rank q-th percentile (0 < q <= 100) of the samples; 0.0 when there are none."""
-    if not samples:
-        return 0.0
-    ordered = sorted(samples)
-    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
-
-
-@dataclass(frozen=True)
-class Difference:
-    """One row where the tables disagree with the log."""
-
-    table: str
-    key: tuple[Any, ...]
-    key_names: tuple[str, ...]
-    problem: str
-    """"missing row", "extra row" or "wrong <field>"."""
-    expected: Any = None
-    actual: Any = None
-
-    def describe(self) -> str:
-        """One readable line naming the row (user id and flow id where the table has them)."""
-        where = ", ".join(f"{n}={k!r}" for n, k in zip(self.key_names, self.key, strict=True))
-        text_ = f"{self.table} ({where}): {self.problem}"
-        if self.problem.startswith("wrong"):
-            text_ += f" (log says {self.expected!r}, table has {self.actual!r})"
-        return text_
 
 
 def _json(value: Any) -> str:
@@ -100,18 +60,7 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _utc(value: Any) -> Any:
-    # SQLite keeps no time zone: everything stored is UTC, so naive values read back are UTC.
-    if isinstance(value, datetime) and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-def _row(mapping: Any) -> dict[str, Any]:
-    return {k: _utc(v) for k, v in dict(mapping).items()}
-
-
-class SqlProjections:
+class SqlProjections(Queries, Verification):
     """The projection tables of one store, and everything that reads or writes them."""
 
     def __init__(self, config: StorageConfig) -> None:
@@ -250,7 +199,7 @@ class SqlProjections:
             if cache is not None and key in cache.states:
                 return cache.states[key]
             found = conn.execute(state_query, {"user": key[0], "flow": key[1]}).first()
-            return _row(found._mapping) if found else None
+            return row_dict(found._mapping) if found else None
 
         def load_attempts(flow_id: str) -> int:
             if cache is not None and flow_id in cache.attempts:
@@ -389,294 +338,23 @@ class SqlProjections:
             for index in live.indexes:
                 index.create(conn)
 
-    # Verify and repair
 
-    def expected(self, read: EventPage, up_to: int) -> RowBatch:
-        """The tables as the log up to `up_to` says they should be (replayed in memory)."""
-        batch = RowBatch()
-        start = 1
-        while events := read(start, _PAGE):
-            batch.apply_all(e for n, e in events if n <= up_to)
-            if events[-1][0] >= up_to:
-                break
-            start = events[-1][0] + 1
-        batch.forget_old_throughput()
-        return batch
 
-    def _expected_rows(self, batch: RowBatch) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
-        t = self.tables
-        counters = [c.name for c in t.counters.columns if c.name != "flow_id"]
-        return {
-            t.states.name: {k: r for k, r in batch.states.items() if r is not None},
-            t.history.name: {(r["user_id"], r["flow_id"], r["version"]): r for r in batch.history},
-            t.counters.name: {
-                (f,): {"flow_id": f, **{c: d.get(c, 0) for c in counters}}
-                for f, d in batch.counters.items()
-            },
-            t.steps.name: {
-                (f, s): {
-                    "flow_id": f,
-                    "step": s,
-                    **{c: d.get(c, 0) for c in ("entered", "moved_on", "dropped")},
-                }
-                for (f, s), d in batch.steps.items()
-            },
-            t.samples.name: {
-                (f, slot): {"flow_id": f, "slot": slot, "elapsed_ms": ms}
-                for (f, slot), ms in batch.samples.items()
-            },
-            t.throughput.name: {
-                (f, s): {"flow_id": f, "second": s, "attempts": n}
-                for (f, s), n in batch.throughput.items()
-            },
-        }
 
-    def snapshot(self) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
-        """Every row of every live table, keyed by table name and primary key."""
-        with self._read() as conn:
-            return self._actual_rows(conn)
 
-    def _actual_rows(self, conn: Connection) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
-        actual: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {}
-        for table in self.tables.all:
-            keys = [c.name for c in table.primary_key.columns]
-            rows = (_row(r._mapping) for r in conn.execute(select(table)))
-            actual[table.name] = {tuple(r[k] for k in keys): r for r in rows}
-        return actual
 
-    def _compare(
-        self,
-        expected: dict[str, dict[tuple[Any, ...], dict[str, Any]]],
-        actual: dict[str, dict[tuple[Any, ...], dict[str, Any]]],
-    ) -> list[Difference]:
-        found: list[Difference] = []
-        names = {t.name: tuple(c.name for c in t.primary_key.columns) for t in self.tables.all}
-        for table, rows in expected.items():
-            have = actual.get(table, {})
-            keys = names[table]
-            for key, row in rows.items():
-                if key not in have:
-                    found.append(Difference(table, key, keys, "missing row", row))
-                    continue
-                for column, value in row.items():
-                    if not _same(value, have[key].get(column)):
-                        found.append(
-                            Difference(
-                                table, key, keys, f"wrong {column}", value, have[key].get(column)
-                            )
-                        )
-            found.extend(
-                Difference(table, key, keys, "extra row", None, have[key])
-                for key in have.keys() - rows.keys()
-            )
-        return found
 
-    def verify(self, read: EventPage) -> list[Difference]:
-        """Every difference between the tables and a replay of the log up to the tracking position."""
-        with self._locked() as (conn, position):
-            return self._compare(
-                self._expected_rows(self.expected(read, position)), self._actual_rows(conn)
-            )
 
-    def repair(
-        self, read: EventPage, *, user_id: str | None = None, flow_id: str | None = None
-    ) -> list[Difference]:
-        """Rewrite exactly the rows that differ (optionally only one user's / one flow's)."""
-        with self._locked() as (conn, position):
-            expected = self._expected_rows(self.expected(read, position))
-            differences = [
-                d
-                for d in self._compare(expected, self._actual_rows(conn))
-                if _concerns(d, user_id, flow_id)
-            ]
-            self._owned_position = None
-            by_name = {t.name: t for t in self.tables.all}
-            for difference in differences:
-                table = by_name[difference.table]
-                keys = [c.name for c in table.primary_key.columns]
-                match = and_(*(table.c[k] == v for k, v in zip(keys, difference.key, strict=True)))
-                conn.execute(delete(table).where(match))
-                row = expected[difference.table].get(difference.key)
-                if row is not None:
-                    conn.execute(table.insert(), [row])
-            return _dedupe(differences)
 
-    def recover(
-        self, key: StateKey, read_instance: Callable[[], Sequence[DomainEvent]], read: EventPage
-    ) -> None:
-        """Rewrite one instance's state and history rows from its own events.
 
-        Under the tracking lock: catch up, read the instance's events, and make sure nothing new
-        reached the log in between (else catch up again), so the rows written match the position.
-        """
-        t = self.tables
-        with self._locked() as (conn, position):
-            while True:
-                while more := read(position + 1, _PAGE):
-                    self._apply(conn, t, more)
-                    position = more[-1][0]
-                events = read_instance()
-                if not read(position + 1, 1):
-                    break
-            self._set_position(conn, position)
-            self._owned_position = None
-            batch = RowBatch().apply_all(events)
-            user, flow = key
-            conn.execute(
-                delete(t.states).where(t.states.c.user_id == user, t.states.c.flow_id == flow)
-            )
-            conn.execute(
-                delete(t.history).where(t.history.c.user_id == user, t.history.c.flow_id == flow)
-            )
-            row = batch.states.get(key)
-            if row is not None:
-                conn.execute(t.states.insert(), [row])
-            if batch.history:
-                conn.execute(t.history.insert(), batch.history)
 
-    # Queries
 
-    def user_flows(self, user_id: str) -> list[dict[str, Any]]:
-        """The user's live state rows (active or completed), oldest run first."""
-        s = self.tables.states
-        query = (
-            select(s)
-            .where(
-                s.c.user_id == user_id, s.c.status.in_([FlowStatus.ACTIVE, FlowStatus.COMPLETED])
-            )
-            .order_by(s.c.started_at, s.c.flow_id)
-        )
-        with self._read() as conn:
-            return [_row(r._mapping) for r in conn.execute(query)]
 
-    def history(self, user_id: str, flow_id: str) -> list[FlowStateHistory]:
-        """The instance's history rows, oldest first."""
-        h = self.tables.history
-        query = (
-            select(h).where(h.c.user_id == user_id, h.c.flow_id == flow_id).order_by(h.c.version)
-        )
-        with self._read() as conn:
-            rows = [_row(r._mapping) for r in conn.execute(query)]
-        return [
-            FlowStateHistory.model_validate(
-                {k: v for k, v in r.items() if k not in ("version", "meta")}
-                | {"metadata": r["meta"]}
-            )
-            for r in rows
-        ]
 
-    def expired(self, now: datetime) -> list[StateKey]:
-        """(user_id, flow_id) of active instances whose expiry has passed."""
-        s = self.tables.states
-        query = select(s.c.user_id, s.c.flow_id).where(
-            s.c.status == FlowStatus.ACTIVE, s.c.expires_at <= now
-        )
-        with self._read() as conn:
-            return [(r.user_id, r.flow_id) for r in conn.execute(query)]
 
-    def statistics(self, flow_id: str | None, *, now: datetime, window: float) -> FlowStatistics:
-        """The seed's statistics, read from the counter tables (no history scan)."""
-        t = self.tables
 
-        def only(table: Table) -> Any:
-            return table.c.flow_id == flow_id if flow_id is not None else True
 
-        c = t.counters.c
-        sums = select(
-            *(
-                func.coalesce(func.sum(col), 0)
-                for col in (
-                    c.started,
-                    c.completed,
-                    c.attempts,
-                    c.rejections,
-                    c.completed_duration_ms,
-                    c.response_ms_total,
-                )
-            )
-        ).where(only(t.counters))
-        active = select(func.count(distinct(t.states.c.user_id))).where(
-            t.states.c.status == FlowStatus.ACTIVE, only(t.states)
-        )
-        popular = (
-            select(t.steps.c.step, func.sum(t.steps.c.entered).label("n"))
-            .where(only(t.steps))
-            .group_by(t.steps.c.step)
-            .order_by(func.sum(t.steps.c.entered).desc(), t.steps.c.step)
-        )
-        now_second = int(now.timestamp())
-        recent = select(func.coalesce(func.sum(t.throughput.c.attempts), 0)).where(
-            only(t.throughput),
-            t.throughput.c.second > now_second - window,
-            t.throughput.c.second <= now_second,
-        )
-        with self._read() as conn:
-            started, completed, attempts, rejections, duration, response = conn.execute(sums).one()
-            steps = [StepCount(step=r.step, count=int(r.n)) for r in conn.execute(popular) if r.n]
-            samples = list(
-                conn.execute(select(t.samples.c.elapsed_ms).where(only(t.samples))).scalars()
-            )
-            return FlowStatistics(
-                total_flows=int(started),
-                active_users=int(conn.execute(active).scalar_one()),
-                completion_rate=completed / started if started else 0.0,
-                average_flow_duration=duration / completed if completed else 0.0,
-                popular_steps=steps,
-                error_rate=rejections / attempts if attempts else 0.0,
-                performance_metrics=PerformanceMetrics(
-                    average_response_time=response / attempts if attempts else 0.0,
-                    p95_response_time=percentile(samples, 95),
-                    throughput_per_second=int(conn.execute(recent).scalar_one()) / window,
-                ),
-            )
 
-    def funnel(self, flow_id: str) -> list[FunnelStep]:
-        """Per step: entered, moved on, dropped, and active now."""
-        t = self.tables
-        current = (
-            select(t.states.c.step, func.count().label("n"))
-            .where(t.states.c.flow_id == flow_id, t.states.c.status == FlowStatus.ACTIVE)
-            .group_by(t.states.c.step)
-        )
-        counts = select(t.steps).where(t.steps.c.flow_id == flow_id)
-        with self._read() as conn:
-            now_at = {r.step: int(r.n) for r in conn.execute(current)}
-            return [
-                FunnelStep(
-                    step=r.step,
-                    entered=r.entered,
-                    moved_on=r.moved_on,
-                    dropped=r.dropped,
-                    current=now_at.get(r.step, 0),
-                )
-                for r in conn.execute(counts)
-            ]
-
-    def table_names(self) -> list[str]:
-        """Names of the tables that exist in the database (for tests and the console)."""
-        return inspect(self.engine).get_table_names()
-
-    def instances(self, flow_id: str, status: FlowStatus) -> list[dict[str, Any]]:
-        """The flow's state rows with `status` (user_id, step, definition_version), by user id."""
-        s = self.tables.states
-        query = (
-            select(s.c.user_id, s.c.step, s.c.definition_version)
-            .where(s.c.flow_id == flow_id, s.c.status == status)
-            .order_by(s.c.user_id)
-        )
-        with self._read() as conn:
-            return [dict(r._mapping) for r in conn.execute(query)]
-
-    def transition_counts(self, flow_id: str) -> dict[tuple[str, str], int]:
-        """Accepted transitions of the flow so far, per (from_step, transition), all versions."""
-        h = self.tables.history
-        query = (
-            select(h.c.from_step, h.c.transition, func.count().label("n"))
-            .where(h.c.flow_id == flow_id, h.c.kind == "transition", h.c.success.is_(True))
-            .group_by(h.c.from_step, h.c.transition)
-        )
-        with self._read() as conn:
-            return {(r.from_step, r.transition): int(r.n) for r in conn.execute(query)}
 
 
 class _RowCache:
@@ -701,30 +379,6 @@ class _RowCache:
                     self.states[key] = None
         self.states.update(batch.states)
         self.attempts.update(batch.attempts)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        # Sums added in different batch groupings differ in the last bits.
-        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
-    return bool(a == b)
-
-
-def _concerns(difference: Difference, user_id: str | None, flow_id: str | None) -> bool:
-    key = difference.key
-    if difference.table.startswith(("flow_states", "flow_history")):
-        return (user_id is None or key[0] == user_id) and (flow_id is None or key[1] == flow_id)
-    return user_id is None and (flow_id is None or key[0] == flow_id)
-
-
-def _dedupe(differences: list[Difference]) -> list[Difference]:
-    seen: set[tuple[str, tuple[Any, ...]]] = set()
-    unique = []
-    for d in differences:
-        if (d.table, d.key) not in seen:
-            seen.add((d.table, d.key))
-            unique.append(d)
-    return unique
 
 
 def _immediate_transactions(engine: Engine) -> None:

@@ -222,7 +222,7 @@ def test_an_interrupted_erasure_is_finished_by_erasing_again(
         def crash(user_id: str) -> list[str]:
             raise RuntimeError("killed before the key was deleted")
 
-        monkeypatch.setattr(store._keys, "shred", crash)
+        monkeypatch.setattr(store._log.keys, "shred", crash)
         with pytest.raises(RuntimeError):
             store.erase_user("ann")
         monkeypatch.undo()

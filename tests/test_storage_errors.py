@@ -27,6 +27,7 @@ from flowstore import FlowError, FlowStore, HistoryKind, StorageUnavailableError
 from flowstore.adapters.cli import main
 from flowstore.adapters.errors import ErrorMapping, mapping_for
 from flowstore.domain import instance_id
+from flowstore.eventlog import storage_errors
 from flowstore.storage import parse_url
 from tests.flows import linear
 
@@ -91,13 +92,13 @@ def test_sqlalchemy_outages_are_storage_unavailable_too() -> None:
         pytest.raises(
             StorageUnavailableError, match=r"PostgreSQL .* reading failed: server closed$"
         ),
-        FlowStore._storage_errors(env, "reading"),
+        storage_errors(env, "reading"),
     ):
         raise cause
 
 
 def test_other_errors_pass_through_the_storage_check() -> None:
-    with pytest.raises(IntegrityError), FlowStore._storage_errors({}, "appending events"):
+    with pytest.raises(IntegrityError), storage_errors({}, "appending events"):
         raise IntegrityError("a conflict is not an outage")
 
 
@@ -110,13 +111,13 @@ def test_a_command_the_database_fails_raises_and_writes_nothing(
     before = store.execute_transition("ann", FLOW, "start")
     position = store.log_position()
     cause = OperationalError("server closed the connection unexpectedly")
-    monkeypatch.setattr(store._app.recorder, "insert_events", failing(cause))
+    monkeypatch.setattr(store._log.app.recorder, "insert_events", failing(cause))
     with pytest.raises(StorageUnavailableError, match="appending events failed") as caught:
         store.execute_transition("ann", FLOW, "continue")
     assert caught.value.__cause__ is cause
     assert caught.value.backend == ("SQLite" if store.config.backend == "sqlite" else "PostgreSQL")
     # No unsaved state is cached: the instance is read afresh, at the version the log holds.
-    cached = store._instances.get(instance_id("ann", FLOW))
+    cached = store._commands._instances.get(instance_id("ann", FLOW))
     assert cached is None or cached.version == before.version
     monkeypatch.undo()
     assert store.log_position() == position
@@ -129,7 +130,7 @@ def test_a_command_whose_read_fails_raises(
     store: FlowStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(
-        store._app.recorder, "select_events", failing(InterfaceError("connection is closed"))
+        store._log.app.recorder, "select_events", failing(InterfaceError("connection is closed"))
     )
     with pytest.raises(StorageUnavailableError, match="reading FlowInstance"):
         store.execute_transition("bob", FLOW, "start")
@@ -141,7 +142,7 @@ def test_a_definition_change_the_database_fails_raises_and_writes_nothing(
     store: FlowStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(
-        store._app.recorder, "insert_events", failing(OperationalError("disk I/O error"))
+        store._log.app.recorder, "insert_events", failing(OperationalError("disk I/O error"))
     )
     with pytest.raises(StorageUnavailableError, match="disk I/O error"):
         store.create_flow(linear("other"))
@@ -157,7 +158,7 @@ def test_a_transition_whose_acknowledgement_was_lost_is_applied_once(
 ) -> None:
     before = store.execute_transition("ann", FLOW, "start")
     position = store.log_position()
-    recorder = store._app.recorder
+    recorder = store._log.app.recorder
     monkeypatch.setattr(recorder, "insert_events", committing_then_losing_the_reply(recorder))
     state = store.execute_transition("ann", FLOW, "continue", {"nonce": "once"})
     assert (state.step, state.version) == ("preferences", before.version + 1)
@@ -177,7 +178,7 @@ def test_a_transition_whose_acknowledgement_was_lost_is_applied_once(
 def test_a_flow_definition_whose_acknowledgement_was_lost_is_created_once(
     store: FlowStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    recorder = store._app.recorder
+    recorder = store._log.app.recorder
     monkeypatch.setattr(recorder, "insert_events", committing_then_losing_the_reply(recorder))
     assert store.create_flow(linear("other")) == "other"  # not FlowExistsError from a retry
     assert [flow.flow for flow in store.list_flows()] == [FLOW, "other"]

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import jwt
 
-from flowstore import FlowError
+from flowstore.errors import AuthConfigError, AuthenticationError, PermissionDeniedError
 
 __all__ = [
     "ADMIN_ROLE",
@@ -33,31 +33,6 @@ ADMIN_ROLE = "admin"
 _MAX_USER_ID = 256
 # RFC 7518 3.2: an HS256 key must be at least as long as the hash output (256 bits).
 _MIN_SECRET_BYTES = 32
-
-
-class AuthenticationError(FlowError):
-    """No token, or a token that is malformed, forged or expired (HTTP 401)."""
-
-    code = "UNAUTHENTICATED"
-
-    def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message, reason=reason)
-        self.reason = reason
-
-
-class PermissionDeniedError(FlowError):
-    """The caller is authenticated but lacks the role the operation needs (HTTP 403)."""
-
-    code = "FORBIDDEN"
-
-    def __init__(self, role: str) -> None:
-        super().__init__(f"This operation needs the {role!r} role", role=role)
-
-
-class AuthConfigError(FlowError, ValueError):
-    """The server's token settings are missing or unusable (`flowstore serve` exits on it)."""
-
-    code = "AUTH_CONFIG_INVALID"
 
 
 @dataclass(frozen=True)

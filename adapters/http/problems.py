@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from flowstore import FlowError
 from flowstore.adapters.errors import mapping_for
+from flowstore.errors import RequestInvalidError
 
 __all__ = [
     "PROBLEM_MEDIA_TYPE",
@@ -30,16 +31,6 @@ __all__ = [
 ]
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
-
-
-class RequestInvalidError(FlowError, ValueError):
-    """The request does not match the API's schema (path, query, body or WebSocket message)."""
-
-    code = "REQUEST_INVALID"
-
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
-        where = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
-        super().__init__(f"Invalid request: {where}", errors=errors)
 
 
 class Problem(BaseModel):

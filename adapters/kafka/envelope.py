@@ -26,7 +26,7 @@ from pydantic.alias_generators import to_camel
 
 from flowstore import domain
 from flowstore.domain import DomainEvent, InstanceEvent
-from flowstore.errors import FlowError
+from flowstore.errors import EnvelopeError
 
 __all__ = [
     "EVENT_TYPES",
@@ -69,12 +69,6 @@ EVENT_TYPES: dict[str, type[DomainEvent]] = _event_classes()
 # Fields that live at the envelope's top level rather than in `data`.
 _LIFTED = ("user_id", "flow_id", "definition_version")
 _COMMON = {"originator_id", "originator_version", "timestamp"}
-
-
-class EnvelopeError(FlowError, ValueError):
-    """A message is not a flowstore event envelope, or names an event type this version lacks."""
-
-    code = "KAFKA_ENVELOPE_INVALID"
 
 
 def message_key(event: DomainEvent) -> bytes:

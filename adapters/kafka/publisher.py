@@ -41,7 +41,7 @@ from flowstore import FlowStore
 from flowstore.adapters.kafka.envelope import FlowEventEnvelope, message_key
 from flowstore.adapters.kafka.tracking import PublisherLock, PublisherTracking
 from flowstore.domain import DomainEvent
-from flowstore.errors import FlowError
+from flowstore.errors import KafkaUnavailableError, PublisherLockError
 
 __all__ = [
     "BOOTSTRAP_ENV",
@@ -70,12 +70,6 @@ TOPIC_ENV = "FLOWSTORE_KAFKA_TOPIC"
 # of the same partition overtake it; the publisher reports a stalled broker instead.
 _DELIVERY_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 _MAX_BACKOFF = 5.0
-
-
-class KafkaUnavailableError(FlowError):
-    """The Kafka brokers could not be reached (or refused the request)."""
-
-    code = "KAFKA_UNAVAILABLE"
 
 
 @dataclass(frozen=True)
@@ -163,12 +157,6 @@ def producer_settings(bootstrap: str, **overrides: Any) -> dict[str, Any]:
 
 class _StopRequestedError(Exception):
     """Raised inside a page when the publisher was asked to stop while the broker stalled."""
-
-
-class PublisherLockError(FlowError):
-    """The publisher lock is not (or no longer) held: another publisher may be active."""
-
-    code = "KAFKA_PUBLISHER_LOCK"
 
 
 class KafkaPublisher:

@@ -20,17 +20,11 @@ from flowstore.adapters.kafka.consumer import read_topic
 from flowstore.adapters.kafka.envelope import FlowEventEnvelope
 from flowstore.adapters.kafka.publisher import bootstrap_from_env, topic_from_env
 from flowstore.domain import DomainEvent
-from flowstore.errors import FlowError
+from flowstore.errors import TopicIncompleteError
 
 __all__ = ["RestoreReport", "TopicIncompleteError", "restore_from_kafka"]
 
 _SHOWN = 20
-
-
-class TopicIncompleteError(FlowError, ValueError):
-    """The topic lacks events (a hole in some aggregate's versions): it cannot be restored."""
-
-    code = "KAFKA_TOPIC_INCOMPLETE"
 
 
 @dataclass(frozen=True)

@@ -333,7 +333,7 @@ def test_an_append_whose_acknowledgement_was_lost_is_not_applied_twice(
     create_ring(url)
     with FlowStore(url) as store:
         store.execute_transition("ann", FLOW, "tick")
-        recorder = store._app.recorder
+        recorder = store._log.app.recorder
         real = recorder.insert_events
         calls = 0
 

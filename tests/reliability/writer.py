@@ -26,6 +26,7 @@ from flowstore import (
     FlowStore,
     InvalidTransitionError,
 )
+from flowstore.eventlog import backoff
 from tests.flows import ring
 from tests.reliability.ledger import nonce
 
@@ -44,9 +45,13 @@ class CountingStore(FlowStore):
 
     _counts = threading.local()
 
-    def _backoff(self, attempt: int) -> None:  # type: ignore[override]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._commands.backoff = self._backoff  # type: ignore[method-assign]
+
+    def _backoff(self, attempt: int) -> None:
         self._counts.retries = getattr(self._counts, "retries", 0) + 1
-        FlowStore._backoff(attempt)
+        backoff(attempt)
 
     def take_retries(self) -> int:
         """Retries since the last call, in this thread."""

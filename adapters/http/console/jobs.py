@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from flowstore import FlowError, FlowStore
+from flowstore import FlowStore
+from flowstore.errors import OperationRunningError
 
 __all__ = ["ACTIONS", "Job", "OperationRunningError", "Operations"]
 
@@ -30,19 +31,6 @@ ACTIONS: dict[str, str] = {
 """The operations, by the name in their URL, with their button label."""
 
 _SHOWN_DIFFERENCES = 20
-
-
-class OperationRunningError(FlowError):
-    """An operation was asked for while another one is still running (HTTP 409)."""
-
-    code = "OPERATION_RUNNING"
-
-    def __init__(self, running: Job) -> None:
-        super().__init__(
-            f"{ACTIONS[running.action]} is still running (job {running.id})",
-            job=running.id,
-            action=running.action,
-        )
 
 
 @dataclass
@@ -98,7 +86,7 @@ class Operations:
         with self._lock:
             for job in self._jobs.values():
                 if job.state == "running":
-                    raise OperationRunningError(job)
+                    raise OperationRunningError(ACTIONS[job.action], job=job.id, action=job.action)
             job = Job(id=str(next(self._ids)), action=action, started_by=started_by)
             self._jobs[job.id] = job
             while len(self._jobs) > self._keep:

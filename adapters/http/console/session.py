@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from flowstore import FlowError
 from flowstore.adapters.http.auth import AuthenticationError, Principal, TokenVerifier
+from flowstore.errors import CsrfError
 
 __all__ = [
     "CSRF_FIELD",
@@ -43,15 +43,6 @@ CSRF_HEADER = "X-CSRF-Token"
 """The header carrying the CSRF token (the console's script sends it)."""
 
 _LOGIN_FORM_SECONDS = 3600
-
-
-class CsrfError(FlowError):
-    """A console POST without a valid CSRF token, or from another origin (HTTP 403)."""
-
-    code = "CSRF_INVALID"
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"Request refused: {reason}", reason=reason)
 
 
 def _mac(key: bytes, purpose: str, value: str) -> str:

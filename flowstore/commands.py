@@ -1,0 +1,241 @@
+"""The write path: read the aggregate, decide with a pure function, append; retry on a conflict.
+
+Every command on a user's flow follows one path (`Commands.change_instance`): read the instance,
+decide the events with a function from `flowstore.domain`, append them. A concurrent append to the
+same instance makes the append fail on its version; the command then re-reads and decides again,
+so a transition is always validated against the state it is applied to. Definitions go through
+`Commands.append`. The caches here hold immutable values only (frozen aggregates, definitions).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import cast
+from uuid import UUID
+
+from eventsourcing.persistence import IntegrityError
+
+from flowstore.definitions import FlowDefinition, require_id
+from flowstore.domain import (
+    Decision,
+    DomainEvent,
+    FlowInstance,
+    FlowVersions,
+    definition_id,
+    instance_id,
+    project,
+)
+from flowstore.errors import (
+    ConcurrencyConflictError,
+    FlowNotFoundError,
+    FlowStateCorruptionError,
+    FlowStateNotFoundError,
+    StorageUnavailableError,
+)
+from flowstore.eventlog import EventLog, backoff
+from flowstore.models import FlowStatus
+
+__all__ = ["Commands", "definition_of", "is_expired"]
+
+_log = logging.getLogger(__name__)
+
+
+class Commands:
+    """Sequences commands against the log: caches, optimistic retries, definition listeners."""
+
+    def __init__(
+        self,
+        log: EventLog,
+        *,
+        clock: Callable[[], datetime],
+        max_retries: int,
+        cache_size: int,
+        definition_refresh: float,
+        written: Callable[[int], None],
+    ) -> None:
+        self.log = log
+        self.clock = clock
+        self.max_retries = max_retries
+        self.definition_refresh = definition_refresh
+        self._cache_size = cache_size
+        self._written = written  # told the log position after every append (the live projector)
+        self._cache_lock = threading.Lock()
+        self._instances: OrderedDict[UUID, FlowInstance] = OrderedDict()
+        self._definitions: dict[str, tuple[FlowVersions, float]] = {}
+        self._listeners: tuple[Callable[[str], None], ...] = ()
+
+    # Appending
+
+    def save(self, events: Sequence[DomainEvent], *, decided_here: bool = False) -> None:
+        """Append events (all or none) and hand the new position to the live projector."""
+        position = self.log.save(events, decided_here=decided_here)
+        if position:
+            self._written(position)
+
+    def change_instance(
+        self, user_id: str, flow_id: str, decide: Callable[[FlowInstance | None], Decision]
+    ) -> FlowInstance:
+        """Read, decide, append; on a concurrent append, read the fresh state and decide again."""
+        require_id(flow_id, "flow_id")
+        iid = instance_id(user_id, flow_id)
+        for attempt in range(self.max_retries):
+            # The first attempt trusts this process's last known state; if another writer moved
+            # the instance on, the append fails on its version and the retry reads it fresh.
+            instance = self.cached_instance(iid) if attempt == 0 else self.get_instance(iid)
+            decision = decide(instance)
+            if not decision.events:
+                if instance is None:
+                    raise FlowStateNotFoundError(user_id, flow_id)
+                return instance
+            try:
+                self.save(decision.events, decided_here=True)
+            except IntegrityError:
+                self.forget_instance(iid)
+                self.backoff(attempt)
+                continue
+            except StorageUnavailableError:
+                self.forget_instance(iid)  # a commit cut off in flight may still have landed
+                raise
+            updated = cast(FlowInstance, project(instance, decision.events))
+            self.remember_instance(updated)
+            if decision.error is not None:
+                raise decision.error
+            return updated
+        raise ConcurrencyConflictError(user_id, flow_id, self.max_retries)
+
+    def append(
+        self, decide: Callable[[], list[DomainEvent]], *, user_id: str, flow_id: str
+    ) -> None:
+        """Append definition/catalog events, deciding again after a concurrent append."""
+        for attempt in range(self.max_retries):
+            events = decide()  # reads through the log, which reports a storage outage
+            try:
+                self.save(events, decided_here=True)
+            except IntegrityError:
+                self.backoff(attempt)
+                continue
+            with self._cache_lock:
+                self._definitions.pop(flow_id, None)
+            self._definition_changed(flow_id)
+            return
+        raise ConcurrencyConflictError(user_id, flow_id, self.max_retries)
+
+    def backoff(self, attempt: int) -> None:
+        """Pause after the `attempt`th conflicting append (one place, so it can be observed)."""
+        backoff(attempt)
+
+    # Definition listeners
+
+    def on_definition_change(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call `listener(flow_id)` after a definition change made here; returns the remover."""
+        self._listeners = (*self._listeners, listener)
+
+        def remove() -> None:
+            self._listeners = tuple(known for known in self._listeners if known is not listener)
+
+        return remove
+
+    def _definition_changed(self, flow_id: str) -> None:
+        for listener in self._listeners:
+            try:
+                listener(flow_id)
+            except Exception:
+                # The change is already committed: a failing listener must not make it look
+                # failed to the caller, so it is logged and the others still run.
+                _log.exception("definition listener %r failed for flow %r", listener, flow_id)
+
+    # Reading aggregates
+
+    def get_instance(self, iid: UUID) -> FlowInstance | None:
+        """The instance as the log has it (not this process's cache)."""
+        return self.log.get(iid, FlowInstance)
+
+    def cached_instance(self, iid: UUID) -> FlowInstance | None:
+        """This process's last known state of the instance, else the log's."""
+        with self._cache_lock:
+            cached = self._instances.get(iid)
+            if cached is not None:
+                self._instances.move_to_end(iid)
+                return cached
+        return self.get_instance(iid)
+
+    def remember_instance(self, instance: FlowInstance) -> None:
+        """Cache the instance's newest state (least recently used ones go first)."""
+        with self._cache_lock:
+            self._instances[instance.id] = instance
+            self._instances.move_to_end(instance.id)
+            while len(self._instances) > self._cache_size:
+                self._instances.popitem(last=False)
+
+    def forget_instance(self, iid: UUID) -> None:
+        """Drop the cached state: the next command reads the instance from the log."""
+        with self._cache_lock:
+            self._instances.pop(iid, None)
+
+    def versions(self, flow_id: str) -> FlowVersions:
+        """Every version of the flow's definition (deleted or not); `FlowNotFoundError` if none."""
+        require_id(flow_id, "flow_id")
+        versions = self.log.get(definition_id(flow_id), FlowVersions)
+        if versions is None:
+            raise FlowNotFoundError(flow_id)
+        return versions
+
+    def live_versions(self, flow_id: str) -> FlowVersions:
+        """The flow's versions, or `FlowNotFoundError` if it does not exist or was deleted."""
+        versions = self.versions(flow_id)
+        if versions.deleted:
+            raise FlowNotFoundError(flow_id, f"Flow {flow_id!r} was deleted", deleted=True)
+        return versions
+
+    def command_versions(self, flow_id: str, needed_version: int) -> FlowVersions:
+        """The flow's definitions for a transition, cached for `definition_refresh` seconds.
+
+        Versions never change once written, so a cached copy is only stale about new versions and
+        deletion; this process's own changes drop the cache at once, other processes' are seen
+        within `definition_refresh` seconds (or at once if an instance needs a newer version).
+        """
+        now = time.monotonic()
+        with self._cache_lock:
+            cached = self._definitions.get(flow_id)
+        if (
+            cached is not None
+            and now - cached[1] < self.definition_refresh
+            and needed_version <= len(cached[0].definitions)
+        ):
+            return cached[0]
+        versions = self.live_versions(flow_id)
+        with self._cache_lock:
+            self._definitions[flow_id] = (versions, now)
+        return versions
+
+
+def definition_of(instance: FlowInstance, versions: FlowVersions) -> FlowDefinition:
+    """The definition version the instance runs on; corruption if it or its step is missing."""
+    definition = versions.get(instance.definition_version)
+    if definition is None:
+        raise FlowStateCorruptionError(
+            instance.user_id,
+            instance.flow_id,
+            f"runs on definition version {instance.definition_version}, which does not exist",
+        )
+    if instance.step is not None and definition.step(instance.step) is None:
+        raise FlowStateCorruptionError(
+            instance.user_id,
+            instance.flow_id,
+            f"step {instance.step!r} does not exist in version {instance.definition_version}",
+        )
+    return definition
+
+
+def is_expired(instance: FlowInstance, now: datetime) -> bool:
+    """An active instance whose ttl has run out."""
+    return (
+        instance.status is FlowStatus.ACTIVE
+        and instance.expires_at is not None
+        and instance.expires_at <= now
+    )

@@ -1,0 +1,276 @@
+"""The event log: eventsourcing's application and recorder, the codec, and the users' keys.
+
+`EventLog` is what the service appends to and reads from. It owns one eventsourcing `Application`
+(the recorder for the chosen backend, our orjson transcoder and sealing mapper), the users' keys
+(`flowstore.keys`) and, on SQLite, the process's write lock. It decides nothing: commands are
+decided in `flowstore.domain` and sequenced by `flowstore.commands`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, TypeVar, cast
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.cryptography import AESCipher
+from eventsourcing.persistence import (
+    IntegrityError,
+    InterfaceError,
+    InternalError,
+    Mapper,
+    OperationalError,
+    Transcoder,
+)
+
+from flowstore.codec import OrjsonTranscoder, PydanticMapper
+from flowstore.domain import DomainEvent, InstanceEvent, project
+from flowstore.errors import (
+    EncryptionKeyError,
+    FlowError,
+    FlowStateCorruptionError,
+    StorageUnavailableError,
+)
+from flowstore.keys import MemoryKeyStore, SqlKeyStore, UserKeys
+from flowstore.storage import StorageConfig
+
+__all__ = ["CIPHER_KEY_ENV", "EventLog", "backoff", "cipher_settings", "storage_errors"]
+
+T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
+
+_OPEN_ATTEMPTS = 5
+
+CIPHER_KEY_ENV = "FLOWSTORE_CIPHER_KEY"
+"""Base64 AES key (16, 24 or 32 bytes) that encrypts every event at rest."""
+
+
+def cipher_settings(cipher_key: str | None) -> dict[str, str]:
+    """The Application settings that encrypt the log with `cipher_key` (or `$FLOWSTORE_CIPHER_KEY`)."""
+    # eventsourcing looks settings up with the application's name as a prefix first, so both the
+    # plain and the FLOWSTORE_-prefixed names are set: the key given here is the only one used.
+    key = cipher_key if cipher_key is not None else os.environ.get(CIPHER_KEY_ENV, "")
+    if key:
+        try:
+            AESCipher.check_key_size(len(base64.b64decode(key, validate=True)))
+        except (ValueError, binascii.Error) as exc:
+            raise EncryptionKeyError(f"{CIPHER_KEY_ENV} is not a base64 AES key: {exc}") from None
+    topic = "eventsourcing.cryptography:AESCipher" if key else ""
+    return {
+        "CIPHER_KEY": key,
+        "FLOWSTORE_CIPHER_KEY": key,
+        "CIPHER_TOPIC": topic,
+        "FLOWSTORE_CIPHER_TOPIC": topic,
+    }
+
+
+@contextlib.contextmanager
+def storage_errors(env: Mapping[str, str], action: str) -> Iterator[None]:
+    """Raise `StorageUnavailableError` when the database fails under `action`.
+
+    Down, cut off or read-only: eventsourcing's OperationalError and InterfaceError (already
+    retried: ten attempts on PostgreSQL, each waiting up to POSTGRES_CONNECT_TIMEOUT for a
+    connection), and SQLAlchemy's (the projection tables). Other errors pass through.
+    """
+    try:
+        yield
+    except Exception as exc:
+        from sqlalchemy import exc as sql  # loaded already, by the keys and the projections
+
+        if not isinstance(
+            exc, OperationalError | InterfaceError | sql.OperationalError | sql.InterfaceError
+        ):
+            raise
+        module = env.get("PERSISTENCE_MODULE", "")
+        backend = {"eventsourcing.sqlite": "SQLite", "eventsourcing.postgres": "PostgreSQL"}
+        reason = str(getattr(exc, "orig", None) or exc)  # SQLAlchemy's names the statement
+        raise StorageUnavailableError(
+            backend.get(module, "The database"), action, reason or type(exc).__name__
+        ) from exc
+
+
+def backoff(attempt: int) -> None:
+    """Sleep a jittered, growing pause so that writers contending for one row stop colliding."""
+    time.sleep(random.uniform(0, 0.002 * (2 ** min(attempt, 6))))
+
+
+class _FlowApplication(Application[UUID]):
+    """The eventsourcing Application: orjson transcoder and pydantic mapper, immutable aggregates."""
+
+    # Not to be renamed: eventsourcing derives the PostgreSQL table names and the settings'
+    # prefix (FLOWSTORE_...) from it.
+    name = "FlowStore"
+
+    def construct_transcoder(self) -> Transcoder:
+        return OrjsonTranscoder()
+
+    def construct_mapper(self) -> Mapper[UUID]:
+        return self.factory.mapper(
+            transcoder=self.construct_transcoder(), mapper_class=PydanticMapper
+        )
+
+
+class EventLog:
+    """The append-only log of one store: append, read aggregates, read the total order."""
+
+    def __init__(
+        self, config: StorageConfig, env: dict[str, str], *, encrypted: bool, refresh: float
+    ) -> None:
+        self.config = config
+        self.env = env
+        # SQLite has one writer: threads of this process queue here, in order, rather than in
+        # SQLite's busy-wait, which starves some of them under load. PostgreSQL needs no such lock.
+        self.write_lock: AbstractContextManager[Any] = (
+            nullcontext() if config.backend == "postgres" else threading.Lock()
+        )
+        self.app = self._open(env)
+        try:
+            with storage_errors(config.env, "opening the store"):
+                self.keys = self._open_keys(refresh)
+                try:
+                    self._check_key(encrypted)
+                except BaseException:
+                    self.keys.close()
+                    raise
+        except BaseException:
+            self.app.close()
+            raise
+
+    @staticmethod
+    def _open(env: dict[str, str]) -> _FlowApplication:
+        # Processes starting together on one PostgreSQL database race on CREATE TABLE IF NOT EXISTS
+        # ("tuple concurrently updated", or a unique violation in pg_type); the loser just retries.
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                with storage_errors(env, "opening the event store"):
+                    app = _FlowApplication(env=env)
+            except (InternalError, IntegrityError):
+                if attempt == _OPEN_ATTEMPTS - 1:
+                    raise
+                backoff(attempt)
+                continue
+            # A read-only SQLite file opens fine and fails on the first write (a command, or the
+            # projections' bookkeeping): refuse it here, as SQLite itself decides (no write access).
+            path = env.get("SQLITE_DBNAME", "")
+            for file in (path, f"{path}-wal") if path else ():
+                if os.path.exists(file) and not os.access(file, os.W_OK):
+                    app.close()
+                    raise StorageUnavailableError(
+                        "SQLite", "opening the event store", f"{file} is read-only"
+                    )
+            return app
+        raise AssertionError("unreachable")
+
+    def _open_keys(self, refresh: float) -> UserKeys:
+        """The users' keys (see `flowstore.keys`), wrapped with the log's cipher if it has one."""
+        keys: UserKeys
+        if self.config.sqlalchemy_url is None:
+            keys = MemoryKeyStore(refresh=refresh)
+        else:
+            keys = SqlKeyStore(self.config, self.app.mapper.cipher, refresh=refresh)
+        cast(PydanticMapper, self.app.mapper).keys = keys
+        return keys
+
+    def _check_key(self, encrypted: bool) -> None:
+        """Refuse to open a log this store cannot read: a wrong key, or a missing one."""
+        first = self.app.recorder.select_notifications(1, 1)
+        if not first:
+            return
+        try:
+            self.app.mapper.to_domain_event(first[0])
+        except FlowError as exc:  # AES-GCM tag mismatch, or ciphertext fed to the JSON decoder
+            if not encrypted and first[0].state.startswith(b"{"):
+                return  # plain JSON, so not encrypted: merely corrupt, which reading it will say
+            hint = (
+                "the key does not match the one the log was written with"
+                if encrypted
+                else (f"the log is encrypted: set {CIPHER_KEY_ENV} or pass cipher_key")
+            )
+            raise EncryptionKeyError(f"Cannot read the event log: {hint}") from exc
+
+    def close(self) -> None:
+        """Release the keys' and the recorder's connections."""
+        self.keys.close()
+        self.app.close()
+
+    def errors(self, action: str) -> AbstractContextManager[None]:
+        """`storage_errors` for this log's backend."""
+        return storage_errors(self.config.env, action)
+
+    def save(self, events: Sequence[DomainEvent], *, decided_here: bool = False) -> int:
+        """Append events (all or none); return the log position after them (0: nothing new).
+
+        `decided_here` says the events were just decided by this store, stamped by its clock: then
+        a conflict where the log already holds these very events is our own append, committed but
+        unacknowledged (eventsourcing's PostgreSQL recorder retries an insert whose connection
+        dropped, and the retry meets the rows it wrote), and it counts as done. Events copied
+        from elsewhere (`import_events`) must not pass it: finding them stored proves nothing.
+        A real conflict raises eventsourcing's `IntegrityError`.
+        """
+        with self.errors("appending events"):
+            # The users' keys first, outside the write lock: creating one is a transaction of
+            # its own, and the mapper, sealing under the lock, then finds them cached.
+            for user in {e.user_id for e in events if isinstance(e, InstanceEvent)}:
+                self.keys.for_user(user)
+            try:
+                with self.write_lock:
+                    recordings = self.app.save(*events)
+            except IntegrityError:
+                if not decided_here:
+                    raise
+                first = events[0]  # the insert is atomic: the first event settles it for all
+                stored = self.app.events.get(
+                    first.originator_id,
+                    gt=first.originator_version - 1,
+                    lte=first.originator_version,
+                )
+                if list(stored) != [first]:
+                    raise
+                _log.warning(
+                    "append at %s v%d was committed but not acknowledged; counted once",
+                    first.originator_id,
+                    first.originator_version,
+                )
+                return self.app.recorder.max_notification_id() or 0  # past our events
+            return recordings[-1].notification.id if recordings else 0
+
+    def get(self, aggregate_id: UUID, kind: type[T]) -> T | None:
+        """The aggregate folded from its events (cached by eventsourcing), or None if it has none."""
+        try:
+            with self.errors(f"reading {kind.__name__} {aggregate_id}"):
+                aggregate: object = self.app.repository.get(
+                    aggregate_id, projector_func=cast(Any, project)
+                )
+        except AggregateNotFoundError:
+            return None
+        if not isinstance(aggregate, kind):
+            msg = f"aggregate {aggregate_id} is a {type(aggregate).__name__}, not {kind.__name__}"
+            raise FlowStateCorruptionError("*", "*", msg)
+        return aggregate
+
+    def events_of(self, aggregate_id: UUID) -> list[DomainEvent]:
+        """Every event of one aggregate, in version order."""
+        with self.errors(f"reading the events of {aggregate_id}"):
+            return cast(list[DomainEvent], list(self.app.events.get(aggregate_id)))
+
+    def read(self, start: int, limit: int = 1000) -> list[tuple[int, DomainEvent]]:
+        """Up to `limit` events of the total order from notification id `start` on."""
+        with self.errors("reading the log"):
+            page = self.app.recorder.select_notifications(start, limit)
+        events = cast(PydanticMapper, self.app.mapper).to_domain_events(page)
+        return [(n.id, event) for n, event in zip(page, events, strict=True)]
+
+    def position(self) -> int:
+        """The notification id of the newest event in the log (0 when the log is empty)."""
+        with self.errors("reading the log"):
+            return self.app.recorder.max_notification_id() or 0

@@ -1,0 +1,196 @@
+"""Queries on the read-model tables: a user's flows, history, statistics, funnel, instances."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, distinct, func, inspect, select
+
+from flowstore.models import (
+    FlowStateHistory,
+    FlowStatistics,
+    FlowStatus,
+    FunnelStep,
+    PerformanceMetrics,
+    StepCount,
+)
+from flowstore.projections.batch import StateKey
+from flowstore.projections.tables import ProjectionTables
+
+__all__ = ["Queries", "percentile", "row_dict"]
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The nearest-rank q-th percentile (0 < q <= 100) of the samples; 0.0 when there are none."""
+    if not samples:
+        return 0.0
+    ordered = sorted(samples)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+def _utc(value: Any) -> Any:
+    # SQLite keeps no time zone: everything stored is UTC, so naive values read back are UTC.
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def row_dict(mapping: Any) -> dict[str, Any]:
+    """A result row as a dict, its naive datetimes read as UTC."""
+    return {k: _utc(v) for k, v in dict(mapping).items()}
+
+
+class Queries:
+    """The read side of `SqlProjections` (a mixin: the runner provides the tables and connections)."""
+
+    tables: ProjectionTables
+    engine: Engine
+
+    def _read(self) -> AbstractContextManager[Connection]:
+        raise NotImplementedError  # the runner's: a connection that never takes the write lock
+
+    def user_flows(self, user_id: str) -> list[dict[str, Any]]:
+        """The user's live state rows (active or completed), oldest run first."""
+        s = self.tables.states
+        query = (
+            select(s)
+            .where(
+                s.c.user_id == user_id, s.c.status.in_([FlowStatus.ACTIVE, FlowStatus.COMPLETED])
+            )
+            .order_by(s.c.started_at, s.c.flow_id)
+        )
+        with self._read() as conn:
+            return [row_dict(r._mapping) for r in conn.execute(query)]
+
+    def history(self, user_id: str, flow_id: str) -> list[FlowStateHistory]:
+        """The instance's history rows, oldest first."""
+        h = self.tables.history
+        query = (
+            select(h).where(h.c.user_id == user_id, h.c.flow_id == flow_id).order_by(h.c.version)
+        )
+        with self._read() as conn:
+            rows = [row_dict(r._mapping) for r in conn.execute(query)]
+        return [
+            FlowStateHistory.model_validate(
+                {k: v for k, v in r.items() if k not in ("version", "meta")}
+                | {"metadata": r["meta"]}
+            )
+            for r in rows
+        ]
+
+    def expired(self, now: datetime) -> list[StateKey]:
+        """(user_id, flow_id) of active instances whose expiry has passed."""
+        s = self.tables.states
+        query = select(s.c.user_id, s.c.flow_id).where(
+            s.c.status == FlowStatus.ACTIVE, s.c.expires_at <= now
+        )
+        with self._read() as conn:
+            return [(r.user_id, r.flow_id) for r in conn.execute(query)]
+
+    def statistics(self, flow_id: str | None, *, now: datetime, window: float) -> FlowStatistics:
+        """The seed's statistics, read from the counter tables (no history scan)."""
+        t = self.tables
+
+        def only(table: Table) -> Any:
+            return table.c.flow_id == flow_id if flow_id is not None else True
+
+        c = t.counters.c
+        sums = select(
+            *(
+                func.coalesce(func.sum(col), 0)
+                for col in (
+                    c.started,
+                    c.completed,
+                    c.attempts,
+                    c.rejections,
+                    c.completed_duration_ms,
+                    c.response_ms_total,
+                )
+            )
+        ).where(only(t.counters))
+        active = select(func.count(distinct(t.states.c.user_id))).where(
+            t.states.c.status == FlowStatus.ACTIVE, only(t.states)
+        )
+        popular = (
+            select(t.steps.c.step, func.sum(t.steps.c.entered).label("n"))
+            .where(only(t.steps))
+            .group_by(t.steps.c.step)
+            .order_by(func.sum(t.steps.c.entered).desc(), t.steps.c.step)
+        )
+        now_second = int(now.timestamp())
+        recent = select(func.coalesce(func.sum(t.throughput.c.attempts), 0)).where(
+            only(t.throughput),
+            t.throughput.c.second > now_second - window,
+            t.throughput.c.second <= now_second,
+        )
+        with self._read() as conn:
+            started, completed, attempts, rejections, duration, response = conn.execute(sums).one()
+            steps = [StepCount(step=r.step, count=int(r.n)) for r in conn.execute(popular) if r.n]
+            samples = list(
+                conn.execute(select(t.samples.c.elapsed_ms).where(only(t.samples))).scalars()
+            )
+            return FlowStatistics(
+                total_flows=int(started),
+                active_users=int(conn.execute(active).scalar_one()),
+                completion_rate=completed / started if started else 0.0,
+                average_flow_duration=duration / completed if completed else 0.0,
+                popular_steps=steps,
+                error_rate=rejections / attempts if attempts else 0.0,
+                performance_metrics=PerformanceMetrics(
+                    average_response_time=response / attempts if attempts else 0.0,
+                    p95_response_time=percentile(samples, 95),
+                    throughput_per_second=int(conn.execute(recent).scalar_one()) / window,
+                ),
+            )
+
+    def funnel(self, flow_id: str) -> list[FunnelStep]:
+        """Per step: entered, moved on, dropped, and active now."""
+        t = self.tables
+        current = (
+            select(t.states.c.step, func.count().label("n"))
+            .where(t.states.c.flow_id == flow_id, t.states.c.status == FlowStatus.ACTIVE)
+            .group_by(t.states.c.step)
+        )
+        counts = select(t.steps).where(t.steps.c.flow_id == flow_id)
+        with self._read() as conn:
+            now_at = {r.step: int(r.n) for r in conn.execute(current)}
+            return [
+                FunnelStep(
+                    step=r.step,
+                    entered=r.entered,
+                    moved_on=r.moved_on,
+                    dropped=r.dropped,
+                    current=now_at.get(r.step, 0),
+                )
+                for r in conn.execute(counts)
+            ]
+
+    def table_names(self) -> list[str]:
+        """Names of the tables that exist in the database (for tests and the console)."""
+        return inspect(self.engine).get_table_names()
+
+    def instances(self, flow_id: str, status: FlowStatus) -> list[dict[str, Any]]:
+        """The flow's state rows with `status` (user_id, step, definition_version), by user id."""
+        s = self.tables.states
+        query = (
+            select(s.c.user_id, s.c.step, s.c.definition_version)
+            .where(s.c.flow_id == flow_id, s.c.status == status)
+            .order_by(s.c.user_id)
+        )
+        with self._read() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def transition_counts(self, flow_id: str) -> dict[tuple[str, str], int]:
+        """Accepted transitions of the flow so far, per (from_step, transition), all versions."""
+        h = self.tables.history
+        query = (
+            select(h.c.from_step, h.c.transition, func.count().label("n"))
+            .where(h.c.flow_id == flow_id, h.c.kind == "transition", h.c.success.is_(True))
+            .group_by(h.c.from_step, h.c.transition)
+        )
+        with self._read() as conn:
+            return {(r.from_step, r.transition): int(r.n) for r in conn.execute(query)}
