@@ -32,7 +32,8 @@ from sqlalchemy import DateTime as SqlDateTime
 from flowstore import FlowStore, InvalidArgumentError
 from flowstore.diagrams import DiagramStats
 from flowstore.models import FlowStatus
-from flowstore.projections.sql import SqlProjections, percentile
+from flowstore.projections.queries import percentile
+from flowstore.projections.sql import SqlProjections
 
 __all__ = [
     "ACTIVITY_WINDOWS",
