@@ -102,6 +102,16 @@ def test_dwell_is_the_time_on_a_step_before_moving_on(fresh: FlowStore, clock: C
     assert stays["welcome"].p95_ms == 0  # the first move of a run comes with its start
     assert dwell(fresh, ONBOARDING, since=clock.now + timedelta(seconds=1)) == {}
 
+    # A stay that began before the window and ended in it counts whole.
+    fresh.execute_transition("e", ONBOARDING, "start")
+    clock.advance(100)
+    window = clock.now
+    clock.advance(50)
+    fresh.execute_transition("e", ONBOARDING, "skip")
+    late = dwell(fresh, ONBOARDING, since=window)
+    assert late["profile-setup"].moves == 1
+    assert late["profile-setup"].p50_ms == 150_000
+
 
 def test_idle_runs_per_step_and_their_pages_longest_idle_first(
     fresh: FlowStore, clock: Clock

@@ -175,26 +175,44 @@ def activity(
         .group_by(bucket)
     )
     elapsed = h.c.meta["elapsed_ms"].as_float()
-    times = select(bucket, elapsed).where(
-        h.c.flow_id == flow_id, attempt, h.c.timestamp >= since, elapsed.is_not(None)
+    times = (
+        select(bucket, elapsed.label("ms"))
+        .where(h.c.flow_id == flow_id, attempt, h.c.timestamp >= since, elapsed.is_not(None))
+        .subquery()
     )
-    samples: defaultdict[int, list[float]] = defaultdict(list)
+    # Nearest-rank percentiles in the database: rank each bucket's times and keep the two rows
+    # at ceil(n/2) and ceil(95n/100), instead of sending every time to Python.
+    ranked = select(
+        times.c.bucket,
+        times.c.ms,
+        func.row_number().over(partition_by=times.c.bucket, order_by=times.c.ms).label("rank"),
+        func.count().over(partition_by=times.c.bucket).label("n"),
+    ).subquery()
+    p50_rank = (ranked.c.n + 1) // 2
+    p95_rank = (ranked.c.n * 95 + 99) // 100
+    picks = select(ranked.c.bucket, ranked.c.ms, ranked.c.rank, ranked.c.n).where(
+        or_(ranked.c.rank == p50_rank, ranked.c.rank == p95_rank)
+    )
+    p50: dict[int, float] = {}
+    p95: dict[int, float] = {}
     with p._read() as conn:  # a read connection of the store's own (no write lock)
         found = {int(r[0]): (int(r[1]), int(r[2]), int(r[3])) for r in conn.execute(counts)}
-        for at, ms in conn.execute(times):
-            samples[int(at)].append(float(ms))
+        for at, ms, rank, n in conn.execute(picks):
+            if rank == (n + 1) // 2:
+                p50[int(at)] = float(ms)
+            if rank == (n * 95 + 99) // 100:
+                p95[int(at)] = float(ms)
     buckets = []
     for n in range(first, last + 1):
         accepted, refused, completed = found.get(n, (0, 0, 0))
-        values = samples.get(n, [])
         buckets.append(
             Bucket(
                 start=datetime.fromtimestamp(n * size, UTC),
                 transitions=accepted,
                 rejections=refused,
                 completions=completed,
-                p50_ms=percentile(values, 50),
-                p95_ms=percentile(values, 95),
+                p50_ms=p50.get(n, 0.0),
+                p95_ms=p95.get(n, 0.0),
             )
         )
     return Activity(flow_id=flow_id, window=window, buckets=buckets)
@@ -237,6 +255,7 @@ def dwell(store: FlowStore, flow_id: str, *, since: datetime) -> dict[str, Dwell
     p = _tables(store)
     h = p.tables.history
     dialect = p.engine.dialect.name
+    moved = h.alias("moved")  # the same table, read on its own for the runs that moved
     # Each accepted command that put the run on a step, with the one before it in the same run.
     moves = (
         select(
@@ -250,7 +269,19 @@ def dwell(store: FlowStore, flow_id: str, *, since: datetime) -> dict[str, Dwell
             .over(partition_by=h.c.instance_id, order_by=h.c.version)
             .label("prev_step"),
         )
-        .where(h.c.flow_id == flow_id, h.c.success.is_(True), h.c.to_step.is_not(None))
+        .where(
+            h.c.flow_id == flow_id,
+            h.c.success.is_(True),
+            h.c.to_step.is_not(None),
+            # Only runs that moved in the window: their earlier rows give the first stay.
+            h.c.instance_id.in_(
+                select(moved.c.instance_id).where(
+                    moved.c.flow_id == flow_id,
+                    moved.c.kind == "transition",
+                    moved.c.timestamp >= since,
+                )
+            ),
+        )
         .subquery()
     )
     stayed = (_epoch(moves.c.timestamp, dialect) - _epoch(moves.c.prev, dialect)) * 1000.0
