@@ -168,7 +168,38 @@ def main(argv: list[str] | None = None) -> None:
     }
     out = Path(__file__).parent / "results" / f"console-{instances}-sqlite-{when[:10]}.json"
     out.write_text(json.dumps(report, indent=2))
-    print(f"written {out}")
+    write_markdown(report)
+    print(f"written {out} and benchmarks/CONSOLE.md")
+
+
+def write_markdown(report: dict[str, Any]) -> None:
+    """benchmarks/CONSOLE.md: the latest page times, the store and the machine."""
+    store, info = report["store"], report["machine"]
+    lines = [
+        "# Console page times",
+        "",
+        f"Measured {report['when']} with `python -m benchmarks.console --instances "
+        f"{store['instances']}` on a SQLite store of {store['instances']:,} instances and "
+        f"{store['events']:,} events spread over the last 30 days"
+        + (f" (built in {store['built_s']:.0f} s)." if store["built_s"] else "."),
+        "Each page is asked through the real app (`create_app`, an admin session, Starlette's test "
+        "client): the first answer (cold: a fresh process) and the median of the next five.",
+        "",
+        "| page | path | cold ms | warm median ms | bytes |",
+        "|---|---|---|---|---|",
+    ]
+    for page in report["pages"]:
+        lines.append(
+            f"| {page['page']} | `{page['path']}` | {page['cold_ms']:,.0f} | "
+            f"{page['warm_median_ms']:,.0f} | {page['bytes']:,} |"
+        )
+    lines += [
+        "",
+        f"Machine: {info['cores']} cores, {info['memory_gib']} GiB, Python {info['python']}; "
+        "shared with other work while measured, so the figures are noisy.",
+        "",
+    ]
+    (Path(__file__).parent / "CONSOLE.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -485,3 +485,12 @@ def test_each_page_renders_for_the_readme(browser: Browser, without_dot: Server)
             )
     finally:
         context.close()
+
+
+def test_every_page_renders_with_and_without_dot(page: Page, server: Server) -> None:
+    for name, path, heading in README_PAGES:
+        page.goto(path)
+        expect(page.get_by_role("heading", level=1)).to_contain_text(heading)
+        expect(page.locator("main")).not_to_contain_text("Internal Server Error")
+        shot(page, f"page-{name}", server)
+    assert server.dot_log is None or server.dot_log.read_text() == ""
