@@ -207,3 +207,17 @@ def test_a_line_chart_has_a_point_per_value_and_escapes_its_text(clock: Clock) -
     histogram = bar_chart("h", ["<1s", "b"], [3, 0], colour="#000", chart_id="h1")
     assert histogram.count('class="bin"') == 2
     assert "&lt;1s" in histogram
+
+
+def test_a_missing_value_is_a_gap_in_the_line(clock: Clock) -> None:
+    starts = [clock.now + timedelta(minutes=i) for i in range(5)]
+    chart = line_chart(
+        "gaps",
+        starts,
+        [Series("p50", "p50", [1, 2, None, 3, None], "#000")],
+        time_format="%H:%M",
+        chart_id="g",
+    )
+    assert chart.count('class="point"') == 3
+    assert chart.count("<polyline") == 1  # 1-2 joined; 3 stands alone
+    assert 'data-index="2"' not in chart

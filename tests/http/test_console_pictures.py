@@ -323,7 +323,12 @@ def test_the_activity_charts_plot_the_minutes_of_the_histories(
     minutes = sorted(series["transitions"])
     assert len(minutes) == 60  # one point per minute, a minute apart
     assert all(b - a == timedelta(minutes=1) for a, b in itertools.pairwise(minutes))
-    assert all(sorted(values) == minutes for values in series.values())
+    for name in ("transitions", "rejections", "completions"):
+        assert sorted(series[name]) == minutes
+    # Rates and response times only where there were attempts: elsewhere the line has a gap.
+    tried = [m for m in minutes if per_minute.get(m, {}).get("times")]
+    for name in ("error_rate", "p50", "p95"):
+        assert sorted(series[name]) == tried
     empty = {"transitions": 0, "rejections": 0, "completions": 0, "times": []}
     shown = 0
     for minute in minutes:
@@ -332,10 +337,11 @@ def test_the_activity_charts_plot_the_minutes_of_the_histories(
         assert series["transitions"][minute] == want["transitions"], minute
         assert series["rejections"][minute] == want["rejections"], minute
         assert series["completions"][minute] == want["completions"], minute
-        rate = want["rejections"] / attempts if attempts else 0.0
-        assert series["error_rate"][minute] == pytest.approx(rate)
-        assert series["p50"][minute] == pytest.approx(nearest_rank(want["times"], 50))
-        assert series["p95"][minute] == pytest.approx(nearest_rank(want["times"], 95))
+        if attempts:
+            rate = want["rejections"] / attempts
+            assert series["error_rate"][minute] == pytest.approx(rate)
+            assert series["p50"][minute] == pytest.approx(nearest_rank(want["times"], 50))
+            assert series["p95"][minute] == pytest.approx(nearest_rank(want["times"], 95))
         shown += attempts
     assert shown == sum(w["transitions"] + w["rejections"] for w in per_minute.values())
     assert len(starts) > 10
@@ -364,7 +370,7 @@ def test_the_charts_are_there_without_javascript(browser: Browser, server: Serve
         expect(page).to_have_url(re.compile(r"/ui/flows$"))  # the sign-in page moves on by itself
         page.goto(f"/ui/flows/{ONBOARDING}/activity?window=24h")
         expect(page.locator("svg#chart-counts circle.point")).to_have_count(3 * 24)
-        expect(page.locator("svg#chart-times circle.point")).to_have_count(2 * 24)
+        expect(page.locator("svg#chart-times circle.point")).not_to_have_count(0)
         expect(page.get_by_role("img", name=re.compile("^Response time per hour"))).to_be_visible()
     finally:
         context.close()

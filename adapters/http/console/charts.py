@@ -29,7 +29,8 @@ class Series:
 
     key: str
     label: str
-    values: Sequence[float]
+    values: Sequence[float | None]
+    """None where there is nothing to show (a time without attempts has no response time)."""
     colour: str
     dash: str = ""
 
@@ -77,7 +78,7 @@ def line_chart(
 ) -> Markup:
     """A line chart of `series` over the buckets starting at `starts` (oldest first)."""
     count = len(starts)
-    top = nice_ceiling(max((v for s in series for v in s.values), default=0.0))
+    top = nice_ceiling(max((v for s in series for v in s.values if v is not None), default=0.0))
     plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
 
     def x(i: int) -> float:
@@ -99,13 +100,24 @@ def line_chart(
             f'font-size="11" {_FONT}>{_e(starts[i].strftime(time_format))}</text>'
         )
     for s in series:
-        points = " ".join(f"{_n(x(i))},{_n(y(v))}" for i, v in enumerate(s.values))
         dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
-        out.append(
-            f'<g class="series" data-series="{_e(s.key)}"><polyline points="{points}" '
-            f'fill="none" stroke="{s.colour}" stroke-width="2"{dash}/>'
-        )
+        out.append(f'<g class="series" data-series="{_e(s.key)}">')
+        # One line per run of values; a missing value is a gap, not a zero.
+        runs: list[list[str]] = [[]]
         for i, v in enumerate(s.values):
+            if v is None:
+                runs.append([])
+            else:
+                runs[-1].append(f"{_n(x(i))},{_n(y(v))}")
+        for run in runs:
+            if len(run) > 1:
+                out.append(
+                    f'<polyline points="{" ".join(run)}" fill="none" stroke="{s.colour}" '
+                    f'stroke-width="2"{dash}/>'
+                )
+        for i, v in enumerate(s.values):
+            if v is None:
+                continue
             when = starts[i].strftime(time_format)
             out.append(
                 f'<circle class="point" cx="{_n(x(i))}" cy="{_n(y(v))}" r="2.5" '

@@ -159,10 +159,30 @@ def activity_charts(figures: Activity) -> list[Chart]:
         Series("rejections", "rejections", [b.rejections for b in buckets], "#c05621", "6,3"),
         Series("completions", "completions", [b.completions for b in buckets], "#2f855a", "2,2"),
     ]
-    errors = [Series("error_rate", "error rate", [b.error_rate for b in buckets], "#a4221a")]
+    # Rates and response times exist only where there were attempts: elsewhere the line breaks.
+    tried = [b.attempts > 0 for b in buckets]
+    errors = [
+        Series(
+            "error_rate",
+            "error rate",
+            [b.error_rate if t else None for b, t in zip(buckets, tried, strict=True)],
+            "#a4221a",
+        )
+    ]
     times = [
-        Series("p50", "p50", [b.p50_ms for b in buckets], "#3b6fb6"),
-        Series("p95", "p95", [b.p95_ms for b in buckets], "#6b4fbb", "6,3"),
+        Series(
+            "p50",
+            "p50",
+            [b.p50_ms if t else None for b, t in zip(buckets, tried, strict=True)],
+            "#3b6fb6",
+        ),
+        Series(
+            "p95",
+            "p95",
+            [b.p95_ms if t else None for b, t in zip(buckets, tried, strict=True)],
+            "#6b4fbb",
+            "6,3",
+        ),
     ]
     specs: list[tuple[str, str, list[Series], str, Callable[[float], str]]] = [
         ("counts", f"Transitions, rejections and completions {per}", counts, "count", _count),
