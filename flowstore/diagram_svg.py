@@ -5,7 +5,9 @@ picture. The layout runs left to right like `dot -Grankdir=LR`:
 
 1. Ranks: a breadth-first search from the initial step gives each step its distance from the start
    (steps the search cannot reach continue from the lowest unranked index, one rank after the
-   last). A transition to a lower or equal rank is a *back edge* (a loop in the flow).
+   last). A depth-first search in the same order finds the *back edges*: transitions to a step still
+   on the search path, which close a loop in the flow. Every other transition then pushes its target
+   at least one rank past its source (longest path), so the way forward always points right.
 2. Forward transitions that span several ranks pass through one virtual point per rank crossed, so
    they take part in the ordering and bend around the steps in between.
 3. Order within ranks: start from the steps' indexes, then sweep right and left a few times placing
@@ -232,13 +234,13 @@ def layout(definition: FlowDefinition, stats: DiagramStats | None = None) -> Lay
         ranks[rank[s.step]].append(s.step)
     links: list[tuple[str, str]] = []
     chains: list[list[str]] = []
-    for edge in edges:
+    for number, edge in enumerate(edges):
         if edge.back:
             chains.append([edge.source, edge.target])
             continue
         chain = [edge.source]
         for r in range(rank[edge.source] + 1, rank[edge.target]):
-            virtual = f"\0{len(links)}-{r}"
+            virtual = f"\0{number}-{r}"
             ranks[r].append(virtual)
             chain.append(virtual)
         chain.append(edge.target)
