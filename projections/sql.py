@@ -132,6 +132,10 @@ class SqlProjections(Queries, Verification):
                 self.tables.metadata.drop_all(conn)
                 conn.execute(delete(TRACKING).where(TRACKING.c.name == PROJECTION))
             self.tables.metadata.create_all(conn)
+            # create_all skips tables that exist: indexes added since they were made come here.
+            for table in self.tables.all:
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
             TRACKING.metadata.create_all(conn)
             conn.execute(
                 self._insert(TRACKING)
@@ -337,24 +341,6 @@ class SqlProjections(Queries, Verification):
             conn.execute(text(f'ALTER TABLE "{new.name}" RENAME TO "{live.name}"'))
             for index in live.indexes:
                 index.create(conn)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 class _RowCache:

@@ -221,3 +221,18 @@ def test_a_missing_value_is_a_gap_in_the_line(clock: Clock) -> None:
     assert chart.count('class="point"') == 3
     assert chart.count("<polyline") == 1  # 1-2 joined; 3 stands alone
     assert 'data-index="2"' not in chart
+
+
+def test_stays_are_a_sample_of_the_latest_moves(fresh: FlowStore, clock: Clock) -> None:
+    since = clock.now
+    for user, stay in (("a", 10), ("b", 20), ("c", 30)):
+        fresh.execute_transition(user, ONBOARDING, "start")
+        clock.advance(stay)
+        fresh.execute_transition(user, ONBOARDING, "continue")
+        clock.advance(1)
+    # The three latest moves (b's continue, c's start and continue): a's stay is left out.
+    latest = dwell(fresh, ONBOARDING, since=since, sample=3)
+    assert latest["profile-setup"].moves == 2
+    assert latest["profile-setup"].p95_ms == 30_000
+    assert latest["profile-setup"].since > since
+    assert dwell(fresh, ONBOARDING, since=since)["profile-setup"].moves == 3

@@ -240,6 +240,12 @@ class Dwell:
     p95_ms: float
     histogram: list[int]
     """Moves per `DWELL_BINS` bin."""
+    since: datetime
+    """The start of the period the moves were taken from (later than asked, when sampled)."""
+
+
+DWELL_SAMPLE = 20_000
+"""At most this many of the most recent moves out of a flow's steps make the stays (per page)."""
 
 
 def _histogram(values: Sequence[float]) -> list[int]:
@@ -249,12 +255,30 @@ def _histogram(values: Sequence[float]) -> list[int]:
     return counts
 
 
-def dwell(store: FlowStore, flow_id: str, *, since: datetime) -> dict[str, Dwell]:
-    """Per step, the time runs stayed there before the transitions out of it made since `since`."""
+def dwell(
+    store: FlowStore, flow_id: str, *, since: datetime, sample: int = DWELL_SAMPLE
+) -> dict[str, Dwell]:
+    """Per step, how long runs stayed before the transitions out of it made since `since`.
+
+    Only the most recent `sample` transitions count: the stays are a sample of the window, and
+    `Dwell.since` says where it starts.
+    """
     store.get_flow(flow_id)  # FlowNotFoundError for an unknown flow
     p = _tables(store)
     h = p.tables.history
     dialect = p.engine.dialect.name
+    # Where the most recent `sample` moves begin (an index walk on flow_id, timestamp).
+    oldest = (
+        select(h.c.timestamp)
+        .where(h.c.flow_id == flow_id, h.c.kind == "transition", h.c.timestamp >= since)
+        .order_by(h.c.timestamp.desc())
+        .offset(sample - 1)
+        .limit(1)
+    )
+    with p._read() as conn:
+        cutoff = conn.execute(oldest).scalar()
+    if cutoff is not None:
+        since = max(since, _aware(cutoff))
     moved = h.alias("moved")  # the same table, read on its own for the runs that moved
     # Each accepted command that put the run on a step, with the one before it in the same run.
     moves = (
@@ -303,6 +327,7 @@ def dwell(store: FlowStore, flow_id: str, *, since: datetime) -> dict[str, Dwell
             p50_ms=percentile(values, 50),
             p95_ms=percentile(values, 95),
             histogram=_histogram(values),
+            since=since,
         )
         for step, values in per_step.items()
     }

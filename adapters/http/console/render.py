@@ -276,7 +276,7 @@ def stuck_report(
                 dwell=stay,
                 idle=idling.get(name),
                 chart=bar_chart(
-                    f"Time on {name} before moving on (last 7 days), runs per bin",
+                    f"Time on {name} before moving on, runs per bin",
                     [label for label, _ in DWELL_BINS],
                     stay.histogram if stay else [0] * len(DWELL_BINS),
                     colour="#3b6fb6",
@@ -284,6 +284,8 @@ def stuck_report(
                 ),
             )
         )
+    # The stays may be a sample of the latest moves (insights.DWELL_SAMPLE): say from when.
+    since = min((d.since for d in stays.values()), default=since)
     page = None
     if step is not None:
         page = list_instances(

@@ -29,7 +29,12 @@ from flowstore.adapters.http.auth import (
     PermissionDeniedError,
     Principal,
 )
-from flowstore.adapters.http.console.insights import ACTIVITY_WINDOWS, IDLE_CHOICES, activity
+from flowstore.adapters.http.console.insights import (
+    ACTIVITY_WINDOWS,
+    DWELL_SAMPLE,
+    IDLE_CHOICES,
+    activity,
+)
 from flowstore.adapters.http.console.jobs import ACTIONS, Operations
 from flowstore.adapters.http.console.live import watch
 from flowstore.adapters.http.console.render import (
@@ -149,6 +154,7 @@ class Console:
             windows=WINDOWS,
             activity_windows=ACTIVITY_WINDOWS,
             idle_choices=IDLE_CHOICES,
+            dwell_sample=DWELL_SAMPLE,
         )
 
     @staticmethod
