@@ -236,3 +236,31 @@ def test_stays_are_a_sample_of_the_latest_moves(fresh: FlowStore, clock: Clock) 
     assert latest["profile-setup"].p95_ms == 30_000
     assert latest["profile-setup"].since > since
     assert dwell(fresh, ONBOARDING, since=since)["profile-setup"].moves == 3
+
+
+def test_response_times_of_a_busy_window_come_from_a_sample_of_runs(
+    fresh: FlowStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flowstore.adapters.http.console import insights
+
+    for i in range(40):
+        fresh.execute_transition(f"u{i}", ONBOARDING, "start")
+    everyone = activity(fresh, ONBOARDING, HOUR, now=clock.now).buckets[-1]
+    monkeypatch.setattr(insights, "PERCENTILE_ROWS", 8)  # 40 attempts: a fifth of the runs
+    sampled = activity(fresh, ONBOARDING, HOUR, now=clock.now).buckets[-1]
+    assert sampled.transitions == everyone.transitions == 40  # counts are never sampled
+    ids = {
+        str(r.id).split(":")[0]
+        for u in range(40)
+        for r in fresh.get_flow_history(f"u{u}", ONBOARDING)
+    }
+    kept = [i for i in ids if i[0] in "0123"]  # ceil(16 * 8 / 40) = 4 of 16 digits
+    times = sorted(
+        r.metadata["elapsed_ms"]
+        for u in range(40)
+        for r in fresh.get_flow_history(f"u{u}", ONBOARDING)
+        if r.kind == "transition" and str(r.id)[0] in "0123"
+    )
+    assert len(times) == len(kept)
+    if times:
+        assert sampled.p95_ms == pytest.approx(times[max(1, -(-95 * len(times) // 100)) - 1])

@@ -9,7 +9,8 @@ Definitions, all per flow:
 - *transitions*: accepted transitions; *rejections*: refused attempts (unknown transition or
   payload refused); *error rate*: rejections / attempts, as `FlowStatistics.error_rate` counts it.
 - *completions*: accepted commands that landed on a terminal step (of any version of the flow).
-- *response time*: a transition attempt's `elapsed_ms` (p50/p95 per bucket, nearest rank).
+- *response time*: a transition attempt's `elapsed_ms` (p50/p95 per bucket, nearest rank; over a
+  uniform sample of runs when the window holds more than `PERCENTILE_ROWS` attempts).
 - *dwell*: for a transition out of a step, the time since the command that brought the run there.
 - *idle*: an active run's time since its last command (`flow_states.updated_at`).
 """
@@ -148,6 +149,11 @@ def diagram_stats(store: FlowStore, flow_id: str) -> DiagramStats:
     )
 
 
+PERCENTILE_ROWS = 100_000
+"""Above this many attempts in a window, p50/p95 are computed over a sample of runs."""
+_HEX = list("0123456789abcdef")
+
+
 def activity(
     store: FlowStore, flow_id: str, window: ActivityWindow, *, now: datetime | None = None
 ) -> Activity:
@@ -175,33 +181,23 @@ def activity(
         .group_by(bucket)
     )
     elapsed = h.c.meta["elapsed_ms"].as_float()
-    times = (
-        select(bucket, elapsed.label("ms"))
-        .where(h.c.flow_id == flow_id, attempt, h.c.timestamp >= since, elapsed.is_not(None))
-        .subquery()
+    times = select(bucket, elapsed).where(
+        h.c.flow_id == flow_id, attempt, h.c.timestamp >= since, elapsed.is_not(None)
     )
-    # Nearest-rank percentiles in the database: rank each bucket's times and keep the two rows
-    # at ceil(n/2) and ceil(95n/100), instead of sending every time to Python.
-    ranked = select(
-        times.c.bucket,
-        times.c.ms,
-        func.row_number().over(partition_by=times.c.bucket, order_by=times.c.ms).label("rank"),
-        func.count().over(partition_by=times.c.bucket).label("n"),
-    ).subquery()
-    p50_rank = (ranked.c.n + 1) // 2
-    p95_rank = (ranked.c.n * 95 + 99) // 100
-    picks = select(ranked.c.bucket, ranked.c.ms, ranked.c.rank, ranked.c.n).where(
-        or_(ranked.c.rank == p50_rank, ranked.c.rank == p95_rank)
-    )
-    p50: dict[int, float] = {}
-    p95: dict[int, float] = {}
+    samples: defaultdict[int, list[float]] = defaultdict(list)
     with p._read() as conn:  # a read connection of the store's own (no write lock)
         found = {int(r[0]): (int(r[1]), int(r[2]), int(r[3])) for r in conn.execute(counts)}
-        for at, ms, rank, n in conn.execute(picks):
-            if rank == (n + 1) // 2:
-                p50[int(at)] = float(ms)
-            if rank == (n * 95 + 99) // 100:
-                p95[int(at)] = float(ms)
+        tried = sum(accepted + refused for accepted, refused, _ in found.values())
+        if tried > PERCENTILE_ROWS:
+            # Too many to sort them all for a page: the runs whose id starts with one of the
+            # first `share` of the 16 hex digits, a uniform sample of runs (and of their steps).
+            share = max(1, math.ceil(16 * PERCENTILE_ROWS / tried))
+            times = times.where(func.substr(h.c.instance_id, 1, 1).in_(_HEX[:share]))
+        # Sorting in Python beats row_number() in SQLite here (2.3 s against 7.7 s for 0.9M).
+        for at, ms in conn.execute(times):
+            samples[int(at)].append(float(ms))
+    p50 = {at: percentile(values, 50) for at, values in samples.items()}
+    p95 = {at: percentile(values, 95) for at, values in samples.items()}
     buckets = []
     for n in range(first, last + 1):
         accepted, refused, completed = found.get(n, (0, 0, 0))
