@@ -240,7 +240,7 @@ class Dwell:
     """The start of the period the moves were taken from (later than asked, when sampled)."""
 
 
-DWELL_SAMPLE = 20_000
+DWELL_SAMPLE = 10_000
 """At most this many of the most recent moves out of a flow's steps make the stays (per page)."""
 
 
@@ -276,7 +276,18 @@ def dwell(
     if cutoff is not None:
         since = max(since, _aware(cutoff))
     moved = h.alias("moved")  # the same table, read on its own for the runs that moved
-    # Each accepted command that put the run on a step, with the one before it in the same run.
+    runs = (
+        select(moved.c.instance_id)
+        .where(
+            moved.c.flow_id == flow_id,
+            moved.c.kind == "transition",
+            moved.c.timestamp >= since,
+        )
+        .distinct()
+        .subquery()
+    )
+    # Each accepted command that put the run on a step, with the one before it in the same run;
+    # only runs that moved in the window (joined, so each run's rows come by the instance index).
     moves = (
         select(
             h.c.kind,
@@ -289,19 +300,8 @@ def dwell(
             .over(partition_by=h.c.instance_id, order_by=h.c.version)
             .label("prev_step"),
         )
-        .where(
-            h.c.flow_id == flow_id,
-            h.c.success.is_(True),
-            h.c.to_step.is_not(None),
-            # Only runs that moved in the window: their earlier rows give the first stay.
-            h.c.instance_id.in_(
-                select(moved.c.instance_id).where(
-                    moved.c.flow_id == flow_id,
-                    moved.c.kind == "transition",
-                    moved.c.timestamp >= since,
-                )
-            ),
-        )
+        .select_from(runs.join(h, h.c.instance_id == runs.c.instance_id))
+        .where(h.c.flow_id == flow_id, h.c.success.is_(True), h.c.to_step.is_not(None))
         .subquery()
     )
     stayed = (_epoch(moves.c.timestamp, dialect) - _epoch(moves.c.prev, dialect)) * 1000.0
