@@ -6,6 +6,7 @@
 #   make chromium           Debian's chromium for the console's browser tests (apt-get install chromium)
 #   make lint               ruff check + mypy + import-linter contracts (config in pyproject.toml)
 #   make test               lint, then pytest           (PYTEST_ARGS='-k store -x' passes through)
+#   make test-unit          the pure tests only (tests/unit: no database, no network; seconds)
 #   make demo               flowstore demo
 #   make bench              python -m benchmarks.run    (BENCH_ARGS passes through)
 
@@ -33,10 +34,10 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help venv postgres-binaries graphviz chromium lint test demo bench
+.PHONY: help venv postgres-binaries graphviz chromium lint test test-unit demo bench
 
 help:
-	@sed -n '3,10s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '3,11s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 venv: $(VENV_STAMP)
 
@@ -72,7 +73,7 @@ graphviz:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends graphviz; }
 
-# Debian's chromium, driven by Playwright in tests/http/test_console_browser.py (never a downloaded
+# Debian's chromium, driven by Playwright in tests/e2e/http/test_console_browser.py (never a downloaded
 # browser: `playwright install` is not used). The tests look for /usr/bin/chromium.
 chromium:
 	@[ -x /usr/bin/chromium ] && echo "Chromium: /usr/bin/chromium" || { \
@@ -88,7 +89,19 @@ lint: venv
 test: venv postgres-binaries graphviz chromium lint
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
 
-demo: venv
+test-unit: venv
+	$(VENV_PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+# The demo needs the library and the `flowstore` command only (the cli extra, ~100 MB with its
+# dependencies), not the test tools: a venv of its own unless `make venv` made the full one.
+DEMO_STAMP := $(VENV)/.flowstore-demo-installed
+
+$(DEMO_STAMP): pyproject.toml | $(VENV_PY)
+	$(VENV_PY) -m pip install --upgrade pip
+	$(VENV_PY) -m pip install -e '.[cli]'
+	touch $@
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/flowstore demo
 
 bench: venv postgres-binaries

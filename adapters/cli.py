@@ -22,11 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from rich.console import Console, RenderableType
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from flowstore import FlowError, FlowState, FlowStateNotFoundError, FlowStore
+try:
+    from rich.console import Console, RenderableType
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+except ImportError as missing:  # the library installs without the command line's extras
+    raise SystemExit(
+        f"flowstore: the command line needs the cli extra ({missing.name} is missing): "
+        "pip install 'flowstore-es[cli]'"
+    ) from None
+
+from flowstore import FlowError, FlowState, FlowStateNotFoundError, FlowStore, __version__
 from flowstore.adapters.demo import DEMO_FLOW, run_demo
 from flowstore.adapters.diagrams import OUTPUT_FORMATS, diagram_bytes
 from flowstore.adapters.errors import DIFFERENCES_EXIT_CODE, mapping_for
@@ -205,8 +212,39 @@ def state_set(store: FlowStore, args: argparse.Namespace, out: Output) -> Result
         service=args.service,
         ok=not args.not_ok,
         payload=args.payload,
+        previous=args.previous,
+        entity_id=args.entity,
+        message=args.message,
     )
     return store.set_flow_state(args.user, state)
+
+
+def state_token(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`state token USER FLOW`: the user's state as an OwlMeans state token (to hand over)."""
+    token = store.state_token(args.user, args.flow)
+    return Note(token, {"userId": args.user, "flow": args.flow, "token": token})
+
+
+def state_adopt(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`state adopt USER TOKEN [--sender SERVICE]`: take over a flow handed over as a token."""
+    return store.adopt_state_token(args.user, args.token, sender=args.sender)
+
+
+def transitions(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`transitions USER FLOW [--explicit | --implicit]`: what the user's current step offers."""
+    offered = store.get_available_transitions(args.user, args.flow, explicit=args.explicit)
+    fields = ("transition", "step", "explicit", "reversible")
+    return Listing(offered, fields, f"Transitions offered to {args.user} in {args.flow}")
+
+
+def back(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`back USER FLOW`: return the user to the previous step."""
+    return store.go_back(args.user, args.flow)
+
+
+def next_step(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`next USER FLOW [--payload JSON]`: take the first transition that is not explicit."""
+    return store.advance(args.user, args.flow, args.payload)
 
 
 def state_clear(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
@@ -229,13 +267,22 @@ def state_list(store: FlowStore, args: argparse.Namespace, out: Output) -> Resul
 
 
 def transition(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
-    """`transition USER FLOW TRANSITION [--payload JSON]`."""
-    return store.execute_transition(args.user, args.flow, args.transition, args.payload)
+    """`transition USER FLOW TRANSITION [--payload JSON] [--not-ok] [--message TEXT]`."""
+    return store.execute_transition(
+        args.user,
+        args.flow,
+        args.transition,
+        args.payload,
+        ok=not args.not_ok,
+        message=args.message,
+    )
 
 
 def reset(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
-    """`reset USER FLOW [--step STEP]`: start the user's run again."""
-    return store.reset_flow(args.user, args.flow, args.step)
+    """`reset USER FLOW [--step STEP] [--service S] [--entity ID]`: start the user's run again."""
+    return store.reset_flow(
+        args.user, args.flow, args.step, service=args.service, entity_id=args.entity
+    )
 
 
 def history(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
@@ -271,10 +318,49 @@ def funnel(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
 
 
 def projections_status(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
-    """`projections status`: how far the tables are behind the log."""
+    """`projections status`: how far the tables are behind the log, and what they had to skip."""
     position, head = store.projection_position(), store.log_position()
-    data = {"position": position, "logPosition": head, "lag": max(0, head - position)}
-    return Note(f"tables at event {position} of {head} (lag {data['lag']})", data)
+    unreadable = store.unreadable_events()
+    data = {
+        "position": position,
+        "logPosition": head,
+        "lag": max(0, head - position),
+        "unreadable": [
+            {
+                "position": row["position"],
+                "aggregateId": row["originator_id"],
+                "version": row["originator_version"],
+                "detail": row["detail"],
+            }
+            for row in unreadable
+        ],
+    }
+    text = f"tables at event {position} of {head} (lag {data['lag']})"
+    for row in unreadable:
+        text += (
+            f"\nunreadable event {row['position']} ({row['originator_id']} "
+            f"v{row['originator_version']}), skipped: {row['detail']}"
+            f"\n  move it aside: flowstore quarantine {row['position']} --reason '...'"
+        )
+    return Note(text, data)
+
+
+def quarantine(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`quarantine POSITION --reason TEXT`: move an unreadable event out of the log, audited."""
+    record = store.quarantine_event(args.position, args.reason)
+    data = {
+        "position": record["position"],
+        "aggregateId": record["originator_id"],
+        "version": record["originator_version"],
+        "topic": record["topic"],
+        "reason": record["reason"],
+        "quarantinedAt": record["quarantined_at"].isoformat(),
+    }
+    return Note(
+        f"event {args.position} moved to flowstore_quarantine ({record['originator_id']} "
+        f"v{record['originator_version']})",
+        data,
+    )
 
 
 def projections_rebuild(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
@@ -386,8 +472,13 @@ COMMANDS: dict[str, Handler] = {
     "state set": state_set,
     "state clear": state_clear,
     "state list": state_list,
+    "state token": state_token,
+    "state adopt": state_adopt,
     "erase-user": erase_user,
     "transition": transition,
+    "transitions": transitions,
+    "back": back,
+    "next": next_step,
     "reset": reset,
     "history": history,
     "stats": stats,
@@ -399,6 +490,7 @@ COMMANDS: dict[str, Handler] = {
     "projections verify": projections_verify,
     "projections repair": projections_repair,
     "projections run": projections_run,
+    "quarantine": quarantine,
     "serve": serve,
     "publish": publish,
     "restore": restore,
@@ -459,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     url_help = "database URL (default: $FLOWSTORE_URL, else sqlite:///flowstore.db)"
     json_help = "print JSON (camelCase) instead of tables"
     parser = argparse.ArgumentParser(prog="flowstore", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"flowstore {__version__}")
     parser.add_argument("--url", help=url_help)
     parser.add_argument("--json", action="store_true", help=json_help)
     # The global options are also accepted after the command (`flowstore flows list --json`).
@@ -540,7 +633,36 @@ def build_parser() -> argparse.ArgumentParser:
     payload(sub)
     sub.add_argument("--service", help="service to record (default: the step's)")
     sub.add_argument("--not-ok", action="store_true", help="record the state as not ok")
+    sub.add_argument("--previous", help="the step `back` returns to")
+    sub.add_argument("--entity", help="the entity the run is about")
+    sub.add_argument("--message", help="a message on the state")
     command("state list", "every flow a user has state in").add_argument("user")
+    sub = command("state token", "a user's state as an OwlMeans state token, to hand over")
+    sub.add_argument("user")
+    sub.add_argument("flow")
+    sub = command("state adopt", "take over a user's flow handed over as a state token")
+    sub.add_argument("user")
+    sub.add_argument("token")
+    sub.add_argument("--sender", help="the service that sent it (default: the token's)")
+    sub = command("transitions", "the transitions a user's current step offers")
+    sub.add_argument("user")
+    sub.add_argument("flow")
+    which = sub.add_mutually_exclusive_group()
+    which.add_argument(
+        "--explicit", action="store_true", default=None, help="only those the user chooses"
+    )
+    which.add_argument(
+        "--implicit", dest="explicit", action="store_false", help="only those `next` may take"
+    )
+    for name, help_text in (
+        ("back", "return a user to the previous step (left by a reversible transition)"),
+        ("next", "take the first transition of the user's step that is not explicit"),
+    ):
+        sub = command(name, help_text)
+        sub.add_argument("user")
+        sub.add_argument("flow")
+        if name == "next":
+            payload(sub)
     command(
         "erase-user", "erase a user for good: state, history and payloads (crypto-shredding)"
     ).add_argument("user")
@@ -550,10 +672,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("flow")
     sub.add_argument("transition")
     payload(sub)
+    sub.add_argument("--not-ok", action="store_true", help="the step's work failed (ok=false)")
+    sub.add_argument("--message", help="a message recorded with the transition")
     sub = command("reset", "start a user's run again")
     sub.add_argument("user")
     sub.add_argument("flow")
     sub.add_argument("--step", help="where to start (default: the initial step)")
+    sub.add_argument("--service", help="the run's target service")
+    sub.add_argument("--entity", help="the entity the run is about")
     command("stats", "usage and performance statistics").add_argument(
         "--flow", help="one flow (default: all)"
     )
@@ -562,7 +688,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--users", type=_positive, default=300, help="how many (default: 300)")
     sub.add_argument("--seed", type=int, default=7, help="random seed (default: 7)")
     command("funnel", "per-step funnel of a flow").add_argument("flow")
-    command("projections status", "how far the tables are behind the log")
+    command("projections status", "how far the tables are behind the log; unreadable events")
+    sub = command(
+        "quarantine", "move an unreadable event (see projections status) out of the log, audited"
+    )
+    sub.add_argument("position", type=_positive, help="the event's position in the log")
+    sub.add_argument("--reason", required=True, help="why (kept in the audit record)")
     command("projections rebuild", "replay the log into fresh tables and swap them in")
     command(
         "projections verify",

@@ -32,6 +32,10 @@ _BY_CODE: dict[str, ErrorMapping] = {
     "DEFINITION_INVALID": ErrorMapping(422, 5),
     "PAYLOAD_INVALID": ErrorMapping(422, 5),
     "PAYLOAD_TOO_LARGE": ErrorMapping(413, 5),
+    "STATE_TOKEN_INVALID": ErrorMapping(422, 5),
+    "STATE_TOKEN_MALFORMED": ErrorMapping(422, 5),
+    "STATE_TOKEN_UNKNOWN_FLOW": ErrorMapping(422, 5),
+    "STATE_TOKEN_UNKNOWN_STEP": ErrorMapping(422, 5),
     "STORAGE_CONFIG_INVALID": ErrorMapping(500, 6),
     "ENCRYPTION_KEY_INVALID": ErrorMapping(500, 6),
     "FLOW_STATE_CORRUPTION": ErrorMapping(500, 7),
@@ -39,6 +43,8 @@ _BY_CODE: dict[str, ErrorMapping] = {
     # adapters/http reports the same code).
     "STORAGE_UNAVAILABLE": ErrorMapping(503, 9),
     "PROJECTION_LAG": ErrorMapping(503, 9),
+    # Another process (or thread) is rebuilding the tables: try again once it has finished.
+    "REBUILD_RUNNING": ErrorMapping(409, 4),
     # Raised by the HTTP adapter (adapters/http). `flowstore serve` can exit on AUTH_CONFIG_INVALID;
     # the others only reach HTTP clients, so their exit code is the generic one.
     "REQUEST_INVALID": ErrorMapping(422, 5),

@@ -33,8 +33,8 @@ from rich.table import Table
 from flowstore import FlowError, FlowStore
 from flowstore.adapters.kafka.envelope import FlowEventEnvelope, message_key
 from flowstore.adapters.kafka.publisher import KafkaPublisher, ensure_topic, producer_settings
+from tests.e2e.kafka.broker import TansuBroker
 from tests.flows import onboarding
-from tests.kafka.broker import TansuBroker
 
 FLOW = "user-onboarding"
 TRANSITIONS = ["start", "skip", "continue", "bogus", "complete", "back", "save"]

@@ -390,7 +390,7 @@ def kafka_publisher(urls: Callable[[], str], backend: str, events: int, rounds: 
     """Scenario 6: the Kafka publisher vs the raw kafka-python producer, same payloads and broker."""
     from benchmarks.kafka import best, publisher_rate, raw_rate, write_log
     from flowstore.adapters.kafka.envelope import FlowEventEnvelope, message_key
-    from tests.kafka.broker import TansuBroker
+    from tests.e2e.kafka.broker import TansuBroker
 
     with TansuBroker.start() as broker, FlowStore(urls(), live_projections=False) as store:
         write_log(store, events)

@@ -25,6 +25,11 @@ from flowstore.errors import (
     PayloadTooLargeError,
     PayloadValidationError,
     ProjectionLagError,
+    RebuildRunningError,
+    StateTokenError,
+    StateTokenFlowError,
+    StateTokenFormatError,
+    StateTokenStepError,
     StorageUnavailableError,
 )
 from flowstore.models import (
@@ -39,6 +44,7 @@ from flowstore.models import (
     PerformanceMetrics,
     StepCount,
 )
+from flowstore.tokens import decode_state_token, encode_state_token
 
 if TYPE_CHECKING:
     from flowstore.storage import StorageConfigError
@@ -95,8 +101,15 @@ __all__ = [
     "PayloadValidationError",
     "PerformanceMetrics",
     "ProjectionLagError",
+    "RebuildRunningError",
+    "StateTokenError",
+    "StateTokenFlowError",
+    "StateTokenFormatError",
+    "StateTokenStepError",
     "StepCount",
     "StorageConfigError",
     "StorageUnavailableError",
     "__version__",
+    "decode_state_token",
+    "encode_state_token",
 ]

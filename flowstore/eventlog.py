@@ -18,7 +18,8 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, TypeVar, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -35,15 +36,26 @@ from eventsourcing.persistence import (
 from flowstore.codec import OrjsonTranscoder, PydanticMapper
 from flowstore.domain import DomainEvent, InstanceEvent, project
 from flowstore.errors import (
+    CorruptEventError,
     EncryptionKeyError,
     FlowError,
     FlowStateCorruptionError,
     StorageUnavailableError,
 )
 from flowstore.keys import MemoryKeyStore, SqlKeyStore, UserKeys
-from flowstore.storage import StorageConfig
+from flowstore.storage import SQLITE_PERSISTENCE, StorageConfig
 
-__all__ = ["CIPHER_KEY_ENV", "EventLog", "backoff", "cipher_settings", "storage_errors"]
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+__all__ = [
+    "CIPHER_KEY_ENV",
+    "EventLog",
+    "UnreadableEvent",
+    "backoff",
+    "cipher_settings",
+    "storage_errors",
+]
 
 T = TypeVar("T")
 
@@ -87,16 +99,36 @@ def storage_errors(env: Mapping[str, str], action: str) -> Iterator[None]:
     except Exception as exc:
         from sqlalchemy import exc as sql  # loaded already, by the keys and the projections
 
+        # sql.TimeoutError: no connection came free in the engine's pool in time (all busy).
         if not isinstance(
-            exc, OperationalError | InterfaceError | sql.OperationalError | sql.InterfaceError
+            exc,
+            OperationalError
+            | InterfaceError
+            | sql.OperationalError
+            | sql.InterfaceError
+            | sql.TimeoutError,
         ):
             raise
         module = env.get("PERSISTENCE_MODULE", "")
-        backend = {"eventsourcing.sqlite": "SQLite", "eventsourcing.postgres": "PostgreSQL"}
+        backend = {
+            "eventsourcing.sqlite": "SQLite",
+            SQLITE_PERSISTENCE: "SQLite",
+            "eventsourcing.postgres": "PostgreSQL",
+        }
         reason = str(getattr(exc, "orig", None) or exc)  # SQLAlchemy's names the statement
         raise StorageUnavailableError(
             backend.get(module, "The database"), action, reason or type(exc).__name__
         ) from exc
+
+
+@dataclass(frozen=True)
+class UnreadableEvent:
+    """Stands in a contained read for an event of the log that cannot be decoded."""
+
+    position: int
+    originator_id: str
+    originator_version: int
+    detail: str
 
 
 def backoff(attempt: int) -> None:
@@ -124,7 +156,13 @@ class EventLog:
     """The append-only log of one store: append, read aggregates, read the total order."""
 
     def __init__(
-        self, config: StorageConfig, env: dict[str, str], *, encrypted: bool, refresh: float
+        self,
+        config: StorageConfig,
+        env: dict[str, str],
+        *,
+        encrypted: bool,
+        refresh: float,
+        engine: Engine | None = None,
     ) -> None:
         self.config = config
         self.env = env
@@ -136,7 +174,7 @@ class EventLog:
         self.app = self._open(env)
         try:
             with storage_errors(config.env, "opening the store"):
-                self.keys = self._open_keys(refresh)
+                self.keys = self._open_keys(refresh, engine)
                 try:
                     self._check_key(encrypted)
                 except BaseException:
@@ -171,13 +209,13 @@ class EventLog:
             return app
         raise AssertionError("unreachable")
 
-    def _open_keys(self, refresh: float) -> UserKeys:
+    def _open_keys(self, refresh: float, engine: Engine | None) -> UserKeys:
         """The users' keys (see `flowstore.keys`), wrapped with the log's cipher if it has one."""
         keys: UserKeys
         if self.config.sqlalchemy_url is None:
             keys = MemoryKeyStore(refresh=refresh)
         else:
-            keys = SqlKeyStore(self.config, self.app.mapper.cipher, refresh=refresh)
+            keys = SqlKeyStore(self.config, self.app.mapper.cipher, refresh=refresh, engine=engine)
         cast(PydanticMapper, self.app.mapper).keys = keys
         return keys
 
@@ -263,11 +301,35 @@ class EventLog:
         with self.errors(f"reading the events of {aggregate_id}"):
             return cast(list[DomainEvent], list(self.app.events.get(aggregate_id)))
 
-    def read(self, start: int, limit: int = 1000) -> list[tuple[int, DomainEvent]]:
-        """Up to `limit` events of the total order from notification id `start` on."""
+    def read(
+        self, start: int, limit: int = 1000, *, contain: bool = False
+    ) -> list[tuple[int, Any]]:
+        """Up to `limit` events of the total order from notification id `start` on.
+
+        An event that cannot be decoded raises `CorruptEventError`, unless `contain`: then it is
+        an `UnreadableEvent` in its place (the projections skip it and name it; the others go on).
+        """
         with self.errors("reading the log"):
             page = self.app.recorder.select_notifications(start, limit)
-        events = cast(PydanticMapper, self.app.mapper).to_domain_events(page)
+        mapper = cast(PydanticMapper, self.app.mapper)
+        try:
+            events: list[Any] = list(mapper.to_domain_events(page))
+        except CorruptEventError:
+            if not contain:
+                raise
+            events = []
+            for notification in page:  # one by one, to find the unreadable ones
+                try:
+                    events.append(mapper.to_domain_event(notification))
+                except CorruptEventError as exc:
+                    events.append(
+                        UnreadableEvent(
+                            notification.id,
+                            str(notification.originator_id),
+                            notification.originator_version,
+                            exc.detail,
+                        )
+                    )
         return [(n.id, event) for n, event in zip(page, events, strict=True)]
 
     def position(self) -> int:

@@ -13,11 +13,25 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from flowstore.errors import StorageConfigError
 
-__all__ = ["DEFAULT_URL", "StorageConfig", "StorageConfigError", "parse_url", "resolve_url"]
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+__all__ = [
+    "DEFAULT_URL",
+    "POOL_SIZE_ENV",
+    "READ_ONLY",
+    "SQLITE_PERSISTENCE",
+    "StorageConfig",
+    "StorageConfigError",
+    "make_engine",
+    "parse_url",
+    "resolve_url",
+]
 
 DEFAULT_URL = "sqlite:///flowstore.db"
 """The embedded default: a SQLite file in the working directory."""
@@ -35,6 +49,9 @@ class StorageConfig:
     display: str = ""
     """The URL with any password masked, for logs and errors."""
 
+
+SQLITE_PERSISTENCE = "flowstore.sqlitelog:SecureSQLiteFactory"
+"""The eventsourcing persistence topic of SQLite stores."""
 
 _CONNECT_TIMEOUT = "2"
 """Seconds a PostgreSQL call waits for a connection per attempt, unless the URL sets connect_timeout."""
@@ -73,7 +90,8 @@ def parse_url(url: str) -> StorageConfig:
             raise StorageConfigError(
                 f"SQLite URL {url!r}: directory {str(parent)!r} does not exist", url=url
             )
-        env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": path}
+        # eventsourcing's SQLite persistence, with secure_delete on its connections (sqlitelog.py).
+        env = {"PERSISTENCE_MODULE": SQLITE_PERSISTENCE, "SQLITE_DBNAME": path}
         return StorageConfig("sqlite", env, f"sqlite:///{path}", url)
     if scheme in ("postgresql", "postgres"):
         if not parts.hostname or not parts.path.strip("/"):
@@ -117,3 +135,77 @@ def _mask(url: str) -> str:
     if parts.password is None:
         return url
     return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+POOL_SIZE_ENV = "FLOWSTORE_POOL_SIZE"
+"""Connections the store's SQLAlchemy engine keeps open (default 5, plus as many again on demand)."""
+
+READ_ONLY = {"flowstore_read_only": True}
+"""Execution options for a connection that only reads: on SQLite its transactions begin deferred,
+so readers never wait for (or hold) the write lock."""
+
+
+def make_engine(config: StorageConfig, *, pool_size: int | None = None) -> Engine:
+    """The store's one SQLAlchemy engine: projections, users' keys and trackers share it.
+
+    SQLite: transactions are real and writers take the lock at BEGIN (`BEGIN IMMEDIATE`, so that
+    reading a tracking row and moving it is one atomic step), except on connections opened with
+    `READ_ONLY`; deleted rows are overwritten on disk (`secure_delete`), and commits skip the fsync
+    (the events, written by eventsourcing's own connection with synchronous=FULL, carry it; in WAL
+    mode a later fsync makes every earlier commit durable too). PostgreSQL: pre-pinged
+    connections, the URL's schema as the search path, and `pool_size` connections plus as many
+    again on demand (default: the URL's `pool_size`, else `$FLOWSTORE_POOL_SIZE`, else 5).
+    """
+    import orjson
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.pool import StaticPool
+
+    def _json(value: Any) -> str:  # JSON columns written with orjson, like the events
+        return orjson.dumps(value).decode()
+
+    size = pool_size or int(
+        config.env.get("POSTGRES_POOL_SIZE") or os.environ.get(POOL_SIZE_ENV) or 5
+    )
+    if config.sqlalchemy_url is None:
+        # memory:// keeps its tables in an in-process SQLite database on one shared connection.
+        engine = create_engine(
+            "sqlite://",
+            poolclass=StaticPool,
+            connect_args={"check_same_thread": False},
+            json_serializer=_json,
+        )
+    elif config.backend == "sqlite":
+        engine = create_engine(
+            config.sqlalchemy_url,
+            connect_args={"timeout": 60},
+            json_serializer=_json,
+            pool_size=size,
+            max_overflow=size,
+        )
+    else:
+        schema = config.env.get("POSTGRES_SCHEMA")
+        connect_args: dict[str, Any] = {"options": f"-csearch_path={schema}"} if schema else {}
+        engine = create_engine(
+            config.sqlalchemy_url,
+            pool_pre_ping=True,
+            json_serializer=_json,
+            pool_size=size,
+            max_overflow=size,
+            connect_args=connect_args,
+        )
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_connection: Any, _: Any) -> None:
+            # pysqlite's own transaction handling starts transactions late and never for SELECT;
+            # SQLAlchemy's documented recipe hands control back to us.
+            dbapi_connection.isolation_level = None
+            dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+            dbapi_connection.execute("PRAGMA secure_delete=ON")
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            read_only = conn.get_execution_options().get("flowstore_read_only")
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+    return engine

@@ -9,6 +9,7 @@ write path: read, decide, append, retry), `flowstore.erasure`, `flowstore.migrat
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -24,6 +25,7 @@ from flowstore.commands import Commands, definition_of, is_expired
 from flowstore.definitions import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     FlowDefinition,
+    FlowTransition,
     check_payload,
     parse_definition,
     require_id,
@@ -43,6 +45,8 @@ from flowstore.domain import (
     delete_flow,
     end_flow,
     execute_transition,
+    go_back,
+    hand_over,
     instance_id,
     list_flow,
     override_state,
@@ -57,6 +61,8 @@ from flowstore.errors import (
     FlowStateCorruptionError,
     FlowStateNotFoundError,
     InvalidArgumentError,
+    InvalidTransitionError,
+    StateTokenFlowError,
 )
 from flowstore.eventlog import CIPHER_KEY_ENV, EventLog, cipher_settings
 from flowstore.importing import import_events
@@ -69,13 +75,18 @@ from flowstore.models import (
     FunnelStep,
     MigrationReport,
 )
-from flowstore.storage import StorageConfig, parse_url, resolve_url
+from flowstore.storage import StorageConfig, make_engine, parse_url, resolve_url
+from flowstore.tokens import decode_state_token, encode_state_token, token_flow_id
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from flowstore.projections.live import LiveProjector
     from flowstore.projections.sql import Difference, SqlProjections
 
 __all__ = ["FlowStore", "Publisher", "PublisherFactory"]
+
+logger = logging.getLogger(__name__)
 
 
 def _utc_now() -> datetime:
@@ -88,6 +99,28 @@ KAFKA_BOOTSTRAP_ENV = "FLOWSTORE_KAFKA_BOOTSTRAP"
 PUBLISHER_ENTRY_POINTS = "flowstore.publishers"
 """Entry-point group naming publisher factories by kind (`kafka`): how `kafka=` finds its adapter
 without the service importing the adapters layer."""
+
+
+def _check_entity(value: object) -> str | None:
+    """An entity id: None, `""` (the model's null) or a usable id."""
+    if value is None:
+        return None
+    return "" if value == "" else require_id(value, "entity_id")
+
+
+def _check_message(value: object, limit: int) -> str | None:
+    """A message: any text within `limit` bytes, without NUL or lone surrogates (unstorable)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgumentError(
+            "message", value, f"must be a string, not {type(value).__name__}"
+        )
+    if "\x00" in value or any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise InvalidArgumentError("message", value[:40], "contains NUL or a lone surrogate")
+    if len(value.encode("utf-8")) > limit:
+        raise InvalidArgumentError("message", value[:40] + "...", f"longer than {limit} bytes")
+    return value
 
 
 class Publisher(Protocol):
@@ -129,6 +162,10 @@ class FlowStore:
     `Publisher` (what `flowstore.adapters.kafka.kafka_publisher(...)` gives); the store stops it
     first on `close()`.
 
+    `pool_size` sizes the SQLAlchemy engine's pool (default: the URL's `pool_size`, else
+    `$FLOWSTORE_POOL_SIZE`, else 5; as many again are opened on demand); size it to the threads
+    that call the store at once.
+
     With `live_projections` (the default) a background thread keeps the read-model tables up to date
     with this process's writes, and table queries wait for it, so they read your writes; without
     it, a separate worker (`flowstore projections run`) does that.
@@ -144,6 +181,7 @@ class FlowStore:
         publisher: PublisherFactory | None = None,
         max_retries: int = 10,
         cache_size: int = 10_000,
+        pool_size: int | None = None,
         statistics_window: float = 60.0,
         live_projections: bool = True,
         definition_refresh: float = 1.0,
@@ -162,7 +200,20 @@ class FlowStore:
             **cipher_settings(cipher_key),
         }
         encrypted = cipher_key is not None or bool(os.environ.get(CIPHER_KEY_ENV))
-        self._log = EventLog(self.config, env, encrypted=encrypted, refresh=definition_refresh)
+        # One SQLAlchemy engine for everything of ours in the database (projections, keys,
+        # trackers); eventsourcing keeps its own connections for the events.
+        self._engine = make_engine(self.config, pool_size=pool_size)
+        try:
+            self._log = EventLog(
+                self.config,
+                env,
+                encrypted=encrypted,
+                refresh=definition_refresh,
+                engine=self._engine,
+            )
+        except BaseException:
+            self._engine.dispose()
+            raise
         # Imported here, not at the top: the service module loads before SQLAlchemy is needed.
         from flowstore.projections.live import LiveProjector
         from flowstore.projections.sql import SqlProjections
@@ -177,13 +228,13 @@ class FlowStore:
             definition_refresh=definition_refresh,
             written=self._written,
         )
-        opened: list[Callable[[], None]] = [self._log.close]
+        opened: list[Callable[[], None]] = [self._engine.dispose, self._log.close]
         try:
             with self._log.errors("opening the store"):
-                self._projections = SqlProjections(self.config)
+                self._projections = SqlProjections(self.config, self._engine)
                 opened.append(self._projections.close)
                 if live_projections:
-                    self._projections.catch_up(self.read_events)  # what happened while away
+                    self._projections.catch_up(self._read_contained)  # what happened while away
                     self._live = LiveProjector(self._project_written)
         except BaseException:
             for close in reversed(opened):
@@ -208,6 +259,15 @@ class FlowStore:
         self._commands.max_retries = value
 
     @property
+    def engine(self) -> Engine:
+        """The store's SQLAlchemy engine (its tables, keys and trackers; not the event log's).
+
+        Adapters that keep rows beside the store's (trackers, followers) use it rather than
+        opening connections of their own. Its pool holds `pool_size` connections.
+        """
+        return self._engine
+
+    @property
     def definition_refresh(self) -> float:
         """Seconds a transition may use a cached definition (other processes' changes)."""
         return self._commands.definition_refresh
@@ -220,7 +280,9 @@ class FlowStore:
         """The embedded publisher: `publisher` if given, else Kafka's if asked for (`kafka`)."""
         if publisher is not None:
             if kafka not in (None, False):
-                raise InvalidArgumentError("kafka", kafka, "pass either kafka= or publisher=, not both")
+                raise InvalidArgumentError(
+                    "kafka", kafka, "pass either kafka= or publisher=, not both"
+                )
             return publisher(self)
         if kafka is False:
             return None
@@ -245,6 +307,7 @@ class FlowStore:
             self._live.close()
         self._projections.close()
         self._log.close()
+        self._engine.dispose()
 
     def __enter__(self) -> Self:
         return self
@@ -357,9 +420,7 @@ class FlowStore:
             )
         mapping = check_step_map(flow_id, target, to_version, step_map)
         users = [row["user_id"] for row in self._tables.instances(flow_id, FlowStatus.ACTIVE)]
-        return migrate(
-            self._commands, flow_id, target, to_version, mapping, users, dry_run=dry_run
-        )
+        return migrate(self._commands, flow_id, target, to_version, mapping, users, dry_run=dry_run)
 
     def diagram(
         self,
@@ -390,16 +451,40 @@ class FlowStore:
 
     # Commands on a user's flow
 
-    def reset_flow(self, user_id: str, flow_id: str, step: str | None = None) -> FlowState:
-        """Start or restart the user's run on the latest version, at `step` or the initial step."""
+    def reset_flow(
+        self,
+        user_id: str,
+        flow_id: str,
+        step: str | None = None,
+        *,
+        service: str | None = None,
+        entity_id: str | None = None,
+    ) -> FlowState:
+        """Start or restart the user's run on the latest version, at `step` or the initial step.
+
+        Where the definition marks steps `initial`, only those and the initial step may be entered
+        (else `InvalidStepError`). `service` is the run's target service (the state's service for
+        the whole run, whatever step it is at) and `entity_id` the entity the run is about.
+        """
         require_id(user_id, "user_id")
         if step is not None:
             require_id(step, "step")
+        if service is not None:
+            require_id(service, "service")
+        entity = _check_entity(entity_id)
 
         def decide(instance: FlowInstance | None) -> Decision:
             definition = self._live_versions(flow_id).latest
             return Decision(
-                start_flow(instance, definition, user_id=user_id, now=self._clock(), step=step)
+                start_flow(
+                    instance,
+                    definition,
+                    user_id=user_id,
+                    now=self._clock(),
+                    step=step,
+                    service=service,
+                    entity_id=entity,
+                )
             )
 
         return self._commands.change_instance(user_id, flow_id, decide).to_state()
@@ -410,14 +495,127 @@ class FlowStore:
         flow_id: str,
         transition: str,
         payload: dict[str, Any] | None = None,
+        *,
+        ok: bool = True,
+        message: str | None = None,
     ) -> FlowState:
         """Take `transition` from the user's current step (starting the flow first if needed).
 
-        A transition the step does not offer, or a payload its schema refuses, is recorded as a
-        rejected attempt and raises `InvalidTransitionError` / `PayloadValidationError`.
+        As in the OwlMeans model: the payload is merged into the state's (top-level keys),
+        `previous` becomes the step left when the transition is reversible (else None), and `ok`
+        and `message` record how the step's work went (`ok=False`: reached, but failed); a later
+        transition without a message clears it. A transition the step does not offer, or a payload
+        its schema refuses, is recorded as a rejected attempt, leaves the state unchanged and raises
+        `InvalidTransitionError` / `PayloadValidationError`.
         """
-        decide = self._transition(user_id, flow_id, transition, payload, time.perf_counter())
+        decide = self._transition(
+            user_id, flow_id, transition, payload, time.perf_counter(), ok=ok, message=message
+        )
         return self._commands.change_instance(user_id, flow_id, decide).to_state()
+
+    def advance(
+        self, user_id: str, flow_id: str, payload: dict[str, Any] | None = None
+    ) -> FlowState:
+        """Take the first transition of the current step that the user does not choose (not
+        `explicit`): the model's `next()`. `InvalidTransitionError` (nothing recorded) if none."""
+        instance, definition = self._state_definition(user_id, flow_id)
+        assert instance.step is not None
+        offered = definition.steps[instance.step].transitions.items()
+        key = next((name for name, edge in offered if not edge.explicit), None)
+        if key is None:
+            raise InvalidTransitionError(
+                instance.step,
+                "next",
+                flow_id=flow_id,
+                user_id=user_id,
+                reason="the step offers no transition that is not explicit",
+            )
+        return self.execute_transition(user_id, flow_id, key, payload)
+
+    def go_back(self, user_id: str, flow_id: str) -> FlowState:
+        """Return the user to the state's `previous` step (left by a reversible transition).
+
+        Recorded in the history as kind `back`; `InvalidTransitionError` when there is no previous
+        step (or the run is complete).
+        """
+        require_id(user_id, "user_id")
+
+        def decide(instance: FlowInstance | None) -> Decision:
+            if instance is None or not instance.is_live:
+                self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
+                raise FlowStateNotFoundError(user_id, flow_id)
+            definition = definition_of(instance, self._live_versions(flow_id))
+            return Decision(go_back(instance, definition, now=self._clock()))
+
+        return self._commands.change_instance(user_id, flow_id, decide).to_state()
+
+    def get_available_transitions(
+        self, user_id: str, flow_id: str, *, explicit: bool | None = None
+    ) -> list[FlowTransition]:
+        """The transitions the user's current step offers, in definition order.
+
+        `explicit=True`: only those the user chooses; `False`: only the others (what `advance`
+        takes). `FlowStateNotFoundError` when the user has no state in the flow.
+        """
+        instance, definition = self._state_definition(user_id, flow_id)
+        assert instance.step is not None
+        offered = list(definition.steps[instance.step].transitions.values())
+        if explicit is None:
+            return offered
+        return [edge for edge in offered if bool(edge.explicit) == explicit]
+
+    def state_token(self, user_id: str, flow_id: str) -> str:
+        """The user's state as the OwlMeans model's state token (`serializeState`), to hand over."""
+        instance, definition = self._state_definition(user_id, flow_id)
+        return encode_state_token(definition, instance.to_state())
+
+    def adopt_state_token(
+        self, user_id: str, token: str, *, sender: str | None = None
+    ) -> FlowState:
+        """Take over a user's flow that another service handed over as a state token.
+
+        The token is read against the flow's latest definition (a `StateTokenError` when it
+        cannot be) and its state becomes the user's, recorded as history kind `handoff` with the
+        sending service (`sender`, else the token's service). The token's service becomes the
+        run's target service.
+        """
+        require_id(user_id, "user_id")
+        if sender is not None:
+            require_id(sender, "sender")
+        flow_id = token_flow_id(token)
+
+        def decide(instance: FlowInstance | None) -> Decision:
+            try:
+                definition = self._live_versions(flow_id).latest
+            except (FlowNotFoundError, InvalidArgumentError):
+                raise StateTokenFlowError(flow_id) from None
+            state = decode_state_token(token, definition)
+            if state.service:
+                require_id(state.service, "service")
+            _check_entity(state.entity_id)
+            _check_message(state.message, self.max_payload_bytes)
+            check_payload(state.payload, limit=self.max_payload_bytes)
+            return Decision(
+                hand_over(
+                    instance, definition, state, user_id=user_id, sender=sender, now=self._clock()
+                )
+            )
+
+        try:
+            require_id(flow_id, "flow_id")
+        except InvalidArgumentError:
+            raise StateTokenFlowError(flow_id) from None
+        return self._commands.change_instance(user_id, flow_id, decide).to_state()
+
+    def _state_definition(self, user_id: str, flow_id: str) -> tuple[FlowInstance, FlowDefinition]:
+        """The user's live instance and the definition version it runs on."""
+        require_id(user_id, "user_id")
+        require_id(flow_id, "flow_id")
+        instance = self._log.get(instance_id(user_id, flow_id), FlowInstance)
+        if instance is None or not instance.is_live:
+            self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
+            raise FlowStateNotFoundError(user_id, flow_id)
+        return instance, definition_of(instance, self._live_versions(flow_id))
 
     def execute_transitions(
         self,
@@ -492,11 +690,17 @@ class FlowStore:
         transition: str,
         payload: dict[str, Any] | None,
         began: float,
+        *,
+        ok: bool = True,
+        message: str | None = None,
     ) -> Callable[[FlowInstance | None], Decision]:
         """Check a transition request's input, and return how to decide it on an instance."""
         require_id(user_id, "user_id")
         require_id(transition, "transition")
         checked = check_payload(payload, limit=self.max_payload_bytes)
+        if not isinstance(ok, bool):
+            raise InvalidArgumentError("ok", ok, f"must be a boolean, not {type(ok).__name__}")
+        checked_message = _check_message(message, self.max_payload_bytes)
 
         def decide(instance: FlowInstance | None) -> Decision:
             needed = instance.definition_version if instance and instance.is_live else 0
@@ -516,6 +720,8 @@ class FlowStore:
                 payload=checked,
                 now=now,
                 elapsed_ms=(time.perf_counter() - began) * 1000,
+                ok=ok,
+                message=checked_message,
             )
             return Decision([*started, *decision.events], decision.error)
 
@@ -537,6 +743,8 @@ class FlowStore:
         if new.service is not None:
             require_id(new.service, "service")
         payload = check_payload(new.payload, limit=self.max_payload_bytes)
+        entity = _check_entity(new.entity_id)
+        message = _check_message(new.message, self.max_payload_bytes)
 
         def decide(instance: FlowInstance | None) -> Decision:
             versions = self._live_versions(new.flow)
@@ -558,6 +766,9 @@ class FlowStore:
                     ok=new.ok,
                     payload=payload,
                     now=self._clock(),
+                    previous=new.previous,
+                    entity_id=entity,
+                    message=message,
                 )
             )
 
@@ -640,11 +851,18 @@ class FlowStore:
             states.append(FlowState.model_validate({**row, "flow": row["flow_id"]}))
         return states
 
-    def get_flow_history(self, user_id: str, flow_id: str) -> list[FlowStateHistory]:
-        """Every command on the user's flow, oldest first (empty if they never started it)."""
+    def get_flow_history(
+        self, user_id: str, flow_id: str, *, max_bytes: int | None = None
+    ) -> list[FlowStateHistory]:
+        """Every command on the user's flow, oldest first (empty if they never started it).
+
+        With `max_bytes`, the rows end at the first one that brings their payloads and errors (as
+        JSON and text) to more than that; it is included, so the caller can tell the cap was
+        reached. The rows are read in batches, never all at once.
+        """
         require_id(user_id, "user_id")
         require_id(flow_id, "flow_id")
-        rows = self._tables.history(user_id, flow_id)
+        rows = self._tables.history(user_id, flow_id, max_bytes=max_bytes)
         if not rows:
             self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
         return rows
@@ -678,27 +896,33 @@ class FlowStore:
         self._tables.recover(
             (user_id, flow_id),
             lambda: self._log.events_of(iid),
-            self.read_events,
+            self._read_contained,
         )
         return self.get_flow_state(user_id, flow_id)
 
     def rebuild_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Replay the whole log into fresh tables and swap them in; return the events replayed."""
-        return self._tables.rebuild(self.read_events, progress=progress)
+        """Replay the whole log into fresh tables and swap them in; return the events replayed.
+
+        One rebuild at a time per database (across processes): another one running raises
+        `RebuildRunningError`. A rebuild that fails drops its shadow tables and leaves the live
+        ones as they were; a database that fails under it (a full disk) is `StorageUnavailableError`.
+        """
+        with self._log.errors("rebuilding the projections"):
+            return self._tables.rebuild(self._read_contained, progress=progress)
 
     def verify_projections(self) -> list[Difference]:
         """Every difference between the tables and the log (empty when they agree)."""
-        return self._tables.verify(self.read_events)
+        return self._tables.verify(self._read_contained)
 
     def repair_projections(
         self, user_id: str | None = None, flow_id: str | None = None
     ) -> list[Difference]:
         """Rewrite exactly the rows that differ from the log; return what was repaired."""
-        return self._tables.repair(self.read_events, user_id=user_id, flow_id=flow_id)
+        return self._tables.repair(self._read_contained, user_id=user_id, flow_id=flow_id)
 
     def catch_up_projections(self, batch: int = 1000) -> int:
         """Apply events the tables have not seen yet, `batch` per transaction; return the position."""
-        return self._projections.catch_up(self.read_events, page=batch)
+        return self._projections.catch_up(self._read_contained, page=batch)
 
     @property
     def publisher(self) -> Publisher | None:
@@ -721,6 +945,46 @@ class FlowStore:
         the stream publishers, pushers and auditors follow.
         """
         return self._log.read(start, limit)
+
+    def _read_contained(self, start: int, limit: int) -> list[tuple[int, DomainEvent]]:
+        # The projections' reader: an event that cannot be decoded is skipped and named (its own
+        # instance answers FlowStateCorruptionError), so one bad event stops nobody else's reads.
+        return self._log.read(start, limit, contain=True)
+
+    def unreadable_events(self) -> list[dict[str, Any]]:
+        """Events of the log the projections skipped because they cannot be decoded.
+
+        Each: `position`, `originator_id`, `originator_version` and `detail` (why). Their instance
+        answers `FlowStateCorruptionError` until the event is quarantined or the store restored.
+        """
+        return self._projections.unreadable()
+
+    def quarantine_event(self, position: int, reason: str) -> dict[str, Any]:
+        """Move the unreadable event at `position` out of the log, keeping it byte for byte.
+
+        The event goes to the `flowstore_quarantine` table with `reason` and the time (the audit
+        record, returned); its instance reads again as it was before that event. Only events the
+        projections found unreadable can be quarantined: the log stays the truth for every other.
+        """
+        if not isinstance(position, int) or isinstance(position, bool) or position < 1:
+            raise InvalidArgumentError("position", position, "must be a positive event position")
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidArgumentError("reason", reason, "must say why (it is the audit record)")
+        known = {row["position"] for row in self.unreadable_events()}
+        if position not in known:
+            raise InvalidArgumentError(
+                "position", position, f"is not an unreadable event (unreadable: {sorted(known)})"
+            )
+        with self._log.errors("quarantining an event"):
+            record = self._projections.quarantine(position, reason, self._clock())
+        if record is None:
+            raise InvalidArgumentError("position", position, "no such event in this store's log")
+        logger.warning(
+            "event %s (%s v%s) quarantined: %s",
+            position, record["originator_id"], record["originator_version"], reason,
+        )
+        self._commands.forget_instance(UUID(record["originator_id"]))
+        return {k: v for k, v in record.items() if k != "state"}
 
     def import_events(self, events: Iterable[DomainEvent], *, batch: int = 500) -> int:
         """Append events recorded elsewhere (a restore), as they are: same ids, versions, times.
@@ -745,7 +1009,7 @@ class FlowStore:
         # On SQLite the projector and this process's writers take turns on the Python lock:
         # waiting in SQLite's busy handler instead sleeps in steps of up to 100 ms.
         with self._log.write_lock:
-            return self._projections.catch_up(self.read_events)
+            return self._projections.catch_up(self._read_contained)
 
     @property
     def _tables(self) -> SqlProjections:

@@ -11,11 +11,14 @@ them, and a crash between two batches leaves the tables exactly at the last comm
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from datetime import datetime
+from typing import Any, cast
 
 import orjson
 from sqlalchemy import (
@@ -23,23 +26,29 @@ from sqlalchemy import (
     Engine,
     Table,
     bindparam,
-    create_engine,
     delete,
-    event,
     inspect,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.pool import StaticPool
 
 from flowstore.domain import DomainEvent
+from flowstore.errors import RebuildRunningError
+from flowstore.eventlog import UnreadableEvent
 from flowstore.projections.batch import RowBatch, StateKey
 from flowstore.projections.queries import Queries, percentile, row_dict
-from flowstore.projections.tables import REBUILD_SUFFIX, TRACKING, ProjectionTables, define_tables
+from flowstore.projections.tables import (
+    QUARANTINE,
+    REBUILD_SUFFIX,
+    TRACKING,
+    UNREADABLE,
+    ProjectionTables,
+    define_tables,
+)
 from flowstore.projections.verify import Difference, EventPage, Verification
-from flowstore.storage import StorageConfig
+from flowstore.storage import READ_ONLY, StorageConfig, make_engine
 
 __all__ = [
     "Difference",
@@ -63,34 +72,14 @@ def _json(value: Any) -> str:
 class SqlProjections(Queries, Verification):
     """The projection tables of one store, and everything that reads or writes them."""
 
-    def __init__(self, config: StorageConfig) -> None:
+    def __init__(self, config: StorageConfig, engine: Engine | None = None) -> None:
         self.tables = define_tables()
         self._lock = threading.RLock()
-        if config.sqlalchemy_url is None:
-            # memory:// keeps its tables in an in-process SQLite database on one shared connection.
-            self.engine = create_engine(
-                "sqlite://",
-                poolclass=StaticPool,
-                connect_args={"check_same_thread": False},
-            )
-        elif config.backend == "sqlite":
-            self.engine = create_engine(
-                config.sqlalchemy_url, connect_args={"timeout": 60}, json_serializer=_json
-            )
-        else:
-            self.engine = create_engine(
-                config.sqlalchemy_url, pool_pre_ping=True, json_serializer=_json
-            )
+        # The store's one engine (`flowstore.storage.make_engine`), or one of our own.
+        self._owns_engine = engine is None
+        self.engine = engine if engine is not None else make_engine(config)
         self._sqlite = self.engine.dialect.name == "sqlite"
         self._shared_connection = config.sqlalchemy_url is None
-        # Readers never need the write lock: on a SQLite file they get an engine of their own.
-        self._reader = (
-            create_engine(self.engine.url, connect_args={"timeout": 60})
-            if self._sqlite and not self._shared_connection
-            else self.engine
-        )
-        if self._sqlite:
-            _immediate_transactions(self.engine)
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
         self._upserts: dict[tuple[str, bool], Any] = {}
         self._lookup_cache: dict[str, tuple[Any, Any]] = {}
@@ -100,6 +89,7 @@ class SqlProjections(Queries, Verification):
         self._owned_position: int | None = None
         # The lower bound each flow's old throughput rows were last deleted below (see _write).
         self._forgotten: dict[str, int] = {}
+        self._rebuild_mutex = threading.Lock()
         mine = TRACKING.c.name == PROJECTION
         self._read_position = select(TRACKING.c.position).where(mine)
         self._locking_position = self._read_position.with_for_update()
@@ -107,9 +97,9 @@ class SqlProjections(Queries, Verification):
         self.create()
 
     def close(self) -> None:
-        """Release connections."""
-        self._reader.dispose()
-        self.engine.dispose()
+        """Release connections (of an engine of our own; the store disposes of its engine)."""
+        if self._owns_engine:
+            self.engine.dispose()
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -117,7 +107,8 @@ class SqlProjections(Queries, Verification):
             with self._lock, self.engine.begin() as conn:
                 yield conn
         else:
-            with self._reader.connect() as conn:
+            # Readers never need the write lock: on SQLite their transactions begin deferred.
+            with self.engine.connect().execution_options(**READ_ONLY) as conn:
                 yield conn
 
     def create(self) -> None:
@@ -212,7 +203,69 @@ class SqlProjections(Queries, Verification):
 
         batch = RowBatch(load_state, load_attempts).apply_all(event for _, event in events)
         self._write(conn, tables, batch)
+        unreadable = [
+            {
+                "position": e.position,
+                "originator_id": e.originator_id,
+                "originator_version": e.originator_version,
+                "detail": e.detail,
+            }
+            for _, e in cast(Sequence[tuple[int, object]], events)  # contained reads mix them in
+            if isinstance(e, UnreadableEvent)
+        ]
+        if unreadable:  # skipped, so named: with the rows, in their transaction
+            for row in unreadable:
+                log.error(
+                    "event %s (%s v%s) cannot be read; projections skip it: %s",
+                    row["position"], row["originator_id"], row["originator_version"], row["detail"],
+                )
+            conn.execute(self._insert(UNREADABLE).on_conflict_do_nothing(), unreadable)
         return batch
+
+    # Unreadable events
+
+    def unreadable(self) -> list[dict[str, Any]]:
+        """The events the projections skipped because they cannot be decoded, by position."""
+        with self._read() as conn:
+            rows = conn.execute(select(UNREADABLE).order_by(UNREADABLE.c.position))
+            return [dict(r._mapping) for r in rows]
+
+    def quarantine(self, position: int, reason: str, now: datetime) -> dict[str, Any] | None:
+        """Move the event at `position` out of the log into `flowstore_quarantine`; None if absent.
+
+        One transaction: the audit row (the stored bytes, why, when) and the delete commit
+        together. Only the events table of this store's database is touched.
+        """
+        if self._shared_connection:
+            return None  # memory:// has no events table here
+        events, id_column = (
+            ("stored_events", "rowid") if self._sqlite else ("flowstore_events", "notification_id")
+        )
+        with self._lock, self.engine.begin() as conn:
+            found = conn.execute(
+                text(
+                    f"SELECT originator_id, originator_version, topic, state FROM {events} "
+                    f"WHERE {id_column} = :position"
+                ),
+                {"position": position},
+            ).first()
+            if found is None:
+                return None
+            record = {
+                "position": position,
+                "originator_id": str(found.originator_id),
+                "originator_version": found.originator_version,
+                "topic": found.topic,
+                "state": bytes(found.state),
+                "reason": reason,
+                "quarantined_at": now,
+            }
+            conn.execute(self._insert(QUARANTINE).on_conflict_do_nothing(), record)
+            conn.execute(
+                text(f"DELETE FROM {events} WHERE {id_column} = :position"), {"position": position}
+            )
+            conn.execute(delete(UNREADABLE).where(UNREADABLE.c.position == position))
+        return record
 
     def _lookups(self, tables: ProjectionTables) -> tuple[Any, Any]:
         # Built once per table set: constructing SQLAlchemy expressions costs more than running them.
@@ -307,7 +360,71 @@ class SqlProjections(Queries, Verification):
         copies of recent state rows kept between pages (only this rebuild writes the new tables, so
         they cannot go stale) are capped. Readers keep the old tables until the swap commits.
         """
-        shadow = define_tables(REBUILD_SUFFIX)
+        with self._rebuild_lock():
+            shadow = define_tables(REBUILD_SUFFIX)
+            try:
+                return self._rebuild(shadow, read, page=page, progress=progress)
+            except BaseException:
+                # A failed rebuild (a full disk, a lost connection) must not leave its half-filled
+                # shadow tables behind: they held thousands of rows and broke later commands.
+                self._drop_shadow(shadow)
+                raise
+
+    def _drop_shadow(self, shadow: ProjectionTables) -> None:
+        try:
+            with self._lock, self.engine.begin() as conn:
+                shadow.metadata.drop_all(conn)
+        except Exception:
+            log.warning("could not drop the rebuild's shadow tables", exc_info=True)
+
+    @contextmanager
+    def _rebuild_lock(self) -> Iterator[None]:
+        """One rebuild at a time on this database, across processes; else `RebuildRunningError`.
+
+        SQLite: an exclusive flock on a file beside the database (per open file, so two threads of
+        one process exclude each other too). PostgreSQL: a session-level advisory lock, held on a
+        connection of its own for the whole rebuild. memory://: this process is the only one.
+        """
+        if self._shared_connection:
+            if not self._rebuild_mutex.acquire(blocking=False):
+                raise RebuildRunningError("in this process")
+            try:
+                yield
+            finally:
+                self._rebuild_mutex.release()
+            return
+        if self._sqlite:
+            database = self.engine.url.database or ""
+            path = f"{database}.rebuild-lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise RebuildRunningError(f"lock file {path}") from None
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+            return
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            taken = conn.execute(
+                text("SELECT pg_try_advisory_lock(:key)"), {"key": _REBUILD_LOCK_KEY}
+            ).scalar_one()
+            if not taken:
+                raise RebuildRunningError("PostgreSQL advisory lock")
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _REBUILD_LOCK_KEY})
+
+    def _rebuild(
+        self,
+        shadow: ProjectionTables,
+        read: EventPage,
+        *,
+        page: int,
+        progress: Callable[[int, int], None] | None,
+    ) -> int:
         rows = _RowCache()
         with self._lock, self.engine.begin() as conn:
             shadow.metadata.drop_all(conn)
@@ -343,6 +460,10 @@ class SqlProjections(Queries, Verification):
                 index.create(conn)
 
 
+# pg_advisory_lock's key for rebuilds: any bigint the application uses for nothing else.
+_REBUILD_LOCK_KEY = 0x666C6F77_72656231  # "flowreb1"
+
+
 class _RowCache:
     """The state rows and attempt counts as this process's last catch-up left them (bounded)."""
 
@@ -365,24 +486,3 @@ class _RowCache:
                     self.states[key] = None
         self.states.update(batch.states)
         self.attempts.update(batch.attempts)
-
-
-def _immediate_transactions(engine: Engine) -> None:
-    """Make SQLAlchemy's SQLite transactions real, and writers take the lock at BEGIN.
-
-    pysqlite's own transaction handling starts transactions late and never for SELECT; SQLAlchemy's
-    documented recipe hands control back to us. BEGIN IMMEDIATE takes the write lock up front, which
-    is what makes reading the tracking row and moving it one atomic step.
-    """
-
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_connection: Any, _: Any) -> None:
-        dbapi_connection.isolation_level = None
-        # The tables are disposable and their tracking row commits with them: after a power cut
-        # they can only be behind the log, never inconsistent, and the next catch-up fills the
-        # gap. So these commits need WAL's atomicity but not an fsync each (the events keep FULL).
-        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -11,18 +11,25 @@ from dataclasses import dataclass
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
+    Text,
 )
 
-__all__ = ["REBUILD_SUFFIX", "TRACKING", "ProjectionTables", "define_tables", "tracking_metadata"]
+__all__ = [
+    "QUARANTINE",
+    "REBUILD_SUFFIX",
+    "TRACKING",
+    "UNREADABLE", "ProjectionTables", "define_tables", "tracking_metadata"]
 
 REBUILD_SUFFIX = "__rebuild"
 _ID = String(256)
@@ -67,6 +74,10 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("updated_at", DateTime(timezone=True), nullable=False),
         Column("completed_at", DateTime(timezone=True), nullable=True),
         Column("expires_at", DateTime(timezone=True), nullable=True),
+        # The OwlMeans model's fields (entity id and message are personal: erasure deletes the row).
+        Column("previous", _ID, nullable=True),
+        Column("entity_id", _ID, nullable=True),
+        Column("message", String, nullable=True),
         Index(f"ix_flow_states{suffix}_flow_status", "flow_id", "status"),
         Index(f"ix_flow_states{suffix}_expiry", "status", "expires_at"),
         Index(f"ix_flow_states{suffix}_instance", "instance_id"),
@@ -88,6 +99,8 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("success", Boolean, nullable=False),
         Column("error", String, nullable=True),
         Column("meta", JSON, nullable=False),
+        Column("ok", Boolean, nullable=True),
+        Column("message", String, nullable=True),
         # Per-flow scans: transition counts for diagrams, a flow's history for exports.
         Index(f"ix_flow_history{suffix}_flow_kind", "flow_id", "kind"),
         # A flow's rows in a time window (the console's activity and stays over the last hour...).
@@ -103,6 +116,8 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("expired", Integer, nullable=False, default=0),
         Column("attempts", Integer, nullable=False, default=0),
         Column("rejections", Integer, nullable=False, default=0),
+        # Transitions taken with ok=False: the step was reached but its work failed (an error too).
+        Column("failures", Integer, nullable=False, default=0),
         Column("completed_duration_ms", Float, nullable=False, default=0.0),
         Column("response_ms_total", Float, nullable=False, default=0.0),
     )
@@ -143,3 +158,28 @@ TRACKING = Table(
     Column("position", Integer, nullable=False),
 )
 """One row per projection: the notification id of the last event applied (same transaction)."""
+
+UNREADABLE = Table(
+    "projection_unreadable",
+    tracking_metadata,
+    Column("position", BigInteger, primary_key=True),
+    Column("originator_id", String(64), nullable=False),
+    Column("originator_version", Integer, nullable=False),
+    Column("detail", Text, nullable=False),
+)
+"""Events of the log the projections could not decode and skipped (`flowstore projections status`
+names them; `flowstore quarantine` moves one aside). Written with the rows, in the same transaction."""
+
+QUARANTINE = Table(
+    "flowstore_quarantine",
+    tracking_metadata,
+    Column("position", BigInteger, primary_key=True),
+    Column("originator_id", String(64), nullable=False),
+    Column("originator_version", Integer, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("state", LargeBinary, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("quarantined_at", DateTime(timezone=True), nullable=False),
+)
+"""The audit record of `flowstore quarantine`: each event moved out of the log, byte for byte, with
+why and when (the row can be put back by hand)."""

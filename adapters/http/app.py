@@ -19,6 +19,7 @@ from importlib import resources
 from typing import Annotated, Any
 
 import anyio
+import orjson
 from fastapi import Body, Depends, FastAPI, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -38,8 +39,10 @@ from flowstore import (
     FlowStateNotFoundError,
     FlowStatistics,
     FlowStore,
+    FlowTransition,
     FunnelStep,
     PayloadTooLargeError,
+    StateTokenFlowError,
     StorageUnavailableError,
 )
 from flowstore.adapters.http.auth import (
@@ -62,19 +65,32 @@ from flowstore.adapters.http.problems import (
 from flowstore.adapters.http.push import LogPusher
 from flowstore.adapters.http.schemas import (
     ErasureResult,
+    HandoffRequest,
     Health,
+    NextRequest,
     PurgeResult,
     Readiness,
     ResetRequest,
     StateOverride,
+    StateToken,
     TransitionRequest,
     nul_errors,
 )
 from flowstore.adapters.http.websocket import FlowSocket
+from flowstore.tokens import token_flow_id
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
 log = logging.getLogger(__name__)
+
+
+def _row_bytes(row: FlowStateHistory) -> int:
+    # As the store counts it (projections/queries.py): the payload's JSON and the error text.
+    return len(orjson.dumps(row.payload)) + len(row.error or "")
+
+MAX_HISTORY_RESPONSE_BYTES = 4 * 1024 * 1024
+"""Most payload and error bytes one history response holds (1,500 rows of 60 KB grew the server by
+333 MB); the oldest rows that fit are sent, with `X-History-Truncated: true`."""
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 """Request bodies above this are refused with 413 before they are parsed."""
@@ -355,9 +371,67 @@ def create_app(
         principal: Caller,
         body: Annotated[TransitionRequest | None, Body()] = None,
     ) -> FlowState:
-        """Take the transition from the caller's current step (starting the flow if needed)."""
-        payload = body.payload if body is not None else None
-        return store.execute_transition(principal.user_id, flow_id, transition, payload)
+        """Take the transition from the caller's current step (starting the flow if needed).
+
+        The payload merges into the state's; `ok: false` with a `message` records that the step was
+        reached but its work failed.
+        """
+        body = body or TransitionRequest()
+        return store.execute_transition(
+            principal.user_id, flow_id, transition, body.payload, ok=body.ok, message=body.message
+        )
+
+    @users.get(
+        "/flow/{flowId}/transitions",
+        response_model=list[FlowTransition],
+        response_model_exclude_none=True,
+        responses=_errors(401, 404, 422),
+    )
+    def transitions(
+        flow_id: FlowId,
+        principal: Caller,
+        explicit: Annotated[
+            bool | None,
+            Query(description="true: only those the user chooses; false: only the others"),
+        ] = None,
+    ) -> list[FlowTransition]:
+        """The transitions the caller's current step offers."""
+        return store.get_available_transitions(principal.user_id, flow_id, explicit=explicit)
+
+    @users.post(
+        "/flow/{flowId}/back", response_model=FlowState, responses=_errors(401, 404, 409, 422)
+    )
+    def back(flow_id: FlowId, principal: Caller) -> FlowState:
+        """Return to the previous step (left by a reversible transition); 422 without one."""
+        return store.go_back(principal.user_id, flow_id)
+
+    @users.post(
+        "/flow/{flowId}/next", response_model=FlowState, responses=_errors(401, 404, 409, 413, 422)
+    )
+    def next_step(
+        flow_id: FlowId,
+        principal: Caller,
+        body: Annotated[NextRequest | None, Body()] = None,
+    ) -> FlowState:
+        """Take the current step's first transition that is not explicit (the model's next())."""
+        return store.advance(principal.user_id, flow_id, body.payload if body else None)
+
+    @users.get("/flow/{flowId}/token", response_model=StateToken, responses=_errors(401, 404, 422))
+    def state_token(flow_id: FlowId, principal: Caller) -> StateToken:
+        """The caller's state as an OwlMeans state token, to hand the flow to another service."""
+        return StateToken(token=store.state_token(principal.user_id, flow_id))
+
+    @users.post(
+        "/flow/{flowId}/handoff",
+        response_model=FlowState,
+        responses=_errors(401, 404, 409, 413, 422),
+    )
+    def handoff(flow_id: FlowId, principal: Caller, body: HandoffRequest) -> FlowState:
+        """Take over the caller's flow from a state token another service handed over."""
+        named = token_flow_id(body.token)
+        if named != flow_id:
+            raise StateTokenFlowError(named, flow_id)
+        return store.adopt_state_token(principal.user_id, body.token, sender=body.sender)
 
     @users.post(
         "/flow/{flowId}/reset", response_model=FlowState, responses=_errors(401, 404, 409, 422)
@@ -367,8 +441,14 @@ def create_app(
         principal: Caller,
         body: Annotated[ResetRequest | None, Body()] = None,
     ) -> FlowState:
-        """Start the caller's run again on the latest version, at `step` or the initial step."""
-        return store.reset_flow(principal.user_id, flow_id, body.step if body else None)
+        """Start the caller's run again on the latest version, at `step` or the initial step.
+
+        `service` makes it the run's target service; `entityId` names the entity it is about.
+        """
+        body = body or ResetRequest()
+        return store.reset_flow(
+            principal.user_id, flow_id, body.step, service=body.service, entity_id=body.entity_id
+        )
 
     @users.delete("/flow/{flowId}/state", status_code=204, responses=_errors(401, 404, 409, 422))
     def clear_state(flow_id: FlowId, principal: Caller) -> Response:
@@ -381,9 +461,15 @@ def create_app(
         response_model=list[FlowStateHistory],
         responses=_errors(401, 404, 422),
     )
-    def history(flow_id: FlowId, principal: Caller) -> list[FlowStateHistory]:
-        """Every command on the caller's flow, oldest first."""
-        return store.get_flow_history(principal.user_id, flow_id)
+    def history(flow_id: FlowId, principal: Caller, response: Response) -> list[FlowStateHistory]:
+        """Every command on the caller's flow, oldest first (`X-History-Truncated` when capped)."""
+        rows = store.get_flow_history(
+            principal.user_id, flow_id, max_bytes=MAX_HISTORY_RESPONSE_BYTES
+        )
+        if len(rows) > 1 and sum(_row_bytes(row) for row in rows) > MAX_HISTORY_RESPONSE_BYTES:
+            rows.pop()  # the row that crossed the cap: the rest is not sent
+            response.headers["X-History-Truncated"] = "true"
+        return rows
 
     # Registered before /flows/{flowId} so that "mine" is not taken for a flow id.
     @users.get("/flows/mine", response_model=list[FlowState], responses=_errors(401))
@@ -494,7 +580,7 @@ def create_app(
         return PurgeResult(purged=store.purge_expired_flows())
 
     @admins.put(
-        "/admin/users/{userId}/flows/{flowId}/state",
+        "/admin/users/{userId:path}/flows/{flowId}/state",
         response_model=FlowState,
         responses=_errors(401, 403, 404, 409, 413, 422),
     )
@@ -507,11 +593,14 @@ def create_app(
             ok=body.ok,
             payload=body.payload,
             definition_version=body.definition_version,
+            previous=body.previous,
+            entity_id=body.entity_id,
+            message=body.message,
         )
         return store.set_flow_state(user_id, state)
 
     @admins.delete(
-        "/admin/users/{userId}",
+        "/admin/users/{userId:path}",
         response_model=ErasureResult,
         responses=_errors(401, 403, 409, 422),
     )
@@ -533,7 +622,8 @@ def create_app(
     def readyz() -> Readiness:
         """The database answers (503 STORAGE_UNAVAILABLE when it does not)."""
         try:
-            return Readiness(log_position=store.log_position())
+            store.log_position()  # a read that needs the database; its answer stays private
+            return Readiness()
         except Exception as exc:
             log.warning("readiness check failed", exc_info=True)
             raise StorageUnavailableError(

@@ -124,7 +124,7 @@ def audit_topic(
     """Compare `topic` with `store`'s log (see the module docstring for what is reported)."""
     servers, name = bootstrap_from_env(bootstrap), topic_from_env(topic)
     if up_to is None:
-        tracking = PublisherTracking(store.config)
+        tracking = PublisherTracking(store.config, store.engine)
         try:
             up_to = tracking.position(name) if tracking.known(name) else store.log_position()
         finally:

@@ -194,7 +194,7 @@ class KafkaPublisher:
             **(producer_config or {}),
         )
         self._on_status = on_status
-        self.tracking = PublisherTracking(store.config)
+        self.tracking = PublisherTracking(store.config, store.engine)
         self.lock = PublisherLock(store.config, self.topic, store_key=str(id(store)))
         self._producer: KafkaProducer | None = None
         self._topic_checked_at: float | None = None

@@ -46,7 +46,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.pool import StaticPool
 
-from flowstore.storage import StorageConfig
+from flowstore.sqlitelog import secure_sqlite
+from flowstore.storage import READ_ONLY, StorageConfig
 
 __all__ = ["TRACKING_TABLE", "PublisherLock", "PublisherTracking"]
 
@@ -69,30 +70,38 @@ def _engine(config: StorageConfig) -> Engine:
             "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
         )
     if config.backend == "sqlite":
-        return create_engine(config.sqlalchemy_url, connect_args={"timeout": 60})
+        engine = create_engine(config.sqlalchemy_url, connect_args={"timeout": 60})
+        secure_sqlite(engine)  # every connection to a store's file overwrites what it deletes
+        return engine
     return create_engine(config.sqlalchemy_url, pool_pre_ping=True, pool_size=1)
 
 
 class PublisherTracking:
     """The publisher's position per topic, in the store's database."""
 
-    def __init__(self, config: StorageConfig) -> None:
-        self.engine = _engine(config)
+    def __init__(self, config: StorageConfig, engine: Engine | None = None) -> None:
+        # The store's one engine (`FlowStore.engine`), or one of our own; always our own for
+        # memory://, whose engine is one shared connection that only the projections may use.
+        if config.sqlalchemy_url is None:
+            engine = None
+        self._owns_engine = engine is None
+        self.engine = engine if engine is not None else _engine(config)
         with self.engine.begin() as conn:
             _metadata.create_all(conn)
 
     def close(self) -> None:
-        """Release connections."""
-        self.engine.dispose()
+        """Release connections (of an engine of our own)."""
+        if self._owns_engine:
+            self.engine.dispose()
 
     def position(self, topic: str) -> int:
         """The notification id of the last event published to `topic` (0 before the first)."""
-        with self.engine.connect() as conn:
+        with self.engine.connect().execution_options(**READ_ONLY) as conn:
             return self._position(conn, topic)
 
     def known(self, topic: str) -> bool:
         """Whether a publisher has ever recorded a position for `topic`."""
-        with self.engine.connect() as conn:
+        with self.engine.connect().execution_options(**READ_ONLY) as conn:
             query = select(TRACKING_TABLE.c.position).where(TRACKING_TABLE.c.topic == topic)
             return conn.execute(query).first() is not None
 

@@ -1,7 +1,7 @@
-"""The HTTP security cases of `tests/http` (`tests/http/security.py`) against a server under load
+"""The HTTP security cases of `tests/e2e/http` (`tests/e2e/http/security.py`) against a server under load
 (issue: "HTTP: the security tests of the HTTP issue also run here against a server under load").
 
-A real uvicorn server (`tests.http.conftest.LiveServer` serving `api_app`, as in `tests/http`) over a
+A real uvicorn server (`tests.e2e.http.conftest.LiveServer` serving `api_app`, as in `tests/e2e/http`) over a
 store of the test's own. Client threads send random transitions for many users over HTTP, each user
 with a valid token, each transition with a nonce in its payload. Meanwhile, round after round, a
 fresh ordinary user (the intruder) and callers without valid credentials go through every case:
@@ -38,8 +38,8 @@ from flowstore import FlowStore, HistoryKind
 from flowstore.adapters.http.console import CLOSE_FORBIDDEN
 from flowstore.adapters.http.websocket import CLOSE_UNAUTHENTICATED
 from flowstore.domain import InstanceEvent
-from tests.http.conftest import LiveServer, User, api_app
-from tests.http.security import (
+from tests.e2e.http.conftest import LiveServer, User, api_app
+from tests.e2e.http.security import (
     ADMIN_ROUTES,
     CROSS_USER_PROBES,
     USER_ROUTES,
@@ -50,10 +50,10 @@ from tests.http.security import (
     csrf_forgeries,
     escalation_tokens,
 )
-from tests.http.test_api import assert_problem
-from tests.http.test_console import csrf_of
-from tests.http.test_console import signed_in as console_signed_in
-from tests.http.test_websocket import assert_closed_unauthenticated, send, session
+from tests.e2e.http.test_api import assert_problem
+from tests.e2e.http.test_console import csrf_of
+from tests.e2e.http.test_console import signed_in as console_signed_in
+from tests.e2e.http.test_websocket import assert_closed_unauthenticated, send, session
 from tests.pgserver import PostgresServer
 from tests.reliability.harness import Figures, backend_of, scale, settle, wait_until
 from tests.reliability.ledger import Ledger, all_events, nonce
@@ -341,7 +341,7 @@ def test_security_checks_hold_on_a_server_under_load(
             assert payload["by"] == event.user_id, event
     check = settle(store_url, load.ledger)
     figures.add(
-        fault="HTTP security cases (tests/http/security.py) against a server under load",
+        fault="HTTP security cases (tests/e2e/http/security.py) against a server under load",
         backend=backend_of(store_url),
         count=f"{rounds} rounds, {checks.checks} checks",
         seconds=elapsed,

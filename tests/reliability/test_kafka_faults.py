@@ -30,8 +30,8 @@ from flowstore.adapters.kafka.tracking import PublisherTracking
 from flowstore.definitions import MAX_DEFINITION_BYTES, parse_definition
 from flowstore.domain import FlowDefined
 from flowstore.storage import parse_url
+from tests.e2e.kafka.broker import TansuBroker
 from tests.flows import linear
-from tests.kafka.broker import TansuBroker
 from tests.reliability.harness import (
     LONG,
     REPO,

@@ -7,7 +7,8 @@ own `list_instances` land, each function switches to them without the pages chan
 
 Definitions, all per flow:
 - *transitions*: accepted transitions; *rejections*: refused attempts (unknown transition or
-  payload refused); *error rate*: rejections / attempts, as `FlowStatistics.error_rate` counts it.
+  payload refused); *errors*: accepted transitions whose step reported failure (`ok=False`, the
+  OwlMeans model); *error rate*: (rejections + errors) / attempts, as `FlowStatistics.error_rate`.
 - *completions*: accepted commands that landed on a terminal step (of any version of the flow).
 - *response time*: a transition attempt's `elapsed_ms` (p50/p95 per bucket, nearest rank; over a
   uniform sample of runs when the window holds more than `PERCENTILE_ROWS` attempts).
@@ -90,6 +91,8 @@ class Bucket:
     start: datetime
     transitions: int = 0
     rejections: int = 0
+    errors: int = 0
+    """Accepted transitions that said their step failed (`ok=False`); counted in `transitions`."""
     completions: int = 0
     p50_ms: float = 0.0
     p95_ms: float = 0.0
@@ -101,8 +104,8 @@ class Bucket:
 
     @property
     def error_rate(self) -> float:
-        """Rejections / attempts (0 without attempts)."""
-        return self.rejections / self.attempts if self.attempts else 0.0
+        """(Rejections + errors) / attempts (0 without attempts)."""
+        return (self.rejections + self.errors) / self.attempts if self.attempts else 0.0
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ _HEX = list("0123456789abcdef")
 def activity(
     store: FlowStore, flow_id: str, window: ActivityWindow, *, now: datetime | None = None
 ) -> Activity:
-    """Transitions, rejections, completions and p50/p95 response times per bucket of `window`."""
+    """Transitions, rejections, errors, completions and p50/p95 response times per bucket."""
     terminal = _terminal_steps(store, flow_id)
     p = _tables(store)
     h = p.tables.history
@@ -176,6 +179,8 @@ def activity(
             func.sum(case((and_(attempt, h.c.success.is_(True)), 1), else_=0)),
             func.sum(case((and_(attempt, h.c.success.is_(False)), 1), else_=0)),
             func.sum(case((finished, 1), else_=0)) if finished is not None else func.sum(0),
+            # ok is NULL on rows from before the model kept it: those were all ok.
+            func.sum(case((and_(attempt, h.c.success.is_(True), h.c.ok.is_(False)), 1), else_=0)),
         )
         .where(h.c.flow_id == flow_id, h.c.timestamp >= since)
         .group_by(bucket)
@@ -186,8 +191,10 @@ def activity(
     )
     samples: defaultdict[int, list[float]] = defaultdict(list)
     with p._read() as conn:  # a read connection of the store's own (no write lock)
-        found = {int(r[0]): (int(r[1]), int(r[2]), int(r[3])) for r in conn.execute(counts)}
-        tried = sum(accepted + refused for accepted, refused, _ in found.values())
+        found = {
+            int(r[0]): (int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in conn.execute(counts)
+        }
+        tried = sum(accepted + refused for accepted, refused, _, _ in found.values())
         if tried > PERCENTILE_ROWS:
             # Too many to sort them all for a page: the runs whose id starts with one of the
             # first `share` of the 16 hex digits, a uniform sample of runs (and of their steps).
@@ -200,12 +207,13 @@ def activity(
     p95 = {at: percentile(values, 95) for at, values in samples.items()}
     buckets = []
     for n in range(first, last + 1):
-        accepted, refused, completed = found.get(n, (0, 0, 0))
+        accepted, refused, completed, failed = found.get(n, (0, 0, 0, 0))
         buckets.append(
             Bucket(
                 start=datetime.fromtimestamp(n * size, UTC),
                 transitions=accepted,
                 rejections=refused,
+                errors=failed,
                 completions=completed,
                 p50_ms=p50.get(n, 0.0),
                 p95_ms=p95.get(n, 0.0),

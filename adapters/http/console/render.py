@@ -157,6 +157,7 @@ def activity_charts(figures: Activity) -> list[Chart]:
     counts = [
         Series("transitions", "transitions", [b.transitions for b in buckets], "#3b6fb6"),
         Series("rejections", "rejections", [b.rejections for b in buckets], "#c05621", "6,3"),
+        Series("errors", "errors (ok=false)", [b.errors for b in buckets], "#a4221a", "1,3"),
         Series("completions", "completions", [b.completions for b in buckets], "#2f855a", "2,2"),
     ]
     # Rates and response times exist only where there were attempts: elsewhere the line breaks.
@@ -185,8 +186,20 @@ def activity_charts(figures: Activity) -> list[Chart]:
         ),
     ]
     specs: list[tuple[str, str, list[Series], str, Callable[[float], str]]] = [
-        ("counts", f"Transitions, rejections and completions {per}", counts, "count", _count),
-        ("errors", f"Error rate {per} (rejected share of attempts)", errors, "percent", percent),
+        (
+            "counts",
+            f"Transitions, rejections, errors and completions {per}",
+            counts,
+            "count",
+            _count,
+        ),
+        (
+            "errors",
+            f"Error rate {per} (rejections and errors, as a share of attempts)",
+            errors,
+            "percent",
+            percent,
+        ),
         ("times", f"Response time {per}: p50 and p95", times, "duration", duration),
     ]
     return [

@@ -1,0 +1,150 @@
+"""Every event survives the trip through orjson and back, byte-for-byte JSON, not stdlib json."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from uuid import UUID
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flowstore.codec import OrjsonTranscoder, PydanticMapper
+from flowstore.definitions import parse_definition
+from flowstore.domain import (
+    DomainEvent,
+    FlowCleared,
+    FlowCompleted,
+    FlowDefined,
+    FlowHandedOver,
+    FlowMigrated,
+    FlowStarted,
+    FlowWentBack,
+    StateOverridden,
+    TransitionExecuted,
+    TransitionRejected,
+)
+from tests.strategies import flow_definitions, payloads
+
+names = st.text(min_size=1, max_size=20)
+times = st.datetimes(
+    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+)
+common = {
+    "originator_id": st.uuids(),
+    "originator_version": st.integers(1, 10**6),
+    "timestamp": times,
+    "user_id": names,
+    "flow_id": names,
+    "definition_version": st.integers(1, 1000),
+}
+events = st.one_of(
+    st.builds(
+        FlowStarted,
+        **common,
+        reason=st.sampled_from(["start", "reset"]),
+        from_step=st.none() | names,
+        step=names,
+        service=names,
+        expires_at=st.none() | times,
+        target=st.none() | names,
+        entity_id=st.none() | names,
+    ),
+    st.builds(
+        TransitionExecuted,
+        **common,
+        transition=names,
+        from_step=names,
+        to_step=names,
+        service=names,
+        payload=payloads,
+        expires_at=st.none() | times,
+        elapsed_ms=st.floats(0, 1e6),
+        ok=st.booleans(),
+        message=st.none() | st.text(),
+        previous=st.none() | names,
+        rules=st.sampled_from([1, 2]),
+    ),
+    st.builds(
+        TransitionRejected,
+        **common,
+        transition=names,
+        from_step=names,
+        payload=payloads,
+        error=st.text(),
+        error_code=names,
+        elapsed_ms=st.floats(0, 1e6),
+    ),
+    st.builds(FlowCompleted, **common, step=names),
+    st.builds(
+        StateOverridden,
+        **common,
+        from_step=st.none() | names,
+        step=names,
+        service=names,
+        ok=st.booleans(),
+        payload=payloads,
+        expires_at=st.none() | times,
+    ),
+    st.builds(FlowCleared, **common, from_step=st.none() | names),
+    st.builds(
+        FlowWentBack,
+        **common,
+        from_step=names,
+        step=names,
+        service=names,
+        expires_at=st.none() | times,
+    ),
+    st.builds(
+        FlowHandedOver,
+        **common,
+        from_step=st.none() | names,
+        step=names,
+        previous=st.none() | names,
+        service=names,
+        target=st.none() | names,
+        sender=st.none() | names,
+        ok=st.booleans(),
+        entity_id=st.none() | names,
+        message=st.none() | st.text(),
+        payload=payloads,
+        expires_at=st.none() | times,
+    ),
+    st.builds(
+        FlowMigrated,
+        **common,
+        from_version=st.integers(1, 1000),
+        to_version=st.integers(1, 1000),
+        from_step=names,
+        to_step=names,
+        service=names,
+    ),
+    st.builds(
+        FlowDefined,
+        originator_id=st.uuids(),
+        originator_version=st.integers(1, 100),
+        timestamp=times,
+        flow_id=names,
+        version=st.integers(1, 100),
+        definition=flow_definitions().map(parse_definition),
+    ),
+)
+
+mapper = PydanticMapper(transcoder=OrjsonTranscoder())
+
+
+@given(events)
+def test_every_event_survives_a_round_trip(event: DomainEvent) -> None:
+    stored = mapper.to_stored_event(event)
+    assert isinstance(stored.originator_id, UUID)
+    assert mapper.to_domain_event(stored) == event
+
+
+@given(events)
+def test_stored_state_is_orjson_and_leaves_id_and_version_to_their_columns(
+    event: DomainEvent,
+) -> None:
+    state = orjson.loads(mapper.to_stored_event(event).state)
+    assert "originator_id" not in state
+    assert "originator_version" not in state
+    assert datetime.fromisoformat(state["timestamp"]) == event.timestamp
