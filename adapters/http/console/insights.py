@@ -309,7 +309,13 @@ def dwell(
             .label("prev_step"),
         )
         .select_from(runs.join(h, h.c.instance_id == runs.c.instance_id))
-        .where(h.c.flow_id == flow_id, h.c.success.is_(True), h.c.to_step.is_not(None))
+        # to_step is "" (or NULL in older layouts) on rows that leave the run on no step.
+        .where(
+            h.c.flow_id == flow_id,
+            h.c.success.is_(True),
+            h.c.to_step.is_not(None),
+            h.c.to_step != "",
+        )
         .subquery()
     )
     stayed = (_epoch(moves.c.timestamp, dialect) - _epoch(moves.c.prev, dialect)) * 1000.0
