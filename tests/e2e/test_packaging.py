@@ -132,6 +132,8 @@ def test_an_app_with_its_own_adapters_and_projections_packages_still_gets_ours(
     url = f"sqlite:///{tmp_path / 'store.db'}"
     # python -m puts the app's folder first on sys.path, where its own packages shadow any others.
     version = run(installed, "-m", "flowstore.adapters.cli", "--version", cwd=app)
+    # Read-only commands create no database: make one first (through the installed package).
+    run(installed, "-c", f"from flowstore import FlowStore; FlowStore({url!r}, kafka=False).close()", cwd=app)
     assert version.stdout.strip().startswith("flowstore ")
     listed = run(
         installed, "-m", "flowstore.adapters.cli", "--url", url, "--json", "flows", "list", cwd=app
