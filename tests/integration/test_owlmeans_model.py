@@ -140,7 +140,7 @@ class OwlModel:
     def start(self, user: str, step: str | None, service: str | None, entity: str | None) -> None:
         run = self.runs[user]
         target = step or self.d["initialStep"]
-        run.history.append(("reset", run.step, target))
+        run.history.append(("reset", run.step or "", target))
         new = Run(target=service, entity_id=entity, history=run.history)
         self._at(new, target)
         self.runs[user] = new
@@ -150,13 +150,13 @@ class OwlModel:
     ) -> bool:
         run = self.runs[user]
         if run.step is None:
-            run.history.append(("start", run.step, self.d["initialStep"]))
+            run.history.append(("start", run.step or "", self.d["initialStep"]))
             new = Run(history=run.history)
             self._at(new, self.d["initialStep"])
             run = self.runs[user] = new
         edge = self.d["steps"][run.step]["transitions"].get(key)
         if edge is None:
-            run.history.append(("transition", run.step, None, key, False, None, None))
+            run.history.append(("transition", run.step, run.step, key, False, None, None))
             return False
         run.history.append(("transition", run.step, edge["step"], key, True, ok, message))
         run.previous = run.step if edge.get("reversible") is True else None
@@ -189,7 +189,7 @@ class OwlModel:
 
     def adopt(self, user: str, state: FlowState) -> None:
         run = self.runs[user]
-        run.history.append(("handoff", run.step, state.step))
+        run.history.append(("handoff", run.step or "", state.step))
         new = Run(
             previous=state.previous,
             target=state.service or None,
@@ -206,7 +206,7 @@ class OwlModel:
         run = self.runs[user]
         if run.step is None:
             return False
-        run.history.append(("clear", run.step, None))
+        run.history.append(("clear", run.step, ""))
         self.runs[user] = Run(history=run.history)
         return True
 

@@ -104,7 +104,7 @@ def test_ok_message_payload_and_previous_follow_the_model(owl: FlowStore) -> Non
         (HistoryKind.TRANSITION, "signup", True, None, {"email": "a@x"}),
         (HistoryKind.TRANSITION, "new", True, "Welcome", {"org": "Acme"}),
         (HistoryKind.TRANSITION, "payment", False, "card declined", None),
-        (HistoryKind.TRANSITION, None, None, None, {"email": "other"}),
+        (HistoryKind.TRANSITION, "payment", None, None, {"email": "other"}),  # refused: stayed
         (HistoryKind.TRANSITION, "success", True, None, None),
     ]
     # Five attempts: one refused, one taken with ok=False: both are errors.

@@ -43,12 +43,16 @@ def mint(
     user: str | None,
     *,
     roles: Sequence[str] = (),
-    ttl: float = 600,
+    ttl: float = 86_400,
     key: Any = SECRET,
     algorithm: str = "HS256",
     **claims: Any,
 ) -> str:
-    """A JWT for `user` (`sub`), valid for `ttl` seconds (negative: already expired)."""
+    """A JWT for `user` (`sub`), valid for `ttl` seconds (negative: already expired).
+
+    A day by default: parametrized tokens are minted when the tests are collected, and on a loaded
+    machine the suite can take longer than minutes to reach them (they expired after 600 s).
+    """
     body: dict[str, Any] = {"roles": list(roles), "exp": int(time.time() + ttl), **claims}
     if user is not None:
         body["sub"] = user
