@@ -96,7 +96,9 @@ def bad_credentials(user: str) -> list[Any]:
             id="alg-none",
         ),
         pytest.param(
-            bearer(jwt.encode({"sub": user, "exp": time.time() + 86_400, "roles": "admin"}, SECRET)),
+            bearer(
+                jwt.encode({"sub": user, "exp": time.time() + 86_400, "roles": "admin"}, SECRET)
+            ),
             "invalid",
             id="roles-not-list",
         ),
