@@ -29,6 +29,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRouter
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import WithJsonSchema
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -97,6 +98,25 @@ def _row_bytes(row: FlowStateHistory) -> int:
 MAX_HISTORY_RESPONSE_BYTES = 4 * 1024 * 1024
 """Most payload and error bytes one history response holds (1,500 rows of 60 KB grew the server by
 333 MB); the oldest rows that fit are sent, with `X-History-Truncated: true`."""
+
+class _ErasableUserConvertor(Convertor[str]):
+    """A user id of any characters, slashes included, that does not end like the state route.
+
+    `DELETE /api/admin/users/{userId}` takes the rest of the path as the user id; without this, a
+    DELETE sent to `/api/admin/users/ann/flows/f/state` (a route that has no DELETE) would erase a
+    user called "ann/flows/f/state" instead of answering 405.
+    """
+
+    regex = r"(?!.*/flows/[^/]+/state$).+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("flowstore_erasable_user", _ErasableUserConvertor())
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 """Request bodies above this are refused with 413 before they are parsed."""
@@ -728,7 +748,7 @@ def create_app(
         return store.set_flow_state(user_id, state)
 
     @admins.delete(
-        "/admin/users/{userId:path}",
+        "/admin/users/{userId:flowstore_erasable_user}",
         response_model=ErasureResult,
         responses=_errors(401, 403, 409, 422),
     )

@@ -9,6 +9,7 @@ editable install is not visible there: only its plain site-packages directory is
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -23,8 +24,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*command: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    # Without PYTHONPATH: the installed wheel must be what the fresh venv imports.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
-        [str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=300
+        [str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done

@@ -457,6 +457,8 @@ def test_one_operation_runs_at_a_time_and_a_rebuild_reports_log_positions(
 
 
 def test_a_window_forgets_an_erased_users_id() -> None:
+    # Windows read the store's per-minute activity table (counts per flow and step, no user ids):
+    # nothing in the console process keeps an erased user's id.
     clock = Clock()
     with FlowStore("memory://", clock=clock) as store:
         store.create_flow(onboarding())
