@@ -1233,7 +1233,9 @@ class FlowStore:
         start, end = check_aware(since, "since"), check_aware(until, "until")
         if start is None and end is None:
             return None
-        end = end or self._clock()
+        # Without `until`: everything so far, this very instant included (events are stamped by
+        # the same clock, and a window ends before `until`).
+        end = end or self._clock() + timedelta(microseconds=1)
         start = start or datetime.fromtimestamp(0, UTC)
         if start >= end:
             raise InvalidArgumentError("since", since, f"must be before until ({end.isoformat()})")
