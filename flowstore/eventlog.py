@@ -233,10 +233,9 @@ class EventLog:
         A real conflict raises eventsourcing's `IntegrityError`.
         """
         with self.errors("appending events"):
-            # The users' keys first, outside the write lock: creating one is a transaction of
-            # its own, and the mapper, sealing under the lock, then finds them cached.
-            for user in {e.user_id for e in events if isinstance(e, InstanceEvent)}:
-                self.keys.for_user(user)
+            # The users' keys first, all at once and outside the write lock: creating them is a
+            # transaction of its own, and the mapper, sealing under the lock, finds them cached.
+            self.keys.for_users(e.user_id for e in events if isinstance(e, InstanceEvent))
             try:
                 with self.write_lock:
                     recordings = self.app.save(*events)

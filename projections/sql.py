@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import orjson
@@ -60,9 +60,18 @@ def _json(value: Any) -> str:
 class SqlProjections(Queries, Verification):
     """The projection tables of one store, and everything that reads or writes them."""
 
-    def __init__(self, config: StorageConfig, engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        config: StorageConfig,
+        engine: Engine | None = None,
+        *,
+        write_lock: AbstractContextManager[Any] | None = None,
+    ) -> None:
         self.tables = define_tables()
         self._lock = threading.RLock()
+        # Taken only around our write transactions (the event log's, on SQLite: this process's
+        # writers and the projector then take turns in Python rather than in SQLite's busy wait).
+        self._write_lock: AbstractContextManager[Any] = write_lock or nullcontext()
         # The store's one engine (`flowstore.storage.make_engine`), or one of our own.
         self._owns_engine = engine is None
         self.engine = engine if engine is not None else make_engine(config)
@@ -140,24 +149,39 @@ class SqlProjections(Queries, Verification):
     @contextmanager
     def _locked(self) -> Iterator[tuple[Connection, int]]:
         """A transaction holding the tracking row: no other process moves the tables meanwhile."""
-        with self._lock, self.engine.begin() as conn:
+        with self._lock, self._write_lock, self.engine.begin() as conn:
             yield conn, self._position(conn, lock=True)
 
     def catch_up(self, read: EventPage, *, page: int = _PAGE) -> int:
-        """Apply every event after the tracking position; return the new position."""
+        """Apply every event after the tracking position; return the new position.
+
+        Reading, decoding and folding a batch happen outside any write transaction (and outside
+        the write lock): only writing the rows and moving the tracking row do. The write
+        transaction checks that the tracking position is still the one the batch was folded
+        from; if another catch-up moved it meanwhile, the fold is discarded and done again, so
+        every event still counts exactly once.
+        """
         while True:
-            with self._locked() as (conn, position):
+            with self._lock:
+                with self._read() as conn:
+                    position = self._position(conn, lock=False)
                 events = read(position + 1, page)
                 if not events:
                     return position
                 if position != self._owned_position:
                     # Someone else moved the tables since our last batch: our copies may be stale.
                     self._rows.clear()
-                self._owned_position = None  # until this transaction commits
-                batch = self._apply(conn, self.tables, events, cache=self._rows)
-                self._set_position(conn, events[-1][0])
-            self._rows.keep(batch)
-            self._owned_position = events[-1][0]
+                with self._read() as conn:
+                    batch = self._fold(conn, self.tables, events, cache=self._rows)
+                with self._locked() as (conn, now):
+                    if now != position:
+                        self._owned_position = None  # moved by another process: fold again
+                        continue
+                    self._owned_position = None  # until this transaction commits
+                    self._write(conn, self.tables, batch)
+                    self._set_position(conn, events[-1][0])
+                self._rows.keep(batch)
+                self._owned_position = events[-1][0]
             if len(events) < page:  # the log's end: no need for another transaction to find it
                 return events[-1][0]
 
@@ -171,6 +195,18 @@ class SqlProjections(Queries, Verification):
         events: Sequence[tuple[int, DomainEvent]],
         cache: _RowCache | None = None,
     ) -> RowBatch:
+        batch = self._fold(conn, tables, events, cache)
+        self._write(conn, tables, batch)
+        return batch
+
+    def _fold(
+        self,
+        conn: Connection,
+        tables: ProjectionTables,
+        events: Sequence[tuple[int, DomainEvent]],
+        cache: _RowCache | None = None,
+    ) -> RowBatch:
+        """The rows `events` change, folded from the rows `conn` reads (or `cache` holds)."""
         state_query, attempts_query = self._lookups(tables)
 
         def load_state(key: StateKey) -> dict[str, Any] | None:
@@ -184,9 +220,7 @@ class SqlProjections(Queries, Verification):
                 return cache.attempts[flow_id]
             return int(conn.execute(attempts_query, {"flow": flow_id}).scalar() or 0)
 
-        batch = RowBatch(load_state, load_attempts).apply_all(event for _, event in events)
-        self._write(conn, tables, batch)
-        return batch
+        return RowBatch(load_state, load_attempts).apply_all(event for _, event in events)
 
     def _lookups(self, tables: ProjectionTables) -> tuple[Any, Any]:
         # Built once per table set: constructing SQLAlchemy expressions costs more than running them.
