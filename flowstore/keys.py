@@ -240,9 +240,9 @@ class UserKeys(ABC):
                         keys[subject] = None
                         self._gone[subject] = now + self.refresh
                         continue
-                    keys[subject] = SealedKey(subject, AESGCM(raw))
+                    key = keys[subject] = SealedKey(subject, AESGCM(raw))
                     if self.refresh > 0 and subject not in self._erasing:
-                        self._by_subject[subject] = keys[subject]
+                        self._by_subject[subject] = key
         return keys
 
     def shred(self, user_id: str) -> list[str]:

@@ -351,24 +351,6 @@ class SqlProjections(Queries, Verification):
                 index.create(conn)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 class _RowCache:
     """The state rows and attempt counts as this process's last catch-up left them (bounded)."""
 
