@@ -23,7 +23,7 @@ from eventsourcing.persistence import Mapper, StoredEvent, Transcoder
 from eventsourcing.utils import get_topic, resolve_topic
 from pydantic import BaseModel
 
-from flowstore.domain import DomainEvent, FlowErased
+from flowstore.domain import DomainEvent
 from flowstore.errors import CorruptEventError, EncryptionKeyError
 from flowstore.keys import PERSONAL_FIELDS, UserKeys, erased_user_id
 
@@ -115,17 +115,11 @@ class PydanticMapper(Mapper[Any]):
         """The event from its decoded fields: personal fields opened, types checked."""
         try:
             cls = resolve_topic(stored_event.topic)
-            subject = state.get("subject")
             if "sealed" in state:
                 state.update(self._open(stored_event, state, cls))
             state["originator_id"] = stored_event.originator_id
             state["originator_version"] = stored_event.originator_version
-            event = cls.model_validate(state)
-            if cls is FlowErased and self.keys is not None and isinstance(subject, str):
-                # Erasure appends this before it shreds the key: whichever process reads it
-                # stops caching the user's keys (see `UserKeys`).
-                self.keys.forget(event.user_id, subject)
-            return cast(DomainEventProtocol[Any], event)
+            return cast(DomainEventProtocol[Any], cls.model_validate(state))
         except CorruptEventError:
             raise
         except Exception as exc:  # unknown topic, fields that do not validate

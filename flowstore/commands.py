@@ -9,6 +9,7 @@ so a transition is always validated against the state it is applied to. Definiti
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -40,9 +41,15 @@ from flowstore.errors import (
 from flowstore.eventlog import EventLog, backoff
 from flowstore.models import FlowStatus
 
-__all__ = ["Commands", "definition_of", "is_expired"]
+__all__ = ["Commands", "cached_instance_id", "definition_of", "is_expired"]
 
 _log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=65_536)
+def cached_instance_id(user_id: str, flow_id: str) -> UUID:
+    """`instance_id`, remembered: a uuid5 (a SHA-1) costs more than the rest of a lookup."""
+    return instance_id(user_id, flow_id)
 
 
 class Commands:
@@ -82,7 +89,7 @@ class Commands:
     ) -> FlowInstance:
         """Read, decide, append; on a concurrent append, read the fresh state and decide again."""
         require_id(flow_id, "flow_id")
-        iid = instance_id(user_id, flow_id)
+        iid = cached_instance_id(user_id, flow_id)
         for attempt in range(self.max_retries):
             # The first attempt trusts this process's last known state; if another writer moved
             # the instance on, the append fails on its version and the retry reads it fresh.

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,11 +30,13 @@ from eventsourcing.persistence import (
     InternalError,
     Mapper,
     OperationalError,
+    StoredEvent,
     Transcoder,
 )
+from eventsourcing.utils import get_topic
 
 from flowstore.codec import OrjsonTranscoder, PydanticMapper
-from flowstore.domain import DomainEvent, InstanceEvent, project
+from flowstore.domain import DomainEvent, FlowErased, InstanceEvent, project
 from flowstore.errors import (
     EncryptionKeyError,
     FlowError,
@@ -46,13 +49,21 @@ from flowstore.storage import StorageConfig
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-__all__ = ["CIPHER_KEY_ENV", "EventLog", "backoff", "cipher_settings", "storage_errors"]
+__all__ = [
+    "CIPHER_KEY_ENV",
+    "EventLog",
+    "GroupCommit",
+    "backoff",
+    "cipher_settings",
+    "storage_errors",
+]
 
 T = TypeVar("T")
 
 _log = logging.getLogger(__name__)
 
 _OPEN_ATTEMPTS = 5
+_ERASED_TOPIC = get_topic(FlowErased)
 
 CIPHER_KEY_ENV = "FLOWSTORE_CIPHER_KEY"
 """Base64 AES key (16, 24 or 32 bytes) that encrypts every event at rest."""
@@ -108,6 +119,82 @@ def storage_errors(env: Mapping[str, str], action: str) -> Iterator[None]:
         ) from exc
 
 
+class _Pending:
+    """One command's stored events waiting for a group's commit, and how it went."""
+
+    __slots__ = ("done", "error", "ids", "stored")
+
+    def __init__(self, stored: list[StoredEvent]) -> None:
+        self.stored = stored
+        self.ids: Sequence[int] | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+class GroupCommit:
+    """Appends of many threads to one SQLite file in one transaction, one fsync for all of them.
+
+    Each thread queues its command's stored events and takes the write lock; whoever holds it
+    commits everything queued so far (its own events and those of the threads waiting behind it)
+    in one transaction, each command's inserts in a SAVEPOINT of their own. A command whose
+    insert conflicts (an instance moved on: optimistic concurrency) is rolled back to its
+    savepoint alone and gets eventsourcing's `IntegrityError`; the others commit. A thread whose
+    command another thread committed finds it done once it gets the lock, so every call returns
+    only after its own events are durable (or raises what the commit raised).
+    """
+
+    _SAVEPOINT = "flowstore_command"
+
+    def __init__(self, app: Application[UUID], lock: AbstractContextManager[Any]) -> None:
+        self._app = app
+        self._lock = lock
+        self._queue: list[_Pending] = []
+        self._queue_lock = threading.Lock()
+
+    def append(self, events: Sequence[DomainEvent]) -> int:
+        """Record one command's events; the notification id of its last one (0 if none)."""
+        if not events:
+            return 0
+        # Encoding and sealing happen here, while another thread's group may be committing.
+        mapper = self._app.mapper
+        pending = _Pending([mapper.to_stored_event(event) for event in events])
+        with self._queue_lock:
+            self._queue.append(pending)
+        with self._lock:
+            if not pending.done:
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                self._commit(group)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.ids
+        return pending.ids[-1]
+
+    def _commit(self, group: list[_Pending]) -> None:
+        recorder = cast(Any, self._app.recorder)
+        try:
+            with recorder.datastore.transaction(commit=True) as cursor:
+                if len(group) == 1:  # alone: a conflict fails the whole transaction anyway
+                    group[0].ids = recorder._insert_events(cursor, group[0].stored)
+                    return
+                for pending in group:
+                    cursor.execute(f"SAVEPOINT {self._SAVEPOINT}")
+                    try:
+                        pending.ids = recorder._insert_events(cursor, pending.stored)
+                    except sqlite3.IntegrityError as exc:
+                        cursor.execute(f"ROLLBACK TO {self._SAVEPOINT}")
+                        pending.error = IntegrityError(exc)
+                    cursor.execute(f"RELEASE {self._SAVEPOINT}")
+        except BaseException as exc:  # the commit failed: none of the group's events are in
+            for pending in group:
+                pending.ids = None
+                if pending.error is None:
+                    pending.error = exc
+        finally:
+            for pending in group:
+                pending.done = True
+
+
 def backoff(attempt: int) -> None:
     """Sleep a jittered, growing pause so that writers contending for one row stop colliding."""
     time.sleep(random.uniform(0, 0.002 * (2 ** min(attempt, 6))))
@@ -149,6 +236,12 @@ class EventLog:
             nullcontext() if config.backend == "postgres" else threading.Lock()
         )
         self.app = self._open(env)
+        # SQLite files: concurrent commands of this process share commits (`GroupCommit`).
+        self._group: GroupCommit | None = (
+            GroupCommit(self.app, self.write_lock)
+            if config.backend == "sqlite" and config.sqlalchemy_url is not None
+            else None
+        )
         try:
             with storage_errors(config.env, "opening the store"):
                 self.keys = self._open_keys(refresh, engine)
@@ -193,6 +286,9 @@ class EventLog:
             keys = MemoryKeyStore(refresh=refresh)
         else:
             keys = SqlKeyStore(self.config, self.app.mapper.cipher, refresh=refresh, engine=engine)
+            # Other processes may erase users: their FlowErased events say whose keys to drop.
+            self._erasures_seen = self.app.recorder.max_notification_id() or 0
+            keys.watch(self._erased_subjects)
         cast(PydanticMapper, self.app.mapper).keys = keys
         return keys
 
@@ -212,6 +308,27 @@ class EventLog:
                 else (f"the log is encrypted: set {CIPHER_KEY_ENV} or pass cipher_key")
             )
             raise EncryptionKeyError(f"Cannot read the event log: {hint}") from exc
+
+    def _erased_subjects(self) -> list[str]:
+        """The key subjects of the `FlowErased` events appended since the last call."""
+        recorder = self.app.recorder
+        mapper = cast(PydanticMapper, self.app.mapper)
+        with self.errors("reading the log"):
+            newest = recorder.max_notification_id() or 0
+            subjects: list[str] = []
+            while self._erasures_seen < newest:
+                page = recorder.select_notifications(
+                    self._erasures_seen + 1, 1000, stop=newest, topics=[_ERASED_TOPIC]
+                )
+                for notification in page:
+                    subject = mapper._state(notification).get("subject")
+                    if isinstance(subject, str):
+                        subjects.append(subject)
+                if len(page) < 1000:
+                    self._erasures_seen = newest
+                else:
+                    self._erasures_seen = page[-1].id
+        return subjects
 
     def close(self) -> None:
         """Release the keys' and the recorder's connections."""
@@ -237,8 +354,7 @@ class EventLog:
             # transaction of its own, and the mapper, sealing under the lock, finds them cached.
             self.keys.for_users(e.user_id for e in events if isinstance(e, InstanceEvent))
             try:
-                with self.write_lock:
-                    recordings = self.app.save(*events)
+                position = self._append(events)
             except IntegrityError:
                 if not decided_here:
                     raise
@@ -256,7 +372,15 @@ class EventLog:
                     first.originator_version,
                 )
                 return self.app.recorder.max_notification_id() or 0  # past our events
-            return recordings[-1].notification.id if recordings else 0
+            return position
+
+    def _append(self, events: Sequence[DomainEvent]) -> int:
+        """Record the events (all or none); the log position after them, 0 if there were none."""
+        if self._group is not None:
+            return self._group.append(events)
+        with self.write_lock:
+            recordings = self.app.save(*events)
+        return recordings[-1].notification.id if recordings else 0
 
     def get(self, aggregate_id: UUID, kind: type[T]) -> T | None:
         """The aggregate folded from its events (cached by eventsourcing), or None if it has none."""

@@ -101,11 +101,13 @@ class UserKeys(ABC):
 
     A key never changes once created; it only disappears when its user is erased. So keys found
     are cached for good (a full cache starts afresh), and only "no such key" answers expire, after
-    `refresh` seconds. The erasing process drops its copies at once (`shred`); another process
-    drops its copies of a user's keys as soon as it reads the user's `FlowErased` event, which
-    erasure appends before it shreds (`forget`), and from then on reads that user's keys from the
-    database uncached until it creates the user a new key. A write racing an erasure elsewhere is
-    covered by the erasure's second pass (`flowstore.erasure`). `refresh` 0 turns the cache off.
+    `refresh` seconds. The erasing process drops its copies at once (`shred`). Other processes
+    learn of erasures from the log (`watch`): at most every `refresh` seconds, one thread (the
+    others go on meanwhile) asks for the subjects of the `FlowErased` events appended since its
+    last look, which erasure appends before it shreds, and drops those keys; they are then never
+    cached again, until this process creates the user a new key. A write racing an erasure
+    elsewhere is covered by the erasure's second pass (`flowstore.erasure`). `refresh` 0 turns
+    the cache off.
     """
 
     _BOUND = 100_000
@@ -120,6 +122,10 @@ class UserKeys(ABC):
         self._by_subject: dict[str, SealedKey] = {}
         self._gone: dict[str, float] = {}  # subject -> until when "shredded" is trusted
         self._erasing: set[str] = set()  # user ids and subjects seen erased: never cached
+        self._user_of: dict[str, str] = {}  # subject -> user id, of the cached keys
+        self._feed: Callable[[], list[str]] | None = None
+        self._next_look = 0.0
+        self._looking = threading.Lock()
 
     # The storage, per backend
 
@@ -144,8 +150,29 @@ class UserKeys(ABC):
 
     # The API
 
+    def watch(self, erased_subjects: Callable[[], list[str]]) -> None:
+        """Drop cached keys erased elsewhere: `erased_subjects()` gives those since the last call."""
+        self._feed = erased_subjects
+        self._next_look = self._clock() + self.refresh
+
+    def _look(self) -> None:
+        """Forget the keys erased elsewhere, if `refresh` seconds passed since the last look."""
+        if self._feed is None or self._clock() < self._next_look:
+            return
+        if not self._looking.acquire(blocking=False):
+            return  # another thread is looking: no stampede
+        try:
+            if self._clock() >= self._next_look:
+                subjects = self._feed()
+                self._next_look = self._clock() + self.refresh
+                for subject in subjects:
+                    self.forget(subject)
+        finally:
+            self._looking.release()
+
     def for_user(self, user_id: str) -> SealedKey:
         """The user's current key, created on first use."""
+        self._look()
         key = self._by_user.get(user_id)
         if key is not None:
             return key
@@ -153,6 +180,7 @@ class UserKeys(ABC):
 
     def for_users(self, user_ids: Iterable[str]) -> dict[str, SealedKey]:
         """The current keys of many users, the missing ones loaded (or created) in one go each."""
+        self._look()
         keys: dict[str, SealedKey] = {}
         missing: list[str] = []
         for user_id in dict.fromkeys(user_ids):
@@ -189,13 +217,15 @@ class UserKeys(ABC):
                 if user_id in new:
                     # Created after any erasure of this user: a key that may be kept.
                     self._erasing.discard(user_id)
-                if self.refresh > 0 and user_id not in self._erasing:
+                if self.refresh > 0 and not self._erasing.intersection((user_id, subject)):
                     self._by_user[user_id] = key
                     self._by_subject[subject] = key
+                    self._user_of[subject] = user_id
         return keys
 
     def for_subject(self, subject: str) -> SealedKey | None:
         """The key known by `subject`; None once it has been shredded."""
+        self._look()
         key = self._by_subject.get(subject)
         if key is not None:
             return key
@@ -203,19 +233,24 @@ class UserKeys(ABC):
 
     def prefetch(self, subjects: Iterable[str]) -> None:
         """Load the keys of many subjects at once (a page of events being decoded)."""
+        self._look()
         self._lookup(subjects)
 
-    def forget(self, user_id: str, subject: str) -> None:
-        """The user is being erased (their `FlowErased` was read): stop caching their keys."""
+    def forget(self, subject: str) -> None:
+        """The key's user is being erased (elsewhere): drop the key and never cache it again."""
         with self._lock:
             if len(self._erasing) > self._BOUND:
                 # Forgetting which users were erased is safe only with every cached key dropped.
                 self._erasing.clear()
                 self._by_user.clear()
                 self._by_subject.clear()
-            self._erasing.update((user_id, subject))
-            self._by_user.pop(user_id, None)
+                self._user_of.clear()
+            self._erasing.add(subject)
             self._by_subject.pop(subject, None)
+            user_id = self._user_of.pop(subject, None)
+            if user_id is not None:
+                self._erasing.add(user_id)
+                self._by_user.pop(user_id, None)
 
     def _lookup(self, subjects: Iterable[str]) -> dict[str, SealedKey | None]:
         """The keys of `subjects`, from the cache where known, the rest in one query."""
@@ -252,6 +287,7 @@ class UserKeys(ABC):
             self._by_user.pop(user_id, None)
             for subject in subjects:
                 self._by_subject.pop(subject, None)
+                self._user_of.pop(subject, None)
         return subjects
 
     def _trim(self) -> None:
@@ -259,6 +295,7 @@ class UserKeys(ABC):
         if len(self._by_subject) > self._BOUND or len(self._by_user) > self._BOUND:
             self._by_subject.clear()
             self._by_user.clear()
+            self._user_of.clear()
         if len(self._gone) > self._BOUND:
             self._gone.clear()
 
