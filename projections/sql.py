@@ -30,6 +30,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.schema import CreateTable
 
 from flowstore.domain import DomainEvent
 from flowstore.projections.batch import RowBatch, StateKey
@@ -306,7 +307,7 @@ class SqlProjections(Queries, Verification):
         self,
         read: EventPage,
         *,
-        page: int = 5000,
+        page: int = 20_000,
         progress: Callable[[int, int], None] | None = None,
     ) -> int:
         """Replay the whole log into fresh tables, then swap them in; return the events replayed.
@@ -314,12 +315,18 @@ class SqlProjections(Queries, Verification):
         Memory stays bounded: each page is applied and committed before the next is read, and the
         copies of recent state rows kept between pages (only this rebuild writes the new tables, so
         they cannot go stale) are capped. Readers keep the old tables until the swap commits.
+        The new tables get their secondary indexes at the swap, built once over all their rows
+        rather than kept up to date row by row.
         """
         shadow = define_tables(REBUILD_SUFFIX)
         rows = _RowCache()
         with self._lock, self.engine.begin() as conn:
             shadow.metadata.drop_all(conn)
-            shadow.metadata.create_all(conn)
+            for table in shadow.all:
+                conn.execute(CreateTable(table))  # the secondary indexes come at the swap
+                for index in table.indexes:
+                    if index.name and index.name.endswith("_instance"):
+                        index.create(conn)  # but erasures delete by instance id meanwhile
         position, replayed = 0, 0
         while True:  # stream without holding the tracking lock: live writers carry on
             with self._lock, self.engine.begin() as conn:

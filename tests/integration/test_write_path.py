@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from eventsourcing.persistence import IntegrityError, OperationalError
+from sqlalchemy import inspect
 
 from flowstore import FlowStore, HistoryKind
 from flowstore.commands import definition_of
@@ -209,4 +210,18 @@ def test_a_fold_overtaken_by_another_catch_up_is_discarded(store_url: str) -> No
             other.close()
         assert overtaken == [store.log_position()]
         assert _ticks(store, "ann") == 5  # applied once, not twice
+        assert store.verify_projections() == []
+
+
+def test_a_rebuild_builds_every_index_of_the_live_tables(store_url: str) -> None:
+    with FlowStore(store_url) as store:
+        store.create_flow(ring_flow(FLOW))
+        store.execute_transitions([(f"u{i}", FLOW, "tick", None) for i in range(30)])
+        store.erase_user("u3")
+        assert store.rebuild_projections() == store.log_position()
+        found = inspect(store.engine)
+        for table in store._projections.tables.all:
+            names = {index["name"] for index in found.get_indexes(table.name)}
+            assert names == {index.name for index in table.indexes}
+        assert store.get_flow_state("u3", FLOW) is None
         assert store.verify_projections() == []
