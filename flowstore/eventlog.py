@@ -132,7 +132,7 @@ class _Pending:
 
 
 class GroupCommit:
-    """Appends of many threads to one SQLite file in one transaction, one fsync for all of them.
+    """Appends of many threads in one transaction, one commit (and fsync) for all of them.
 
     Each thread queues its command's stored events and takes the write lock; whoever holds it
     commits everything queued so far (its own events and those of the threads waiting behind it)
@@ -141,13 +141,21 @@ class GroupCommit:
     savepoint alone and gets eventsourcing's `IntegrityError`; the others commit. A thread whose
     command another thread committed finds it done once it gets the lock, so every call returns
     only after its own events are durable (or raises what the commit raised).
+
+    On PostgreSQL a command alone goes through the recorder's own insert (pipelined, retried
+    when the connection drops); a group whose connection fails is retried one command at a
+    time the same way (a group that did commit then meets its own rows, which
+    `EventLog.save` recognises as its own).
     """
 
     _SAVEPOINT = "flowstore_command"
 
-    def __init__(self, app: Application[UUID], lock: AbstractContextManager[Any]) -> None:
+    def __init__(
+        self, app: Application[UUID], lock: AbstractContextManager[Any], *, postgres: bool = False
+    ) -> None:
         self._app = app
         self._lock = lock
+        self._postgres = postgres
         self._queue: list[_Pending] = []
         self._queue_lock = threading.Lock()
 
@@ -164,7 +172,14 @@ class GroupCommit:
             if not pending.done:
                 with self._queue_lock:
                     group, self._queue = self._queue, []
-                self._commit(group)
+                try:
+                    if self._postgres:
+                        self._commit_postgres(group)
+                    else:
+                        self._commit(group)
+                finally:
+                    for done in group:
+                        done.done = True
         if pending.error is not None:
             raise pending.error
         assert pending.ids
@@ -190,9 +205,40 @@ class GroupCommit:
                 pending.ids = None
                 if pending.error is None:
                     pending.error = exc
-        finally:
-            for pending in group:
-                pending.done = True
+
+    def _commit_postgres(self, group: list[_Pending]) -> None:
+        import psycopg
+
+        recorder = cast(Any, self._app.recorder)
+        if len(group) > 1:
+            try:
+                with recorder.datastore.get_connection() as conn, conn.transaction():
+                    for pending in group:
+                        try:
+                            with conn.transaction(), conn.cursor() as cursor:  # a SAVEPOINT
+                                recorder._insert_stored_events(cursor, pending.stored)
+                                pending.ids = recorder._fetch_ids_after_insert_events(
+                                    cursor, pending.stored
+                                )
+                        except psycopg.IntegrityError as exc:
+                            pending.ids = None
+                            pending.error = IntegrityError(str(exc))
+                return
+            except (OperationalError, InterfaceError):
+                for pending in group:  # cut off: each on its own, with the recorder's retries
+                    pending.ids = None
+            except BaseException as exc:
+                for pending in group:
+                    pending.ids = None
+                    if pending.error is None:
+                        pending.error = exc
+                return
+        for pending in group:
+            if pending.error is None:
+                try:
+                    pending.ids = recorder.insert_events(pending.stored)
+                except BaseException as exc:
+                    pending.error = exc
 
 
 def backoff(attempt: int) -> None:
@@ -236,12 +282,13 @@ class EventLog:
             nullcontext() if config.backend == "postgres" else threading.Lock()
         )
         self.app = self._open(env)
-        # SQLite files: concurrent commands of this process share commits (`GroupCommit`).
-        self._group: GroupCommit | None = (
-            GroupCommit(self.app, self.write_lock)
-            if config.backend == "sqlite" and config.sqlalchemy_url is not None
-            else None
-        )
+        # Concurrent commands of this process share commits (`GroupCommit`); on PostgreSQL the
+        # group's leader is whoever holds a lock of its own (there is no write lock there).
+        self._group: GroupCommit | None = None
+        if config.backend == "sqlite" and config.sqlalchemy_url is not None:
+            self._group = GroupCommit(self.app, self.write_lock)
+        elif config.backend == "postgres":
+            self._group = GroupCommit(self.app, threading.Lock(), postgres=True)
         try:
             with storage_errors(config.env, "opening the store"):
                 self.keys = self._open_keys(refresh, engine)
