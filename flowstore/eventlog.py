@@ -188,10 +188,10 @@ class GroupCommit:
     def _commit(self, group: list[_Pending]) -> None:
         recorder = cast(Any, self._app.recorder)
         try:
+            if len(group) == 1:  # alone: the recorder's own insert, no savepoint needed
+                group[0].ids = recorder.insert_events(group[0].stored)
+                return
             with recorder.datastore.transaction(commit=True) as cursor:
-                if len(group) == 1:  # alone: a conflict fails the whole transaction anyway
-                    group[0].ids = recorder._insert_events(cursor, group[0].stored)
-                    return
                 for pending in group:
                     cursor.execute(f"SAVEPOINT {self._SAVEPOINT}")
                     try:
