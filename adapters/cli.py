@@ -278,10 +278,49 @@ def funnel(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
 
 
 def projections_status(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
-    """`projections status`: how far the tables are behind the log."""
+    """`projections status`: how far the tables are behind the log, and what they had to skip."""
     position, head = store.projection_position(), store.log_position()
-    data = {"position": position, "logPosition": head, "lag": max(0, head - position)}
-    return Note(f"tables at event {position} of {head} (lag {data['lag']})", data)
+    unreadable = store.unreadable_events()
+    data = {
+        "position": position,
+        "logPosition": head,
+        "lag": max(0, head - position),
+        "unreadable": [
+            {
+                "position": row["position"],
+                "aggregateId": row["originator_id"],
+                "version": row["originator_version"],
+                "detail": row["detail"],
+            }
+            for row in unreadable
+        ],
+    }
+    text = f"tables at event {position} of {head} (lag {data['lag']})"
+    for row in unreadable:
+        text += (
+            f"\nunreadable event {row['position']} ({row['originator_id']} "
+            f"v{row['originator_version']}), skipped: {row['detail']}"
+            f"\n  move it aside: flowstore quarantine {row['position']} --reason '...'"
+        )
+    return Note(text, data)
+
+
+def quarantine(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`quarantine POSITION --reason TEXT`: move an unreadable event out of the log, audited."""
+    record = store.quarantine_event(args.position, args.reason)
+    data = {
+        "position": record["position"],
+        "aggregateId": record["originator_id"],
+        "version": record["originator_version"],
+        "topic": record["topic"],
+        "reason": record["reason"],
+        "quarantinedAt": record["quarantined_at"].isoformat(),
+    }
+    return Note(
+        f"event {args.position} moved to flowstore_quarantine ({record['originator_id']} "
+        f"v{record['originator_version']})",
+        data,
+    )
 
 
 def projections_rebuild(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
@@ -406,6 +445,7 @@ COMMANDS: dict[str, Handler] = {
     "projections verify": projections_verify,
     "projections repair": projections_repair,
     "projections run": projections_run,
+    "quarantine": quarantine,
     "serve": serve,
     "publish": publish,
     "restore": restore,
@@ -570,7 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--users", type=_positive, default=300, help="how many (default: 300)")
     sub.add_argument("--seed", type=int, default=7, help="random seed (default: 7)")
     command("funnel", "per-step funnel of a flow").add_argument("flow")
-    command("projections status", "how far the tables are behind the log")
+    command("projections status", "how far the tables are behind the log; unreadable events")
+    sub = command(
+        "quarantine", "move an unreadable event (see projections status) out of the log, audited"
+    )
+    sub.add_argument("position", type=_positive, help="the event's position in the log")
+    sub.add_argument("--reason", required=True, help="why (kept in the audit record)")
     command("projections rebuild", "replay the log into fresh tables and swap them in")
     command(
         "projections verify",

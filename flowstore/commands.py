@@ -10,6 +10,7 @@ so a transition is always validated against the state it is applied to. Definiti
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -85,12 +86,34 @@ class Commands:
             self._written(position)
 
     def change_instance(
-        self, user_id: str, flow_id: str, decide: Callable[[FlowInstance | None], Decision]
+        self,
+        user_id: str,
+        flow_id: str,
+        decide: Callable[[FlowInstance | None], Decision],
+        *,
+        persistent: bool = False,
     ) -> FlowInstance:
-        """Read, decide, append; on a concurrent append, read the fresh state and decide again."""
+        """Read, decide, append; on a concurrent append, read the fresh state and decide again.
+
+        The user's key lock is held from key lookup (sealing) to append, so an erasure in this
+        process never shreds the key between the two. `persistent` retries without a limit (an
+        erasure must not give up because the user keeps writing: each conflict is their progress).
+        """
         require_id(flow_id, "flow_id")
+        with self.log.keys.user_lock(user_id):
+            return self._change_instance(user_id, flow_id, decide, persistent=persistent)
+
+    def _change_instance(
+        self,
+        user_id: str,
+        flow_id: str,
+        decide: Callable[[FlowInstance | None], Decision],
+        *,
+        persistent: bool,
+    ) -> FlowInstance:
         iid = cached_instance_id(user_id, flow_id)
-        for attempt in range(self.max_retries):
+        attempts = itertools.count() if persistent else iter(range(self.max_retries))
+        for attempt in attempts:
             # The first attempt trusts this process's last known state; if another writer moved
             # the instance on, the append fails on its version and the retry reads it fresh.
             instance = self.cached_instance(iid) if attempt == 0 else self.get_instance(iid)

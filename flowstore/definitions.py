@@ -10,7 +10,6 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-import jsonschema
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic.alias_generators import to_camel
@@ -21,9 +20,11 @@ from flowstore.errors import (
     PayloadTooLargeError,
     PayloadValidationError,
 )
+from flowstore.schemas import PayloadSchema, schema_problems
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
+    "DOT_IDS",
     "ERASED_USER_PREFIX",
     "MAX_DEFINITION_BYTES",
     "MAX_JSON_DEPTH",
@@ -57,6 +58,10 @@ MAX_JSON_DEPTH = 100
 orjson refuses more than 254 levels; the event, the Kafka envelope and HTTP responses wrap the
 value in a few more, so the limit leaves them room.
 """
+
+DOT_IDS = frozenset({".", ".."})
+"""Flow ids that are path segments of their own in a URL (`/flows/..` is `/`): refused, as is `/`
+(flow ids are one segment of every REST path and per-flow remote URL)."""
 
 MAX_NAME_LENGTH = 256
 """Longest flow id, step, service, module or transition name: the tables' columns are VARCHAR(256),
@@ -92,13 +97,9 @@ class FlowTransition(_SeedModel):
             return None
         if self._validator is None:
             # Built once per transition object: definitions are immutable and cached by version.
-            cls = jsonschema.validators.validator_for(self.payload_schema)
-            self._validator = cls(self.payload_schema)
-        error = jsonschema.exceptions.best_match(self._validator.iter_errors(payload))
-        if error is None:
-            return None
-        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        return f"payload at {where}: {error.message}"
+            self._validator = PayloadSchema(self.payload_schema)
+        problem: str | None = self._validator.problem(payload)
+        return problem
 
 
 class FlowStep(_SeedModel):
@@ -182,6 +183,8 @@ def _name_problems(definition: FlowDefinition) -> list[str]:
             )
         if has_control_characters(name):
             problems.append(f"{kind} {_shown(name)!r} contains a control character")
+    if definition.flow in DOT_IDS or "/" in definition.flow:
+        problems.append(f"flow id {definition.flow!r} must not be '.', '..' or contain '/'")
     problems.extend(
         f"service of step {key!r} must not be empty"
         for key, step in definition.steps.items()
@@ -239,15 +242,10 @@ def _problems(definition: FlowDefinition) -> list[str]:
                     f"transition {tkey!r} of step {key!r} targets unknown step {transition.step!r}"
                 )
             if transition.payload_schema is not None:
-                try:
-                    jsonschema.validators.validator_for(transition.payload_schema).check_schema(
-                        transition.payload_schema
-                    )
-                except jsonschema.exceptions.SchemaError as exc:
-                    problems.append(
-                        f"payloadSchema of transition {tkey!r} of step {key!r} is not a valid "
-                        f"JSON Schema: {exc.message}"
-                    )
+                problems.extend(
+                    f"payloadSchema of transition {tkey!r} of step {key!r}: {problem}"
+                    for problem in schema_problems(transition.payload_schema)
+                )
     if definition.ttl is not None and definition.ttl <= 0:
         problems.append(f"ttl must be a positive number of seconds, not {definition.ttl}")
     elif definition.ttl is not None and definition.ttl > MAX_TTL_SECONDS:

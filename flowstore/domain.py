@@ -417,6 +417,17 @@ def project(aggregate: TAggregate | None, events: Iterable[DomainEvent]) -> TAgg
 # Commands. Each returns the events to append (in order); none of them touches storage.
 
 
+def _not_before(instance: FlowInstance | None, now: datetime) -> datetime:
+    """`now`, or the instance's last event time if the clock has stepped back since.
+
+    An instance's events are stamped in order whatever the wall clock does (an NTP step back, a
+    VM restored), so no run completes before it started and no duration is negative.
+    """
+    if instance is None:
+        return now
+    return max(now, instance.modified_on)
+
+
 def _expiry(definition: FlowDefinition, now: datetime, terminal: bool) -> datetime | None:
     if definition.ttl is None or terminal:
         return None
@@ -447,6 +458,7 @@ def start_flow(
     reason: Literal["start", "reset"] = "reset",
 ) -> list[InstanceEvent]:
     """Start (or restart) a run at `step`, the initial step by default, on `definition`."""
+    now = _not_before(instance, now)
     target = step or definition.initial_step
     target_step = definition.step(target)
     if target_step is None:
@@ -491,6 +503,7 @@ def execute_transition(
     elapsed_ms: float,
 ) -> Decision:
     """Take `transition` from the instance's step, or record why it was refused."""
+    now = _not_before(instance, now)
     assert instance.step is not None
     assert instance.is_live
     fields = _instance_fields(
@@ -557,6 +570,7 @@ def override_state(
     now: datetime,
 ) -> list[InstanceEvent]:
     """Set the instance's state as an administrator said, on `definition`."""
+    now = _not_before(instance, now)
     target = definition.step(step)
     if target is None:
         assert definition.version is not None
@@ -584,6 +598,7 @@ def end_flow(
     instance: FlowInstance, *, now: datetime, kind: Literal["clear", "expiry", "erasure"]
 ) -> list[InstanceEvent]:
     """Clear or expire a live instance (its history stays), or erase any instance (history too)."""
+    now = _not_before(instance, now)
     fields = {
         "originator_id": instance.id,
         "originator_version": instance.version + 1,
@@ -624,6 +639,7 @@ def migrate_instance(
 
     Landing on a terminal step completes the run, as reaching one by a transition would.
     """
+    now = _not_before(instance, now)
     assert instance.status is FlowStatus.ACTIVE
     assert instance.step is not None
     assert definition.version is not None

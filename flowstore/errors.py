@@ -13,6 +13,7 @@
      ├── EncryptionKeyError                     ENCRYPTION_KEY_INVALID
      ├── StorageUnavailableError (OSError)      STORAGE_UNAVAILABLE
      ├── ProjectionLagError (TimeoutError)      PROJECTION_LAG
+     ├── RebuildRunningError                    REBUILD_RUNNING
      ├── DefinitionError (ValueError)           DEFINITION_INVALID
      ├── PayloadValidationError (ValueError)    PAYLOAD_INVALID
      │    └── PayloadTooLargeError              PAYLOAD_TOO_LARGE
@@ -69,6 +70,7 @@ __all__ = [
     "PermissionDeniedError",
     "ProjectionLagError",
     "PublisherLockError",
+    "RebuildRunningError",
     "RequestInvalidError",
     "StorageConfigError",
     "StorageUnavailableError",
@@ -279,6 +281,19 @@ class ProjectionLagError(FlowError, TimeoutError):
     """
 
     code = "PROJECTION_LAG"
+
+
+class RebuildRunningError(FlowError):
+    """Another rebuild of the projection tables is running (in any process on the same database).
+
+    Two rebuilds at once would write the same shadow tables and swap in a mix of both; the second
+    one is refused and changes nothing. Run it again once the first has finished.
+    """
+
+    code = "REBUILD_RUNNING"
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"Another rebuild of the projections is running ({where})", where=where)
 
 
 class DefinitionError(FlowError, ValueError):

@@ -30,6 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from flowstore.definitions import ERASED_USER_PREFIX
+from flowstore.sqlitelog import wipe_wal
 from flowstore.storage import READ_ONLY, StorageConfig, make_engine
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ PERSONAL_FIELDS = ("user_id", "payload", "error")
 
 
 _NONCE = 12
+_USER_LOCK_STRIPES = 256
 _KEY_BITS = 256
 
 
@@ -107,7 +109,9 @@ class UserKeys(ABC):
     last look, which erasure appends before it shreds, and drops those keys; they are then never
     cached again, until this process creates the user a new key. A write racing an erasure
     elsewhere is covered by the erasure's second pass (`flowstore.erasure`). `refresh` 0 turns
-    the cache off.
+    the cache off. In this process, `user_lock` orders a user's writes against the shredding of
+    their key: a write that holds it from key lookup to append can never be sealed with a key
+    deleted meanwhile, and a lookup that started before a shred caches nothing (`_generation`).
     """
 
     _BOUND = 100_000
@@ -126,6 +130,9 @@ class UserKeys(ABC):
         self._feed: Callable[[], list[str]] | None = None
         self._next_look = 0.0
         self._looking = threading.Lock()
+        # Bumped by every shred: a lookup that started before a shred must not cache what it read.
+        self._generation = 0
+        self._user_locks = [threading.RLock() for _ in range(_USER_LOCK_STRIPES)]
 
     # The storage, per backend
 
@@ -149,6 +156,12 @@ class UserKeys(ABC):
         """Release connections."""
 
     # The API
+
+    def user_lock(self, user_id: str) -> threading.RLock:
+        """The lock that orders this user's writes (key lookup to append) against `shred`."""
+        # Striped, so memory stays bounded whatever the number of users; re-entrant, so an
+        # erasure can append its own events while it holds the user's lock.
+        return self._user_locks[hash(user_id) % _USER_LOCK_STRIPES]
 
     def watch(self, erased_subjects: Callable[[], list[str]]) -> None:
         """Drop cached keys erased elsewhere: `erased_subjects()` gives those since the last call."""
@@ -199,6 +212,7 @@ class UserKeys(ABC):
         return keys
 
     def _load_or_create(self, user_ids: list[str]) -> dict[str, SealedKey]:
+        generation = self._generation
         refs = {user_id: _user_ref(user_id) for user_id in user_ids}
         found: dict[str, tuple[str, bytes]] = {}
         for i in range(0, len(user_ids), 500):
@@ -217,7 +231,11 @@ class UserKeys(ABC):
                 if user_id in new:
                     # Created after any erasure of this user: a key that may be kept.
                     self._erasing.discard(user_id)
-                if self.refresh > 0 and not self._erasing.intersection((user_id, subject)):
+                if (
+                    self.refresh > 0
+                    and generation == self._generation  # else read before a shred: not cached
+                    and not self._erasing.intersection((user_id, subject))
+                ):
                     self._by_user[user_id] = key
                     self._by_subject[subject] = key
                     self._user_of[subject] = user_id
@@ -266,6 +284,7 @@ class UserKeys(ABC):
             else:
                 missing.append(subject)
         if missing:
+            generation = self._generation
             found = self._load_subjects(sorted(missing))
             with self._lock:
                 self._trim()
@@ -276,18 +295,30 @@ class UserKeys(ABC):
                         self._gone[subject] = now + self.refresh
                         continue
                     key = keys[subject] = SealedKey(subject, AESGCM(raw))
-                    if self.refresh > 0 and subject not in self._erasing:
+                    if (
+                        self.refresh > 0
+                        and generation == self._generation  # else read before a shred
+                        and subject not in self._erasing
+                    ):
                         self._by_subject[subject] = key
         return keys
 
     def shred(self, user_id: str) -> list[str]:
-        """Delete every key of the user for good; return their subjects."""
-        subjects = self._delete_user(_user_ref(user_id))
-        with self._lock:  # a subject belongs to one user: nothing else caches these keys
-            self._by_user.pop(user_id, None)
-            for subject in subjects:
-                self._by_subject.pop(subject, None)
-                self._user_of.pop(subject, None)
+        """Delete every key of the user for good; return their subjects.
+
+        The caches are cleared once the delete has committed, and lookups that started before it
+        cache nothing: no key outlives its row in this process.
+        """
+        with self.user_lock(user_id):
+            with self._lock:
+                self._generation += 1
+            subjects = self._delete_user(_user_ref(user_id))
+            with self._lock:
+                self._generation += 1
+                self._by_user.pop(user_id, None)
+                for subject in subjects:
+                    self._by_subject.pop(subject, None)
+                    self._user_of.pop(subject, None)
         return subjects
 
     def _trim(self) -> None:
@@ -368,6 +399,7 @@ class SqlKeyStore(UserKeys):
             Column("user_ref", String(64), nullable=False, unique=True),
             Column("key", LargeBinary, nullable=False),
         )
+        self._sqlite_file = sqlite_file
         for attempt in range(5):
             try:
                 md.create_all(self.engine, checkfirst=True)
@@ -423,4 +455,29 @@ class SqlKeyStore(UserKeys):
         with self.engine.begin() as conn:
             subjects = list(conn.execute(self._refs, {"ref": ref}).scalars())
             conn.execute(self._delete_ref, {"ref": ref})
+        if subjects:
+            self.purge_deleted()
         return subjects
+
+    def purge_deleted(self) -> bool:
+        """Remove deleted rows' bytes from where the database still keeps them; True when done.
+
+        SQLite: the rows were overwritten in the file (secure_delete); the WAL still holds the frames
+        written before, so it is checkpointed and truncated. PostgreSQL: a deleted row stays in its
+        heap page, and plain VACUUM only marks its space free (the bytes stay until reused), so the
+        small key table is rewritten (VACUUM FULL: a new file; the old one is unlinked). Its WAL,
+        and any base backup, keep the row until they are recycled: see README "Erasure".
+        """
+        from sqlalchemy import text
+
+        if self._sqlite_file:
+            # On the DBAPI connection: the engine's connections begin every SQLAlchemy
+            # transaction with BEGIN IMMEDIATE, and a checkpoint must run outside any.
+            raw = self.engine.raw_connection()
+            try:
+                return wipe_wal(raw)
+            finally:
+                raw.close()
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f"VACUUM FULL {self.table.name}"))
+            return True

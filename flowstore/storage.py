@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_URL",
     "POOL_SIZE_ENV",
     "READ_ONLY",
+    "SQLITE_PERSISTENCE",
     "StorageConfig",
     "StorageConfigError",
     "make_engine",
@@ -48,6 +49,9 @@ class StorageConfig:
     display: str = ""
     """The URL with any password masked, for logs and errors."""
 
+
+SQLITE_PERSISTENCE = "flowstore.sqlitelog:SecureSQLiteFactory"
+"""The eventsourcing persistence topic of SQLite stores."""
 
 _CONNECT_TIMEOUT = "2"
 """Seconds a PostgreSQL call waits for a connection per attempt, unless the URL sets connect_timeout."""
@@ -86,7 +90,8 @@ def parse_url(url: str) -> StorageConfig:
             raise StorageConfigError(
                 f"SQLite URL {url!r}: directory {str(parent)!r} does not exist", url=url
             )
-        env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": path}
+        # eventsourcing's SQLite persistence, with secure_delete on its connections (sqlitelog.py).
+        env = {"PERSISTENCE_MODULE": SQLITE_PERSISTENCE, "SQLITE_DBNAME": path}
         return StorageConfig("sqlite", env, f"sqlite:///{path}", url)
     if scheme in ("postgresql", "postgres"):
         if not parts.hostname or not parts.path.strip("/"):

@@ -9,6 +9,7 @@ write path: read, decide, append, retry), `flowstore.erasure`, `flowstore.migrat
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -78,6 +79,8 @@ if TYPE_CHECKING:
     from flowstore.projections.sql import Difference, SqlProjections
 
 __all__ = ["FlowStore", "Publisher", "PublisherFactory"]
+
+logger = logging.getLogger(__name__)
 
 
 def _utc_now() -> datetime:
@@ -205,7 +208,7 @@ class FlowStore:
                 )
                 opened.append(self._projections.close)
                 if live_projections:
-                    self._projections.catch_up(self.read_events)  # what happened while away
+                    self._projections.catch_up(self._read_contained)  # what happened while away
                     self._live = LiveProjector(self._project_written)
         except BaseException:
             for close in reversed(opened):
@@ -672,11 +675,18 @@ class FlowStore:
             states.append(FlowState.model_validate({**row, "flow": row["flow_id"]}))
         return states
 
-    def get_flow_history(self, user_id: str, flow_id: str) -> list[FlowStateHistory]:
-        """Every command on the user's flow, oldest first (empty if they never started it)."""
+    def get_flow_history(
+        self, user_id: str, flow_id: str, *, max_bytes: int | None = None
+    ) -> list[FlowStateHistory]:
+        """Every command on the user's flow, oldest first (empty if they never started it).
+
+        With `max_bytes`, the rows end at the first one that brings their payloads and errors (as
+        JSON and text) to more than that; it is included, so the caller can tell the cap was
+        reached. The rows are read in batches, never all at once.
+        """
         require_id(user_id, "user_id")
         require_id(flow_id, "flow_id")
-        rows = self._tables.history(user_id, flow_id)
+        rows = self._tables.history(user_id, flow_id, max_bytes=max_bytes)
         if not rows:
             self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
         return rows
@@ -710,27 +720,33 @@ class FlowStore:
         self._tables.recover(
             (user_id, flow_id),
             lambda: self._log.events_of(iid),
-            self.read_events,
+            self._read_contained,
         )
         return self.get_flow_state(user_id, flow_id)
 
     def rebuild_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Replay the whole log into fresh tables and swap them in; return the events replayed."""
-        return self._tables.rebuild(self.read_events, progress=progress)
+        """Replay the whole log into fresh tables and swap them in; return the events replayed.
+
+        One rebuild at a time per database (across processes): another one running raises
+        `RebuildRunningError`. A rebuild that fails drops its shadow tables and leaves the live
+        ones as they were; a database that fails under it (a full disk) is `StorageUnavailableError`.
+        """
+        with self._log.errors("rebuilding the projections"):
+            return self._tables.rebuild(self._read_contained, progress=progress)
 
     def verify_projections(self) -> list[Difference]:
         """Every difference between the tables and the log (empty when they agree)."""
-        return self._tables.verify(self.read_events)
+        return self._tables.verify(self._read_contained)
 
     def repair_projections(
         self, user_id: str | None = None, flow_id: str | None = None
     ) -> list[Difference]:
         """Rewrite exactly the rows that differ from the log; return what was repaired."""
-        return self._tables.repair(self.read_events, user_id=user_id, flow_id=flow_id)
+        return self._tables.repair(self._read_contained, user_id=user_id, flow_id=flow_id)
 
     def catch_up_projections(self, batch: int = 1000) -> int:
         """Apply events the tables have not seen yet, `batch` per transaction; return the position."""
-        return self._projections.catch_up(self.read_events, page=batch)
+        return self._projections.catch_up(self._read_contained, page=batch)
 
     @property
     def publisher(self) -> Publisher | None:
@@ -754,6 +770,46 @@ class FlowStore:
         """
         return self._log.read(start, limit)
 
+    def _read_contained(self, start: int, limit: int) -> list[tuple[int, DomainEvent]]:
+        # The projections' reader: an event that cannot be decoded is skipped and named (its own
+        # instance answers FlowStateCorruptionError), so one bad event stops nobody else's reads.
+        return self._log.read(start, limit, contain=True)
+
+    def unreadable_events(self) -> list[dict[str, Any]]:
+        """Events of the log the projections skipped because they cannot be decoded.
+
+        Each: `position`, `originator_id`, `originator_version` and `detail` (why). Their instance
+        answers `FlowStateCorruptionError` until the event is quarantined or the store restored.
+        """
+        return self._projections.unreadable()
+
+    def quarantine_event(self, position: int, reason: str) -> dict[str, Any]:
+        """Move the unreadable event at `position` out of the log, keeping it byte for byte.
+
+        The event goes to the `flowstore_quarantine` table with `reason` and the time (the audit
+        record, returned); its instance reads again as it was before that event. Only events the
+        projections found unreadable can be quarantined: the log stays the truth for every other.
+        """
+        if not isinstance(position, int) or isinstance(position, bool) or position < 1:
+            raise InvalidArgumentError("position", position, "must be a positive event position")
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidArgumentError("reason", reason, "must say why (it is the audit record)")
+        known = {row["position"] for row in self.unreadable_events()}
+        if position not in known:
+            raise InvalidArgumentError(
+                "position", position, f"is not an unreadable event (unreadable: {sorted(known)})"
+            )
+        with self._log.errors("quarantining an event"):
+            record = self._projections.quarantine(position, reason, self._clock())
+        if record is None:
+            raise InvalidArgumentError("position", position, "no such event in this store's log")
+        logger.warning(
+            "event %s (%s v%s) quarantined: %s",
+            position, record["originator_id"], record["originator_version"], reason,
+        )
+        self._commands.forget_instance(UUID(record["originator_id"]))
+        return {k: v for k, v in record.items() if k != "state"}
+
     def import_events(self, events: Iterable[DomainEvent], *, batch: int = 500) -> int:
         """Append events recorded elsewhere (a restore), as they are: same ids, versions, times.
 
@@ -775,7 +831,7 @@ class FlowStore:
 
     def _project_written(self) -> int:
         # The projections take the log's write lock themselves, only to write (see catch_up).
-        return self._projections.catch_up(self.read_events)
+        return self._projections.catch_up(self._read_contained)
 
     @property
     def _tables(self) -> SqlProjections:

@@ -244,6 +244,8 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
         case FlowCompleted():
             started = previous["started_at"] if previous else None
             duration = (event.timestamp - started) / timedelta(milliseconds=1) if started else 0.0
+            # Logs written before events were stamped in order may run backwards: never negative.
+            duration = max(duration, 0.0)
             ops.append(AddCounters(flow, {"completed": 1, "completed_duration_ms": duration}))
             ops.append(
                 _state_row(

@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, Engine, Table, distinct, func, inspect, select
 
 from flowstore.models import (
@@ -66,14 +67,31 @@ class Queries:
         with self._read() as conn:
             return [row_dict(r._mapping) for r in conn.execute(query)]
 
-    def history(self, user_id: str, flow_id: str) -> list[FlowStateHistory]:
-        """The instance's history rows, oldest first."""
+    def history(
+        self, user_id: str, flow_id: str, *, max_bytes: int | None = None
+    ) -> list[FlowStateHistory]:
+        """The instance's history rows, oldest first.
+
+        With `max_bytes`, rows stop at the first one that brings their payloads and errors to more
+        than that (it is included, so the caller can tell the cap was reached); read in batches,
+        so a huge history never sits in memory whole.
+        """
         h = self.tables.history
         query = (
             select(h).where(h.c.user_id == user_id, h.c.flow_id == flow_id).order_by(h.c.version)
         )
+        rows: list[dict[str, Any]] = []
+        size = 0
         with self._read() as conn:
-            rows = [row_dict(r._mapping) for r in conn.execute(query)]
+            result = conn.execution_options(stream_results=True, yield_per=200).execute(query)
+            for r in result:
+                row = row_dict(r._mapping)
+                rows.append(row)
+                if max_bytes is not None:
+                    size += len(orjson.dumps(row["payload"])) + len(row["error"] or "")
+                    if size > max_bytes:
+                        result.close()
+                        break
         return [
             FlowStateHistory.model_validate(
                 {k: v for k, v in r.items() if k not in ("version", "meta")}

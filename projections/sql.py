@@ -11,11 +11,14 @@ them, and a crash between two batches leaves the tables exactly at the last comm
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from datetime import datetime
+from typing import Any, cast
 
 import orjson
 from sqlalchemy import (
@@ -33,9 +36,18 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.schema import CreateTable
 
 from flowstore.domain import DomainEvent
+from flowstore.errors import RebuildRunningError
+from flowstore.eventlog import UnreadableEvent
 from flowstore.projections.batch import RowBatch, StateKey
 from flowstore.projections.queries import Queries, percentile, row_dict
-from flowstore.projections.tables import REBUILD_SUFFIX, TRACKING, ProjectionTables, define_tables
+from flowstore.projections.tables import (
+    QUARANTINE,
+    REBUILD_SUFFIX,
+    TRACKING,
+    UNREADABLE,
+    ProjectionTables,
+    define_tables,
+)
 from flowstore.projections.verify import Difference, EventPage, Verification
 from flowstore.storage import READ_ONLY, StorageConfig, make_engine
 
@@ -87,6 +99,7 @@ class SqlProjections(Queries, Verification):
         self._owned_position: int | None = None
         # The lower bound each flow's old throughput rows were last deleted below (see _write).
         self._forgotten: dict[str, int] = {}
+        self._rebuild_mutex = threading.Lock()
         mine = TRACKING.c.name == PROJECTION
         self._read_position = select(TRACKING.c.position).where(mine)
         self._locking_position = self._read_position.with_for_update()
@@ -180,6 +193,7 @@ class SqlProjections(Queries, Verification):
                         continue
                     self._owned_position = None  # until this transaction commits
                     self._write(conn, self.tables, batch)
+                    self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
                     self._set_position(conn, events[-1][0])
                 self._rows.keep(batch)
                 self._owned_position = events[-1][0]
@@ -198,6 +212,7 @@ class SqlProjections(Queries, Verification):
     ) -> RowBatch:
         batch = self._fold(conn, tables, events, cache)
         self._write(conn, tables, batch)
+        self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
         return batch
 
     def _fold(
@@ -222,6 +237,74 @@ class SqlProjections(Queries, Verification):
             return int(conn.execute(attempts_query, {"flow": flow_id}).scalar() or 0)
 
         return RowBatch(load_state, load_attempts).apply_all(event for _, event in events)
+
+    def _name_unreadable(self, conn: Connection, events: Sequence[tuple[int, object]]) -> None:
+        """Record the events of the batch that could not be read (contained reads mix them in)."""
+        unreadable = [
+            {
+                "position": e.position,
+                "originator_id": e.originator_id,
+                "originator_version": e.originator_version,
+                "detail": e.detail,
+            }
+            for _, e in events
+            if isinstance(e, UnreadableEvent)
+        ]
+        if unreadable:  # skipped, so named: with the rows, in their transaction
+            for row in unreadable:
+                log.error(
+                    "event %s (%s v%s) cannot be read; projections skip it: %s",
+                    row["position"],
+                    row["originator_id"],
+                    row["originator_version"],
+                    row["detail"],
+                )
+            conn.execute(self._insert(UNREADABLE).on_conflict_do_nothing(), unreadable)
+
+    # Unreadable events
+
+    def unreadable(self) -> list[dict[str, Any]]:
+        """The events the projections skipped because they cannot be decoded, by position."""
+        with self._read() as conn:
+            rows = conn.execute(select(UNREADABLE).order_by(UNREADABLE.c.position))
+            return [dict(r._mapping) for r in rows]
+
+    def quarantine(self, position: int, reason: str, now: datetime) -> dict[str, Any] | None:
+        """Move the event at `position` out of the log into `flowstore_quarantine`; None if absent.
+
+        One transaction: the audit row (the stored bytes, why, when) and the delete commit
+        together. Only the events table of this store's database is touched.
+        """
+        if self._shared_connection:
+            return None  # memory:// has no events table here
+        events, id_column = (
+            ("stored_events", "rowid") if self._sqlite else ("flowstore_events", "notification_id")
+        )
+        with self._lock, self.engine.begin() as conn:
+            found = conn.execute(
+                text(
+                    f"SELECT originator_id, originator_version, topic, state FROM {events} "
+                    f"WHERE {id_column} = :position"
+                ),
+                {"position": position},
+            ).first()
+            if found is None:
+                return None
+            record = {
+                "position": position,
+                "originator_id": str(found.originator_id),
+                "originator_version": found.originator_version,
+                "topic": found.topic,
+                "state": bytes(found.state),
+                "reason": reason,
+                "quarantined_at": now,
+            }
+            conn.execute(self._insert(QUARANTINE).on_conflict_do_nothing(), record)
+            conn.execute(
+                text(f"DELETE FROM {events} WHERE {id_column} = :position"), {"position": position}
+            )
+            conn.execute(delete(UNREADABLE).where(UNREADABLE.c.position == position))
+        return record
 
     def _lookups(self, tables: ProjectionTables) -> tuple[Any, Any]:
         # Built once per table set: constructing SQLAlchemy expressions costs more than running them.
@@ -318,7 +401,71 @@ class SqlProjections(Queries, Verification):
         The new tables get their secondary indexes at the swap, built once over all their rows
         rather than kept up to date row by row.
         """
-        shadow = define_tables(REBUILD_SUFFIX)
+        with self._rebuild_lock():
+            shadow = define_tables(REBUILD_SUFFIX)
+            try:
+                return self._rebuild(shadow, read, page=page, progress=progress)
+            except BaseException:
+                # A failed rebuild (a full disk, a lost connection) must not leave its half-filled
+                # shadow tables behind: they held thousands of rows and broke later commands.
+                self._drop_shadow(shadow)
+                raise
+
+    def _drop_shadow(self, shadow: ProjectionTables) -> None:
+        try:
+            with self._lock, self.engine.begin() as conn:
+                shadow.metadata.drop_all(conn)
+        except Exception:
+            log.warning("could not drop the rebuild's shadow tables", exc_info=True)
+
+    @contextmanager
+    def _rebuild_lock(self) -> Iterator[None]:
+        """One rebuild at a time on this database, across processes; else `RebuildRunningError`.
+
+        SQLite: an exclusive flock on a file beside the database (per open file, so two threads of
+        one process exclude each other too). PostgreSQL: a session-level advisory lock, held on a
+        connection of its own for the whole rebuild. memory://: this process is the only one.
+        """
+        if self._shared_connection:
+            if not self._rebuild_mutex.acquire(blocking=False):
+                raise RebuildRunningError("in this process")
+            try:
+                yield
+            finally:
+                self._rebuild_mutex.release()
+            return
+        if self._sqlite:
+            database = self.engine.url.database or ""
+            path = f"{database}.rebuild-lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise RebuildRunningError(f"lock file {path}") from None
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+            return
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            taken = conn.execute(
+                text("SELECT pg_try_advisory_lock(:key)"), {"key": _REBUILD_LOCK_KEY}
+            ).scalar_one()
+            if not taken:
+                raise RebuildRunningError("PostgreSQL advisory lock")
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _REBUILD_LOCK_KEY})
+
+    def _rebuild(
+        self,
+        shadow: ProjectionTables,
+        read: EventPage,
+        *,
+        page: int,
+        progress: Callable[[int, int], None] | None,
+    ) -> int:
         rows = _RowCache()
         with self._lock, self.engine.begin() as conn:
             shadow.metadata.drop_all(conn)
@@ -356,6 +503,10 @@ class SqlProjections(Queries, Verification):
             conn.execute(text(f'ALTER TABLE "{new.name}" RENAME TO "{live.name}"'))
             for index in live.indexes:
                 index.create(conn)
+
+
+# pg_advisory_lock's key for rebuilds: any bigint the application uses for nothing else.
+_REBUILD_LOCK_KEY = 0x666C6F77_72656231  # "flowreb1"
 
 
 class _RowCache:

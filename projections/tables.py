@@ -11,18 +11,25 @@ from dataclasses import dataclass
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
+    Text,
 )
 
-__all__ = ["REBUILD_SUFFIX", "TRACKING", "ProjectionTables", "define_tables", "tracking_metadata"]
+__all__ = [
+    "QUARANTINE",
+    "REBUILD_SUFFIX",
+    "TRACKING",
+    "UNREADABLE", "ProjectionTables", "define_tables", "tracking_metadata"]
 
 REBUILD_SUFFIX = "__rebuild"
 _ID = String(256)
@@ -141,3 +148,28 @@ TRACKING = Table(
     Column("position", Integer, nullable=False),
 )
 """One row per projection: the notification id of the last event applied (same transaction)."""
+
+UNREADABLE = Table(
+    "projection_unreadable",
+    tracking_metadata,
+    Column("position", BigInteger, primary_key=True),
+    Column("originator_id", String(64), nullable=False),
+    Column("originator_version", Integer, nullable=False),
+    Column("detail", Text, nullable=False),
+)
+"""Events of the log the projections could not decode and skipped (`flowstore projections status`
+names them; `flowstore quarantine` moves one aside). Written with the rows, in the same transaction."""
+
+QUARANTINE = Table(
+    "flowstore_quarantine",
+    tracking_metadata,
+    Column("position", BigInteger, primary_key=True),
+    Column("originator_id", String(64), nullable=False),
+    Column("originator_version", Integer, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("state", LargeBinary, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("quarantined_at", DateTime(timezone=True), nullable=False),
+)
+"""The audit record of `flowstore quarantine`: each event moved out of the log, byte for byte, with
+why and when (the row can be put back by hand)."""

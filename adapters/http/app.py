@@ -19,6 +19,7 @@ from importlib import resources
 from typing import Annotated, Any
 
 import anyio
+import orjson
 from fastapi import Body, Depends, FastAPI, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -75,6 +76,15 @@ from flowstore.adapters.http.websocket import FlowSocket
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
 log = logging.getLogger(__name__)
+
+
+def _row_bytes(row: FlowStateHistory) -> int:
+    # As the store counts it (projections/queries.py): the payload's JSON and the error text.
+    return len(orjson.dumps(row.payload)) + len(row.error or "")
+
+MAX_HISTORY_RESPONSE_BYTES = 4 * 1024 * 1024
+"""Most payload and error bytes one history response holds (1,500 rows of 60 KB grew the server by
+333 MB); the oldest rows that fit are sent, with `X-History-Truncated: true`."""
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 """Request bodies above this are refused with 413 before they are parsed."""
@@ -381,9 +391,15 @@ def create_app(
         response_model=list[FlowStateHistory],
         responses=_errors(401, 404, 422),
     )
-    def history(flow_id: FlowId, principal: Caller) -> list[FlowStateHistory]:
-        """Every command on the caller's flow, oldest first."""
-        return store.get_flow_history(principal.user_id, flow_id)
+    def history(flow_id: FlowId, principal: Caller, response: Response) -> list[FlowStateHistory]:
+        """Every command on the caller's flow, oldest first (`X-History-Truncated` when capped)."""
+        rows = store.get_flow_history(
+            principal.user_id, flow_id, max_bytes=MAX_HISTORY_RESPONSE_BYTES
+        )
+        if len(rows) > 1 and sum(_row_bytes(row) for row in rows) > MAX_HISTORY_RESPONSE_BYTES:
+            rows.pop()  # the row that crossed the cap: the rest is not sent
+            response.headers["X-History-Truncated"] = "true"
+        return rows
 
     # Registered before /flows/{flowId} so that "mine" is not taken for a flow id.
     @users.get("/flows/mine", response_model=list[FlowState], responses=_errors(401))
@@ -494,7 +510,7 @@ def create_app(
         return PurgeResult(purged=store.purge_expired_flows())
 
     @admins.put(
-        "/admin/users/{userId}/flows/{flowId}/state",
+        "/admin/users/{userId:path}/flows/{flowId}/state",
         response_model=FlowState,
         responses=_errors(401, 403, 404, 409, 413, 422),
     )
@@ -511,7 +527,7 @@ def create_app(
         return store.set_flow_state(user_id, state)
 
     @admins.delete(
-        "/admin/users/{userId}",
+        "/admin/users/{userId:path}",
         response_model=ErasureResult,
         responses=_errors(401, 403, 409, 422),
     )
@@ -533,7 +549,8 @@ def create_app(
     def readyz() -> Readiness:
         """The database answers (503 STORAGE_UNAVAILABLE when it does not)."""
         try:
-            return Readiness(log_position=store.log_position())
+            store.log_position()  # a read that needs the database; its answer stays private
+            return Readiness()
         except Exception as exc:
             log.warning("readiness check failed", exc_info=True)
             raise StorageUnavailableError(

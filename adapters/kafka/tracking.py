@@ -46,6 +46,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.pool import StaticPool
 
+from flowstore.sqlitelog import secure_sqlite
 from flowstore.storage import READ_ONLY, StorageConfig
 
 __all__ = ["TRACKING_TABLE", "PublisherLock", "PublisherTracking"]
@@ -69,7 +70,9 @@ def _engine(config: StorageConfig) -> Engine:
             "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
         )
     if config.backend == "sqlite":
-        return create_engine(config.sqlalchemy_url, connect_args={"timeout": 60})
+        engine = create_engine(config.sqlalchemy_url, connect_args={"timeout": 60})
+        secure_sqlite(engine)  # every connection to a store's file overwrites what it deletes
+        return engine
     return create_engine(config.sqlalchemy_url, pool_pre_ping=True, pool_size=1)
 
 

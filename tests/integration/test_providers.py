@@ -64,6 +64,7 @@ class Answer:
     status: int = 200
     body: bytes = b""
     content_type: str = "application/json"
+    location: str | None = None
 
 
 @dataclass
@@ -99,6 +100,8 @@ def server() -> Iterator[FlowServer]:
                 answer = state.routes.get(path, Answer(404, b'{"error": "not found"}'))
             self.send_response(answer.status)
             self.send_header("Content-Type", answer.content_type)
+            if answer.location is not None:
+                self.send_header("Location", answer.location)
             self.send_header("Content-Length", str(len(answer.body)))
             self.end_headers()
             self.wfile.write(answer.body)
@@ -498,3 +501,56 @@ def test_cli_load_and_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["--url", url, "flows", "load", str(folder)]) == 5
     assert "bad.json" in capsys.readouterr().err
     assert main(["--url", url, "flows", "export", "nope"]) == 3
+
+
+def test_a_same_origin_redirect_is_followed_with_the_credentials(
+    server: FlowServer, ticker: Ticker
+) -> None:
+    server.routes["/old"] = Answer(302, b"", location="/flows")
+    server.serve("/flows", [linear("alpha")])
+    server.required = {"X-API-Key": "k3y"}
+    provider = make_flow_provider(
+        remote(server.url("/old"), ticker, authentication=Authentication("apikey", "k3y"))
+    )
+    assert provider.get_flow("alpha").flow == "alpha"
+    assert [path for path, _ in server.requests] == ["/old", "/flows"]
+
+
+@pytest.mark.parametrize(
+    "authentication",
+    [Authentication("apikey", "k3y"), Authentication("apikey", "k3y", header="X-Flows-Key"),
+     Authentication("bearer", "t0ken"), Authentication("basic", "ann:s3cret")],
+    ids=["apikey", "custom-header", "bearer", "basic"],
+)
+def test_credentials_never_follow_a_redirect_to_another_origin(
+    server: FlowServer, ticker: Ticker, authentication: Authentication
+) -> None:
+    # 127.0.0.1 and localhost are different origins (same server here, so the test can see both).
+    elsewhere = f"http://localhost:{server.port}/stolen"
+    server.routes["/flows"] = Answer(302, b"", location=elsewhere)
+    server.serve("/stolen", [linear("alpha")])
+    provider = make_flow_provider(remote(server.url("/flows"), ticker, authentication=authentication))
+    with pytest.raises(FlowNotFoundError, match="redirected to another origin"):
+        provider.get_flow("alpha")
+    assert [path for path, _ in server.requests] == ["/flows"]
+
+
+@pytest.mark.parametrize("flow_id", [".", ".."])
+def test_dot_flow_ids_cannot_escape_a_per_flow_url(
+    server: FlowServer, ticker: Ticker, flow_id: str
+) -> None:
+    server.serve("/", [linear("alpha")])
+    provider = make_flow_provider(remote(server.url("/flows/{flow_id}"), ticker))
+    with pytest.raises(InvalidArgumentError, match="flow_id"):
+        provider.get_flow(flow_id)
+    assert server.requests == []
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert path.stat().st_size < 1024  # 9**10 strings once expanded
+    with pytest.raises(DefinitionError, match="aliases"):
+        read_definitions(path)

@@ -426,3 +426,22 @@ def test_ids_with_control_characters_or_lone_surrogates_are_refused(
     with pytest.raises(InvalidArgumentError):
         store.set_flow_state("ann", {"flow": FLOW, "step": "welcome", "service": user})
     assert store.log_position() == position
+
+
+def test_a_clock_stepping_back_gives_no_negative_durations(store_url: str) -> None:
+    clock = Clock()
+    with FlowStore(store_url, clock=clock) as store:
+        store.create_flow(linear("steps", 3))
+        store.execute_transition("ann", "steps", "next")
+        clock.advance(-3600)  # an NTP step back between two commands
+        state = store.execute_transition("ann", "steps", "next")
+        assert state.completed_at is not None
+        assert state.started_at is not None
+        assert state.completed_at >= state.started_at
+        history = store.get_flow_history("ann", "steps")
+        stamps = [row.timestamp for row in history]
+        assert stamps == sorted(stamps)
+        assert store.get_flow_statistics("steps").average_flow_duration >= 0
+        assert store.verify_projections() == []
+        store.rebuild_projections()
+        assert store.get_flow_statistics("steps").average_flow_duration >= 0

@@ -436,3 +436,9 @@ def test_payloads_nested_near_orjsons_limit_are_refused(depth: int) -> None:
     # 253 levels passed orjson alone but not inside its event (one level more): untyped TypeError.
     with pytest.raises(PayloadValidationError, match=r"nest|Recursion"):
         check_payload(nested(depth))
+
+
+@pytest.mark.parametrize("flow_id", [".", "..", "a/b", "/"])
+def test_flow_ids_that_break_urls_are_refused(flow_id: str) -> None:
+    with pytest.raises(DefinitionError, match="must not be '\\.', '\\.\\.' or contain '/'"):
+        parse_definition(linear(flow_id))

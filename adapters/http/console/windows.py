@@ -25,7 +25,14 @@ from typing import Any
 
 from flowstore import FlowStore
 from flowstore.domain import DomainEvent, InstanceEvent
-from flowstore.projections.ops import AddCounters, AddStepCounters, PutSample, PutState, changes
+from flowstore.projections.ops import (
+    AddCounters,
+    AddStepCounters,
+    EraseInstance,
+    PutSample,
+    PutState,
+    changes,
+)
 from flowstore.projections.sql import percentile
 
 __all__ = ["WINDOWS", "FunnelSummary", "LogWindows", "StepFigures", "Window", "flow_summary"]
@@ -122,13 +129,18 @@ class _FlowFold:
     def apply(self, event: DomainEvent) -> None:
         if not isinstance(event, InstanceEvent) or event.flow_id != self.flow_id:
             return
-        previous = self._states.get(event.user_id)
+        # Keyed by instance, not user id: a user's id must not outlive their erasure here, and an
+        # erased instance's later events read with a stand-in id anyway.
+        instance = str(event.originator_id)
+        previous = self._states.get(instance)
         now = self._bucket(_minute(event.timestamp))
         started = previous.get("started_at") if previous else None
         for op in changes(event, previous, 0):
             match op:
+                case EraseInstance():
+                    self._states.pop(instance, None)
                 case PutState(row):
-                    self._states[event.user_id] = {
+                    self._states[instance] = {
                         "status": row.get("status"),
                         "step": row.get("step"),
                         "started_at": row.get("started_at"),

@@ -83,7 +83,7 @@ def call(
 def bad_credentials(user: str) -> list[Any]:
     """Authorization headers naming `user` that must be refused: (headers, reason) cases."""
     return [
-        pytest.param(bearer(mint(user, ttl=-1)), "expired", id="expired"),
+        pytest.param(bearer(mint(user, ttl=-120)), "expired", id="expired"),
         pytest.param(bearer(mint(user, key=FORGED_KEY)), "invalid", id="forged"),
         pytest.param(
             bearer(mint(user, roles=["admin"], key=FORGED_KEY)), "invalid", id="forged-admin"
@@ -107,7 +107,7 @@ def bad_credentials(user: str) -> list[Any]:
 def bad_ws_tokens(user: str) -> list[Any]:
     """Tokens naming `user` that the WebSocket session must close with 4401: (token, reason)."""
     return [
-        pytest.param(mint(user, ttl=-1), "expired", id="expired"),
+        pytest.param(mint(user, ttl=-120), "expired", id="expired"),
         pytest.param(mint(user, key=FORGED_KEY), "invalid", id="forged"),
         pytest.param("garbage", "invalid", id="garbage"),
     ]

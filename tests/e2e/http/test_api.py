@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 
 from flowstore import FlowStore, HistoryKind
 from flowstore.adapters.http import JwtVerifier, create_app
-from tests.e2e.http.conftest import MAX_BODY_BYTES, ONBOARDING, SECRET, LiveServer, User
+from flowstore.adapters.http.app import MAX_HISTORY_RESPONSE_BYTES
+from tests.e2e.http.conftest import MAX_BODY_BYTES, ONBOARDING, SECRET, LiveServer, User, mint
 from tests.flows import Clock, linear
 
 PROBLEM = "application/problem+json"
@@ -492,8 +495,8 @@ def test_a_command_that_gives_up_on_conflicts_is_409(sqlite_url: str, alice: Use
 
 def test_healthz_and_readyz_need_no_token(store: FlowStore, client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    ready = client.get("/readyz").json()
-    assert ready == {"status": "ready", "logPosition": store.log_position()}
+    # Unauthenticated: ready or not, nothing about the log (its position counts every write).
+    assert client.get("/readyz").json() == {"status": "ready"}
 
 
 class _UnreachableStore:
@@ -548,3 +551,51 @@ def test_unknown_routes_and_methods_are_problems_too(client: httpx.Client, alice
     mine = client.delete("/api/flows/mine", headers=alice.headers)
     assert_problem(mine, 405, "METHOD_NOT_ALLOWED")
     assert mine.headers["allow"] == "GET"
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    ["tenant-7/ann", "a/flows/line/state", "/lead", "trail/", "x%2Fy", "dots/../.."],
+)
+def test_user_ids_with_slashes_can_be_overridden_and_erased(
+    client: httpx.Client, admin: User, line: str, user_id: str
+) -> None:
+    user = User(user_id, mint(user_id))
+    assert client.post(f"/api/flow/{line}/transition/next", headers=user.headers).status_code == 200
+    # Quoted (as a client library sends an id) and, where the id allows it, as written.
+    for path_id in {quote(user_id, safe=""), quote(user_id, safe="/")}:
+        if "/." in path_id or path_id.startswith("/"):
+            continue  # a client normalises /../ and // away before sending: only quoted ids reach us
+        state = client.put(
+            f"/api/admin/users/{path_id}/flows/{line}/state",
+            json={"step": "s1"},
+            headers=admin.headers,
+        )
+        assert state.status_code == 200, state.text
+    assert client.get(f"/api/flow/{line}/state", headers=user.headers).json()["step"] == "s1"
+    erased = client.delete(f"/api/admin/users/{quote(user_id, safe='')}", headers=admin.headers)
+    assert erased.json() == {"userId": user_id, "erasedInstances": 1}
+    assert_problem(client.get(f"/api/flow/{line}/state", headers=user.headers), 404, "FLOW_STATE_NOT_FOUND")
+
+
+def test_one_history_response_holds_at_most_its_cap(
+    client: httpx.Client, store: FlowStore, line: str
+) -> None:
+    user = User.new("hoarder")
+    big = {"blob": "x" * 60_000}
+    for _ in range(80):  # rejected attempts keep their payloads: 4.8 MB of history
+        response = client.post(f"/api/flow/{line}/transition/nope", json={"payload": big}, headers=user.headers)
+        assert response.status_code == 422
+    answer = client.get(f"/api/flow/{line}/history", headers=user.headers)
+    assert answer.status_code == 200
+    assert answer.headers["X-History-Truncated"] == "true"
+    rows = answer.json()
+    assert 0 < len(rows) < 81
+    assert sum(len(json.dumps(row["payload"])) for row in rows) <= MAX_HISTORY_RESPONSE_BYTES
+    assert rows == [r.model_dump(mode="json", by_alias=True) for r in store.get_flow_history(user.id, line)][: len(rows)]
+    # A history under the cap comes whole, unmarked.
+    small = User.new("small")
+    client.post(f"/api/flow/{line}/transition/next", json={"payload": {"a": 1}}, headers=small.headers)
+    whole = client.get(f"/api/flow/{line}/history", headers=small.headers)
+    assert "X-History-Truncated" not in whole.headers
+    assert len(whole.json()) == len(store.get_flow_history(small.id, line))

@@ -145,14 +145,14 @@ def test_bad_and_expired_tokens_are_refused_at_sign_in(client: httpx.Client) -> 
     bad = client.get("/ui", params={"token": "not-a-jwt"})
     assert bad.status_code == 401
     assert "not valid here" in bad.text
-    expired = client.get("/ui", params={"token": mint("root", roles=["admin"], ttl=-60)})
+    expired = client.get("/ui", params={"token": mint("root", roles=["admin"], ttl=-120)})
     assert expired.status_code == 401
     assert "expired" in expired.text
     assert not any(c.startswith(f"{SESSION}=") for c in expired.headers.get_list("set-cookie"))
 
 
 def test_an_expired_session_sends_the_browser_back_to_sign_in(client: httpx.Client) -> None:
-    client.cookies.set(SESSION, mint("root", roles=["admin"], ttl=-60), path="/ui")
+    client.cookies.set(SESSION, mint("root", roles=["admin"], ttl=-120), path="/ui")
     response = client.get("/ui/flows")
     assert response.status_code == 303
     assert response.headers["location"] == "/ui/login?next=%2Fui%2Fflows&reason=expired"
@@ -434,3 +434,19 @@ def test_one_operation_runs_at_a_time_and_a_rebuild_reports_log_positions(
         failed = ended(operations.start("purge", "root"))
         assert failed.state == "failed"
         assert failed.summary == "Failed: ZeroDivisionError: division by zero"
+
+
+def test_a_window_forgets_an_erased_users_id() -> None:
+    clock = Clock()
+    with FlowStore("memory://", clock=clock) as store:
+        store.create_flow(onboarding())
+        windows = LogWindows(store, clock=clock)
+        store.execute_transition("erase-me-5d1", ONBOARDING, "start")
+        store.execute_transition("keep-me", ONBOARDING, "start")
+        windows.summary(ONBOARDING, WINDOWS[1])
+        store.erase_user("erase-me-5d1")
+        after = windows.summary(ONBOARDING, WINDOWS[1])
+        assert {s.step: s.dropped for s in after.steps}["profile-setup"] == 1  # still counted
+        held = repr([fold.__dict__ for fold in windows._folds.values()])
+        assert "erase-me-5d1" not in held
+        assert "keep-me" not in held  # ids are not kept at all: instances are
