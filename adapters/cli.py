@@ -212,8 +212,39 @@ def state_set(store: FlowStore, args: argparse.Namespace, out: Output) -> Result
         service=args.service,
         ok=not args.not_ok,
         payload=args.payload,
+        previous=args.previous,
+        entity_id=args.entity,
+        message=args.message,
     )
     return store.set_flow_state(args.user, state)
+
+
+def state_token(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`state token USER FLOW`: the user's state as an OwlMeans state token (to hand over)."""
+    token = store.state_token(args.user, args.flow)
+    return Note(token, {"userId": args.user, "flow": args.flow, "token": token})
+
+
+def state_adopt(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`state adopt USER TOKEN [--sender SERVICE]`: take over a flow handed over as a token."""
+    return store.adopt_state_token(args.user, args.token, sender=args.sender)
+
+
+def transitions(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`transitions USER FLOW [--explicit | --implicit]`: what the user's current step offers."""
+    offered = store.get_available_transitions(args.user, args.flow, explicit=args.explicit)
+    fields = ("transition", "step", "explicit", "reversible")
+    return Listing(offered, fields, f"Transitions offered to {args.user} in {args.flow}")
+
+
+def back(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`back USER FLOW`: return the user to the previous step."""
+    return store.go_back(args.user, args.flow)
+
+
+def next_step(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`next USER FLOW [--payload JSON]`: take the first transition that is not explicit."""
+    return store.advance(args.user, args.flow, args.payload)
 
 
 def state_clear(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
@@ -236,13 +267,22 @@ def state_list(store: FlowStore, args: argparse.Namespace, out: Output) -> Resul
 
 
 def transition(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
-    """`transition USER FLOW TRANSITION [--payload JSON]`."""
-    return store.execute_transition(args.user, args.flow, args.transition, args.payload)
+    """`transition USER FLOW TRANSITION [--payload JSON] [--not-ok] [--message TEXT]`."""
+    return store.execute_transition(
+        args.user,
+        args.flow,
+        args.transition,
+        args.payload,
+        ok=not args.not_ok,
+        message=args.message,
+    )
 
 
 def reset(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
-    """`reset USER FLOW [--step STEP]`: start the user's run again."""
-    return store.reset_flow(args.user, args.flow, args.step)
+    """`reset USER FLOW [--step STEP] [--service S] [--entity ID]`: start the user's run again."""
+    return store.reset_flow(
+        args.user, args.flow, args.step, service=args.service, entity_id=args.entity
+    )
 
 
 def history(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
@@ -432,8 +472,13 @@ COMMANDS: dict[str, Handler] = {
     "state set": state_set,
     "state clear": state_clear,
     "state list": state_list,
+    "state token": state_token,
+    "state adopt": state_adopt,
     "erase-user": erase_user,
     "transition": transition,
+    "transitions": transitions,
+    "back": back,
+    "next": next_step,
     "reset": reset,
     "history": history,
     "stats": stats,
@@ -588,7 +633,36 @@ def build_parser() -> argparse.ArgumentParser:
     payload(sub)
     sub.add_argument("--service", help="service to record (default: the step's)")
     sub.add_argument("--not-ok", action="store_true", help="record the state as not ok")
+    sub.add_argument("--previous", help="the step `back` returns to")
+    sub.add_argument("--entity", help="the entity the run is about")
+    sub.add_argument("--message", help="a message on the state")
     command("state list", "every flow a user has state in").add_argument("user")
+    sub = command("state token", "a user's state as an OwlMeans state token, to hand over")
+    sub.add_argument("user")
+    sub.add_argument("flow")
+    sub = command("state adopt", "take over a user's flow handed over as a state token")
+    sub.add_argument("user")
+    sub.add_argument("token")
+    sub.add_argument("--sender", help="the service that sent it (default: the token's)")
+    sub = command("transitions", "the transitions a user's current step offers")
+    sub.add_argument("user")
+    sub.add_argument("flow")
+    which = sub.add_mutually_exclusive_group()
+    which.add_argument(
+        "--explicit", action="store_true", default=None, help="only those the user chooses"
+    )
+    which.add_argument(
+        "--implicit", dest="explicit", action="store_false", help="only those `next` may take"
+    )
+    for name, help_text in (
+        ("back", "return a user to the previous step (left by a reversible transition)"),
+        ("next", "take the first transition of the user's step that is not explicit"),
+    ):
+        sub = command(name, help_text)
+        sub.add_argument("user")
+        sub.add_argument("flow")
+        if name == "next":
+            payload(sub)
     command(
         "erase-user", "erase a user for good: state, history and payloads (crypto-shredding)"
     ).add_argument("user")
@@ -598,10 +672,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("flow")
     sub.add_argument("transition")
     payload(sub)
+    sub.add_argument("--not-ok", action="store_true", help="the step's work failed (ok=false)")
+    sub.add_argument("--message", help="a message recorded with the transition")
     sub = command("reset", "start a user's run again")
     sub.add_argument("user")
     sub.add_argument("flow")
     sub.add_argument("--step", help="where to start (default: the initial step)")
+    sub.add_argument("--service", help="the run's target service")
+    sub.add_argument("--entity", help="the entity the run is about")
     command("stats", "usage and performance statistics").add_argument(
         "--flow", help="one flow (default: all)"
     )

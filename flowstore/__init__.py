@@ -26,6 +26,10 @@ from flowstore.errors import (
     PayloadValidationError,
     ProjectionLagError,
     RebuildRunningError,
+    StateTokenError,
+    StateTokenFlowError,
+    StateTokenFormatError,
+    StateTokenStepError,
     StorageUnavailableError,
 )
 from flowstore.models import (
@@ -40,6 +44,7 @@ from flowstore.models import (
     PerformanceMetrics,
     StepCount,
 )
+from flowstore.tokens import decode_state_token, encode_state_token
 
 if TYPE_CHECKING:
     from flowstore.storage import StorageConfigError
@@ -97,8 +102,14 @@ __all__ = [
     "PerformanceMetrics",
     "ProjectionLagError",
     "RebuildRunningError",
+    "StateTokenError",
+    "StateTokenFlowError",
+    "StateTokenFormatError",
+    "StateTokenStepError",
     "StepCount",
     "StorageConfigError",
     "StorageUnavailableError",
     "__version__",
+    "decode_state_token",
+    "encode_state_token",
 ]

@@ -140,7 +140,13 @@ class PydanticMapper(Mapper[Any]):
         key = self.keys.for_subject(subject) if self.keys is not None else None
         if key is None:  # erased (or a store opened without keys): the event reads anonymised
             fields = cast(type[BaseModel], cls).model_fields
-            stand_in = {"user_id": erased_user_id(subject), "payload": None, "error": "(erased)"}
+            stand_in = {
+                "user_id": erased_user_id(subject),
+                "payload": None,
+                "error": "(erased)",
+                "message": None,
+                "entity_id": None,
+            }
             return {f: v for f, v in stand_in.items() if f in fields}
         opened = key.open(
             sealed, _context(stored_event.originator_id, stored_event.originator_version)

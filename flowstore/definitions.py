@@ -87,7 +87,12 @@ class FlowTransition(_SeedModel):
     """An edge: taking `transition` from its step moves the user to `step`."""
 
     transition: str
+    """The transition's name as written; normally its key in `transitions`, which is what names it."""
     step: str
+    explicit: bool | None = None
+    """The user chooses this transition among the step's options; `advance` does not take it."""
+    reversible: bool | None = None
+    """The user may go back: taking it keeps the step left as the state's `previous`."""
     payload_schema: dict[str, Any] | None = None
     _validator: Any = PrivateAttr(default=None)
 
@@ -108,7 +113,12 @@ class FlowStep(_SeedModel):
     index: int
     step: str
     service: str
+    path: str | None = None
     module: str | None = None
+    initial: bool | None = None
+    """The step may be entered directly (`reset_flow` to it), as well as the initial step."""
+    payload_map: dict[str, int] | None = None
+    """Which payload values a state token carries at this step: {payload key: position in `p`}."""
     transitions: dict[str, FlowTransition] = Field(default_factory=dict)
 
     @property
@@ -123,8 +133,9 @@ class FlowDefinition(_SeedModel):
     flow: str
     initial_step: str
     steps: dict[str, FlowStep]
-    config: dict[str, Any] = Field(default_factory=dict)
-    prefabs: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] | None = None
+    """Free-form (`queryParam`, `services`, `modules`, `pathes`, `defaultFlow`); may be absent."""
+    prefabs: dict[str, Any] | None = None
     ttl: int | None = None
     """Seconds an unfinished instance may stay idle before `purge_expired_flows` expires it."""
     version: int | None = None
@@ -133,6 +144,20 @@ class FlowDefinition(_SeedModel):
     def step(self, name: str) -> FlowStep | None:
         """The step called `name`, or None."""
         return self.steps.get(name)
+
+    def entry_steps(self) -> list[str]:
+        """The steps a run may start at: `initialStep` and every step marked `initial`."""
+        return [self.initial_step] + [
+            name for name, step in self.steps.items() if step.initial and name != self.initial_step
+        ]
+
+    def may_enter(self, name: str) -> bool:
+        """Whether a run may start at step `name`: any step unless some are marked `initial`."""
+        if name not in self.steps:
+            return False
+        if not any(step.initial for step in self.steps.values()):
+            return True
+        return name in self.entry_steps()
 
 
 _UPDATABLE = set(FlowDefinition.model_fields) - {"version"}
@@ -175,6 +200,12 @@ def _name_problems(definition: FlowDefinition) -> list[str]:
     for key, step in definition.steps.items():
         names += [("step name", key), ("service", step.service), ("module", step.module or "")]
         names += [("transition name", t) for t in step.transitions]
+        # A `transition` field may differ from its key (kept as given): it must be a name too.
+        names += [
+            ("transition name", t.transition)
+            for key, t in step.transitions.items()
+            if t.transition != key
+        ]
     problems = []
     for kind, name in names:
         if len(name) > MAX_NAME_LENGTH:
@@ -232,11 +263,8 @@ def _problems(definition: FlowDefinition) -> list[str]:
         for tkey, transition in step.transitions.items():
             if not tkey.strip():
                 problems.append(f"step {key!r} has a transition with an empty name")
-            if transition.transition != tkey:
-                problems.append(
-                    f"transition {tkey!r} of step {key!r} says its name is "
-                    f"{transition.transition!r}"
-                )
+            # The key names the transition; a differing `transition` field is kept as given
+            # (the real `_oidp` flow has `"denied": {"transition": "link-id", ...}`).
             if transition.step not in definition.steps:
                 problems.append(
                     f"transition {tkey!r} of step {key!r} targets unknown step {transition.step!r}"
@@ -258,10 +286,11 @@ def _problems(definition: FlowDefinition) -> list[str]:
 
 
 def reachable_steps(definition: FlowDefinition) -> list[str]:
-    """The steps a user can reach from the initial step (itself included), in breadth-first order."""
+    """The steps a user can reach from the entry steps (`initialStep` and every `initial` step, these
+    included), in breadth-first order."""
     if definition.initial_step not in definition.steps:
         return []
-    seen = [definition.initial_step]
+    seen = definition.entry_steps()
     for name in seen:  # grows while iterating: a breadth-first walk without a separate queue
         for transition in definition.steps[name].transitions.values():
             if transition.step in definition.steps and transition.step not in seen:
@@ -273,14 +302,20 @@ def _reachability_problems(definition: FlowDefinition) -> list[str]:
     # A step no user can reach is dead weight at best and a typo at worst; a flow with no reachable
     # terminal step can never complete, so every run would end by clear, reset or expiry only.
     reachable = reachable_steps(definition)
-    start = definition.initial_step
+    entries = definition.entry_steps()
+    if len(entries) == 1:
+        source, terminal_source = f"initialStep {entries[0]!r}", repr(entries[0])
+    else:
+        source = terminal_source = "the entry steps " + ", ".join(repr(n) for n in entries)
     problems = [
-        f"step {name!r} is not reachable from initialStep {start!r}"
+        f"step {name!r} is not reachable from {source}"
         for name in definition.steps
         if name not in reachable
     ]
     if not any(definition.steps[name].is_terminal for name in reachable):
-        problems.append(f"no terminal step (one without transitions) is reachable from {start!r}")
+        problems.append(
+            f"no terminal step (one without transitions) is reachable from {terminal_source}"
+        )
     return problems
 
 

@@ -17,6 +17,10 @@
      ├── DefinitionError (ValueError)           DEFINITION_INVALID
      ├── PayloadValidationError (ValueError)    PAYLOAD_INVALID
      │    └── PayloadTooLargeError              PAYLOAD_TOO_LARGE
+     ├── StateTokenError (ValueError)           STATE_TOKEN_INVALID
+     │    ├── StateTokenFormatError             STATE_TOKEN_MALFORMED
+     │    ├── StateTokenFlowError               STATE_TOKEN_UNKNOWN_FLOW
+     │    └── StateTokenStepError               STATE_TOKEN_UNKNOWN_STEP
      ├── StorageConfigError (ValueError)        STORAGE_CONFIG_INVALID
      │   at the HTTP boundary (flowstore.adapters.http):
      ├── RequestInvalidError (ValueError)       REQUEST_INVALID
@@ -72,6 +76,10 @@ __all__ = [
     "PublisherLockError",
     "RebuildRunningError",
     "RequestInvalidError",
+    "StateTokenError",
+    "StateTokenFlowError",
+    "StateTokenFormatError",
+    "StateTokenStepError",
     "StorageConfigError",
     "StorageUnavailableError",
     "TopicIncompleteError",
@@ -157,8 +165,9 @@ class InvalidTransitionError(FlowError, ValueError):
         # (from_step, transition) alone, as the seed constructs it; the store adds the rest.
         where = f" in flow {flow_id!r}" if flow_id is not None else ""
         known = {"flow_id": flow_id, "user_id": user_id}
+        why = f": {details['reason']}" if details.get("reason") else ""
         super().__init__(
-            f"Invalid transition {transition!r} from step {from_step!r}{where}",
+            f"Invalid transition {transition!r} from step {from_step!r}{where}{why}",
             from_step=from_step,
             transition=transition,
             **{key: value for key, value in known.items() if value is not None},
@@ -171,16 +180,29 @@ class InvalidTransitionError(FlowError, ValueError):
 
 
 class InvalidStepError(FlowError, ValueError):
-    """A step named by the caller (reset target, override) does not exist in the definition."""
+    """A step named by the caller (reset target, override) does not exist in the definition, or
+    may not be entered directly (`entry_steps` then lists the steps that may)."""
 
     code = "INVALID_STEP"
 
-    def __init__(self, step: str, *, flow_id: str, definition_version: int) -> None:
+    def __init__(
+        self,
+        step: str,
+        *,
+        flow_id: str,
+        definition_version: int,
+        entry_steps: Sequence[str] | None = None,
+    ) -> None:
+        where = f"flow {flow_id!r} version {definition_version}"
+        if entry_steps is None:
+            message = f"Step {step!r} does not exist in {where}"
+            more: dict[str, Any] = {}
+        else:
+            names = ", ".join(repr(name) for name in entry_steps)
+            message = f"Step {step!r} of {where} cannot be entered directly (only {names})"
+            more = {"entry_steps": list(entry_steps)}
         super().__init__(
-            f"Step {step!r} does not exist in flow {flow_id!r} version {definition_version}",
-            step=step,
-            flow_id=flow_id,
-            definition_version=definition_version,
+            message, step=step, flow_id=flow_id, definition_version=definition_version, **more
         )
         self.step = step
 
@@ -330,6 +352,49 @@ class PayloadTooLargeError(PayloadValidationError):
         super().__init__(
             f"Payload of {size} bytes exceeds the limit of {limit} bytes", size=size, limit=limit
         )
+
+
+class StateTokenError(FlowError, ValueError):
+    """A state token (`flowstore.decode_state_token`) cannot be read: malformed, or naming a flow
+    or step the definition lacks."""
+
+    code = "STATE_TOKEN_INVALID"
+
+
+class StateTokenFormatError(StateTokenError):
+    """The token is not base64url (no padding) of a UTF-8 JSON object with a string `f`."""
+
+    code = "STATE_TOKEN_MALFORMED"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"State token is malformed: {reason}", reason=reason)
+        self.reason = reason
+
+
+class StateTokenFlowError(StateTokenError):
+    """The token is for another flow than the definition given, or for a flow that does not exist."""
+
+    code = "STATE_TOKEN_UNKNOWN_FLOW"
+
+    def __init__(self, flow_id: str, expected: str | None = None) -> None:
+        message = f"State token names flow {flow_id!r}"
+        message += f", not {expected!r}" if expected is not None else ", which does not exist"
+        super().__init__(message, flow_id=flow_id, expected=expected)
+        self.flow_id = flow_id
+
+
+class StateTokenStepError(StateTokenError):
+    """No step of the flow has the step index the token names."""
+
+    code = "STATE_TOKEN_UNKNOWN_STEP"
+
+    def __init__(self, flow_id: str, index: str | None) -> None:
+        super().__init__(
+            f"State token names step index {index!r}, which flow {flow_id!r} does not have",
+            flow_id=flow_id,
+            index=index,
+        )
+        self.index = index
 
 
 class StorageConfigError(FlowError, ValueError):

@@ -47,8 +47,11 @@ __all__ = [
     "erased_user_id",
 ]
 
-PERSONAL_FIELDS = ("user_id", "payload", "error")
-"""The fields of instance events that say something about a person; sealed with the user's key."""
+PERSONAL_FIELDS = ("user_id", "payload", "error", "message", "entity_id")
+"""The fields of instance events that say something about a person; sealed with the user's key.
+
+`message` and `entity_id` (the OwlMeans model's fields) came later: events written before them
+have none, and read with their defaults."""
 
 
 _NONCE = 12

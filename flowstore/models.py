@@ -61,6 +61,10 @@ class HistoryKind(StrEnum):
     EXPIRY = "expiry"
     MIGRATION = "migration"
     """`migrate_flows` moved an active instance to another definition version."""
+    BACK = "back"
+    """`go_back` returned the user to the state's `previous` step."""
+    HANDOFF = "handoff"
+    """`adopt_state_token` took over a flow another service handed over as a state token."""
 
 
 class FlowState(_ApiModel):
@@ -68,11 +72,19 @@ class FlowState(_ApiModel):
 
     flow: str
     step: str
+    previous: str | None = None
+    """The step left by the last transition when it was `reversible` (where `go_back` returns)."""
     service: str | None = None
+    """The run's target service when the run has one (`reset_flow(service=...)`, a hand-over),
+    else the current step's service."""
+    entity_id: str | None = None
+    """The entity the run is about (`reset_flow(entity_id=...)`); `""` stands for the model's null."""
     ok: bool = True
-    """False right after a rejected transition; True after any accepted command."""
+    """What the last transition said of its step's work (`execute_transition(ok=...)`)."""
+    message: str | None = None
+    """The message of the last transition, if it gave one (a later transition clears it)."""
     payload: dict[str, Any] | None = None
-    """The payload of the last accepted transition or override."""
+    """The payloads of the run's transitions, merged (top-level keys, later ones win)."""
     user_id: str | None = None
     status: FlowStatus = FlowStatus.ACTIVE
     version: int = 0
@@ -99,6 +111,10 @@ class FlowStateHistory(_ApiModel):
     error: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     kind: HistoryKind
+    ok: bool | None = None
+    """What an accepted transition said of its step's work (None for other commands)."""
+    message: str | None = None
+    """The message an accepted transition (or a hand-over) carried."""
 
 
 class StepCount(_ApiModel):

@@ -25,6 +25,7 @@ from flowstore.commands import Commands, definition_of, is_expired
 from flowstore.definitions import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     FlowDefinition,
+    FlowTransition,
     check_payload,
     parse_definition,
     require_id,
@@ -44,6 +45,8 @@ from flowstore.domain import (
     delete_flow,
     end_flow,
     execute_transition,
+    go_back,
+    hand_over,
     instance_id,
     list_flow,
     override_state,
@@ -58,6 +61,8 @@ from flowstore.errors import (
     FlowStateCorruptionError,
     FlowStateNotFoundError,
     InvalidArgumentError,
+    InvalidTransitionError,
+    StateTokenFlowError,
 )
 from flowstore.eventlog import CIPHER_KEY_ENV, EventLog, cipher_settings
 from flowstore.importing import import_events
@@ -71,6 +76,7 @@ from flowstore.models import (
     MigrationReport,
 )
 from flowstore.storage import StorageConfig, make_engine, parse_url, resolve_url
+from flowstore.tokens import decode_state_token, encode_state_token, token_flow_id
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -93,6 +99,28 @@ KAFKA_BOOTSTRAP_ENV = "FLOWSTORE_KAFKA_BOOTSTRAP"
 PUBLISHER_ENTRY_POINTS = "flowstore.publishers"
 """Entry-point group naming publisher factories by kind (`kafka`): how `kafka=` finds its adapter
 without the service importing the adapters layer."""
+
+
+def _check_entity(value: object) -> str | None:
+    """An entity id: None, `""` (the model's null) or a usable id."""
+    if value is None:
+        return None
+    return "" if value == "" else require_id(value, "entity_id")
+
+
+def _check_message(value: object, limit: int) -> str | None:
+    """A message: any text within `limit` bytes, without NUL or lone surrogates (unstorable)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgumentError(
+            "message", value, f"must be a string, not {type(value).__name__}"
+        )
+    if "\x00" in value or any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise InvalidArgumentError("message", value[:40], "contains NUL or a lone surrogate")
+    if len(value.encode("utf-8")) > limit:
+        raise InvalidArgumentError("message", value[:40] + "...", f"longer than {limit} bytes")
+    return value
 
 
 class Publisher(Protocol):
@@ -254,7 +282,9 @@ class FlowStore:
         """The embedded publisher: `publisher` if given, else Kafka's if asked for (`kafka`)."""
         if publisher is not None:
             if kafka not in (None, False):
-                raise InvalidArgumentError("kafka", kafka, "pass either kafka= or publisher=, not both")
+                raise InvalidArgumentError(
+                    "kafka", kafka, "pass either kafka= or publisher=, not both"
+                )
             return publisher(self)
         if kafka is False:
             return None
@@ -392,9 +422,7 @@ class FlowStore:
             )
         mapping = check_step_map(flow_id, target, to_version, step_map)
         users = [row["user_id"] for row in self._tables.instances(flow_id, FlowStatus.ACTIVE)]
-        return migrate(
-            self._commands, flow_id, target, to_version, mapping, users, dry_run=dry_run
-        )
+        return migrate(self._commands, flow_id, target, to_version, mapping, users, dry_run=dry_run)
 
     def diagram(
         self,
@@ -425,16 +453,40 @@ class FlowStore:
 
     # Commands on a user's flow
 
-    def reset_flow(self, user_id: str, flow_id: str, step: str | None = None) -> FlowState:
-        """Start or restart the user's run on the latest version, at `step` or the initial step."""
+    def reset_flow(
+        self,
+        user_id: str,
+        flow_id: str,
+        step: str | None = None,
+        *,
+        service: str | None = None,
+        entity_id: str | None = None,
+    ) -> FlowState:
+        """Start or restart the user's run on the latest version, at `step` or the initial step.
+
+        Where the definition marks steps `initial`, only those and the initial step may be entered
+        (else `InvalidStepError`). `service` is the run's target service (the state's service for
+        the whole run, whatever step it is at) and `entity_id` the entity the run is about.
+        """
         require_id(user_id, "user_id")
         if step is not None:
             require_id(step, "step")
+        if service is not None:
+            require_id(service, "service")
+        entity = _check_entity(entity_id)
 
         def decide(instance: FlowInstance | None) -> Decision:
             definition = self._live_versions(flow_id).latest
             return Decision(
-                start_flow(instance, definition, user_id=user_id, now=self._clock(), step=step)
+                start_flow(
+                    instance,
+                    definition,
+                    user_id=user_id,
+                    now=self._clock(),
+                    step=step,
+                    service=service,
+                    entity_id=entity,
+                )
             )
 
         return self._commands.change_instance(user_id, flow_id, decide).to_state()
@@ -445,14 +497,127 @@ class FlowStore:
         flow_id: str,
         transition: str,
         payload: dict[str, Any] | None = None,
+        *,
+        ok: bool = True,
+        message: str | None = None,
     ) -> FlowState:
         """Take `transition` from the user's current step (starting the flow first if needed).
 
-        A transition the step does not offer, or a payload its schema refuses, is recorded as a
-        rejected attempt and raises `InvalidTransitionError` / `PayloadValidationError`.
+        As in the OwlMeans model: the payload is merged into the state's (top-level keys),
+        `previous` becomes the step left when the transition is reversible (else None), and `ok`
+        and `message` record how the step's work went (`ok=False`: reached, but failed); a later
+        transition without a message clears it. A transition the step does not offer, or a payload
+        its schema refuses, is recorded as a rejected attempt, leaves the state unchanged and raises
+        `InvalidTransitionError` / `PayloadValidationError`.
         """
-        decide = self._transition(user_id, flow_id, transition, payload, time.perf_counter())
+        decide = self._transition(
+            user_id, flow_id, transition, payload, time.perf_counter(), ok=ok, message=message
+        )
         return self._commands.change_instance(user_id, flow_id, decide).to_state()
+
+    def advance(
+        self, user_id: str, flow_id: str, payload: dict[str, Any] | None = None
+    ) -> FlowState:
+        """Take the first transition of the current step that the user does not choose (not
+        `explicit`): the model's `next()`. `InvalidTransitionError` (nothing recorded) if none."""
+        instance, definition = self._state_definition(user_id, flow_id)
+        assert instance.step is not None
+        offered = definition.steps[instance.step].transitions.items()
+        key = next((name for name, edge in offered if not edge.explicit), None)
+        if key is None:
+            raise InvalidTransitionError(
+                instance.step,
+                "next",
+                flow_id=flow_id,
+                user_id=user_id,
+                reason="the step offers no transition that is not explicit",
+            )
+        return self.execute_transition(user_id, flow_id, key, payload)
+
+    def go_back(self, user_id: str, flow_id: str) -> FlowState:
+        """Return the user to the state's `previous` step (left by a reversible transition).
+
+        Recorded in the history as kind `back`; `InvalidTransitionError` when there is no previous
+        step (or the run is complete).
+        """
+        require_id(user_id, "user_id")
+
+        def decide(instance: FlowInstance | None) -> Decision:
+            if instance is None or not instance.is_live:
+                self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
+                raise FlowStateNotFoundError(user_id, flow_id)
+            definition = definition_of(instance, self._live_versions(flow_id))
+            return Decision(go_back(instance, definition, now=self._clock()))
+
+        return self._commands.change_instance(user_id, flow_id, decide).to_state()
+
+    def get_available_transitions(
+        self, user_id: str, flow_id: str, *, explicit: bool | None = None
+    ) -> list[FlowTransition]:
+        """The transitions the user's current step offers, in definition order.
+
+        `explicit=True`: only those the user chooses; `False`: only the others (what `advance`
+        takes). `FlowStateNotFoundError` when the user has no state in the flow.
+        """
+        instance, definition = self._state_definition(user_id, flow_id)
+        assert instance.step is not None
+        offered = list(definition.steps[instance.step].transitions.values())
+        if explicit is None:
+            return offered
+        return [edge for edge in offered if bool(edge.explicit) == explicit]
+
+    def state_token(self, user_id: str, flow_id: str) -> str:
+        """The user's state as the OwlMeans model's state token (`serializeState`), to hand over."""
+        instance, definition = self._state_definition(user_id, flow_id)
+        return encode_state_token(definition, instance.to_state())
+
+    def adopt_state_token(
+        self, user_id: str, token: str, *, sender: str | None = None
+    ) -> FlowState:
+        """Take over a user's flow that another service handed over as a state token.
+
+        The token is read against the flow's latest definition (a `StateTokenError` when it
+        cannot be) and its state becomes the user's, recorded as history kind `handoff` with the
+        sending service (`sender`, else the token's service). The token's service becomes the
+        run's target service.
+        """
+        require_id(user_id, "user_id")
+        if sender is not None:
+            require_id(sender, "sender")
+        flow_id = token_flow_id(token)
+
+        def decide(instance: FlowInstance | None) -> Decision:
+            try:
+                definition = self._live_versions(flow_id).latest
+            except (FlowNotFoundError, InvalidArgumentError):
+                raise StateTokenFlowError(flow_id) from None
+            state = decode_state_token(token, definition)
+            if state.service:
+                require_id(state.service, "service")
+            _check_entity(state.entity_id)
+            _check_message(state.message, self.max_payload_bytes)
+            check_payload(state.payload, limit=self.max_payload_bytes)
+            return Decision(
+                hand_over(
+                    instance, definition, state, user_id=user_id, sender=sender, now=self._clock()
+                )
+            )
+
+        try:
+            require_id(flow_id, "flow_id")
+        except InvalidArgumentError:
+            raise StateTokenFlowError(flow_id) from None
+        return self._commands.change_instance(user_id, flow_id, decide).to_state()
+
+    def _state_definition(self, user_id: str, flow_id: str) -> tuple[FlowInstance, FlowDefinition]:
+        """The user's live instance and the definition version it runs on."""
+        require_id(user_id, "user_id")
+        require_id(flow_id, "flow_id")
+        instance = self._log.get(instance_id(user_id, flow_id), FlowInstance)
+        if instance is None or not instance.is_live:
+            self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
+            raise FlowStateNotFoundError(user_id, flow_id)
+        return instance, definition_of(instance, self._live_versions(flow_id))
 
     def execute_transitions(
         self,
@@ -527,11 +692,17 @@ class FlowStore:
         transition: str,
         payload: dict[str, Any] | None,
         began: float,
+        *,
+        ok: bool = True,
+        message: str | None = None,
     ) -> Callable[[FlowInstance | None], Decision]:
         """Check a transition request's input, and return how to decide it on an instance."""
         require_id(user_id, "user_id")
         require_id(transition, "transition")
         checked = check_payload(payload, limit=self.max_payload_bytes)
+        if not isinstance(ok, bool):
+            raise InvalidArgumentError("ok", ok, f"must be a boolean, not {type(ok).__name__}")
+        checked_message = _check_message(message, self.max_payload_bytes)
 
         def decide(instance: FlowInstance | None) -> Decision:
             needed = instance.definition_version if instance and instance.is_live else 0
@@ -551,6 +722,8 @@ class FlowStore:
                 payload=checked,
                 now=now,
                 elapsed_ms=(time.perf_counter() - began) * 1000,
+                ok=ok,
+                message=checked_message,
             )
             return Decision([*started, *decision.events], decision.error)
 
@@ -572,6 +745,8 @@ class FlowStore:
         if new.service is not None:
             require_id(new.service, "service")
         payload = check_payload(new.payload, limit=self.max_payload_bytes)
+        entity = _check_entity(new.entity_id)
+        message = _check_message(new.message, self.max_payload_bytes)
 
         def decide(instance: FlowInstance | None) -> Decision:
             versions = self._live_versions(new.flow)
@@ -593,6 +768,9 @@ class FlowStore:
                     ok=new.ok,
                     payload=payload,
                     now=self._clock(),
+                    previous=new.previous,
+                    entity_id=entity,
+                    message=message,
                 )
             )
 

@@ -17,13 +17,16 @@ from flowstore.domain import (
     FlowCompleted,
     FlowErased,
     FlowExpired,
+    FlowHandedOver,
     FlowMigrated,
     FlowStarted,
+    FlowWentBack,
     InstanceEvent,
     StateOverridden,
     TransitionExecuted,
     TransitionRejected,
     history_entry,
+    merge_payload,
 )
 from flowstore.models import FlowStatus
 
@@ -118,10 +121,10 @@ Op = (
 )
 
 
-def _state_row(event: InstanceEvent, previous: dict[str, Any] | None, **fields: Any) -> PutState:
-    # Without a previous row (only when one run's events were sealed under two keys, a write
+def _state_row(event: InstanceEvent, current: dict[str, Any] | None, **fields: Any) -> PutState:
+    # Without a current row (only when one run's events were sealed under two keys, a write
     # racing an erasure), the row starts from neutral values rather than failing the projection.
-    base: dict[str, Any] = dict(previous) if previous else dict(_NEW_ROW)
+    base: dict[str, Any] = dict(current) if current else dict(_NEW_ROW)
     base.update(
         instance_id=str(event.originator_id),
         user_id=event.user_id,
@@ -143,6 +146,9 @@ _NEW_ROW: dict[str, Any] = {
     "started_at": None,
     "completed_at": None,
     "expires_at": None,
+    "previous": None,
+    "entity_id": None,
+    "message": None,
 }
 
 
@@ -168,6 +174,8 @@ def _history_row(event: DomainEvent) -> AddHistory | None:
             "success": data["success"],
             "error": data["error"],
             "meta": data["metadata"],
+            "ok": data["ok"],
+            "message": data["message"],
         }
     )
 
@@ -215,21 +223,30 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                     started_at=event.timestamp,
                     completed_at=None,
                     expires_at=event.expires_at,
+                    previous=None,
+                    entity_id=event.entity_id,
+                    message=None,
                 )
             )
         case TransitionExecuted():
-            ops.append(AddCounters(flow, {"attempts": 1, "response_ms_total": event.elapsed_ms}))
+            counts = {"attempts": 1, "response_ms_total": event.elapsed_ms}
+            ops.append(AddCounters(flow, counts if event.ok else {**counts, "failures": 1}))
             ops.append(AddStepCounters(flow, event.from_step, {"moved_on": 1}))
             ops.append(AddStepCounters(flow, event.to_step, {"entered": 1}))
             ops.extend(_attempt(event, attempts))
+            before = previous.get("payload") if previous else None
             ops.append(
                 _state_row(
                     event,
                     previous,
                     step=event.to_step,
                     service=event.service,
-                    ok=True,
-                    payload=event.payload,
+                    ok=event.ok,
+                    message=event.message,
+                    previous=event.previous,
+                    payload=merge_payload(before, event.payload)
+                    if event.rules == 2
+                    else event.payload,
                     expires_at=event.expires_at,
                 )
             )
@@ -240,7 +257,8 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                 )
             )
             ops.extend(_attempt(event, attempts))
-            ops.append(_state_row(event, previous, ok=False))
+            # Rules 2 (the model): a refusal leaves the state as it was; rules 1 set ok to false.
+            ops.append(_state_row(event, previous, **({} if event.rules == 2 else {"ok": False})))
         case FlowCompleted():
             started = previous["started_at"] if previous else None
             duration = (event.timestamp - started) / timedelta(milliseconds=1) if started else 0.0
@@ -256,7 +274,7 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                     expires_at=None,
                 )
             )
-        case StateOverridden():
+        case StateOverridden() | FlowHandedOver():
             restarted = previous is None or previous["status"] in (
                 FlowStatus.CLEARED,
                 FlowStatus.EXPIRED,
@@ -279,6 +297,25 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                     else previous and previous["started_at"],
                     completed_at=None,
                     expires_at=event.expires_at,
+                    previous=event.previous,
+                    entity_id=event.entity_id,
+                    message=event.message,
+                )
+            )
+        case FlowWentBack():
+            # Going back is moving on from the step left and entering the previous one again.
+            ops.append(AddStepCounters(flow, event.from_step, {"moved_on": 1}))
+            ops.append(AddStepCounters(flow, event.step, {"entered": 1}))
+            ops.append(
+                _state_row(
+                    event,
+                    previous,
+                    step=event.step,
+                    service=event.service,
+                    ok=True,
+                    message=None,
+                    previous=None,
+                    expires_at=event.expires_at,
                 )
             )
         case FlowMigrated():
@@ -288,7 +325,15 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
             if event.to_step != event.from_step:
                 ops.append(AddStepCounters(flow, event.from_step, {"moved_on": 1}))
                 ops.append(AddStepCounters(flow, event.to_step, {"entered": 1}))
-            ops.append(_state_row(event, previous, step=event.to_step, service=event.service))
+            ops.append(
+                _state_row(
+                    event,
+                    previous,
+                    step=event.to_step,
+                    service=event.service,
+                    previous=event.previous,
+                )
+            )
         case FlowCleared() | FlowExpired():
             ops.extend(_dropped(previous, flow))
             expired = isinstance(event, FlowExpired)
@@ -303,6 +348,9 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                     payload=None,
                     status=(FlowStatus.EXPIRED if expired else FlowStatus.CLEARED).value,
                     expires_at=None,
+                    previous=None,
+                    entity_id=None,
+                    message=None,
                 )
             )
         case FlowErased():

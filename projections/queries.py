@@ -125,6 +125,7 @@ class Queries:
                     c.completed,
                     c.attempts,
                     c.rejections,
+                    c.failures,
                     c.completed_duration_ms,
                     c.response_ms_total,
                 )
@@ -146,7 +147,8 @@ class Queries:
             t.throughput.c.second <= now_second,
         )
         with self._read() as conn:
-            started, completed, attempts, rejections, duration, response = conn.execute(sums).one()
+            sums_row = conn.execute(sums).one()
+            started, completed, attempts, rejections, failures, duration, response = sums_row
             steps = [StepCount(step=r.step, count=int(r.n)) for r in conn.execute(popular) if r.n]
             samples = list(
                 conn.execute(select(t.samples.c.elapsed_ms).where(only(t.samples))).scalars()
@@ -157,7 +159,8 @@ class Queries:
                 completion_rate=completed / started if started else 0.0,
                 average_flow_duration=duration / completed if completed else 0.0,
                 popular_steps=steps,
-                error_rate=rejections / attempts if attempts else 0.0,
+                # Refused attempts and transitions taken with ok=False (the step's work failed).
+                error_rate=(rejections + failures) / attempts if attempts else 0.0,
                 performance_metrics=PerformanceMetrics(
                     average_response_time=response / attempts if attempts else 0.0,
                     p95_response_time=percentile(samples, 95),

@@ -74,6 +74,10 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("updated_at", DateTime(timezone=True), nullable=False),
         Column("completed_at", DateTime(timezone=True), nullable=True),
         Column("expires_at", DateTime(timezone=True), nullable=True),
+        # The OwlMeans model's fields (entity id and message are personal: erasure deletes the row).
+        Column("previous", _ID, nullable=True),
+        Column("entity_id", _ID, nullable=True),
+        Column("message", String, nullable=True),
         Index(f"ix_flow_states{suffix}_flow_status", "flow_id", "status"),
         Index(f"ix_flow_states{suffix}_expiry", "status", "expires_at"),
         Index(f"ix_flow_states{suffix}_instance", "instance_id"),
@@ -95,6 +99,8 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("success", Boolean, nullable=False),
         Column("error", String, nullable=True),
         Column("meta", JSON, nullable=False),
+        Column("ok", Boolean, nullable=True),
+        Column("message", String, nullable=True),
         # Per-flow scans: transition counts for diagrams, a flow's history for exports.
         Index(f"ix_flow_history{suffix}_flow_kind", "flow_id", "kind"),
         Index(f"ix_flow_history{suffix}_instance", "instance_id"),
@@ -108,6 +114,8 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("expired", Integer, nullable=False, default=0),
         Column("attempts", Integer, nullable=False, default=0),
         Column("rejections", Integer, nullable=False, default=0),
+        # Transitions taken with ok=False: the step was reached but its work failed (an error too).
+        Column("failures", Integer, nullable=False, default=0),
         Column("completed_duration_ms", Float, nullable=False, default=0.0),
         Column("response_ms_total", Float, nullable=False, default=0.0),
     )

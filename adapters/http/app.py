@@ -39,8 +39,10 @@ from flowstore import (
     FlowStateNotFoundError,
     FlowStatistics,
     FlowStore,
+    FlowTransition,
     FunnelStep,
     PayloadTooLargeError,
+    StateTokenFlowError,
     StorageUnavailableError,
 )
 from flowstore.adapters.http.auth import (
@@ -63,15 +65,19 @@ from flowstore.adapters.http.problems import (
 from flowstore.adapters.http.push import LogPusher
 from flowstore.adapters.http.schemas import (
     ErasureResult,
+    HandoffRequest,
     Health,
+    NextRequest,
     PurgeResult,
     Readiness,
     ResetRequest,
     StateOverride,
+    StateToken,
     TransitionRequest,
     nul_errors,
 )
 from flowstore.adapters.http.websocket import FlowSocket
+from flowstore.tokens import token_flow_id
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
@@ -365,9 +371,67 @@ def create_app(
         principal: Caller,
         body: Annotated[TransitionRequest | None, Body()] = None,
     ) -> FlowState:
-        """Take the transition from the caller's current step (starting the flow if needed)."""
-        payload = body.payload if body is not None else None
-        return store.execute_transition(principal.user_id, flow_id, transition, payload)
+        """Take the transition from the caller's current step (starting the flow if needed).
+
+        The payload merges into the state's; `ok: false` with a `message` records that the step was
+        reached but its work failed.
+        """
+        body = body or TransitionRequest()
+        return store.execute_transition(
+            principal.user_id, flow_id, transition, body.payload, ok=body.ok, message=body.message
+        )
+
+    @users.get(
+        "/flow/{flowId}/transitions",
+        response_model=list[FlowTransition],
+        response_model_exclude_none=True,
+        responses=_errors(401, 404, 422),
+    )
+    def transitions(
+        flow_id: FlowId,
+        principal: Caller,
+        explicit: Annotated[
+            bool | None,
+            Query(description="true: only those the user chooses; false: only the others"),
+        ] = None,
+    ) -> list[FlowTransition]:
+        """The transitions the caller's current step offers."""
+        return store.get_available_transitions(principal.user_id, flow_id, explicit=explicit)
+
+    @users.post(
+        "/flow/{flowId}/back", response_model=FlowState, responses=_errors(401, 404, 409, 422)
+    )
+    def back(flow_id: FlowId, principal: Caller) -> FlowState:
+        """Return to the previous step (left by a reversible transition); 422 without one."""
+        return store.go_back(principal.user_id, flow_id)
+
+    @users.post(
+        "/flow/{flowId}/next", response_model=FlowState, responses=_errors(401, 404, 409, 413, 422)
+    )
+    def next_step(
+        flow_id: FlowId,
+        principal: Caller,
+        body: Annotated[NextRequest | None, Body()] = None,
+    ) -> FlowState:
+        """Take the current step's first transition that is not explicit (the model's next())."""
+        return store.advance(principal.user_id, flow_id, body.payload if body else None)
+
+    @users.get("/flow/{flowId}/token", response_model=StateToken, responses=_errors(401, 404, 422))
+    def state_token(flow_id: FlowId, principal: Caller) -> StateToken:
+        """The caller's state as an OwlMeans state token, to hand the flow to another service."""
+        return StateToken(token=store.state_token(principal.user_id, flow_id))
+
+    @users.post(
+        "/flow/{flowId}/handoff",
+        response_model=FlowState,
+        responses=_errors(401, 404, 409, 413, 422),
+    )
+    def handoff(flow_id: FlowId, principal: Caller, body: HandoffRequest) -> FlowState:
+        """Take over the caller's flow from a state token another service handed over."""
+        named = token_flow_id(body.token)
+        if named != flow_id:
+            raise StateTokenFlowError(named, flow_id)
+        return store.adopt_state_token(principal.user_id, body.token, sender=body.sender)
 
     @users.post(
         "/flow/{flowId}/reset", response_model=FlowState, responses=_errors(401, 404, 409, 422)
@@ -377,8 +441,14 @@ def create_app(
         principal: Caller,
         body: Annotated[ResetRequest | None, Body()] = None,
     ) -> FlowState:
-        """Start the caller's run again on the latest version, at `step` or the initial step."""
-        return store.reset_flow(principal.user_id, flow_id, body.step if body else None)
+        """Start the caller's run again on the latest version, at `step` or the initial step.
+
+        `service` makes it the run's target service; `entityId` names the entity it is about.
+        """
+        body = body or ResetRequest()
+        return store.reset_flow(
+            principal.user_id, flow_id, body.step, service=body.service, entity_id=body.entity_id
+        )
 
     @users.delete("/flow/{flowId}/state", status_code=204, responses=_errors(401, 404, 409, 422))
     def clear_state(flow_id: FlowId, principal: Caller) -> Response:
@@ -523,6 +593,9 @@ def create_app(
             ok=body.ok,
             payload=body.payload,
             definition_version=body.definition_version,
+            previous=body.previous,
+            entity_id=body.entity_id,
+            message=body.message,
         )
         return store.set_flow_state(user_id, state)
 

@@ -15,11 +15,13 @@ from flowstore.definitions import MAX_JSON_DEPTH
 
 __all__ = [
     "ErasureResult",
+    "HandoffRequest",
     "Health",
     "PurgeResult",
     "Readiness",
     "ResetRequest",
     "StateOverride",
+    "StateToken",
     "TransitionMessage",
     "TransitionRequest",
     "nul_errors",
@@ -41,7 +43,41 @@ class TransitionRequest(_Camel):
 
     payload: dict[str, Any] | None = Field(
         default=None,
-        description="JSON object recorded with the transition (checked by its schema).",
+        description="JSON object merged into the state's payload (checked by its schema).",
+    )
+    ok: bool = Field(
+        default=True,
+        description="False: the step was reached but its work failed (the model's transit(ok)).",
+    )
+    message: str | None = Field(
+        default=None, description="Recorded on the state and in the history; cleared by the next."
+    )
+
+
+class NextRequest(_Camel):
+    """Body of `POST /api/flow/{flowId}/next`."""
+
+    payload: dict[str, Any] | None = Field(
+        default=None, description="JSON object merged into the state's payload."
+    )
+
+
+class StateToken(_Camel):
+    """The caller's state as an OwlMeans state token (`GET /api/flow/{flowId}/token`)."""
+
+    token: str = Field(description="base64url JSON, as @owlmeans/flow's serializeState writes it")
+
+
+class HandoffRequest(_Camel):
+    """Body of `POST /api/flow/{flowId}/handoff`: a state token another service handed over."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"token": "eyJmIjoiX29hOjAiLCJzIjoiIiwibyI6MX0"}]}
+    )
+
+    token: str = Field(min_length=1, max_length=65536)
+    sender: str | None = Field(
+        default=None, min_length=1, max_length=256, description="The service that sent it."
     )
 
 
@@ -54,7 +90,13 @@ class ResetRequest(_Camel):
         default=None,
         min_length=1,
         max_length=256,
-        description="Where to restart (default: the initial step).",
+        description="Where to restart (default: the initial step; only `initial` steps if marked).",
+    )
+    service: str | None = Field(
+        default=None, min_length=1, max_length=256, description="The run's target service."
+    )
+    entity_id: str | None = Field(
+        default=None, max_length=256, description="The entity the run is about."
     )
 
 
@@ -70,6 +112,9 @@ class StateOverride(_Camel):
     ok: bool = True
     payload: dict[str, Any] | None = None
     definition_version: int | None = Field(default=None, ge=1)
+    previous: str | None = Field(default=None, min_length=1, max_length=256)
+    entity_id: str | None = Field(default=None, max_length=256)
+    message: str | None = None
 
 
 class PurgeResult(_Camel):
@@ -104,6 +149,8 @@ class TransitionMessage(_Camel):
     flow_id: str = Field(min_length=1, max_length=256)
     transition: str = Field(min_length=1, max_length=256)
     payload: dict[str, Any] | None = None
+    ok: bool = True
+    message: str | None = None
     request_id: str | int | None = Field(
         default=None, description="Echoed in the answer, to match answers to requests."
     )

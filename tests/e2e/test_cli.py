@@ -22,6 +22,7 @@ from flowstore import (
 )
 from flowstore.adapters.cli import main
 from flowstore.adapters.errors import mapping_for
+from tests.owlmeans import FIXTURES
 
 FLOW = "user-onboarding"
 SEED = files("flowstore").joinpath("data/user-onboarding.json").read_text(encoding="utf-8")
@@ -174,7 +175,7 @@ def test_invalid_transition_is_reported_and_recorded(
     rows = cli_json(capsys, created, "history", "bob", FLOW)
     assert (rows[-1]["transition"], rows[-1]["success"]) == ("save", False)
     state = cli_json(capsys, created, "state", "get", "bob", FLOW)
-    assert (state["step"], state["ok"]) == ("profile-setup", False)
+    assert (state["step"], state["ok"]) == ("profile-setup", True)  # a refusal changes nothing
 
 
 @pytest.mark.parametrize(
@@ -319,3 +320,36 @@ def test_demo_console_script(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert "commands/s" in out
     # The second run used fresh users: 30 more runs started, none collided with the first 30.
     assert cli_json(capsys, url, "stats")["totalFlows"] == 60
+
+
+def test_owlmeans_commands_hand_a_flow_over_by_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/owl.db"
+    flow = FIXTURES / "_oa.json"
+    assert main(["--url", url, "flows", "create", str(flow)]) == 0
+    capsys.readouterr()
+    cli_json(capsys, url, "reset", "ann", "_oa", "--service", "portal", "--entity", "org-1")
+    offered = cli_json(capsys, url, "transitions", "ann", "_oa", "--explicit")
+    assert [t["step"] for t in offered] == ["signup", "signin"]
+    assert cli_json(capsys, url, "transitions", "ann", "_oa", "--implicit") == []
+    state = cli_json(
+        capsys, url, "transition", "ann", "_oa", "signup", "--not-ok", "--message", "retry"
+    )
+    assert (state["previous"], state["ok"], state["message"]) == ("choice", False, "retry")
+    token = cli_json(capsys, url, "state", "token", "ann", "_oa")["token"]
+    adopted = cli_json(capsys, url, "state", "adopt", "bob", token, "--sender", "idp")
+    assert (adopted["step"], adopted["service"], adopted["entityId"]) == (
+        "signup",
+        "portal",
+        "org-1",
+    )
+    assert cli_json(capsys, url, "back", "bob", "_oa")["step"] == "choice"
+    history = cli_json(capsys, url, "history", "bob", "_oa")
+    assert [h["kind"] for h in history] == ["handoff", "back"]
+    code, err = cli_fails(capsys, url, "state", "adopt", "bob", "not-a-token")
+    assert code == INVALID
+    assert "STATE_TOKEN_MALFORMED" in err
+    # For people, the token alone (to paste into a URL).
+    assert main(["--url", url, "state", "token", "ann", "_oa"]) == 0
+    assert capsys.readouterr().out.strip() == token

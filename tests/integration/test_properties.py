@@ -85,11 +85,12 @@ class FlowModel:
         edge = definition["steps"][inst.step]["transitions"].get(name)
         if edge is None:
             inst.history.append(("transition", inst.step, None, name, False))
-            inst.version += 1
-            inst.ok = False
+            inst.version += 1  # refused: recorded, the state stays as it was
             return False
         inst.history.append(("transition", inst.step, edge["step"], name, True))
-        inst.ok, inst.payload = True, payload
+        # The payload merges into the state's, top-level keys (the OwlMeans model's updatePayload).
+        inst.ok = True
+        inst.payload = inst.payload if payload is None else {**(inst.payload or {}), **payload}
         self._enter(inst, definition, edge["step"])
         return True
 

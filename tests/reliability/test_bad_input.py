@@ -356,13 +356,17 @@ def test_bad_input_gets_its_typed_error_and_changes_nothing(
             return
         after = snapshot(store, tables)
         if case.recorded:
-            # Exactly one event more, the rejection; the user stays where they were.
+            # Exactly one event more, the rejection; the state stays as it was (ok included).
             assert after["log"] > before["log"]
             new = [e for n, e in all_events(store) if n > before["log"]]
             assert [type(e) for e in new] == [TransitionRejected]
             (user, flow) = (new[0].user_id, new[0].flow_id)
             old, now = before["states"][(user, flow)], after["states"][(user, flow)]
-            assert (now["step"], now["payload"], now["ok"]) == (old["step"], old["payload"], False)
+            assert (now["step"], now["payload"], now["ok"]) == (
+                old["step"],
+                old["payload"],
+                old["ok"],
+            )
             assert now["version"] == old["version"] + 1
             others = {k: v for k, v in after["states"].items() if k != (user, flow)}
             assert others == {k: v for k, v in before["states"].items() if k != (user, flow)}

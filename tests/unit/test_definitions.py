@@ -319,7 +319,7 @@ def test_names_longer_than_the_limit_are_refused(kind: str, definition: dict[str
 
 @pytest.mark.parametrize(("kind", "definition"), long_names("n" * MAX_NAME_LENGTH))
 def test_names_as_long_as_the_limit_are_accepted(kind: str, definition: dict[str, Any]) -> None:
-    assert parse_definition(definition).to_seed() == {**definition, "config": {}, "prefabs": {}}
+    assert parse_definition(definition).to_seed() == definition
 
 
 def test_a_refused_long_flow_id_is_shortened_in_the_error() -> None:
@@ -442,3 +442,23 @@ def test_payloads_nested_near_orjsons_limit_are_refused(depth: int) -> None:
 def test_flow_ids_that_break_urls_are_refused(flow_id: str) -> None:
     with pytest.raises(DefinitionError, match="must not be '\\.', '\\.\\.' or contain '/'"):
         parse_definition(linear(flow_id))
+
+
+def test_a_transition_field_differing_from_its_key_is_kept_but_must_be_a_name() -> None:
+    flow = onboarding()
+    flow["steps"]["welcome"]["transitions"]["start"]["transition"] = "begin"
+    assert parse_definition(flow).to_seed() == flow
+    flow["steps"]["welcome"]["transitions"]["start"]["transition"] = "bad\nname"
+    with pytest.raises(DefinitionError) as caught:
+        parse_definition(flow)
+    assert caught.value.problems == ["transition name 'bad\\nname' contains a control character"]
+
+
+def test_steps_marked_initial_count_as_entry_points_for_reachability() -> None:
+    flow = linear("entries", 3)
+    flow["steps"]["s0"]["transitions"] = {}  # s1 and s2 are now unreachable from s0
+    with pytest.raises(DefinitionError) as caught:
+        parse_definition(flow)
+    assert "step 's1' is not reachable from initialStep 's0'" in caught.value.problems
+    flow["steps"]["s1"]["initial"] = True
+    assert parse_definition(flow).entry_steps() == ["s0", "s1"]

@@ -97,7 +97,7 @@ class FunnelSummary:
 @dataclass
 class _Bucket:
     attempts: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
-    """By attempt time: attempts, rejections, response_ms_total."""
+    """By attempt time: attempts, rejections, failures, response_ms_total."""
     runs: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     """By run start: started, completed, completed_duration_ms."""
     steps: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -244,7 +244,8 @@ class LogWindows:
             active_users=active,
             completion_rate=completed / started if started else 0.0,
             average_duration_ms=runs["completed_duration_ms"] / completed if completed else 0.0,
-            error_rate=attempts["rejections"] / tried if tried else 0.0,
+            # Like the store's errorRate: refusals and transitions taken with ok=False.
+            error_rate=(attempts["rejections"] + attempts["failures"]) / tried if tried else 0.0,
             average_response_ms=attempts["response_ms_total"] / tried if tried else 0.0,
             p95_response_ms=percentile(samples, 95),
             throughput_per_second=tried / window.seconds,

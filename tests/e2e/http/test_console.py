@@ -450,3 +450,25 @@ def test_a_window_forgets_an_erased_users_id() -> None:
         held = repr([fold.__dict__ for fold in windows._folds.values()])
         assert "erase-me-5d1" not in held
         assert "keep-me" not in held  # ids are not kept at all: instances are
+
+
+def test_the_timeline_shows_the_owlmeans_commands(
+    console: httpx.Client, store: FlowStore, alice: User, bob: User
+) -> None:
+    from tests.owlmeans import owl_flow
+
+    flow = store.create_flow({**owl_flow("_oa"), "flow": f"_oa-console-{alice.id}"})
+    store.reset_flow(alice.id, flow, entity_id="org-<1>")
+    store.execute_transition(alice.id, flow, "signup", ok=False, message="try <b>again</b>")
+    store.go_back(alice.id, flow)
+    store.execute_transition(alice.id, flow, "signup", message="second go")
+    store.adopt_state_token(bob.id, store.state_token(alice.id, flow), sender="idp")
+    page = console.get("/ui/users", params={"user": alice.id})
+    kinds = re.findall(r'data-kind="(\w+)"', page.text)
+    assert kinds == ["transition", "back", "transition", "reset"]
+    assert "not ok" in page.text
+    assert "try &lt;b&gt;again&lt;/b&gt;" in page.text  # escaped, like every value
+    assert "entity org-&lt;1&gt;" in page.text
+    handed = console.get("/ui/users", params={"user": bob.id})
+    assert re.findall(r'data-kind="(\w+)"', handed.text) == ["handoff"]
+    assert "handed over by idp" in handed.text
