@@ -45,7 +45,7 @@ def _targets() -> list[tuple[str, object, str]]:
         ("      commit (SQLite)", es_sqlite.SQLiteConnection, "commit"),
         ("      insert (PostgreSQL)", es_postgres.PostgresApplicationRecorder, "insert_events"),
         ("projector catch-up (all threads)", SqlProjections, "catch_up"),
-        ("  read + decode events", store.FlowStore, "read_events"),
+        ("  read + decode events", EventLog, "read"),
         ("    key lookups (prefetch)", UserKeys, "prefetch"),
         ("  fold rows", SqlProjections, "_fold"),
         ("  write rows", SqlProjections, "_write"),
