@@ -37,6 +37,8 @@ _BY_CODE: dict[str, ErrorMapping] = {
     "STATE_TOKEN_UNKNOWN_FLOW": ErrorMapping(422, 5),
     "STATE_TOKEN_UNKNOWN_STEP": ErrorMapping(422, 5),
     "STORAGE_CONFIG_INVALID": ErrorMapping(500, 6),
+    # A programming error in the embedding application (a store used after close()).
+    "STORE_CLOSED": ErrorMapping(500, 1),
     "ENCRYPTION_KEY_INVALID": ErrorMapping(500, 6),
     "FLOW_STATE_CORRUPTION": ErrorMapping(500, 7),
     # The database is down, unreachable or read-only: worth retrying later (the readiness probe in

@@ -57,6 +57,7 @@ __all__ = [
     "FlowProviderConfig",
     "HybridFlowProvider",
     "LoadedFlow",
+    "config_from_seed",
     "load_flows",
     "make_flow_provider",
     "read_definitions",
@@ -480,8 +481,61 @@ def _redact(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def make_flow_provider(config: FlowProviderConfig) -> FlowProvider:
-    """A provider for the configured source (see the module's docstring)."""
+_SEED_KEYS = {
+    "source": "source",
+    "connectionString": "connection_string",
+    "filePath": "file_path",
+    "remoteUrl": "remote_url",
+    "cacheTimeout": "cache_timeout",
+    "authentication": "authentication",
+    "sources": "sources",
+    "timeout": "timeout",
+    "store": "store",
+    "clock": "clock",  # ours, not the seed's: tests move time by hand
+}
+
+
+def config_from_seed(config: Mapping[str, Any]) -> FlowProviderConfig:
+    """The seed's `FlowProviderConfig` object (camelCase, `cacheTimeout` in milliseconds) as ours.
+
+    `authentication` is `{"type", "credentials"}` (and optionally `"header"`); a hybrid's
+    `sources` are seed objects too. Unknown keys are refused: they are typos, not options.
+    """
+    if not isinstance(config, Mapping):
+        raise InvalidArgumentError("config", type(config).__name__, "must be a mapping")
+    unknown = sorted(set(config) - set(_SEED_KEYS))
+    if unknown:
+        raise InvalidArgumentError(
+            "config", unknown, f"unknown provider option(s); known: {sorted(_SEED_KEYS)}"
+        )
+    fields = {_SEED_KEYS[key]: value for key, value in config.items()}
+    if "cache_timeout" in fields:
+        millis = fields["cache_timeout"]
+        if isinstance(millis, bool) or not isinstance(millis, int | float):
+            raise InvalidArgumentError("cacheTimeout", millis, "must be a number of milliseconds")
+        fields["cache_timeout"] = millis / 1000  # the seed counts milliseconds, we seconds
+    auth = fields.get("authentication")
+    if isinstance(auth, Mapping):
+        try:
+            fields["authentication"] = Authentication(**auth)
+        except TypeError as exc:
+            raise InvalidArgumentError("authentication", sorted(auth), str(exc)) from None
+    fields["sources"] = tuple(
+        s if isinstance(s, FlowProviderConfig) else config_from_seed(s)
+        for s in fields.get("sources", ())
+    )
+    if "source" not in fields:
+        raise InvalidArgumentError("source", None, "must be database, file, remote or hybrid")
+    return FlowProviderConfig(**fields)
+
+
+def make_flow_provider(config: FlowProviderConfig | Mapping[str, Any]) -> FlowProvider:
+    """A provider for the configured source (see the module's docstring).
+
+    Takes our `FlowProviderConfig` or the seed's camelCase object (`cacheTimeout` in ms).
+    """
+    if not isinstance(config, FlowProviderConfig):
+        config = config_from_seed(config)
     if config.cache_timeout < 0:
         raise InvalidArgumentError("cache_timeout", config.cache_timeout, "must not be negative")
     fetcher: _Fetcher

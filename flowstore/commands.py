@@ -15,7 +15,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from typing import cast
 from uuid import UUID
@@ -45,6 +46,9 @@ from flowstore.models import FlowStatus
 __all__ = ["Commands", "cached_instance_id", "definition_of", "is_expired"]
 
 _log = logging.getLogger(__name__)
+
+_LOCK_STRIPES = 256
+"""Locks that serialise commands on one instance within a process (an instance maps to one)."""
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -76,6 +80,20 @@ class Commands:
         self._instances: OrderedDict[UUID, FlowInstance] = OrderedDict()
         self._definitions: dict[str, tuple[FlowVersions, float]] = {}
         self._listeners: tuple[Callable[[str], None], ...] = ()
+        # Threads of one process on one instance take turns: they would otherwise read the same
+        # version and all but one fail their append and retry, which only processes need to do.
+        self._instance_locks = tuple(threading.RLock() for _ in range(_LOCK_STRIPES))
+
+    def _stripe(self, iid: UUID) -> int:
+        return iid.int % _LOCK_STRIPES
+
+    @contextmanager
+    def locked(self, iids: Iterable[UUID]) -> Iterator[None]:
+        """Hold the locks of these instances (in one order everywhere, so no two callers deadlock)."""
+        with ExitStack() as held:
+            for stripe in sorted({self._stripe(iid) for iid in iids}):
+                held.enter_context(self._instance_locks[stripe])
+            yield
 
     # Appending
 
@@ -112,6 +130,19 @@ class Commands:
         persistent: bool,
     ) -> FlowInstance:
         iid = cached_instance_id(user_id, flow_id)
+        # Threads of this process take turns on one instance (inside the user's key lock).
+        with self._instance_locks[self._stripe(iid)]:
+            return self._decide_and_append(user_id, flow_id, iid, decide, persistent=persistent)
+
+    def _decide_and_append(
+        self,
+        user_id: str,
+        flow_id: str,
+        iid: UUID,
+        decide: Callable[[FlowInstance | None], Decision],
+        *,
+        persistent: bool,
+    ) -> FlowInstance:
         attempts = itertools.count() if persistent else iter(range(self.max_retries))
         for attempt in attempts:
             # The first attempt trusts this process's last known state; if another writer moved

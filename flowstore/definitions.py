@@ -34,11 +34,13 @@ __all__ = [
     "FlowStep",
     "FlowTransition",
     "check_payload",
+    "flow_warnings",
     "has_control_characters",
     "parse_definition",
     "reachable_steps",
     "require_id",
     "update_definition",
+    "validate_flow",
 ]
 
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
@@ -249,11 +251,12 @@ def _problems(definition: FlowDefinition) -> list[str]:
         problems.append("flow id must not be empty")
     if not definition.steps:
         problems.append("steps must not be empty")
-    elif definition.initial_step not in definition.steps:
+    elif definition.initial_step is not None and definition.initial_step not in definition.steps:
         problems.append(f"initialStep {definition.initial_step!r} is not a step")
     names = Counter(step.step for step in definition.steps.values())
     problems.extend(f"step name {name!r} is used {n} times" for name, n in names.items() if n > 1)
-    indexes = Counter(step.index for step in definition.steps.values())
+    # None: an index that is not an integer, already reported with the definition's shape.
+    indexes = Counter(step.index for step in definition.steps.values() if step.index is not None)
     problems.extend(f"step index {i} is used {n} times" for i, n in indexes.items() if n > 1)
     for key, step in definition.steps.items():
         if not key.strip():
@@ -265,7 +268,7 @@ def _problems(definition: FlowDefinition) -> list[str]:
                 problems.append(f"step {key!r} has a transition with an empty name")
             # The key names the transition; a differing `transition` field is kept as given
             # (the real `_oidp` flow has `"denied": {"transition": "link-id", ...}`).
-            if transition.step not in definition.steps:
+            if transition.step is not None and transition.step not in definition.steps:
                 problems.append(
                     f"transition {tkey!r} of step {key!r} targets unknown step {transition.step!r}"
                 )
@@ -280,8 +283,6 @@ def _problems(definition: FlowDefinition) -> list[str]:
         problems.append(
             f"ttl must be at most {MAX_TTL_SECONDS} seconds (100 years), not {definition.ttl}"
         )
-    if definition.initial_step in definition.steps:
-        problems.extend(_reachability_problems(definition))
     return problems
 
 
@@ -298,10 +299,16 @@ def reachable_steps(definition: FlowDefinition) -> list[str]:
     return seen
 
 
-def _reachability_problems(definition: FlowDefinition) -> list[str]:
-    # A step no user can reach is dead weight at best and a typo at worst; a flow with no reachable
-    # terminal step can never complete, so every run would end by clear, reset or expiry only.
+def flow_warnings(definition: FlowDefinition) -> list[str]:
+    """What is legal but likely a mistake: steps no user can reach, and no reachable terminal step.
+
+    A step no user can reach is dead weight at best and a typo at worst; a flow with no reachable
+    terminal step never completes (every run ends by clear, reset or expiry), which is right for a
+    subscription that loops forever and wrong for a wizard: so warnings, not errors.
+    """
     reachable = reachable_steps(definition)
+    if not reachable:
+        return []
     entries = definition.entry_steps()
     if len(entries) == 1:
         source, terminal_source = f"initialStep {entries[0]!r}", repr(entries[0])
@@ -321,6 +328,19 @@ def _reachability_problems(definition: FlowDefinition) -> list[str]:
 
 def parse_definition(data: FlowDefinition | Mapping[str, Any]) -> FlowDefinition:
     """Validate a definition (model or seed-shaped dict); raise `DefinitionError` listing all problems."""
+    return _parse(data)
+
+
+def validate_flow(data: FlowDefinition | Mapping[str, Any]) -> list[str]:
+    """Check a definition: raise `DefinitionError` listing every problem; return the warnings.
+
+    Warnings (`flow_warnings`) do not stop a definition from being stored: `flowstore flows load`
+    prints them.
+    """
+    return flow_warnings(_parse(data))
+
+
+def _parse(data: FlowDefinition | Mapping[str, Any]) -> FlowDefinition:
     if isinstance(data, FlowDefinition):
         try:
             raw: Any = data.to_seed()
@@ -340,11 +360,64 @@ def parse_definition(data: FlowDefinition | Mapping[str, Any]) -> FlowDefinition
             f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
             for err in exc.errors()
         ]
+        # The shape is wrong somewhere, but every other problem is listed too: the meaning of
+        # whatever parts have the right shape is checked on a lenient reading of the same data.
+        problems += [p for p in _problems(_lenient(raw)) if p not in problems]
         raise DefinitionError(flow_id, problems) from None
     problems = _problems(definition) + _storage_problems(definition)
     if problems:
         raise DefinitionError(_shown(definition.flow), problems)
     return definition
+
+
+def _text(value: Any, default: Any) -> Any:
+    return value if isinstance(value, str) else default
+
+
+def _integer(value: Any) -> Any:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _lenient(raw: Mapping[str, Any]) -> FlowDefinition:
+    """The parts of a malformed definition that have the right shape, unvalidated.
+
+    A wrong or missing value becomes a neutral stand-in (None, or a name the checks accept), so
+    that `_problems` reports only what is wrong with the meaning, never the shape again.
+    """
+
+    def get(data: Mapping[str, Any], name: str, alias: str) -> Any:
+        return data.get(alias, data.get(name))
+
+    def mapping(value: Any) -> Mapping[Any, Any]:
+        return value if isinstance(value, Mapping) else {}
+
+    steps = {}
+    for key, step in mapping(raw.get("steps")).items():
+        if not isinstance(key, str) or not isinstance(step, Mapping):
+            continue
+        transitions = {}
+        for tkey, transition in mapping(step.get("transitions")).items():
+            if not isinstance(tkey, str) or not isinstance(transition, Mapping):
+                continue
+            schema = get(transition, "payload_schema", "payloadSchema")
+            transitions[tkey] = FlowTransition.model_construct(
+                transition=_text(transition.get("transition"), tkey),
+                step=_text(transition.get("step"), None),
+                payload_schema=schema if isinstance(schema, dict) else None,
+            )
+        steps[key] = FlowStep.model_construct(
+            index=_integer(step.get("index")),
+            step=_text(step.get("step"), key),
+            service=_text(step.get("service"), "service"),
+            module=_text(step.get("module"), None),
+            transitions=transitions,
+        )
+    return FlowDefinition.model_construct(
+        flow=_text(raw.get("flow"), "flow"),
+        initial_step=_text(get(raw, "initial_step", "initialStep"), None),
+        steps=steps,
+        ttl=_integer(raw.get("ttl")),
+    )
 
 
 def update_definition(current: FlowDefinition, changes: Mapping[str, Any]) -> FlowDefinition:

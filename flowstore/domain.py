@@ -741,6 +741,7 @@ def go_back(
     instance: FlowInstance, definition: FlowDefinition, *, now: datetime
 ) -> list[InstanceEvent]:
     """Return an active instance to its previous step (`InvalidTransitionError` without one)."""
+    now = _not_before(instance, now)
     assert instance.step is not None
     back_to = definition.step(instance.previous) if instance.previous is not None else None
     if instance.status is not FlowStatus.ACTIVE or back_to is None:
@@ -778,6 +779,7 @@ def hand_over(
     now: datetime,
 ) -> list[InstanceEvent]:
     """Make `state` (read from a state token for `definition`) the user's state in the flow."""
+    now = _not_before(instance, now)
     assert definition.version is not None
     step = definition.step(state.step)
     if step is None:
@@ -972,7 +974,7 @@ def history_entry(event: DomainEvent) -> FlowStateHistory | None:
                 **common,
                 kind=HistoryKind.TRANSITION,
                 from_step=event.from_step,
-                to_step=None,
+                to_step=event.from_step,  # rejected: the user stays where they were
                 transition=event.transition,
                 payload=event.payload,
                 success=False,

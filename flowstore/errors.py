@@ -22,6 +22,7 @@
      │    ├── StateTokenFlowError               STATE_TOKEN_UNKNOWN_FLOW
      │    └── StateTokenStepError               STATE_TOKEN_UNKNOWN_STEP
      ├── StorageConfigError (ValueError)        STORAGE_CONFIG_INVALID
+     ├── StoreClosedError (RuntimeError)        STORE_CLOSED
      │   at the HTTP boundary (flowstore.adapters.http):
      ├── RequestInvalidError (ValueError)       REQUEST_INVALID
      ├── AuthenticationError                    UNAUTHENTICATED
@@ -82,6 +83,7 @@ __all__ = [
     "StateTokenStepError",
     "StorageConfigError",
     "StorageUnavailableError",
+    "StoreClosedError",
     "TopicIncompleteError",
 ]
 
@@ -293,6 +295,15 @@ class StorageUnavailableError(FlowError, OSError):
         )
         self.backend = backend
         self.action = action
+
+
+class StoreClosedError(FlowError, RuntimeError):
+    """The store was closed (`close()`, or the end of its `with` block): open a new one."""
+
+    code = "STORE_CLOSED"
+
+    def __init__(self, action: str = "used") -> None:
+        super().__init__(f"The FlowStore is closed and cannot be {action}", action=action)
 
 
 class ProjectionLagError(FlowError, TimeoutError):

@@ -11,7 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "FunnelStep",
     "HistoryKind",
     "InstanceMigration",
+    "InstancePage",
     "MigrationReport",
     "PerformanceMetrics",
     "StepCount",
@@ -97,14 +98,20 @@ class FlowState(_ApiModel):
 
 
 class FlowStateHistory(_ApiModel):
-    """One command on an instance: a transition (accepted or rejected), reset, override, clear..."""
+    """One command on an instance: a transition (accepted or rejected), reset, override, clear...
+
+    `from_step`, `to_step` and `transition` are strings, as in the seed's type: `to_step` is the
+    step the user is on after the command (after a rejected attempt, the step they stayed on;
+    after a clear or expiry, ""), `from_step` the step before ("" when there was none), and
+    `transition` the transition's name ("" for commands that are not transitions).
+    """
 
     id: str
     user_id: str
     flow_id: str
-    from_step: str | None
-    to_step: str | None
-    transition: str | None
+    from_step: str = ""
+    to_step: str = ""
+    transition: str = ""
     payload: dict[str, Any] | None = None
     timestamp: datetime
     success: bool
@@ -115,6 +122,19 @@ class FlowStateHistory(_ApiModel):
     """What an accepted transition said of its step's work (None for other commands)."""
     message: str | None = None
     """The message an accepted transition (or a hand-over) carried."""
+
+    @field_validator("from_step", "to_step", "transition", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return "" if value is None else value
+
+
+class InstancePage(_ApiModel):
+    """One page of `FlowStore.list_instances`: the states, and the cursor of the next page."""
+
+    instances: list[FlowState]
+    next_cursor: str | None = None
+    """Pass as `cursor` for the next page; None on the last page."""
 
 
 class StepCount(_ApiModel):

@@ -10,6 +10,7 @@ This sits in `flowstore/` rather than `adapters/` because choosing storage is pa
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,10 @@ _POSTGRES_OPTIONS = {
 }
 
 
+_POSTGRES_MODULES = ("psycopg", "psycopg_pool")
+"""What the postgres extra installs and eventsourcing.postgres imports."""
+
+
 def resolve_url(url: str | None) -> str:
     """The URL to use: the one given, else $FLOWSTORE_URL, else the embedded SQLite default."""
     return url or os.environ.get("FLOWSTORE_URL") or DEFAULT_URL
@@ -97,6 +102,16 @@ def parse_url(url: str) -> StorageConfig:
         if not parts.hostname or not parts.path.strip("/"):
             raise StorageConfigError(
                 f"PostgreSQL URL {_mask(url)!r} needs a host and a database name", url=_mask(url)
+            )
+        missing = [m for m in _POSTGRES_MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            # Said here, before eventsourcing's import of psycopg fails deep in the application's
+            # constructor with a traceback that does not name the fix.
+            raise StorageConfigError(
+                f"PostgreSQL needs the postgres extra ({', '.join(missing)} not installed): "
+                "pip install 'flowstore-es[postgres]'",
+                url=_mask(url),
+                missing=missing,
             )
         env = {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",

@@ -9,11 +9,14 @@ write path: read, decide, append, retry), `flowstore.erasure`, `flowstore.migrat
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 from uuid import UUID
@@ -63,6 +66,7 @@ from flowstore.errors import (
     InvalidArgumentError,
     InvalidTransitionError,
     StateTokenFlowError,
+    StoreClosedError,
 )
 from flowstore.eventlog import CIPHER_KEY_ENV, EventLog, cipher_settings
 from flowstore.importing import import_events
@@ -73,7 +77,20 @@ from flowstore.models import (
     FlowStatistics,
     FlowStatus,
     FunnelStep,
+    HistoryKind,
+    InstancePage,
     MigrationReport,
+)
+from flowstore.paging import (
+    MAX_PAGE,
+    check_aware,
+    check_kinds,
+    check_limit,
+    check_listed_status,
+    decode_instance_cursor,
+    encode_instance_cursor,
+    history_bound,
+    idle_seconds,
 )
 from flowstore.storage import StorageConfig, make_engine, parse_url, resolve_url
 from flowstore.tokens import decode_state_token, encode_state_token, token_flow_id
@@ -87,6 +104,75 @@ if TYPE_CHECKING:
 __all__ = ["FlowStore", "Publisher", "PublisherFactory"]
 
 logger = logging.getLogger(__name__)
+
+_fork_generation = 0
+"""How many times this process has been forked from its ancestors (see `_forked`)."""
+_reopen_lock = threading.Lock()
+
+
+def _forked() -> None:
+    # In the child, at once: count the fork, and a fresh lock (the parent's may have been held by
+    # a thread that does not exist here). Stores reopen lazily, on their next call.
+    global _fork_generation, _reopen_lock
+    _fork_generation += 1
+    _reopen_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _reopen(url: str, options: dict[str, Any]) -> FlowStore:
+    return FlowStore(url, **options)
+
+
+def _url_of(url: object) -> str | None:
+    """A URL from a string, or from a path (`FlowStore(Path("x.db"))`: that SQLite file)."""
+    if url is None or isinstance(url, str):
+        return url
+    if isinstance(url, os.PathLike):
+        path = Path(os.fspath(url)).expanduser()
+        return f"sqlite:///{path.resolve()}"
+    raise InvalidArgumentError("url", url, "must be a URL (str) or a path to a SQLite file")
+
+
+def _check_clock(clock: object) -> None:
+    """The clock must tell UTC-aware time: naive times would be stored as if they were UTC."""
+    if not callable(clock):
+        raise InvalidArgumentError("clock", clock, "must be a callable returning a datetime")
+    now = clock()
+    if not isinstance(now, datetime) or now.utcoffset() is None:
+        raise InvalidArgumentError(
+            "clock", now, "must return timezone-aware datetimes (e.g. datetime.now(UTC))"
+        )
+
+
+_Prepared = tuple[
+    Callable[[], tuple[str, str, Callable[["FlowInstance | None"], Decision]]],
+    Callable[[], "FlowState | FlowError"],
+]
+"""One request of a batch: (check it and give (user, flow, decide), apply it on its own)."""
+
+
+def _outcome(call: Callable[[], FlowState]) -> FlowState | FlowError:
+    try:
+        return call()
+    except FlowError as error:
+        return error
+
+
+def _state_update(update: Any) -> tuple[str, FlowState | Mapping[str, Any]]:
+    """`(user_id, state)` or the seed's `{"userId": ..., "state": ...}`."""
+    if isinstance(update, Mapping):
+        user_id, state = update.get("userId", update.get("user_id")), update.get("state")
+    elif isinstance(update, tuple) and len(update) == 2:
+        user_id, state = update
+    else:
+        user_id, state = None, None
+    if not isinstance(user_id, str) or not isinstance(state, FlowState | Mapping):
+        raise InvalidArgumentError(
+            "updates", update, 'each must be (user_id, state) or {"userId": ..., "state": {...}}'
+        )
+    return user_id, state
 
 
 def _utc_now() -> datetime:
@@ -173,7 +259,7 @@ class FlowStore:
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | os.PathLike[str] | None = None,
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         cipher_key: str | None = None,
@@ -187,29 +273,57 @@ class FlowStore:
         definition_refresh: float = 1.0,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
-        self.config: StorageConfig = parse_url(resolve_url(url))
+        self._closed = True  # until opened: close() and the guards see a consistent store
+        self._url = _url_of(url)
+        self.config: StorageConfig = parse_url(resolve_url(self._url))
+        _check_clock(clock)
         self.max_payload_bytes = max_payload_bytes
         self.statistics_window = statistics_window
         self._clock = clock
+        self.live_projections = live_projections
+        # What a process that receives this store (pickled, or forked) needs to open it again.
+        self._options: dict[str, Any] = {
+            "max_payload_bytes": max_payload_bytes,
+            "cipher_key": cipher_key,
+            "max_retries": max_retries,
+            "cache_size": cache_size,
+            "pool_size": pool_size,
+            "statistics_window": statistics_window,
+            "live_projections": live_projections,
+            "definition_refresh": definition_refresh,
+            "clock": clock,
+        }
+        self._inherited: list[object] = []  # a forked child's copies of the parent's connections
+        self._publisher: Publisher | None = None
+        self._generation = _fork_generation
+        self._open_parts()
+        self._closed = False
+        try:
+            self._publisher = self._start_publisher(kafka, publisher)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_parts(self) -> None:
+        """Open the event log, the write path, the tables and the live projector."""
+        options = self._options
+        cipher_key = options["cipher_key"]
         env = {
             **self.config.env,
-            "AGGREGATE_CACHE_MAXSIZE": str(cache_size),
+            "AGGREGATE_CACHE_MAXSIZE": str(options["cache_size"]),
             # Aggregates are frozen pydantic models: a cached one cannot be corrupted by a caller,
             # so the repository need not deep-copy it on every read.
             "DEEPCOPY_FROM_AGGREGATE_CACHE": "n",
             **cipher_settings(cipher_key),
         }
         encrypted = cipher_key is not None or bool(os.environ.get(CIPHER_KEY_ENV))
+        refresh = options["definition_refresh"]
         # One SQLAlchemy engine for everything of ours in the database (projections, keys,
         # trackers); eventsourcing keeps its own connections for the events.
-        self._engine = make_engine(self.config, pool_size=pool_size)
+        self._engine = make_engine(self.config, pool_size=options["pool_size"])
         try:
             self._log = EventLog(
-                self.config,
-                env,
-                encrypted=encrypted,
-                refresh=definition_refresh,
-                engine=self._engine,
+                self.config, env, encrypted=encrypted, refresh=refresh, engine=self._engine
             )
         except BaseException:
             self._engine.dispose()
@@ -218,14 +332,13 @@ class FlowStore:
         from flowstore.projections.live import LiveProjector
         from flowstore.projections.sql import SqlProjections
 
-        self.live_projections = live_projections
         self._live: LiveProjector | None = None
         self._commands = Commands(
             self._log,
-            clock=clock,
-            max_retries=max_retries,
-            cache_size=cache_size,
-            definition_refresh=definition_refresh,
+            clock=self._clock,
+            max_retries=options["max_retries"],
+            cache_size=options["cache_size"],
+            definition_refresh=refresh,
             written=self._written,
         )
         opened: list[Callable[[], None]] = [self._engine.dispose, self._log.close]
@@ -235,7 +348,7 @@ class FlowStore:
                     self.config, self._engine, write_lock=self._log.write_lock
                 )
                 opened.append(self._projections.close)
-                if live_projections:
+                if self.live_projections:
                     self._projections.catch_up(self._read_contained)  # what happened while away
                     self._live = LiveProjector(self._project_written)
         except BaseException:
@@ -244,12 +357,40 @@ class FlowStore:
                     close()
             raise
         self._erasure = Erasure(self._commands, self._log.keys, self._project_written)
-        self._publisher: Publisher | None = None
-        try:
-            self._publisher = self._start_publisher(kafka, publisher)
-        except BaseException:
-            self.close()
-            raise
+
+    def _after_fork(self) -> None:
+        """In a child process (after `fork`): open connections, projector and caches of its own.
+
+        The parent's connections, threads and locks came along in the fork but are not the
+        child's to use: a connection shared by two processes interleaves their protocol, the
+        projector thread did not survive, and a lock held by another thread at the fork stays
+        held. They are kept (never closed: closing a connection ends the parent's session too)
+        and replaced. The parent's publisher stays the parent's.
+        """
+        with _reopen_lock:
+            if self._generation == _fork_generation:
+                return  # another thread of the child reopened it first
+            # SQLAlchemy's recipe for fork: forget the pooled connections without closing them.
+            self._engine.dispose(close=False)
+            self._projections.abandon()
+            self._inherited.append(
+                (self._engine, self._log, self._projections, self._live, self._publisher)
+            )
+            self._publisher = None
+            self._generation = _fork_generation
+            try:
+                self._open_parts()
+            except BaseException:
+                self._closed = True  # nothing of its own to use: the child must open a new store
+                raise
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Sent to another process (multiprocessing with spawn/forkserver, a process pool), a store
+        # opens the same database there: the URL and options travel, connections do not.
+        if self.config.backend == "memory":
+            raise TypeError("a memory:// store lives in one process and cannot be pickled")
+        options = {**self._options, "kafka": False}
+        return (_reopen, (resolve_url(self._url), options))
 
     @property
     def max_retries(self) -> int:
@@ -302,14 +443,22 @@ class FlowStore:
         return _plugin_publisher("kafka", options)(self)
 
     def close(self) -> None:
-        """Publish and project what is left, release connections. The store is unusable after."""
-        if self._publisher is not None:
-            self._publisher.stop()  # first: it drains the log to Kafka, then releases its lock
-        if self._live is not None:
-            self._live.close()
-        self._projections.close()
-        self._log.close()
-        self._engine.dispose()
+        """Publish and project what is left, release connections. The store is unusable after
+        (any call raises `StoreClosedError`, closing again too)."""
+        if self._closed:
+            raise StoreClosedError("closed again")
+        if self._generation != _fork_generation:
+            self._after_fork()  # a child closes its own connections, not the parent's
+        try:
+            if self._publisher is not None:
+                self._publisher.stop()  # first: it drains the log to Kafka, then releases its lock
+            if self._live is not None:
+                self._live.close()
+        finally:
+            self._closed = True
+            self._projections.close()
+            self._log.close()
+            self._engine.dispose()
 
     def __enter__(self) -> Self:
         return self
@@ -632,8 +781,53 @@ class FlowStore:
         request only. If another writer touched one of the batch's instances meanwhile, that batch
         is applied again one request at a time (each retried as usual).
         """
+
+        def prepare(request: tuple[str, str, str, dict[str, Any] | None]) -> _Prepared:
+            user_id, flow_id, transition, payload = request
+
+            def decide() -> tuple[str, str, Callable[[FlowInstance | None], Decision]]:
+                began = time.perf_counter()
+                return (
+                    user_id,
+                    flow_id,
+                    self._transition(user_id, flow_id, transition, payload, began),
+                )
+
+            return decide, lambda: self._one(*request)
+
+        return self._in_batches(map(prepare, requests), batch_size)
+
+    def set_flow_states(
+        self,
+        updates: Iterable[tuple[str, FlowState | Mapping[str, Any]] | Mapping[str, Any]],
+        *,
+        batch_size: int = 500,
+    ) -> list[FlowState | FlowError]:
+        """Many administrative overrides in one call: the seed's batch update of flow states.
+
+        Each update is `(user_id, state)` or the seed's `{"userId": ..., "state": {...}}`; each is
+        what `set_flow_state` does, and each instance's change is atomic. They are written one
+        transaction per `batch_size` (retried one by one if another writer touched an instance
+        meanwhile). Returns, in order, each new state or the error of each update (bad input
+        writes nothing for its own update only).
+        """
+
+        def prepare(update: Any) -> _Prepared:
+            user_id, state = _state_update(update)
+
+            def decide() -> tuple[str, str, Callable[[FlowInstance | None], Decision]]:
+                return user_id, *self._override(user_id, state)
+
+            return decide, lambda: _outcome(lambda: self.set_flow_state(user_id, state))
+
+        prepared = [prepare(update) for update in updates]  # a malformed update: nothing written
+        return self._in_batches(prepared, batch_size)
+
+    def _in_batches(
+        self, requests: Iterable[_Prepared], batch_size: int
+    ) -> list[FlowState | FlowError]:
         results: list[FlowState | FlowError] = []
-        batch: list[tuple[str, str, str, dict[str, Any] | None]] = []
+        batch: list[_Prepared] = []
         for request in requests:
             batch.append(request)
             if len(batch) >= batch_size:
@@ -643,38 +837,52 @@ class FlowStore:
             results.extend(self._apply_batch(batch))
         return results
 
-    def _apply_batch(
-        self, batch: list[tuple[str, str, str, dict[str, Any] | None]]
-    ) -> list[FlowState | FlowError]:
-        outcomes: list[FlowInstance | FlowError] = []
-        events: list[DomainEvent] = []
-        seen: dict[UUID, FlowInstance | None] = {}  # later requests see earlier ones' effects
-        for user_id, flow_id, transition, payload in batch:
+    def _apply_batch(self, batch: list[_Prepared]) -> list[FlowState | FlowError]:
+        checked: list[tuple[UUID, Callable[[FlowInstance | None], Decision]] | FlowError] = []
+        for prepare, _ in batch:
             try:
-                decide = self._transition(
-                    user_id, flow_id, transition, payload, time.perf_counter()
-                )
+                user_id, flow_id, decide = prepare()
                 require_id(flow_id, "flow_id")
-                iid = instance_id(user_id, flow_id)
-                if iid not in seen:
-                    seen[iid] = self._commands.cached_instance(iid)
-                decision = decide(seen[iid])
+                checked.append((instance_id(user_id, flow_id), decide))
             except FlowError as error:
-                outcomes.append(error)
-                continue
-            updated = cast(FlowInstance, project(seen[iid], decision.events))
-            seen[iid] = updated
-            events.extend(decision.events)
-            outcomes.append(decision.error or updated)
-        try:
-            self._commands.save(events, decided_here=True)
-        except IntegrityError:
-            for iid in seen:
-                self._commands.forget_instance(iid)
-            return [self._one(*request) for request in batch]
-        for instance in seen.values():
-            if instance is not None:
-                self._commands.remember_instance(instance)
+                checked.append(error)
+        iids = [item[0] for item in checked if not isinstance(item, FlowError)]
+        # The batch's instances are this process's alone until it is written (see Commands).
+        with self._commands.locked(iids):
+            outcomes: list[FlowInstance | FlowError] = []
+            events: list[DomainEvent] = []
+            seen: dict[UUID, FlowInstance | None] = {}  # later requests see earlier ones' effects
+            for item in checked:
+                if isinstance(item, FlowError):
+                    outcomes.append(item)
+                    continue
+                iid, decide = item
+                try:
+                    if iid not in seen:
+                        seen[iid] = self._commands.cached_instance(iid)
+                    decision = decide(seen[iid])
+                except FlowError as error:
+                    outcomes.append(error)
+                    continue
+                updated = cast(FlowInstance, project(seen[iid], decision.events))
+                seen[iid] = updated
+                events.extend(decision.events)
+                outcomes.append(decision.error or updated)
+            try:
+                self._commands.save(events, decided_here=True)
+                conflict = False
+            except IntegrityError:
+                conflict = True
+                for iid in seen:
+                    self._commands.forget_instance(iid)
+            if not conflict:
+                for instance in seen.values():
+                    if instance is not None:
+                        self._commands.remember_instance(instance)
+        if conflict:
+            # One by one, and outside the instance locks: each takes its user's key lock first,
+            # then its instance's, the order every command keeps (no deadlock with them).
+            return [one() for _, one in batch]
         return [o if isinstance(o, FlowError) else o.to_state() for o in outcomes]
 
     def _one(
@@ -735,6 +943,13 @@ class FlowStore:
         The instance keeps its definition version unless `state.definition_version` names another;
         a user without state starts on the latest version.
         """
+        flow_id, decide = self._override(user_id, state)
+        return self._commands.change_instance(user_id, flow_id, decide).to_state()
+
+    def _override(
+        self, user_id: str, state: FlowState | Mapping[str, Any]
+    ) -> tuple[str, Callable[[FlowInstance | None], Decision]]:
+        """Check an override's input; the flow it is in and the decision it makes."""
         require_id(user_id, "user_id")
         if not isinstance(state, FlowState):
             try:
@@ -774,7 +989,7 @@ class FlowStore:
                 )
             )
 
-        return self._commands.change_instance(user_id, new.flow, decide).to_state()
+        return new.flow, decide
 
     def clear_flow_state(self, user_id: str, flow_id: str) -> None:
         """Forget where the user stands: `get_flow_state` returns None; the history stays."""
@@ -832,53 +1047,169 @@ class FlowStore:
         instance = self._log.get(instance_id(user_id, flow_id), FlowInstance)
         return instance.to_state() if instance is not None and instance.is_live else None
 
-    def get_user_flows(self, user_id: str) -> list[FlowState]:
-        """Every flow the user has state in (active or completed), oldest run first.
+    def get_user_flows(
+        self, user_id: str, *, status: FlowStatus | str | None = None
+    ) -> list[FlowState]:
+        """Every flow the user has state in (active or completed, or only `status`), oldest run
+        first.
 
         Read from the `flow_states` table; a row naming a step its definition does not have raises
         `FlowStateCorruptionError` (`recover_flow_state` rebuilds the row from the log).
         """
         require_id(user_id, "user_id")
-        states = []
-        for row in self._tables.user_flows(user_id):
-            versions = self._log.get(definition_id(row["flow_id"]), FlowVersions)
-            definition = versions.get(row["definition_version"]) if versions else None
-            if definition is None or definition.step(row["step"]) is None:
-                raise FlowStateCorruptionError(
-                    user_id,
-                    row["flow_id"],
-                    f"projected step {row['step']!r} does not exist in definition version "
-                    f"{row['definition_version']}",
-                )
-            states.append(FlowState.model_validate({**row, "flow": row["flow_id"]}))
-        return states
+        wanted = check_listed_status(status, default=None)
+        return [self._state_of(row) for row in self._tables.user_flows(user_id, wanted)]
+
+    def _state_of(self, row: dict[str, Any]) -> FlowState:
+        versions = self._log.get(definition_id(row["flow_id"]), FlowVersions)
+        definition = versions.get(row["definition_version"]) if versions else None
+        if definition is None or definition.step(row["step"]) is None:
+            raise FlowStateCorruptionError(
+                row["user_id"],
+                row["flow_id"],
+                f"projected step {row['step']!r} does not exist in definition version "
+                f"{row['definition_version']}",
+            )
+        return FlowState.model_validate({**row, "flow": row["flow_id"]})
+
+    def list_instances(
+        self,
+        flow_id: str,
+        *,
+        step: str | None = None,
+        status: FlowStatus | str | None = None,
+        idle_for: timedelta | float | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> InstancePage:
+        """The flow's instances (active by default, or `completed`), by user id, a page at a time.
+
+        `step` keeps those at that step; `idle_for` (a timedelta or seconds) those untouched for at
+        least that long ("who is stuck at verification for more than a day"). Pass the page's
+        `next_cursor` as `cursor` for the next page (at most `MAX_PAGE` per page). Read from the
+        `flow_states` table through its (flow, status, step, user) index.
+        """
+        require_id(flow_id, "flow_id")
+        if step is not None:
+            require_id(step, "step")
+        wanted = check_listed_status(status, default=FlowStatus.ACTIVE)
+        assert wanted is not None
+        size = check_limit(limit, maximum=MAX_PAGE)
+        if size is None:
+            raise InvalidArgumentError("limit", limit, "must be a positive integer")
+        idle = idle_seconds(idle_for)
+        after_user = decode_instance_cursor(cursor)
+        self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
+        idle_since = self._clock() - timedelta(seconds=idle) if idle is not None else None
+        rows = self._tables.instance_page(
+            flow_id,
+            status=wanted,
+            step=step,
+            idle_since=idle_since,
+            after_user=after_user,
+            limit=size + 1,  # one more: is there a next page?
+        )
+        states = [self._state_of(row) for row in rows[:size]]
+        more = len(rows) > size
+        next_cursor = encode_instance_cursor(rows[size - 1]["user_id"]) if more else None
+        return InstancePage(instances=states, next_cursor=next_cursor)
 
     def get_flow_history(
-        self, user_id: str, flow_id: str, *, max_bytes: int | None = None
+        self,
+        user_id: str,
+        flow_id: str,
+        *,
+        limit: int | None = None,
+        after: str | datetime | None = None,
+        before: str | datetime | None = None,
+        kinds: Iterable[HistoryKind | str] | None = None,
+        max_bytes: int | None = None,
     ) -> list[FlowStateHistory]:
-        """Every command on the user's flow, oldest first (empty if they never started it).
+        """The commands on the user's flow, oldest first (empty if they never started it).
 
-        With `max_bytes`, the rows end at the first one that brings their payloads and errors (as
-        JSON and text) to more than that; it is included, so the caller can tell the cap was
-        reached. The rows are read in batches, never all at once.
+        All of them, or a page: `after`/`before` take a row's `id` (a stable cursor: the next page
+        is `after=page[-1].id`) or an aware datetime (`after` inclusive, `before` exclusive);
+        `limit` caps the rows (with only `before`, the ones just before it); `kinds` keeps those
+        kinds (`HistoryKind`). With `max_bytes`, the rows end at the first one that brings their
+        payloads and errors (as JSON and text) to more than that; it is included, so the caller
+        can tell the cap was reached. The rows are read in batches, never all at once.
         """
         require_id(user_id, "user_id")
         require_id(flow_id, "flow_id")
-        rows = self._tables.history(user_id, flow_id, max_bytes=max_bytes)
+        size = check_limit(limit)
+        iid = instance_id(user_id, flow_id)
+        after_version, since = history_bound(after, "after", iid)
+        before_version, until = history_bound(before, "before", iid)
+        wanted = check_kinds(kinds)
+        rows = self._tables.history(
+            user_id,
+            flow_id,
+            limit=size,
+            after_version=after_version,
+            before_version=before_version,
+            since=since,
+            until=until,
+            kinds=wanted,
+            max_bytes=max_bytes,
+        )
         if not rows:
             self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
         return rows
 
-    def get_flow_statistics(self, flow_id: str | None = None) -> FlowStatistics:
-        """Usage and performance of one flow, or of all flows (read from the statistics tables)."""
+    def get_flow_statistics(
+        self,
+        flow_id: str | None = None,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> FlowStatistics:
+        """Usage and performance of one flow, or of all flows (read from the statistics tables).
+
+        With `since` and/or `until` (aware datetimes; `until` defaults to now, `since` to the
+        first event), over that window, to the minute, from the per-minute activity table: see
+        `README.md` (Statistics) for what each figure counts in a window.
+        """
         if flow_id is not None:
             self._get_versions(flow_id)
-        return self._tables.statistics(flow_id, now=self._clock(), window=self.statistics_window)
+        window = self._window(since, until)
+        if window is None:
+            return self._tables.statistics(
+                flow_id, now=self._clock(), window=self.statistics_window
+            )
+        return self._tables.window_statistics(flow_id, since=window[0], until=window[1])
 
-    def get_flow_funnel(self, flow_id: str) -> list[FunnelStep]:
-        """Per step of the flow: entered, moved on, dropped, and active there now."""
+    def _window(
+        self, since: datetime | None, until: datetime | None
+    ) -> tuple[datetime, datetime] | None:
+        start, end = check_aware(since, "since"), check_aware(until, "until")
+        if start is None and end is None:
+            return None
+        end = end or self._clock()
+        start = start or datetime.fromtimestamp(0, UTC)
+        if start >= end:
+            raise InvalidArgumentError("since", since, f"must be before until ({end.isoformat()})")
+        return start, end
+
+    def get_flow_funnel(
+        self,
+        flow_id: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[FunnelStep]:
+        """Per step of the flow: entered, moved on, dropped, and active there now.
+
+        With `since`/`until`, entered, moved on and dropped count only what happened in that
+        window (to the minute); `current` is always now.
+        """
         definition = self._get_versions(flow_id).latest
-        found = {step.step: step for step in self._tables.funnel(flow_id)}
+        window = self._window(since, until)
+        funnel = (
+            self._tables.funnel(flow_id)
+            if window is None
+            else self._tables.window_funnel(flow_id, since=window[0], until=window[1])
+        )
+        found = {step.step: step for step in funnel}
         order = sorted(definition.steps.values(), key=lambda step: step.index)
         known = [
             found.pop(
@@ -1022,3 +1353,24 @@ class FlowStore:
 
     def _live_versions(self, flow_id: str) -> FlowVersions:
         return self._commands.live_versions(flow_id)
+
+
+def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method`, refusing to run on a closed store and reopening a forked child's first."""
+
+    @functools.wraps(method)
+    def call(self: FlowStore, *args: Any, **kwargs: Any) -> Any:
+        if self._closed:
+            raise StoreClosedError(f"used ({method.__name__})")
+        if self._generation != _fork_generation:
+            self._after_fork()
+        return method(self, *args, **kwargs)
+
+    return call
+
+
+# Every public method: a closed store says so (not a pool error or "no such table" from deep
+# inside), and a store inherited through fork() opens its own connections before its first use.
+for _name, _member in list(vars(FlowStore).items()):
+    if callable(_member) and not _name.startswith("_") and _name != "close":
+        setattr(FlowStore, _name, _guarded(_member))

@@ -8,7 +8,7 @@ built). The live path, a rebuild and verify all apply these same operations, so 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from flowstore.domain import (
@@ -31,8 +31,10 @@ from flowstore.domain import (
 from flowstore.models import FlowStatus
 
 __all__ = [
+    "ACTIVITY_COLUMNS",
     "SAMPLE_SLOTS",
     "THROUGHPUT_RETENTION_SECONDS",
+    "AddActivity",
     "AddCounters",
     "AddHistory",
     "AddStepCounters",
@@ -43,6 +45,20 @@ __all__ = [
     "PutState",
     "changes",
 ]
+
+ACTIVITY_COLUMNS = (
+    "started",
+    "completed",
+    "attempts",
+    "rejections",
+    "failures",
+    "completed_duration_ms",
+    "response_ms_total",
+    "entered",
+    "moved_on",
+    "dropped",
+)
+"""What `flow_activity` counts per flow, minute and step (`flowstore.projections.tables`)."""
 
 SAMPLE_SLOTS = 1000
 """Response-time samples kept per flow (the p95 is over the most recent ones)."""
@@ -88,6 +104,8 @@ class PutSample:
     flow_id: str
     slot: int
     elapsed_ms: float
+    second: int
+    """When the attempt was made (epoch second of event time)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,16 @@ class AddThroughput:
     flow_id: str
     second: int
     forget_before: int
+
+
+@dataclass(frozen=True)
+class AddActivity:
+    """Add to one flow's counts in one minute of event time (step "" for the flow's own counts)."""
+
+    flow_id: str
+    minute: int
+    step: str
+    deltas: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -118,6 +146,7 @@ Op = (
     | AddStepCounters
     | PutSample
     | AddThroughput
+    | AddActivity
 )
 
 
@@ -192,15 +221,48 @@ def _attempt(event: TransitionExecuted | TransitionRejected, attempts: int) -> l
     # Whole hours are forgotten at once, so the bound (and the delete behind it) moves rarely.
     hour = THROUGHPUT_RETENTION_SECONDS
     return [
-        PutSample(event.flow_id, attempts % SAMPLE_SLOTS, event.elapsed_ms),
+        PutSample(event.flow_id, attempts % SAMPLE_SLOTS, event.elapsed_ms, second),
         AddThroughput(event.flow_id, second, (second // hour - 1) * hour),
     ]
+
+
+_RUN_COUNTS = frozenset({"completed", "completed_duration_ms"})
+"""Counted in the minute the run started, so a window's completion rate is over its own runs."""
+
+
+def _minute(moment: datetime) -> int:
+    return int(moment.timestamp()) // 60
+
+
+def _activity(event: InstanceEvent, previous: dict[str, Any] | None, ops: list[Op]) -> list[Op]:
+    """The counter and step-counter changes again, by minute: what windowed statistics read."""
+    now = _minute(event.timestamp)
+    started = previous.get("started_at") if previous else None
+    run = _minute(started) if started is not None else now
+    activity: list[Op] = []
+    for op in ops:
+        if isinstance(op, AddCounters):
+            by_run = {k: v for k, v in op.deltas.items() if k in _RUN_COUNTS}
+            by_now = {
+                k: v for k, v in op.deltas.items() if k in ACTIVITY_COLUMNS and k not in by_run
+            }
+            activity += [
+                AddActivity(op.flow_id, m, "", d) for m, d in ((run, by_run), (now, by_now)) if d
+            ]
+        elif isinstance(op, AddStepCounters):
+            activity.append(AddActivity(op.flow_id, now, op.step, dict(op.deltas)))
+    return activity
 
 
 def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) -> list[Op]:
     """The row operations for one event (none for definition and catalog events)."""
     if not isinstance(event, InstanceEvent):
         return []
+    ops = _changes(event, previous, attempts)
+    return ops + _activity(event, previous, ops)
+
+
+def _changes(event: InstanceEvent, previous: dict[str, Any] | None, attempts: int) -> list[Op]:
     ops: list[Op] = []
     history = _history_row(event)
     if history is not None:

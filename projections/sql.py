@@ -39,8 +39,10 @@ from flowstore.domain import DomainEvent
 from flowstore.errors import RebuildRunningError
 from flowstore.eventlog import UnreadableEvent
 from flowstore.projections.batch import RowBatch, StateKey
+from flowstore.projections.ops import ACTIVITY_COLUMNS
 from flowstore.projections.queries import Queries, percentile, row_dict
 from flowstore.projections.tables import (
+    LAYOUT,
     QUARANTINE,
     REBUILD_SUFFIX,
     TRACKING,
@@ -59,6 +61,8 @@ __all__ = [
 ]
 
 PROJECTION = "flowstore"
+_LAYOUT_ROW = "flowstore.layout"
+"""The tracking row whose `position` holds the tables' `LAYOUT` (not a log position)."""
 _PAGE = 1000
 
 
@@ -111,6 +115,12 @@ class SqlProjections(Queries, Verification):
         if self._owns_engine:
             self.engine.dispose()
 
+    def abandon(self) -> None:
+        """In a forked child: drop the parent's pooled connections without closing them (closing
+        would end the parent's sessions too; SQLAlchemy's recipe for `fork`)."""
+        if self._owns_engine:
+            self.engine.dispose(close=False)
+
     @contextmanager
     def _read(self) -> Iterator[Connection]:
         if self._shared_connection:
@@ -124,8 +134,9 @@ class SqlProjections(Queries, Verification):
     def create(self) -> None:
         """Create the live tables and the tracking row if they are missing.
 
-        Tables of an older layout (missing a column) are dropped and the tracking position reset:
-        the next catch-up rebuilds them from the log, which is what makes them disposable.
+        Tables of an older layout (a table or column missing, or an older `LAYOUT` recorded) are
+        dropped and the tracking position reset: the next catch-up rebuilds them from the log,
+        which is what makes them disposable.
         """
         with self._lock, self.engine.begin() as conn:
             if self._outdated(conn):
@@ -133,21 +144,38 @@ class SqlProjections(Queries, Verification):
                 self.tables.metadata.drop_all(conn)
                 conn.execute(delete(TRACKING).where(TRACKING.c.name == PROJECTION))
             self.tables.metadata.create_all(conn)
+            for table in self.tables.all:  # create_all adds no index to a table that exists
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
             TRACKING.metadata.create_all(conn)
             conn.execute(
                 self._insert(TRACKING)
                 .values(name=PROJECTION, position=0)
                 .on_conflict_do_nothing(index_elements=["name"])
             )
+            conn.execute(
+                self._insert(TRACKING)
+                .values(name=_LAYOUT_ROW, position=LAYOUT)
+                .on_conflict_do_update(index_elements=["name"], set_={"position": LAYOUT})
+            )
 
     def _outdated(self, conn: Connection) -> bool:
         found = inspect(conn)
-        for table in self.tables.all:
-            if found.has_table(table.name):
-                columns = {c["name"] for c in found.get_columns(table.name)}
-                if not {c.name for c in table.columns} <= columns:
-                    return True
-        return False
+        existing = [table for table in self.tables.all if found.has_table(table.name)]
+        if not existing:
+            return False  # a new database
+        if len(existing) < len(self.tables.all):
+            return True
+        for table in existing:
+            columns = {c["name"] for c in found.get_columns(table.name)}
+            if not {c.name for c in table.columns} <= columns:
+                return True
+        layout = None
+        if found.has_table(TRACKING.name):
+            query = select(TRACKING.c.position).where(TRACKING.c.name == _LAYOUT_ROW)
+            layout = conn.execute(query).scalar()
+        # Only older: a newer layout (written by a newer flowstore) is left alone, not fought over.
+        return layout is None or layout < LAYOUT
 
     # Catching up
 
@@ -361,10 +389,16 @@ class SqlProjections(Queries, Verification):
             conn.execute(self._upsert(t.steps, ["flow_id", "step"], add=True), rows)
         if batch.samples:
             rows = [
-                {"flow_id": f, "slot": slot, "elapsed_ms": ms}
-                for (f, slot), ms in batch.samples.items()
+                {"flow_id": f, "slot": slot, "elapsed_ms": ms, "second": second}
+                for (f, slot), (ms, second) in batch.samples.items()
             ]
             conn.execute(self._upsert(t.samples, ["flow_id", "slot"], add=False), rows)
+        if batch.activity:
+            rows = [
+                {"flow_id": f, "minute": m, "step": s, **{c: d.get(c, 0) for c in ACTIVITY_COLUMNS}}
+                for (f, m, s), d in batch.activity.items()
+            ]
+            conn.execute(self._upsert(t.activity, ["flow_id", "minute", "step"], add=True), rows)
         if batch.throughput:
             rows = [
                 {"flow_id": f, "second": s, "attempts": n} for (f, s), n in batch.throughput.items()

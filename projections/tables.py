@@ -25,11 +25,25 @@ from sqlalchemy import (
     Text,
 )
 
+from flowstore.projections.ops import ACTIVITY_COLUMNS
+
 __all__ = [
+    "LAYOUT",
     "QUARANTINE",
     "REBUILD_SUFFIX",
     "TRACKING",
-    "UNREADABLE", "ProjectionTables", "define_tables", "tracking_metadata"]
+    "UNREADABLE",
+    "ProjectionTables",
+    "define_tables",
+    "tracking_metadata",
+]
+
+LAYOUT = 2
+"""The tables' layout version: tables written under an older one are rebuilt from the log (see
+`SqlProjections.create`). 2: history steps and transition as "" rather than NULL (the seed's
+strings), a rejected attempt's `to_step` is the step the user stayed on; `flow_activity`;
+`flow_response_samples.second`; the `flow_states` index for `list_instances`."""
+
 
 REBUILD_SUFFIX = "__rebuild"
 _ID = String(256)
@@ -46,11 +60,20 @@ class ProjectionTables:
     steps: Table
     samples: Table
     throughput: Table
+    activity: Table
 
     @property
     def all(self) -> list[Table]:
         """Every table of the set, parents first."""
-        return [self.states, self.history, self.counters, self.steps, self.samples, self.throughput]
+        return [
+            self.states,
+            self.history,
+            self.counters,
+            self.steps,
+            self.samples,
+            self.throughput,
+            self.activity,
+        ]
 
 
 def define_tables(suffix: str = "") -> ProjectionTables:
@@ -81,6 +104,16 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Index(f"ix_flow_states{suffix}_flow_status", "flow_id", "status"),
         Index(f"ix_flow_states{suffix}_expiry", "status", "expires_at"),
         Index(f"ix_flow_states{suffix}_instance", "instance_id"),
+        # list_instances: a flow's instances at a step and status, paged by user id; idle_for
+        # filters on updated_at along the same index entries.
+        Index(
+            f"ix_flow_states{suffix}_flow_step",
+            "flow_id",
+            "status",
+            "step",
+            "user_id",
+            "updated_at",
+        ),
     )
     history = Table(
         f"flow_history{suffix}",
@@ -136,6 +169,9 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("flow_id", _ID, primary_key=True),
         Column("slot", Integer, primary_key=True),
         Column("elapsed_ms", Float, nullable=False),
+        # When the attempt was made (epoch second): the p95 of a time window uses the ring's
+        # samples that fall in it.
+        Column("second", Integer, nullable=False),
     )
     # Attempts per flow per second of event time, for throughput over a recent window.
     throughput = Table(
@@ -145,7 +181,28 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("second", Integer, primary_key=True),
         Column("attempts", Integer, nullable=False, default=0),
     )
-    return ProjectionTables(md, states, history, counters, steps, samples, throughput)
+    # Statistics and the funnel over a time window: the counters and step counters again, per flow,
+    # minute of event time and step ("" for the flow's own counts). Runs count in the minute they
+    # started (their completion and its duration too), attempts and steps in the minute they
+    # happened. Kept for good: a minute row per flow and step that saw anything.
+    activity = Table(
+        f"flow_activity{suffix}",
+        md,
+        Column("flow_id", _ID, primary_key=True),
+        Column("minute", Integer, primary_key=True),
+        Column("step", _ID, primary_key=True),
+        *(
+            Column(
+                name,
+                Float if name.endswith(("_ms", "_total")) else Integer,
+                nullable=False,
+                default=0,
+            )
+            for name in ACTIVITY_COLUMNS
+        ),
+        Index(f"ix_flow_activity{suffix}_minute", "minute"),
+    )
+    return ProjectionTables(md, states, history, counters, steps, samples, throughput, activity)
 
 
 tracking_metadata = MetaData()

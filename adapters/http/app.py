@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from http import HTTPStatus
 from importlib import resources
 from typing import Annotated, Any
@@ -22,10 +24,12 @@ import anyio
 import orjson
 from fastapi import Body, Depends, FastAPI, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRouter
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import WithJsonSchema
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,11 +40,12 @@ from flowstore import (
     FlowError,
     FlowState,
     FlowStateHistory,
-    FlowStateNotFoundError,
     FlowStatistics,
     FlowStore,
     FlowTransition,
     FunnelStep,
+    HistoryKind,
+    InvalidArgumentError,
     PayloadTooLargeError,
     StateTokenFlowError,
     StorageUnavailableError,
@@ -77,9 +82,11 @@ from flowstore.adapters.http.schemas import (
     nul_errors,
 )
 from flowstore.adapters.http.websocket import FlowSocket
+from flowstore.models import FlowStatus, InstancePage
+from flowstore.paging import MAX_PAGE
 from flowstore.tokens import token_flow_id
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
+__all__ = ["CORS_ORIGINS_ENV", "DEFAULT_MAX_BODY_BYTES", "cors_origins_from_env", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +99,36 @@ MAX_HISTORY_RESPONSE_BYTES = 4 * 1024 * 1024
 """Most payload and error bytes one history response holds (1,500 rows of 60 KB grew the server by
 333 MB); the oldest rows that fit are sent, with `X-History-Truncated: true`."""
 
+class _ErasableUserConvertor(Convertor[str]):
+    """A user id of any characters, slashes included, that does not end like the state route.
+
+    `DELETE /api/admin/users/{userId}` takes the rest of the path as the user id; without this, a
+    DELETE sent to `/api/admin/users/ann/flows/f/state` (a route that has no DELETE) would erase a
+    user called "ann/flows/f/state" instead of answering 405.
+    """
+
+    regex = r"(?!.*/flows/[^/]+/state$).+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("flowstore_erasable_user", _ErasableUserConvertor())
+
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 """Request bodies above this are refused with 413 before they are parsed."""
+
+CORS_ORIGINS_ENV = "FLOWSTORE_CORS_ORIGINS"
+"""Comma-separated origins browsers may call the API from (`*` for any); unset: no CORS headers."""
+
+
+def cors_origins_from_env() -> list[str]:
+    """The origins `$FLOWSTORE_CORS_ORIGINS` allows (none when unset or empty)."""
+    return [o.strip() for o in os.environ.get(CORS_ORIGINS_ENV, "").split(",") if o.strip()]
+
 
 # Ids in paths: what the store accepts (non-empty, at most 256 characters), without control
 # characters, which no real id has and PostgreSQL text columns refuse (NUL).
@@ -127,6 +162,43 @@ WebSocket `/api/flow/ws` (token as the `token` query parameter or in a first mes
 `{"type": "authenticate", "token": ...}`) pushes `flow-state-updated` whenever one of the caller's
 flows changes, and runs `{"type": "flow-transition", "flowId", "transition", "payload"}`.
 """
+
+
+# ISO 8601 with a zone, and nothing else: pydantic would also take a number as a Unix time,
+# which the spec (format date-time) does not allow.
+_MOMENT = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})$"
+Since = Annotated[
+    str | None,
+    Query(
+        description="Window start (ISO 8601 with a time zone), inclusive",
+        pattern=_MOMENT,
+        json_schema_extra={"format": "date-time"},
+    ),
+]
+Until = Annotated[
+    str | None,
+    Query(
+        description="Window end (ISO 8601 with a time zone), exclusive",
+        pattern=_MOMENT,
+        json_schema_extra={"format": "date-time"},
+    ),
+]
+
+
+def _moment(value: str | None, name: str) -> datetime | None:
+    """A `Since`/`Until` parameter as a datetime (the pattern has made sure it is one)."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:  # right shape, impossible date (2026-02-31)
+        raise InvalidArgumentError(name, value, "must be an ISO 8601 time") from None
+
+
+def _link_next(request: Request, response: Response, cursor: str) -> None:
+    """Point the `Link` header at the next page: the same request with `cursor` moved on."""
+    url = request.url.include_query_params(cursor=cursor)
+    response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -311,11 +383,14 @@ def create_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     poll_interval: float = 0.15,
+    cors_origins: Sequence[str] | None = None,
 ) -> FastAPI:
     """The HTTP and WebSocket API over `store`, authenticating callers with `verifier`.
 
     `max_body_bytes` caps request bodies (413 above it; payloads are also held to the store's own
-    `max_payload_bytes`); `poll_interval` is how often the WebSocket pusher reads the event log.
+    `max_payload_bytes`); `poll_interval` is how often the WebSocket pusher reads the event log;
+    `cors_origins` are the browser origins allowed to call (default: `$FLOWSTORE_CORS_ORIGINS`,
+    else none: without CORS headers, browsers keep other sites' pages from reading answers).
     """
     pusher = LogPusher(store, interval=poll_interval)
     sockets = FlowSocket(store, verifier, pusher)
@@ -337,6 +412,18 @@ def create_app(
     app.state.verifier = verifier
     app.state.pusher = pusher
     app.add_middleware(_BodyLimit, limit=max(max_body_bytes, 0))
+    origins = cors_origins_from_env() if cors_origins is None else list(cors_origins)
+    if origins:
+        # Added last, so outermost: a preflight is answered before the body limit or any route.
+        # Credentials stay off: callers send a bearer token, which is not a cookie; the console's
+        # cookie must never be usable from another origin.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            max_age=600,
+        )
     _install_error_handlers(app)
     app.openapi = _problem_media_type(app)  # type: ignore[method-assign]
 
@@ -351,13 +438,14 @@ def create_app(
 
     # The caller's own flows
 
-    @users.get("/flow/{flowId}/state", response_model=FlowState, responses=_errors(401, 404, 422))
-    def get_state(flow_id: FlowId, principal: Caller) -> FlowState:
-        """The caller's state in the flow (404 FLOW_STATE_NOT_FOUND when they have none)."""
+    @users.get(
+        "/flow/{flowId}/state", response_model=FlowState | None, responses=_errors(401, 404, 422)
+    )
+    def get_state(flow_id: FlowId, principal: Caller) -> FlowState | None:
+        """The caller's state in the flow, or null when they have none (as the seed's module)."""
         state = store.get_flow_state(principal.user_id, flow_id)
         if state is None:
-            store.get_flow(flow_id)  # an unknown flow is FLOW_NOT_FOUND rather than no state
-            raise FlowStateNotFoundError(principal.user_id, flow_id)
+            store.get_flow(flow_id)  # an unknown flow is 404 FLOW_NOT_FOUND rather than null
         return state
 
     @users.post(
@@ -461,15 +549,37 @@ def create_app(
         response_model=list[FlowStateHistory],
         responses=_errors(401, 404, 422),
     )
-    def history(flow_id: FlowId, principal: Caller, response: Response) -> list[FlowStateHistory]:
-        """Every command on the caller's flow, oldest first (`X-History-Truncated` when capped)."""
+    def history(
+        flow_id: FlowId,
+        principal: Caller,
+        request: Request,
+        response: Response,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Rows per page")] = MAX_PAGE,
+        cursor: Annotated[
+            str | None, Query(max_length=200, description="The `next` link's cursor")
+        ] = None,
+        kind: Annotated[list[HistoryKind] | None, Query(description="Only these kinds")] = None,
+    ) -> list[FlowStateHistory]:
+        """The commands on the caller's flow, oldest first, a page at a time: at most 1,000 rows
+        and `MAX_HISTORY_RESPONSE_BYTES` of payloads (`X-History-Truncated` when that cut the
+        page short); a `Link: <...>; rel="next"` header points at the next page while there is one."""
         rows = store.get_flow_history(
-            principal.user_id, flow_id, max_bytes=MAX_HISTORY_RESPONSE_BYTES
+            principal.user_id,
+            flow_id,
+            limit=limit + 1,  # one more: is there a next page?
+            after=cursor,
+            kinds=kind,
+            max_bytes=MAX_HISTORY_RESPONSE_BYTES,
         )
+        more = len(rows) > limit
         if len(rows) > 1 and sum(_row_bytes(row) for row in rows) > MAX_HISTORY_RESPONSE_BYTES:
-            rows.pop()  # the row that crossed the cap: the rest is not sent
+            rows.pop()  # the row that crossed the cap: it starts the next page
             response.headers["X-History-Truncated"] = "true"
-        return rows
+            more = True
+        page = rows[:limit]
+        if more and page:
+            _link_next(request, response, page[-1].id)
+        return page
 
     # Registered before /flows/{flowId} so that "mine" is not taken for a flow id.
     @users.get("/flows/mine", response_model=list[FlowState], responses=_errors(401))
@@ -484,6 +594,21 @@ def create_app(
         # A concrete path owns all its methods (OpenAPI's rule): PATCH /api/flows/mine must not
         # fall through to /api/flows/{flowId} and change a flow called "mine".
         raise HTTPException(405)
+
+    # Any caller may read a definition; changing one is administration.
+    @users.get(
+        "/flows/{flowId}",
+        response_model=FlowDefinition,
+        response_model_exclude_none=True,
+        responses=_errors(401, 404, 422),
+    )
+    def get_flow(
+        flow_id: FlowId,
+        version: Annotated[int | None, Query(ge=1, description="A past version")] = None,
+    ) -> FlowDefinition:
+        """A flow's definition: the latest version or `version` (any authenticated caller, as the
+        seed's module; changing it needs the admin role)."""
+        return store.get_flow(flow_id, version)
 
     # Administration
 
@@ -514,19 +639,6 @@ def create_app(
             raise RequestInvalidError([error])
         return store.get_flow(store.create_flow(definition))
 
-    @admins.get(
-        "/flows/{flowId}",
-        response_model=FlowDefinition,
-        response_model_exclude_none=True,
-        responses=_errors(401, 403, 404, 422),
-    )
-    def get_flow(
-        flow_id: FlowId,
-        version: Annotated[int | None, Query(ge=1, description="A past version")] = None,
-    ) -> FlowDefinition:
-        """A flow's definition: the latest version or `version`."""
-        return store.get_flow(flow_id, version)
-
     @admins.patch(
         "/flows/{flowId}",
         response_model=FlowDefinition,
@@ -554,23 +666,59 @@ def create_app(
         response_model=FlowStatistics,
         responses=_errors(401, 403, 404, 422),
     )
-    def flow_statistics(flow_id: FlowId) -> FlowStatistics:
-        """Usage and performance of one flow."""
-        return store.get_flow_statistics(flow_id)
+    def flow_statistics(
+        flow_id: FlowId, since: Since = None, until: Until = None
+    ) -> FlowStatistics:
+        """Usage and performance of one flow (over [since, until) when given)."""
+        window = {"since": _moment(since, "since"), "until": _moment(until, "until")}
+        return store.get_flow_statistics(flow_id, **window)
 
-    @admins.get("/statistics", response_model=FlowStatistics, responses=_errors(401, 403))
-    def statistics() -> FlowStatistics:
-        """Usage and performance of all flows."""
-        return store.get_flow_statistics()
+    @admins.get("/statistics", response_model=FlowStatistics, responses=_errors(401, 403, 422))
+    def statistics(since: Since = None, until: Until = None) -> FlowStatistics:
+        """Usage and performance of all flows (over [since, until) when given)."""
+        return store.get_flow_statistics(
+            since=_moment(since, "since"), until=_moment(until, "until")
+        )
+
+    @admins.get(
+        "/flows/{flowId}/instances",
+        response_model=InstancePage,
+        responses=_errors(401, 403, 404, 422),
+    )
+    def instances(
+        flow_id: FlowId,
+        request: Request,
+        response: Response,
+        step: Annotated[str | None, Query(description="Only those at this step", **_ID)] = None,
+        status: Annotated[FlowStatus, Query(description="active or completed")] = (
+            FlowStatus.ACTIVE
+        ),
+        idle_for: Annotated[
+            float | None,
+            Query(alias="idleFor", ge=0, le=1e10, description="Untouched for this many seconds"),
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        cursor: Annotated[str | None, Query(max_length=1400)] = None,
+    ) -> InstancePage:
+        """The flow's instances by user id, a page at a time ("who is stuck at verification for
+        more than a day": `?step=verification&idleFor=86400`)."""
+        page = store.list_instances(
+            flow_id, step=step, status=status, idle_for=idle_for, limit=limit, cursor=cursor
+        )
+        if page.next_cursor is not None:
+            _link_next(request, response, page.next_cursor)
+        return page
 
     @admins.get(
         "/flows/{flowId}/funnel",
         response_model=list[FunnelStep],
         responses=_errors(401, 403, 404, 422),
     )
-    def funnel(flow_id: FlowId) -> list[FunnelStep]:
-        """Per step: how many entered, moved on, dropped, and are there now."""
-        return store.get_flow_funnel(flow_id)
+    def funnel(flow_id: FlowId, since: Since = None, until: Until = None) -> list[FunnelStep]:
+        """Per step: how many entered, moved on, dropped (in [since, until) when given), and are
+        there now."""
+        window = {"since": _moment(since, "since"), "until": _moment(until, "until")}
+        return store.get_flow_funnel(flow_id, **window)
 
     @admins.post(
         "/admin/purge-expired", response_model=PurgeResult, responses=_errors(401, 403, 409)
@@ -600,7 +748,7 @@ def create_app(
         return store.set_flow_state(user_id, state)
 
     @admins.delete(
-        "/admin/users/{userId:path}",
+        "/admin/users/{userId:flowstore_erasable_user}",
         response_model=ErasureResult,
         responses=_errors(401, 403, 409, 422),
     )

@@ -10,7 +10,8 @@ Protocol (JSON text frames):
 - `{"type": "flow-transition", "flowId", "transition", "payload", "ok", "message", "requestId"}`
   (`ok` and `message` optional) is answered with
   `{"type": "flow-transition-result", "requestId", "state"}` or `{"type": "flow-error", "requestId",
-  "code", "problem"}`, where `problem` is the same problem details REST returns.
+  "code", "error", "problem"}`, where `error` is the message (as the seed sends it) and `problem`
+  the same problem details REST returns.
 - The session is closed with 4401 when the token expires, and with 1013 if the client reads too
   slowly to keep up with its pushes.
 """
@@ -49,6 +50,8 @@ def _error(error: FlowError | dict[str, Any], request_id: Any = None) -> dict[st
         "type": "flow-error",
         "requestId": request_id,
         "code": details["code"],
+        # The seed's clients read `error` (the message, `{ error: error.message }`).
+        "error": details["detail"],
         "problem": details,
     }
 

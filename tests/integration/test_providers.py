@@ -28,6 +28,7 @@ from flowstore.adapters.providers import (
     Authentication,
     CachedFlowProvider,
     FlowProviderConfig,
+    config_from_seed,
     load_flows,
     make_flow_provider,
     read_definitions,
@@ -437,6 +438,53 @@ def test_hybrid_asks_sources_in_order(tmp_path: Path, server: FlowServer, ticker
     provider.close()
 
 
+def test_the_seeds_camel_case_config_works_with_cache_timeout_in_milliseconds(
+    tmp_path: Path, ticker: Ticker
+) -> None:
+    path = write_json(tmp_path / "flow.json", linear("f", ttl=10))
+    provider = make_flow_provider(
+        {"source": "file", "filePath": str(path), "cacheTimeout": 30_000, "clock": ticker}
+    )
+    assert provider.get_flow("f").ttl == 10
+    write_json(path, linear("f", ttl=20))
+    ticker.advance(29)
+    assert provider.get_flow("f").ttl == 10  # 30,000 ms: still fresh after 29 s
+    ticker.advance(2)
+    assert provider.get_flow("f").ttl == 20
+    config = config_from_seed(
+        {
+            "source": "hybrid",
+            "sources": [
+                {"source": "file", "filePath": str(path)},
+                {
+                    "source": "remote",
+                    "remoteUrl": "https://cfg.example/flows",
+                    "authentication": {"type": "bearer", "credentials": "t"},
+                    "cacheTimeout": 300000,
+                },
+            ],
+        }
+    )
+    assert config.sources[1].cache_timeout == 300
+    assert config.sources[1].authentication == Authentication("bearer", "t")
+    assert config.sources[0].file_path == str(path)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"source": "file", "file_path": "x"},  # snake_case is ours, not the seed's
+        {"filePath": "x"},
+        {"source": "file", "filePath": "x", "cacheTimeout": "300000"},
+        {"source": "remote", "remoteUrl": "u", "authentication": {"kind": "bearer"}},
+        ["source", "file"],
+    ],
+)
+def test_bad_seed_configs_are_invalid_arguments(config: Any) -> None:
+    with pytest.raises(InvalidArgumentError):
+        make_flow_provider(config)
+
+
 def test_configuration_errors_are_invalid_arguments() -> None:
     for config in (
         FlowProviderConfig(source="file"),
@@ -479,6 +527,29 @@ def test_load_creates_versions_and_leaves_identical_flows_alone(
         assert store.get_flow("b").version == 3
 
 
+def test_cli_load_shows_warnings_and_loads_the_flow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/cli.db"
+    looping = linear("sub")
+    looping["steps"]["s2"]["transitions"] = {"renew": {"transition": "renew", "step": "s1"}}
+    looping["steps"]["orphan"] = {"index": 9, "step": "orphan", "service": "s"}
+    path = write_json(tmp_path / "sub.json", looping)
+    assert main(["--url", url, "flows", "load", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "created sub (version 1)" in out
+    assert "warning: flow sub: step 'orphan' is not reachable from initialStep 's0'" in out
+    assert "warning: flow sub: no terminal step" in out
+    assert main(["--url", url, "--json", "flows", "load", str(path)]) == 0
+    assert orjson.loads(capsys.readouterr().out)["warnings"] == [
+        {"flow": "sub", "warning": "step 'orphan' is not reachable from initialStep 's0'"},
+        {
+            "flow": "sub",
+            "warning": "no terminal step (one without transitions) is reachable from 's0'",
+        },
+    ]
+
+
 def test_cli_load_and_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path}/cli.db"
     folder = tmp_path / "flows"
@@ -493,7 +564,8 @@ def test_cli_load_and_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFi
     (folder / "onboarding.json").write_text(exported, encoding="utf-8")
     assert main(["--url", url, "--json", "flows", "load", str(folder)]) == 0
     assert orjson.loads(capsys.readouterr().out) == {
-        "flows": [{"flow": FLOW, "action": "unchanged", "version": 1}]
+        "flows": [{"flow": FLOW, "action": "unchanged", "version": 1}],
+        "warnings": [],
     }
     assert main(["--url", url, "flows", "load", str(tmp_path / "missing")]) == 5
     assert "missing" in capsys.readouterr().err

@@ -131,7 +131,7 @@ def test_first_transition_starts_the_flow(store: FlowStore, clock: Clock) -> Non
     assert state.started_at == clock.now
     history = store.get_flow_history("ann", FLOW)
     assert [(h.kind, h.from_step, h.to_step, h.transition) for h in history] == [
-        (HistoryKind.START, None, "welcome", None),
+        (HistoryKind.START, "", "welcome", ""),
         (HistoryKind.TRANSITION, "welcome", "profile-setup", "start"),
     ]
 
@@ -155,7 +155,7 @@ def test_invalid_transition_is_recorded_and_raised(store: FlowStore) -> None:
         False,
         "complete",
         "profile-setup",
-        None,
+        "profile-setup",  # the step the user stayed on (the seed's toStep)
     )
     assert last.payload == {"why": "impatient"}
     assert last.error is not None
@@ -342,7 +342,7 @@ def test_statistics_agree_with_the_history(store: FlowStore, clock: Clock) -> No
     attempts = [h for h in rows if h.kind is HistoryKind.TRANSITION]
     entries: dict[str, int] = {}
     for h in rows:
-        if h.to_step is not None:
+        if h.to_step and h.success:  # a rejected attempt enters nothing
             entries[h.to_step] = entries.get(h.to_step, 0) + 1
     completed = [h for h in attempts if h.to_step == "completed"]
 

@@ -171,8 +171,8 @@ CASES = [
     Case("definition-not-an-object", lambda s: s.create_flow(["a"]), DefinitionError),  # type: ignore[arg-type]
     Case("definition-dangling-target", lambda s: s.create_flow(two_steps("g", target="ghost")), DefinitionError, match="unknown step 'ghost'"),
     Case("definition-missing-initial-step", lambda s: s.create_flow({**linear("g"), "initialStep": "zz"}), DefinitionError, match="initialStep 'zz' is not a step"),
-    Case("definition-unreachable-step", lambda s: s.create_flow({**linear("g"), "steps": {**linear("g")["steps"], "x": {"index": 9, "step": "x", "service": "s"}}}), DefinitionError, match="'x' is not reachable"),
-    Case("definition-cycle-without-terminal", lambda s: s.create_flow({"flow": "g", "initialStep": "a", "steps": {"a": {"index": 0, "step": "a", "service": "s", "transitions": {"loop": {"transition": "loop", "step": "a"}}}}}), DefinitionError, match='no terminal step'),
+    # Unreachable steps and loops without a terminal step are warnings (validate_flow), not errors.
+    Case("definition-shape-and-meaning-together", lambda s: s.create_flow({**two_steps("g", target="ghost"), "ttl": -5} | {"steps": {**two_steps("g", target="ghost")["steps"], "b": {"index": "x", "step": "b", "service": "s"}}}), DefinitionError, match="(?s)index.*ghost.*ttl must be a positive"),
     Case("definition-wrong-types", lambda s: s.create_flow({"flow": "g", "initialStep": 3, "steps": "many"}), DefinitionError, match='initialStep'),
     Case("definition-unknown-key", lambda s: s.create_flow({**linear("g"), "colour": "red"}), DefinitionError, match='colour'),
     Case("definition-remote-ref", lambda s: s.create_flow(schema_flow("g", {"properties": {"a": {"$ref": "http://127.0.0.1:1/x.json"}}})), DefinitionError, match="refers outside the schema"),

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from flowstore import DefinitionError
+from flowstore import DefinitionError, schemas
 from flowstore.definitions import parse_definition
 from flowstore.schemas import MAX_VALIDATION_STEPS, PayloadSchema, schema_problems
 from tests.flows import linear
@@ -162,3 +162,10 @@ def test_a_stored_schema_with_a_pattern_re2_refuses_fails_payloads_not_the_serve
     problem = PayloadSchema({"properties": {"a": {"pattern": r"(a)\1"}}}).problem({"a": "aa"})
     assert problem is not None
     assert "RE2" in problem
+
+
+def test_validation_also_stops_at_its_cpu_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(schemas, "MAX_VALIDATION_CPU_SECONDS", 0.0)
+    problem = PayloadSchema({"items": {"type": "integer"}}).problem(list(range(1000)))
+    assert problem is not None
+    assert "CPU" in problem
