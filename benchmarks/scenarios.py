@@ -14,6 +14,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ import psycopg
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
+from benchmarks.stages import Stages
 from flowstore import FlowError, FlowStore
 from flowstore.storage import parse_url
 
@@ -58,6 +60,8 @@ class Row:
     baseline: float | None
     flowstore: float
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+    """CPU µs per operation (`time.process_time`, every thread of the process) by column."""
 
     @property
     def vs_raw(self) -> float | None:
@@ -68,6 +72,24 @@ class Row:
     def vs_baseline(self) -> float | None:
         """flowstore / naive baseline."""
         return self.flowstore / self.baseline if self.baseline else None
+
+
+class Clocks:
+    """Wall and CPU time of one measured stretch (CPU: every thread of this process)."""
+
+    def __init__(self) -> None:
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        self.wall = self.cpu = 0.0
+
+    def stop(self) -> Clocks:
+        """Freeze the elapsed times."""
+        self.wall = time.perf_counter() - self.wall0
+        self.cpu = time.process_time() - self.cpu0
+        return self
+
+    def cpu_us(self, ops: int) -> float:
+        """CPU µs per operation."""
+        return self.cpu / ops * 1e6
 
 
 # The naive baseline: bare eventsourcing, its default JSON transcoder, a mutable aggregate.
@@ -100,19 +122,19 @@ def naive_env(url: str) -> dict[str, str]:
     return {**parse_url(url).env, "AGGREGATE_CACHE_MAXSIZE": "10000"}
 
 
-def _naive_transitions(url: str, users: list[str], ops: int) -> float:
+def _naive_transitions(url: str, users: list[str], ops: int) -> tuple[float, float]:
     app = NaiveApp(env=naive_env(url))
     for user in users:
         app.save(NaiveInstance(user, "loop", "a"))
     ids = [NaiveInstance.create_id(u, "loop") for u in users]
-    began = time.perf_counter()
+    clocks = Clocks()
     for i in range(ops):
         instance: NaiveInstance = app.repository.get(ids[i % len(ids)])
         instance.move("tick", "a", PAYLOAD)
         app.save(instance)
-    rate = ops / (time.perf_counter() - began)
+    clocks.stop()
     app.close()
-    return rate
+    return ops / clocks.wall, clocks.cpu_us(ops)
 
 
 # The raw limit: the bare driver doing one durable insert of a similar row per operation.
@@ -120,14 +142,14 @@ def _naive_transitions(url: str, users: list[str], ops: int) -> float:
 _ROW = orjson.dumps({"transition": "tick", "from_step": "a", "to_step": "a", "payload": PAYLOAD})
 
 
-def _raw_sqlite(path: str, ops: int, batch: int = 1) -> float:
+def _raw_sqlite(path: str, ops: int, batch: int = 1) -> tuple[float, float]:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")  # as eventsourcing sets it; synchronous stays FULL
     conn.execute(
         "CREATE TABLE IF NOT EXISTS raw (id INTEGER PRIMARY KEY, oid TEXT, v INTEGER, "
         "topic TEXT, state BLOB, UNIQUE (oid, v))"
     )
-    began = time.perf_counter()
+    clocks = Clocks()
     for start in range(0, ops, batch):
         conn.execute("BEGIN")
         conn.executemany(
@@ -135,9 +157,9 @@ def _raw_sqlite(path: str, ops: int, batch: int = 1) -> float:
             [(f"u{i}", i, "tick", _ROW) for i in range(start, min(start + batch, ops))],
         )
         conn.execute("COMMIT")
-    rate = ops / (time.perf_counter() - began)
+    clocks.stop()
     conn.close()
-    return rate
+    return ops / clocks.wall, clocks.cpu_us(ops)
 
 
 def _pg_conninfo(url: str) -> str:
@@ -148,13 +170,13 @@ def _pg_conninfo(url: str) -> str:
     )
 
 
-def _raw_postgres(url: str, ops: int, batch: int = 1) -> float:
+def _raw_postgres(url: str, ops: int, batch: int = 1) -> tuple[float, float]:
     with psycopg.connect(_pg_conninfo(url), autocommit=True) as conn:
         conn.execute(
             "CREATE TABLE IF NOT EXISTS raw (id BIGSERIAL PRIMARY KEY, oid TEXT, v INTEGER, "
             "topic TEXT, state BYTEA, UNIQUE (oid, v))"
         )
-        began = time.perf_counter()
+        clocks = Clocks()
         for start in range(0, ops, batch):
             rows = [(f"u{i}", i, "tick", _ROW) for i in range(start, min(start + batch, ops))]
             if batch == 1:
@@ -166,11 +188,13 @@ def _raw_postgres(url: str, ops: int, batch: int = 1) -> float:
                     cur.executemany(
                         "INSERT INTO raw (oid, v, topic, state) VALUES (%s, %s, %s, %s)", rows
                     )
-        return ops / (time.perf_counter() - began)
+        clocks.stop()
+        return ops / clocks.wall, clocks.cpu_us(ops)
 
 
-def raw_writes(url: str, ops: int, batch: int = 1) -> float:
-    """Durable single-row inserts (or `batch` rows per transaction) per second with the bare driver."""
+def raw_writes(url: str, ops: int, batch: int = 1) -> tuple[float, float]:
+    """Durable single-row inserts (or `batch` rows per transaction) per second with the bare
+    driver, and the CPU µs each took."""
     config = parse_url(url)
     if config.backend == "sqlite":
         return _raw_sqlite(config.env["SQLITE_DBNAME"] + ".raw", ops, batch)
@@ -186,32 +210,53 @@ def _started_store(url: str, users: list[str], **options: Any) -> FlowStore:
     return store
 
 
-def single_transitions(urls: Callable[[], str], backend: str, ops: int) -> Row:
-    """Scenario 1: one writer, one durable commit per transition."""
+def single_transitions(
+    urls: Callable[[], str], backend: str, ops: int, stages: Stages | None = None
+) -> Row:
+    """Scenario 1: one writer, one durable commit per transition (stage timers if `stages`)."""
     users = [f"user-{i}" for i in range(min(200, ops))]
-    raw = raw_writes(urls(), ops)
-    baseline = _naive_transitions(urls(), users, ops)
-    with _started_store(urls(), users) as store:
-        began = time.perf_counter()
+    raw, raw_cpu = raw_writes(urls(), ops)
+    baseline, baseline_cpu = _naive_transitions(urls(), users, ops)
+    with _started_store(urls(), users) as store, ExitStack() as timing:
+        if stages is not None:
+            timing.enter_context(stages.active(store))
+        clocks = Clocks()
         for i in range(ops):
             store.execute_transition(users[i % len(users)], "loop", "tick", PAYLOAD)
         store.sync_projections()  # the tables' work counts too
-        rate = ops / (time.perf_counter() - began)
-    return Row("1 single transitions", backend, "transitions/s", raw, baseline, rate)
+        clocks.stop()
+    cpu = {"raw": raw_cpu, "baseline": baseline_cpu, "flowstore": clocks.cpu_us(ops)}
+    if stages is not None:
+        print(f"\nstages of scenario 1 on {backend} ({ops} transitions, wall µs per transition):")
+        print(stages.table(ops, clocks.wall, clocks.cpu))
+    return Row(
+        "1 single transitions", backend, "transitions/s", raw, baseline, ops / clocks.wall, cpu=cpu
+    )
 
 
 def batched_transitions(urls: Callable[[], str], backend: str, ops: int, batch: int = 500) -> Row:
     """Scenario 2: many users' transitions per call, one transaction, vs a bulk insert."""
     users = [f"user-{i}" for i in range(batch)]
-    raw = raw_writes(urls(), ops, batch=batch)
+    raw, raw_cpu = raw_writes(urls(), ops, batch=batch)
     with _started_store(urls(), users) as store:
-        began = time.perf_counter()
+        clocks = Clocks()
         for _ in range(0, ops, batch):
             results = store.execute_transitions([(u, "loop", "tick", PAYLOAD) for u in users])
             assert all(not isinstance(r, Exception) for r in results)
         store.sync_projections()
-        rate = (ops // batch * batch) / (time.perf_counter() - began)
-    return Row("2 batched transitions", backend, "transitions/s", raw, None, rate, {"batch": batch})
+        clocks.stop()
+    done = ops // batch * batch
+    cpu = {"raw": raw_cpu, "flowstore": clocks.cpu_us(done)}
+    return Row(
+        "2 batched transitions",
+        backend,
+        "transitions/s",
+        raw,
+        None,
+        done / clocks.wall,
+        {"batch": batch},
+        cpu,
+    )
 
 
 def _thread_writer(store: FlowStore, users: list[str], ops: int, barrier: Any) -> None:
@@ -237,10 +282,11 @@ def concurrent_writers(urls: Callable[[], str], backend: str, ops: int) -> list[
     solo = [f"solo-user-{i}" for i in range(50)]
     url = urls()
     with _started_store(url, [u for group in [*users, solo] for u in group]) as store:
-        single_began = time.perf_counter()
+        solo_clocks = Clocks()
         _thread_writer(store, solo, ops // threads, threading.Barrier(1))
         store.sync_projections()
-        single = (ops // threads) / (time.perf_counter() - single_began)
+        solo_clocks.stop()
+        single = (ops // threads) / solo_clocks.wall
         barrier = threading.Barrier(threads + 1)
         workers = [
             threading.Thread(target=_thread_writer, args=(store, users[t], ops // threads, barrier))
@@ -249,14 +295,26 @@ def concurrent_writers(urls: Callable[[], str], backend: str, ops: int) -> list[
         for worker in workers:
             worker.start()
         barrier.wait()
-        began = time.perf_counter()
+        clocks = Clocks()
         for worker in workers:
             worker.join()
         store.sync_projections()
-        rate = (ops // threads * threads) / (time.perf_counter() - began)
+        clocks.stop()
+        done = ops // threads * threads
+        rate = done / clocks.wall
         lost = _lost_updates(store, users, 1 + (ops // threads) // 50)
+    cpu = {"raw": solo_clocks.cpu_us(ops // threads), "flowstore": clocks.cpu_us(done)}
     rows.append(
-        Row(f"3 {threads} threads", backend, "transitions/s", single, None, rate, {"lost": lost})
+        Row(
+            f"3 {threads} threads",
+            backend,
+            "transitions/s",
+            single,
+            None,
+            rate,
+            {"lost": lost},
+            cpu,
+        )
     )
     if backend == "postgres":
         url = urls()
@@ -347,10 +405,11 @@ def _rebuild_child(url: str, out: Any) -> None:
     import resource
 
     with FlowStore(url, live_projections=False) as store:
-        began = time.perf_counter()
+        clocks = Clocks()
         replayed = store.rebuild_projections()
-        elapsed = time.perf_counter() - began
-    out.put((replayed, elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+        clocks.stop()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.put((replayed, clocks.wall, rss, clocks.cpu_us(max(replayed, 1))))
 
 
 def rebuild(urls: Callable[[], str], backend: str, events: int) -> Row:
@@ -364,16 +423,17 @@ def rebuild(urls: Callable[[], str], backend: str, events: int) -> Row:
                 [(u, "loop", "tick", PAYLOAD) for u in users], batch_size=1000
             )
         recorder = store._log.app.recorder
-        began, count, start = time.perf_counter(), 0, 1
+        clocks, count, start = Clocks(), 0, 1
         while page := recorder.select_notifications(start, 5000):
             count += len(page)
             start = page[-1].id + 1
-        raw = count / (time.perf_counter() - began)
+        clocks.stop()
+        raw = count / clocks.wall
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
     child = context.Process(target=_rebuild_child, args=(url, out))
     child.start()
-    replayed, elapsed, rss = out.get(timeout=3600)
+    replayed, elapsed, rss, cpu = out.get(timeout=3600)
     child.join()
     return Row(
         "5 rebuild",
@@ -383,6 +443,7 @@ def rebuild(urls: Callable[[], str], backend: str, events: int) -> Row:
         None,
         replayed / elapsed,
         {"events": replayed, "peak_rss_mb": rss},
+        {"raw": clocks.cpu_us(count), "flowstore": cpu},
     )
 
 

@@ -60,7 +60,7 @@ class PydanticMapper(Mapper[Any]):
             and "user_id" in state
             and not str(state["user_id"]).startswith(ERASED_USER_PREFIX)
         ):
-            key = self.keys.for_user(state["user_id"])
+            key = self.keys.for_user(state["user_id"])  # a cache hit: `EventLog.save` loaded it
             personal = {f: state.pop(f) for f in PERSONAL_FIELDS if f in state}
             context = _context(domain_event.originator_id, domain_event.originator_version)
             sealed = key.seal(self.transcoder.encode(personal), context)

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,11 +31,14 @@ from eventsourcing.persistence import (
     InternalError,
     Mapper,
     OperationalError,
+    StoredEvent,
     Transcoder,
 )
+from eventsourcing.utils import get_topic
 
 from flowstore.codec import OrjsonTranscoder, PydanticMapper
-from flowstore.domain import DomainEvent, InstanceEvent, project
+from flowstore.definitions import ERASED_USER_PREFIX
+from flowstore.domain import DomainEvent, FlowErased, InstanceEvent, project
 from flowstore.errors import (
     CorruptEventError,
     EncryptionKeyError,
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CIPHER_KEY_ENV",
     "EventLog",
+    "GroupCommit",
     "UnreadableEvent",
     "backoff",
     "cipher_settings",
@@ -63,6 +68,7 @@ T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
 _OPEN_ATTEMPTS = 5
+_ERASED_TOPIC = get_topic(FlowErased)
 
 CIPHER_KEY_ENV = "FLOWSTORE_CIPHER_KEY"
 """Base64 AES key (16, 24 or 32 bytes) that encrypts every event at rest."""
@@ -120,6 +126,128 @@ def storage_errors(env: Mapping[str, str], action: str) -> Iterator[None]:
         raise StorageUnavailableError(
             backend.get(module, "The database"), action, reason or type(exc).__name__
         ) from exc
+
+
+class _Pending:
+    """One command's stored events waiting for a group's commit, and how it went."""
+
+    __slots__ = ("done", "error", "ids", "stored")
+
+    def __init__(self, stored: list[StoredEvent]) -> None:
+        self.stored = stored
+        self.ids: Sequence[int] | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+class GroupCommit:
+    """Appends of many threads in one transaction, one commit (and fsync) for all of them.
+
+    Each thread queues its command's stored events and takes the write lock; whoever holds it
+    commits everything queued so far (its own events and those of the threads waiting behind it)
+    in one transaction, each command's inserts in a SAVEPOINT of their own. A command whose
+    insert conflicts (an instance moved on: optimistic concurrency) is rolled back to its
+    savepoint alone and gets eventsourcing's `IntegrityError`; the others commit. A thread whose
+    command another thread committed finds it done once it gets the lock, so every call returns
+    only after its own events are durable (or raises what the commit raised).
+
+    On PostgreSQL a command alone goes through the recorder's own insert (pipelined, retried
+    when the connection drops); a group whose connection fails is retried one command at a
+    time the same way (a group that did commit then meets its own rows, which
+    `EventLog.save` recognises as its own).
+    """
+
+    _SAVEPOINT = "flowstore_command"
+
+    def __init__(
+        self, app: Application[UUID], lock: AbstractContextManager[Any], *, postgres: bool = False
+    ) -> None:
+        self._app = app
+        self._lock = lock
+        self._postgres = postgres
+        self._queue: list[_Pending] = []
+        self._queue_lock = threading.Lock()
+
+    def append(self, events: Sequence[DomainEvent]) -> int:
+        """Record one command's events; the notification id of its last one (0 if none)."""
+        if not events:
+            return 0
+        # Encoding and sealing happen here, while another thread's group may be committing.
+        mapper = self._app.mapper
+        pending = _Pending([mapper.to_stored_event(event) for event in events])
+        with self._queue_lock:
+            self._queue.append(pending)
+        with self._lock:
+            if not pending.done:
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                try:
+                    if self._postgres:
+                        self._commit_postgres(group)
+                    else:
+                        self._commit(group)
+                finally:
+                    for done in group:
+                        done.done = True
+        if pending.error is not None:
+            raise pending.error
+        assert pending.ids
+        return pending.ids[-1]
+
+    def _commit(self, group: list[_Pending]) -> None:
+        recorder = cast(Any, self._app.recorder)
+        try:
+            if len(group) == 1:  # alone: the recorder's own insert, no savepoint needed
+                group[0].ids = recorder.insert_events(group[0].stored)
+                return
+            with recorder.datastore.transaction(commit=True) as cursor:
+                for pending in group:
+                    cursor.execute(f"SAVEPOINT {self._SAVEPOINT}")
+                    try:
+                        pending.ids = recorder._insert_events(cursor, pending.stored)
+                    except sqlite3.IntegrityError as exc:
+                        cursor.execute(f"ROLLBACK TO {self._SAVEPOINT}")
+                        pending.error = IntegrityError(exc)
+                    cursor.execute(f"RELEASE {self._SAVEPOINT}")
+        except BaseException as exc:  # the commit failed: none of the group's events are in
+            for pending in group:
+                pending.ids = None
+                if pending.error is None:
+                    pending.error = exc
+
+    def _commit_postgres(self, group: list[_Pending]) -> None:
+        import psycopg
+
+        recorder = cast(Any, self._app.recorder)
+        if len(group) > 1:
+            try:
+                with recorder.datastore.get_connection() as conn, conn.transaction():
+                    for pending in group:
+                        try:
+                            with conn.transaction(), conn.cursor() as cursor:  # a SAVEPOINT
+                                recorder._insert_stored_events(cursor, pending.stored)
+                                pending.ids = recorder._fetch_ids_after_insert_events(
+                                    cursor, pending.stored
+                                )
+                        except psycopg.IntegrityError as exc:
+                            pending.ids = None
+                            pending.error = IntegrityError(str(exc))
+                return
+            except (OperationalError, InterfaceError):
+                for pending in group:  # cut off: each on its own, with the recorder's retries
+                    pending.ids = None
+            except BaseException as exc:
+                for pending in group:
+                    pending.ids = None
+                    if pending.error is None:
+                        pending.error = exc
+                return
+        for pending in group:
+            if pending.error is None:
+                try:
+                    pending.ids = recorder.insert_events(pending.stored)
+                except BaseException as exc:
+                    pending.error = exc
 
 
 @dataclass(frozen=True)
@@ -211,6 +339,13 @@ class EventLog:
             nullcontext() if config.backend == "postgres" else threading.Lock()
         )
         self.app = self._open(env)
+        # Concurrent commands of this process share commits (`GroupCommit`); on PostgreSQL the
+        # group's leader is whoever holds a lock of its own (there is no write lock there).
+        self._group: GroupCommit | None = None
+        if config.backend == "sqlite" and config.sqlalchemy_url is not None:
+            self._group = GroupCommit(self.app, self.write_lock)
+        elif config.backend == "postgres":
+            self._group = GroupCommit(self.app, threading.Lock(), postgres=True)
         try:
             with storage_errors(config.env, "opening the store"):
                 self.keys = self._open_keys(refresh, engine)
@@ -255,6 +390,9 @@ class EventLog:
             keys = MemoryKeyStore(refresh=refresh)
         else:
             keys = SqlKeyStore(self.config, self.app.mapper.cipher, refresh=refresh, engine=engine)
+            # Other processes may erase users: their FlowErased events say whose keys to drop.
+            self._erasures_seen = self.app.recorder.max_notification_id() or 0
+            keys.watch(self._erased_subjects)
         cast(PydanticMapper, self.app.mapper).keys = keys
         return keys
 
@@ -274,6 +412,27 @@ class EventLog:
                 else (f"the log is encrypted: set {CIPHER_KEY_ENV} or pass cipher_key")
             )
             raise EncryptionKeyError(f"Cannot read the event log: {hint}") from exc
+
+    def _erased_subjects(self) -> list[str]:
+        """The key subjects of the `FlowErased` events appended since the last call."""
+        recorder = self.app.recorder
+        mapper = cast(PydanticMapper, self.app.mapper)
+        with self.errors("reading the log"):
+            newest = recorder.max_notification_id() or 0
+            subjects: list[str] = []
+            while self._erasures_seen < newest:
+                page = recorder.select_notifications(
+                    self._erasures_seen + 1, 1000, stop=newest, topics=[_ERASED_TOPIC]
+                )
+                for notification in page:
+                    subject = mapper._state(notification).get("subject")
+                    if isinstance(subject, str):
+                        subjects.append(subject)
+                if len(page) < 1000:
+                    self._erasures_seen = newest
+                else:
+                    self._erasures_seen = page[-1].id
+        return subjects
 
     def close(self) -> None:
         """Release the keys' and the recorder's connections."""
@@ -295,13 +454,16 @@ class EventLog:
         A real conflict raises eventsourcing's `IntegrityError`.
         """
         with self.errors("appending events"):
-            # The users' keys first, outside the write lock: creating one is a transaction of
-            # its own, and the mapper, sealing under the lock, then finds them cached.
-            for user in {e.user_id for e in events if isinstance(e, InstanceEvent)}:
-                self.keys.for_user(user)
+            # The users' keys first, all at once and outside the write lock: creating them is a
+            # transaction of its own, and the mapper, sealing, finds them cached. (Erased
+            # stand-in ids name no one: nothing is sealed for them, so they need no key.)
+            self.keys.for_users(
+                e.user_id
+                for e in events
+                if isinstance(e, InstanceEvent) and not e.user_id.startswith(ERASED_USER_PREFIX)
+            )
             try:
-                with self.write_lock:
-                    recordings = self.app.save(*events)
+                position = self._append(events)
             except IntegrityError:
                 if not decided_here:
                     raise
@@ -319,7 +481,15 @@ class EventLog:
                     first.originator_version,
                 )
                 return self.app.recorder.max_notification_id() or 0  # past our events
-            return recordings[-1].notification.id if recordings else 0
+            return position
+
+    def _append(self, events: Sequence[DomainEvent]) -> int:
+        """Record the events (all or none); the log position after them, 0 if there were none."""
+        if self._group is not None:
+            return self._group.append(events)
+        with self.write_lock:
+            recordings = self.app.save(*events)
+        return recordings[-1].notification.id if recordings else 0
 
     def get(self, aggregate_id: UUID, kind: type[T]) -> T | None:
         """The aggregate folded from its events (cached by eventsourcing), or None if it has none."""

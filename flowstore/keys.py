@@ -110,20 +110,37 @@ class SealedKey:
 
 
 class UserKeys(ABC):
-    """Finds or creates users' keys, with a short-lived cache in front of the key table.
+    """Finds or creates users' keys, with a cache in front of the key table.
 
-    Cached entries live `refresh` seconds: a key shredded by another process stops being used here
-    within that time (the erasing process itself forgets it at once). In this process, `user_lock`
-    orders a user's writes against the shredding of their key: a write that holds it from key lookup
-    to append can never be sealed with a key deleted meanwhile.
+    A key never changes once created; it only disappears when its user is erased. So keys found
+    are cached for good (a full cache starts afresh), and only "no such key" answers expire, after
+    `refresh` seconds. The erasing process drops its copies at once (`shred`). Other processes
+    learn of erasures from the log (`watch`): at most every `refresh` seconds, one thread (the
+    others go on meanwhile) asks for the subjects of the `FlowErased` events appended since its
+    last look, which erasure appends before it shreds, and drops those keys; they are then never
+    cached again, until this process creates the user a new key. A write racing an erasure
+    elsewhere is covered by the erasure's second pass (`flowstore.erasure`). `refresh` 0 turns
+    the cache off. In this process, `user_lock` orders a user's writes against the shredding of
+    their key: a write that holds it from key lookup to append can never be sealed with a key
+    deleted meanwhile, and a lookup that started before a shred caches nothing (`_generation`).
     """
+
+    _BOUND = 100_000
 
     def __init__(self, refresh: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.refresh = refresh
         self._clock = clock
         self._lock = threading.Lock()
-        self._by_user: dict[str, tuple[SealedKey, float]] = {}
-        self._by_subject: dict[str, tuple[SealedKey | None, float]] = {}
+        # Misses load one at a time: threads missing the same key at once make one query, not N.
+        self._loading = threading.Lock()
+        self._by_user: dict[str, SealedKey] = {}
+        self._by_subject: dict[str, SealedKey] = {}
+        self._gone: dict[str, float] = {}  # subject -> until when "shredded" is trusted
+        self._erasing: set[str] = set()  # user ids and subjects seen erased: never cached
+        self._user_of: dict[str, str] = {}  # subject -> user id, of the cached keys
+        self._feed: Callable[[], list[str]] | None = None
+        self._next_look = 0.0
+        self._looking = threading.Lock()
         # Bumped by every shred: a lookup that started before a shred must not cache what it read.
         self._generation = 0
         self._user_locks = [threading.RLock() for _ in range(_USER_LOCK_STRIPES)]
@@ -131,11 +148,13 @@ class UserKeys(ABC):
     # The storage, per backend
 
     @abstractmethod
-    def _load_user(self, ref: str) -> tuple[str, bytes] | None: ...
+    def _load_users(self, refs: list[str]) -> dict[str, tuple[str, bytes]]:
+        """The (subject, key) of each user ref that has a key."""
+        ...
 
     @abstractmethod
-    def _insert(self, subject: str, ref: str, key: bytes) -> None:
-        """Insert a key; a concurrent insert for the same user must make this a no-op."""
+    def _insert(self, rows: list[tuple[str, str, bytes]]) -> None:
+        """Insert (subject, ref, key) rows; one for a user that already has a key is skipped."""
         ...
 
     @abstractmethod
@@ -155,40 +174,124 @@ class UserKeys(ABC):
         # erasure can append its own events while it holds the user's lock.
         return self._user_locks[hash(user_id) % _USER_LOCK_STRIPES]
 
+    def watch(self, erased_subjects: Callable[[], list[str]]) -> None:
+        """Drop cached keys erased elsewhere: `erased_subjects()` gives those since the last call."""
+        self._feed = erased_subjects
+        self._next_look = self._clock() + self.refresh
+
+    def _look(self) -> None:
+        """Forget the keys erased elsewhere, if `refresh` seconds passed since the last look."""
+        if self._feed is None or self._clock() < self._next_look:
+            return
+        if not self._looking.acquire(blocking=False):
+            return  # another thread is looking: no stampede
+        try:
+            if self._clock() >= self._next_look:
+                subjects = self._feed()
+                self._next_look = self._clock() + self.refresh
+                for subject in subjects:
+                    self.forget(subject)
+        finally:
+            self._looking.release()
+
     def for_user(self, user_id: str) -> SealedKey:
         """The user's current key, created on first use."""
-        now = self._clock()
-        cached = self._by_user.get(user_id)
-        if cached is not None and cached[1] > now:
-            return cached[0]
+        self._look()
+        key = self._by_user.get(user_id)
+        if key is not None:
+            return key
+        return self.for_users((user_id,))[user_id]
+
+    def for_users(self, user_ids: Iterable[str]) -> dict[str, SealedKey]:
+        """The current keys of many users, the missing ones loaded (or created) in one go each."""
+        self._look()
+        keys: dict[str, SealedKey] = {}
+        missing: list[str] = []
+        for user_id in dict.fromkeys(user_ids):
+            key = self._by_user.get(user_id)
+            if key is not None:
+                keys[user_id] = key
+            else:
+                missing.append(user_id)
+        if not missing:
+            return keys
+        with self._loading:
+            still = [u for u in missing if u not in self._by_user]
+            keys.update((u, self._by_user[u]) for u in missing if u not in still)
+            if still:
+                keys.update(self._load_or_create(still))
+        return keys
+
+    def _load_or_create(self, user_ids: list[str]) -> dict[str, SealedKey]:
         generation = self._generation
-        ref = _user_ref(user_id)
-        found = self._load_user(ref)
-        if found is None:
-            self._insert(uuid4().hex, ref, AESGCM.generate_key(_KEY_BITS))
-            found = self._load_user(ref)  # ours, or the one a concurrent writer inserted first
-            assert found is not None
-        key = SealedKey(found[0], AESGCM(found[1]))
-        self._remember(user_id, key, now, generation)
-        return key
+        refs = {user_id: _user_ref(user_id) for user_id in user_ids}
+        found: dict[str, tuple[str, bytes]] = {}
+        for i in range(0, len(user_ids), 500):
+            found.update(self._load_users([refs[u] for u in user_ids[i : i + 500]]))
+        new = [u for u in user_ids if refs[u] not in found]
+        if new:
+            self._insert([(uuid4().hex, refs[u], AESGCM.generate_key(_KEY_BITS)) for u in new])
+            # Ours, or the ones concurrent writers inserted first.
+            found.update(self._load_users([refs[u] for u in new]))
+        keys: dict[str, SealedKey] = {}
+        with self._lock:
+            self._trim()
+            for user_id in user_ids:
+                subject, raw = found[refs[user_id]]
+                key = keys[user_id] = SealedKey(subject, AESGCM(raw))
+                if user_id in new:
+                    # Created after any erasure of this user: a key that may be kept.
+                    self._erasing.discard(user_id)
+                if (
+                    self.refresh > 0
+                    and generation == self._generation  # else read before a shred: not cached
+                    and not self._erasing.intersection((user_id, subject))
+                ):
+                    self._by_user[user_id] = key
+                    self._by_subject[subject] = key
+                    self._user_of[subject] = user_id
+        return keys
 
     def for_subject(self, subject: str) -> SealedKey | None:
         """The key known by `subject`; None once it has been shredded."""
+        self._look()
+        key = self._by_subject.get(subject)
+        if key is not None:
+            return key
         return self._lookup((subject,))[subject]
 
     def prefetch(self, subjects: Iterable[str]) -> None:
         """Load the keys of many subjects at once (a page of events being decoded)."""
+        self._look()
         self._lookup(subjects)
 
+    def forget(self, subject: str) -> None:
+        """The key's user is being erased (elsewhere): drop the key and never cache it again."""
+        with self._lock:
+            if len(self._erasing) > self._BOUND:
+                # Forgetting which users were erased is safe only with every cached key dropped.
+                self._erasing.clear()
+                self._by_user.clear()
+                self._by_subject.clear()
+                self._user_of.clear()
+            self._erasing.add(subject)
+            self._by_subject.pop(subject, None)
+            user_id = self._user_of.pop(subject, None)
+            if user_id is not None:
+                self._erasing.add(user_id)
+                self._by_user.pop(user_id, None)
+
     def _lookup(self, subjects: Iterable[str]) -> dict[str, SealedKey | None]:
-        """The keys of `subjects`, from the cache where fresh, the rest in one query."""
+        """The keys of `subjects`, from the cache where known, the rest in one query."""
         now = self._clock()
         keys: dict[str, SealedKey | None] = {}
         missing = []
         for subject in set(subjects):
-            cached = self._by_subject.get(subject)
-            if cached is not None and cached[1] > now:
-                keys[subject] = cached[0]
+            key = self._by_subject.get(subject)
+            if key is not None:
+                keys[subject] = key
+            elif self._gone.get(subject, 0.0) > now:
+                keys[subject] = None
             else:
                 missing.append(subject)
         if missing:
@@ -198,9 +301,17 @@ class UserKeys(ABC):
                 self._trim()
                 for subject in missing:
                     raw = found.get(subject)
-                    keys[subject] = SealedKey(subject, AESGCM(raw)) if raw is not None else None
-                    if generation == self._generation:  # else read before a shred: not cached
-                        self._by_subject[subject] = (keys[subject], now + self.refresh)
+                    if raw is None:
+                        keys[subject] = None
+                        self._gone[subject] = now + self.refresh
+                        continue
+                    key = keys[subject] = SealedKey(subject, AESGCM(raw))
+                    if (
+                        self.refresh > 0
+                        and generation == self._generation  # else read before a shred
+                        and subject not in self._erasing
+                    ):
+                        self._by_subject[subject] = key
         return keys
 
     def shred(self, user_id: str) -> list[str]:
@@ -218,21 +329,17 @@ class UserKeys(ABC):
                 self._by_user.pop(user_id, None)
                 for subject in subjects:
                     self._by_subject.pop(subject, None)
+                    self._user_of.pop(subject, None)
         return subjects
-
-    def _remember(self, user_id: str, key: SealedKey, now: float, generation: int) -> None:
-        with self._lock:
-            if generation != self._generation:
-                return  # a shred ran while the key was read: it may be gone already
-            self._trim()
-            self._by_user[user_id] = (key, now + self.refresh)
-            self._by_subject[key.subject] = (key, now + self.refresh)
 
     def _trim(self) -> None:
         # A bound, not an LRU: a full cache is simply started afresh (keys are one read away).
-        if len(self._by_subject) > 100_000:
+        if len(self._by_subject) > self._BOUND or len(self._by_user) > self._BOUND:
             self._by_subject.clear()
             self._by_user.clear()
+            self._user_of.clear()
+        if len(self._gone) > self._BOUND:
+            self._gone.clear()
 
 
 class MemoryKeyStore(UserKeys):
@@ -242,13 +349,15 @@ class MemoryKeyStore(UserKeys):
         super().__init__(refresh)
         self._keys: dict[str, tuple[str, bytes]] = {}  # subject -> (user ref, key)
 
-    def _load_user(self, ref: str) -> tuple[str, bytes] | None:
-        return next(((s, k) for s, (r, k) in self._keys.items() if r == ref), None)
+    def _load_users(self, refs: list[str]) -> dict[str, tuple[str, bytes]]:
+        wanted = set(refs)
+        return {r: (s, k) for s, (r, k) in list(self._keys.items()) if r in wanted}
 
-    def _insert(self, subject: str, ref: str, key: bytes) -> None:
+    def _insert(self, rows: list[tuple[str, str, bytes]]) -> None:
         with self._lock:
-            if self._load_user(ref) is None:
-                self._keys[subject] = (ref, key)
+            for subject, ref, key in rows:
+                if not self._load_users([ref]):
+                    self._keys[subject] = (ref, key)
 
     def _load_subjects(self, subjects: list[str]) -> dict[str, bytes]:
         return {s: self._keys[s][1] for s in subjects if s in self._keys}
@@ -316,8 +425,8 @@ class SqlKeyStore(UserKeys):
                 time.sleep(0.05 * (attempt + 1))
         insert: Any = sqlite.insert if sqlite_file else postgresql.insert
         self._insert_stmt = insert(table).on_conflict_do_nothing()
-        self._by_ref = select(table.c.subject, table.c.key).where(
-            table.c.user_ref == bindparam("ref")
+        self._by_refs = select(table.c.user_ref, table.c.subject, table.c.key).where(
+            table.c.user_ref.in_(bindparam("refs", expanding=True))
         )
         self._by_subjects = select(table.c.subject, table.c.key).where(
             table.c.subject.in_(bindparam("subjects", expanding=True))
@@ -336,15 +445,17 @@ class SqlKeyStore(UserKeys):
     def _unwrap(self, stored: bytes) -> bytes:
         return self._wrapper.decrypt(stored) if self._wrapper else stored
 
-    def _load_user(self, ref: str) -> tuple[str, bytes] | None:
+    def _load_users(self, refs: list[str]) -> dict[str, tuple[str, bytes]]:
         with self.engine.connect().execution_options(**READ_ONLY) as conn:
-            row = conn.execute(self._by_ref, {"ref": ref}).first()
-        return (row.subject, self._unwrap(row.key)) if row else None
+            rows = conn.execute(self._by_refs, {"refs": refs})
+            return {row.user_ref: (row.subject, self._unwrap(row.key)) for row in rows}
 
-    def _insert(self, subject: str, ref: str, key: bytes) -> None:
+    def _insert(self, rows: list[tuple[str, str, bytes]]) -> None:
         with self.engine.begin() as conn:
-            row = {"subject": subject, "user_ref": ref, "key": self._wrap(key)}
-            conn.execute(self._insert_stmt, row)
+            conn.execute(
+                self._insert_stmt,
+                [{"subject": s, "user_ref": r, "key": self._wrap(k)} for s, r, k in rows],
+            )
 
     def _load_subjects(self, subjects: list[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}

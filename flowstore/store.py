@@ -346,7 +346,9 @@ class FlowStore:
         opened: list[Callable[[], None]] = [self._engine.dispose, self._log.close]
         try:
             with self._log.errors("opening the store"):
-                self._projections = SqlProjections(self.config, self._engine)
+                self._projections = SqlProjections(
+                    self.config, self._engine, write_lock=self._log.write_lock
+                )
                 opened.append(self._projections.close)
                 if self.live_projections:
                     self._projections.catch_up(self._read_contained)  # what happened while away
@@ -1390,10 +1392,8 @@ class FlowStore:
             self._live.written(position)
 
     def _project_written(self) -> int:
-        # On SQLite the projector and this process's writers take turns on the Python lock:
-        # waiting in SQLite's busy handler instead sleeps in steps of up to 100 ms.
-        with self._log.write_lock:
-            return self._projections.catch_up(self._read_contained)
+        # The projections take the log's write lock themselves, only to write (see catch_up).
+        return self._projections.catch_up(self._read_contained)
 
     @property
     def _tables(self) -> SqlProjections:

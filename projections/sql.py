@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 from typing import Any, cast
 
@@ -33,6 +33,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.schema import CreateTable
 
 from flowstore.domain import DomainEvent
 from flowstore.errors import RebuildRunningError
@@ -76,9 +77,18 @@ def _json(value: Any) -> str:
 class SqlProjections(Queries, Verification):
     """The projection tables of one store, and everything that reads or writes them."""
 
-    def __init__(self, config: StorageConfig, engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        config: StorageConfig,
+        engine: Engine | None = None,
+        *,
+        write_lock: AbstractContextManager[Any] | None = None,
+    ) -> None:
         self.tables = define_tables()
         self._lock = threading.RLock()
+        # Taken only around our write transactions (the event log's, on SQLite: this process's
+        # writers and the projector then take turns in Python rather than in SQLite's busy wait).
+        self._write_lock: AbstractContextManager[Any] = write_lock or nullcontext()
         # The store's one engine (`flowstore.storage.make_engine`), or one of our own.
         self._owns_engine = engine is None
         self.engine = engine if engine is not None else make_engine(config)
@@ -181,24 +191,40 @@ class SqlProjections(Queries, Verification):
     @contextmanager
     def _locked(self) -> Iterator[tuple[Connection, int]]:
         """A transaction holding the tracking row: no other process moves the tables meanwhile."""
-        with self._lock, self.engine.begin() as conn:
+        with self._lock, self._write_lock, self.engine.begin() as conn:
             yield conn, self._position(conn, lock=True)
 
     def catch_up(self, read: EventPage, *, page: int = _PAGE) -> int:
-        """Apply every event after the tracking position; return the new position."""
+        """Apply every event after the tracking position; return the new position.
+
+        Reading, decoding and folding a batch happen outside any write transaction (and outside
+        the write lock): only writing the rows and moving the tracking row do. The write
+        transaction checks that the tracking position is still the one the batch was folded
+        from; if another catch-up moved it meanwhile, the fold is discarded and done again, so
+        every event still counts exactly once.
+        """
         while True:
-            with self._locked() as (conn, position):
+            with self._lock:
+                with self._read() as conn:
+                    position = self._position(conn, lock=False)
                 events = read(position + 1, page)
                 if not events:
                     return position
                 if position != self._owned_position:
                     # Someone else moved the tables since our last batch: our copies may be stale.
                     self._rows.clear()
-                self._owned_position = None  # until this transaction commits
-                batch = self._apply(conn, self.tables, events, cache=self._rows)
-                self._set_position(conn, events[-1][0])
-            self._rows.keep(batch)
-            self._owned_position = events[-1][0]
+                with self._read() as conn:
+                    batch = self._fold(conn, self.tables, events, cache=self._rows)
+                with self._locked() as (conn, now):
+                    if now != position:
+                        self._owned_position = None  # moved by another process: fold again
+                        continue
+                    self._owned_position = None  # until this transaction commits
+                    self._write(conn, self.tables, batch)
+                    self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
+                    self._set_position(conn, events[-1][0])
+                self._rows.keep(batch)
+                self._owned_position = events[-1][0]
             if len(events) < page:  # the log's end: no need for another transaction to find it
                 return events[-1][0]
 
@@ -212,6 +238,19 @@ class SqlProjections(Queries, Verification):
         events: Sequence[tuple[int, DomainEvent]],
         cache: _RowCache | None = None,
     ) -> RowBatch:
+        batch = self._fold(conn, tables, events, cache)
+        self._write(conn, tables, batch)
+        self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
+        return batch
+
+    def _fold(
+        self,
+        conn: Connection,
+        tables: ProjectionTables,
+        events: Sequence[tuple[int, DomainEvent]],
+        cache: _RowCache | None = None,
+    ) -> RowBatch:
+        """The rows `events` change, folded from the rows `conn` reads (or `cache` holds)."""
         state_query, attempts_query = self._lookups(tables)
 
         def load_state(key: StateKey) -> dict[str, Any] | None:
@@ -225,8 +264,10 @@ class SqlProjections(Queries, Verification):
                 return cache.attempts[flow_id]
             return int(conn.execute(attempts_query, {"flow": flow_id}).scalar() or 0)
 
-        batch = RowBatch(load_state, load_attempts).apply_all(event for _, event in events)
-        self._write(conn, tables, batch)
+        return RowBatch(load_state, load_attempts).apply_all(event for _, event in events)
+
+    def _name_unreadable(self, conn: Connection, events: Sequence[tuple[int, object]]) -> None:
+        """Record the events of the batch that could not be read (contained reads mix them in)."""
         unreadable = [
             {
                 "position": e.position,
@@ -234,17 +275,19 @@ class SqlProjections(Queries, Verification):
                 "originator_version": e.originator_version,
                 "detail": e.detail,
             }
-            for _, e in cast(Sequence[tuple[int, object]], events)  # contained reads mix them in
+            for _, e in events
             if isinstance(e, UnreadableEvent)
         ]
         if unreadable:  # skipped, so named: with the rows, in their transaction
             for row in unreadable:
                 log.error(
                     "event %s (%s v%s) cannot be read; projections skip it: %s",
-                    row["position"], row["originator_id"], row["originator_version"], row["detail"],
+                    row["position"],
+                    row["originator_id"],
+                    row["originator_version"],
+                    row["detail"],
                 )
             conn.execute(self._insert(UNREADABLE).on_conflict_do_nothing(), unreadable)
-        return batch
 
     # Unreadable events
 
@@ -381,7 +424,7 @@ class SqlProjections(Queries, Verification):
         self,
         read: EventPage,
         *,
-        page: int = 5000,
+        page: int = 20_000,
         progress: Callable[[int, int], None] | None = None,
     ) -> int:
         """Replay the whole log into fresh tables, then swap them in; return the events replayed.
@@ -389,6 +432,8 @@ class SqlProjections(Queries, Verification):
         Memory stays bounded: each page is applied and committed before the next is read, and the
         copies of recent state rows kept between pages (only this rebuild writes the new tables, so
         they cannot go stale) are capped. Readers keep the old tables until the swap commits.
+        The new tables get their secondary indexes at the swap, built once over all their rows
+        rather than kept up to date row by row.
         """
         with self._rebuild_lock():
             shadow = define_tables(REBUILD_SUFFIX)
@@ -458,7 +503,11 @@ class SqlProjections(Queries, Verification):
         rows = _RowCache()
         with self._lock, self.engine.begin() as conn:
             shadow.metadata.drop_all(conn)
-            shadow.metadata.create_all(conn)
+            for table in shadow.all:
+                conn.execute(CreateTable(table))  # the secondary indexes come at the swap
+                for index in table.indexes:
+                    if index.name and index.name.endswith("_instance"):
+                        index.create(conn)  # but erasures delete by instance id meanwhile
         position, replayed = 0, 0
         while True:  # stream without holding the tracking lock: live writers carry on
             with self._lock, self.engine.begin() as conn:
