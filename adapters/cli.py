@@ -37,6 +37,7 @@ from flowstore import FlowError, FlowState, FlowStateNotFoundError, FlowStore, _
 from flowstore.adapters.demo import DEMO_FLOW, run_demo
 from flowstore.adapters.diagrams import OUTPUT_FORMATS, diagram_bytes
 from flowstore.adapters.errors import DIFFERENCES_EXIT_CODE, mapping_for
+from flowstore.adapters.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from flowstore.adapters.providers import load_flows, read_definitions
 from flowstore.adapters.render import HISTORY_FIELDS, Model, model_view, record, table
 from flowstore.errors import InvalidArgumentError
@@ -342,8 +343,28 @@ def projections_run(store: FlowStore, args: argparse.Namespace, out: Output) -> 
     return Note(f"stopped at event {position}", {"position": position})
 
 
+def worker(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`worker`: projections, expiry and the Kafka publisher, each led by one worker of a fleet."""
+    from flowstore.adapters.worker import WorkerSettings, run_worker
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    bootstrap = args.bootstrap or os.environ.get("FLOWSTORE_KAFKA_BOOTSTRAP", "")
+    settings = WorkerSettings(
+        interval=args.interval,
+        batch=args.batch,
+        expire_every=args.expire_every,
+        bootstrap=bootstrap,
+        topic=args.topic,
+    )
+    run_worker(store, stop, settings)
+    position = store.projection_position()
+    return Note(f"stopped; tables at event {position}", {"position": position})
+
+
 def serve(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
-    """`serve [--host H] [--port P]`: the HTTP and WebSocket API, until SIGTERM/SIGINT."""
+    """`serve [--host H] [--port P] [--projector live|off]`: the HTTP and WebSocket API."""
     try:
         # Imported here, not at the top: the rest of the CLI works without the `http` extra.
         from flowstore.adapters.http import serve as serve_http
@@ -407,6 +428,7 @@ COMMANDS: dict[str, Handler] = {
     "projections repair": projections_repair,
     "projections run": projections_run,
     "serve": serve,
+    "worker": worker,
     "publish": publish,
     "restore": restore,
     "audit": audit,
@@ -459,6 +481,29 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
     return value
+
+
+PROJECTOR_ENV = "FLOWSTORE_PROJECTOR"
+"""`live` (the default) or `off`: whether `flowstore serve` keeps the tables current itself."""
+PROJECTOR_MODES = ("live", "off")
+
+
+def logging_options(sub: argparse.ArgumentParser) -> None:
+    """--log-level and --log-format, for the commands that run until stopped."""
+    sub.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default: info")
+    sub.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="default: text")
+
+
+def _live_projections(args: argparse.Namespace) -> bool:
+    """Whether this command's store keeps its tables current in a background thread."""
+    if args.command in ("projections run", "worker"):
+        return False  # the worker moves the tables; it must not do a whole catch-up on opening
+    if args.command == "serve":
+        mode = args.projector or os.environ.get(PROJECTOR_ENV) or "live"
+        if mode not in PROJECTOR_MODES:
+            raise InvalidArgumentError(PROJECTOR_ENV, mode, f"one of {', '.join(PROJECTOR_MODES)}")
+        return mode == "live"
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -580,11 +625,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--user", help="only this user's rows")
     sub.add_argument("--flow", help="only this flow's rows")
     sub = command("projections run", "follow the log and keep the tables current")
+    logging_options(sub)
     sub.add_argument("--interval", type=float, default=0.5, help="poll interval in seconds")
     sub.add_argument("--batch", type=_positive, default=1000, help="events per transaction")
     sub = command("serve", "serve the HTTP and WebSocket API (token settings: FLOWSTORE_JWT_*)")
     sub.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
     sub.add_argument("--port", type=_positive, default=8000, help="TCP port (default: 8000)")
+    sub.add_argument(
+        "--projector",
+        choices=PROJECTOR_MODES,
+        default=None,
+        help="live: this server keeps the tables current; off: a worker does "
+        f"(default: ${PROJECTOR_ENV}, else live)",
+    )
+    logging_options(sub)
+    sub = command("worker", "run projections, expiry and the publisher, one leader per job")
+    sub.add_argument("--interval", type=float, default=0.5, help="seconds between catch-ups")
+    sub.add_argument("--batch", type=_positive, default=1000, help="events per transaction")
+    sub.add_argument(
+        "--expire-every", type=float, default=60.0, help="seconds between expiry rounds (0: off)"
+    )
+    sub.add_argument("--bootstrap", help="Kafka brokers (default: $FLOWSTORE_KAFKA_BOOTSTRAP)")
+    sub.add_argument("--topic", help="default: $FLOWSTORE_KAFKA_TOPIC, else flowstore.events")
+    logging_options(sub)
 
     def kafka(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--bootstrap", help="brokers (default: $FLOWSTORE_KAFKA_BOOTSTRAP)")
@@ -598,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--partitions", type=_positive, default=6, help="for a new topic")
     sub.add_argument("--replication-factor", type=_positive, default=1, help="for a new topic")
     sub.add_argument("--report-every", type=float, default=5.0, help="seconds between lines")
+    logging_options(sub)
     sub = command("restore", "rebuild this empty store (--url) from a Kafka topic")
     sub.add_argument("--from-kafka", action="store_true", required=True, help="the source")
     kafka(sub)
@@ -619,8 +683,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     out = Output(args.json)
     try:
-        # The worker is the one that moves the tables; it must not do a whole catch-up on opening.
-        live = args.command != "projections run"
+        live = _live_projections(args)
+        if hasattr(args, "log_level"):
+            configure_logging(args.log_level, args.log_format)
         # Only the long-running server publishes to Kafka from $FLOWSTORE_KAFKA_BOOTSTRAP; a
         # one-shot command must not start (and drain) a publisher on every call.
         kafka = None if args.command == "serve" else False
