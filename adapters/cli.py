@@ -285,6 +285,13 @@ def projections_status(store: FlowStore, args: argparse.Namespace, out: Output) 
     return Note(f"tables at event {position} of {head} (lag {data['lag']})", data)
 
 
+def projections_migrate(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`projections migrate`: build this version's table layout beside the old one, then swap."""
+    replayed = store.migrate_projections()
+    text = f"migrated: replayed {replayed} events" if replayed else "tables already current"
+    return Note(text, {"replayed": replayed})
+
+
 def projections_rebuild(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`projections rebuild`: replay the whole log into fresh tables, then swap them in."""
     began = time.perf_counter()
@@ -424,6 +431,7 @@ COMMANDS: dict[str, Handler] = {
     "funnel": funnel,
     "projections status": projections_status,
     "projections rebuild": projections_rebuild,
+    "projections migrate": projections_migrate,
     "projections verify": projections_verify,
     "projections repair": projections_repair,
     "projections run": projections_run,
@@ -496,7 +504,7 @@ def logging_options(sub: argparse.ArgumentParser) -> None:
 
 def _live_projections(args: argparse.Namespace) -> bool:
     """Whether this command's store keeps its tables current in a background thread."""
-    if args.command in ("projections run", "worker"):
+    if args.command in ("projections run", "projections migrate", "worker"):
         return False  # the worker moves the tables; it must not do a whole catch-up on opening
     if args.command == "serve":
         mode = args.projector or os.environ.get(PROJECTOR_ENV) or "live"
@@ -617,6 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
     command("funnel", "per-step funnel of a flow").add_argument("flow")
     command("projections status", "how far the tables are behind the log")
     command("projections rebuild", "replay the log into fresh tables and swap them in")
+    command(
+        "projections migrate",
+        "build this version's table layout beside the old tables (which keep serving), then swap",
+    )
     command(
         "projections verify",
         f"compare the tables with the log; exit {DIFFERENCES_EXIT_CODE} on any difference",

@@ -39,6 +39,8 @@ _BY_CODE: dict[str, ErrorMapping] = {
     # adapters/http reports the same code).
     "STORAGE_UNAVAILABLE": ErrorMapping(503, 9),
     "PROJECTION_LAG": ErrorMapping(503, 9),
+    # The tables await `flowstore projections migrate` (or this process is of an older version).
+    "PROJECTION_LAYOUT": ErrorMapping(503, 6),
     # Raised by the HTTP adapter (adapters/http). `flowstore serve` can exit on AUTH_CONFIG_INVALID;
     # the others only reach HTTP clients, so their exit code is the generic one.
     "REQUEST_INVALID": ErrorMapping(422, 5),

@@ -25,6 +25,7 @@ from flowstore.errors import (
     PayloadTooLargeError,
     PayloadValidationError,
     ProjectionLagError,
+    ProjectionLayoutError,
     StorageUnavailableError,
 )
 from flowstore.models import (
@@ -95,6 +96,7 @@ __all__ = [
     "PayloadValidationError",
     "PerformanceMetrics",
     "ProjectionLagError",
+    "ProjectionLayoutError",
     "StepCount",
     "StorageConfigError",
     "StorageUnavailableError",

@@ -716,6 +716,14 @@ class FlowStore:
         """Replay the whole log into fresh tables and swap them in; return the events replayed."""
         return self._tables.rebuild(self.read_events, progress=progress)
 
+    def migrate_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Bring the tables to this version's layout blue/green; return the events replayed.
+
+        The old tables keep serving the processes of the previous version until the swap; 0 when
+        the tables already have this layout (`ProjectionLayoutError` names the other cases).
+        """
+        return self._projections.migrate(self.read_events, progress=progress)
+
     def verify_projections(self) -> list[Difference]:
         """Every difference between the tables and the log (empty when they agree)."""
         return self._tables.verify(self.read_events)

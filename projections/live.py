@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from flowstore.errors import ProjectionLagError
+from flowstore.errors import ProjectionLagError, ProjectionLayoutError
 
 __all__ = ["LiveProjector", "ProjectionLagError"]
 
@@ -72,6 +72,8 @@ class LiveProjector:
                     ),
                     timeout,
                 )
+                if self._reached < target and isinstance(self._error, ProjectionLayoutError):
+                    raise self._error  # not a lag: these tables will not catch up in this version
                 if self._reached < target and not self._stopping:
                     raise ProjectionLagError(
                         f"projections at {self._reached}, this process wrote up to {target}"

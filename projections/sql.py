@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -31,10 +32,19 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+import flowstore.projections.tables as layouts
 from flowstore.domain import DomainEvent
+from flowstore.errors import ProjectionLayoutError
 from flowstore.projections.batch import RowBatch, StateKey
 from flowstore.projections.queries import Queries, percentile, row_dict
-from flowstore.projections.tables import REBUILD_SUFFIX, TRACKING, ProjectionTables, define_tables
+from flowstore.projections.tables import (
+    REBUILD_SUFFIX,
+    TRACKING,
+    ProjectionTables,
+    define_tables,
+    layout_of,
+    tracking_name,
+)
 from flowstore.projections.verify import Difference, EventPage, Verification
 from flowstore.storage import READ_ONLY, StorageConfig, make_engine
 
@@ -45,7 +55,8 @@ __all__ = [
     "percentile",
 ]
 
-PROJECTION = "flowstore"
+PROJECTION = tracking_name(1)
+"""The tracking row of layout 1 (each layout has its own: `tracking_name`)."""
 _PAGE = 1000
 
 
@@ -60,8 +71,18 @@ def _json(value: Any) -> str:
 class SqlProjections(Queries, Verification):
     """The projection tables of one store, and everything that reads or writes them."""
 
-    def __init__(self, config: StorageConfig, engine: Engine | None = None) -> None:
+    LAYOUT_CHECK_EVERY = 1.0
+    """Seconds between two checks, by a reader, that the tables still have this code's layout."""
+
+    def __init__(
+        self, config: StorageConfig, engine: Engine | None = None, *, layout: int | None = None
+    ) -> None:
         self.tables = define_tables()
+        # Read at run time, not import time: a test stands for the next version by raising it.
+        self.layout = layout if layout is not None else layouts.LAYOUT
+        self.name = tracking_name(self.layout)
+        self._found_layout: int | None = self.layout  # what the tables have, as last seen
+        self._layout_checked_at = time.monotonic()
         self._lock = threading.RLock()
         # The store's one engine (`flowstore.storage.make_engine`), or one of our own.
         self._owns_engine = engine is None
@@ -77,7 +98,7 @@ class SqlProjections(Queries, Verification):
         self._owned_position: int | None = None
         # The lower bound each flow's old throughput rows were last deleted below (see _write).
         self._forgotten: dict[str, int] = {}
-        mine = TRACKING.c.name == PROJECTION
+        mine = TRACKING.c.name == self.name
         self._read_position = select(TRACKING.c.position).where(mine)
         self._locking_position = self._read_position.with_for_update()
         self._move_position = update(TRACKING).where(mine).values(position=bindparam("position"))
@@ -92,30 +113,70 @@ class SqlProjections(Queries, Verification):
     def _read(self) -> Iterator[Connection]:
         if self._shared_connection:
             with self._lock, self.engine.begin() as conn:
+                self._check_layout(conn)
                 yield conn
         else:
             # Readers never need the write lock: on SQLite their transactions begin deferred.
             with self.engine.connect().execution_options(**READ_ONLY) as conn:
+                self._check_layout(conn)
                 yield conn
 
-    def create(self) -> None:
-        """Create the live tables and the tracking row if they are missing.
+    def _check_layout(self, conn: Connection) -> None:
+        """Raise `ProjectionLayoutError` unless the tables have this code's layout.
 
-        Tables of an older layout (missing a column) are dropped and the tracking position reset:
-        the next catch-up rebuilds them from the log, which is what makes them disposable.
+        Looked up again at most every `LAYOUT_CHECK_EVERY` seconds while they had it (a
+        migration by a newer version replaces them), and on every read while they did not
+        (until someone migrates them).
+        """
+        now = time.monotonic()
+        if self._found_layout == self.layout and now - self._layout_checked_at < (
+            self.LAYOUT_CHECK_EVERY
+        ):
+            return
+        self._found_layout = self._layout_in(conn)
+        self._layout_checked_at = now
+        if self._found_layout != self.layout:
+            raise ProjectionLayoutError(self._found_layout, self.layout)
+
+    def _layout_in(self, conn: Connection) -> int | None:
+        """The layout the tables have (None when they have none this code knows of)."""
+        layouts_found = {
+            layout
+            for (name,) in conn.execute(select(TRACKING.c.name))
+            if (layout := layout_of(name)) is not None
+        }
+        if self.layout in layouts_found:
+            # Layout 1 was recorded before layouts were: its tables may lack a column.
+            return self.layout if not self._outdated(conn) else 0
+        return max(layouts_found, default=None)
+
+    def create(self) -> None:
+        """Create the tables and their tracking row where there are none; never drop any.
+
+        Tables of another layout are left as they are, serving the processes that read it; this
+        object then raises `ProjectionLayoutError` on every use until `migrate` replaces them.
         """
         with self._lock, self.engine.begin() as conn:
-            if self._outdated(conn):
-                log.warning("projection tables have an older layout: rebuilding them from the log")
-                self.tables.metadata.drop_all(conn)
-                conn.execute(delete(TRACKING).where(TRACKING.c.name == PROJECTION))
-            self.tables.metadata.create_all(conn)
             TRACKING.metadata.create_all(conn)
-            conn.execute(
-                self._insert(TRACKING)
-                .values(name=PROJECTION, position=0)
-                .on_conflict_do_nothing(index_elements=["name"])
-            )
+            found = self._layout_in(conn)
+            if found is None and not self._any_table(conn):
+                self.tables.metadata.create_all(conn)
+                conn.execute(
+                    self._insert(TRACKING)
+                    .values(name=self.name, position=0)
+                    .on_conflict_do_nothing(index_elements=["name"])
+                )
+                found = self.layout
+            elif found is None:
+                found = 0  # tables without a tracking row of ours: older than layouts
+            self._found_layout = found
+            self._layout_checked_at = time.monotonic()
+            if found != self.layout:
+                log.warning("%s", ProjectionLayoutError(found, self.layout))
+
+    def _any_table(self, conn: Connection) -> bool:
+        found = inspect(conn)
+        return any(found.has_table(table.name) for table in self.tables.all)
 
     def _outdated(self, conn: Connection) -> bool:
         found = inspect(conn)
@@ -135,7 +196,14 @@ class SqlProjections(Queries, Verification):
 
     def _position(self, conn: Connection, *, lock: bool) -> int:
         query = self._locking_position if lock and not self._sqlite else self._read_position
-        return int(conn.execute(query).scalar_one())
+        position = conn.execute(query).scalar_one_or_none()
+        if position is None or self._found_layout != self.layout:
+            # No row of ours: the tables have another layout (migrated away, or not yet).
+            self._found_layout = self._layout_in(conn)
+            self._layout_checked_at = time.monotonic()
+            if position is None or self._found_layout != self.layout:
+                raise ProjectionLayoutError(self._found_layout, self.layout)
+        return int(position)
 
     @contextmanager
     def _locked(self) -> Iterator[tuple[Connection, int]]:
@@ -274,8 +342,12 @@ class SqlProjections(Queries, Verification):
         *,
         page: int = 5000,
         progress: Callable[[int, int], None] | None = None,
+        migrating: bool = False,
     ) -> int:
         """Replay the whole log into fresh tables, then swap them in; return the events replayed.
+
+        `migrating` (see `migrate`): the tables being replaced have another layout, so the swap
+        takes their tracking rows (whichever layout) instead of this layout's, and replaces them.
 
         Memory stays bounded: each page is applied and committed before the next is read, and the
         copies of recent state rows kept between pages (only this rebuild writes the new tables, so
@@ -284,6 +356,8 @@ class SqlProjections(Queries, Verification):
         shadow = define_tables(REBUILD_SUFFIX)
         rows = _RowCache()
         with self._lock, self.engine.begin() as conn:
+            if not migrating:
+                self._position(conn, lock=False)  # the tables have this layout (else raise)
             shadow.metadata.drop_all(conn)
             shadow.metadata.create_all(conn)
         position, replayed = 0, 0
@@ -296,16 +370,59 @@ class SqlProjections(Queries, Verification):
             position, replayed = events[-1][0], replayed + len(events)
             if progress:
                 progress(replayed, position)
-        with self._locked() as (conn, _):
+        with self._claimed() if migrating else self._locked() as (conn, _):
             while events := read(position + 1, page):  # what arrived meanwhile
                 rows.keep(self._apply(conn, shadow, events, cache=rows))
                 position, replayed = events[-1][0], replayed + len(events)
             self._swap(conn, shadow)
-            self._set_position(conn, position)
+            if migrating:
+                self._take_over_tracking(conn, position)
+            else:
+                self._set_position(conn, position)
             self._owned_position = None
         if progress:
             progress(replayed, position)
         return replayed
+
+    def migrate(
+        self,
+        read: EventPage,
+        *,
+        page: int = 5000,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Bring tables of an older layout to this one, blue/green; return the events replayed.
+
+        The new layout is built beside the old tables (like a rebuild) while processes of the
+        previous version keep serving and moving them; the swap then takes their tracking rows,
+        so it waits for a catch-up in progress, and from then on those processes get
+        `ProjectionLayoutError`. Nothing to do (0) when the tables already have this layout.
+        """
+        with self._lock, self.engine.begin() as conn:
+            found = self._layout_in(conn)
+        if found == self.layout:
+            return 0
+        if found is not None and found > self.layout:
+            raise ProjectionLayoutError(found, self.layout)
+        log.warning("migrating projection tables from layout %s to %s", found, self.layout)
+        return self.rebuild(read, page=page, progress=progress, migrating=True)
+
+    @contextmanager
+    def _claimed(self) -> Iterator[tuple[Connection, int]]:
+        """A transaction holding every tracking row of the tables (of whatever layout)."""
+        with self._lock, self.engine.begin() as conn:
+            rows = select(TRACKING.c.name)
+            conn.execute(rows if self._sqlite else rows.with_for_update()).all()
+            yield conn, 0
+
+    def _take_over_tracking(self, conn: Connection, position: int) -> None:
+        """After a migration's swap: this layout's tracking row replaces every other layout's."""
+        names = [n for (n,) in conn.execute(select(TRACKING.c.name)) if layout_of(n) is not None]
+        if names:
+            conn.execute(delete(TRACKING).where(TRACKING.c.name.in_(names)))
+        conn.execute(TRACKING.insert().values(name=self.name, position=position))
+        self._found_layout = self.layout
+        self._layout_checked_at = time.monotonic()
 
     def _swap(self, conn: Connection, shadow: ProjectionTables) -> None:
         for live, new in zip(self.tables.all, shadow.all, strict=True):

@@ -22,7 +22,25 @@ from sqlalchemy import (
     Table,
 )
 
-__all__ = ["REBUILD_SUFFIX", "TRACKING", "ProjectionTables", "define_tables", "tracking_metadata"]
+__all__ = [
+    "LAYOUT",
+    "REBUILD_SUFFIX",
+    "TRACKING",
+    "ProjectionTables",
+    "define_tables",
+    "layout_of",
+    "tracking_name",
+    "tracking_metadata",
+]
+
+LAYOUT = 1
+"""The layout `define_tables` builds: raise it with every change of a table, column or index.
+
+The layout is recorded in the tracking row's name (`tracking_name`), so that a process reading
+another layout finds no row of its own and says so (`ProjectionLayoutError`) rather than reading
+or writing tables it does not know; `flowstore projections migrate` moves the tables from one
+layout to the next without stopping the processes that serve the old one.
+"""
 
 REBUILD_SUFFIX = "__rebuild"
 _ID = String(256)
@@ -141,3 +159,20 @@ TRACKING = Table(
     Column("position", Integer, nullable=False),
 )
 """One row per projection: the notification id of the last event applied (same transaction)."""
+
+_NAME = "flowstore"
+
+
+def tracking_name(layout: int) -> str:
+    """The tracking row of the tables at `layout` (layout 1 keeps the name releases before used)."""
+    return _NAME if layout == 1 else f"{_NAME}.v{layout}"
+
+
+def layout_of(name: str) -> int | None:
+    """The layout a tracking row's name records (None: not a row of these tables)."""
+    if name == _NAME:
+        return 1
+    prefix = f"{_NAME}.v"
+    if name.startswith(prefix) and name[len(prefix) :].isdigit():
+        return int(name[len(prefix) :])
+    return None
