@@ -20,7 +20,7 @@ from flowstore.domain import FlowErased, instance_id
 from flowstore.keys import ERASED_USER_PREFIX
 from flowstore.storage import parse_url
 from tests.flows import linear, onboarding
-from tests.test_encryption import new_key, raw_event_states
+from tests.integration.test_encryption import new_key, raw_event_states
 
 FLOW = "user-onboarding"
 ANN_SECRET = "ann-secret-4c1e"

@@ -74,8 +74,8 @@ def test_migrate_builds_the_new_layout_while_the_old_process_serves_then_tells_i
             old.execute_transition("u2", "r", "tick")  # the log still takes its writes
             with pytest.raises(ProjectionLayoutError, match="new version"):
                 old.get_user_flows("u2")  # but its tables are gone: it is told, typed
-            new.catch_up_projections()
-            assert new.get_user_flows("u2")[0].version == 3
+            assert new.catch_up_projections() == new.log_position()
+            assert new.verify_projections() == []
         with FlowStore(store_url) as reopened:  # the next version opens normally now
             assert reopened.verify_projections() == []
     finally:
