@@ -30,7 +30,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from flowstore.storage import StorageConfig
 
@@ -38,7 +38,7 @@ __all__ = ["KEEPALIVES", "LeaderLock", "advisory_key", "run_elected"]
 
 log = logging.getLogger(__name__)
 
-KEEPALIVES = {
+KEEPALIVES: dict[str, Any] = {
     "keepalives": 1,
     "keepalives_idle": 5,
     "keepalives_interval": 2,

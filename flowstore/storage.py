@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_URL",
     "POOL_SIZE_ENV",
+    "POOL_TIMEOUT_ENV",
     "READ_ONLY",
     "StorageConfig",
     "StorageConfigError",
@@ -135,6 +136,9 @@ def _mask(url: str) -> str:
 POOL_SIZE_ENV = "FLOWSTORE_POOL_SIZE"
 """Connections the store's SQLAlchemy engine keeps open (default 5, plus as many again on demand)."""
 
+POOL_TIMEOUT_ENV = "FLOWSTORE_POOL_TIMEOUT"
+"""Seconds a call waits for a free pooled connection before `StorageUnavailableError` (default 30)."""
+
 READ_ONLY = {"flowstore_read_only": True}
 """Execution options for a connection that only reads: on SQLite its transactions begin deferred,
 so readers never wait for (or hold) the write lock."""
@@ -161,6 +165,7 @@ def make_engine(config: StorageConfig, *, pool_size: int | None = None) -> Engin
     size = pool_size or int(
         config.env.get("POSTGRES_POOL_SIZE") or os.environ.get(POOL_SIZE_ENV) or 5
     )
+    timeout = float(os.environ.get(POOL_TIMEOUT_ENV) or 30)
     if config.sqlalchemy_url is None:
         # memory:// keeps its tables in an in-process SQLite database on one shared connection.
         engine = create_engine(
@@ -176,6 +181,7 @@ def make_engine(config: StorageConfig, *, pool_size: int | None = None) -> Engin
             json_serializer=_json,
             pool_size=size,
             max_overflow=size,
+            pool_timeout=timeout,
         )
     else:
         schema = config.env.get("POSTGRES_SCHEMA")
@@ -186,6 +192,7 @@ def make_engine(config: StorageConfig, *, pool_size: int | None = None) -> Engin
             json_serializer=_json,
             pool_size=size,
             max_overflow=size,
+            pool_timeout=timeout,
             connect_args=connect_args,
         )
     if engine.dialect.name == "sqlite":

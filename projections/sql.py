@@ -35,6 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 import flowstore.projections.tables as layouts
 from flowstore.domain import DomainEvent
 from flowstore.errors import ProjectionLayoutError
+from flowstore.eventlog import storage_errors
 from flowstore.projections.batch import RowBatch, StateKey
 from flowstore.projections.queries import Queries, percentile, row_dict
 from flowstore.projections.tables import (
@@ -78,6 +79,7 @@ class SqlProjections(Queries, Verification):
         self, config: StorageConfig, engine: Engine | None = None, *, layout: int | None = None
     ) -> None:
         self.tables = define_tables()
+        self._env = config.env
         # Read at run time, not import time: a test stands for the next version by raising it.
         self.layout = layout if layout is not None else layouts.LAYOUT
         self.name = tracking_name(self.layout)
@@ -111,15 +113,18 @@ class SqlProjections(Queries, Verification):
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        if self._shared_connection:
-            with self._lock, self.engine.begin() as conn:
-                self._check_layout(conn)
-                yield conn
-        else:
-            # Readers never need the write lock: on SQLite their transactions begin deferred.
-            with self.engine.connect().execution_options(**READ_ONLY) as conn:
-                self._check_layout(conn)
-                yield conn
+        # A database that is down, or a pool with no connection free in time, is
+        # StorageUnavailableError (HTTP 503), as it is for the log.
+        with storage_errors(self._env, "reading the projection tables"):
+            if self._shared_connection:
+                with self._lock, self.engine.begin() as conn:
+                    self._check_layout(conn)
+                    yield conn
+            else:
+                # Readers never need the write lock: on SQLite their transactions begin deferred.
+                with self.engine.connect().execution_options(**READ_ONLY) as conn:
+                    self._check_layout(conn)
+                    yield conn
 
     def _check_layout(self, conn: Connection) -> None:
         """Raise `ProjectionLayoutError` unless the tables have this code's layout.
@@ -208,7 +213,11 @@ class SqlProjections(Queries, Verification):
     @contextmanager
     def _locked(self) -> Iterator[tuple[Connection, int]]:
         """A transaction holding the tracking row: no other process moves the tables meanwhile."""
-        with self._lock, self.engine.begin() as conn:
+        with (
+            storage_errors(self._env, "writing the projection tables"),
+            self._lock,
+            self.engine.begin() as conn,
+        ):
             yield conn, self._position(conn, lock=True)
 
     def catch_up(self, read: EventPage, *, page: int = _PAGE) -> int:

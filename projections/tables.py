@@ -29,8 +29,8 @@ __all__ = [
     "ProjectionTables",
     "define_tables",
     "layout_of",
-    "tracking_name",
     "tracking_metadata",
+    "tracking_name",
 ]
 
 LAYOUT = 1

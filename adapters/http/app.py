@@ -525,8 +525,8 @@ def create_app(
     # Probes (no authentication: load balancers and orchestrators call them)
 
     @app.get("/healthz", response_model=Health, tags=["probes"])
-    def healthz() -> Health:
-        """The process is up."""
+    async def healthz() -> Health:
+        """The process is up (answered on the event loop: no worker thread, no connection)."""
         return Health()
 
     @app.get("/readyz", response_model=Readiness, tags=["probes"], responses=_errors(503))

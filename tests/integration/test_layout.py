@@ -66,7 +66,8 @@ def test_migrate_builds_the_new_layout_while_the_old_process_serves_then_tells_i
                     served_during.append(old.get_user_flows("u1"))
 
             assert new.migrate_projections(progress) > 0
-            assert served_during and served_during[0][0].version == before[0].version + 1
+            assert served_during
+            assert served_during[0][0].version == before[0].version + 1
             assert new.migrate_projections() == 0  # already current
             # The old process's write is in the log and in the new tables: nothing lost.
             assert new.get_user_flows("u1") == served_during[0]
