@@ -66,14 +66,28 @@ def run_worker(
 
     if "projections" in settings.jobs:
         lock = LeaderLock(store.config, "projections", store_key=key)
+        notifier = store.log_notifier
+        seen = [0]
+
+        def catch_up() -> None:
+            seen[0] = notifier.generation  # before reading: no append goes unnoticed
+            store.catch_up_projections(settings.batch)
+
+        def pause(interval: float) -> None:
+            if notifier.pushes:  # PostgreSQL: wake on the next append, poll as a fallback
+                notifier.wait(seen[0], interval)
+            else:
+                stop.wait(interval)
+
         start(
             "projections",
             lambda: run_elected(
                 lock,
-                lambda: store.catch_up_projections(settings.batch),
+                catch_up,
                 stop,
                 interval=settings.interval,
                 on_change=told("projections"),
+                pause=pause,
             ),
         )
     if "expiry" in settings.jobs and settings.expire_every > 0:

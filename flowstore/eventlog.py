@@ -213,6 +213,11 @@ class EventLog:
             )
             raise EncryptionKeyError(f"Cannot read the event log: {hint}") from exc
 
+    @property
+    def channel(self) -> str | None:
+        """The channel the recorder NOTIFYs on every append (PostgreSQL; None elsewhere)."""
+        return getattr(self.app.recorder, "channel_name", None)
+
     def close(self) -> None:
         """Release the keys' and the recorder's connections."""
         self.keys.close()

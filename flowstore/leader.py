@@ -219,12 +219,14 @@ def run_elected(
     interval: float,
     poll: float = 0.5,
     on_change: Callable[[bool], None] | None = None,
+    pause: Callable[[float], object] | None = None,
 ) -> None:
     """Until `stop` is set: wait to lead, then call `step` every `interval` seconds while leading.
 
     A failing step is logged and tried again on the next round (the database may come back);
     losing the lock (its connection died) sends this process back to standby. `on_change` is
-    told when this process starts (True) and stops (False) leading.
+    told when this process starts (True) and stops (False) leading. `pause(interval)` waits
+    between two steps instead of sleeping `interval` (to wake early, on a notification).
     """
     try:
         while not stop.is_set():
@@ -239,7 +241,10 @@ def run_elected(
                         step()
                     except Exception as exc:
                         log.warning("%s failed (%s); trying again", lock.name, _first_line(exc))
-                    stop.wait(interval)
+                    if pause is not None and not stop.is_set():
+                        pause(interval)
+                    else:
+                        stop.wait(interval)
             finally:
                 lock.release()
                 log.info("no longer leading %s", lock.name)

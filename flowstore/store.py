@@ -69,6 +69,7 @@ from flowstore.models import (
     FunnelStep,
     MigrationReport,
 )
+from flowstore.notify import LogNotifier
 from flowstore.storage import StorageConfig, make_engine, parse_url, resolve_url
 
 if TYPE_CHECKING:
@@ -211,6 +212,10 @@ class FlowStore:
                     close()
             raise
         self._erasure = Erasure(self._commands, self._log.keys, self._project_written)
+        # PostgreSQL tells of other processes' appends (LISTEN/NOTIFY): followers wake at once.
+        self._notifier = LogNotifier(self.config, self._log.channel)
+        if self._live is not None and self._notifier.pushes:
+            self._notifier.subscribe(self._live.nudge)
         self._publisher: Publisher | None = None
         try:
             self._publisher = self._start_publisher(kafka, publisher)
@@ -270,6 +275,7 @@ class FlowStore:
         """Publish and project what is left, release connections. The store is unusable after."""
         if self._publisher is not None:
             self._publisher.stop()  # first: it drains the log to Kafka, then releases its lock
+        self._notifier.close()
         if self._live is not None:
             self._live.close()
         self._projections.close()
@@ -737,6 +743,11 @@ class FlowStore:
     def catch_up_projections(self, batch: int = 1000) -> int:
         """Apply events the tables have not seen yet, `batch` per transaction; return the position."""
         return self._projections.catch_up(self.read_events, page=batch)
+
+    @property
+    def log_notifier(self) -> LogNotifier:
+        """Wakes followers of the log on other processes' appends (PostgreSQL; SQLite polls)."""
+        return self._notifier
 
     @property
     def publisher(self) -> Publisher | None:
