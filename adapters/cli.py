@@ -365,7 +365,24 @@ def worker(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
         bootstrap=bootstrap,
         topic=args.topic,
     )
-    run_worker(store, stop, settings)
+    on_change: Callable[[str, bool], None] | None = None
+    on_expired: Callable[[int], None] | None = None
+    if args.metrics_port:
+        try:
+            from prometheus_client import start_http_server
+
+            from flowstore.adapters.metrics import FleetMetrics
+        except ImportError as exc:
+            hint = "--metrics-port needs the metrics extra: pip install 'flowstore-es[metrics]'"
+            raise SystemExit(f"{hint} ({exc})") from None
+        metrics = FleetMetrics(store)
+        start_http_server(args.metrics_port, addr=args.metrics_host, registry=metrics.registry)
+
+        def on_change(job: str, leading: bool) -> None:
+            metrics.leader.labels(job).set(1 if leading else 0)
+
+        on_expired = metrics.expired.inc
+    run_worker(store, stop, settings, on_change=on_change, on_expired=on_expired)
     position = store.projection_position()
     return Note(f"stopped; tables at event {position}", {"position": position})
 
@@ -378,7 +395,7 @@ def serve(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     except ImportError as exc:
         hint = "flowstore serve needs the http extra: pip install 'flowstore[http]'"
         raise SystemExit(f"{hint} ({exc})") from None
-    serve_http(store, host=args.host, port=args.port)
+    serve_http(store, host=args.host, port=args.port, log_level=args.log_level)
     return None
 
 
@@ -659,6 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--bootstrap", help="Kafka brokers (default: $FLOWSTORE_KAFKA_BOOTSTRAP)")
     sub.add_argument("--topic", help="default: $FLOWSTORE_KAFKA_TOPIC, else flowstore.events")
+    sub.add_argument("--metrics-port", type=_positive, help="serve Prometheus metrics on this port")
+    sub.add_argument("--metrics-host", default="127.0.0.1", help="default: 127.0.0.1")
     logging_options(sub)
 
     def kafka(sub: argparse.ArgumentParser) -> None:

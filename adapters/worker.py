@@ -46,8 +46,10 @@ def run_worker(
     settings: WorkerSettings,
     *,
     on_change: Callable[[str, bool], None] | None = None,
+    on_expired: Callable[[int], None] | None = None,
 ) -> None:
-    """Run the jobs until `stop` is set; `on_change(job, leading)` hears every change of leader."""
+    """Run the jobs until `stop` is set; `on_change(job, leading)` hears every change of leader,
+    `on_expired(n)` every expiry round that expired something."""
 
     def told(job: str) -> Callable[[bool], None]:
         def change(leading: bool) -> None:
@@ -97,6 +99,8 @@ def run_worker(
             purged = store.purge_expired_flows()
             if purged:
                 log.info("expired %d flow instance(s)", purged)
+                if on_expired:
+                    on_expired(purged)
 
         start(
             "expiry",

@@ -232,9 +232,9 @@ def run_elected(
         while not stop.is_set():
             if not lock.acquire(stop, poll=poll):
                 return
-            log.info("leading %s", lock.name)
             if on_change:
                 on_change(True)
+            log.info("leading %s", lock.name)  # after on_change: a reader of the log sees both
             try:
                 while not stop.is_set() and lock.check():
                     try:

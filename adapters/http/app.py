@@ -50,6 +50,7 @@ from flowstore.adapters.http.auth import (
     TokenVerifier,
 )
 from flowstore.adapters.http.console import mount_console
+from flowstore.adapters.http.observe import RequestObserver
 from flowstore.adapters.http.problems import (
     PROBLEM_MEDIA_TYPE,
     Problem,
@@ -289,6 +290,10 @@ def _problem_media_type(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return openapi
 
 
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""Prometheus' text exposition format."""
+
+
 def create_app(
     store: FlowStore,
     verifier: TokenVerifier,
@@ -321,6 +326,8 @@ def create_app(
     app.state.verifier = verifier
     app.state.pusher = pusher
     app.add_middleware(_BodyLimit, limit=max(max_body_bytes, 0))
+    metrics = _metrics(store)
+    app.add_middleware(RequestObserver, metrics=metrics)  # outermost: times everything
     _install_error_handlers(app)
     app.openapi = _problem_media_type(app)  # type: ignore[method-assign]
 
@@ -544,5 +551,21 @@ def create_app(
     async def flow_socket(websocket: WebSocket) -> None:
         await sockets.serve(websocket)
 
+    if metrics is not None:
+
+        @app.get("/metrics", include_in_schema=False)
+        def prometheus_metrics() -> Response:
+            """Prometheus metrics (the `metrics` extra)."""
+            return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
     mount_console(app)  # the web console at /ui (adapters/http/console)
     return app
+
+
+def _metrics(store: FlowStore) -> Any:
+    """The app's metrics (`flowstore.adapters.metrics.FleetMetrics`), or None without the extra."""
+    try:
+        from flowstore.adapters.metrics import FleetMetrics
+    except ImportError:
+        return None
+    return FleetMetrics(store)

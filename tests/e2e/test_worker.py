@@ -157,3 +157,22 @@ def test_only_one_of_two_elections_leads_at_a_time(store_url: str) -> None:
     assert min(steps.values()) == 0  # the standby never ran while the leader held the lock
     assert not a.held
     assert not b.held
+
+
+def test_the_worker_serves_metrics_naming_the_jobs_it_leads(
+    store_url: str, workers: list[Worker]
+) -> None:
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = Worker(store_url, "--metrics-port", str(port))
+    workers.append(worker)
+    worker.wait_for("leading projections")
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'flowstore_leader{job="projections"} 1.0' in text
+    assert "flowstore_projection_lag_events 0.0" in text
+    assert worker.stop() == 0
