@@ -31,6 +31,7 @@ __all__ = [
     "make_engine",
     "parse_url",
     "resolve_url",
+    "serialize_ddl",
 ]
 
 DEFAULT_URL = "sqlite:///flowstore.db"
@@ -142,6 +143,22 @@ POOL_TIMEOUT_ENV = "FLOWSTORE_POOL_TIMEOUT"
 READ_ONLY = {"flowstore_read_only": True}
 """Execution options for a connection that only reads: on SQLite its transactions begin deferred,
 so readers never wait for (or hold) the write lock."""
+
+
+_DDL_LOCK = 0x666C6F7773746F72  # "flowstor": one key for every flowstore's CREATE TABLEs
+
+
+def serialize_ddl(conn: Any) -> None:
+    """Make this transaction's CREATE TABLE IF NOT EXISTS safe against other processes' own.
+
+    Processes starting together on a new PostgreSQL database race on CREATE TABLE (both see no
+    table, the second fails on the catalog's unique index): a transaction-level advisory lock
+    queues them. SQLite needs nothing (its writers' BEGIN IMMEDIATE already does).
+    """
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy import text
+
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _DDL_LOCK})
 
 
 def make_engine(config: StorageConfig, *, pool_size: int | None = None) -> Engine:

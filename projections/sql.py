@@ -47,7 +47,7 @@ from flowstore.projections.tables import (
     tracking_name,
 )
 from flowstore.projections.verify import Difference, EventPage, Verification
-from flowstore.storage import READ_ONLY, StorageConfig, make_engine
+from flowstore.storage import READ_ONLY, StorageConfig, make_engine, serialize_ddl
 
 __all__ = [
     "Difference",
@@ -162,6 +162,7 @@ class SqlProjections(Queries, Verification):
         object then raises `ProjectionLayoutError` on every use until `migrate` replaces them.
         """
         with self._lock, self.engine.begin() as conn:
+            serialize_ddl(conn)
             TRACKING.metadata.create_all(conn)
             found = self._layout_in(conn)
             if found is None and not self._any_table(conn):

@@ -38,7 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from flowstore.leader import LeaderLock
-from flowstore.storage import READ_ONLY, StorageConfig, make_engine
+from flowstore.storage import READ_ONLY, StorageConfig, make_engine, serialize_ddl
 
 __all__ = ["TRACKING_TABLE", "PublisherLock", "PublisherTracking"]
 
@@ -76,6 +76,7 @@ class PublisherTracking:
         self._owns_engine = engine is None
         self.engine = engine if engine is not None else _engine(config)
         with self.engine.begin() as conn:
+            serialize_ddl(conn)  # workers of a fleet start together
             _metadata.create_all(conn)
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ from sqlalchemy import create_engine, text
 from flowstore import FlowStore
 from flowstore.adapters.kafka.tracking import PublisherLock, PublisherTracking
 from flowstore.leader import LeaderLock
+from flowstore.projections.tables import define_tables
 from flowstore.storage import parse_url
 from tests.flows import ring
 from tests.integration.test_encryption import new_key
@@ -96,3 +97,40 @@ def test_leader_locks_of_two_schemas_are_separate(pg_server: PostgresServer, nam
     finally:
         for lock in (first, second, again):
             lock.release()
+
+
+def test_stores_opening_a_new_database_together_create_its_tables_once(
+    pg_server: PostgresServer,
+) -> None:
+    import threading
+
+    from flowstore.adapters.http.console.jobs import Operations
+
+    url = pg_server.create_database()
+    with FlowStore(url) as first:  # the event table; the tables below are what processes race on
+        first.create_flow(ring("r"))
+    engine = create_engine(parse_url(url).sqlalchemy_url or "")
+    with engine.begin() as conn:
+        for table in [
+            "projection_tracking",
+            "console_jobs",
+            *(t.name for t in define_tables().all),
+        ]:
+            conn.execute(text(f"DROP TABLE IF EXISTS {table} CASCADE"))
+    engine.dispose()
+    barrier, errors = threading.Barrier(4), []
+
+    def open_store() -> None:
+        try:
+            barrier.wait()
+            with FlowStore(url, live_projections=False) as store:
+                Operations(store)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []

@@ -38,6 +38,7 @@ from sqlalchemy import (
 
 from flowstore import FlowStore
 from flowstore.errors import OperationRunningError
+from flowstore.storage import serialize_ddl
 
 __all__ = ["ACTIONS", "Job", "OperationRunningError", "Operations"]
 
@@ -127,6 +128,7 @@ class Operations:
         )
         if self._engine is not None:
             with self._engine.begin() as conn:
+                serialize_ddl(conn)  # servers of a fleet start together
                 _metadata.create_all(conn)
 
     def start(self, action: str, started_by: str) -> Job:
