@@ -343,10 +343,12 @@ def projections_run(store: FlowStore, args: argparse.Namespace, out: Output) -> 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     out.console.print(f"following the log (every {args.interval}s); stop with Ctrl-C or SIGTERM")
+    # Elected like `flowstore worker`'s projections job (the same lock): one runner leads.
+    from flowstore.adapters.worker import WorkerSettings, run_worker
+
+    settings = WorkerSettings(interval=args.interval, batch=args.batch, jobs=("projections",))
+    run_worker(store, stop, settings)
     position = store.projection_position()
-    while not stop.is_set():
-        position = store.catch_up_projections(args.batch)
-        stop.wait(args.interval)  # polling: SQLite cannot notify, and one code path is simpler
     return Note(f"stopped at event {position}", {"position": position})
 
 
