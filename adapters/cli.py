@@ -12,36 +12,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-import orjson
-
-try:
-    from rich.console import Console, RenderableType
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-except ImportError as missing:  # the library installs without the command line's extras
-    raise SystemExit(
-        f"flowstore: the command line needs the cli extra ({missing.name} is missing): "
-        "pip install 'flowstore-es[cli]'"
-    ) from None
-
-from flowstore import FlowError, FlowState, FlowStateNotFoundError, FlowStore, __version__
-from flowstore.adapters.demo import DEMO_FLOW, run_demo
-from flowstore.adapters.diagrams import OUTPUT_FORMATS, diagram_bytes
+from flowstore import __version__
 from flowstore.adapters.errors import DIFFERENCES_EXIT_CODE, mapping_for
 from flowstore.adapters.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
-from flowstore.adapters.providers import load_flows, read_definitions
-from flowstore.adapters.render import HISTORY_FIELDS, Model, model_view, record, table
-from flowstore.errors import InvalidArgumentError
-from flowstore.projections.sql import Difference
+from flowstore.errors import FlowError, InvalidArgumentError
+from flowstore.storage import StorageConfigError, parse_url, resolve_url
+
+# Only the standard library at import time: `flowstore --help` and a usage error must not pay for
+# eventsourcing, SQLAlchemy, pydantic or rich (about 0.5 s cold). Each handler imports what it uses.
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+    from flowstore import FlowStore
+    from flowstore.adapters.render import Model
+    from flowstore.projections.sql import Difference
 
 __all__ = ["COMMANDS", "Listing", "Note", "Output", "build_parser", "main"]
 
@@ -68,9 +58,33 @@ class Note:
     exit_code: int = 0
 
 
-Result = Model | Listing | Note | None
+Result: TypeAlias = "Model | Listing | Note | None"
 
 _PIPE_WIDTH = 120
+
+DIAGRAM_FORMATS = ("mermaid", "dot", "svg", "png")
+"""`diagram --format` choices (`flowstore.adapters.diagrams.OUTPUT_FORMATS`, not imported: it is slow)."""
+
+READ_ONLY_COMMANDS = frozenset(
+    {
+        "flows list",
+        "flows show",
+        "flows export",
+        "diagram",
+        "state get",
+        "state list",
+        "state token",
+        "transitions",
+        "history",
+        "instances",
+        "stats",
+        "funnel",
+        "projections status",
+        "projections verify",
+        "audit",
+    }
+)
+"""Commands that only read: on a SQLite URL naming no file they fail rather than create one."""
 
 
 class Output:
@@ -80,21 +94,52 @@ class Output:
         self.as_json = as_json
         # With --json, stdout is for JSON only: anything for people (the demo) goes to stderr.
         # Piped output (logs, CI) gets 120 columns rather than rich's 80 unless $COLUMNS says.
-        stream = sys.stderr if as_json else sys.stdout
-        width = None if stream.isatty() or "COLUMNS" in os.environ else _PIPE_WIDTH
-        self.console = Console(stderr=as_json, width=width)
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        """The rich console for people (stderr under `--json`), made on first use."""
+        if self._console is None:
+            try:
+                from rich.console import Console
+            except ImportError as missing:  # the library installs without the command's extras
+                raise SystemExit(
+                    f"flowstore: the command line needs the cli extra ({missing.name} is "
+                    "missing): pip install 'flowstore-es[cli]'"
+                ) from None
+
+            stream = sys.stderr if self.as_json else sys.stdout
+            width = None if stream.isatty() or "COLUMNS" in os.environ else _PIPE_WIDTH
+            self._console = Console(stderr=self.as_json, width=width)
+        return self._console
 
     def show(self, result: Result) -> None:
         """Print a command's result (nothing for None)."""
         if result is None:
             return
         if self.as_json:
+            import orjson
+
             sys.stdout.write(orjson.dumps(self._data(result)).decode() + "\n")
         else:
-            self.console.print(self._view(result))
+            console = self.console  # first: it says which extra is missing, if one is
+            console.print(self._view(result))
+
+    def error(self, err: FlowError) -> None:
+        """Report a flowstore error: a JSON object on stdout with `--json`, else a line on stderr."""
+        if self.as_json:
+            import orjson
+
+            # default=str: details may hold values without a JSON form (a path, a datetime).
+            data = orjson.dumps(err.to_dict(), default=str)
+            sys.stdout.write(data.decode() + "\n")
+        else:
+            print(f"error[{err.code}]: {' '.join(err.message.split())}", file=sys.stderr)
 
     @staticmethod
     def _data(result: Model | Listing | Note) -> Any:
+        from flowstore.adapters.render import record
+
         if isinstance(result, Listing):
             return [record(item) for item in result.items]
         if isinstance(result, Note):
@@ -103,6 +148,10 @@ class Output:
 
     @staticmethod
     def _view(result: Model | Listing | Note) -> RenderableType:
+        from rich.markup import escape
+
+        from flowstore.adapters.render import model_view, table
+
         if isinstance(result, Listing):
             return table(result.items, result.fields, title=result.title)
         if isinstance(result, Note):
@@ -112,7 +161,7 @@ class Output:
 
 # Commands: one function each, (store, args, output) -> what to show.
 
-Handler = Callable[[FlowStore, argparse.Namespace, Output], Result]
+Handler: TypeAlias = "Callable[[FlowStore, argparse.Namespace, Output], Result]"
 
 _FLOW_FIELDS = ("flow", "version", "initial_step", "steps", "ttl")
 _STATE_FIELDS = ("flow", "step", "status", "ok", "version", "definition_version", "updated_at")
@@ -146,18 +195,31 @@ def flows_delete(store: FlowStore, args: argparse.Namespace, out: Output) -> Res
 
 def flows_load(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`flows load FILE_OR_DIR`: create each flow that is new, version each that changed."""
+    from flowstore.adapters.providers import load_flows, read_definitions
+    from flowstore.errors import InvalidArgumentError
+
     try:
         definitions = read_definitions(args.path)
     except OSError as exc:
         raise InvalidArgumentError("path", args.path, exc.strerror or str(exc)) from None
+    from flowstore.definitions import flow_warnings
+
     loaded = load_flows(store, definitions)
     lines = [f"{item.action} {item.flow} (version {item.version})" for item in loaded]
-    data = {"flows": [{"flow": i.flow, "action": i.action, "version": i.version} for i in loaded]}
+    # Legal but likely mistakes (unreachable steps, no reachable terminal step): loaded, and said.
+    warnings = [(d.flow, w) for d in definitions for w in flow_warnings(d)]
+    lines += [f"warning: flow {flow}: {text}" for flow, text in warnings]
+    data = {
+        "flows": [{"flow": i.flow, "action": i.action, "version": i.version} for i in loaded],
+        "warnings": [{"flow": flow, "warning": text} for flow, text in warnings],
+    }
     return Note("\n".join(lines) or f"No flow definitions in {args.path}", data)
 
 
 def flows_export(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`flows export FLOW [--version N]`: the definition as seed JSON, ready for `flows load`."""
+    import orjson
+
     seed = store.get_flow(args.flow, args.version).to_seed()
     seed.pop("version", None)
     # JSON with or without --json: the output is meant for files and other tools.
@@ -183,6 +245,9 @@ def flows_migrate(store: FlowStore, args: argparse.Namespace, out: Output) -> Re
 
 def diagram(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`diagram FLOW [--format F] [--stats] [--output FILE]`: the flow as a state diagram."""
+    from flowstore.adapters.diagrams import diagram_bytes
+    from flowstore.errors import InvalidArgumentError
+
     if args.format == "png" and args.output is None:
         raise InvalidArgumentError("output", None, "a png diagram needs --output FILE")
     data = diagram_bytes(store, args.flow, args.format, stats=args.stats, version=args.version)
@@ -198,6 +263,8 @@ def diagram(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
 
 def state_get(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`state get USER FLOW`: where the user stands (FLOW_STATE_NOT_FOUND if nowhere)."""
+    from flowstore.errors import FlowStateNotFoundError
+
     state = store.get_flow_state(args.user, args.flow)
     if state is None:
         store.get_flow(args.flow)  # an unknown flow is FLOW_NOT_FOUND rather than no state
@@ -207,14 +274,47 @@ def state_get(store: FlowStore, args: argparse.Namespace, out: Output) -> Result
 
 def state_set(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`state set USER FLOW STEP ...`: administrative override of the user's step."""
+    from flowstore.models import FlowState
+
     state = FlowState(
         flow=args.flow,
         step=args.step,
         service=args.service,
         ok=not args.not_ok,
         payload=args.payload,
+        previous=args.previous,
+        entity_id=args.entity,
+        message=args.message,
     )
     return store.set_flow_state(args.user, state)
+
+
+def state_token(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`state token USER FLOW`: the user's state as an OwlMeans state token (to hand over)."""
+    token = store.state_token(args.user, args.flow)
+    return Note(token, {"userId": args.user, "flow": args.flow, "token": token})
+
+
+def state_adopt(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`state adopt USER TOKEN [--sender SERVICE]`: take over a flow handed over as a token."""
+    return store.adopt_state_token(args.user, args.token, sender=args.sender)
+
+
+def transitions(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`transitions USER FLOW [--explicit | --implicit]`: what the user's current step offers."""
+    offered = store.get_available_transitions(args.user, args.flow, explicit=args.explicit)
+    fields = ("transition", "step", "explicit", "reversible")
+    return Listing(offered, fields, f"Transitions offered to {args.user} in {args.flow}")
+
+
+def back(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`back USER FLOW`: return the user to the previous step."""
+    return store.go_back(args.user, args.flow)
+
+
+def next_step(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`next USER FLOW [--payload JSON]`: take the first transition that is not explicit."""
+    return store.advance(args.user, args.flow, args.payload)
 
 
 def state_clear(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
@@ -237,24 +337,54 @@ def state_list(store: FlowStore, args: argparse.Namespace, out: Output) -> Resul
 
 
 def transition(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
-    """`transition USER FLOW TRANSITION [--payload JSON]`."""
-    return store.execute_transition(args.user, args.flow, args.transition, args.payload)
+    """`transition USER FLOW TRANSITION [--payload JSON] [--not-ok] [--message TEXT]`."""
+    return store.execute_transition(
+        args.user,
+        args.flow,
+        args.transition,
+        args.payload,
+        ok=not args.not_ok,
+        message=args.message,
+    )
 
 
 def reset(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
-    """`reset USER FLOW [--step STEP]`: start the user's run again."""
-    return store.reset_flow(args.user, args.flow, args.step)
+    """`reset USER FLOW [--step STEP] [--service S] [--entity ID]`: start the user's run again."""
+    return store.reset_flow(
+        args.user, args.flow, args.step, service=args.service, entity_id=args.entity
+    )
 
 
 def history(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`history USER FLOW`: every command on the user's flow, oldest first."""
-    rows = store.get_flow_history(args.user, args.flow)
+    from flowstore.adapters.render import HISTORY_FIELDS
+
+    rows = store.get_flow_history(
+        args.user, args.flow, limit=args.limit, after=args.after, kinds=args.kind or None
+    )
     return Listing(rows, HISTORY_FIELDS, f"History of {args.user} in {args.flow}")
+
+
+def instances(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`instances FLOW [--step S] [--status S] [--idle-for SECONDS] [--limit N] [--cursor C]`."""
+    page = store.list_instances(
+        args.flow,
+        step=args.step,
+        status=args.status,
+        idle_for=args.idle_for,
+        limit=args.limit,
+        cursor=args.cursor,
+    )
+    if out.as_json:
+        return Note("", page.to_dict())
+    out.show(Listing(page.instances, ("user_id", *_STATE_FIELDS), f"Instances of {args.flow}"))
+    more = f"next page: --cursor {page.next_cursor}" if page.next_cursor else "last page"
+    return Note(f"{len(page.instances)} instance(s); {more}", {})
 
 
 def stats(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`stats [--flow FLOW]`: usage and performance of one flow or all."""
-    return store.get_flow_statistics(args.flow)
+    return store.get_flow_statistics(args.flow, since=args.since, until=args.until)
 
 
 def purge(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
@@ -265,6 +395,8 @@ def purge(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
 
 def demo(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`demo [--users N] [--seed N]`: the onboarding flow driven by simulated users."""
+    from flowstore.adapters.demo import DEMO_FLOW, run_demo
+
     run_demo(store, users=args.users, seed=args.seed, console=out.console)
     # People have seen the report; with --json, stdout gets the flow's statistics.
     return store.get_flow_statistics(DEMO_FLOW) if out.as_json else None
@@ -272,17 +404,56 @@ def demo(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
 
 def funnel(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`funnel FLOW`: per step, how many entered, moved on, dropped, and are there now."""
-    steps = store.get_flow_funnel(args.flow)
+    steps = store.get_flow_funnel(args.flow, since=args.since, until=args.until)
     return Listing(
         steps, ("step", "entered", "moved_on", "dropped", "current"), f"Funnel of {args.flow}"
     )
 
 
 def projections_status(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
-    """`projections status`: how far the tables are behind the log."""
+    """`projections status`: how far the tables are behind the log, and what they had to skip."""
     position, head = store.projection_position(), store.log_position()
-    data = {"position": position, "logPosition": head, "lag": max(0, head - position)}
-    return Note(f"tables at event {position} of {head} (lag {data['lag']})", data)
+    unreadable = store.unreadable_events()
+    data = {
+        "position": position,
+        "logPosition": head,
+        "lag": max(0, head - position),
+        "unreadable": [
+            {
+                "position": row["position"],
+                "aggregateId": row["originator_id"],
+                "version": row["originator_version"],
+                "detail": row["detail"],
+            }
+            for row in unreadable
+        ],
+    }
+    text = f"tables at event {position} of {head} (lag {data['lag']})"
+    for row in unreadable:
+        text += (
+            f"\nunreadable event {row['position']} ({row['originator_id']} "
+            f"v{row['originator_version']}), skipped: {row['detail']}"
+            f"\n  move it aside: flowstore quarantine {row['position']} --reason '...'"
+        )
+    return Note(text, data)
+
+
+def quarantine(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`quarantine POSITION --reason TEXT`: move an unreadable event out of the log, audited."""
+    record = store.quarantine_event(args.position, args.reason)
+    data = {
+        "position": record["position"],
+        "aggregateId": record["originator_id"],
+        "version": record["originator_version"],
+        "topic": record["topic"],
+        "reason": record["reason"],
+        "quarantinedAt": record["quarantined_at"].isoformat(),
+    }
+    return Note(
+        f"event {args.position} moved to flowstore_quarantine ({record['originator_id']} "
+        f"v{record['originator_version']})",
+        data,
+    )
 
 
 def projections_migrate(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
@@ -294,6 +465,10 @@ def projections_migrate(store: FlowStore, args: argparse.Namespace, out: Output)
 
 def projections_rebuild(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`projections rebuild`: replay the whole log into fresh tables, then swap them in."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     began = time.perf_counter()
     with Progress(
         TextColumn("rebuilding"),
@@ -339,6 +514,9 @@ def projections_repair(store: FlowStore, args: argparse.Namespace, out: Output) 
 
 def projections_run(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`projections run`: follow the log and keep the tables up to date until SIGTERM/SIGINT."""
+    import signal
+    import threading
+
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -354,6 +532,9 @@ def projections_run(store: FlowStore, args: argparse.Namespace, out: Output) -> 
 
 def worker(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`worker`: projections, expiry and the Kafka publisher, each led by one worker of a fleet."""
+    import signal
+    import threading
+
     from flowstore.adapters.worker import WorkerSettings, run_worker
 
     stop = threading.Event()
@@ -395,7 +576,7 @@ def serve(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
         # Imported here, not at the top: the rest of the CLI works without the `http` extra.
         from flowstore.adapters.http import serve as serve_http
     except ImportError as exc:
-        hint = "flowstore serve needs the http extra: pip install 'flowstore[http]'"
+        hint = "flowstore serve needs the http extra: pip install 'flowstore-es[http]'"
         raise SystemExit(f"{hint} ({exc})") from None
     serve_http(store, host=args.host, port=args.port, log_level=args.log_level)
     return None
@@ -406,7 +587,7 @@ def _kafka_commands() -> Any:
         # Imported here, not at the top: the rest of the CLI works without the `kafka` extra.
         from flowstore.adapters.kafka import commands
     except ImportError as exc:
-        hint = "this command needs the kafka extra: pip install 'flowstore[kafka]'"
+        hint = "this command needs the kafka extra: pip install 'flowstore-es[kafka]'"
         raise SystemExit(f"{hint} ({exc})") from None
     return commands
 
@@ -440,10 +621,16 @@ COMMANDS: dict[str, Handler] = {
     "state set": state_set,
     "state clear": state_clear,
     "state list": state_list,
+    "state token": state_token,
+    "state adopt": state_adopt,
     "erase-user": erase_user,
     "transition": transition,
+    "transitions": transitions,
+    "back": back,
+    "next": next_step,
     "reset": reset,
     "history": history,
+    "instances": instances,
     "stats": stats,
     "purge": purge,
     "demo": demo,
@@ -454,6 +641,7 @@ COMMANDS: dict[str, Handler] = {
     "projections verify": projections_verify,
     "projections repair": projections_repair,
     "projections run": projections_run,
+    "quarantine": quarantine,
     "serve": serve,
     "worker": worker,
     "publish": publish,
@@ -475,6 +663,8 @@ _JSON_KINDS = {
 
 
 def _json_object(text: str) -> dict[str, Any]:
+    import orjson
+
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
@@ -490,7 +680,25 @@ def _json_file(path: str) -> dict[str, Any]:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror}") from None
+    if path.endswith((".yaml", ".yml")):
+        return _yaml_object(text)
     return _json_object(text)
+
+
+def _yaml_object(text: str) -> dict[str, Any]:
+    try:
+        import yaml
+    except ImportError:
+        hint = "YAML needs the providers extra: pip install 'flowstore-es[providers]'"
+        raise argparse.ArgumentTypeError(hint) from None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(value, dict):
+        kind = _JSON_KINDS.get(type(value), "null")
+        raise argparse.ArgumentTypeError(f"must be a YAML mapping, not {kind}")
+    return value
 
 
 def _step_pair(text: str) -> tuple[str, str]:
@@ -498,6 +706,27 @@ def _step_pair(text: str) -> tuple[str, str]:
     if not equals or not old or not new:
         raise argparse.ArgumentTypeError(f"must be OLD=NEW (two step names), not {text!r}")
     return old, new
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}")
+    return value
+
+
+def _moment(text: str) -> Any:
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an ISO 8601 time, not {text!r}") from None
+    # A command line has no other zone to mean: a time without one is UTC, like everything stored.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _positive(text: str) -> int:
@@ -566,6 +795,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(command=name)
         return sub
 
+    def window(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--since", type=_moment, help="window start, ISO 8601 (UTC if no zone)")
+        sub.add_argument("--until", type=_moment, help="window end, ISO 8601 (default: now)")
+
     def payload(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--payload", type=_json_object, help="a JSON object")
 
@@ -573,11 +806,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("flows show", "show a flow's definition")
     sub.add_argument("flow")
     sub.add_argument("--version", type=_positive, help="a past version (default: latest)")
-    sub = command("flows create", "define a flow from a JSON file in the seed's shape")
-    sub.add_argument("file", type=_json_file, help="JSON file, or - for stdin")
+    sub = command("flows create", "define a flow from a JSON or YAML file in the seed's shape")
+    sub.add_argument("file", type=_json_file, help="JSON or .yaml/.yml file, or - for stdin (JSON)")
     sub = command("flows update", "make a new version: the file's top-level keys replace the old")
     sub.add_argument("flow")
-    sub.add_argument("file", type=_json_file, help="JSON object file, or - for stdin")
+    sub.add_argument(
+        "file", type=_json_file, help="JSON or YAML object file, or - for stdin (JSON)"
+    )
     command("flows delete", "delete a flow").add_argument("flow")
     sub = command("flows load", "create or version flows from a YAML/JSON file or folder")
     sub.add_argument("path", help="a .json/.yaml/.yml file, or a folder of them")
@@ -600,7 +835,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dry-run", action="store_true", help="report only; write nothing")
     sub = command("diagram", "the flow as a state diagram (Mermaid, DOT, SVG or PNG)")
     sub.add_argument("flow")
-    sub.add_argument("--format", choices=OUTPUT_FORMATS, default="mermaid", help="default: mermaid")
+    sub.add_argument(
+        "--format", choices=DIAGRAM_FORMATS, default="mermaid", help="default: mermaid"
+    )
     sub.add_argument("--stats", action="store_true", help="label with users now and transitions")
     sub.add_argument("--output", metavar="FILE", help="write to this file (needed for png)")
     sub.add_argument("--version", type=_positive, help="a past version (default: latest)")
@@ -608,11 +845,25 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("state get", "where a user stands in a flow"),
         ("state clear", "forget where a user stands in a flow (history stays)"),
-        ("history", "every command on a user's flow"),
+        ("history", "the commands on a user's flow, oldest first"),
     ):
         sub = command(name, help_text)
         sub.add_argument("user")
         sub.add_argument("flow")
+    sub.add_argument("--limit", type=_positive, help="at most N rows")
+    sub.add_argument("--after", metavar="ROW_ID", help="rows after this row id (the next page)")
+    sub.add_argument(
+        "--kind", action="append", default=[], help="only this kind (repeatable: start, reset, ...)"
+    )
+    sub = command("instances", "a flow's instances: who is where, and for how long")
+    sub.add_argument("flow")
+    sub.add_argument("--step", help="only those at this step")
+    sub.add_argument("--status", choices=("active", "completed"), default="active")
+    sub.add_argument(
+        "--idle-for", type=_seconds, metavar="SECONDS", help="only those untouched this long"
+    )
+    sub.add_argument("--limit", type=_positive, default=100, help="per page (default 100)")
+    sub.add_argument("--cursor", help="the next page's cursor, from the previous page")
     sub = command("state set", "put a user at a step (administrative override)")
     sub.add_argument("user")
     sub.add_argument("flow")
@@ -620,7 +871,36 @@ def build_parser() -> argparse.ArgumentParser:
     payload(sub)
     sub.add_argument("--service", help="service to record (default: the step's)")
     sub.add_argument("--not-ok", action="store_true", help="record the state as not ok")
+    sub.add_argument("--previous", help="the step `back` returns to")
+    sub.add_argument("--entity", help="the entity the run is about")
+    sub.add_argument("--message", help="a message on the state")
     command("state list", "every flow a user has state in").add_argument("user")
+    sub = command("state token", "a user's state as an OwlMeans state token, to hand over")
+    sub.add_argument("user")
+    sub.add_argument("flow")
+    sub = command("state adopt", "take over a user's flow handed over as a state token")
+    sub.add_argument("user")
+    sub.add_argument("token")
+    sub.add_argument("--sender", help="the service that sent it (default: the token's)")
+    sub = command("transitions", "the transitions a user's current step offers")
+    sub.add_argument("user")
+    sub.add_argument("flow")
+    which = sub.add_mutually_exclusive_group()
+    which.add_argument(
+        "--explicit", action="store_true", default=None, help="only those the user chooses"
+    )
+    which.add_argument(
+        "--implicit", dest="explicit", action="store_false", help="only those `next` may take"
+    )
+    for name, help_text in (
+        ("back", "return a user to the previous step (left by a reversible transition)"),
+        ("next", "take the first transition of the user's step that is not explicit"),
+    ):
+        sub = command(name, help_text)
+        sub.add_argument("user")
+        sub.add_argument("flow")
+        if name == "next":
+            payload(sub)
     command(
         "erase-user", "erase a user for good: state, history and payloads (crypto-shredding)"
     ).add_argument("user")
@@ -630,19 +910,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("flow")
     sub.add_argument("transition")
     payload(sub)
+    sub.add_argument("--not-ok", action="store_true", help="the step's work failed (ok=false)")
+    sub.add_argument("--message", help="a message recorded with the transition")
     sub = command("reset", "start a user's run again")
     sub.add_argument("user")
     sub.add_argument("flow")
     sub.add_argument("--step", help="where to start (default: the initial step)")
-    command("stats", "usage and performance statistics").add_argument(
-        "--flow", help="one flow (default: all)"
-    )
+    sub.add_argument("--service", help="the run's target service")
+    sub.add_argument("--entity", help="the entity the run is about")
+    sub = command("stats", "usage and performance statistics")
+    sub.add_argument("--flow", help="one flow (default: all)")
+    window(sub)
     command("purge", "expire instances idle past their flow's ttl")
     sub = command("demo", "drive simulated users through the README's onboarding flow")
     sub.add_argument("--users", type=_positive, default=300, help="how many (default: 300)")
     sub.add_argument("--seed", type=int, default=7, help="random seed (default: 7)")
-    command("funnel", "per-step funnel of a flow").add_argument("flow")
-    command("projections status", "how far the tables are behind the log")
+    sub = command("funnel", "per-step funnel of a flow")
+    sub.add_argument("flow")
+    window(sub)
+    command("projections status", "how far the tables are behind the log; unreadable events")
+    sub = command(
+        "quarantine", "move an unreadable event (see projections status) out of the log, audited"
+    )
+    sub.add_argument("position", type=_positive, help="the event's position in the log")
+    sub.add_argument("--reason", required=True, help="why (kept in the audit record)")
     command("projections rebuild", "replay the log into fresh tables and swap them in")
     command(
         "projections migrate",
@@ -716,6 +1007,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     out = Output(args.json)
     try:
+        if args.command in READ_ONLY_COMMANDS:
+            _refuse_missing_database(args.url, args.command)
+        from flowstore.store import FlowStore
+
         live = _live_projections(args)
         if hasattr(args, "log_level"):
             configure_logging(args.log_level, args.log_format)
@@ -728,11 +1023,23 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(result, Note):
                 return result.exit_code
     except FlowError as err:
-        print(f"error[{err.code}]: {' '.join(err.message.split())}", file=sys.stderr)
+        out.error(err)
         return mapping_for(err).exit_code
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _refuse_missing_database(url: str | None, command: str) -> None:
+    """A read-only command on a SQLite file that does not exist: an error, not a new empty database."""
+    config = parse_url(resolve_url(url))
+    path = config.env.get("SQLITE_DBNAME")
+    if config.backend == "sqlite" and path is not None and not Path(path).exists():
+        raise StorageConfigError(
+            f"No database at {path!r}: `{command}` only reads, so it does not create one "
+            "(check --url or $FLOWSTORE_URL)",
+            url=config.display,
+        )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,13 @@ _BY_CODE: dict[str, ErrorMapping] = {
     "DEFINITION_INVALID": ErrorMapping(422, 5),
     "PAYLOAD_INVALID": ErrorMapping(422, 5),
     "PAYLOAD_TOO_LARGE": ErrorMapping(413, 5),
+    "STATE_TOKEN_INVALID": ErrorMapping(422, 5),
+    "STATE_TOKEN_MALFORMED": ErrorMapping(422, 5),
+    "STATE_TOKEN_UNKNOWN_FLOW": ErrorMapping(422, 5),
+    "STATE_TOKEN_UNKNOWN_STEP": ErrorMapping(422, 5),
     "STORAGE_CONFIG_INVALID": ErrorMapping(500, 6),
+    # A programming error in the embedding application (a store used after close()).
+    "STORE_CLOSED": ErrorMapping(500, 1),
     "ENCRYPTION_KEY_INVALID": ErrorMapping(500, 6),
     "FLOW_STATE_CORRUPTION": ErrorMapping(500, 7),
     # The database is down, unreachable or read-only: worth retrying later (the readiness probe in
@@ -41,6 +47,8 @@ _BY_CODE: dict[str, ErrorMapping] = {
     "PROJECTION_LAG": ErrorMapping(503, 9),
     # The tables await `flowstore projections migrate` (or this process is of an older version).
     "PROJECTION_LAYOUT": ErrorMapping(503, 6),
+    # Another process (or thread) is rebuilding the tables: try again once it has finished.
+    "REBUILD_RUNNING": ErrorMapping(409, 4),
     # Raised by the HTTP adapter (adapters/http). `flowstore serve` can exit on AUTH_CONFIG_INVALID;
     # the others only reach HTTP clients, so their exit code is the generic one.
     "REQUEST_INVALID": ErrorMapping(422, 5),

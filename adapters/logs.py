@@ -11,8 +11,6 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-import orjson
-
 __all__ = ["LOG_FORMATS", "LOG_LEVELS", "JsonFormatter", "configure_logging", "request_id"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -36,6 +34,8 @@ class JsonFormatter(logging.Formatter):
             data["request_id"] = request_id
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
+        import orjson  # here: the CLI imports this module, and only the standard library, at start
+
         return orjson.dumps(data).decode()
 
 

@@ -47,7 +47,7 @@ from flowstore import (
     InvalidArgumentError,
     StorageUnavailableError,
 )
-from flowstore.definitions import parse_definition
+from flowstore.definitions import DOT_IDS, parse_definition
 
 __all__ = [
     "DEFINITION_SUFFIXES",
@@ -57,6 +57,7 @@ __all__ = [
     "FlowProviderConfig",
     "HybridFlowProvider",
     "LoadedFlow",
+    "config_from_seed",
     "load_flows",
     "make_flow_provider",
     "read_definitions",
@@ -403,17 +404,21 @@ class _RemoteFetcher:
                 raise InvalidArgumentError(
                     "authentication", auth, "type must be bearer, basic or apikey"
                 )
+        # Redirects are followed by hand, within the origin only: httpx drops Authorization on a
+        # cross-origin redirect but forwards a custom API-key header to wherever it is sent.
         self._client = httpx.Client(
-            headers=headers, auth=basic, timeout=timeout, follow_redirects=True
+            headers=headers, auth=basic, timeout=timeout, follow_redirects=False
         )
 
     def fetch(self, flow_id: str | None) -> dict[str, FlowDefinition]:
         url = self.url
         if self.per_flow:
             assert flow_id is not None
+            if flow_id in DOT_IDS:  # a path segment of its own: "/flows/.." is "/"
+                raise InvalidArgumentError("flow_id", flow_id, "must not be '.' or '..'")
             url = url.replace("{flow_id}", quote(flow_id, safe=""))
         try:
-            response = self._client.get(url)
+            response = self._get_same_origin(url)
         except httpx.HTTPError as exc:
             raise _SourceUnavailableError(f"{type(exc).__name__}: {exc}") from None
         if self.per_flow and response.status_code == 404:
@@ -423,7 +428,7 @@ class _RemoteFetcher:
         kind = response.headers.get("content-type", "")
         try:
             data = (
-                yaml.safe_load(response.text) if "yaml" in kind else orjson.loads(response.content)
+                _load_yaml(response.text) if "yaml" in kind else orjson.loads(response.content)
             )
         except (orjson.JSONDecodeError, yaml.YAMLError) as exc:
             raise _SourceUnavailableError(
@@ -439,8 +444,32 @@ class _RemoteFetcher:
             )
         return found
 
+    def _get_same_origin(self, url: str) -> httpx.Response:
+        origin = _origin(httpx.URL(url))
+        response = self._client.get(url)
+        for _ in range(MAX_REDIRECTS):
+            if not response.has_redirect_location or response.next_request is None:
+                return response
+            target = response.next_request.url
+            if _origin(target) != origin:
+                raise _SourceUnavailableError(
+                    f"redirected to another origin ({_redact(str(target))}); credentials are "
+                    "only sent to the configured origin"
+                )
+            response = self._client.send(response.next_request)
+        raise _SourceUnavailableError(f"more than {MAX_REDIRECTS} redirects")
+
     def close(self) -> None:
         self._client.close()
+
+
+MAX_REDIRECTS = 5
+"""Most same-origin redirects a remote source may answer with."""
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, url.port or default
 
 
 def _redact(url: str) -> str:
@@ -452,8 +481,61 @@ def _redact(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def make_flow_provider(config: FlowProviderConfig) -> FlowProvider:
-    """A provider for the configured source (see the module's docstring)."""
+_SEED_KEYS = {
+    "source": "source",
+    "connectionString": "connection_string",
+    "filePath": "file_path",
+    "remoteUrl": "remote_url",
+    "cacheTimeout": "cache_timeout",
+    "authentication": "authentication",
+    "sources": "sources",
+    "timeout": "timeout",
+    "store": "store",
+    "clock": "clock",  # ours, not the seed's: tests move time by hand
+}
+
+
+def config_from_seed(config: Mapping[str, Any]) -> FlowProviderConfig:
+    """The seed's `FlowProviderConfig` object (camelCase, `cacheTimeout` in milliseconds) as ours.
+
+    `authentication` is `{"type", "credentials"}` (and optionally `"header"`); a hybrid's
+    `sources` are seed objects too. Unknown keys are refused: they are typos, not options.
+    """
+    if not isinstance(config, Mapping):
+        raise InvalidArgumentError("config", type(config).__name__, "must be a mapping")
+    unknown = sorted(set(config) - set(_SEED_KEYS))
+    if unknown:
+        raise InvalidArgumentError(
+            "config", unknown, f"unknown provider option(s); known: {sorted(_SEED_KEYS)}"
+        )
+    fields = {_SEED_KEYS[key]: value for key, value in config.items()}
+    if "cache_timeout" in fields:
+        millis = fields["cache_timeout"]
+        if isinstance(millis, bool) or not isinstance(millis, int | float):
+            raise InvalidArgumentError("cacheTimeout", millis, "must be a number of milliseconds")
+        fields["cache_timeout"] = millis / 1000  # the seed counts milliseconds, we seconds
+    auth = fields.get("authentication")
+    if isinstance(auth, Mapping):
+        try:
+            fields["authentication"] = Authentication(**auth)
+        except TypeError as exc:
+            raise InvalidArgumentError("authentication", sorted(auth), str(exc)) from None
+    fields["sources"] = tuple(
+        s if isinstance(s, FlowProviderConfig) else config_from_seed(s)
+        for s in fields.get("sources", ())
+    )
+    if "source" not in fields:
+        raise InvalidArgumentError("source", None, "must be database, file, remote or hybrid")
+    return FlowProviderConfig(**fields)
+
+
+def make_flow_provider(config: FlowProviderConfig | Mapping[str, Any]) -> FlowProvider:
+    """A provider for the configured source (see the module's docstring).
+
+    Takes our `FlowProviderConfig` or the seed's camelCase object (`cacheTimeout` in ms).
+    """
+    if not isinstance(config, FlowProviderConfig):
+        config = config_from_seed(config)
     if config.cache_timeout < 0:
         raise InvalidArgumentError("cache_timeout", config.cache_timeout, "must not be negative")
     fetcher: _Fetcher
@@ -516,10 +598,27 @@ def _definitions_in(data: Any, origin: str) -> tuple[list[FlowDefinition], list[
     return definitions, problems
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases: a few hundred bytes of nested aliases expand to gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in flow definitions", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def _load_yaml(text: str) -> Any:
+    """YAML without aliases (see `_NoAliasLoader`)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass
+
+
 def _read_file(path: Path) -> tuple[list[FlowDefinition], list[str]]:
     text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else orjson.loads(text)
+        data = _load_yaml(text) if path.suffix in (".yaml", ".yml") else orjson.loads(text)
     except (orjson.JSONDecodeError, yaml.YAMLError) as exc:
         kind = "JSON" if path.suffix == ".json" else "YAML"
         return [], [f"{path}: not valid {kind}: {' '.join(str(exc).split())}"]

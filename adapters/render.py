@@ -12,20 +12,39 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from flowstore import FlowDefinition, FlowState, FlowStateHistory, FlowStatistics, FunnelStep
+from flowstore import (
+    FlowDefinition,
+    FlowState,
+    FlowStateHistory,
+    FlowStatistics,
+    FlowTransition,
+    FunnelStep,
+)
 
 __all__ = ["HISTORY_FIELDS", "Model", "cell", "model_view", "record", "table"]
 
-Model = FlowDefinition | FlowState | FlowStateHistory | FlowStatistics | FunnelStep
+Model = FlowDefinition | FlowState | FlowStateHistory | FlowStatistics | FunnelStep | FlowTransition
 """Everything the store answers with."""
 
-HISTORY_FIELDS = ("timestamp", "kind", "transition", "from_step", "to_step", "success", "error")
+HISTORY_FIELDS = (
+    "timestamp",
+    "kind",
+    "transition",
+    "from_step",
+    "to_step",
+    "success",
+    "ok",
+    "message",
+    "error",
+)
 """The fields of a history table."""
 
 
 def record(model: Model) -> dict[str, Any]:
     """The model as JSON-ready data with camelCase keys (a definition in the seed's shape)."""
-    return model.to_seed() if isinstance(model, FlowDefinition) else model.to_dict()
+    if isinstance(model, FlowDefinition | FlowTransition):
+        return model.to_seed()
+    return model.to_dict()
 
 
 def cell(value: Any) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from flowstore.definitions import FlowDefinition, FlowStep, FlowTransition
 from flowstore.errors import (
     ConcurrencyConflictError,
     CorruptEventError,
@@ -26,30 +25,61 @@ from flowstore.errors import (
     PayloadValidationError,
     ProjectionLagError,
     ProjectionLayoutError,
+    RebuildRunningError,
+    StateTokenError,
+    StateTokenFlowError,
+    StateTokenFormatError,
+    StateTokenStepError,
     StorageUnavailableError,
-)
-from flowstore.models import (
-    FlowState,
-    FlowStateHistory,
-    FlowStatistics,
-    FlowStatus,
-    FunnelStep,
-    HistoryKind,
-    InstanceMigration,
-    MigrationReport,
-    PerformanceMetrics,
-    StepCount,
+    StoreClosedError,
 )
 
 if TYPE_CHECKING:
+    from flowstore.definitions import FlowDefinition, FlowStep, FlowTransition, validate_flow
+    from flowstore.models import (
+        FlowState,
+        FlowStateHistory,
+        FlowStatistics,
+        FlowStatus,
+        FunnelStep,
+        HistoryKind,
+        InstanceMigration,
+        MigrationReport,
+        PerformanceMetrics,
+        StepCount,
+    )
     from flowstore.storage import StorageConfigError
     from flowstore.store import FlowStore
+    from flowstore.tokens import decode_state_token, encode_state_token
 
 __version__ = "0.1.0"
 
-# The store and storage pull in eventsourcing, SQLAlchemy and cryptography; they load on first use so
-# that `import flowstore.domain` (or a consumer of the Kafka envelope) stays free of them.
-_LAZY = {"FlowStore": "flowstore.store", "StorageConfigError": "flowstore.storage"}
+# Everything but the errors loads on first use: the store pulls in eventsourcing, SQLAlchemy and
+# cryptography, the models pydantic and jsonschema. `import flowstore.domain` (or a consumer of the
+# Kafka envelope) stays free of the store, and `flowstore --help` starts without any of them.
+_LAZY = {
+    "FlowStore": "flowstore.store",
+    "StorageConfigError": "flowstore.storage",
+    **dict.fromkeys(("decode_state_token", "encode_state_token"), "flowstore.tokens"),
+    **dict.fromkeys(
+        ("FlowDefinition", "FlowStep", "FlowTransition", "validate_flow"), "flowstore.definitions"
+    ),
+    **dict.fromkeys(
+        (
+            "FlowState",
+            "FlowStateHistory",
+            "FlowStatistics",
+            "FlowStatus",
+            "FunnelStep",
+            "HistoryKind",
+            "InstanceMigration",
+            "MigrationReport",
+            "PerformanceMetrics",
+            "StepCount",
+        ),
+        "flowstore.models",
+    ),
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -97,8 +127,17 @@ __all__ = [
     "PerformanceMetrics",
     "ProjectionLagError",
     "ProjectionLayoutError",
+    "RebuildRunningError",
+    "StateTokenError",
+    "StateTokenFlowError",
+    "StateTokenFormatError",
+    "StateTokenStepError",
     "StepCount",
     "StorageConfigError",
     "StorageUnavailableError",
+    "StoreClosedError",
     "__version__",
+    "decode_state_token",
+    "encode_state_token",
+    "validate_flow",
 ]

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from flowstore.domain import DomainEvent
 from flowstore.errors import CorruptEventError, EncryptionKeyError
-from flowstore.keys import PERSONAL_FIELDS, UserKeys, erased_user_id
+from flowstore.keys import ERASED_USER_PREFIX, PERSONAL_FIELDS, UserKeys, erased_user_id
 
 __all__ = ["OrjsonTranscoder", "PydanticMapper"]
 
@@ -53,7 +53,13 @@ class PydanticMapper(Mapper[Any]):
         state = cast(BaseModel, domain_event).model_dump(
             exclude={"originator_id", "originator_version"}
         )
-        if self.keys is not None and "user_id" in state:
+        # An instance whose events already read as erased (sealed with a key shredded meanwhile)
+        # carries a stand-in id, which names no one: sealing it would create a key for nobody.
+        if (
+            self.keys is not None
+            and "user_id" in state
+            and not str(state["user_id"]).startswith(ERASED_USER_PREFIX)
+        ):
             key = self.keys.for_user(state["user_id"])
             personal = {f: state.pop(f) for f in PERSONAL_FIELDS if f in state}
             context = _context(domain_event.originator_id, domain_event.originator_version)
@@ -134,7 +140,13 @@ class PydanticMapper(Mapper[Any]):
         key = self.keys.for_subject(subject) if self.keys is not None else None
         if key is None:  # erased (or a store opened without keys): the event reads anonymised
             fields = cast(type[BaseModel], cls).model_fields
-            stand_in = {"user_id": erased_user_id(subject), "payload": None, "error": "(erased)"}
+            stand_in = {
+                "user_id": erased_user_id(subject),
+                "payload": None,
+                "error": "(erased)",
+                "message": None,
+                "entity_id": None,
+            }
             return {f: v for f, v in stand_in.items() if f in fields}
         opened = key.open(
             sealed, _context(stored_event.originator_id, stored_event.originator_version)

@@ -9,11 +9,13 @@ so a transition is always validated against the state it is applied to. Definiti
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from typing import cast
 from uuid import UUID
@@ -44,6 +46,9 @@ __all__ = ["Commands", "definition_of", "is_expired"]
 
 _log = logging.getLogger(__name__)
 
+_LOCK_STRIPES = 256
+"""Locks that serialise commands on one instance within a process (an instance maps to one)."""
+
 
 class Commands:
     """Sequences commands against the log: caches, optimistic retries, definition listeners."""
@@ -68,6 +73,20 @@ class Commands:
         self._instances: OrderedDict[UUID, FlowInstance] = OrderedDict()
         self._definitions: dict[str, tuple[FlowVersions, float]] = {}
         self._listeners: tuple[Callable[[str], None], ...] = ()
+        # Threads of one process on one instance take turns: they would otherwise read the same
+        # version and all but one fail their append and retry, which only processes need to do.
+        self._instance_locks = tuple(threading.RLock() for _ in range(_LOCK_STRIPES))
+
+    def _stripe(self, iid: UUID) -> int:
+        return iid.int % _LOCK_STRIPES
+
+    @contextmanager
+    def locked(self, iids: Iterable[UUID]) -> Iterator[None]:
+        """Hold the locks of these instances (in one order everywhere, so no two callers deadlock)."""
+        with ExitStack() as held:
+            for stripe in sorted({self._stripe(iid) for iid in iids}):
+                held.enter_context(self._instance_locks[stripe])
+            yield
 
     # Appending
 
@@ -78,12 +97,47 @@ class Commands:
             self._written(position)
 
     def change_instance(
-        self, user_id: str, flow_id: str, decide: Callable[[FlowInstance | None], Decision]
+        self,
+        user_id: str,
+        flow_id: str,
+        decide: Callable[[FlowInstance | None], Decision],
+        *,
+        persistent: bool = False,
     ) -> FlowInstance:
-        """Read, decide, append; on a concurrent append, read the fresh state and decide again."""
+        """Read, decide, append; on a concurrent append, read the fresh state and decide again.
+
+        The user's key lock is held from key lookup (sealing) to append, so an erasure in this
+        process never shreds the key between the two. `persistent` retries without a limit (an
+        erasure must not give up because the user keeps writing: each conflict is their progress).
+        """
         require_id(flow_id, "flow_id")
+        with self.log.keys.user_lock(user_id):
+            return self._change_instance(user_id, flow_id, decide, persistent=persistent)
+
+    def _change_instance(
+        self,
+        user_id: str,
+        flow_id: str,
+        decide: Callable[[FlowInstance | None], Decision],
+        *,
+        persistent: bool,
+    ) -> FlowInstance:
         iid = instance_id(user_id, flow_id)
-        for attempt in range(self.max_retries):
+        # Threads of this process take turns on one instance (inside the user's key lock).
+        with self._instance_locks[self._stripe(iid)]:
+            return self._decide_and_append(user_id, flow_id, iid, decide, persistent=persistent)
+
+    def _decide_and_append(
+        self,
+        user_id: str,
+        flow_id: str,
+        iid: UUID,
+        decide: Callable[[FlowInstance | None], Decision],
+        *,
+        persistent: bool,
+    ) -> FlowInstance:
+        attempts = itertools.count() if persistent else iter(range(self.max_retries))
+        for attempt in attempts:
             # The first attempt trusts this process's last known state; if another writer moved
             # the instance on, the append fails on its version and the retry reads it fresh.
             instance = self.cached_instance(iid) if attempt == 0 else self.get_instance(iid)

@@ -10,7 +10,6 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-import jsonschema
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic.alias_generators import to_camel
@@ -21,9 +20,11 @@ from flowstore.errors import (
     PayloadTooLargeError,
     PayloadValidationError,
 )
+from flowstore.schemas import PayloadSchema, schema_problems
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
+    "DOT_IDS",
     "ERASED_USER_PREFIX",
     "MAX_DEFINITION_BYTES",
     "MAX_JSON_DEPTH",
@@ -33,11 +34,13 @@ __all__ = [
     "FlowStep",
     "FlowTransition",
     "check_payload",
+    "flow_warnings",
     "has_control_characters",
     "parse_definition",
     "reachable_steps",
     "require_id",
     "update_definition",
+    "validate_flow",
 ]
 
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
@@ -57,6 +60,10 @@ MAX_JSON_DEPTH = 100
 orjson refuses more than 254 levels; the event, the Kafka envelope and HTTP responses wrap the
 value in a few more, so the limit leaves them room.
 """
+
+DOT_IDS = frozenset({".", ".."})
+"""Flow ids that are path segments of their own in a URL (`/flows/..` is `/`): refused, as is `/`
+(flow ids are one segment of every REST path and per-flow remote URL)."""
 
 MAX_NAME_LENGTH = 256
 """Longest flow id, step, service, module or transition name: the tables' columns are VARCHAR(256),
@@ -82,7 +89,12 @@ class FlowTransition(_SeedModel):
     """An edge: taking `transition` from its step moves the user to `step`."""
 
     transition: str
+    """The transition's name as written; normally its key in `transitions`, which is what names it."""
     step: str
+    explicit: bool | None = None
+    """The user chooses this transition among the step's options; `advance` does not take it."""
+    reversible: bool | None = None
+    """The user may go back: taking it keeps the step left as the state's `previous`."""
     payload_schema: dict[str, Any] | None = None
     _validator: Any = PrivateAttr(default=None)
 
@@ -92,13 +104,9 @@ class FlowTransition(_SeedModel):
             return None
         if self._validator is None:
             # Built once per transition object: definitions are immutable and cached by version.
-            cls = jsonschema.validators.validator_for(self.payload_schema)
-            self._validator = cls(self.payload_schema)
-        error = jsonschema.exceptions.best_match(self._validator.iter_errors(payload))
-        if error is None:
-            return None
-        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        return f"payload at {where}: {error.message}"
+            self._validator = PayloadSchema(self.payload_schema)
+        problem: str | None = self._validator.problem(payload)
+        return problem
 
 
 class FlowStep(_SeedModel):
@@ -107,7 +115,12 @@ class FlowStep(_SeedModel):
     index: int
     step: str
     service: str
+    path: str | None = None
     module: str | None = None
+    initial: bool | None = None
+    """The step may be entered directly (`reset_flow` to it), as well as the initial step."""
+    payload_map: dict[str, int] | None = None
+    """Which payload values a state token carries at this step: {payload key: position in `p`}."""
     transitions: dict[str, FlowTransition] = Field(default_factory=dict)
 
     @property
@@ -122,8 +135,9 @@ class FlowDefinition(_SeedModel):
     flow: str
     initial_step: str
     steps: dict[str, FlowStep]
-    config: dict[str, Any] = Field(default_factory=dict)
-    prefabs: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] | None = None
+    """Free-form (`queryParam`, `services`, `modules`, `pathes`, `defaultFlow`); may be absent."""
+    prefabs: dict[str, Any] | None = None
     ttl: int | None = None
     """Seconds an unfinished instance may stay idle before `purge_expired_flows` expires it."""
     version: int | None = None
@@ -132,6 +146,20 @@ class FlowDefinition(_SeedModel):
     def step(self, name: str) -> FlowStep | None:
         """The step called `name`, or None."""
         return self.steps.get(name)
+
+    def entry_steps(self) -> list[str]:
+        """The steps a run may start at: `initialStep` and every step marked `initial`."""
+        return [self.initial_step] + [
+            name for name, step in self.steps.items() if step.initial and name != self.initial_step
+        ]
+
+    def may_enter(self, name: str) -> bool:
+        """Whether a run may start at step `name`: any step unless some are marked `initial`."""
+        if name not in self.steps:
+            return False
+        if not any(step.initial for step in self.steps.values()):
+            return True
+        return name in self.entry_steps()
 
 
 _UPDATABLE = set(FlowDefinition.model_fields) - {"version"}
@@ -174,6 +202,12 @@ def _name_problems(definition: FlowDefinition) -> list[str]:
     for key, step in definition.steps.items():
         names += [("step name", key), ("service", step.service), ("module", step.module or "")]
         names += [("transition name", t) for t in step.transitions]
+        # A `transition` field may differ from its key (kept as given): it must be a name too.
+        names += [
+            ("transition name", t.transition)
+            for key, t in step.transitions.items()
+            if t.transition != key
+        ]
     problems = []
     for kind, name in names:
         if len(name) > MAX_NAME_LENGTH:
@@ -182,6 +216,8 @@ def _name_problems(definition: FlowDefinition) -> list[str]:
             )
         if has_control_characters(name):
             problems.append(f"{kind} {_shown(name)!r} contains a control character")
+    if definition.flow in DOT_IDS or "/" in definition.flow:
+        problems.append(f"flow id {definition.flow!r} must not be '.', '..' or contain '/'")
     problems.extend(
         f"service of step {key!r} must not be empty"
         for key, step in definition.steps.items()
@@ -215,11 +251,12 @@ def _problems(definition: FlowDefinition) -> list[str]:
         problems.append("flow id must not be empty")
     if not definition.steps:
         problems.append("steps must not be empty")
-    elif definition.initial_step not in definition.steps:
+    elif definition.initial_step is not None and definition.initial_step not in definition.steps:
         problems.append(f"initialStep {definition.initial_step!r} is not a step")
     names = Counter(step.step for step in definition.steps.values())
     problems.extend(f"step name {name!r} is used {n} times" for name, n in names.items() if n > 1)
-    indexes = Counter(step.index for step in definition.steps.values())
+    # None: an index that is not an integer, already reported with the definition's shape.
+    indexes = Counter(step.index for step in definition.steps.values() if step.index is not None)
     problems.extend(f"step index {i} is used {n} times" for i, n in indexes.items() if n > 1)
     for key, step in definition.steps.items():
         if not key.strip():
@@ -229,41 +266,32 @@ def _problems(definition: FlowDefinition) -> list[str]:
         for tkey, transition in step.transitions.items():
             if not tkey.strip():
                 problems.append(f"step {key!r} has a transition with an empty name")
-            if transition.transition != tkey:
-                problems.append(
-                    f"transition {tkey!r} of step {key!r} says its name is "
-                    f"{transition.transition!r}"
-                )
-            if transition.step not in definition.steps:
+            # The key names the transition; a differing `transition` field is kept as given
+            # (the real `_oidp` flow has `"denied": {"transition": "link-id", ...}`).
+            if transition.step is not None and transition.step not in definition.steps:
                 problems.append(
                     f"transition {tkey!r} of step {key!r} targets unknown step {transition.step!r}"
                 )
             if transition.payload_schema is not None:
-                try:
-                    jsonschema.validators.validator_for(transition.payload_schema).check_schema(
-                        transition.payload_schema
-                    )
-                except jsonschema.exceptions.SchemaError as exc:
-                    problems.append(
-                        f"payloadSchema of transition {tkey!r} of step {key!r} is not a valid "
-                        f"JSON Schema: {exc.message}"
-                    )
+                problems.extend(
+                    f"payloadSchema of transition {tkey!r} of step {key!r}: {problem}"
+                    for problem in schema_problems(transition.payload_schema)
+                )
     if definition.ttl is not None and definition.ttl <= 0:
         problems.append(f"ttl must be a positive number of seconds, not {definition.ttl}")
     elif definition.ttl is not None and definition.ttl > MAX_TTL_SECONDS:
         problems.append(
             f"ttl must be at most {MAX_TTL_SECONDS} seconds (100 years), not {definition.ttl}"
         )
-    if definition.initial_step in definition.steps:
-        problems.extend(_reachability_problems(definition))
     return problems
 
 
 def reachable_steps(definition: FlowDefinition) -> list[str]:
-    """The steps a user can reach from the initial step (itself included), in breadth-first order."""
+    """The steps a user can reach from the entry steps (`initialStep` and every `initial` step, these
+    included), in breadth-first order."""
     if definition.initial_step not in definition.steps:
         return []
-    seen = [definition.initial_step]
+    seen = definition.entry_steps()
     for name in seen:  # grows while iterating: a breadth-first walk without a separate queue
         for transition in definition.steps[name].transitions.values():
             if transition.step in definition.steps and transition.step not in seen:
@@ -271,23 +299,48 @@ def reachable_steps(definition: FlowDefinition) -> list[str]:
     return seen
 
 
-def _reachability_problems(definition: FlowDefinition) -> list[str]:
-    # A step no user can reach is dead weight at best and a typo at worst; a flow with no reachable
-    # terminal step can never complete, so every run would end by clear, reset or expiry only.
+def flow_warnings(definition: FlowDefinition) -> list[str]:
+    """What is legal but likely a mistake: steps no user can reach, and no reachable terminal step.
+
+    A step no user can reach is dead weight at best and a typo at worst; a flow with no reachable
+    terminal step never completes (every run ends by clear, reset or expiry), which is right for a
+    subscription that loops forever and wrong for a wizard: so warnings, not errors.
+    """
     reachable = reachable_steps(definition)
-    start = definition.initial_step
+    if not reachable:
+        return []
+    entries = definition.entry_steps()
+    if len(entries) == 1:
+        source, terminal_source = f"initialStep {entries[0]!r}", repr(entries[0])
+    else:
+        source = terminal_source = "the entry steps " + ", ".join(repr(n) for n in entries)
     problems = [
-        f"step {name!r} is not reachable from initialStep {start!r}"
+        f"step {name!r} is not reachable from {source}"
         for name in definition.steps
         if name not in reachable
     ]
     if not any(definition.steps[name].is_terminal for name in reachable):
-        problems.append(f"no terminal step (one without transitions) is reachable from {start!r}")
+        problems.append(
+            f"no terminal step (one without transitions) is reachable from {terminal_source}"
+        )
     return problems
 
 
 def parse_definition(data: FlowDefinition | Mapping[str, Any]) -> FlowDefinition:
     """Validate a definition (model or seed-shaped dict); raise `DefinitionError` listing all problems."""
+    return _parse(data)
+
+
+def validate_flow(data: FlowDefinition | Mapping[str, Any]) -> list[str]:
+    """Check a definition: raise `DefinitionError` listing every problem; return the warnings.
+
+    Warnings (`flow_warnings`) do not stop a definition from being stored: `flowstore flows load`
+    prints them.
+    """
+    return flow_warnings(_parse(data))
+
+
+def _parse(data: FlowDefinition | Mapping[str, Any]) -> FlowDefinition:
     if isinstance(data, FlowDefinition):
         try:
             raw: Any = data.to_seed()
@@ -307,11 +360,64 @@ def parse_definition(data: FlowDefinition | Mapping[str, Any]) -> FlowDefinition
             f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
             for err in exc.errors()
         ]
+        # The shape is wrong somewhere, but every other problem is listed too: the meaning of
+        # whatever parts have the right shape is checked on a lenient reading of the same data.
+        problems += [p for p in _problems(_lenient(raw)) if p not in problems]
         raise DefinitionError(flow_id, problems) from None
     problems = _problems(definition) + _storage_problems(definition)
     if problems:
         raise DefinitionError(_shown(definition.flow), problems)
     return definition
+
+
+def _text(value: Any, default: Any) -> Any:
+    return value if isinstance(value, str) else default
+
+
+def _integer(value: Any) -> Any:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _lenient(raw: Mapping[str, Any]) -> FlowDefinition:
+    """The parts of a malformed definition that have the right shape, unvalidated.
+
+    A wrong or missing value becomes a neutral stand-in (None, or a name the checks accept), so
+    that `_problems` reports only what is wrong with the meaning, never the shape again.
+    """
+
+    def get(data: Mapping[str, Any], name: str, alias: str) -> Any:
+        return data.get(alias, data.get(name))
+
+    def mapping(value: Any) -> Mapping[Any, Any]:
+        return value if isinstance(value, Mapping) else {}
+
+    steps = {}
+    for key, step in mapping(raw.get("steps")).items():
+        if not isinstance(key, str) or not isinstance(step, Mapping):
+            continue
+        transitions = {}
+        for tkey, transition in mapping(step.get("transitions")).items():
+            if not isinstance(tkey, str) or not isinstance(transition, Mapping):
+                continue
+            schema = get(transition, "payload_schema", "payloadSchema")
+            transitions[tkey] = FlowTransition.model_construct(
+                transition=_text(transition.get("transition"), tkey),
+                step=_text(transition.get("step"), None),
+                payload_schema=schema if isinstance(schema, dict) else None,
+            )
+        steps[key] = FlowStep.model_construct(
+            index=_integer(step.get("index")),
+            step=_text(step.get("step"), key),
+            service=_text(step.get("service"), "service"),
+            module=_text(step.get("module"), None),
+            transitions=transitions,
+        )
+    return FlowDefinition.model_construct(
+        flow=_text(raw.get("flow"), "flow"),
+        initial_step=_text(get(raw, "initial_step", "initialStep"), None),
+        steps=steps,
+        ttl=_integer(raw.get("ttl")),
+    )
 
 
 def update_definition(current: FlowDefinition, changes: Mapping[str, Any]) -> FlowDefinition:

@@ -40,11 +40,13 @@ __all__ = [
     "FlowDeleted",
     "FlowErased",
     "FlowExpired",
+    "FlowHandedOver",
     "FlowInstance",
     "FlowListed",
     "FlowMigrated",
     "FlowStarted",
     "FlowVersions",
+    "FlowWentBack",
     "InstanceEvent",
     "StateOverridden",
     "TransitionExecuted",
@@ -53,6 +55,7 @@ __all__ = [
     "evolve",
     "history_entry",
     "instance_id",
+    "merge_payload",
     "project",
 ]
 
@@ -99,6 +102,10 @@ class FlowStarted(InstanceEvent):
     step: str
     service: str
     expires_at: datetime | None
+    target: str | None = None
+    """The run's target service (`service` then is this one for the whole run), or None."""
+    entity_id: str | None = None
+    """The entity the run is about, or None."""
 
 
 class TransitionExecuted(InstanceEvent):
@@ -109,8 +116,16 @@ class TransitionExecuted(InstanceEvent):
     to_step: str
     service: str
     payload: dict[str, Any] | None
+    """This transition's own payload (merged into the state's under rules 2, replacing it under 1)."""
     expires_at: datetime | None
     elapsed_ms: float
+    ok: bool = True
+    """Whether the step's work succeeded (`execute_transition(ok=False)`: reached, but failed)."""
+    message: str | None = None
+    previous: str | None = None
+    """`from_step` when the transition is reversible, else None."""
+    rules: Literal[1, 2] = 1
+    """1: decided before the OwlMeans model (the payload replaced the state's); 2: merged into it."""
 
 
 class TransitionRejected(InstanceEvent):
@@ -122,6 +137,8 @@ class TransitionRejected(InstanceEvent):
     error: str
     error_code: str
     elapsed_ms: float
+    rules: Literal[1, 2] = 1
+    """1: decided before the OwlMeans model (set the state's ok to False); 2: leaves it unchanged."""
 
 
 class FlowCompleted(InstanceEvent):
@@ -137,6 +154,41 @@ class StateOverridden(InstanceEvent):
     step: str
     service: str
     ok: bool
+    payload: dict[str, Any] | None
+    expires_at: datetime | None
+    previous: str | None = None
+    entity_id: str | None = None
+    message: str | None = None
+    target: str | None = None
+    """The run's target service kept from the run it overrides (None when it had none)."""
+
+
+class FlowWentBack(InstanceEvent):
+    """The user went back from `from_step` to the state's previous step, `step` (`go_back`)."""
+
+    from_step: str
+    step: str
+    service: str
+    expires_at: datetime | None
+
+
+class FlowHandedOver(InstanceEvent):
+    """Another service handed the user's flow over as a state token (`adopt_state_token`).
+
+    The state becomes the token's: `step`, `previous`, `ok`, `message`, `entity_id`, `payload`, and
+    `target` (the token's service) as the run's target service when it names one.
+    """
+
+    from_step: str | None
+    step: str
+    previous: str | None
+    service: str
+    target: str | None
+    sender: str | None
+    """The service that sent the token, when the caller said (else the token's service)."""
+    ok: bool
+    entity_id: str | None
+    message: str | None
     payload: dict[str, Any] | None
     expires_at: datetime | None
 
@@ -176,6 +228,8 @@ class FlowMigrated(InstanceEvent):
     from_step: str
     to_step: str
     service: str
+    previous: str | None = None
+    """The state's previous step in the target version (None when it has none there)."""
 
 
 class FlowDefined(DomainEvent):
@@ -223,6 +277,11 @@ class FlowInstance(_Aggregate):
     expires_at: datetime | None
     erased: bool = False
     """The user was erased; a new run (the same user id coming back) sets it back to False."""
+    previous: str | None = None
+    entity_id: str | None = None
+    message: str | None = None
+    target: str | None = None
+    """The run's target service: when set, `service` is this for the whole run."""
 
     @property
     def is_live(self) -> bool:
@@ -235,8 +294,11 @@ class FlowInstance(_Aggregate):
         return FlowState(
             flow=self.flow_id,
             step=self.step,
+            previous=self.previous,
             service=self.service,
+            entity_id=self.entity_id,
             ok=self.ok,
+            message=self.message,
             payload=self.payload,
             user_id=self.user_id,
             status=self.status,
@@ -279,15 +341,24 @@ class FlowCatalog(_Aggregate):
 TAggregate = TypeVar("TAggregate", bound=_Aggregate)
 
 
+def merge_payload(
+    current: dict[str, Any] | None, payload: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The model's `updatePayload`: top-level keys of `payload` over `current` (kept when None)."""
+    if payload is None:
+        return current
+    return {**(current or {}), **payload}
+
+
 def _enter_step(
     instance: FlowInstance | None,
-    event: FlowStarted | StateOverridden,
+    event: FlowStarted | StateOverridden | FlowHandedOver,
     *,
     ok: bool,
     payload: dict[str, Any] | None,
     new_run: bool,
 ) -> FlowInstance:
-    """The instance after a start, reset or override put it at `event.step` (a new run or not)."""
+    """The instance after a start, reset, override or hand-over put it at `event.step`."""
     ts = event.timestamp
     fields: dict[str, Any] = {
         "version": event.originator_version,
@@ -301,6 +372,11 @@ def _enter_step(
         "completed_at": None,
         "expires_at": event.expires_at,
         "erased": False,
+        # A start begins with neither; an override or a hand-over says what they are.
+        "previous": None if isinstance(event, FlowStarted) else event.previous,
+        "entity_id": event.entity_id,
+        "message": None if isinstance(event, FlowStarted) else event.message,
+        "target": event.target,
     }
     if instance is None:
         return FlowInstance(
@@ -326,18 +402,42 @@ def evolve(aggregate: Any, event: DomainEvent) -> Any:
         case FlowStarted():
             return _enter_step(aggregate, event, ok=True, payload=None, new_run=True)
         case TransitionExecuted():
+            merged = event.rules == 2
             return aggregate.model_copy(
                 update={
                     **base,
                     "step": event.to_step,
                     "service": event.service,
-                    "ok": True,
-                    "payload": event.payload,
+                    "ok": event.ok,
+                    "message": event.message,
+                    "previous": event.previous,
+                    "payload": merge_payload(aggregate.payload, event.payload)
+                    if merged
+                    else event.payload,
                     "expires_at": event.expires_at,
                 }
             )
         case TransitionRejected():
+            if event.rules == 2:  # the model: a refused transition leaves the state as it was
+                return aggregate.model_copy(update=base)
             return aggregate.model_copy(update={**base, "ok": False})
+        case FlowWentBack():
+            return aggregate.model_copy(
+                update={
+                    **base,
+                    "step": event.step,
+                    "service": event.service,
+                    "ok": True,
+                    "message": None,
+                    "previous": None,
+                    "expires_at": event.expires_at,
+                }
+            )
+        case FlowHandedOver():
+            new_run = aggregate is None or not aggregate.is_live
+            return _enter_step(
+                aggregate, event, ok=event.ok, payload=event.payload, new_run=new_run
+            )
         case FlowCompleted():
             return aggregate.model_copy(
                 update={
@@ -360,6 +460,7 @@ def evolve(aggregate: Any, event: DomainEvent) -> Any:
                     "definition_version": event.to_version,
                     "step": event.to_step,
                     "service": event.service,
+                    "previous": event.previous,
                 }
             )
         case FlowCleared() | FlowExpired() | FlowErased():
@@ -373,6 +474,10 @@ def evolve(aggregate: Any, event: DomainEvent) -> Any:
                     "service": None,
                     "payload": None,
                     "expires_at": None,
+                    "previous": None,
+                    "entity_id": None,
+                    "message": None,
+                    "target": None,
                 }
             )
         case FlowDefined():
@@ -417,6 +522,17 @@ def project(aggregate: TAggregate | None, events: Iterable[DomainEvent]) -> TAgg
 # Commands. Each returns the events to append (in order); none of them touches storage.
 
 
+def _not_before(instance: FlowInstance | None, now: datetime) -> datetime:
+    """`now`, or the instance's last event time if the clock has stepped back since.
+
+    An instance's events are stamped in order whatever the wall clock does (an NTP step back, a
+    VM restored), so no run completes before it started and no duration is negative.
+    """
+    if instance is None:
+        return now
+    return max(now, instance.modified_on)
+
+
 def _expiry(definition: FlowDefinition, now: datetime, terminal: bool) -> datetime | None:
     if definition.ttl is None or terminal:
         return None
@@ -445,14 +561,24 @@ def start_flow(
     now: datetime,
     step: str | None = None,
     reason: Literal["start", "reset"] = "reset",
+    service: str | None = None,
+    entity_id: str | None = None,
 ) -> list[InstanceEvent]:
-    """Start (or restart) a run at `step`, the initial step by default, on `definition`."""
+    """Start (or restart) a run at `step`, the initial step by default, on `definition`.
+
+    Where the definition marks steps `initial`, only those and the initial step may be entered.
+    `service` makes the run target that service (the state's service for the whole run).
+    """
+    now = _not_before(instance, now)
     target = step or definition.initial_step
     target_step = definition.step(target)
-    if target_step is None:
+    if target_step is None or not definition.may_enter(target):
         assert definition.version is not None
         raise InvalidStepError(
-            target, flow_id=definition.flow, definition_version=definition.version
+            target,
+            flow_id=definition.flow,
+            definition_version=definition.version,
+            entry_steps=None if target_step is None else definition.entry_steps(),
         )
     iid = instance_id(user_id, definition.flow)
     version = instance.version + 1 if instance else 1
@@ -463,8 +589,10 @@ def start_flow(
             reason=reason,
             from_step=instance.step if instance else None,
             step=target,
-            service=target_step.service,
+            service=service or target_step.service,
             expires_at=_expiry(definition, now, target_step.is_terminal),
+            target=service or None,
+            entity_id=entity_id,
         )
     ]
     if target_step.is_terminal:
@@ -489,8 +617,16 @@ def execute_transition(
     payload: dict[str, Any] | None,
     now: datetime,
     elapsed_ms: float,
+    ok: bool = True,
+    message: str | None = None,
 ) -> Decision:
-    """Take `transition` from the instance's step, or record why it was refused."""
+    """Take `transition` from the instance's step, or record why it was refused.
+
+    As in the model: the payload merges into the state's, `previous` is the step left when the
+    transition is reversible, `ok` and `message` say how the step's work went; a refusal is recorded
+    but leaves the state unchanged.
+    """
+    now = _not_before(instance, now)
     assert instance.step is not None
     assert instance.is_live
     fields = _instance_fields(
@@ -522,6 +658,7 @@ def execute_transition(
             error=error.message,
             error_code=error.code,
             elapsed_ms=elapsed_ms,
+            rules=2,
         )
         return Decision([rejected], error)
     assert edge is not None
@@ -532,10 +669,14 @@ def execute_transition(
             transition=transition,
             from_step=instance.step,
             to_step=edge.step,
-            service=target.service,
+            service=instance.target or target.service,
             payload=payload,
             expires_at=_expiry(definition, now, target.is_terminal),
             elapsed_ms=elapsed_ms,
+            ok=ok,
+            message=message,
+            previous=instance.step if edge.reversible else None,
+            rules=2,
         )
     ]
     if target.is_terminal:
@@ -555,12 +696,24 @@ def override_state(
     ok: bool,
     payload: dict[str, Any] | None,
     now: datetime,
+    previous: str | None = None,
+    entity_id: str | None = None,
+    message: str | None = None,
 ) -> list[InstanceEvent]:
-    """Set the instance's state as an administrator said, on `definition`."""
+    """Set the instance's state as an administrator said, on `definition`.
+
+    A live run keeps its target service (and so its service, unless `service` names another).
+    """
+    assert definition.version is not None
+    now = _not_before(instance, now)
     target = definition.step(step)
     if target is None:
-        assert definition.version is not None
         raise InvalidStepError(step, flow_id=definition.flow, definition_version=definition.version)
+    if previous is not None and definition.step(previous) is None:
+        raise InvalidStepError(
+            previous, flow_id=definition.flow, definition_version=definition.version
+        )
+    run_target = instance.target if instance is not None and instance.is_live else None
     version = instance.version + 1 if instance else 1
     iid = instance_id(user_id, definition.flow)
     fields = _instance_fields(user_id, definition.flow, definition, iid, version, now)
@@ -569,10 +722,14 @@ def override_state(
             **fields,
             from_step=instance.step if instance else None,
             step=step,
-            service=service or target.service,
+            service=service or run_target or target.service,
             ok=ok,
             payload=payload,
             expires_at=_expiry(definition, now, target.is_terminal),
+            previous=previous,
+            entity_id=entity_id,
+            message=message,
+            target=run_target,
         )
     ]
     if target.is_terminal:
@@ -580,10 +737,87 @@ def override_state(
     return events
 
 
+def go_back(
+    instance: FlowInstance, definition: FlowDefinition, *, now: datetime
+) -> list[InstanceEvent]:
+    """Return an active instance to its previous step (`InvalidTransitionError` without one)."""
+    now = _not_before(instance, now)
+    assert instance.step is not None
+    back_to = definition.step(instance.previous) if instance.previous is not None else None
+    if instance.status is not FlowStatus.ACTIVE or back_to is None:
+        why = (
+            "the run is complete" if instance.status is FlowStatus.COMPLETED else "no previous step"
+        )
+        raise InvalidTransitionError(
+            instance.step,
+            "back",
+            flow_id=instance.flow_id,
+            user_id=instance.user_id,
+            reason=why,
+        )
+    fields = _instance_fields(
+        instance.user_id, instance.flow_id, definition, instance.id, instance.version + 1, now
+    )
+    return [
+        FlowWentBack(
+            **fields,
+            from_step=instance.step,
+            step=back_to.step,
+            service=instance.target or back_to.service,
+            expires_at=_expiry(definition, now, back_to.is_terminal),
+        )
+    ]
+
+
+def hand_over(
+    instance: FlowInstance | None,
+    definition: FlowDefinition,
+    state: FlowState,
+    *,
+    user_id: str,
+    sender: str | None,
+    now: datetime,
+) -> list[InstanceEvent]:
+    """Make `state` (read from a state token for `definition`) the user's state in the flow."""
+    now = _not_before(instance, now)
+    assert definition.version is not None
+    step = definition.step(state.step)
+    if step is None:
+        raise InvalidStepError(
+            state.step, flow_id=definition.flow, definition_version=definition.version
+        )
+    version = instance.version + 1 if instance else 1
+    iid = instance_id(user_id, definition.flow)
+    fields = _instance_fields(user_id, definition.flow, definition, iid, version, now)
+    target = state.service or None  # the model's fresh state has service "": no target
+    events: list[InstanceEvent] = [
+        FlowHandedOver(
+            **fields,
+            from_step=instance.step if instance else None,
+            step=step.step,
+            previous=state.previous,
+            service=target or step.service,
+            target=target,
+            sender=sender if sender is not None else target,
+            ok=state.ok,
+            entity_id=state.entity_id,
+            message=state.message,
+            payload=state.payload,
+            expires_at=_expiry(definition, now, step.is_terminal),
+        )
+    ]
+    if step.is_terminal:
+        events.append(
+            FlowCompleted(**{**fields, "originator_version": version + 1}, step=step.step)
+        )
+    return events
+
+
 def end_flow(
     instance: FlowInstance, *, now: datetime, kind: Literal["clear", "expiry", "erasure"]
 ) -> list[InstanceEvent]:
     """Clear or expire a live instance (its history stays), or erase any instance (history too)."""
+    now = _not_before(instance, now)
     fields = {
         "originator_id": instance.id,
         "originator_version": instance.version + 1,
@@ -624,6 +858,7 @@ def migrate_instance(
 
     Landing on a terminal step completes the run, as reaching one by a transition would.
     """
+    now = _not_before(instance, now)
     assert instance.status is FlowStatus.ACTIVE
     assert instance.step is not None
     assert definition.version is not None
@@ -636,6 +871,7 @@ def migrate_instance(
     fields = _instance_fields(
         instance.user_id, instance.flow_id, definition, instance.id, version, now
     )
+    previous = instance.previous if instance.previous in definition.steps else None
     events: list[InstanceEvent] = [
         FlowMigrated(
             **fields,
@@ -643,7 +879,8 @@ def migrate_instance(
             to_version=definition.version,
             from_step=instance.step,
             to_step=to_step,
-            service=target.service,
+            service=instance.target or target.service,
+            previous=previous,
         )
     ]
     if target.is_terminal:
@@ -718,6 +955,8 @@ def history_entry(event: DomainEvent) -> FlowStateHistory | None:
             )
         case TransitionExecuted():
             common["metadata"] |= {"elapsed_ms": event.elapsed_ms, "service": event.service}
+            if event.previous is not None:
+                common["metadata"]["previous"] = event.previous
             return FlowStateHistory(
                 **common,
                 kind=HistoryKind.TRANSITION,
@@ -726,6 +965,8 @@ def history_entry(event: DomainEvent) -> FlowStateHistory | None:
                 transition=event.transition,
                 payload=event.payload,
                 success=True,
+                ok=event.ok,
+                message=event.message,
             )
         case TransitionRejected():
             common["metadata"] |= {"elapsed_ms": event.elapsed_ms, "error_code": event.error_code}
@@ -733,7 +974,7 @@ def history_entry(event: DomainEvent) -> FlowStateHistory | None:
                 **common,
                 kind=HistoryKind.TRANSITION,
                 from_step=event.from_step,
-                to_step=None,
+                to_step=event.from_step,  # rejected: the user stays where they were
                 transition=event.transition,
                 payload=event.payload,
                 success=False,
@@ -749,6 +990,34 @@ def history_entry(event: DomainEvent) -> FlowStateHistory | None:
                 transition=None,
                 payload=event.payload,
                 success=True,
+                ok=event.ok,
+                message=event.message,
+            )
+        case FlowWentBack():
+            common["metadata"] |= {"service": event.service}
+            return FlowStateHistory(
+                **common,
+                kind=HistoryKind.BACK,
+                from_step=event.from_step,
+                to_step=event.step,
+                transition=None,
+                success=True,
+                ok=True,
+            )
+        case FlowHandedOver():
+            common["metadata"] |= {"service": event.service, "sender": event.sender}
+            if event.previous is not None:
+                common["metadata"]["previous"] = event.previous
+            return FlowStateHistory(
+                **common,
+                kind=HistoryKind.HANDOFF,
+                from_step=event.from_step,
+                to_step=event.step,
+                transition=None,
+                payload=event.payload,
+                success=True,
+                ok=event.ok,
+                message=event.message,
             )
         case FlowMigrated():
             common["metadata"] |= {"from_version": event.from_version, "service": event.service}

@@ -27,14 +27,19 @@ class Erasure:
         self._catch_up = catch_up  # brings this process's tables up to its own writes
 
     def erase_user(self, user_id: str) -> int:
-        """Erase every run of the user, shred their key; return how many runs were erased."""
-        erased = self.erase_instances(user_id)
-        self.shred(user_id)
-        # A write for the user racing the erasure (another process, with the key in its cache)
-        # may have been sealed with the key just shredded: a second pass erases what it left.
-        late = self.erase_instances(user_id)
-        if late:
+        """Erase every run of the user, shred their key; return how many runs were erased.
+
+        The user's key lock is held throughout: this process's writes for the user wait, then
+        find no key and start afresh under a new one (never sealed with the shredded key).
+        """
+        with self._keys.user_lock(user_id):
+            erased = self.erase_instances(user_id)
             self.shred(user_id)
+            # A write for the user racing the erasure (another process, with the key in its
+            # cache) may have been sealed with the key just shredded: a second pass erases it.
+            late = self.erase_instances(user_id)
+            if late:
+                self.shred(user_id)
         return erased + late
 
     def erase_instances(self, user_id: str) -> int:
@@ -57,7 +62,7 @@ class Erasure:
             # that a stale version could conflict with.
             commands.forget_instance(instance_id(user_id, flow_id))
             with contextlib.suppress(FlowStateNotFoundError):  # never started this flow
-                commands.change_instance(user_id, flow_id, decide)
+                commands.change_instance(user_id, flow_id, decide, persistent=True)
             erased += changed
         return erased
 

@@ -14,10 +14,16 @@
      ├── StorageUnavailableError (OSError)      STORAGE_UNAVAILABLE
      ├── ProjectionLagError (TimeoutError)      PROJECTION_LAG
      ├── ProjectionLayoutError                  PROJECTION_LAYOUT
+     ├── RebuildRunningError                    REBUILD_RUNNING
      ├── DefinitionError (ValueError)           DEFINITION_INVALID
      ├── PayloadValidationError (ValueError)    PAYLOAD_INVALID
      │    └── PayloadTooLargeError              PAYLOAD_TOO_LARGE
+     ├── StateTokenError (ValueError)           STATE_TOKEN_INVALID
+     │    ├── StateTokenFormatError             STATE_TOKEN_MALFORMED
+     │    ├── StateTokenFlowError               STATE_TOKEN_UNKNOWN_FLOW
+     │    └── StateTokenStepError               STATE_TOKEN_UNKNOWN_STEP
      ├── StorageConfigError (ValueError)        STORAGE_CONFIG_INVALID
+     ├── StoreClosedError (RuntimeError)        STORE_CLOSED
      │   at the HTTP boundary (flowstore.adapters.http):
      ├── RequestInvalidError (ValueError)       REQUEST_INVALID
      ├── AuthenticationError                    UNAUTHENTICATED
@@ -71,9 +77,15 @@ __all__ = [
     "ProjectionLagError",
     "ProjectionLayoutError",
     "PublisherLockError",
+    "RebuildRunningError",
     "RequestInvalidError",
+    "StateTokenError",
+    "StateTokenFlowError",
+    "StateTokenFormatError",
+    "StateTokenStepError",
     "StorageConfigError",
     "StorageUnavailableError",
+    "StoreClosedError",
     "TopicIncompleteError",
 ]
 
@@ -157,8 +169,9 @@ class InvalidTransitionError(FlowError, ValueError):
         # (from_step, transition) alone, as the seed constructs it; the store adds the rest.
         where = f" in flow {flow_id!r}" if flow_id is not None else ""
         known = {"flow_id": flow_id, "user_id": user_id}
+        why = f": {details['reason']}" if details.get("reason") else ""
         super().__init__(
-            f"Invalid transition {transition!r} from step {from_step!r}{where}",
+            f"Invalid transition {transition!r} from step {from_step!r}{where}{why}",
             from_step=from_step,
             transition=transition,
             **{key: value for key, value in known.items() if value is not None},
@@ -171,16 +184,29 @@ class InvalidTransitionError(FlowError, ValueError):
 
 
 class InvalidStepError(FlowError, ValueError):
-    """A step named by the caller (reset target, override) does not exist in the definition."""
+    """A step named by the caller (reset target, override) does not exist in the definition, or
+    may not be entered directly (`entry_steps` then lists the steps that may)."""
 
     code = "INVALID_STEP"
 
-    def __init__(self, step: str, *, flow_id: str, definition_version: int) -> None:
+    def __init__(
+        self,
+        step: str,
+        *,
+        flow_id: str,
+        definition_version: int,
+        entry_steps: Sequence[str] | None = None,
+    ) -> None:
+        where = f"flow {flow_id!r} version {definition_version}"
+        if entry_steps is None:
+            message = f"Step {step!r} does not exist in {where}"
+            more: dict[str, Any] = {}
+        else:
+            names = ", ".join(repr(name) for name in entry_steps)
+            message = f"Step {step!r} of {where} cannot be entered directly (only {names})"
+            more = {"entry_steps": list(entry_steps)}
         super().__init__(
-            f"Step {step!r} does not exist in flow {flow_id!r} version {definition_version}",
-            step=step,
-            flow_id=flow_id,
-            definition_version=definition_version,
+            message, step=step, flow_id=flow_id, definition_version=definition_version, **more
         )
         self.step = step
 
@@ -273,6 +299,15 @@ class StorageUnavailableError(FlowError, OSError):
         self.action = action
 
 
+class StoreClosedError(FlowError, RuntimeError):
+    """The store was closed (`close()`, or the end of its `with` block): open a new one."""
+
+    code = "STORE_CLOSED"
+
+    def __init__(self, action: str = "used") -> None:
+        super().__init__(f"The FlowStore is closed and cannot be {action}", action=action)
+
+
 class ProjectionLagError(FlowError, TimeoutError):
     """The read-model tables did not reach this process's writes in time.
 
@@ -310,6 +345,19 @@ class ProjectionLayoutError(FlowError):
         self.expected = expected
 
 
+class RebuildRunningError(FlowError):
+    """Another rebuild of the projection tables is running (in any process on the same database).
+
+    Two rebuilds at once would write the same shadow tables and swap in a mix of both; the second
+    one is refused and changes nothing. Run it again once the first has finished.
+    """
+
+    code = "REBUILD_RUNNING"
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"Another rebuild of the projections is running ({where})", where=where)
+
+
 class DefinitionError(FlowError, ValueError):
     """A flow definition (or an update to one) is malformed; `problems` lists every problem found."""
 
@@ -344,6 +392,49 @@ class PayloadTooLargeError(PayloadValidationError):
         super().__init__(
             f"Payload of {size} bytes exceeds the limit of {limit} bytes", size=size, limit=limit
         )
+
+
+class StateTokenError(FlowError, ValueError):
+    """A state token (`flowstore.decode_state_token`) cannot be read: malformed, or naming a flow
+    or step the definition lacks."""
+
+    code = "STATE_TOKEN_INVALID"
+
+
+class StateTokenFormatError(StateTokenError):
+    """The token is not base64url (no padding) of a UTF-8 JSON object with a string `f`."""
+
+    code = "STATE_TOKEN_MALFORMED"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"State token is malformed: {reason}", reason=reason)
+        self.reason = reason
+
+
+class StateTokenFlowError(StateTokenError):
+    """The token is for another flow than the definition given, or for a flow that does not exist."""
+
+    code = "STATE_TOKEN_UNKNOWN_FLOW"
+
+    def __init__(self, flow_id: str, expected: str | None = None) -> None:
+        message = f"State token names flow {flow_id!r}"
+        message += f", not {expected!r}" if expected is not None else ", which does not exist"
+        super().__init__(message, flow_id=flow_id, expected=expected)
+        self.flow_id = flow_id
+
+
+class StateTokenStepError(StateTokenError):
+    """No step of the flow has the step index the token names."""
+
+    code = "STATE_TOKEN_UNKNOWN_STEP"
+
+    def __init__(self, flow_id: str, index: str | None) -> None:
+        super().__init__(
+            f"State token names step index {index!r}, which flow {flow_id!r} does not have",
+            flow_id=flow_id,
+            index=index,
+        )
+        self.index = index
 
 
 class StorageConfigError(FlowError, ValueError):

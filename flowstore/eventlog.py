@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 from uuid import UUID
 
@@ -35,18 +36,26 @@ from eventsourcing.persistence import (
 from flowstore.codec import OrjsonTranscoder, PydanticMapper
 from flowstore.domain import DomainEvent, InstanceEvent, project
 from flowstore.errors import (
+    CorruptEventError,
     EncryptionKeyError,
     FlowError,
     FlowStateCorruptionError,
     StorageUnavailableError,
 )
 from flowstore.keys import MemoryKeyStore, SqlKeyStore, UserKeys
-from flowstore.storage import StorageConfig
+from flowstore.storage import SQLITE_PERSISTENCE, StorageConfig
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-__all__ = ["CIPHER_KEY_ENV", "EventLog", "backoff", "cipher_settings", "storage_errors"]
+__all__ = [
+    "CIPHER_KEY_ENV",
+    "EventLog",
+    "UnreadableEvent",
+    "backoff",
+    "cipher_settings",
+    "storage_errors",
+]
 
 T = TypeVar("T")
 
@@ -101,11 +110,25 @@ def storage_errors(env: Mapping[str, str], action: str) -> Iterator[None]:
         ):
             raise
         module = env.get("PERSISTENCE_MODULE", "")
-        backend = {"eventsourcing.sqlite": "SQLite", "eventsourcing.postgres": "PostgreSQL"}
+        backend = {
+            "eventsourcing.sqlite": "SQLite",
+            SQLITE_PERSISTENCE: "SQLite",
+            "eventsourcing.postgres": "PostgreSQL",
+        }
         reason = str(getattr(exc, "orig", None) or exc)  # SQLAlchemy's names the statement
         raise StorageUnavailableError(
             backend.get(module, "The database"), action, reason or type(exc).__name__
         ) from exc
+
+
+@dataclass(frozen=True)
+class UnreadableEvent:
+    """Stands in a contained read for an event of the log that cannot be decoded."""
+
+    position: int
+    originator_id: str
+    originator_version: int
+    detail: str
 
 
 def backoff(attempt: int) -> None:
@@ -283,11 +306,35 @@ class EventLog:
         with self.errors(f"reading the events of {aggregate_id}"):
             return cast(list[DomainEvent], list(self.app.events.get(aggregate_id)))
 
-    def read(self, start: int, limit: int = 1000) -> list[tuple[int, DomainEvent]]:
-        """Up to `limit` events of the total order from notification id `start` on."""
+    def read(
+        self, start: int, limit: int = 1000, *, contain: bool = False
+    ) -> list[tuple[int, Any]]:
+        """Up to `limit` events of the total order from notification id `start` on.
+
+        An event that cannot be decoded raises `CorruptEventError`, unless `contain`: then it is
+        an `UnreadableEvent` in its place (the projections skip it and name it; the others go on).
+        """
         with self.errors("reading the log"):
             page = self.app.recorder.select_notifications(start, limit)
-        events = cast(PydanticMapper, self.app.mapper).to_domain_events(page)
+        mapper = cast(PydanticMapper, self.app.mapper)
+        try:
+            events: list[Any] = list(mapper.to_domain_events(page))
+        except CorruptEventError:
+            if not contain:
+                raise
+            events = []
+            for notification in page:  # one by one, to find the unreadable ones
+                try:
+                    events.append(mapper.to_domain_event(notification))
+                except CorruptEventError as exc:
+                    events.append(
+                        UnreadableEvent(
+                            notification.id,
+                            str(notification.originator_id),
+                            notification.originator_version,
+                            exc.detail,
+                        )
+                    )
         return [(n.id, event) for n, event in zip(page, events, strict=True)]
 
     def position(self) -> int:

@@ -30,6 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from flowstore.definitions import ERASED_USER_PREFIX
+from flowstore.sqlitelog import wipe_wal
 from flowstore.storage import READ_ONLY, StorageConfig, make_engine
 
 if TYPE_CHECKING:
@@ -46,11 +47,15 @@ __all__ = [
     "erased_user_id",
 ]
 
-PERSONAL_FIELDS = ("user_id", "payload", "error")
-"""The fields of instance events that say something about a person; sealed with the user's key."""
+PERSONAL_FIELDS = ("user_id", "payload", "error", "message", "entity_id")
+"""The fields of instance events that say something about a person; sealed with the user's key.
+
+`message` and `entity_id` (the OwlMeans model's fields) came later: events written before them
+have none, and read with their defaults."""
 
 
 _NONCE = 12
+_USER_LOCK_STRIPES = 256
 _KEY_BITS = 256
 
 
@@ -100,7 +105,9 @@ class UserKeys(ABC):
     """Finds or creates users' keys, with a short-lived cache in front of the key table.
 
     Cached entries live `refresh` seconds: a key shredded by another process stops being used here
-    within that time (the erasing process itself forgets it at once).
+    within that time (the erasing process itself forgets it at once). In this process, `user_lock`
+    orders a user's writes against the shredding of their key: a write that holds it from key lookup
+    to append can never be sealed with a key deleted meanwhile.
     """
 
     def __init__(self, refresh: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -109,6 +116,9 @@ class UserKeys(ABC):
         self._lock = threading.Lock()
         self._by_user: dict[str, tuple[SealedKey, float]] = {}
         self._by_subject: dict[str, tuple[SealedKey | None, float]] = {}
+        # Bumped by every shred: a lookup that started before a shred must not cache what it read.
+        self._generation = 0
+        self._user_locks = [threading.RLock() for _ in range(_USER_LOCK_STRIPES)]
 
     # The storage, per backend
 
@@ -131,12 +141,19 @@ class UserKeys(ABC):
 
     # The API
 
+    def user_lock(self, user_id: str) -> threading.RLock:
+        """The lock that orders this user's writes (key lookup to append) against `shred`."""
+        # Striped, so memory stays bounded whatever the number of users; re-entrant, so an
+        # erasure can append its own events while it holds the user's lock.
+        return self._user_locks[hash(user_id) % _USER_LOCK_STRIPES]
+
     def for_user(self, user_id: str) -> SealedKey:
         """The user's current key, created on first use."""
         now = self._clock()
         cached = self._by_user.get(user_id)
         if cached is not None and cached[1] > now:
             return cached[0]
+        generation = self._generation
         ref = _user_ref(user_id)
         found = self._load_user(ref)
         if found is None:
@@ -144,7 +161,7 @@ class UserKeys(ABC):
             found = self._load_user(ref)  # ours, or the one a concurrent writer inserted first
             assert found is not None
         key = SealedKey(found[0], AESGCM(found[1]))
-        self._remember(user_id, key, now)
+        self._remember(user_id, key, now, generation)
         return key
 
     def for_subject(self, subject: str) -> SealedKey | None:
@@ -167,26 +184,38 @@ class UserKeys(ABC):
             else:
                 missing.append(subject)
         if missing:
+            generation = self._generation
             found = self._load_subjects(sorted(missing))
             with self._lock:
                 self._trim()
                 for subject in missing:
                     raw = found.get(subject)
                     keys[subject] = SealedKey(subject, AESGCM(raw)) if raw is not None else None
-                    self._by_subject[subject] = (keys[subject], now + self.refresh)
+                    if generation == self._generation:  # else read before a shred: not cached
+                        self._by_subject[subject] = (keys[subject], now + self.refresh)
         return keys
 
     def shred(self, user_id: str) -> list[str]:
-        """Delete every key of the user for good; return their subjects."""
-        subjects = self._delete_user(_user_ref(user_id))
-        with self._lock:  # a subject belongs to one user: nothing else caches these keys
-            self._by_user.pop(user_id, None)
-            for subject in subjects:
-                self._by_subject.pop(subject, None)
+        """Delete every key of the user for good; return their subjects.
+
+        The caches are cleared once the delete has committed, and lookups that started before it
+        cache nothing: no key outlives its row in this process.
+        """
+        with self.user_lock(user_id):
+            with self._lock:
+                self._generation += 1
+            subjects = self._delete_user(_user_ref(user_id))
+            with self._lock:
+                self._generation += 1
+                self._by_user.pop(user_id, None)
+                for subject in subjects:
+                    self._by_subject.pop(subject, None)
         return subjects
 
-    def _remember(self, user_id: str, key: SealedKey, now: float) -> None:
+    def _remember(self, user_id: str, key: SealedKey, now: float, generation: int) -> None:
         with self._lock:
+            if generation != self._generation:
+                return  # a shred ran while the key was read: it may be gone already
             self._trim()
             self._by_user[user_id] = (key, now + self.refresh)
             self._by_subject[key.subject] = (key, now + self.refresh)
@@ -264,6 +293,7 @@ class SqlKeyStore(UserKeys):
             Column("user_ref", String(64), nullable=False, unique=True),
             Column("key", LargeBinary, nullable=False),
         )
+        self._sqlite_file = sqlite_file
         for attempt in range(5):
             try:
                 md.create_all(self.engine, checkfirst=True)
@@ -317,4 +347,29 @@ class SqlKeyStore(UserKeys):
         with self.engine.begin() as conn:
             subjects = list(conn.execute(self._refs, {"ref": ref}).scalars())
             conn.execute(self._delete_ref, {"ref": ref})
+        if subjects:
+            self.purge_deleted()
         return subjects
+
+    def purge_deleted(self) -> bool:
+        """Remove deleted rows' bytes from where the database still keeps them; True when done.
+
+        SQLite: the rows were overwritten in the file (secure_delete); the WAL still holds the frames
+        written before, so it is checkpointed and truncated. PostgreSQL: a deleted row stays in its
+        heap page, and plain VACUUM only marks its space free (the bytes stay until reused), so the
+        small key table is rewritten (VACUUM FULL: a new file; the old one is unlinked). Its WAL,
+        and any base backup, keep the row until they are recycled: see README "Erasure".
+        """
+        from sqlalchemy import text
+
+        if self._sqlite_file:
+            # On the DBAPI connection: the engine's connections begin every SQLAlchemy
+            # transaction with BEGIN IMMEDIATE, and a checkpoint must run outside any.
+            raw = self.engine.raw_connection()
+            try:
+                return wipe_wal(raw)
+            finally:
+                raw.close()
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f"VACUUM FULL {self.table.name}"))
+            return True

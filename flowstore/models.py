@@ -11,7 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "FunnelStep",
     "HistoryKind",
     "InstanceMigration",
+    "InstancePage",
     "MigrationReport",
     "PerformanceMetrics",
     "StepCount",
@@ -61,6 +62,10 @@ class HistoryKind(StrEnum):
     EXPIRY = "expiry"
     MIGRATION = "migration"
     """`migrate_flows` moved an active instance to another definition version."""
+    BACK = "back"
+    """`go_back` returned the user to the state's `previous` step."""
+    HANDOFF = "handoff"
+    """`adopt_state_token` took over a flow another service handed over as a state token."""
 
 
 class FlowState(_ApiModel):
@@ -68,11 +73,19 @@ class FlowState(_ApiModel):
 
     flow: str
     step: str
+    previous: str | None = None
+    """The step left by the last transition when it was `reversible` (where `go_back` returns)."""
     service: str | None = None
+    """The run's target service when the run has one (`reset_flow(service=...)`, a hand-over),
+    else the current step's service."""
+    entity_id: str | None = None
+    """The entity the run is about (`reset_flow(entity_id=...)`); `""` stands for the model's null."""
     ok: bool = True
-    """False right after a rejected transition; True after any accepted command."""
+    """What the last transition said of its step's work (`execute_transition(ok=...)`)."""
+    message: str | None = None
+    """The message of the last transition, if it gave one (a later transition clears it)."""
     payload: dict[str, Any] | None = None
-    """The payload of the last accepted transition or override."""
+    """The payloads of the run's transitions, merged (top-level keys, later ones win)."""
     user_id: str | None = None
     status: FlowStatus = FlowStatus.ACTIVE
     version: int = 0
@@ -85,20 +98,43 @@ class FlowState(_ApiModel):
 
 
 class FlowStateHistory(_ApiModel):
-    """One command on an instance: a transition (accepted or rejected), reset, override, clear..."""
+    """One command on an instance: a transition (accepted or rejected), reset, override, clear...
+
+    `from_step`, `to_step` and `transition` are strings, as in the seed's type: `to_step` is the
+    step the user is on after the command (after a rejected attempt, the step they stayed on;
+    after a clear or expiry, ""), `from_step` the step before ("" when there was none), and
+    `transition` the transition's name ("" for commands that are not transitions).
+    """
 
     id: str
     user_id: str
     flow_id: str
-    from_step: str | None
-    to_step: str | None
-    transition: str | None
+    from_step: str = ""
+    to_step: str = ""
+    transition: str = ""
     payload: dict[str, Any] | None = None
     timestamp: datetime
     success: bool
     error: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     kind: HistoryKind
+    ok: bool | None = None
+    """What an accepted transition said of its step's work (None for other commands)."""
+    message: str | None = None
+    """The message an accepted transition (or a hand-over) carried."""
+
+    @field_validator("from_step", "to_step", "transition", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return "" if value is None else value
+
+
+class InstancePage(_ApiModel):
+    """One page of `FlowStore.list_instances`: the states, and the cursor of the next page."""
+
+    instances: list[FlowState]
+    next_cursor: str | None = None
+    """Pass as `cursor` for the next page; None on the last page."""
 
 
 class StepCount(_ApiModel):

@@ -10,6 +10,7 @@ This sits in `flowstore/` rather than `adapters/` because choosing storage is pa
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
     "POOL_SIZE_ENV",
     "POOL_TIMEOUT_ENV",
     "READ_ONLY",
+    "SQLITE_PERSISTENCE",
     "StorageConfig",
     "StorageConfigError",
     "make_engine",
@@ -51,6 +53,9 @@ class StorageConfig:
     """The URL with any password masked, for logs and errors."""
 
 
+SQLITE_PERSISTENCE = "flowstore.sqlitelog:SecureSQLiteFactory"
+"""The eventsourcing persistence topic of SQLite stores."""
+
 _CONNECT_TIMEOUT = "2"
 """Seconds a PostgreSQL call waits for a connection per attempt, unless the URL sets connect_timeout."""
 
@@ -61,6 +66,10 @@ _POSTGRES_OPTIONS = {
     "connect_timeout": "POSTGRES_CONNECT_TIMEOUT",
     "lock_timeout": "POSTGRES_LOCK_TIMEOUT",
 }
+
+
+_POSTGRES_MODULES = ("psycopg", "psycopg_pool")
+"""What the postgres extra installs and eventsourcing.postgres imports."""
 
 
 def resolve_url(url: str | None) -> str:
@@ -88,12 +97,23 @@ def parse_url(url: str) -> StorageConfig:
             raise StorageConfigError(
                 f"SQLite URL {url!r}: directory {str(parent)!r} does not exist", url=url
             )
-        env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": path}
+        # eventsourcing's SQLite persistence, with secure_delete on its connections (sqlitelog.py).
+        env = {"PERSISTENCE_MODULE": SQLITE_PERSISTENCE, "SQLITE_DBNAME": path}
         return StorageConfig("sqlite", env, f"sqlite:///{path}", url)
     if scheme in ("postgresql", "postgres"):
         if not parts.hostname or not parts.path.strip("/"):
             raise StorageConfigError(
                 f"PostgreSQL URL {_mask(url)!r} needs a host and a database name", url=_mask(url)
+            )
+        missing = [m for m in _POSTGRES_MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            # Said here, before eventsourcing's import of psycopg fails deep in the application's
+            # constructor with a traceback that does not name the fix.
+            raise StorageConfigError(
+                f"PostgreSQL needs the postgres extra ({', '.join(missing)} not installed): "
+                "pip install 'flowstore-es[postgres]'",
+                url=_mask(url),
+                missing=missing,
             )
         env = {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",

@@ -9,10 +9,14 @@ write path: read, decide, append, retry), `flowstore.erasure`, `flowstore.migrat
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 from uuid import UUID
@@ -24,6 +28,7 @@ from flowstore.commands import Commands, definition_of, is_expired
 from flowstore.definitions import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     FlowDefinition,
+    FlowTransition,
     check_payload,
     parse_definition,
     require_id,
@@ -43,6 +48,8 @@ from flowstore.domain import (
     delete_flow,
     end_flow,
     execute_transition,
+    go_back,
+    hand_over,
     instance_id,
     list_flow,
     override_state,
@@ -57,6 +64,9 @@ from flowstore.errors import (
     FlowStateCorruptionError,
     FlowStateNotFoundError,
     InvalidArgumentError,
+    InvalidTransitionError,
+    StateTokenFlowError,
+    StoreClosedError,
 )
 from flowstore.eventlog import CIPHER_KEY_ENV, EventLog, cipher_settings
 from flowstore.importing import import_events
@@ -67,10 +77,24 @@ from flowstore.models import (
     FlowStatistics,
     FlowStatus,
     FunnelStep,
+    HistoryKind,
+    InstancePage,
     MigrationReport,
 )
 from flowstore.notify import LogNotifier
+from flowstore.paging import (
+    MAX_PAGE,
+    check_aware,
+    check_kinds,
+    check_limit,
+    check_listed_status,
+    decode_instance_cursor,
+    encode_instance_cursor,
+    history_bound,
+    idle_seconds,
+)
 from flowstore.storage import StorageConfig, make_engine, parse_url, resolve_url
+from flowstore.tokens import decode_state_token, encode_state_token, token_flow_id
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -79,6 +103,77 @@ if TYPE_CHECKING:
     from flowstore.projections.sql import Difference, SqlProjections
 
 __all__ = ["FlowStore", "Publisher", "PublisherFactory"]
+
+logger = logging.getLogger(__name__)
+
+_fork_generation = 0
+"""How many times this process has been forked from its ancestors (see `_forked`)."""
+_reopen_lock = threading.Lock()
+
+
+def _forked() -> None:
+    # In the child, at once: count the fork, and a fresh lock (the parent's may have been held by
+    # a thread that does not exist here). Stores reopen lazily, on their next call.
+    global _fork_generation, _reopen_lock
+    _fork_generation += 1
+    _reopen_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _reopen(url: str, options: dict[str, Any]) -> FlowStore:
+    return FlowStore(url, **options)
+
+
+def _url_of(url: object) -> str | None:
+    """A URL from a string, or from a path (`FlowStore(Path("x.db"))`: that SQLite file)."""
+    if url is None or isinstance(url, str):
+        return url
+    if isinstance(url, os.PathLike):
+        path = Path(os.fspath(url)).expanduser()
+        return f"sqlite:///{path.resolve()}"
+    raise InvalidArgumentError("url", url, "must be a URL (str) or a path to a SQLite file")
+
+
+def _check_clock(clock: object) -> None:
+    """The clock must tell UTC-aware time: naive times would be stored as if they were UTC."""
+    if not callable(clock):
+        raise InvalidArgumentError("clock", clock, "must be a callable returning a datetime")
+    now = clock()
+    if not isinstance(now, datetime) or now.utcoffset() is None:
+        raise InvalidArgumentError(
+            "clock", now, "must return timezone-aware datetimes (e.g. datetime.now(UTC))"
+        )
+
+
+_Prepared = tuple[
+    Callable[[], tuple[str, str, Callable[["FlowInstance | None"], Decision]]],
+    Callable[[], "FlowState | FlowError"],
+]
+"""One request of a batch: (check it and give (user, flow, decide), apply it on its own)."""
+
+
+def _outcome(call: Callable[[], FlowState]) -> FlowState | FlowError:
+    try:
+        return call()
+    except FlowError as error:
+        return error
+
+
+def _state_update(update: Any) -> tuple[str, FlowState | Mapping[str, Any]]:
+    """`(user_id, state)` or the seed's `{"userId": ..., "state": ...}`."""
+    if isinstance(update, Mapping):
+        user_id, state = update.get("userId", update.get("user_id")), update.get("state")
+    elif isinstance(update, tuple) and len(update) == 2:
+        user_id, state = update
+    else:
+        user_id, state = None, None
+    if not isinstance(user_id, str) or not isinstance(state, FlowState | Mapping):
+        raise InvalidArgumentError(
+            "updates", update, 'each must be (user_id, state) or {"userId": ..., "state": {...}}'
+        )
+    return user_id, state
 
 
 def _utc_now() -> datetime:
@@ -91,6 +186,28 @@ KAFKA_BOOTSTRAP_ENV = "FLOWSTORE_KAFKA_BOOTSTRAP"
 PUBLISHER_ENTRY_POINTS = "flowstore.publishers"
 """Entry-point group naming publisher factories by kind (`kafka`): how `kafka=` finds its adapter
 without the service importing the adapters layer."""
+
+
+def _check_entity(value: object) -> str | None:
+    """An entity id: None, `""` (the model's null) or a usable id."""
+    if value is None:
+        return None
+    return "" if value == "" else require_id(value, "entity_id")
+
+
+def _check_message(value: object, limit: int) -> str | None:
+    """A message: any text within `limit` bytes, without NUL or lone surrogates (unstorable)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgumentError(
+            "message", value, f"must be a string, not {type(value).__name__}"
+        )
+    if "\x00" in value or any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise InvalidArgumentError("message", value[:40], "contains NUL or a lone surrogate")
+    if len(value.encode("utf-8")) > limit:
+        raise InvalidArgumentError("message", value[:40] + "...", f"longer than {limit} bytes")
+    return value
 
 
 class Publisher(Protocol):
@@ -143,7 +260,7 @@ class FlowStore:
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | os.PathLike[str] | None = None,
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         cipher_key: str | None = None,
@@ -157,29 +274,57 @@ class FlowStore:
         definition_refresh: float = 1.0,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
-        self.config: StorageConfig = parse_url(resolve_url(url))
+        self._closed = True  # until opened: close() and the guards see a consistent store
+        self._url = _url_of(url)
+        self.config: StorageConfig = parse_url(resolve_url(self._url))
+        _check_clock(clock)
         self.max_payload_bytes = max_payload_bytes
         self.statistics_window = statistics_window
         self._clock = clock
+        self.live_projections = live_projections
+        # What a process that receives this store (pickled, or forked) needs to open it again.
+        self._options: dict[str, Any] = {
+            "max_payload_bytes": max_payload_bytes,
+            "cipher_key": cipher_key,
+            "max_retries": max_retries,
+            "cache_size": cache_size,
+            "pool_size": pool_size,
+            "statistics_window": statistics_window,
+            "live_projections": live_projections,
+            "definition_refresh": definition_refresh,
+            "clock": clock,
+        }
+        self._inherited: list[object] = []  # a forked child's copies of the parent's connections
+        self._publisher: Publisher | None = None
+        self._generation = _fork_generation
+        self._open_parts()
+        self._closed = False
+        try:
+            self._publisher = self._start_publisher(kafka, publisher)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_parts(self) -> None:
+        """Open the event log, the write path, the tables and the live projector."""
+        options = self._options
+        cipher_key = options["cipher_key"]
         env = {
             **self.config.env,
-            "AGGREGATE_CACHE_MAXSIZE": str(cache_size),
+            "AGGREGATE_CACHE_MAXSIZE": str(options["cache_size"]),
             # Aggregates are frozen pydantic models: a cached one cannot be corrupted by a caller,
             # so the repository need not deep-copy it on every read.
             "DEEPCOPY_FROM_AGGREGATE_CACHE": "n",
             **cipher_settings(cipher_key),
         }
         encrypted = cipher_key is not None or bool(os.environ.get(CIPHER_KEY_ENV))
+        refresh = options["definition_refresh"]
         # One SQLAlchemy engine for everything of ours in the database (projections, keys,
         # trackers); eventsourcing keeps its own connections for the events.
-        self._engine = make_engine(self.config, pool_size=pool_size)
+        self._engine = make_engine(self.config, pool_size=options["pool_size"])
         try:
             self._log = EventLog(
-                self.config,
-                env,
-                encrypted=encrypted,
-                refresh=definition_refresh,
-                engine=self._engine,
+                self.config, env, encrypted=encrypted, refresh=refresh, engine=self._engine
             )
         except BaseException:
             self._engine.dispose()
@@ -188,14 +333,13 @@ class FlowStore:
         from flowstore.projections.live import LiveProjector
         from flowstore.projections.sql import SqlProjections
 
-        self.live_projections = live_projections
         self._live: LiveProjector | None = None
         self._commands = Commands(
             self._log,
-            clock=clock,
-            max_retries=max_retries,
-            cache_size=cache_size,
-            definition_refresh=definition_refresh,
+            clock=self._clock,
+            max_retries=options["max_retries"],
+            cache_size=options["cache_size"],
+            definition_refresh=refresh,
             written=self._written,
         )
         opened: list[Callable[[], None]] = [self._engine.dispose, self._log.close]
@@ -203,8 +347,8 @@ class FlowStore:
             with self._log.errors("opening the store"):
                 self._projections = SqlProjections(self.config, self._engine)
                 opened.append(self._projections.close)
-                if live_projections:
-                    self._projections.catch_up(self.read_events)  # what happened while away
+                if self.live_projections:
+                    self._projections.catch_up(self._read_contained)  # what happened while away
                     self._live = LiveProjector(self._project_written)
         except BaseException:
             for close in reversed(opened):
@@ -216,12 +360,40 @@ class FlowStore:
         self._notifier = LogNotifier(self.config, self._log.channel)
         if self._live is not None and self._notifier.pushes:
             self._notifier.subscribe(self._live.nudge)
-        self._publisher: Publisher | None = None
-        try:
-            self._publisher = self._start_publisher(kafka, publisher)
-        except BaseException:
-            self.close()
-            raise
+
+    def _after_fork(self) -> None:
+        """In a child process (after `fork`): open connections, projector and caches of its own.
+
+        The parent's connections, threads and locks came along in the fork but are not the
+        child's to use: a connection shared by two processes interleaves their protocol, the
+        projector thread did not survive, and a lock held by another thread at the fork stays
+        held. They are kept (never closed: closing a connection ends the parent's session too)
+        and replaced. The parent's publisher stays the parent's.
+        """
+        with _reopen_lock:
+            if self._generation == _fork_generation:
+                return  # another thread of the child reopened it first
+            # SQLAlchemy's recipe for fork: forget the pooled connections without closing them.
+            self._engine.dispose(close=False)
+            self._projections.abandon()
+            self._inherited.append(
+                (self._engine, self._log, self._projections, self._live, self._publisher)
+            )
+            self._publisher = None
+            self._generation = _fork_generation
+            try:
+                self._open_parts()
+            except BaseException:
+                self._closed = True  # nothing of its own to use: the child must open a new store
+                raise
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Sent to another process (multiprocessing with spawn/forkserver, a process pool), a store
+        # opens the same database there: the URL and options travel, connections do not.
+        if self.config.backend == "memory":
+            raise TypeError("a memory:// store lives in one process and cannot be pickled")
+        options = {**self._options, "kafka": False}
+        return (_reopen, (resolve_url(self._url), options))
 
     @property
     def max_retries(self) -> int:
@@ -254,7 +426,9 @@ class FlowStore:
         """The embedded publisher: `publisher` if given, else Kafka's if asked for (`kafka`)."""
         if publisher is not None:
             if kafka not in (None, False):
-                raise InvalidArgumentError("kafka", kafka, "pass either kafka= or publisher=, not both")
+                raise InvalidArgumentError(
+                    "kafka", kafka, "pass either kafka= or publisher=, not both"
+                )
             return publisher(self)
         if kafka is False:
             return None
@@ -272,15 +446,23 @@ class FlowStore:
         return _plugin_publisher("kafka", options)(self)
 
     def close(self) -> None:
-        """Publish and project what is left, release connections. The store is unusable after."""
-        if self._publisher is not None:
-            self._publisher.stop()  # first: it drains the log to Kafka, then releases its lock
-        self._notifier.close()
-        if self._live is not None:
-            self._live.close()
-        self._projections.close()
-        self._log.close()
-        self._engine.dispose()
+        """Publish and project what is left, release connections. The store is unusable after
+        (any call raises `StoreClosedError`, closing again too)."""
+        if self._closed:
+            raise StoreClosedError("closed again")
+        if self._generation != _fork_generation:
+            self._after_fork()  # a child closes its own connections, not the parent's
+        try:
+            if self._publisher is not None:
+                self._publisher.stop()  # first: it drains the log to Kafka, then releases its lock
+            self._notifier.close()
+            if self._live is not None:
+                self._live.close()
+        finally:
+            self._closed = True
+            self._projections.close()
+            self._log.close()
+            self._engine.dispose()
 
     def __enter__(self) -> Self:
         return self
@@ -393,9 +575,7 @@ class FlowStore:
             )
         mapping = check_step_map(flow_id, target, to_version, step_map)
         users = [row["user_id"] for row in self._tables.instances(flow_id, FlowStatus.ACTIVE)]
-        return migrate(
-            self._commands, flow_id, target, to_version, mapping, users, dry_run=dry_run
-        )
+        return migrate(self._commands, flow_id, target, to_version, mapping, users, dry_run=dry_run)
 
     def diagram(
         self,
@@ -426,16 +606,40 @@ class FlowStore:
 
     # Commands on a user's flow
 
-    def reset_flow(self, user_id: str, flow_id: str, step: str | None = None) -> FlowState:
-        """Start or restart the user's run on the latest version, at `step` or the initial step."""
+    def reset_flow(
+        self,
+        user_id: str,
+        flow_id: str,
+        step: str | None = None,
+        *,
+        service: str | None = None,
+        entity_id: str | None = None,
+    ) -> FlowState:
+        """Start or restart the user's run on the latest version, at `step` or the initial step.
+
+        Where the definition marks steps `initial`, only those and the initial step may be entered
+        (else `InvalidStepError`). `service` is the run's target service (the state's service for
+        the whole run, whatever step it is at) and `entity_id` the entity the run is about.
+        """
         require_id(user_id, "user_id")
         if step is not None:
             require_id(step, "step")
+        if service is not None:
+            require_id(service, "service")
+        entity = _check_entity(entity_id)
 
         def decide(instance: FlowInstance | None) -> Decision:
             definition = self._live_versions(flow_id).latest
             return Decision(
-                start_flow(instance, definition, user_id=user_id, now=self._clock(), step=step)
+                start_flow(
+                    instance,
+                    definition,
+                    user_id=user_id,
+                    now=self._clock(),
+                    step=step,
+                    service=service,
+                    entity_id=entity,
+                )
             )
 
         return self._commands.change_instance(user_id, flow_id, decide).to_state()
@@ -446,14 +650,127 @@ class FlowStore:
         flow_id: str,
         transition: str,
         payload: dict[str, Any] | None = None,
+        *,
+        ok: bool = True,
+        message: str | None = None,
     ) -> FlowState:
         """Take `transition` from the user's current step (starting the flow first if needed).
 
-        A transition the step does not offer, or a payload its schema refuses, is recorded as a
-        rejected attempt and raises `InvalidTransitionError` / `PayloadValidationError`.
+        As in the OwlMeans model: the payload is merged into the state's (top-level keys),
+        `previous` becomes the step left when the transition is reversible (else None), and `ok`
+        and `message` record how the step's work went (`ok=False`: reached, but failed); a later
+        transition without a message clears it. A transition the step does not offer, or a payload
+        its schema refuses, is recorded as a rejected attempt, leaves the state unchanged and raises
+        `InvalidTransitionError` / `PayloadValidationError`.
         """
-        decide = self._transition(user_id, flow_id, transition, payload, time.perf_counter())
+        decide = self._transition(
+            user_id, flow_id, transition, payload, time.perf_counter(), ok=ok, message=message
+        )
         return self._commands.change_instance(user_id, flow_id, decide).to_state()
+
+    def advance(
+        self, user_id: str, flow_id: str, payload: dict[str, Any] | None = None
+    ) -> FlowState:
+        """Take the first transition of the current step that the user does not choose (not
+        `explicit`): the model's `next()`. `InvalidTransitionError` (nothing recorded) if none."""
+        instance, definition = self._state_definition(user_id, flow_id)
+        assert instance.step is not None
+        offered = definition.steps[instance.step].transitions.items()
+        key = next((name for name, edge in offered if not edge.explicit), None)
+        if key is None:
+            raise InvalidTransitionError(
+                instance.step,
+                "next",
+                flow_id=flow_id,
+                user_id=user_id,
+                reason="the step offers no transition that is not explicit",
+            )
+        return self.execute_transition(user_id, flow_id, key, payload)
+
+    def go_back(self, user_id: str, flow_id: str) -> FlowState:
+        """Return the user to the state's `previous` step (left by a reversible transition).
+
+        Recorded in the history as kind `back`; `InvalidTransitionError` when there is no previous
+        step (or the run is complete).
+        """
+        require_id(user_id, "user_id")
+
+        def decide(instance: FlowInstance | None) -> Decision:
+            if instance is None or not instance.is_live:
+                self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
+                raise FlowStateNotFoundError(user_id, flow_id)
+            definition = definition_of(instance, self._live_versions(flow_id))
+            return Decision(go_back(instance, definition, now=self._clock()))
+
+        return self._commands.change_instance(user_id, flow_id, decide).to_state()
+
+    def get_available_transitions(
+        self, user_id: str, flow_id: str, *, explicit: bool | None = None
+    ) -> list[FlowTransition]:
+        """The transitions the user's current step offers, in definition order.
+
+        `explicit=True`: only those the user chooses; `False`: only the others (what `advance`
+        takes). `FlowStateNotFoundError` when the user has no state in the flow.
+        """
+        instance, definition = self._state_definition(user_id, flow_id)
+        assert instance.step is not None
+        offered = list(definition.steps[instance.step].transitions.values())
+        if explicit is None:
+            return offered
+        return [edge for edge in offered if bool(edge.explicit) == explicit]
+
+    def state_token(self, user_id: str, flow_id: str) -> str:
+        """The user's state as the OwlMeans model's state token (`serializeState`), to hand over."""
+        instance, definition = self._state_definition(user_id, flow_id)
+        return encode_state_token(definition, instance.to_state())
+
+    def adopt_state_token(
+        self, user_id: str, token: str, *, sender: str | None = None
+    ) -> FlowState:
+        """Take over a user's flow that another service handed over as a state token.
+
+        The token is read against the flow's latest definition (a `StateTokenError` when it
+        cannot be) and its state becomes the user's, recorded as history kind `handoff` with the
+        sending service (`sender`, else the token's service). The token's service becomes the
+        run's target service.
+        """
+        require_id(user_id, "user_id")
+        if sender is not None:
+            require_id(sender, "sender")
+        flow_id = token_flow_id(token)
+
+        def decide(instance: FlowInstance | None) -> Decision:
+            try:
+                definition = self._live_versions(flow_id).latest
+            except (FlowNotFoundError, InvalidArgumentError):
+                raise StateTokenFlowError(flow_id) from None
+            state = decode_state_token(token, definition)
+            if state.service:
+                require_id(state.service, "service")
+            _check_entity(state.entity_id)
+            _check_message(state.message, self.max_payload_bytes)
+            check_payload(state.payload, limit=self.max_payload_bytes)
+            return Decision(
+                hand_over(
+                    instance, definition, state, user_id=user_id, sender=sender, now=self._clock()
+                )
+            )
+
+        try:
+            require_id(flow_id, "flow_id")
+        except InvalidArgumentError:
+            raise StateTokenFlowError(flow_id) from None
+        return self._commands.change_instance(user_id, flow_id, decide).to_state()
+
+    def _state_definition(self, user_id: str, flow_id: str) -> tuple[FlowInstance, FlowDefinition]:
+        """The user's live instance and the definition version it runs on."""
+        require_id(user_id, "user_id")
+        require_id(flow_id, "flow_id")
+        instance = self._log.get(instance_id(user_id, flow_id), FlowInstance)
+        if instance is None or not instance.is_live:
+            self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
+            raise FlowStateNotFoundError(user_id, flow_id)
+        return instance, definition_of(instance, self._live_versions(flow_id))
 
     def execute_transitions(
         self,
@@ -468,8 +785,53 @@ class FlowStore:
         request only. If another writer touched one of the batch's instances meanwhile, that batch
         is applied again one request at a time (each retried as usual).
         """
+
+        def prepare(request: tuple[str, str, str, dict[str, Any] | None]) -> _Prepared:
+            user_id, flow_id, transition, payload = request
+
+            def decide() -> tuple[str, str, Callable[[FlowInstance | None], Decision]]:
+                began = time.perf_counter()
+                return (
+                    user_id,
+                    flow_id,
+                    self._transition(user_id, flow_id, transition, payload, began),
+                )
+
+            return decide, lambda: self._one(*request)
+
+        return self._in_batches(map(prepare, requests), batch_size)
+
+    def set_flow_states(
+        self,
+        updates: Iterable[tuple[str, FlowState | Mapping[str, Any]] | Mapping[str, Any]],
+        *,
+        batch_size: int = 500,
+    ) -> list[FlowState | FlowError]:
+        """Many administrative overrides in one call: the seed's batch update of flow states.
+
+        Each update is `(user_id, state)` or the seed's `{"userId": ..., "state": {...}}`; each is
+        what `set_flow_state` does, and each instance's change is atomic. They are written one
+        transaction per `batch_size` (retried one by one if another writer touched an instance
+        meanwhile). Returns, in order, each new state or the error of each update (bad input
+        writes nothing for its own update only).
+        """
+
+        def prepare(update: Any) -> _Prepared:
+            user_id, state = _state_update(update)
+
+            def decide() -> tuple[str, str, Callable[[FlowInstance | None], Decision]]:
+                return user_id, *self._override(user_id, state)
+
+            return decide, lambda: _outcome(lambda: self.set_flow_state(user_id, state))
+
+        prepared = [prepare(update) for update in updates]  # a malformed update: nothing written
+        return self._in_batches(prepared, batch_size)
+
+    def _in_batches(
+        self, requests: Iterable[_Prepared], batch_size: int
+    ) -> list[FlowState | FlowError]:
         results: list[FlowState | FlowError] = []
-        batch: list[tuple[str, str, str, dict[str, Any] | None]] = []
+        batch: list[_Prepared] = []
         for request in requests:
             batch.append(request)
             if len(batch) >= batch_size:
@@ -479,38 +841,52 @@ class FlowStore:
             results.extend(self._apply_batch(batch))
         return results
 
-    def _apply_batch(
-        self, batch: list[tuple[str, str, str, dict[str, Any] | None]]
-    ) -> list[FlowState | FlowError]:
-        outcomes: list[FlowInstance | FlowError] = []
-        events: list[DomainEvent] = []
-        seen: dict[UUID, FlowInstance | None] = {}  # later requests see earlier ones' effects
-        for user_id, flow_id, transition, payload in batch:
+    def _apply_batch(self, batch: list[_Prepared]) -> list[FlowState | FlowError]:
+        checked: list[tuple[UUID, Callable[[FlowInstance | None], Decision]] | FlowError] = []
+        for prepare, _ in batch:
             try:
-                decide = self._transition(
-                    user_id, flow_id, transition, payload, time.perf_counter()
-                )
+                user_id, flow_id, decide = prepare()
                 require_id(flow_id, "flow_id")
-                iid = instance_id(user_id, flow_id)
-                if iid not in seen:
-                    seen[iid] = self._commands.cached_instance(iid)
-                decision = decide(seen[iid])
+                checked.append((instance_id(user_id, flow_id), decide))
             except FlowError as error:
-                outcomes.append(error)
-                continue
-            updated = cast(FlowInstance, project(seen[iid], decision.events))
-            seen[iid] = updated
-            events.extend(decision.events)
-            outcomes.append(decision.error or updated)
-        try:
-            self._commands.save(events, decided_here=True)
-        except IntegrityError:
-            for iid in seen:
-                self._commands.forget_instance(iid)
-            return [self._one(*request) for request in batch]
-        for instance in seen.values():
-            if instance is not None:
-                self._commands.remember_instance(instance)
+                checked.append(error)
+        iids = [item[0] for item in checked if not isinstance(item, FlowError)]
+        # The batch's instances are this process's alone until it is written (see Commands).
+        with self._commands.locked(iids):
+            outcomes: list[FlowInstance | FlowError] = []
+            events: list[DomainEvent] = []
+            seen: dict[UUID, FlowInstance | None] = {}  # later requests see earlier ones' effects
+            for item in checked:
+                if isinstance(item, FlowError):
+                    outcomes.append(item)
+                    continue
+                iid, decide = item
+                try:
+                    if iid not in seen:
+                        seen[iid] = self._commands.cached_instance(iid)
+                    decision = decide(seen[iid])
+                except FlowError as error:
+                    outcomes.append(error)
+                    continue
+                updated = cast(FlowInstance, project(seen[iid], decision.events))
+                seen[iid] = updated
+                events.extend(decision.events)
+                outcomes.append(decision.error or updated)
+            try:
+                self._commands.save(events, decided_here=True)
+                conflict = False
+            except IntegrityError:
+                conflict = True
+                for iid in seen:
+                    self._commands.forget_instance(iid)
+            if not conflict:
+                for instance in seen.values():
+                    if instance is not None:
+                        self._commands.remember_instance(instance)
+        if conflict:
+            # One by one, and outside the instance locks: each takes its user's key lock first,
+            # then its instance's, the order every command keeps (no deadlock with them).
+            return [one() for _, one in batch]
         return [o if isinstance(o, FlowError) else o.to_state() for o in outcomes]
 
     def _one(
@@ -528,11 +904,17 @@ class FlowStore:
         transition: str,
         payload: dict[str, Any] | None,
         began: float,
+        *,
+        ok: bool = True,
+        message: str | None = None,
     ) -> Callable[[FlowInstance | None], Decision]:
         """Check a transition request's input, and return how to decide it on an instance."""
         require_id(user_id, "user_id")
         require_id(transition, "transition")
         checked = check_payload(payload, limit=self.max_payload_bytes)
+        if not isinstance(ok, bool):
+            raise InvalidArgumentError("ok", ok, f"must be a boolean, not {type(ok).__name__}")
+        checked_message = _check_message(message, self.max_payload_bytes)
 
         def decide(instance: FlowInstance | None) -> Decision:
             needed = instance.definition_version if instance and instance.is_live else 0
@@ -552,6 +934,8 @@ class FlowStore:
                 payload=checked,
                 now=now,
                 elapsed_ms=(time.perf_counter() - began) * 1000,
+                ok=ok,
+                message=checked_message,
             )
             return Decision([*started, *decision.events], decision.error)
 
@@ -563,6 +947,13 @@ class FlowStore:
         The instance keeps its definition version unless `state.definition_version` names another;
         a user without state starts on the latest version.
         """
+        flow_id, decide = self._override(user_id, state)
+        return self._commands.change_instance(user_id, flow_id, decide).to_state()
+
+    def _override(
+        self, user_id: str, state: FlowState | Mapping[str, Any]
+    ) -> tuple[str, Callable[[FlowInstance | None], Decision]]:
+        """Check an override's input; the flow it is in and the decision it makes."""
         require_id(user_id, "user_id")
         if not isinstance(state, FlowState):
             try:
@@ -573,6 +964,8 @@ class FlowStore:
         if new.service is not None:
             require_id(new.service, "service")
         payload = check_payload(new.payload, limit=self.max_payload_bytes)
+        entity = _check_entity(new.entity_id)
+        message = _check_message(new.message, self.max_payload_bytes)
 
         def decide(instance: FlowInstance | None) -> Decision:
             versions = self._live_versions(new.flow)
@@ -594,10 +987,13 @@ class FlowStore:
                     ok=new.ok,
                     payload=payload,
                     now=self._clock(),
+                    previous=new.previous,
+                    entity_id=entity,
+                    message=message,
                 )
             )
 
-        return self._commands.change_instance(user_id, new.flow, decide).to_state()
+        return new.flow, decide
 
     def clear_flow_state(self, user_id: str, flow_id: str) -> None:
         """Forget where the user stands: `get_flow_state` returns None; the history stays."""
@@ -655,46 +1051,169 @@ class FlowStore:
         instance = self._log.get(instance_id(user_id, flow_id), FlowInstance)
         return instance.to_state() if instance is not None and instance.is_live else None
 
-    def get_user_flows(self, user_id: str) -> list[FlowState]:
-        """Every flow the user has state in (active or completed), oldest run first.
+    def get_user_flows(
+        self, user_id: str, *, status: FlowStatus | str | None = None
+    ) -> list[FlowState]:
+        """Every flow the user has state in (active or completed, or only `status`), oldest run
+        first.
 
         Read from the `flow_states` table; a row naming a step its definition does not have raises
         `FlowStateCorruptionError` (`recover_flow_state` rebuilds the row from the log).
         """
         require_id(user_id, "user_id")
-        states = []
-        for row in self._tables.user_flows(user_id):
-            versions = self._log.get(definition_id(row["flow_id"]), FlowVersions)
-            definition = versions.get(row["definition_version"]) if versions else None
-            if definition is None or definition.step(row["step"]) is None:
-                raise FlowStateCorruptionError(
-                    user_id,
-                    row["flow_id"],
-                    f"projected step {row['step']!r} does not exist in definition version "
-                    f"{row['definition_version']}",
-                )
-            states.append(FlowState.model_validate({**row, "flow": row["flow_id"]}))
-        return states
+        wanted = check_listed_status(status, default=None)
+        return [self._state_of(row) for row in self._tables.user_flows(user_id, wanted)]
 
-    def get_flow_history(self, user_id: str, flow_id: str) -> list[FlowStateHistory]:
-        """Every command on the user's flow, oldest first (empty if they never started it)."""
+    def _state_of(self, row: dict[str, Any]) -> FlowState:
+        versions = self._log.get(definition_id(row["flow_id"]), FlowVersions)
+        definition = versions.get(row["definition_version"]) if versions else None
+        if definition is None or definition.step(row["step"]) is None:
+            raise FlowStateCorruptionError(
+                row["user_id"],
+                row["flow_id"],
+                f"projected step {row['step']!r} does not exist in definition version "
+                f"{row['definition_version']}",
+            )
+        return FlowState.model_validate({**row, "flow": row["flow_id"]})
+
+    def list_instances(
+        self,
+        flow_id: str,
+        *,
+        step: str | None = None,
+        status: FlowStatus | str | None = None,
+        idle_for: timedelta | float | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> InstancePage:
+        """The flow's instances (active by default, or `completed`), by user id, a page at a time.
+
+        `step` keeps those at that step; `idle_for` (a timedelta or seconds) those untouched for at
+        least that long ("who is stuck at verification for more than a day"). Pass the page's
+        `next_cursor` as `cursor` for the next page (at most `MAX_PAGE` per page). Read from the
+        `flow_states` table through its (flow, status, step, user) index.
+        """
+        require_id(flow_id, "flow_id")
+        if step is not None:
+            require_id(step, "step")
+        wanted = check_listed_status(status, default=FlowStatus.ACTIVE)
+        assert wanted is not None
+        size = check_limit(limit, maximum=MAX_PAGE)
+        if size is None:
+            raise InvalidArgumentError("limit", limit, "must be a positive integer")
+        idle = idle_seconds(idle_for)
+        after_user = decode_instance_cursor(cursor)
+        self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
+        idle_since = self._clock() - timedelta(seconds=idle) if idle is not None else None
+        rows = self._tables.instance_page(
+            flow_id,
+            status=wanted,
+            step=step,
+            idle_since=idle_since,
+            after_user=after_user,
+            limit=size + 1,  # one more: is there a next page?
+        )
+        states = [self._state_of(row) for row in rows[:size]]
+        more = len(rows) > size
+        next_cursor = encode_instance_cursor(rows[size - 1]["user_id"]) if more else None
+        return InstancePage(instances=states, next_cursor=next_cursor)
+
+    def get_flow_history(
+        self,
+        user_id: str,
+        flow_id: str,
+        *,
+        limit: int | None = None,
+        after: str | datetime | None = None,
+        before: str | datetime | None = None,
+        kinds: Iterable[HistoryKind | str] | None = None,
+        max_bytes: int | None = None,
+    ) -> list[FlowStateHistory]:
+        """The commands on the user's flow, oldest first (empty if they never started it).
+
+        All of them, or a page: `after`/`before` take a row's `id` (a stable cursor: the next page
+        is `after=page[-1].id`) or an aware datetime (`after` inclusive, `before` exclusive);
+        `limit` caps the rows (with only `before`, the ones just before it); `kinds` keeps those
+        kinds (`HistoryKind`). With `max_bytes`, the rows end at the first one that brings their
+        payloads and errors (as JSON and text) to more than that; it is included, so the caller
+        can tell the cap was reached. The rows are read in batches, never all at once.
+        """
         require_id(user_id, "user_id")
         require_id(flow_id, "flow_id")
-        rows = self._tables.history(user_id, flow_id)
+        size = check_limit(limit)
+        iid = instance_id(user_id, flow_id)
+        after_version, since = history_bound(after, "after", iid)
+        before_version, until = history_bound(before, "before", iid)
+        wanted = check_kinds(kinds)
+        rows = self._tables.history(
+            user_id,
+            flow_id,
+            limit=size,
+            after_version=after_version,
+            before_version=before_version,
+            since=since,
+            until=until,
+            kinds=wanted,
+            max_bytes=max_bytes,
+        )
         if not rows:
             self._get_versions(flow_id)  # unknown flow -> FlowNotFoundError
         return rows
 
-    def get_flow_statistics(self, flow_id: str | None = None) -> FlowStatistics:
-        """Usage and performance of one flow, or of all flows (read from the statistics tables)."""
+    def get_flow_statistics(
+        self,
+        flow_id: str | None = None,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> FlowStatistics:
+        """Usage and performance of one flow, or of all flows (read from the statistics tables).
+
+        With `since` and/or `until` (aware datetimes; `until` defaults to now, `since` to the
+        first event), over that window, to the minute, from the per-minute activity table: see
+        `README.md` (Statistics) for what each figure counts in a window.
+        """
         if flow_id is not None:
             self._get_versions(flow_id)
-        return self._tables.statistics(flow_id, now=self._clock(), window=self.statistics_window)
+        window = self._window(since, until)
+        if window is None:
+            return self._tables.statistics(
+                flow_id, now=self._clock(), window=self.statistics_window
+            )
+        return self._tables.window_statistics(flow_id, since=window[0], until=window[1])
 
-    def get_flow_funnel(self, flow_id: str) -> list[FunnelStep]:
-        """Per step of the flow: entered, moved on, dropped, and active there now."""
+    def _window(
+        self, since: datetime | None, until: datetime | None
+    ) -> tuple[datetime, datetime] | None:
+        start, end = check_aware(since, "since"), check_aware(until, "until")
+        if start is None and end is None:
+            return None
+        end = end or self._clock()
+        start = start or datetime.fromtimestamp(0, UTC)
+        if start >= end:
+            raise InvalidArgumentError("since", since, f"must be before until ({end.isoformat()})")
+        return start, end
+
+    def get_flow_funnel(
+        self,
+        flow_id: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[FunnelStep]:
+        """Per step of the flow: entered, moved on, dropped, and active there now.
+
+        With `since`/`until`, entered, moved on and dropped count only what happened in that
+        window (to the minute); `current` is always now.
+        """
         definition = self._get_versions(flow_id).latest
-        found = {step.step: step for step in self._tables.funnel(flow_id)}
+        window = self._window(since, until)
+        funnel = (
+            self._tables.funnel(flow_id)
+            if window is None
+            else self._tables.window_funnel(flow_id, since=window[0], until=window[1])
+        )
+        found = {step.step: step for step in funnel}
         order = sorted(definition.steps.values(), key=lambda step: step.index)
         known = [
             found.pop(
@@ -714,13 +1233,19 @@ class FlowStore:
         self._tables.recover(
             (user_id, flow_id),
             lambda: self._log.events_of(iid),
-            self.read_events,
+            self._read_contained,
         )
         return self.get_flow_state(user_id, flow_id)
 
     def rebuild_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
-        """Replay the whole log into fresh tables and swap them in; return the events replayed."""
-        return self._tables.rebuild(self.read_events, progress=progress)
+        """Replay the whole log into fresh tables and swap them in; return the events replayed.
+
+        One rebuild at a time per database (across processes): another one running raises
+        `RebuildRunningError`. A rebuild that fails drops its shadow tables and leaves the live
+        ones as they were; a database that fails under it (a full disk) is `StorageUnavailableError`.
+        """
+        with self._log.errors("rebuilding the projections"):
+            return self._tables.rebuild(self._read_contained, progress=progress)
 
     def migrate_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Bring the tables to this version's layout blue/green; return the events replayed.
@@ -732,17 +1257,17 @@ class FlowStore:
 
     def verify_projections(self) -> list[Difference]:
         """Every difference between the tables and the log (empty when they agree)."""
-        return self._tables.verify(self.read_events)
+        return self._tables.verify(self._read_contained)
 
     def repair_projections(
         self, user_id: str | None = None, flow_id: str | None = None
     ) -> list[Difference]:
         """Rewrite exactly the rows that differ from the log; return what was repaired."""
-        return self._tables.repair(self.read_events, user_id=user_id, flow_id=flow_id)
+        return self._tables.repair(self._read_contained, user_id=user_id, flow_id=flow_id)
 
     def catch_up_projections(self, batch: int = 1000) -> int:
         """Apply events the tables have not seen yet, `batch` per transaction; return the position."""
-        return self._projections.catch_up(self.read_events, page=batch)
+        return self._projections.catch_up(self._read_contained, page=batch)
 
     @property
     def log_notifier(self) -> LogNotifier:
@@ -771,6 +1296,46 @@ class FlowStore:
         """
         return self._log.read(start, limit)
 
+    def _read_contained(self, start: int, limit: int) -> list[tuple[int, DomainEvent]]:
+        # The projections' reader: an event that cannot be decoded is skipped and named (its own
+        # instance answers FlowStateCorruptionError), so one bad event stops nobody else's reads.
+        return self._log.read(start, limit, contain=True)
+
+    def unreadable_events(self) -> list[dict[str, Any]]:
+        """Events of the log the projections skipped because they cannot be decoded.
+
+        Each: `position`, `originator_id`, `originator_version` and `detail` (why). Their instance
+        answers `FlowStateCorruptionError` until the event is quarantined or the store restored.
+        """
+        return self._projections.unreadable()
+
+    def quarantine_event(self, position: int, reason: str) -> dict[str, Any]:
+        """Move the unreadable event at `position` out of the log, keeping it byte for byte.
+
+        The event goes to the `flowstore_quarantine` table with `reason` and the time (the audit
+        record, returned); its instance reads again as it was before that event. Only events the
+        projections found unreadable can be quarantined: the log stays the truth for every other.
+        """
+        if not isinstance(position, int) or isinstance(position, bool) or position < 1:
+            raise InvalidArgumentError("position", position, "must be a positive event position")
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidArgumentError("reason", reason, "must say why (it is the audit record)")
+        known = {row["position"] for row in self.unreadable_events()}
+        if position not in known:
+            raise InvalidArgumentError(
+                "position", position, f"is not an unreadable event (unreadable: {sorted(known)})"
+            )
+        with self._log.errors("quarantining an event"):
+            record = self._projections.quarantine(position, reason, self._clock())
+        if record is None:
+            raise InvalidArgumentError("position", position, "no such event in this store's log")
+        logger.warning(
+            "event %s (%s v%s) quarantined: %s",
+            position, record["originator_id"], record["originator_version"], reason,
+        )
+        self._commands.forget_instance(UUID(record["originator_id"]))
+        return {k: v for k, v in record.items() if k != "state"}
+
     def import_events(self, events: Iterable[DomainEvent], *, batch: int = 500) -> int:
         """Append events recorded elsewhere (a restore), as they are: same ids, versions, times.
 
@@ -794,7 +1359,7 @@ class FlowStore:
         # On SQLite the projector and this process's writers take turns on the Python lock:
         # waiting in SQLite's busy handler instead sleeps in steps of up to 100 ms.
         with self._log.write_lock:
-            return self._projections.catch_up(self.read_events)
+            return self._projections.catch_up(self._read_contained)
 
     @property
     def _tables(self) -> SqlProjections:
@@ -807,3 +1372,24 @@ class FlowStore:
 
     def _live_versions(self, flow_id: str) -> FlowVersions:
         return self._commands.live_versions(flow_id)
+
+
+def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method`, refusing to run on a closed store and reopening a forked child's first."""
+
+    @functools.wraps(method)
+    def call(self: FlowStore, *args: Any, **kwargs: Any) -> Any:
+        if self._closed:
+            raise StoreClosedError(f"used ({method.__name__})")
+        if self._generation != _fork_generation:
+            self._after_fork()
+        return method(self, *args, **kwargs)
+
+    return call
+
+
+# Every public method: a closed store says so (not a pool error or "no such table" from deep
+# inside), and a store inherited through fork() opens its own connections before its first use.
+for _name, _member in list(vars(FlowStore).items()):
+    if callable(_member) and not _name.startswith("_") and _name != "close":
+        setattr(FlowStore, _name, _guarded(_member))

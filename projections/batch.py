@@ -15,6 +15,7 @@ from typing import Any
 
 from flowstore.domain import DomainEvent, InstanceEvent, TransitionExecuted, TransitionRejected
 from flowstore.projections.ops import (
+    AddActivity,
     AddCounters,
     AddHistory,
     AddStepCounters,
@@ -58,9 +59,14 @@ class RowBatch:
             lambda: defaultdict(float)
         )
         self.steps: defaultdict[tuple[str, str], Counter[str]] = defaultdict(Counter)
-        self.samples: dict[tuple[str, int], float] = {}
+        self.samples: dict[tuple[str, int], tuple[float, int]] = {}
+        """(flow_id, slot) -> (elapsed_ms, second)"""
         self.throughput: Counter[tuple[str, int]] = Counter()
         self.forget_before: dict[str, int] = {}
+        self.activity: defaultdict[tuple[str, int, str], defaultdict[str, float]] = defaultdict(
+            lambda: defaultdict(float)
+        )
+        """(flow_id, minute, step) -> counts"""
         self._attempts: dict[str, int] = {}
         self.events = 0
 
@@ -105,8 +111,12 @@ class RowBatch:
                     steps = self.steps[(flow_id, step)]
                     for name, delta in deltas.items():
                         steps[name] += delta
-                case PutSample(flow_id, slot, elapsed_ms):
-                    self.samples[(flow_id, slot)] = elapsed_ms
+                case PutSample(flow_id, slot, elapsed_ms, second):
+                    self.samples[(flow_id, slot)] = (elapsed_ms, second)
+                case AddActivity(flow_id, minute, step, deltas):
+                    counts = self.activity[(flow_id, minute, step)]
+                    for name, delta in deltas.items():
+                        counts[name] += delta
                 case AddThroughput(flow_id, second, forget_before):
                     self.throughput[(flow_id, second)] += 1
                     self.forget_before[flow_id] = max(
@@ -133,5 +143,11 @@ class RowBatch:
     def empty(self) -> bool:
         """True when no event changed any row."""
         return not (
-            self.dirty or self.erased or self.history or self.counters or self.steps or self.samples
+            self.dirty
+            or self.erased
+            or self.history
+            or self.counters
+            or self.steps
+            or self.samples
+            or self.activity
         )

@@ -8,7 +8,7 @@ built). The live path, a rebuild and verify all apply these same operations, so 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from flowstore.domain import (
@@ -17,19 +17,24 @@ from flowstore.domain import (
     FlowCompleted,
     FlowErased,
     FlowExpired,
+    FlowHandedOver,
     FlowMigrated,
     FlowStarted,
+    FlowWentBack,
     InstanceEvent,
     StateOverridden,
     TransitionExecuted,
     TransitionRejected,
     history_entry,
+    merge_payload,
 )
 from flowstore.models import FlowStatus
 
 __all__ = [
+    "ACTIVITY_COLUMNS",
     "SAMPLE_SLOTS",
     "THROUGHPUT_RETENTION_SECONDS",
+    "AddActivity",
     "AddCounters",
     "AddHistory",
     "AddStepCounters",
@@ -40,6 +45,20 @@ __all__ = [
     "PutState",
     "changes",
 ]
+
+ACTIVITY_COLUMNS = (
+    "started",
+    "completed",
+    "attempts",
+    "rejections",
+    "failures",
+    "completed_duration_ms",
+    "response_ms_total",
+    "entered",
+    "moved_on",
+    "dropped",
+)
+"""What `flow_activity` counts per flow, minute and step (`flowstore.projections.tables`)."""
 
 SAMPLE_SLOTS = 1000
 """Response-time samples kept per flow (the p95 is over the most recent ones)."""
@@ -85,6 +104,8 @@ class PutSample:
     flow_id: str
     slot: int
     elapsed_ms: float
+    second: int
+    """When the attempt was made (epoch second of event time)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,16 @@ class AddThroughput:
     flow_id: str
     second: int
     forget_before: int
+
+
+@dataclass(frozen=True)
+class AddActivity:
+    """Add to one flow's counts in one minute of event time (step "" for the flow's own counts)."""
+
+    flow_id: str
+    minute: int
+    step: str
+    deltas: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -115,13 +146,14 @@ Op = (
     | AddStepCounters
     | PutSample
     | AddThroughput
+    | AddActivity
 )
 
 
-def _state_row(event: InstanceEvent, previous: dict[str, Any] | None, **fields: Any) -> PutState:
-    # Without a previous row (only when one run's events were sealed under two keys, a write
+def _state_row(event: InstanceEvent, current: dict[str, Any] | None, **fields: Any) -> PutState:
+    # Without a current row (only when one run's events were sealed under two keys, a write
     # racing an erasure), the row starts from neutral values rather than failing the projection.
-    base: dict[str, Any] = dict(previous) if previous else dict(_NEW_ROW)
+    base: dict[str, Any] = dict(current) if current else dict(_NEW_ROW)
     base.update(
         instance_id=str(event.originator_id),
         user_id=event.user_id,
@@ -143,6 +175,9 @@ _NEW_ROW: dict[str, Any] = {
     "started_at": None,
     "completed_at": None,
     "expires_at": None,
+    "previous": None,
+    "entity_id": None,
+    "message": None,
 }
 
 
@@ -168,6 +203,8 @@ def _history_row(event: DomainEvent) -> AddHistory | None:
             "success": data["success"],
             "error": data["error"],
             "meta": data["metadata"],
+            "ok": data["ok"],
+            "message": data["message"],
         }
     )
 
@@ -184,15 +221,48 @@ def _attempt(event: TransitionExecuted | TransitionRejected, attempts: int) -> l
     # Whole hours are forgotten at once, so the bound (and the delete behind it) moves rarely.
     hour = THROUGHPUT_RETENTION_SECONDS
     return [
-        PutSample(event.flow_id, attempts % SAMPLE_SLOTS, event.elapsed_ms),
+        PutSample(event.flow_id, attempts % SAMPLE_SLOTS, event.elapsed_ms, second),
         AddThroughput(event.flow_id, second, (second // hour - 1) * hour),
     ]
+
+
+_RUN_COUNTS = frozenset({"completed", "completed_duration_ms"})
+"""Counted in the minute the run started, so a window's completion rate is over its own runs."""
+
+
+def _minute(moment: datetime) -> int:
+    return int(moment.timestamp()) // 60
+
+
+def _activity(event: InstanceEvent, previous: dict[str, Any] | None, ops: list[Op]) -> list[Op]:
+    """The counter and step-counter changes again, by minute: what windowed statistics read."""
+    now = _minute(event.timestamp)
+    started = previous.get("started_at") if previous else None
+    run = _minute(started) if started is not None else now
+    activity: list[Op] = []
+    for op in ops:
+        if isinstance(op, AddCounters):
+            by_run = {k: v for k, v in op.deltas.items() if k in _RUN_COUNTS}
+            by_now = {
+                k: v for k, v in op.deltas.items() if k in ACTIVITY_COLUMNS and k not in by_run
+            }
+            activity += [
+                AddActivity(op.flow_id, m, "", d) for m, d in ((run, by_run), (now, by_now)) if d
+            ]
+        elif isinstance(op, AddStepCounters):
+            activity.append(AddActivity(op.flow_id, now, op.step, dict(op.deltas)))
+    return activity
 
 
 def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) -> list[Op]:
     """The row operations for one event (none for definition and catalog events)."""
     if not isinstance(event, InstanceEvent):
         return []
+    ops = _changes(event, previous, attempts)
+    return ops + _activity(event, previous, ops)
+
+
+def _changes(event: InstanceEvent, previous: dict[str, Any] | None, attempts: int) -> list[Op]:
     ops: list[Op] = []
     history = _history_row(event)
     if history is not None:
@@ -215,21 +285,30 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                     started_at=event.timestamp,
                     completed_at=None,
                     expires_at=event.expires_at,
+                    previous=None,
+                    entity_id=event.entity_id,
+                    message=None,
                 )
             )
         case TransitionExecuted():
-            ops.append(AddCounters(flow, {"attempts": 1, "response_ms_total": event.elapsed_ms}))
+            counts = {"attempts": 1, "response_ms_total": event.elapsed_ms}
+            ops.append(AddCounters(flow, counts if event.ok else {**counts, "failures": 1}))
             ops.append(AddStepCounters(flow, event.from_step, {"moved_on": 1}))
             ops.append(AddStepCounters(flow, event.to_step, {"entered": 1}))
             ops.extend(_attempt(event, attempts))
+            before = previous.get("payload") if previous else None
             ops.append(
                 _state_row(
                     event,
                     previous,
                     step=event.to_step,
                     service=event.service,
-                    ok=True,
-                    payload=event.payload,
+                    ok=event.ok,
+                    message=event.message,
+                    previous=event.previous,
+                    payload=merge_payload(before, event.payload)
+                    if event.rules == 2
+                    else event.payload,
                     expires_at=event.expires_at,
                 )
             )
@@ -240,10 +319,13 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                 )
             )
             ops.extend(_attempt(event, attempts))
-            ops.append(_state_row(event, previous, ok=False))
+            # Rules 2 (the model): a refusal leaves the state as it was; rules 1 set ok to false.
+            ops.append(_state_row(event, previous, **({} if event.rules == 2 else {"ok": False})))
         case FlowCompleted():
             started = previous["started_at"] if previous else None
             duration = (event.timestamp - started) / timedelta(milliseconds=1) if started else 0.0
+            # Logs written before events were stamped in order may run backwards: never negative.
+            duration = max(duration, 0.0)
             ops.append(AddCounters(flow, {"completed": 1, "completed_duration_ms": duration}))
             ops.append(
                 _state_row(
@@ -254,7 +336,7 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                     expires_at=None,
                 )
             )
-        case StateOverridden():
+        case StateOverridden() | FlowHandedOver():
             restarted = previous is None or previous["status"] in (
                 FlowStatus.CLEARED,
                 FlowStatus.EXPIRED,
@@ -277,6 +359,25 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                     else previous and previous["started_at"],
                     completed_at=None,
                     expires_at=event.expires_at,
+                    previous=event.previous,
+                    entity_id=event.entity_id,
+                    message=event.message,
+                )
+            )
+        case FlowWentBack():
+            # Going back is moving on from the step left and entering the previous one again.
+            ops.append(AddStepCounters(flow, event.from_step, {"moved_on": 1}))
+            ops.append(AddStepCounters(flow, event.step, {"entered": 1}))
+            ops.append(
+                _state_row(
+                    event,
+                    previous,
+                    step=event.step,
+                    service=event.service,
+                    ok=True,
+                    message=None,
+                    previous=None,
+                    expires_at=event.expires_at,
                 )
             )
         case FlowMigrated():
@@ -286,7 +387,15 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
             if event.to_step != event.from_step:
                 ops.append(AddStepCounters(flow, event.from_step, {"moved_on": 1}))
                 ops.append(AddStepCounters(flow, event.to_step, {"entered": 1}))
-            ops.append(_state_row(event, previous, step=event.to_step, service=event.service))
+            ops.append(
+                _state_row(
+                    event,
+                    previous,
+                    step=event.to_step,
+                    service=event.service,
+                    previous=event.previous,
+                )
+            )
         case FlowCleared() | FlowExpired():
             ops.extend(_dropped(previous, flow))
             expired = isinstance(event, FlowExpired)
@@ -301,6 +410,9 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
                     payload=None,
                     status=(FlowStatus.EXPIRED if expired else FlowStatus.CLEARED).value,
                     expires_at=None,
+                    previous=None,
+                    entity_id=None,
+                    message=None,
                 )
             )
         case FlowErased():

@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, Engine, Table, distinct, func, inspect, select
 
 from flowstore.models import (
@@ -39,6 +40,14 @@ def _utc(value: Any) -> Any:
     return value
 
 
+def _minute(moment: datetime) -> int:
+    return int(moment.timestamp()) // 60
+
+
+def _minute_ceiling(moment: datetime) -> int:
+    return math.ceil(moment.timestamp() / 60)
+
+
 def row_dict(mapping: Any) -> dict[str, Any]:
     """A result row as a dict, its naive datetimes read as UTC."""
     return {k: _utc(v) for k, v in dict(mapping).items()}
@@ -53,27 +62,70 @@ class Queries:
     def _read(self) -> AbstractContextManager[Connection]:
         raise NotImplementedError  # the runner's: a connection that never takes the write lock
 
-    def user_flows(self, user_id: str) -> list[dict[str, Any]]:
-        """The user's live state rows (active or completed), oldest run first."""
+    def user_flows(self, user_id: str, status: FlowStatus | None = None) -> list[dict[str, Any]]:
+        """The user's live state rows (active or completed, or only `status`), oldest run first."""
         s = self.tables.states
+        statuses = [status] if status is not None else [FlowStatus.ACTIVE, FlowStatus.COMPLETED]
         query = (
             select(s)
-            .where(
-                s.c.user_id == user_id, s.c.status.in_([FlowStatus.ACTIVE, FlowStatus.COMPLETED])
-            )
+            .where(s.c.user_id == user_id, s.c.status.in_(statuses))
             .order_by(s.c.started_at, s.c.flow_id)
         )
         with self._read() as conn:
             return [row_dict(r._mapping) for r in conn.execute(query)]
 
-    def history(self, user_id: str, flow_id: str) -> list[FlowStateHistory]:
-        """The instance's history rows, oldest first."""
+    def history(
+        self,
+        user_id: str,
+        flow_id: str,
+        *,
+        limit: int | None = None,
+        after_version: int | None = None,
+        before_version: int | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        kinds: Sequence[str] | None = None,
+        max_bytes: int | None = None,
+    ) -> list[FlowStateHistory]:
+        """The instance's history rows, oldest first: all, or a page of them.
+
+        `after_version`/`before_version` are cursors (rows strictly after/before that event
+        version of the instance: stable, whatever is appended meanwhile); `since` (inclusive) and
+        `until` (exclusive) bound the time; with `before_version` and a `limit`, the page is the
+        `limit` rows just before it (still oldest first). With `max_bytes`, rows stop at the first
+        one that brings their payloads and errors to more than that (it is included, so the caller
+        can tell the cap was reached); read in batches, so a huge history never sits in memory whole.
+        """
         h = self.tables.history
-        query = (
-            select(h).where(h.c.user_id == user_id, h.c.flow_id == flow_id).order_by(h.c.version)
-        )
+        query = select(h).where(h.c.user_id == user_id, h.c.flow_id == flow_id)
+        if after_version is not None:
+            query = query.where(h.c.version > after_version)
+        if before_version is not None:
+            query = query.where(h.c.version < before_version)
+        if since is not None:
+            query = query.where(h.c.timestamp >= since)
+        if until is not None:
+            query = query.where(h.c.timestamp < until)
+        if kinds is not None:
+            query = query.where(h.c.kind.in_(list(kinds)))
+        backwards = before_version is not None and after_version is None and limit is not None
+        query = query.order_by(h.c.version.desc() if backwards else h.c.version)
+        if limit is not None:
+            query = query.limit(limit)
+        rows: list[dict[str, Any]] = []
+        size = 0
         with self._read() as conn:
-            rows = [row_dict(r._mapping) for r in conn.execute(query)]
+            result = conn.execution_options(stream_results=True, yield_per=200).execute(query)
+            for r in result:
+                row = row_dict(r._mapping)
+                rows.append(row)
+                if max_bytes is not None:
+                    size += len(orjson.dumps(row["payload"])) + len(row["error"] or "")
+                    if size > max_bytes:
+                        result.close()
+                        break
+        if backwards:
+            rows.reverse()
         return [
             FlowStateHistory.model_validate(
                 {k: v for k, v in r.items() if k not in ("version", "meta")}
@@ -107,6 +159,7 @@ class Queries:
                     c.completed,
                     c.attempts,
                     c.rejections,
+                    c.failures,
                     c.completed_duration_ms,
                     c.response_ms_total,
                 )
@@ -128,7 +181,8 @@ class Queries:
             t.throughput.c.second <= now_second,
         )
         with self._read() as conn:
-            started, completed, attempts, rejections, duration, response = conn.execute(sums).one()
+            sums_row = conn.execute(sums).one()
+            started, completed, attempts, rejections, failures, duration, response = sums_row
             steps = [StepCount(step=r.step, count=int(r.n)) for r in conn.execute(popular) if r.n]
             samples = list(
                 conn.execute(select(t.samples.c.elapsed_ms).where(only(t.samples))).scalars()
@@ -139,13 +193,154 @@ class Queries:
                 completion_rate=completed / started if started else 0.0,
                 average_flow_duration=duration / completed if completed else 0.0,
                 popular_steps=steps,
-                error_rate=rejections / attempts if attempts else 0.0,
+                # Refused attempts and transitions taken with ok=False (the step's work failed).
+                error_rate=(rejections + failures) / attempts if attempts else 0.0,
                 performance_metrics=PerformanceMetrics(
                     average_response_time=response / attempts if attempts else 0.0,
                     p95_response_time=percentile(samples, 95),
                     throughput_per_second=int(conn.execute(recent).scalar_one()) / window,
                 ),
             )
+
+    def window_statistics(
+        self, flow_id: str | None, *, since: datetime, until: datetime
+    ) -> FlowStatistics:
+        """The seed's statistics over [since, until), from the per-minute `flow_activity` rows.
+
+        To the minute: a minute counts when it starts in [since rounded down to its minute,
+        until). Runs count in the minute they started (so the completion rate is over the runs
+        started in the window), attempts and steps when they happened; `active_users` is now;
+        the p95 is over the recent-samples ring's attempts made in the window (at most the
+        flow's last 1,000), and the throughput is attempts per second of the window.
+        """
+        t = self.tables
+        a = t.activity.c
+        first, end = _minute(since), _minute_ceiling(until)
+
+        def where(table: Table) -> list[Any]:
+            return [table.c.flow_id == flow_id] if flow_id is not None else []
+
+        window = [*where(t.activity), a.minute >= first, a.minute < end]
+        sums = select(
+            *(
+                func.coalesce(func.sum(col), 0)
+                for col in (
+                    a.started,
+                    a.completed,
+                    a.attempts,
+                    a.rejections,
+                    a.failures,
+                    a.completed_duration_ms,
+                    a.response_ms_total,
+                )
+            )
+        ).where(*window, a.step == "")
+        popular = (
+            select(a.step, func.sum(a.entered).label("n"))
+            .where(*window, a.step != "")
+            .group_by(a.step)
+            .order_by(func.sum(a.entered).desc(), a.step)
+        )
+        active = select(func.count(distinct(t.states.c.user_id))).where(
+            t.states.c.status == FlowStatus.ACTIVE, *where(t.states)
+        )
+        samples_query = select(t.samples.c.elapsed_ms).where(
+            *where(t.samples),
+            t.samples.c.second >= int(since.timestamp()),
+            t.samples.c.second < math.ceil(until.timestamp()),
+        )
+        seconds = max((until - since).total_seconds(), 1e-9)
+        with self._read() as conn:
+            row = conn.execute(sums).one()
+            started, completed, attempts, rejections, failures, duration, response = row
+            steps = [StepCount(step=r.step, count=int(r.n)) for r in conn.execute(popular) if r.n]
+            samples = list(conn.execute(samples_query).scalars())
+            return FlowStatistics(
+                total_flows=int(started),
+                active_users=int(conn.execute(active).scalar_one()),
+                completion_rate=completed / started if started else 0.0,
+                average_flow_duration=duration / completed if completed else 0.0,
+                popular_steps=steps,
+                # As for all time: refusals and transitions taken with ok=False.
+                error_rate=(rejections + failures) / attempts if attempts else 0.0,
+                performance_metrics=PerformanceMetrics(
+                    average_response_time=response / attempts if attempts else 0.0,
+                    p95_response_time=percentile(samples, 95),
+                    throughput_per_second=attempts / seconds,
+                ),
+            )
+
+    def window_funnel(self, flow_id: str, *, since: datetime, until: datetime) -> list[FunnelStep]:
+        """Per step: entered, moved on and dropped within [since, until) (to the minute), and
+        active there now."""
+        t = self.tables
+        a = t.activity.c
+        counts = (
+            select(
+                a.step,
+                func.sum(a.entered).label("entered"),
+                func.sum(a.moved_on).label("moved_on"),
+                func.sum(a.dropped).label("dropped"),
+            )
+            .where(
+                a.flow_id == flow_id,
+                a.minute >= _minute(since),
+                a.minute < _minute_ceiling(until),
+                a.step != "",
+            )
+            .group_by(a.step)
+        )
+        with self._read() as conn:
+            now_at = self._current(conn, flow_id)
+            found = {
+                r.step: FunnelStep(
+                    step=r.step,
+                    entered=int(r.entered),
+                    moved_on=int(r.moved_on),
+                    dropped=int(r.dropped),
+                    current=now_at.get(r.step, 0),
+                )
+                for r in conn.execute(counts)
+            }
+        found.update(
+            (step, FunnelStep(step=step, entered=0, moved_on=0, dropped=0, current=n))
+            for step, n in now_at.items()
+            if step not in found
+        )
+        return list(found.values())
+
+    def _current(self, conn: Connection, flow_id: str) -> dict[str, int]:
+        s = self.tables.states
+        query = (
+            select(s.c.step, func.count().label("n"))
+            .where(s.c.flow_id == flow_id, s.c.status == FlowStatus.ACTIVE)
+            .group_by(s.c.step)
+        )
+        return {r.step: int(r.n) for r in conn.execute(query)}
+
+    def instance_page(
+        self,
+        flow_id: str,
+        *,
+        status: FlowStatus,
+        step: str | None,
+        idle_since: datetime | None,
+        after_user: str | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """Up to `limit` state rows of the flow with `status` (at `step`, untouched since
+        `idle_since`), by user id, after `after_user` (index `ix_flow_states_flow_step`)."""
+        s = self.tables.states
+        query = select(s).where(s.c.flow_id == flow_id, s.c.status == status)
+        if step is not None:
+            query = query.where(s.c.step == step)
+        if idle_since is not None:
+            query = query.where(s.c.updated_at <= idle_since)
+        if after_user is not None:
+            query = query.where(s.c.user_id > after_user)
+        query = query.order_by(s.c.user_id).limit(limit)
+        with self._read() as conn:
+            return [row_dict(r._mapping) for r in conn.execute(query)]
 
     def funnel(self, flow_id: str) -> list[FunnelStep]:
         """Per step: entered, moved on, dropped, and active now."""

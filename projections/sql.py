@@ -11,12 +11,15 @@ them, and a crash between two batches leaves the tables exactly at the last comm
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from datetime import datetime
+from typing import Any, cast
 
 import orjson
 from sqlalchemy import (
@@ -34,13 +37,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 import flowstore.projections.tables as layouts
 from flowstore.domain import DomainEvent
-from flowstore.errors import ProjectionLayoutError
-from flowstore.eventlog import storage_errors
+from flowstore.errors import ProjectionLayoutError, RebuildRunningError
+from flowstore.eventlog import UnreadableEvent, storage_errors
 from flowstore.projections.batch import RowBatch, StateKey
+from flowstore.projections.ops import ACTIVITY_COLUMNS
 from flowstore.projections.queries import Queries, percentile, row_dict
 from flowstore.projections.tables import (
+    LAYOUT_ROW,
+    QUARANTINE,
     REBUILD_SUFFIX,
     TRACKING,
+    UNREADABLE,
     ProjectionTables,
     define_tables,
     layout_of,
@@ -57,7 +64,7 @@ __all__ = [
 ]
 
 PROJECTION = tracking_name(1)
-"""The tracking row of layout 1 (each layout has its own: `tracking_name`)."""
+"""The position's tracking row of layouts 1 and 2 (each later layout has its own: `tracking_name`)."""
 _PAGE = 1000
 
 
@@ -73,7 +80,7 @@ class SqlProjections(Queries, Verification):
     """The projection tables of one store, and everything that reads or writes them."""
 
     LAYOUT_CHECK_EVERY = 1.0
-    """Seconds between two checks, by a reader, that the tables still have this code's layout."""
+    """Seconds between two checks that the tables still have this code's layout."""
 
     def __init__(
         self, config: StorageConfig, engine: Engine | None = None, *, layout: int | None = None
@@ -100,6 +107,7 @@ class SqlProjections(Queries, Verification):
         self._owned_position: int | None = None
         # The lower bound each flow's old throughput rows were last deleted below (see _write).
         self._forgotten: dict[str, int] = {}
+        self._rebuild_mutex = threading.Lock()
         mine = TRACKING.c.name == self.name
         self._read_position = select(TRACKING.c.position).where(mine)
         self._locking_position = self._read_position.with_for_update()
@@ -110,6 +118,12 @@ class SqlProjections(Queries, Verification):
         """Release connections (of an engine of our own; the store disposes of its engine)."""
         if self._owns_engine:
             self.engine.dispose()
+
+    def abandon(self) -> None:
+        """In a forked child: drop the parent's pooled connections without closing them (closing
+        would end the parent's sessions too; SQLAlchemy's recipe for `fork`)."""
+        if self._owns_engine:
+            self.engine.dispose(close=False)
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -130,7 +144,7 @@ class SqlProjections(Queries, Verification):
         """Raise `ProjectionLayoutError` unless the tables have this code's layout.
 
         Looked up again at most every `LAYOUT_CHECK_EVERY` seconds while they had it (a
-        migration by a newer version replaces them), and on every read while they did not
+        migration by a newer version replaces them), and on every use while they did not
         (until someone migrates them).
         """
         now = time.monotonic()
@@ -144,54 +158,61 @@ class SqlProjections(Queries, Verification):
             raise ProjectionLayoutError(self._found_layout, self.layout)
 
     def _layout_in(self, conn: Connection) -> int | None:
-        """The layout the tables have (None when they have none this code knows of)."""
-        layouts_found = {
-            layout
-            for (name,) in conn.execute(select(TRACKING.c.name))
-            if (layout := layout_of(name)) is not None
-        }
-        if self.layout in layouts_found:
-            # Layout 1 was recorded before layouts were: its tables may lack a column.
-            return self.layout if not self._outdated(conn) else 0
-        return max(layouts_found, default=None)
+        """The tables' layout: 0 when incomplete, None when there are none this code knows of."""
+        rows = dict(conn.execute(select(TRACKING.c.name, TRACKING.c.position)).tuples().all())
+        found: int | None = rows.get(LAYOUT_ROW)
+        if found is None:  # before layouts were recorded
+            positions = [layout for name in rows if (layout := layout_of(name)) is not None]
+            found = max(positions, default=None)
+        if found == self.layout and (self.name not in rows or self._incomplete(conn)):
+            return 0
+        return found
+
+    def _incomplete(self, conn: Connection) -> bool:
+        """Whether a table, column or index of this layout is missing."""
+        found = inspect(conn)
+        for table in self.tables.all:
+            if not found.has_table(table.name):
+                return True
+            columns = {c["name"] for c in found.get_columns(table.name)}
+            if not {c.name for c in table.columns} <= columns:
+                return True
+        return False
 
     def create(self) -> None:
-        """Create the tables and their tracking row where there are none; never drop any.
+        """Create the tables and their tracking rows where there are none; never drop any.
 
         Tables of another layout are left as they are, serving the processes that read it; this
         object then raises `ProjectionLayoutError` on every use until `migrate` replaces them.
         """
         with self._lock, self.engine.begin() as conn:
-            serialize_ddl(conn)
+            serialize_ddl(conn)  # processes starting together on a new database
             TRACKING.metadata.create_all(conn)
             found = self._layout_in(conn)
-            if found is None and not self._any_table(conn):
+            if found is None and not any(
+                inspect(conn).has_table(table.name) for table in self.tables.all
+            ):
                 self.tables.metadata.create_all(conn)
                 conn.execute(
                     self._insert(TRACKING)
                     .values(name=self.name, position=0)
                     .on_conflict_do_nothing(index_elements=["name"])
                 )
+                self._record_layout(conn)
                 found = self.layout
             elif found is None:
-                found = 0  # tables without a tracking row of ours: older than layouts
+                found = 0  # tables without a position row: older than layouts
             self._found_layout = found
             self._layout_checked_at = time.monotonic()
             if found != self.layout:
                 log.warning("%s", ProjectionLayoutError(found, self.layout))
 
-    def _any_table(self, conn: Connection) -> bool:
-        found = inspect(conn)
-        return any(found.has_table(table.name) for table in self.tables.all)
-
-    def _outdated(self, conn: Connection) -> bool:
-        found = inspect(conn)
-        for table in self.tables.all:
-            if found.has_table(table.name):
-                columns = {c["name"] for c in found.get_columns(table.name)}
-                if not {c.name for c in table.columns} <= columns:
-                    return True
-        return False
+    def _record_layout(self, conn: Connection) -> None:
+        conn.execute(
+            self._insert(TRACKING)
+            .values(name=LAYOUT_ROW, position=self.layout)
+            .on_conflict_do_update(index_elements=["name"], set_={"position": self.layout})
+        )
 
     # Catching up
 
@@ -203,12 +224,11 @@ class SqlProjections(Queries, Verification):
     def _position(self, conn: Connection, *, lock: bool) -> int:
         query = self._locking_position if lock and not self._sqlite else self._read_position
         position = conn.execute(query).scalar_one_or_none()
-        if position is None or self._found_layout != self.layout:
-            # No row of ours: the tables have another layout (migrated away, or not yet).
+        if position is None:  # no row of ours: the tables have another layout
             self._found_layout = self._layout_in(conn)
             self._layout_checked_at = time.monotonic()
-            if position is None or self._found_layout != self.layout:
-                raise ProjectionLayoutError(self._found_layout, self.layout)
+            raise ProjectionLayoutError(self._found_layout, self.layout)
+        self._check_layout(conn)
         return int(position)
 
     @contextmanager
@@ -264,7 +284,69 @@ class SqlProjections(Queries, Verification):
 
         batch = RowBatch(load_state, load_attempts).apply_all(event for _, event in events)
         self._write(conn, tables, batch)
+        unreadable = [
+            {
+                "position": e.position,
+                "originator_id": e.originator_id,
+                "originator_version": e.originator_version,
+                "detail": e.detail,
+            }
+            for _, e in cast(Sequence[tuple[int, object]], events)  # contained reads mix them in
+            if isinstance(e, UnreadableEvent)
+        ]
+        if unreadable:  # skipped, so named: with the rows, in their transaction
+            for row in unreadable:
+                log.error(
+                    "event %s (%s v%s) cannot be read; projections skip it: %s",
+                    row["position"], row["originator_id"], row["originator_version"], row["detail"],
+                )
+            conn.execute(self._insert(UNREADABLE).on_conflict_do_nothing(), unreadable)
         return batch
+
+    # Unreadable events
+
+    def unreadable(self) -> list[dict[str, Any]]:
+        """The events the projections skipped because they cannot be decoded, by position."""
+        with self._read() as conn:
+            rows = conn.execute(select(UNREADABLE).order_by(UNREADABLE.c.position))
+            return [dict(r._mapping) for r in rows]
+
+    def quarantine(self, position: int, reason: str, now: datetime) -> dict[str, Any] | None:
+        """Move the event at `position` out of the log into `flowstore_quarantine`; None if absent.
+
+        One transaction: the audit row (the stored bytes, why, when) and the delete commit
+        together. Only the events table of this store's database is touched.
+        """
+        if self._shared_connection:
+            return None  # memory:// has no events table here
+        events, id_column = (
+            ("stored_events", "rowid") if self._sqlite else ("flowstore_events", "notification_id")
+        )
+        with self._lock, self.engine.begin() as conn:
+            found = conn.execute(
+                text(
+                    f"SELECT originator_id, originator_version, topic, state FROM {events} "
+                    f"WHERE {id_column} = :position"
+                ),
+                {"position": position},
+            ).first()
+            if found is None:
+                return None
+            record = {
+                "position": position,
+                "originator_id": str(found.originator_id),
+                "originator_version": found.originator_version,
+                "topic": found.topic,
+                "state": bytes(found.state),
+                "reason": reason,
+                "quarantined_at": now,
+            }
+            conn.execute(self._insert(QUARANTINE).on_conflict_do_nothing(), record)
+            conn.execute(
+                text(f"DELETE FROM {events} WHERE {id_column} = :position"), {"position": position}
+            )
+            conn.execute(delete(UNREADABLE).where(UNREADABLE.c.position == position))
+        return record
 
     def _lookups(self, tables: ProjectionTables) -> tuple[Any, Any]:
         # Built once per table set: constructing SQLAlchemy expressions costs more than running them.
@@ -321,10 +403,16 @@ class SqlProjections(Queries, Verification):
             conn.execute(self._upsert(t.steps, ["flow_id", "step"], add=True), rows)
         if batch.samples:
             rows = [
-                {"flow_id": f, "slot": slot, "elapsed_ms": ms}
-                for (f, slot), ms in batch.samples.items()
+                {"flow_id": f, "slot": slot, "elapsed_ms": ms, "second": second}
+                for (f, slot), (ms, second) in batch.samples.items()
             ]
             conn.execute(self._upsert(t.samples, ["flow_id", "slot"], add=False), rows)
+        if batch.activity:
+            rows = [
+                {"flow_id": f, "minute": m, "step": s, **{c: d.get(c, 0) for c in ACTIVITY_COLUMNS}}
+                for (f, m, s), d in batch.activity.items()
+            ]
+            conn.execute(self._upsert(t.activity, ["flow_id", "minute", "step"], add=True), rows)
         if batch.throughput:
             rows = [
                 {"flow_id": f, "second": s, "attempts": n} for (f, s), n in batch.throughput.items()
@@ -363,7 +451,74 @@ class SqlProjections(Queries, Verification):
         copies of recent state rows kept between pages (only this rebuild writes the new tables, so
         they cannot go stale) are capped. Readers keep the old tables until the swap commits.
         """
-        shadow = define_tables(REBUILD_SUFFIX)
+        with self._rebuild_lock():
+            shadow = define_tables(REBUILD_SUFFIX)
+            try:
+                return self._rebuild(
+                    shadow, read, page=page, progress=progress, migrating=migrating
+                )
+            except BaseException:
+                # A failed rebuild (a full disk, a lost connection) must not leave its half-filled
+                # shadow tables behind: they held thousands of rows and broke later commands.
+                self._drop_shadow(shadow)
+                raise
+
+    def _drop_shadow(self, shadow: ProjectionTables) -> None:
+        try:
+            with self._lock, self.engine.begin() as conn:
+                shadow.metadata.drop_all(conn)
+        except Exception:
+            log.warning("could not drop the rebuild's shadow tables", exc_info=True)
+
+    @contextmanager
+    def _rebuild_lock(self) -> Iterator[None]:
+        """One rebuild at a time on this database, across processes; else `RebuildRunningError`.
+
+        SQLite: an exclusive flock on a file beside the database (per open file, so two threads of
+        one process exclude each other too). PostgreSQL: a session-level advisory lock, held on a
+        connection of its own for the whole rebuild. memory://: this process is the only one.
+        """
+        if self._shared_connection:
+            if not self._rebuild_mutex.acquire(blocking=False):
+                raise RebuildRunningError("in this process")
+            try:
+                yield
+            finally:
+                self._rebuild_mutex.release()
+            return
+        if self._sqlite:
+            database = self.engine.url.database or ""
+            path = f"{database}.rebuild-lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise RebuildRunningError(f"lock file {path}") from None
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+            return
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            taken = conn.execute(
+                text("SELECT pg_try_advisory_lock(:key)"), {"key": _REBUILD_LOCK_KEY}
+            ).scalar_one()
+            if not taken:
+                raise RebuildRunningError("PostgreSQL advisory lock")
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _REBUILD_LOCK_KEY})
+
+    def _rebuild(
+        self,
+        shadow: ProjectionTables,
+        read: EventPage,
+        *,
+        page: int,
+        progress: Callable[[int, int], None] | None,
+        migrating: bool = False,
+    ) -> int:
         rows = _RowCache()
         with self._lock, self.engine.begin() as conn:
             if not migrating:
@@ -403,10 +558,11 @@ class SqlProjections(Queries, Verification):
     ) -> int:
         """Bring tables of an older layout to this one, blue/green; return the events replayed.
 
-        The new layout is built beside the old tables (like a rebuild) while processes of the
-        previous version keep serving and moving them; the swap then takes their tracking rows,
-        so it waits for a catch-up in progress, and from then on those processes get
-        `ProjectionLayoutError`. Nothing to do (0) when the tables already have this layout.
+        The new layout is built beside the old tables (like a rebuild, and under the same
+        one-at-a-time lock) while processes of the previous version keep serving and moving
+        them; the swap then takes their tracking rows, so it waits for a catch-up in progress,
+        and from then on those processes get `ProjectionLayoutError`. Nothing to do (0) when the
+        tables already have this layout; tables of a newer layout raise.
         """
         with self._lock, self.engine.begin() as conn:
             found = self._layout_in(conn)
@@ -426,11 +582,12 @@ class SqlProjections(Queries, Verification):
             yield conn, 0
 
     def _take_over_tracking(self, conn: Connection, position: int) -> None:
-        """After a migration's swap: this layout's tracking row replaces every other layout's."""
+        """After a migration's swap: this layout's rows replace every other layout's."""
         names = [n for (n,) in conn.execute(select(TRACKING.c.name)) if layout_of(n) is not None]
         if names:
             conn.execute(delete(TRACKING).where(TRACKING.c.name.in_(names)))
         conn.execute(TRACKING.insert().values(name=self.name, position=position))
+        self._record_layout(conn)
         self._found_layout = self.layout
         self._layout_checked_at = time.monotonic()
 
@@ -444,22 +601,8 @@ class SqlProjections(Queries, Verification):
                 index.create(conn)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+# pg_advisory_lock's key for rebuilds: any bigint the application uses for nothing else.
+_REBUILD_LOCK_KEY = 0x666C6F77_72656231  # "flowreb1"
 
 
 class _RowCache:

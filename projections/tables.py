@@ -11,21 +11,29 @@ from dataclasses import dataclass
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
+    Text,
 )
+
+from flowstore.projections.ops import ACTIVITY_COLUMNS
 
 __all__ = [
     "LAYOUT",
+    "LAYOUT_ROW",
+    "QUARANTINE",
     "REBUILD_SUFFIX",
     "TRACKING",
+    "UNREADABLE",
     "ProjectionTables",
     "define_tables",
     "layout_of",
@@ -33,14 +41,22 @@ __all__ = [
     "tracking_name",
 ]
 
-LAYOUT = 1
-"""The layout `define_tables` builds: raise it with every change of a table, column or index.
+LAYOUT = 2
+"""The tables' layout version: raise it with every change of a table, column, index or of what a
+row holds. 2: history steps and transition as "" rather than NULL (the seed's strings), a rejected
+attempt's `to_step` is the step the user stayed on; `flow_activity`;
+`flow_response_samples.second`; the `flow_states` index for `list_instances`.
 
-The layout is recorded in the tracking row's name (`tracking_name`), so that a process reading
-another layout finds no row of its own and says so (`ProjectionLayoutError`) rather than reading
-or writing tables it does not know; `flowstore projections migrate` moves the tables from one
-layout to the next without stopping the processes that serve the old one.
+The layout is recorded in the tracking table (the `LAYOUT_ROW` row, and from layout 3 on in the
+name of the position's row, `tracking_name`), so that a process reading another layout says so
+(`ProjectionLayoutError`) rather than reading or writing tables it does not know. Opening a store
+never drops or rebuilds tables: `flowstore projections migrate` moves them from one layout to the
+next while the processes that serve the old one carry on (see `SqlProjections.migrate`).
 """
+
+LAYOUT_ROW = "flowstore.layout"
+"""The tracking row whose `position` holds the tables' layout (not a log position)."""
+
 
 REBUILD_SUFFIX = "__rebuild"
 _ID = String(256)
@@ -57,11 +73,20 @@ class ProjectionTables:
     steps: Table
     samples: Table
     throughput: Table
+    activity: Table
 
     @property
     def all(self) -> list[Table]:
         """Every table of the set, parents first."""
-        return [self.states, self.history, self.counters, self.steps, self.samples, self.throughput]
+        return [
+            self.states,
+            self.history,
+            self.counters,
+            self.steps,
+            self.samples,
+            self.throughput,
+            self.activity,
+        ]
 
 
 def define_tables(suffix: str = "") -> ProjectionTables:
@@ -85,9 +110,23 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("updated_at", DateTime(timezone=True), nullable=False),
         Column("completed_at", DateTime(timezone=True), nullable=True),
         Column("expires_at", DateTime(timezone=True), nullable=True),
+        # The OwlMeans model's fields (entity id and message are personal: erasure deletes the row).
+        Column("previous", _ID, nullable=True),
+        Column("entity_id", _ID, nullable=True),
+        Column("message", String, nullable=True),
         Index(f"ix_flow_states{suffix}_flow_status", "flow_id", "status"),
         Index(f"ix_flow_states{suffix}_expiry", "status", "expires_at"),
         Index(f"ix_flow_states{suffix}_instance", "instance_id"),
+        # list_instances: a flow's instances at a step and status, paged by user id; idle_for
+        # filters on updated_at along the same index entries.
+        Index(
+            f"ix_flow_states{suffix}_flow_step",
+            "flow_id",
+            "status",
+            "step",
+            "user_id",
+            "updated_at",
+        ),
     )
     history = Table(
         f"flow_history{suffix}",
@@ -106,6 +145,8 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("success", Boolean, nullable=False),
         Column("error", String, nullable=True),
         Column("meta", JSON, nullable=False),
+        Column("ok", Boolean, nullable=True),
+        Column("message", String, nullable=True),
         # Per-flow scans: transition counts for diagrams, a flow's history for exports.
         Index(f"ix_flow_history{suffix}_flow_kind", "flow_id", "kind"),
         Index(f"ix_flow_history{suffix}_instance", "instance_id"),
@@ -119,6 +160,8 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("expired", Integer, nullable=False, default=0),
         Column("attempts", Integer, nullable=False, default=0),
         Column("rejections", Integer, nullable=False, default=0),
+        # Transitions taken with ok=False: the step was reached but its work failed (an error too).
+        Column("failures", Integer, nullable=False, default=0),
         Column("completed_duration_ms", Float, nullable=False, default=0.0),
         Column("response_ms_total", Float, nullable=False, default=0.0),
     )
@@ -139,6 +182,9 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("flow_id", _ID, primary_key=True),
         Column("slot", Integer, primary_key=True),
         Column("elapsed_ms", Float, nullable=False),
+        # When the attempt was made (epoch second): the p95 of a time window uses the ring's
+        # samples that fall in it.
+        Column("second", Integer, nullable=False),
     )
     # Attempts per flow per second of event time, for throughput over a recent window.
     throughput = Table(
@@ -148,7 +194,28 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("second", Integer, primary_key=True),
         Column("attempts", Integer, nullable=False, default=0),
     )
-    return ProjectionTables(md, states, history, counters, steps, samples, throughput)
+    # Statistics and the funnel over a time window: the counters and step counters again, per flow,
+    # minute of event time and step ("" for the flow's own counts). Runs count in the minute they
+    # started (their completion and its duration too), attempts and steps in the minute they
+    # happened. Kept for good: a minute row per flow and step that saw anything.
+    activity = Table(
+        f"flow_activity{suffix}",
+        md,
+        Column("flow_id", _ID, primary_key=True),
+        Column("minute", Integer, primary_key=True),
+        Column("step", _ID, primary_key=True),
+        *(
+            Column(
+                name,
+                Float if name.endswith(("_ms", "_total")) else Integer,
+                nullable=False,
+                default=0,
+            )
+            for name in ACTIVITY_COLUMNS
+        ),
+        Index(f"ix_flow_activity{suffix}_minute", "minute"),
+    )
+    return ProjectionTables(md, states, history, counters, steps, samples, throughput, activity)
 
 
 tracking_metadata = MetaData()
@@ -164,15 +231,44 @@ _NAME = "flowstore"
 
 
 def tracking_name(layout: int) -> str:
-    """The tracking row of the tables at `layout` (layout 1 keeps the name releases before used)."""
-    return _NAME if layout == 1 else f"{_NAME}.v{layout}"
+    """The row holding the position of the tables at `layout`.
+
+    Layouts 1 and 2 share the name releases before layouts used; later ones have their own, so
+    that once a migration has replaced a layout's tables, its processes find no row to move.
+    """
+    return _NAME if layout <= 2 else f"{_NAME}.v{layout}"
 
 
 def layout_of(name: str) -> int | None:
-    """The layout a tracking row's name records (None: not a row of these tables)."""
+    """The (lowest) layout whose position row `name` is (None: not a position row)."""
     if name == _NAME:
         return 1
     prefix = f"{_NAME}.v"
     if name.startswith(prefix) and name[len(prefix) :].isdigit():
         return int(name[len(prefix) :])
     return None
+
+UNREADABLE = Table(
+    "projection_unreadable",
+    tracking_metadata,
+    Column("position", BigInteger, primary_key=True),
+    Column("originator_id", String(64), nullable=False),
+    Column("originator_version", Integer, nullable=False),
+    Column("detail", Text, nullable=False),
+)
+"""Events of the log the projections could not decode and skipped (`flowstore projections status`
+names them; `flowstore quarantine` moves one aside). Written with the rows, in the same transaction."""
+
+QUARANTINE = Table(
+    "flowstore_quarantine",
+    tracking_metadata,
+    Column("position", BigInteger, primary_key=True),
+    Column("originator_id", String(64), nullable=False),
+    Column("originator_version", Integer, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("state", LargeBinary, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("quarantined_at", DateTime(timezone=True), nullable=False),
+)
+"""The audit record of `flowstore quarantine`: each event moved out of the log, byte for byte, with
+why and when (the row can be put back by hand)."""

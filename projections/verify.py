@@ -12,6 +12,7 @@ from sqlalchemy import Connection, and_, delete, select
 
 from flowstore.domain import DomainEvent
 from flowstore.projections.batch import RowBatch, StateKey
+from flowstore.projections.ops import ACTIVITY_COLUMNS
 from flowstore.projections.queries import row_dict
 from flowstore.projections.tables import ProjectionTables
 
@@ -96,8 +97,17 @@ class Verification:
                 for (f, s), d in batch.steps.items()
             },
             t.samples.name: {
-                (f, slot): {"flow_id": f, "slot": slot, "elapsed_ms": ms}
-                for (f, slot), ms in batch.samples.items()
+                (f, slot): {"flow_id": f, "slot": slot, "elapsed_ms": ms, "second": second}
+                for (f, slot), (ms, second) in batch.samples.items()
+            },
+            t.activity.name: {
+                (f, m, s): {
+                    "flow_id": f,
+                    "minute": m,
+                    "step": s,
+                    **{c: d.get(c, 0) for c in ACTIVITY_COLUMNS},
+                }
+                for (f, m, s), d in batch.activity.items()
             },
             t.throughput.name: {
                 (f, s): {"flow_id": f, "second": s, "attempts": n}

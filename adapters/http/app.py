@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from http import HTTPStatus
 from importlib import resources
 from typing import Annotated, Any
 
 import anyio
+import orjson
 from fastapi import Body, Depends, FastAPI, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRouter
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import WithJsonSchema
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,11 +40,14 @@ from flowstore import (
     FlowError,
     FlowState,
     FlowStateHistory,
-    FlowStateNotFoundError,
     FlowStatistics,
     FlowStore,
+    FlowTransition,
     FunnelStep,
+    HistoryKind,
+    InvalidArgumentError,
     PayloadTooLargeError,
+    StateTokenFlowError,
     StorageUnavailableError,
 )
 from flowstore.adapters.http.auth import (
@@ -63,22 +71,65 @@ from flowstore.adapters.http.problems import (
 from flowstore.adapters.http.push import LogPusher
 from flowstore.adapters.http.schemas import (
     ErasureResult,
+    HandoffRequest,
     Health,
+    NextRequest,
     PurgeResult,
     Readiness,
     ResetRequest,
     StateOverride,
+    StateToken,
     TransitionRequest,
     nul_errors,
 )
 from flowstore.adapters.http.websocket import FlowSocket
+from flowstore.models import FlowStatus, InstancePage
+from flowstore.paging import MAX_PAGE
+from flowstore.tokens import token_flow_id
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
+__all__ = ["CORS_ORIGINS_ENV", "DEFAULT_MAX_BODY_BYTES", "cors_origins_from_env", "create_app"]
 
 log = logging.getLogger(__name__)
 
+
+def _row_bytes(row: FlowStateHistory) -> int:
+    # As the store counts it (projections/queries.py): the payload's JSON and the error text.
+    return len(orjson.dumps(row.payload)) + len(row.error or "")
+
+MAX_HISTORY_RESPONSE_BYTES = 4 * 1024 * 1024
+"""Most payload and error bytes one history response holds (1,500 rows of 60 KB grew the server by
+333 MB); the oldest rows that fit are sent, with `X-History-Truncated: true`."""
+
+class _ErasableUserConvertor(Convertor[str]):
+    """A user id of any characters, slashes included, that does not end like the state route.
+
+    `DELETE /api/admin/users/{userId}` takes the rest of the path as the user id; without this, a
+    DELETE sent to `/api/admin/users/ann/flows/f/state` (a route that has no DELETE) would erase a
+    user called "ann/flows/f/state" instead of answering 405.
+    """
+
+    regex = r"(?!.*/flows/[^/]+/state$).+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("flowstore_erasable_user", _ErasableUserConvertor())
+
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 """Request bodies above this are refused with 413 before they are parsed."""
+
+CORS_ORIGINS_ENV = "FLOWSTORE_CORS_ORIGINS"
+"""Comma-separated origins browsers may call the API from (`*` for any); unset: no CORS headers."""
+
+
+def cors_origins_from_env() -> list[str]:
+    """The origins `$FLOWSTORE_CORS_ORIGINS` allows (none when unset or empty)."""
+    return [o.strip() for o in os.environ.get(CORS_ORIGINS_ENV, "").split(",") if o.strip()]
+
 
 # Ids in paths: what the store accepts (non-empty, at most 256 characters), without control
 # characters, which no real id has and PostgreSQL text columns refuse (NUL).
@@ -112,6 +163,43 @@ WebSocket `/api/flow/ws` (token as the `token` query parameter or in a first mes
 `{"type": "authenticate", "token": ...}`) pushes `flow-state-updated` whenever one of the caller's
 flows changes, and runs `{"type": "flow-transition", "flowId", "transition", "payload"}`.
 """
+
+
+# ISO 8601 with a zone, and nothing else: pydantic would also take a number as a Unix time,
+# which the spec (format date-time) does not allow.
+_MOMENT = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})$"
+Since = Annotated[
+    str | None,
+    Query(
+        description="Window start (ISO 8601 with a time zone), inclusive",
+        pattern=_MOMENT,
+        json_schema_extra={"format": "date-time"},
+    ),
+]
+Until = Annotated[
+    str | None,
+    Query(
+        description="Window end (ISO 8601 with a time zone), exclusive",
+        pattern=_MOMENT,
+        json_schema_extra={"format": "date-time"},
+    ),
+]
+
+
+def _moment(value: str | None, name: str) -> datetime | None:
+    """A `Since`/`Until` parameter as a datetime (the pattern has made sure it is one)."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:  # right shape, impossible date (2026-02-31)
+        raise InvalidArgumentError(name, value, "must be an ISO 8601 time") from None
+
+
+def _link_next(request: Request, response: Response, cursor: str) -> None:
+    """Point the `Link` header at the next page: the same request with `cursor` moved on."""
+    url = request.url.include_query_params(cursor=cursor)
+    response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -300,11 +388,14 @@ def create_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     poll_interval: float = 0.15,
+    cors_origins: Sequence[str] | None = None,
 ) -> FastAPI:
     """The HTTP and WebSocket API over `store`, authenticating callers with `verifier`.
 
     `max_body_bytes` caps request bodies (413 above it; payloads are also held to the store's own
-    `max_payload_bytes`); `poll_interval` is how often the WebSocket pusher reads the event log.
+    `max_payload_bytes`); `poll_interval` is how often the WebSocket pusher reads the event log;
+    `cors_origins` are the browser origins allowed to call (default: `$FLOWSTORE_CORS_ORIGINS`,
+    else none: without CORS headers, browsers keep other sites' pages from reading answers).
     """
     pusher = LogPusher(store, interval=poll_interval)
     sockets = FlowSocket(store, verifier, pusher)
@@ -328,6 +419,18 @@ def create_app(
     app.add_middleware(_BodyLimit, limit=max(max_body_bytes, 0))
     metrics = _metrics(store)
     app.add_middleware(RequestObserver, metrics=metrics)  # outermost: times everything
+    origins = cors_origins_from_env() if cors_origins is None else list(cors_origins)
+    if origins:
+        # Added last, so outermost: a preflight is answered before the body limit or any route.
+        # Credentials stay off: callers send a bearer token, which is not a cookie; the console's
+        # cookie must never be usable from another origin.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            max_age=600,
+        )
     _install_error_handlers(app)
     app.openapi = _problem_media_type(app)  # type: ignore[method-assign]
 
@@ -342,13 +445,14 @@ def create_app(
 
     # The caller's own flows
 
-    @users.get("/flow/{flowId}/state", response_model=FlowState, responses=_errors(401, 404, 422))
-    def get_state(flow_id: FlowId, principal: Caller) -> FlowState:
-        """The caller's state in the flow (404 FLOW_STATE_NOT_FOUND when they have none)."""
+    @users.get(
+        "/flow/{flowId}/state", response_model=FlowState | None, responses=_errors(401, 404, 422)
+    )
+    def get_state(flow_id: FlowId, principal: Caller) -> FlowState | None:
+        """The caller's state in the flow, or null when they have none (as the seed's module)."""
         state = store.get_flow_state(principal.user_id, flow_id)
         if state is None:
-            store.get_flow(flow_id)  # an unknown flow is FLOW_NOT_FOUND rather than no state
-            raise FlowStateNotFoundError(principal.user_id, flow_id)
+            store.get_flow(flow_id)  # an unknown flow is 404 FLOW_NOT_FOUND rather than null
         return state
 
     @users.post(
@@ -362,9 +466,67 @@ def create_app(
         principal: Caller,
         body: Annotated[TransitionRequest | None, Body()] = None,
     ) -> FlowState:
-        """Take the transition from the caller's current step (starting the flow if needed)."""
-        payload = body.payload if body is not None else None
-        return store.execute_transition(principal.user_id, flow_id, transition, payload)
+        """Take the transition from the caller's current step (starting the flow if needed).
+
+        The payload merges into the state's; `ok: false` with a `message` records that the step was
+        reached but its work failed.
+        """
+        body = body or TransitionRequest()
+        return store.execute_transition(
+            principal.user_id, flow_id, transition, body.payload, ok=body.ok, message=body.message
+        )
+
+    @users.get(
+        "/flow/{flowId}/transitions",
+        response_model=list[FlowTransition],
+        response_model_exclude_none=True,
+        responses=_errors(401, 404, 422),
+    )
+    def transitions(
+        flow_id: FlowId,
+        principal: Caller,
+        explicit: Annotated[
+            bool | None,
+            Query(description="true: only those the user chooses; false: only the others"),
+        ] = None,
+    ) -> list[FlowTransition]:
+        """The transitions the caller's current step offers."""
+        return store.get_available_transitions(principal.user_id, flow_id, explicit=explicit)
+
+    @users.post(
+        "/flow/{flowId}/back", response_model=FlowState, responses=_errors(401, 404, 409, 422)
+    )
+    def back(flow_id: FlowId, principal: Caller) -> FlowState:
+        """Return to the previous step (left by a reversible transition); 422 without one."""
+        return store.go_back(principal.user_id, flow_id)
+
+    @users.post(
+        "/flow/{flowId}/next", response_model=FlowState, responses=_errors(401, 404, 409, 413, 422)
+    )
+    def next_step(
+        flow_id: FlowId,
+        principal: Caller,
+        body: Annotated[NextRequest | None, Body()] = None,
+    ) -> FlowState:
+        """Take the current step's first transition that is not explicit (the model's next())."""
+        return store.advance(principal.user_id, flow_id, body.payload if body else None)
+
+    @users.get("/flow/{flowId}/token", response_model=StateToken, responses=_errors(401, 404, 422))
+    def state_token(flow_id: FlowId, principal: Caller) -> StateToken:
+        """The caller's state as an OwlMeans state token, to hand the flow to another service."""
+        return StateToken(token=store.state_token(principal.user_id, flow_id))
+
+    @users.post(
+        "/flow/{flowId}/handoff",
+        response_model=FlowState,
+        responses=_errors(401, 404, 409, 413, 422),
+    )
+    def handoff(flow_id: FlowId, principal: Caller, body: HandoffRequest) -> FlowState:
+        """Take over the caller's flow from a state token another service handed over."""
+        named = token_flow_id(body.token)
+        if named != flow_id:
+            raise StateTokenFlowError(named, flow_id)
+        return store.adopt_state_token(principal.user_id, body.token, sender=body.sender)
 
     @users.post(
         "/flow/{flowId}/reset", response_model=FlowState, responses=_errors(401, 404, 409, 422)
@@ -374,8 +536,14 @@ def create_app(
         principal: Caller,
         body: Annotated[ResetRequest | None, Body()] = None,
     ) -> FlowState:
-        """Start the caller's run again on the latest version, at `step` or the initial step."""
-        return store.reset_flow(principal.user_id, flow_id, body.step if body else None)
+        """Start the caller's run again on the latest version, at `step` or the initial step.
+
+        `service` makes it the run's target service; `entityId` names the entity it is about.
+        """
+        body = body or ResetRequest()
+        return store.reset_flow(
+            principal.user_id, flow_id, body.step, service=body.service, entity_id=body.entity_id
+        )
 
     @users.delete("/flow/{flowId}/state", status_code=204, responses=_errors(401, 404, 409, 422))
     def clear_state(flow_id: FlowId, principal: Caller) -> Response:
@@ -388,9 +556,37 @@ def create_app(
         response_model=list[FlowStateHistory],
         responses=_errors(401, 404, 422),
     )
-    def history(flow_id: FlowId, principal: Caller) -> list[FlowStateHistory]:
-        """Every command on the caller's flow, oldest first."""
-        return store.get_flow_history(principal.user_id, flow_id)
+    def history(
+        flow_id: FlowId,
+        principal: Caller,
+        request: Request,
+        response: Response,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Rows per page")] = MAX_PAGE,
+        cursor: Annotated[
+            str | None, Query(max_length=200, description="The `next` link's cursor")
+        ] = None,
+        kind: Annotated[list[HistoryKind] | None, Query(description="Only these kinds")] = None,
+    ) -> list[FlowStateHistory]:
+        """The commands on the caller's flow, oldest first, a page at a time: at most 1,000 rows
+        and `MAX_HISTORY_RESPONSE_BYTES` of payloads (`X-History-Truncated` when that cut the
+        page short); a `Link: <...>; rel="next"` header points at the next page while there is one."""
+        rows = store.get_flow_history(
+            principal.user_id,
+            flow_id,
+            limit=limit + 1,  # one more: is there a next page?
+            after=cursor,
+            kinds=kind,
+            max_bytes=MAX_HISTORY_RESPONSE_BYTES,
+        )
+        more = len(rows) > limit
+        if len(rows) > 1 and sum(_row_bytes(row) for row in rows) > MAX_HISTORY_RESPONSE_BYTES:
+            rows.pop()  # the row that crossed the cap: it starts the next page
+            response.headers["X-History-Truncated"] = "true"
+            more = True
+        page = rows[:limit]
+        if more and page:
+            _link_next(request, response, page[-1].id)
+        return page
 
     # Registered before /flows/{flowId} so that "mine" is not taken for a flow id.
     @users.get("/flows/mine", response_model=list[FlowState], responses=_errors(401))
@@ -405,6 +601,21 @@ def create_app(
         # A concrete path owns all its methods (OpenAPI's rule): PATCH /api/flows/mine must not
         # fall through to /api/flows/{flowId} and change a flow called "mine".
         raise HTTPException(405)
+
+    # Any caller may read a definition; changing one is administration.
+    @users.get(
+        "/flows/{flowId}",
+        response_model=FlowDefinition,
+        response_model_exclude_none=True,
+        responses=_errors(401, 404, 422),
+    )
+    def get_flow(
+        flow_id: FlowId,
+        version: Annotated[int | None, Query(ge=1, description="A past version")] = None,
+    ) -> FlowDefinition:
+        """A flow's definition: the latest version or `version` (any authenticated caller, as the
+        seed's module; changing it needs the admin role)."""
+        return store.get_flow(flow_id, version)
 
     # Administration
 
@@ -435,19 +646,6 @@ def create_app(
             raise RequestInvalidError([error])
         return store.get_flow(store.create_flow(definition))
 
-    @admins.get(
-        "/flows/{flowId}",
-        response_model=FlowDefinition,
-        response_model_exclude_none=True,
-        responses=_errors(401, 403, 404, 422),
-    )
-    def get_flow(
-        flow_id: FlowId,
-        version: Annotated[int | None, Query(ge=1, description="A past version")] = None,
-    ) -> FlowDefinition:
-        """A flow's definition: the latest version or `version`."""
-        return store.get_flow(flow_id, version)
-
     @admins.patch(
         "/flows/{flowId}",
         response_model=FlowDefinition,
@@ -475,23 +673,59 @@ def create_app(
         response_model=FlowStatistics,
         responses=_errors(401, 403, 404, 422),
     )
-    def flow_statistics(flow_id: FlowId) -> FlowStatistics:
-        """Usage and performance of one flow."""
-        return store.get_flow_statistics(flow_id)
+    def flow_statistics(
+        flow_id: FlowId, since: Since = None, until: Until = None
+    ) -> FlowStatistics:
+        """Usage and performance of one flow (over [since, until) when given)."""
+        window = {"since": _moment(since, "since"), "until": _moment(until, "until")}
+        return store.get_flow_statistics(flow_id, **window)
 
-    @admins.get("/statistics", response_model=FlowStatistics, responses=_errors(401, 403))
-    def statistics() -> FlowStatistics:
-        """Usage and performance of all flows."""
-        return store.get_flow_statistics()
+    @admins.get("/statistics", response_model=FlowStatistics, responses=_errors(401, 403, 422))
+    def statistics(since: Since = None, until: Until = None) -> FlowStatistics:
+        """Usage and performance of all flows (over [since, until) when given)."""
+        return store.get_flow_statistics(
+            since=_moment(since, "since"), until=_moment(until, "until")
+        )
+
+    @admins.get(
+        "/flows/{flowId}/instances",
+        response_model=InstancePage,
+        responses=_errors(401, 403, 404, 422),
+    )
+    def instances(
+        flow_id: FlowId,
+        request: Request,
+        response: Response,
+        step: Annotated[str | None, Query(description="Only those at this step", **_ID)] = None,
+        status: Annotated[FlowStatus, Query(description="active or completed")] = (
+            FlowStatus.ACTIVE
+        ),
+        idle_for: Annotated[
+            float | None,
+            Query(alias="idleFor", ge=0, le=1e10, description="Untouched for this many seconds"),
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        cursor: Annotated[str | None, Query(max_length=1400)] = None,
+    ) -> InstancePage:
+        """The flow's instances by user id, a page at a time ("who is stuck at verification for
+        more than a day": `?step=verification&idleFor=86400`)."""
+        page = store.list_instances(
+            flow_id, step=step, status=status, idle_for=idle_for, limit=limit, cursor=cursor
+        )
+        if page.next_cursor is not None:
+            _link_next(request, response, page.next_cursor)
+        return page
 
     @admins.get(
         "/flows/{flowId}/funnel",
         response_model=list[FunnelStep],
         responses=_errors(401, 403, 404, 422),
     )
-    def funnel(flow_id: FlowId) -> list[FunnelStep]:
-        """Per step: how many entered, moved on, dropped, and are there now."""
-        return store.get_flow_funnel(flow_id)
+    def funnel(flow_id: FlowId, since: Since = None, until: Until = None) -> list[FunnelStep]:
+        """Per step: how many entered, moved on, dropped (in [since, until) when given), and are
+        there now."""
+        window = {"since": _moment(since, "since"), "until": _moment(until, "until")}
+        return store.get_flow_funnel(flow_id, **window)
 
     @admins.post(
         "/admin/purge-expired", response_model=PurgeResult, responses=_errors(401, 403, 409)
@@ -501,7 +735,7 @@ def create_app(
         return PurgeResult(purged=store.purge_expired_flows())
 
     @admins.put(
-        "/admin/users/{userId}/flows/{flowId}/state",
+        "/admin/users/{userId:path}/flows/{flowId}/state",
         response_model=FlowState,
         responses=_errors(401, 403, 404, 409, 413, 422),
     )
@@ -514,11 +748,14 @@ def create_app(
             ok=body.ok,
             payload=body.payload,
             definition_version=body.definition_version,
+            previous=body.previous,
+            entity_id=body.entity_id,
+            message=body.message,
         )
         return store.set_flow_state(user_id, state)
 
     @admins.delete(
-        "/admin/users/{userId}",
+        "/admin/users/{userId:flowstore_erasable_user}",
         response_model=ErasureResult,
         responses=_errors(401, 403, 409, 422),
     )
@@ -540,7 +777,8 @@ def create_app(
     def readyz() -> Readiness:
         """The database answers (503 STORAGE_UNAVAILABLE when it does not)."""
         try:
-            return Readiness(log_position=store.log_position())
+            store.log_position()  # a read that needs the database; its answer stays private
+            return Readiness()
         except Exception as exc:
             log.warning("readiness check failed", exc_info=True)
             raise StorageUnavailableError(

@@ -20,6 +20,7 @@ from flowstore.errors import AuthConfigError, AuthenticationError, PermissionDen
 
 __all__ = [
     "ADMIN_ROLE",
+    "DEFAULT_LEEWAY_SECONDS",
     "AuthConfigError",
     "AuthenticationError",
     "JwtVerifier",
@@ -30,7 +31,11 @@ __all__ = [
 
 ADMIN_ROLE = "admin"
 
+DEFAULT_LEEWAY_SECONDS = 30.0
+"""Clock skew tolerated on `exp` (and `nbf`/`iat`) by default: issuers' clocks drift a little."""
+
 _MAX_USER_ID = 256
+_MAX_LEEWAY_SECONDS = 3600
 # RFC 7518 3.2: an HS256 key must be at least as long as the hash output (256 bits).
 _MIN_SECRET_BYTES = 32
 
@@ -72,7 +77,7 @@ class JwtVerifier:
         algorithm: str = "HS256",
         audience: str | None = None,
         issuer: str | None = None,
-        leeway: float = 0.0,
+        leeway: float = DEFAULT_LEEWAY_SECONDS,
     ) -> None:
         try:
             self._key: Any = jwt.get_algorithm_by_name(algorithm).prepare_key(key)
@@ -88,14 +93,26 @@ class JwtVerifier:
         """The verifier `flowstore serve` uses, configured by environment variables.
 
         `FLOWSTORE_JWT_SECRET` (HS256, at least 32 bytes) or `FLOWSTORE_JWT_PUBLIC_KEY` (RS256: the
-        PEM text, or the path of a PEM file); optional `FLOWSTORE_JWT_AUDIENCE`, `FLOWSTORE_JWT_ISSUER`.
+        PEM text, or the path of a PEM file); optional `FLOWSTORE_JWT_AUDIENCE`, `FLOWSTORE_JWT_ISSUER`,
+        `FLOWSTORE_JWT_LEEWAY` (seconds of clock skew tolerated, default 30).
         """
         env = os.environ if environ is None else environ
+        leeway_text = env.get("FLOWSTORE_JWT_LEEWAY") or str(DEFAULT_LEEWAY_SECONDS)
+        try:
+            leeway = float(leeway_text)
+        except ValueError:
+            leeway = -1.0
+        if not 0 <= leeway <= _MAX_LEEWAY_SECONDS:
+            raise AuthConfigError(
+                f"FLOWSTORE_JWT_LEEWAY must be a number of seconds from 0 to {_MAX_LEEWAY_SECONDS}, "
+                f"not {leeway_text!r}"
+            )
         secret = env.get("FLOWSTORE_JWT_SECRET") or None
         public_key = env.get("FLOWSTORE_JWT_PUBLIC_KEY") or None
         options: dict[str, Any] = {
             "audience": env.get("FLOWSTORE_JWT_AUDIENCE") or None,
             "issuer": env.get("FLOWSTORE_JWT_ISSUER") or None,
+            "leeway": leeway,
         }
         if secret and public_key:
             raise AuthConfigError(
@@ -160,5 +177,11 @@ def _principal(claims: Mapping[str, Any]) -> Principal:
             "Invalid token: 'roles' must be a list of strings", reason="invalid"
         )
     exp = claims.get("exp")
-    expires_at = datetime.fromtimestamp(exp, UTC) if isinstance(exp, int | float) else None
+    try:
+        expires_at = datetime.fromtimestamp(exp, UTC) if isinstance(exp, int | float) else None
+    except (OverflowError, ValueError, OSError):
+        # Past year 9999 (or not a finite number): no date can hold it, so no session can end then.
+        raise AuthenticationError(
+            "Invalid token: 'exp' is not a representable date", reason="invalid"
+        ) from None
     return Principal(user_id=user_id, roles=frozenset(roles), expires_at=expires_at)

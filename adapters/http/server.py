@@ -6,6 +6,7 @@ import logging
 import re
 import signal
 import threading
+from urllib.parse import unquote_plus
 
 import uvicorn
 
@@ -15,7 +16,9 @@ from flowstore.adapters.http.auth import JwtVerifier, TokenVerifier
 
 __all__ = ["serve"]
 
-_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s\"]+")
+# Any query parameter: its name is compared after percent-decoding (`?%74oken=` is `?token=` to
+# the server, so it must be to the filter too).
+_QUERY_PARAMETER = re.compile(r"([?&])([^=&\s\"#]+)=([^&\s\"#]*)")
 
 
 class _RedactTokens(logging.Filter):
@@ -29,7 +32,14 @@ class _RedactTokens(logging.Filter):
 
 
 def _redact(text: str) -> str:
-    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", text)
+    return _QUERY_PARAMETER.sub(_redact_token, text)
+
+
+def _redact_token(match: re.Match[str]) -> str:
+    name = unquote_plus(match.group(2))
+    if name.strip().lower() != "token":
+        return match.group(0)
+    return f"{match.group(1)}{match.group(2)}=[redacted]"
 
 
 def serve(

@@ -7,15 +7,18 @@ Protocol (JSON text frames):
   "roles"}`; a bad, missing or expired token gets a `flow-error` and close code 4401.
 - The server pushes `{"type": "flow-state-updated", "flowId", "position", "state"}` whenever one of
   the caller's flows changes (`state` is null once cleared or expired), whoever changed it.
-- `{"type": "flow-transition", "flowId", "transition", "payload", "requestId"}` is answered with
+- `{"type": "flow-transition", "flowId", "transition", "payload", "ok", "message", "requestId"}`
+  (`ok` and `message` optional) is answered with
   `{"type": "flow-transition-result", "requestId", "state"}` or `{"type": "flow-error", "requestId",
-  "code", "problem"}`, where `problem` is the same problem details REST returns.
+  "code", "error", "problem"}`, where `error` is the message (as the seed sends it) and `problem`
+  the same problem details REST returns.
 - The session is closed with 4401 when the token expires, and with 1013 if the client reads too
   slowly to keep up with its pushes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -47,6 +50,8 @@ def _error(error: FlowError | dict[str, Any], request_id: Any = None) -> dict[st
         "type": "flow-error",
         "requestId": request_id,
         "code": details["code"],
+        # The seed's clients read `error` (the message, `{ error: error.message }`).
+        "error": details["detail"],
         "problem": details,
     }
 
@@ -161,11 +166,15 @@ class FlowSocket:
             if errors := nul_errors(message, ()):
                 raise RequestInvalidError(errors)
             state = await anyio.to_thread.run_sync(
-                self._store.execute_transition,
-                principal.user_id,
-                request.flow_id,
-                request.transition,
-                request.payload,
+                functools.partial(
+                    self._store.execute_transition,
+                    principal.user_id,
+                    request.flow_id,
+                    request.transition,
+                    request.payload,
+                    ok=request.ok,
+                    message=request.message,
+                )
             )
         except ValidationError as exc:
             return _error(RequestInvalidError(_validation_errors(exc)), request_id)

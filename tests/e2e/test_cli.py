@@ -19,9 +19,11 @@ from flowstore import (
     FlowNotFoundError,
     FlowStateNotFoundError,
     InvalidTransitionError,
+    StorageConfigError,
 )
 from flowstore.adapters.cli import main
 from flowstore.adapters.errors import mapping_for
+from tests.owlmeans import FIXTURES
 
 FLOW = "user-onboarding"
 SEED = files("flowstore").joinpath("data/user-onboarding.json").read_text(encoding="utf-8")
@@ -32,6 +34,7 @@ EXISTS = mapping_for(FlowExistsError("x")).exit_code
 INVALID = mapping_for(
     InvalidTransitionError("welcome", "complete", flow_id=FLOW, user_id="u")
 ).exit_code
+STORAGE = mapping_for(StorageConfigError("x")).exit_code
 USAGE = 2
 
 
@@ -118,7 +121,9 @@ def test_create_from_a_file_that_is_not_json(
     code, err = cli_fails(capsys, url, "flows", "create", str(bad))
     assert code == USAGE
     assert "not valid JSON" in err
-    assert cli_json(capsys, url, "flows", "list") == []
+    assert not Path(
+        url.removeprefix("sqlite:///")
+    ).exists()  # nothing was opened, let alone written
 
 
 def test_update_makes_a_new_version(
@@ -147,7 +152,7 @@ def test_transition_and_history(created: str, capsys: pytest.CaptureFixture[str]
 
     rows = cli_json(capsys, created, "history", "ada", FLOW)
     assert [(r["kind"], r["transition"], r["fromStep"], r["toStep"]) for r in rows] == [
-        ("start", None, None, "welcome"),
+        ("start", "", "", "welcome"),
         ("transition", "start", "welcome", "profile-setup"),
         ("transition", "continue", "profile-setup", "preferences"),
     ]
@@ -174,7 +179,7 @@ def test_invalid_transition_is_reported_and_recorded(
     rows = cli_json(capsys, created, "history", "bob", FLOW)
     assert (rows[-1]["transition"], rows[-1]["success"]) == ("save", False)
     state = cli_json(capsys, created, "state", "get", "bob", FLOW)
-    assert (state["step"], state["ok"]) == ("profile-setup", False)
+    assert (state["step"], state["ok"]) == ("profile-setup", True)  # a refusal changes nothing
 
 
 @pytest.mark.parametrize(
@@ -319,3 +324,154 @@ def test_demo_console_script(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert "commands/s" in out
     # The second run used fresh users: 30 more runs started, none collided with the first 30.
     assert cli_json(capsys, url, "stats")["totalFlows"] == 60
+
+
+def test_errors_under_json_are_one_object_on_stdout(
+    created: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--url", created, "--json", "transition", "ann", FLOW, "complete"])
+    out, err = capsys.readouterr()
+    assert code == INVALID
+    error = orjson.loads(out)
+    assert error["code"] == "INVALID_TRANSITION"
+    assert "complete" in error["message"]
+    assert error["details"]["transition"] == "complete"
+    assert err == ""
+
+
+def test_a_postgresql_url_without_the_extra_names_the_pip_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed: find_spec gives None
+    code = main(["--url", "postgresql://u:secret@127.0.0.1:1/db", "transition", "ann", FLOW, "go"])
+    _out, err = capsys.readouterr()
+    assert code == STORAGE
+    assert err.startswith("error[STORAGE_CONFIG_INVALID]: ")
+    assert "pip install 'flowstore-es[postgres]'" in err
+    assert "secret" not in err
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["flows", "list"],
+        ["flows", "show", FLOW],
+        ["state", "get", "ann", FLOW],
+        ["state", "list", "ann"],
+        ["history", "ann", FLOW],
+        ["stats"],
+        ["funnel", FLOW],
+        ["projections", "status"],
+        ["projections", "verify"],
+    ],
+)
+def test_read_only_commands_never_create_a_database(
+    tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo.db"
+    code, err = cli_fails(capsys, f"sqlite:///{typo}", *command)
+    assert code == STORAGE
+    assert err.startswith("error[STORAGE_CONFIG_INVALID]: No database at ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flows_create_accepts_yaml(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    path = tmp_path / "flow.yaml"
+    path.write_text(yaml.safe_dump(orjson.loads(SEED)), encoding="utf-8")
+    assert cli_json(capsys, url, "flows", "create", str(path))["flow"] == FLOW
+    bad = tmp_path / "bad.yml"
+    bad.write_text("- just\n- a list\n", encoding="utf-8")
+    code, err = cli_fails(capsys, url, "flows", "create", str(bad))
+    assert code == USAGE
+    assert "must be a YAML mapping" in err
+
+
+def test_diagram_formats_match_the_adapter() -> None:
+    from flowstore.adapters.cli import DIAGRAM_FORMATS
+    from flowstore.adapters.diagrams import OUTPUT_FORMATS
+
+    assert tuple(DIAGRAM_FORMATS) == tuple(OUTPUT_FORMATS)
+
+
+def test_help_imports_nothing_heavy() -> None:
+    # `flowstore --help` and usage errors stay fast: the CLI module pulls in no storage, pydantic,
+    # rich or HTTP code until a command runs (benchmarks/cold_start.py reports the seconds).
+    code = (
+        "import sys; from flowstore.adapters.cli import main; main(['--help'])\n"
+        "heavy = ('eventsourcing', 'sqlalchemy', 'pydantic', 'rich', 'jsonschema', 'yaml', 'httpx')\n"
+        "print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stderr.strip().splitlines()[-1] == "[]"
+    assert "flows" in done.stdout
+
+
+def test_instances_history_pages_and_windows(
+    created: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for user in ("ann", "bob", "cat"):
+        cli_json(capsys, created, "transition", user, FLOW, "start")
+    page = cli_json(capsys, created, "instances", FLOW, "--step", "profile-setup", "--limit", "2")
+    assert [s["userId"] for s in page["instances"]] == ["ann", "bob"]
+    rest = cli_json(capsys, created, "instances", FLOW, "--cursor", page["nextCursor"])
+    assert [s["userId"] for s in rest["instances"]] == ["cat"]
+    assert rest["nextCursor"] is None
+    idle = cli_json(capsys, created, "instances", FLOW, "--idle-for", "86400")
+    assert idle["instances"] == []
+    assert main(["--url", created, "instances", FLOW]) == 0
+    assert "3 instance(s); last page" in capsys.readouterr().out
+
+    first = cli_json(capsys, created, "history", "ann", FLOW, "--limit", "1")
+    assert [r["kind"] for r in first] == ["start"]
+    after = cli_json(capsys, created, "history", "ann", FLOW, "--after", first[0]["id"])
+    assert [r["kind"] for r in after] == ["transition"]
+    only = cli_json(capsys, created, "history", "ann", FLOW, "--kind", "transition")
+    assert [r["transition"] for r in only] == ["start"]
+
+    window = ("--since", "2000-01-01T00:00:00", "--until", "2000-01-02T00:00:00+00:00")
+    assert cli_json(capsys, created, "stats", "--flow", FLOW, *window)["totalFlows"] == 0
+    assert cli_json(capsys, created, "stats", "--flow", FLOW)["totalFlows"] == 3
+    funnel = cli_json(capsys, created, "funnel", FLOW, "--since", "2000-01-01")
+    assert {s["step"]: s["entered"] for s in funnel}["welcome"] == 3
+    code, err = cli_fails(capsys, created, "stats", "--since", "yesterday")
+    assert code == USAGE
+    assert "ISO 8601" in err
+
+
+def test_owlmeans_commands_hand_a_flow_over_by_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/owl.db"
+    flow = FIXTURES / "_oa.json"
+    assert main(["--url", url, "flows", "create", str(flow)]) == 0
+    capsys.readouterr()
+    cli_json(capsys, url, "reset", "ann", "_oa", "--service", "portal", "--entity", "org-1")
+    offered = cli_json(capsys, url, "transitions", "ann", "_oa", "--explicit")
+    assert [t["step"] for t in offered] == ["signup", "signin"]
+    assert cli_json(capsys, url, "transitions", "ann", "_oa", "--implicit") == []
+    state = cli_json(
+        capsys, url, "transition", "ann", "_oa", "signup", "--not-ok", "--message", "retry"
+    )
+    assert (state["previous"], state["ok"], state["message"]) == ("choice", False, "retry")
+    token = cli_json(capsys, url, "state", "token", "ann", "_oa")["token"]
+    adopted = cli_json(capsys, url, "state", "adopt", "bob", token, "--sender", "idp")
+    assert (adopted["step"], adopted["service"], adopted["entityId"]) == (
+        "signup",
+        "portal",
+        "org-1",
+    )
+    assert cli_json(capsys, url, "back", "bob", "_oa")["step"] == "choice"
+    history = cli_json(capsys, url, "history", "bob", "_oa")
+    assert [h["kind"] for h in history] == ["handoff", "back"]
+    code, err = cli_fails(capsys, url, "state", "adopt", "bob", "not-a-token")
+    assert code == INVALID
+    assert "STATE_TOKEN_MALFORMED" in err
+    # For people, the token alone (to paste into a URL).
+    assert main(["--url", url, "state", "token", "ann", "_oa"]) == 0
+    assert capsys.readouterr().out.strip() == token

@@ -7,6 +7,7 @@ erasure none of the remaining keys opens the user's sealed fields) and through e
 from __future__ import annotations
 
 import base64
+import threading
 from typing import Any
 
 import orjson
@@ -14,12 +15,18 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import create_engine, text
 
-from flowstore import FlowStore, InvalidArgumentError, InvalidTransitionError, ProjectionLayoutError
+from flowstore import (
+    FlowError,
+    FlowStore,
+    InvalidArgumentError,
+    InvalidTransitionError,
+    ProjectionLayoutError,
+)
 from flowstore.adapters.cli import main
 from flowstore.domain import FlowErased, instance_id
 from flowstore.keys import ERASED_USER_PREFIX
 from flowstore.storage import parse_url
-from tests.flows import linear, onboarding
+from tests.flows import linear, onboarding, ring
 from tests.integration.test_encryption import new_key, raw_event_states
 
 FLOW = "user-onboarding"
@@ -296,3 +303,77 @@ def test_tables_of_the_layout_before_erasure_are_migrated_from_the_log(tmp_path:
         assert reopened.verify_projections() == []
         assert reopened.erase_user("ann") == 2
         assert reopened.get_user_flows("ann") == []
+
+
+def test_a_write_racing_an_erasure_is_never_sealed_with_the_shredded_key(store_url: str) -> None:
+    # The writer has looked its key up and is about to append when the erasure runs. Before the
+    # per-user lock, the erasure shredded the key in that gap: the write landed sealed with a
+    # dead key (the user's later state read as "erased:...", or a key was made for the stand-in).
+    with FlowStore(store_url) as store:
+        store.create_flow(linear("line"))
+        store.create_flow(linear("other"))
+        store.execute_transition("ann", "line", "next", {"note": ANN_SECRET})
+        keys = store._log.keys
+        looked_up, shredded = threading.Event(), threading.Event()
+        original_for_user, original_shred = keys.for_user, keys.shred
+        eraser = threading.Thread(target=store.erase_user, args=("ann",))
+
+        def for_user(user_id: str) -> Any:
+            key = original_for_user(user_id)
+            if user_id == "ann" and not looked_up.is_set():
+                looked_up.set()
+                eraser.start()
+                # Old code: the erasure shreds the key now. Fixed: it waits for this write.
+                shredded.wait(timeout=1.0)
+            return key
+
+        def shred(user_id: str) -> list[str]:
+            subjects = original_shred(user_id)
+            shredded.set()
+            return subjects
+
+        keys.for_user = for_user  # type: ignore[method-assign]
+        keys.shred = shred  # type: ignore[method-assign]
+        store.execute_transition("ann", "other", "next", {"note": ANN_SECRET})
+        eraser.join(timeout=60)
+        assert not eraser.is_alive()
+        # The write came before the erasure, so the erasure took it too; nothing names a stand-in.
+        assert store.get_flow_state("ann", "other") is None
+        assert store.get_flow_history("ann", "other") == []
+        assert store.verify_projections() == []
+    assert raw_keys(store_url) == []
+
+
+def test_erasure_racing_the_users_own_writes_leaves_the_tables_true(store_url: str) -> None:
+    with FlowStore(store_url) as store:
+        store.create_flow(ring("loop"))
+        store.execute_transition("ann", "loop", "tick")
+        stop = threading.Event()
+        failures: list[BaseException] = []
+
+        def write() -> None:
+            while not stop.is_set():
+                try:
+                    store.execute_transition("ann", "loop", "tick", {"note": ANN_SECRET})
+                except FlowError:
+                    pass  # conflicts with the erasure are the writer's to retry
+                except BaseException as exc:  # pragma: no cover (reported below)
+                    failures.append(exc)
+                    return
+
+        writers = [threading.Thread(target=write) for _ in range(2)]
+        for thread in writers:
+            thread.start()
+        try:
+            for _ in range(6):
+                store.erase_user("ann")  # never CONCURRENCY_CONFLICT, however busy the user is
+        finally:
+            stop.set()
+            for thread in writers:
+                thread.join(timeout=60)
+        assert failures == []
+        assert store.verify_projections() == []
+        # Whatever was written after the last erasure reads as ann's, under her one live key.
+        history = store.get_flow_history("ann", "loop")
+        assert all(row.user_id == "ann" for row in history)
+    assert len(raw_keys(store_url)) <= 1

@@ -13,6 +13,9 @@ from flowstore.adapters.cli import main
 from flowstore.storage import parse_url
 from tests.flows import ring
 
+NOW = layouts.LAYOUT
+NEXT = NOW + 1
+
 
 def populate(store: FlowStore, users: int = 5) -> None:
     store.create_flow(ring("r"))
@@ -36,10 +39,10 @@ def test_opening_tables_of_an_older_layout_raises_and_leaves_them_alone(
     with FlowStore(store_url) as store:
         populate(store)
     history = rows(store_url, "flow_history")
-    monkeypatch.setattr(layouts, "LAYOUT", 2)  # this process is the next version
+    monkeypatch.setattr(layouts, "LAYOUT", NEXT)  # this process is the next version
     with pytest.raises(ProjectionLayoutError, match="projections migrate") as raised:
         FlowStore(store_url)
-    assert (raised.value.found, raised.value.expected) == (1, 2)
+    assert (raised.value.found, raised.value.expected) == (NOW, NEXT)
     with FlowStore(store_url, live_projections=False) as store:
         with pytest.raises(ProjectionLayoutError):
             store.get_user_flows("u0")  # never reads tables it does not know
@@ -55,7 +58,7 @@ def test_migrate_builds_the_new_layout_while_the_old_process_serves_then_tells_i
     try:
         populate(old)
         before = old.get_user_flows("u1")
-        monkeypatch.setattr(layouts, "LAYOUT", 2)
+        monkeypatch.setattr(layouts, "LAYOUT", NEXT)
         served_during: list[Any] = []
         with FlowStore(store_url, live_projections=False) as new:
 
@@ -80,7 +83,7 @@ def test_migrate_builds_the_new_layout_while_the_old_process_serves_then_tells_i
         with FlowStore(store_url) as reopened:  # the next version opens normally now
             assert reopened.verify_projections() == []
     finally:
-        monkeypatch.setattr(layouts, "LAYOUT", 1)
+        monkeypatch.setattr(layouts, "LAYOUT", NOW)
         with pytest.raises(ProjectionLayoutError):
             old.close()  # its last catch-up finds no tables of its layout
 
@@ -88,10 +91,10 @@ def test_migrate_builds_the_new_layout_while_the_old_process_serves_then_tells_i
 def test_a_process_older_than_the_tables_is_told_to_upgrade(
     store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(layouts, "LAYOUT", 3)
+    monkeypatch.setattr(layouts, "LAYOUT", NEXT + 1)
     with FlowStore(store_url) as store:
         populate(store)
-    monkeypatch.setattr(layouts, "LAYOUT", 2)
+    monkeypatch.setattr(layouts, "LAYOUT", NEXT)
     with pytest.raises(ProjectionLayoutError, match="new version"):
         FlowStore(store_url)
     with (
@@ -105,7 +108,7 @@ def test_cli_projections_migrate(tmp_path: Any, monkeypatch: pytest.MonkeyPatch)
     url = f"sqlite:///{tmp_path}/cli.db"
     with FlowStore(url) as store:
         populate(store)
-    monkeypatch.setattr(layouts, "LAYOUT", 2)
+    monkeypatch.setattr(layouts, "LAYOUT", NEXT)
     assert main(["--url", url, "state", "list", "u0"]) == 6  # PROJECTION_LAYOUT
     assert main(["--url", url, "projections", "migrate"]) == 0
     assert main(["--url", url, "state", "list", "u0"]) == 0

@@ -69,7 +69,7 @@ def test_kept_steps_map_to_themselves_and_each_move_is_an_event(store: FlowStore
         HistoryKind.MIGRATION,
         "profile-setup",
         "profile-setup",
-        None,
+        "",
         True,
     )
     assert last.metadata["from_version"] == 1

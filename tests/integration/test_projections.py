@@ -180,7 +180,7 @@ def test_recover_flow_state_rebuilds_one_instance(store_url: str, tables: SqlPro
         assert state is not None
         assert [s.step for s in store.get_user_flows("ann")] == ["verification"]
         assert [h.transition for h in store.get_flow_history("ann", FLOW)] == [
-            None,
+            "",
             "start",
             "skip",
         ]

@@ -46,9 +46,8 @@ class ModelInstance:
     ok: bool = True
     payload: dict[str, Any] | None = None
     completed: bool = False
-    history: list[tuple[str, str | None, str | None, str | None, bool]] = field(
-        default_factory=list
-    )
+    # (kind, from_step, to_step, transition, success) as the seed's strings: "" for none.
+    history: list[tuple[str, str, str, str, bool]] = field(default_factory=list)
 
 
 class FlowModel:
@@ -72,7 +71,7 @@ class FlowModel:
         self.erased.discard(user)
         definition = self.versions[-1]
         target = step or definition["initialStep"]
-        inst.history.append((kind, inst.step, target, None, True))
+        inst.history.append((kind, inst.step or "", target, "", True))
         inst.definition_version = len(self.versions)
         inst.ok, inst.payload = True, None
         self._enter(inst, definition, target)
@@ -84,12 +83,13 @@ class FlowModel:
         definition = self.versions[inst.definition_version - 1]
         edge = definition["steps"][inst.step]["transitions"].get(name)
         if edge is None:
-            inst.history.append(("transition", inst.step, None, name, False))
-            inst.version += 1
-            inst.ok = False
+            inst.history.append(("transition", inst.step, inst.step, name, False))
+            inst.version += 1  # refused: recorded, the state stays as it was
             return False
         inst.history.append(("transition", inst.step, edge["step"], name, True))
-        inst.ok, inst.payload = True, payload
+        # The payload merges into the state's, top-level keys (the OwlMeans model's updatePayload).
+        inst.ok = True
+        inst.payload = inst.payload if payload is None else {**(inst.payload or {}), **payload}
         self._enter(inst, definition, edge["step"])
         return True
 
@@ -101,7 +101,7 @@ class FlowModel:
                 continue
             if inst.step not in latest["steps"]:
                 continue  # unmappable: left alone
-            inst.history.append(("migration", inst.step, inst.step, None, True))
+            inst.history.append(("migration", inst.step, inst.step, "", True))
             inst.definition_version = len(self.versions)
             self._enter(inst, latest, inst.step)
 
@@ -109,7 +109,7 @@ class FlowModel:
         inst = self.instances.get(user)
         if inst is None or inst.step is None:
             return False
-        inst.history.append(("clear", inst.step, None, None, True))
+        inst.history.append(("clear", inst.step, "", "", True))
         inst.step, inst.payload, inst.completed = None, None, False
         inst.version += 1
         return True

@@ -28,6 +28,7 @@ from flowstore.adapters.providers import (
     Authentication,
     CachedFlowProvider,
     FlowProviderConfig,
+    config_from_seed,
     load_flows,
     make_flow_provider,
     read_definitions,
@@ -64,6 +65,7 @@ class Answer:
     status: int = 200
     body: bytes = b""
     content_type: str = "application/json"
+    location: str | None = None
 
 
 @dataclass
@@ -99,6 +101,8 @@ def server() -> Iterator[FlowServer]:
                 answer = state.routes.get(path, Answer(404, b'{"error": "not found"}'))
             self.send_response(answer.status)
             self.send_header("Content-Type", answer.content_type)
+            if answer.location is not None:
+                self.send_header("Location", answer.location)
             self.send_header("Content-Length", str(len(answer.body)))
             self.end_headers()
             self.wfile.write(answer.body)
@@ -434,6 +438,53 @@ def test_hybrid_asks_sources_in_order(tmp_path: Path, server: FlowServer, ticker
     provider.close()
 
 
+def test_the_seeds_camel_case_config_works_with_cache_timeout_in_milliseconds(
+    tmp_path: Path, ticker: Ticker
+) -> None:
+    path = write_json(tmp_path / "flow.json", linear("f", ttl=10))
+    provider = make_flow_provider(
+        {"source": "file", "filePath": str(path), "cacheTimeout": 30_000, "clock": ticker}
+    )
+    assert provider.get_flow("f").ttl == 10
+    write_json(path, linear("f", ttl=20))
+    ticker.advance(29)
+    assert provider.get_flow("f").ttl == 10  # 30,000 ms: still fresh after 29 s
+    ticker.advance(2)
+    assert provider.get_flow("f").ttl == 20
+    config = config_from_seed(
+        {
+            "source": "hybrid",
+            "sources": [
+                {"source": "file", "filePath": str(path)},
+                {
+                    "source": "remote",
+                    "remoteUrl": "https://cfg.example/flows",
+                    "authentication": {"type": "bearer", "credentials": "t"},
+                    "cacheTimeout": 300000,
+                },
+            ],
+        }
+    )
+    assert config.sources[1].cache_timeout == 300
+    assert config.sources[1].authentication == Authentication("bearer", "t")
+    assert config.sources[0].file_path == str(path)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"source": "file", "file_path": "x"},  # snake_case is ours, not the seed's
+        {"filePath": "x"},
+        {"source": "file", "filePath": "x", "cacheTimeout": "300000"},
+        {"source": "remote", "remoteUrl": "u", "authentication": {"kind": "bearer"}},
+        ["source", "file"],
+    ],
+)
+def test_bad_seed_configs_are_invalid_arguments(config: Any) -> None:
+    with pytest.raises(InvalidArgumentError):
+        make_flow_provider(config)
+
+
 def test_configuration_errors_are_invalid_arguments() -> None:
     for config in (
         FlowProviderConfig(source="file"),
@@ -476,6 +527,29 @@ def test_load_creates_versions_and_leaves_identical_flows_alone(
         assert store.get_flow("b").version == 3
 
 
+def test_cli_load_shows_warnings_and_loads_the_flow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/cli.db"
+    looping = linear("sub")
+    looping["steps"]["s2"]["transitions"] = {"renew": {"transition": "renew", "step": "s1"}}
+    looping["steps"]["orphan"] = {"index": 9, "step": "orphan", "service": "s"}
+    path = write_json(tmp_path / "sub.json", looping)
+    assert main(["--url", url, "flows", "load", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "created sub (version 1)" in out
+    assert "warning: flow sub: step 'orphan' is not reachable from initialStep 's0'" in out
+    assert "warning: flow sub: no terminal step" in out
+    assert main(["--url", url, "--json", "flows", "load", str(path)]) == 0
+    assert orjson.loads(capsys.readouterr().out)["warnings"] == [
+        {"flow": "sub", "warning": "step 'orphan' is not reachable from initialStep 's0'"},
+        {
+            "flow": "sub",
+            "warning": "no terminal step (one without transitions) is reachable from 's0'",
+        },
+    ]
+
+
 def test_cli_load_and_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path}/cli.db"
     folder = tmp_path / "flows"
@@ -490,7 +564,8 @@ def test_cli_load_and_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFi
     (folder / "onboarding.json").write_text(exported, encoding="utf-8")
     assert main(["--url", url, "--json", "flows", "load", str(folder)]) == 0
     assert orjson.loads(capsys.readouterr().out) == {
-        "flows": [{"flow": FLOW, "action": "unchanged", "version": 1}]
+        "flows": [{"flow": FLOW, "action": "unchanged", "version": 1}],
+        "warnings": [],
     }
     assert main(["--url", url, "flows", "load", str(tmp_path / "missing")]) == 5
     assert "missing" in capsys.readouterr().err
@@ -498,3 +573,56 @@ def test_cli_load_and_export_round_trip(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["--url", url, "flows", "load", str(folder)]) == 5
     assert "bad.json" in capsys.readouterr().err
     assert main(["--url", url, "flows", "export", "nope"]) == 3
+
+
+def test_a_same_origin_redirect_is_followed_with_the_credentials(
+    server: FlowServer, ticker: Ticker
+) -> None:
+    server.routes["/old"] = Answer(302, b"", location="/flows")
+    server.serve("/flows", [linear("alpha")])
+    server.required = {"X-API-Key": "k3y"}
+    provider = make_flow_provider(
+        remote(server.url("/old"), ticker, authentication=Authentication("apikey", "k3y"))
+    )
+    assert provider.get_flow("alpha").flow == "alpha"
+    assert [path for path, _ in server.requests] == ["/old", "/flows"]
+
+
+@pytest.mark.parametrize(
+    "authentication",
+    [Authentication("apikey", "k3y"), Authentication("apikey", "k3y", header="X-Flows-Key"),
+     Authentication("bearer", "t0ken"), Authentication("basic", "ann:s3cret")],
+    ids=["apikey", "custom-header", "bearer", "basic"],
+)
+def test_credentials_never_follow_a_redirect_to_another_origin(
+    server: FlowServer, ticker: Ticker, authentication: Authentication
+) -> None:
+    # 127.0.0.1 and localhost are different origins (same server here, so the test can see both).
+    elsewhere = f"http://localhost:{server.port}/stolen"
+    server.routes["/flows"] = Answer(302, b"", location=elsewhere)
+    server.serve("/stolen", [linear("alpha")])
+    provider = make_flow_provider(remote(server.url("/flows"), ticker, authentication=authentication))
+    with pytest.raises(FlowNotFoundError, match="redirected to another origin"):
+        provider.get_flow("alpha")
+    assert [path for path, _ in server.requests] == ["/flows"]
+
+
+@pytest.mark.parametrize("flow_id", [".", ".."])
+def test_dot_flow_ids_cannot_escape_a_per_flow_url(
+    server: FlowServer, ticker: Ticker, flow_id: str
+) -> None:
+    server.serve("/", [linear("alpha")])
+    provider = make_flow_provider(remote(server.url("/flows/{flow_id}"), ticker))
+    with pytest.raises(InvalidArgumentError, match="flow_id"):
+        provider.get_flow(flow_id)
+    assert server.requests == []
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert path.stat().st_size < 1024  # 9**10 strings once expanded
+    with pytest.raises(DefinitionError, match="aliases"):
+        read_definitions(path)

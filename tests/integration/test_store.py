@@ -131,7 +131,7 @@ def test_first_transition_starts_the_flow(store: FlowStore, clock: Clock) -> Non
     assert state.started_at == clock.now
     history = store.get_flow_history("ann", FLOW)
     assert [(h.kind, h.from_step, h.to_step, h.transition) for h in history] == [
-        (HistoryKind.START, None, "welcome", None),
+        (HistoryKind.START, "", "welcome", ""),
         (HistoryKind.TRANSITION, "welcome", "profile-setup", "start"),
     ]
 
@@ -148,13 +148,14 @@ def test_invalid_transition_is_recorded_and_raised(store: FlowStore) -> None:
     }
     state = store.get_flow_state("ann", FLOW)
     assert state is not None
-    assert (state.step, state.ok, state.version) == ("profile-setup", False, 3)
+    # As in the OwlMeans model, a refused transition leaves the state (ok included) as it was.
+    assert (state.step, state.ok, state.version) == ("profile-setup", True, 3)
     last = store.get_flow_history("ann", FLOW)[-1]
     assert (last.success, last.transition, last.from_step, last.to_step) == (
         False,
         "complete",
         "profile-setup",
-        None,
+        "profile-setup",  # the step the user stayed on (the seed's toStep)
     )
     assert last.payload == {"why": "impatient"}
     assert last.error is not None
@@ -341,7 +342,7 @@ def test_statistics_agree_with_the_history(store: FlowStore, clock: Clock) -> No
     attempts = [h for h in rows if h.kind is HistoryKind.TRANSITION]
     entries: dict[str, int] = {}
     for h in rows:
-        if h.to_step is not None:
+        if h.to_step and h.success:  # a rejected attempt enters nothing
             entries[h.to_step] = entries.get(h.to_step, 0) + 1
     completed = [h for h in attempts if h.to_step == "completed"]
 
@@ -426,3 +427,22 @@ def test_ids_with_control_characters_or_lone_surrogates_are_refused(
     with pytest.raises(InvalidArgumentError):
         store.set_flow_state("ann", {"flow": FLOW, "step": "welcome", "service": user})
     assert store.log_position() == position
+
+
+def test_a_clock_stepping_back_gives_no_negative_durations(store_url: str) -> None:
+    clock = Clock()
+    with FlowStore(store_url, clock=clock) as store:
+        store.create_flow(linear("steps", 3))
+        store.execute_transition("ann", "steps", "next")
+        clock.advance(-3600)  # an NTP step back between two commands
+        state = store.execute_transition("ann", "steps", "next")
+        assert state.completed_at is not None
+        assert state.started_at is not None
+        assert state.completed_at >= state.started_at
+        history = store.get_flow_history("ann", "steps")
+        stamps = [row.timestamp for row in history]
+        assert stamps == sorted(stamps)
+        assert store.get_flow_statistics("steps").average_flow_duration >= 0
+        assert store.verify_projections() == []
+        store.rebuild_projections()
+        assert store.get_flow_statistics("steps").average_flow_duration >= 0

@@ -44,9 +44,9 @@ from flowstore import (
 from flowstore.projections.sql import SqlProjections
 from flowstore.storage import parse_url
 from tests.flows import Clock
+from tests.integration.test_properties import USERS, FlowModel, ModelInstance
 from tests.reliability.harness import LONG, Figures, scale
 from tests.strategies import TRANSITION_NAMES, flow_definitions, payloads
-from tests.test_properties import USERS, FlowModel, ModelInstance
 
 SLOTS = ["fa", "fb"]
 WINDOW = 60.0

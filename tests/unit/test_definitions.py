@@ -24,6 +24,7 @@ from flowstore.definitions import (
     parse_definition,
     reachable_steps,
     update_definition,
+    validate_flow,
 )
 from tests.flows import linear, onboarding
 
@@ -82,54 +83,82 @@ def test_malformed_definitions_name_the_problem(mutate: Any, needle: str) -> Non
         parse_definition(definition)
 
 
-def test_unreachable_steps_are_named() -> None:
+def test_unreachable_steps_are_warnings() -> None:
     flow = onboarding()
     flow["steps"]["welcome"]["transitions"]["start"]["step"] = "verification"
-    with pytest.raises(DefinitionError) as caught:
-        parse_definition(flow)
-    assert caught.value.problems == [
+    assert validate_flow(flow) == [
         "step 'profile-setup' is not reachable from initialStep 'welcome'",
         "step 'preferences' is not reachable from initialStep 'welcome'",
     ]
+    assert parse_definition(flow).steps["preferences"].index == 2  # legal, and stored as given
 
 
-def test_a_flow_that_can_never_complete_is_refused() -> None:
+def test_a_flow_that_never_completes_is_legal_with_a_warning() -> None:
+    # A subscription that loops forever: every run ends by clear, reset or expiry.
     flow = linear("f")
     flow["steps"]["s2"]["transitions"] = {"again": {"transition": "again", "step": "s0"}}
-    with pytest.raises(DefinitionError) as caught:
-        parse_definition(flow)
-    assert caught.value.problems == [
+    assert validate_flow(flow) == [
         "no terminal step (one without transitions) is reachable from 's0'"
     ]
+    with FlowStore("memory://") as store:
+        store.create_flow(flow)
+        assert store.execute_transition("ann", "f", "next").step == "s1"
 
 
 def test_a_terminal_step_that_cannot_be_reached_does_not_count() -> None:
     flow = linear("f")
     flow["steps"]["s1"]["transitions"]["next"]["step"] = "s0"  # s0 <-> s1 loop; s2 unreachable
-    with pytest.raises(DefinitionError) as caught:
-        parse_definition(flow)
-    assert caught.value.problems == [
+    assert validate_flow(flow) == [
         "step 's2' is not reachable from initialStep 's0'",
         "no terminal step (one without transitions) is reachable from 's0'",
     ]
 
 
-def test_reachability_problems_come_with_all_the_others() -> None:
+def test_a_valid_flow_has_no_warnings() -> None:
+    assert validate_flow(onboarding()) == []
+    assert validate_flow(parse_definition(onboarding())) == []
+
+
+def test_validate_flow_raises_every_problem() -> None:
     bad = onboarding()
-    bad["steps"]["welcome"]["transitions"]["start"]["step"] = "missing-step"
-    bad["steps"]["preferences"]["index"] = 1  # same index as profile-setup
     bad["ttl"] = -5
+    with pytest.raises(DefinitionError, match="ttl must be a positive"):
+        validate_flow(bad)
+
+
+def test_a_shape_problem_hides_no_other_problem() -> None:
+    # A non-integer index once stopped the checks at the shape: the dangling target and the
+    # negative ttl went unreported until the index was fixed.
+    bad = onboarding()
+    bad["steps"]["preferences"]["index"] = "second"
+    bad["steps"]["welcome"]["transitions"]["start"]["step"] = "missing-step"
+    bad["steps"]["profile-setup"]["service"] = 7
+    bad["ttl"] = -5
+    bad["steps"]["verification"]["index"] = 1  # same index as profile-setup
     with pytest.raises(DefinitionError) as caught:
         parse_definition(bad)
     problems = caught.value.problems
-    assert "transition 'start' of step 'welcome' targets unknown step 'missing-step'" in problems
-    assert "step index 1 is used 2 times" in problems
-    assert "ttl must be a positive number of seconds, not -5" in problems
-    # Only the initial step is reachable, and it has a transition: nothing can complete.
-    unreachable = [p for p in problems if "is not reachable" in p]
-    assert len(unreachable) == 4
-    assert "no terminal step (one without transitions) is reachable from 'welcome'" in problems
-    assert len(problems) == 8
+    assert sorted(p.split(":")[0] for p in problems[:2]) == [
+        "steps.preferences.index",
+        "steps.profile-setup.service",
+    ]
+    assert problems[2:] == [
+        "step index 1 is used 2 times",
+        "transition 'start' of step 'welcome' targets unknown step 'missing-step'",
+        "ttl must be a positive number of seconds, not -5",
+    ]
+    assert caught.value.flow_id == "user-onboarding"
+
+
+def test_wrong_types_everywhere_are_listed_without_a_crash() -> None:
+    for bad in (
+        {"flow": 3, "initialStep": [], "steps": {"a": "b", 4: {}}, "ttl": True},
+        {"flow": "f", "initialStep": "a", "steps": {"a": {"transitions": {"t": 5, "u": {}}}}},
+        {"flow": "f", "steps": []},
+    ):
+        with pytest.raises(DefinitionError) as caught:
+            parse_definition(bad)
+        assert caught.value.problems
 
 
 def test_reachable_steps_walk_breadth_first_from_the_initial_step() -> None:
@@ -319,7 +348,7 @@ def test_names_longer_than_the_limit_are_refused(kind: str, definition: dict[str
 
 @pytest.mark.parametrize(("kind", "definition"), long_names("n" * MAX_NAME_LENGTH))
 def test_names_as_long_as_the_limit_are_accepted(kind: str, definition: dict[str, Any]) -> None:
-    assert parse_definition(definition).to_seed() == {**definition, "config": {}, "prefabs": {}}
+    assert parse_definition(definition).to_seed() == definition
 
 
 def test_a_refused_long_flow_id_is_shortened_in_the_error() -> None:
@@ -436,3 +465,28 @@ def test_payloads_nested_near_orjsons_limit_are_refused(depth: int) -> None:
     # 253 levels passed orjson alone but not inside its event (one level more): untyped TypeError.
     with pytest.raises(PayloadValidationError, match=r"nest|Recursion"):
         check_payload(nested(depth))
+
+
+@pytest.mark.parametrize("flow_id", [".", "..", "a/b", "/"])
+def test_flow_ids_that_break_urls_are_refused(flow_id: str) -> None:
+    with pytest.raises(DefinitionError, match="must not be '\\.', '\\.\\.' or contain '/'"):
+        parse_definition(linear(flow_id))
+
+
+def test_a_transition_field_differing_from_its_key_is_kept_but_must_be_a_name() -> None:
+    flow = onboarding()
+    flow["steps"]["welcome"]["transitions"]["start"]["transition"] = "begin"
+    assert parse_definition(flow).to_seed() == flow
+    flow["steps"]["welcome"]["transitions"]["start"]["transition"] = "bad\nname"
+    with pytest.raises(DefinitionError) as caught:
+        parse_definition(flow)
+    assert caught.value.problems == ["transition name 'bad\\nname' contains a control character"]
+
+
+def test_steps_marked_initial_count_as_entry_points_for_reachability() -> None:
+    flow = linear("entries", 3)
+    flow["steps"]["s0"]["transitions"] = {}  # s1 and s2 are now unreachable from s0
+    assert "step 's1' is not reachable from initialStep 's0'" in validate_flow(flow)
+    flow["steps"]["s1"]["initial"] = True
+    assert parse_definition(flow).entry_steps() == ["s0", "s1"]
+    assert validate_flow(flow) == []

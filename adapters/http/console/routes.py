@@ -388,7 +388,7 @@ def _router() -> APIRouter:
             position=console.store.projection_position(),
         )
 
-    @router.get("/users/{userId}/flows/{flowId}")
+    @router.get("/users/{userId:path}/flows/{flowId}")
     def user_flow_card(
         request: Request, principal: ApiAdmin, user_id: UserId, flow_id: FlowId
     ) -> Response:

@@ -48,16 +48,17 @@ USER_ROUTES = [
     ("DELETE", "/api/flow/{flow}/state"),
     ("GET", "/api/flow/{flow}/history"),
     ("GET", "/api/flows/mine"),
+    ("GET", "/api/flows/{flow}"),
 ]
 ADMIN_ROUTES = [
     ("GET", "/api/flows"),
     ("POST", "/api/flows"),
-    ("GET", "/api/flows/{flow}"),
     ("PATCH", "/api/flows/{flow}"),
     ("DELETE", "/api/flows/{flow}"),
     ("GET", "/api/flows/{flow}/statistics"),
     ("GET", "/api/statistics"),
     ("GET", "/api/flows/{flow}/funnel"),
+    ("GET", "/api/flows/{flow}/instances"),
     ("POST", "/api/admin/purge-expired"),
     ("PUT", "/api/admin/users/someone/flows/{flow}/state"),
 ]
@@ -83,7 +84,7 @@ def call(
 def bad_credentials(user: str) -> list[Any]:
     """Authorization headers naming `user` that must be refused: (headers, reason) cases."""
     return [
-        pytest.param(bearer(mint(user, ttl=-1)), "expired", id="expired"),
+        pytest.param(bearer(mint(user, ttl=-120)), "expired", id="expired"),
         pytest.param(bearer(mint(user, key=FORGED_KEY)), "invalid", id="forged"),
         pytest.param(
             bearer(mint(user, roles=["admin"], key=FORGED_KEY)), "invalid", id="forged-admin"
@@ -107,7 +108,7 @@ def bad_credentials(user: str) -> list[Any]:
 def bad_ws_tokens(user: str) -> list[Any]:
     """Tokens naming `user` that the WebSocket session must close with 4401: (token, reason)."""
     return [
-        pytest.param(mint(user, ttl=-1), "expired", id="expired"),
+        pytest.param(mint(user, ttl=-120), "expired", id="expired"),
         pytest.param(mint(user, key=FORGED_KEY), "invalid", id="forged"),
         pytest.param("garbage", "invalid", id="garbage"),
     ]
@@ -188,12 +189,12 @@ def _fill(value: Any, names: dict[str, str]) -> Any:
 
 CROSS_USER_PROBES = [
     # The intruder's own instance (it has none): the user comes from the token only.
-    Probe("state", "GET", "/api/flow/{flow}/state", 404),
+    Probe("state", "GET", "/api/flow/{flow}/state", 200),  # null: no state (the seed's answer)
     Probe("history", "GET", "/api/flow/{flow}/history", 200, []),
     Probe("my-flows", "GET", "/api/flows/mine", 200, []),
     Probe("clear", "DELETE", "/api/flow/{flow}/state", 404),
     # The victim named in the query or in headers: ignored.
-    Probe("state-for-victim", "GET", "/api/flow/{flow}/state?userId={victim}&user={victim}", 404),
+    Probe("state-for-victim", "GET", "/api/flow/{flow}/state?userId={victim}&user={victim}", 200),
     Probe("history-for-victim", "GET", "/api/flow/{flow}/history?userId={victim}", 200, []),
     Probe(
         "my-flows-as-victim",

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 
 from flowstore import FlowStore, HistoryKind
 from flowstore.adapters.http import JwtVerifier, create_app
-from tests.e2e.http.conftest import MAX_BODY_BYTES, ONBOARDING, SECRET, LiveServer, User
+from flowstore.adapters.http.app import MAX_HISTORY_RESPONSE_BYTES
+from tests.e2e.http.conftest import MAX_BODY_BYTES, ONBOARDING, SECRET, LiveServer, User, mint
 from tests.flows import Clock, linear
 
 PROBLEM = "application/problem+json"
@@ -47,11 +50,12 @@ def test_get_state_answers_the_callers_state_in_camel_case(
     assert {"startedAt", "updatedAt", "completedAt", "expiresAt"} <= state.keys()
 
 
-def test_get_state_without_state_is_404_flow_state_not_found(
+def test_get_state_without_state_is_200_null_as_in_the_seed(
     client: httpx.Client, alice: User
 ) -> None:
     response = client.get(f"/api/flow/{ONBOARDING}/state", headers=alice.headers)
-    assert_problem(response, 404, "FLOW_STATE_NOT_FOUND")
+    assert response.status_code == 200
+    assert response.json() is None
 
 
 def test_get_state_of_an_unknown_flow_is_404_flow_not_found(
@@ -244,9 +248,7 @@ def test_clear_state_is_204_then_the_state_is_gone_and_the_history_stays(
     response = client.delete(f"/api/flow/{line}/state", headers=alice.headers)
     assert response.status_code == 204
     assert response.content == b""
-    assert_problem(
-        client.get(f"/api/flow/{line}/state", headers=alice.headers), 404, "FLOW_STATE_NOT_FOUND"
-    )
+    assert client.get(f"/api/flow/{line}/state", headers=alice.headers).json() is None
     kinds = [
         h["kind"] for h in client.get(f"/api/flow/{line}/history", headers=alice.headers).json()
     ]
@@ -445,7 +447,7 @@ def test_purge_expired_expires_idle_instances(sqlite_url: str, admin: User, alic
                 "purged": 1
             }
             state = client.get("/api/flow/short/state", headers=alice.headers)
-            assert_problem(state, 404, "FLOW_STATE_NOT_FOUND")
+            assert (state.status_code, state.json()) == (200, None)
 
 
 def test_an_admin_erases_a_user_and_nobody_else_can(
@@ -466,7 +468,7 @@ def test_an_admin_erases_a_user_and_nobody_else_can(
             erased = client.delete(path, headers=admin.headers)
             assert erased.json() == {"userId": alice.id, "erasedInstances": 1}
             state = client.get("/api/flow/line/state", headers=alice.headers)
-            assert_problem(state, 404, "FLOW_STATE_NOT_FOUND")
+            assert (state.status_code, state.json()) == (200, None)
             assert client.get("/api/flow/line/history", headers=alice.headers).json() == []
             assert client.get("/api/flow/line/state", headers=bob.headers).status_code == 200
             again = client.delete(path, headers=admin.headers)
@@ -492,8 +494,8 @@ def test_a_command_that_gives_up_on_conflicts_is_409(sqlite_url: str, alice: Use
 
 def test_healthz_and_readyz_need_no_token(store: FlowStore, client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    ready = client.get("/readyz").json()
-    assert ready == {"status": "ready", "logPosition": store.log_position()}
+    # Unauthenticated: ready or not, nothing about the log (its position counts every write).
+    assert client.get("/readyz").json() == {"status": "ready"}
 
 
 class _UnreachableStore:
@@ -519,12 +521,18 @@ def test_openapi_and_docs_are_served(client: httpx.Client) -> None:
         "/api/flow/{flowId}/transition/{transition}",
         "/api/flow/{flowId}/reset",
         "/api/flow/{flowId}/history",
+        "/api/flow/{flowId}/transitions",
+        "/api/flow/{flowId}/back",
+        "/api/flow/{flowId}/next",
+        "/api/flow/{flowId}/token",
+        "/api/flow/{flowId}/handoff",
         "/api/flows/mine",
         "/api/flows",
         "/api/flows/{flowId}",
         "/api/flows/{flowId}/statistics",
         "/api/statistics",
         "/api/flows/{flowId}/funnel",
+        "/api/flows/{flowId}/instances",
         "/api/admin/purge-expired",
         "/api/admin/users/{userId}/flows/{flowId}/state",
         "/api/admin/users/{userId}",
@@ -548,3 +556,63 @@ def test_unknown_routes_and_methods_are_problems_too(client: httpx.Client, alice
     mine = client.delete("/api/flows/mine", headers=alice.headers)
     assert_problem(mine, 405, "METHOD_NOT_ALLOWED")
     assert mine.headers["allow"] == "GET"
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    ["tenant-7/ann", "a/flows/line", "/lead", "trail/", "x%2Fy", "dots/../.."],
+)
+def test_user_ids_with_slashes_can_be_overridden_and_erased(
+    client: httpx.Client, admin: User, line: str, user_id: str
+) -> None:
+    user = User(user_id, mint(user_id))
+    assert client.post(f"/api/flow/{line}/transition/next", headers=user.headers).status_code == 200
+    # Quoted (as a client library sends an id) and, where the id allows it, as written.
+    for path_id in {quote(user_id, safe=""), quote(user_id, safe="/")}:
+        if "/." in path_id or path_id.startswith("/"):
+            continue  # a client normalises /../ and // away before sending: only quoted ids reach us
+        state = client.put(
+            f"/api/admin/users/{path_id}/flows/{line}/state",
+            json={"step": "s1"},
+            headers=admin.headers,
+        )
+        assert state.status_code == 200, state.text
+    assert client.get(f"/api/flow/{line}/state", headers=user.headers).json()["step"] == "s1"
+    erased = client.delete(f"/api/admin/users/{quote(user_id, safe='')}", headers=admin.headers)
+    assert erased.json() == {"userId": user_id, "erasedInstances": 1}
+    assert_problem(client.get(f"/api/flow/{line}/state", headers=user.headers), 404, "FLOW_STATE_NOT_FOUND")
+
+
+def test_one_history_response_holds_at_most_its_cap(
+    client: httpx.Client, store: FlowStore, line: str
+) -> None:
+    user = User.new("hoarder")
+    big = {"blob": "x" * 60_000}
+    for _ in range(80):  # rejected attempts keep their payloads: 4.8 MB of history
+        response = client.post(f"/api/flow/{line}/transition/nope", json={"payload": big}, headers=user.headers)
+        assert response.status_code == 422
+    answer = client.get(f"/api/flow/{line}/history", headers=user.headers)
+    assert answer.status_code == 200
+    assert answer.headers["X-History-Truncated"] == "true"
+    rows = answer.json()
+    assert 0 < len(rows) < 81
+    assert sum(len(json.dumps(row["payload"])) for row in rows) <= MAX_HISTORY_RESPONSE_BYTES
+    assert rows == [r.model_dump(mode="json", by_alias=True) for r in store.get_flow_history(user.id, line)][: len(rows)]
+    # A history under the cap comes whole, unmarked.
+    small = User.new("small")
+    client.post(f"/api/flow/{line}/transition/next", json={"payload": {"a": 1}}, headers=small.headers)
+    whole = client.get(f"/api/flow/{line}/history", headers=small.headers)
+    assert "X-History-Truncated" not in whole.headers
+    assert len(whole.json()) == len(store.get_flow_history(small.id, line))
+
+
+def test_a_delete_on_the_state_route_is_405_not_an_erasure(
+    client: httpx.Client, admin: User, line: str
+) -> None:
+    # The erasure route takes the rest of the path as the user id, except a path that ends like
+    # the override route: that is a DELETE the override route does not have.
+    victim = User("u/flows/f/state", mint("u/flows/f/state"))
+    assert client.post(f"/api/flow/{line}/transition/next", headers=victim.headers).status_code == 200
+    answer = client.delete("/api/admin/users/u/flows/f/state", headers=admin.headers)
+    assert_problem(answer, 405, "METHOD_NOT_ALLOWED")
+    assert client.get(f"/api/flow/{line}/state", headers=victim.headers).status_code == 200

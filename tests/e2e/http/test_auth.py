@@ -46,7 +46,7 @@ def test_a_valid_token_names_the_user_and_roles() -> None:
 @pytest.mark.parametrize(
     ("token", "reason"),
     [
-        (mint("u1", ttl=-5), "expired"),
+        (mint("u1", ttl=-120), "expired"),
         (mint("u1", key="another-secret-of-sufficient-length-123"), "invalid"),  # forged
         (mint("u1", algorithm="HS512"), "invalid"),  # an algorithm the server did not choose
         (jwt.encode({"sub": "u1", "exp": time.time() + 60}, "", algorithm="none"), "invalid"),
@@ -216,3 +216,27 @@ def test_the_verifier_is_pluggable(sqlite_url: str) -> None:
         assert state["userId"] == "carol"
         assert_problem(client.get("/api/flows", headers=bearer("t-carol")), 403, "FORBIDDEN")
         assert_problem(client.get("/api/flows/mine", headers=bearer("x")), 401, "UNAUTHENTICATED")
+
+
+
+@pytest.mark.parametrize("exp", [253402300800, 10**17, 2**63 - 1], ids=["year-10000", "1e17", "int64"])
+def test_an_exp_past_year_9999_is_an_invalid_token_not_a_crash(
+    client: httpx.Client, exp: int
+) -> None:
+    token = jwt.encode({"sub": "u-far", "exp": exp}, SECRET, algorithm="HS256")
+    with pytest.raises(AuthenticationError) as caught:
+        JwtVerifier(SECRET).verify(token)
+    assert caught.value.reason == "invalid"
+    assert_problem(client.get("/api/flows/mine", headers=bearer(token)), 401, "UNAUTHENTICATED")
+    assert_problem(client.get("/api/statistics", headers=bearer(token)), 401, "UNAUTHENTICATED")
+
+
+def test_clock_skew_leeway_defaults_to_30_seconds_and_is_configurable() -> None:
+    recent = mint("u1", ttl=-10)  # expired 10 s ago: within the default skew
+    assert JwtVerifier.from_env({"FLOWSTORE_JWT_SECRET": SECRET}).verify(recent).user_id == "u1"
+    strict = JwtVerifier.from_env({"FLOWSTORE_JWT_SECRET": SECRET, "FLOWSTORE_JWT_LEEWAY": "0"})
+    with pytest.raises(AuthenticationError, match="expired"):
+        strict.verify(recent)
+    for bad in ("-1", "soon", "86400"):
+        with pytest.raises(AuthConfigError, match="FLOWSTORE_JWT_LEEWAY"):
+            JwtVerifier.from_env({"FLOWSTORE_JWT_SECRET": SECRET, "FLOWSTORE_JWT_LEEWAY": bad})

@@ -145,14 +145,14 @@ def test_bad_and_expired_tokens_are_refused_at_sign_in(client: httpx.Client) -> 
     bad = client.get("/ui", params={"token": "not-a-jwt"})
     assert bad.status_code == 401
     assert "not valid here" in bad.text
-    expired = client.get("/ui", params={"token": mint("root", roles=["admin"], ttl=-60)})
+    expired = client.get("/ui", params={"token": mint("root", roles=["admin"], ttl=-120)})
     assert expired.status_code == 401
     assert "expired" in expired.text
     assert not any(c.startswith(f"{SESSION}=") for c in expired.headers.get_list("set-cookie"))
 
 
 def test_an_expired_session_sends_the_browser_back_to_sign_in(client: httpx.Client) -> None:
-    client.cookies.set(SESSION, mint("root", roles=["admin"], ttl=-60), path="/ui")
+    client.cookies.set(SESSION, mint("root", roles=["admin"], ttl=-120), path="/ui")
     response = client.get("/ui/flows")
     assert response.status_code == 303
     assert response.headers["location"] == "/ui/login?next=%2Fui%2Fflows&reason=expired"
@@ -355,6 +355,26 @@ def test_a_window_counts_only_what_happened_in_it() -> None:
         )
 
 
+def test_a_window_is_read_from_the_activity_table_not_folded_from_the_log(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    with FlowStore("memory://", clock=clock) as store:
+        store.create_flow(onboarding())
+        store.execute_transition("ann", ONBOARDING, "start")
+        clock.advance(60)
+        store.sync_projections()  # the projector reads the log; the console must not
+
+        def no_log_reads(*args: object) -> None:
+            raise AssertionError("the console folded the event log")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(store, "read_events", no_log_reads)
+            hour = LogWindows(store, clock=clock).summary(ONBOARDING, WINDOWS[1])
+        assert hour.runs_started == 1
+        assert {s.step: s.entered for s in hour.steps}["profile-setup"] == 1
+
+
 def test_a_window_holding_the_whole_log_agrees_with_the_stores_counters() -> None:
     clock = Clock()
     with FlowStore("memory://", clock=clock) as store:
@@ -434,3 +454,41 @@ def test_one_operation_runs_at_a_time_and_a_rebuild_reports_log_positions(
         failed = ended(operations.start("purge", "root"))
         assert failed.state == "failed"
         assert failed.summary == "Failed: ZeroDivisionError: division by zero"
+
+
+def test_a_window_forgets_an_erased_users_id() -> None:
+    clock = Clock()
+    with FlowStore("memory://", clock=clock) as store:
+        store.create_flow(onboarding())
+        windows = LogWindows(store, clock=clock)
+        store.execute_transition("erase-me-5d1", ONBOARDING, "start")
+        store.execute_transition("keep-me", ONBOARDING, "start")
+        windows.summary(ONBOARDING, WINDOWS[1])
+        store.erase_user("erase-me-5d1")
+        after = windows.summary(ONBOARDING, WINDOWS[1])
+        assert {s.step: s.dropped for s in after.steps}["profile-setup"] == 1  # still counted
+        held = repr([fold.__dict__ for fold in windows._folds.values()])
+        assert "erase-me-5d1" not in held
+        assert "keep-me" not in held  # ids are not kept at all: instances are
+
+
+def test_the_timeline_shows_the_owlmeans_commands(
+    console: httpx.Client, store: FlowStore, alice: User, bob: User
+) -> None:
+    from tests.owlmeans import owl_flow
+
+    flow = store.create_flow({**owl_flow("_oa"), "flow": f"_oa-console-{alice.id}"})
+    store.reset_flow(alice.id, flow, entity_id="org-<1>")
+    store.execute_transition(alice.id, flow, "signup", ok=False, message="try <b>again</b>")
+    store.go_back(alice.id, flow)
+    store.execute_transition(alice.id, flow, "signup", message="second go")
+    store.adopt_state_token(bob.id, store.state_token(alice.id, flow), sender="idp")
+    page = console.get("/ui/users", params={"user": alice.id})
+    kinds = re.findall(r'data-kind="(\w+)"', page.text)
+    assert kinds == ["transition", "back", "transition", "reset"]
+    assert "not ok" in page.text
+    assert "try &lt;b&gt;again&lt;/b&gt;" in page.text  # escaped, like every value
+    assert "entity org-&lt;1&gt;" in page.text
+    handed = console.get("/ui/users", params={"user": bob.id})
+    assert re.findall(r'data-kind="(\w+)"', handed.text) == ["handoff"]
+    assert "handed over by idp" in handed.text

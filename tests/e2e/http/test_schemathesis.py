@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flowstore import FlowStore
 from flowstore.adapters.http import JwtVerifier, create_app
 from tests.e2e.http.conftest import ONBOARDING, SECRET, LiveServer, mint
@@ -16,6 +18,9 @@ EXAMPLES = 80
 """Test cases per operation and phase: about 15 s in all here."""
 
 
+# No wall-clock limit on the run itself: on a loaded machine it takes minutes rather than seconds,
+# and its speed is not what it tests. This marker only stops a run that hangs.
+@pytest.mark.timeout(1800)
 def test_the_api_holds_to_its_spec_under_fuzzing(sqlite_url: str, tmp_path: Path) -> None:
     with FlowStore(sqlite_url) as store:
         # Data behind the spec's examples (flowId "user-onboarding", transition "start"), so
@@ -44,7 +49,6 @@ def test_the_api_holds_to_its_spec_under_fuzzing(sqlite_url: str, tmp_path: Path
                 capture_output=True,
                 text=True,
                 cwd=tmp_path,  # anything it writes stays in the test's directory
-                timeout=120,
                 check=False,
             )
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]

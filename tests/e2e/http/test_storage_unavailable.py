@@ -17,7 +17,7 @@ class _DownStore:
 
     max_payload_bytes = 1024
 
-    def execute_transition(self, *args: Any) -> Any:
+    def execute_transition(self, *args: Any, **kwargs: Any) -> Any:
         raise StorageUnavailableError(
             "PostgreSQL", "appending events", "couldn't get a connection after 2.00 sec"
         )

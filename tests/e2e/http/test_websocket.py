@@ -11,13 +11,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from flowstore import FlowStore
 from flowstore.adapters.http.websocket import CLOSE_UNAUTHENTICATED
-from tests.e2e.http.conftest import ONBOARDING, LiveServer, User, mint
+from tests.e2e.http.conftest import ONBOARDING, SECRET, LiveServer, User, mint
 from tests.e2e.http.security import bad_ws_tokens
 
 TIMEOUT = 10.0
@@ -213,3 +214,26 @@ def test_a_write_from_another_process_is_pushed(
     assert push["state"]["step"] == "profile-setup"
     assert push["state"]["payload"] == {"from": "cli"}
     assert push["state"] == json.loads(written.stdout)
+
+
+@pytest.mark.parametrize("depth", [300, 1000, 5000])
+def test_a_deeply_nested_message_is_a_request_error_not_an_internal_one(
+    server: LiveServer, alice: User, depth: int
+) -> None:
+    nested = "[" * depth + "]" * depth
+    with signed_in(server, alice) as ws:
+        head = {"type": "flow-transition", "requestId": "deep", "flowId": ONBOARDING}
+        ws.send(json.dumps(head)[:-1] + ', "transition": "start", "payload": {"x": ' + nested + "}}")
+        reply = answer(ws)
+        assert reply["type"] == "flow-error"
+        assert reply["code"] in ("REQUEST_INVALID", "PAYLOAD_INVALID")
+        assert reply["problem"]["status"] == 422
+        # The session still works.
+        send(ws, {"type": "flow-transition", "requestId": "ok", "flowId": ONBOARDING, "transition": "nope"})
+        assert answer(ws)["requestId"] == "ok"
+
+
+def test_a_token_expiring_past_year_9999_is_closed_with_4401(server: LiveServer) -> None:
+    token = jwt.encode({"sub": "u-far", "exp": 253402300800}, SECRET, algorithm="HS256")
+    with session(server, token) as ws:
+        assert_closed_unauthenticated(ws, "invalid")

@@ -21,6 +21,7 @@ from flowstore.adapters.kafka.envelope import (
 )
 from flowstore.domain import DomainEvent, InstanceEvent
 from tests.flows import Clock, linear, onboarding
+from tests.owlmeans import owl_flow
 
 FLOW = "user-onboarding"
 
@@ -45,6 +46,13 @@ def every_kind_of_event() -> list[tuple[int, DomainEvent]]:
         store.delete_flow("short")
         store.reset_flow("eve", FLOW)
         store.erase_user("eve")
+        # The OwlMeans model's events and fields: target, entity, ok/message, back, hand-over.
+        store.create_flow(owl_flow("_oa"))
+        store.reset_flow("fay", "_oa", service="portal", entity_id="org-1")
+        store.execute_transition("fay", "_oa", "signup", {"k": 1}, ok=False, message="retry")
+        store.go_back("fay", "_oa")
+        store.execute_transition("fay", "_oa", "signin")
+        store.adopt_state_token("gus", store.state_token("fay", "_oa"), sender="idp")
         return store.read_events(1, 1000)
 
 
@@ -131,3 +139,15 @@ def test_an_unknown_event_type_parses_but_cannot_become_an_event() -> None:
     parsed = FlowEventEnvelope.parse(envelope.to_bytes())
     with pytest.raises(EnvelopeError, match="unknown event type"):
         parsed.to_event()
+
+
+def test_an_envelope_from_before_the_owlmeans_fields_still_becomes_its_event() -> None:
+    """A TransitionExecuted published by an older flowstore (no ok/message/previous/rules)."""
+    executed = next(e for _, e in EVENTS if isinstance(e, domain.TransitionExecuted))
+    old = FlowEventEnvelope.of(1, executed).to_bytes()
+    data = json.loads(old)
+    for name in ("ok", "message", "previous", "rules"):
+        del data["data"][name]
+    event = FlowEventEnvelope.parse(json.dumps(data)).to_event()
+    assert isinstance(event, domain.TransitionExecuted)
+    assert (event.ok, event.message, event.previous, event.rules) == (True, None, None, 1)
