@@ -17,6 +17,7 @@ job; erasure is this module's).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -53,6 +54,8 @@ PERSONAL_FIELDS = ("user_id", "payload", "error", "message", "entity_id")
 `message` and `entity_id` (the OwlMeans model's fields) came later: events written before them
 have none, and read with their defaults."""
 
+
+_log = logging.getLogger(__name__)
 
 _NONCE = 12
 _USER_LOCK_STRIPES = 256
@@ -344,14 +347,29 @@ class SqlKeyStore(UserKeys):
         return found
 
     def _delete_user(self, ref: str) -> list[str]:
+        from sqlalchemy import text
+
         with self.engine.begin() as conn:
             subjects = list(conn.execute(self._refs, {"ref": ref}).scalars())
             conn.execute(self._delete_ref, {"ref": ref})
+            deleted_by = (
+                None
+                if self._sqlite_file
+                else int(conn.execute(text("SELECT txid_current()")).scalar_one())
+            )
         if subjects:
-            self.purge_deleted()
+            purged = self.purge_deleted(deleted_by)
+            if not purged:
+                _log.warning(
+                    "an erased key's bytes may remain on disk: %s",
+                    "a reader kept SQLite's WAL from being truncated"
+                    if self._sqlite_file
+                    else "a transaction older than the erasure was still open; run "
+                    "VACUUM FULL flowstore_user_keys once it has ended",
+                )
         return subjects
 
-    def purge_deleted(self) -> bool:
+    def purge_deleted(self, deleted_by: int | None = None) -> bool:
         """Remove deleted rows' bytes from where the database still keeps them; True when done.
 
         SQLite: the rows were overwritten in the file (secure_delete); the WAL still holds the frames
@@ -371,5 +389,24 @@ class SqlKeyStore(UserKeys):
             finally:
                 raw.close()
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            # VACUUM FULL copies a deleted row that a snapshot older than the delete may still
+            # see: wait (briefly) until no other session of this database holds one.
+            quiet = deleted_by is None or self._wait_for_newer_snapshots(conn, deleted_by)
             conn.execute(text(f"VACUUM FULL {self.table.name}"))
-            return True
+            return quiet
+
+    @staticmethod
+    def _wait_for_newer_snapshots(conn: Any, xid: int, timeout: float = 5.0) -> bool:
+        from sqlalchemy import text
+
+        older = text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_xmin IS NOT NULL "
+            "AND age(backend_xmin) >= age(CAST(CAST(:xid AS text) AS xid))"
+        )
+        deadline = time.monotonic() + timeout
+        while conn.execute(older, {"xid": xid % 2**32}).scalar_one():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)  # polling the server's view of open snapshots, not a test's sync
+        return True
