@@ -89,7 +89,7 @@ class FleetMetrics:
     """One registry: the store's gauges plus request counters and leadership, for one process."""
 
     def __init__(self, store: FlowStore) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()  # collect() only when scraped
         self.registry.register(StoreCollector(store))
         self.requests = Counter(
             "flowstore_requests",

@@ -18,6 +18,7 @@ from anyio.abc import TaskStatus
 
 from flowstore import FlowStore
 from flowstore.domain import InstanceEvent
+from flowstore.notify import LogNotifier
 
 __all__ = ["LogPusher", "Subscriber"]
 
@@ -66,7 +67,8 @@ class LogPusher:
         self._page = page
         self._subscribers: defaultdict[str, set[Subscriber]] = defaultdict(set)
         self._subscriptions = 0  # how many sessions ever subscribed
-        self._notifier = store.log_notifier
+        # A stand-in store (tests) may have none: then the pusher polls.
+        self._notifier: LogNotifier | None = getattr(store, "log_notifier", None)
         self.position: int | None = None
         """The notification id of the last event looked at (None until the log was reached)."""
 
@@ -95,7 +97,8 @@ class LogPusher:
         task_status.started()
         failures = 0
         while True:
-            generation = self._notifier.generation  # before reading: no append goes unnoticed
+            # Noted before reading: no append goes unnoticed.
+            generation = self._notifier.generation if self._notifier is not None else 0
             try:
                 full = await self._step()
             except Exception:
@@ -112,7 +115,7 @@ class LogPusher:
 
     async def _pause(self, generation: int) -> None:
         """Until the next append (PostgreSQL notifies) or, polling, `interval` seconds."""
-        if not self._notifier.pushes:
+        if self._notifier is None or not self._notifier.pushes:
             await anyio.sleep(self._interval)
             return
         # While listening, the poll is only a fallback; waiting takes one worker thread.

@@ -122,14 +122,23 @@ class Operations:
         self._jobs: OrderedDict[str, Job] = OrderedDict()  # this process's, as they run
         self._lock = threading.Lock()
         self._beats: dict[str, float] = {}
-        # memory:// has no database to share (its engine's one connection is the tables').
-        self._engine: Engine | None = (
-            store.engine if store.config.sqlalchemy_url is not None else None
-        )
-        if self._engine is not None:
-            with self._engine.begin() as conn:
+        self._table_ready = False
+
+    @property
+    def _engine(self) -> Engine | None:
+        """The store's engine, its table created on first use (None: jobs stay in this process).
+
+        memory:// has no database to share (its engine's one connection is the tables').
+        """
+        if self._store.config.sqlalchemy_url is None:
+            return None
+        engine = self._store.engine
+        if not self._table_ready:
+            with engine.begin() as conn:
                 serialize_ddl(conn)  # servers of a fleet start together
                 _metadata.create_all(conn)
+            self._table_ready = True
+        return engine
 
     def start(self, action: str, started_by: str) -> Job:
         """Start `action` in the background; `OperationRunningError` while another one runs."""
