@@ -116,4 +116,8 @@ def run_worker(
         start("publisher", lambda: publisher.run(stop))
     stop.wait()
     for thread in threads:
-        thread.join()
+        # Bounded: a job stuck in a database call must not keep a stopping worker alive (its
+        # locks die with the process anyway).
+        thread.join(timeout=30)
+        if thread.is_alive():
+            log.warning("%s did not stop within 30 s; leaving it", thread.name)

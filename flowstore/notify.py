@@ -70,7 +70,9 @@ class LogNotifier:
             self._stopping = True
             self._changed.notify_all()
         if self._thread is not None:
-            self._thread.join()
+            # Bounded: the listener notices within its 0.2 s poll, unless stuck connecting (it is
+            # a daemon thread: it must not keep a closing store, or its process, waiting).
+            self._thread.join(timeout=5)
 
     def _start(self) -> None:
         # Lazily: a one-shot command that never follows the log opens no listening connection.
