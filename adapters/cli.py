@@ -570,6 +570,73 @@ def worker(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     return Note(f"stopped; tables at event {position}", {"position": position})
 
 
+def _handler_spec(text: str) -> str:
+    module_name, colon, attribute = text.partition(":")
+    names = [*module_name.split("."), attribute]
+    if not colon or not all(name.isidentifier() for name in names):
+        raise argparse.ArgumentTypeError(f"must be module:function, not {text!r}")
+    return text
+
+
+def _handler(spec: str) -> Any:
+    """The function `module:function` names, imported (from the working directory too)."""
+    import importlib
+
+    from flowstore.errors import InvalidArgumentError
+
+    module_name, _, attribute = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as uvicorn does: the app's own modules
+    try:
+        handler = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidArgumentError("--handler", spec, f"cannot be imported ({exc})") from None
+    if not callable(handler):
+        raise InvalidArgumentError("--handler", spec, "is not callable")
+    return handler
+
+
+def follow(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`follow NAME --handler module:function`: a durable follower, until SIGTERM/SIGINT."""
+    import asyncio
+    import inspect
+    import signal
+
+    handler = _handler(args.handler)
+    loop: asyncio.AbstractEventLoop | None = None
+    if inspect.iscoroutinefunction(handler):
+        # An `async def` handler runs to completion inside the event's transaction, on a loop
+        # of this worker's own.
+        loop, coroutine_handler = asyncio.new_event_loop(), handler
+
+        def handler(event: Any, connection: Any) -> object:
+            assert loop is not None
+            return loop.run_until_complete(coroutine_handler(event, connection))
+
+    follower = store.follow(args.name, handler, interval=args.interval, start=False)
+    try:
+        if args.once:
+            applied = follower.catch_up()
+        else:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: follower.halt())
+            out.console.print(
+                f"following the log as {args.name!r} (standby while another process does); "
+                "stop with Ctrl-C or SIGTERM"
+            )
+            follower.run()
+            applied = None
+        position = follower.position()
+    finally:
+        follower.stop()
+        if loop is not None:
+            loop.close()
+    details: dict[str, Any] = {"name": args.name, "position": position}
+    if applied is not None:
+        details["applied"] = applied
+    return Note(f"{args.name} stopped at event {position}", details)
+
+
 def serve(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`serve [--host H] [--port P] [--projector live|off]`: the HTTP and WebSocket API."""
     try:
@@ -641,6 +708,7 @@ COMMANDS: dict[str, Handler] = {
     "projections verify": projections_verify,
     "projections repair": projections_repair,
     "projections run": projections_run,
+    "follow": follow,
     "quarantine": quarantine,
     "serve": serve,
     "worker": worker,
@@ -950,6 +1018,17 @@ def build_parser() -> argparse.ArgumentParser:
     logging_options(sub)
     sub.add_argument("--interval", type=float, default=0.5, help="poll interval in seconds")
     sub.add_argument("--batch", type=_positive, default=1000, help="events per transaction")
+    sub = command("follow", "a durable follower: call a handler once per event, until stopped")
+    sub.add_argument("name", help="the follower's name (its position is kept under it)")
+    sub.add_argument(
+        "--handler",
+        required=True,
+        type=_handler_spec,
+        metavar="MODULE:FUNCTION",
+        help="called as function(event, connection); its writes commit with the position",
+    )
+    sub.add_argument("--once", action="store_true", help="stop when caught up")
+    sub.add_argument("--interval", type=float, default=0.2, help="poll interval in seconds")
     sub = command("serve", "serve the HTTP and WebSocket API (token settings: FLOWSTORE_JWT_*)")
     sub.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
     sub.add_argument("--port", type=_positive, default=8000, help="TCP port (default: 8000)")
@@ -1014,6 +1093,10 @@ def main(argv: list[str] | None = None) -> int:
         live = _live_projections(args)
         if hasattr(args, "log_level"):
             configure_logging(args.log_level, args.log_format)
+
+
+        # The worker is the one that moves the tables; it must not do a whole catch-up on opening.
+        live = args.command not in ("projections run", "follow")
         # Only the long-running server publishes to Kafka from $FLOWSTORE_KAFKA_BOOTSTRAP; a
         # one-shot command must not start (and drain) a publisher on every call.
         kafka = None if args.command == "serve" else False

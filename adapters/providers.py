@@ -34,9 +34,17 @@ from types import TracebackType
 from typing import Any, Literal, Protocol, Self
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import httpx
 import orjson
-import yaml
+
+try:
+    import httpx
+    import yaml
+except ImportError as missing:  # PyYAML and httpx come with the providers extra
+    raise ImportError(
+        f"flowstore.adapters.providers needs the providers extra ({missing.name} is missing): "
+        "pip install 'flowstore-es[providers]'",
+        name=missing.name,
+    ) from None
 from eventsourcing.persistence import PersistenceError
 
 from flowstore import (

@@ -18,6 +18,7 @@ from flowstore.errors import (
     FlowNotFoundError,
     FlowStateCorruptionError,
     FlowStateNotFoundError,
+    FollowerBusyError,
     InvalidArgumentError,
     InvalidStepError,
     InvalidTransitionError,
@@ -35,6 +36,10 @@ from flowstore.errors import (
 )
 
 if TYPE_CHECKING:
+    from flowstore.adapters.alembic import include_name as alembic_include_name
+    from flowstore.adapters.alembic import include_object as alembic_include_object
+    from flowstore.adapters.alembic import metadata
+    from flowstore.aio import AsyncFlowStore
     from flowstore.definitions import FlowDefinition, FlowStep, FlowTransition, validate_flow
     from flowstore.models import (
         FlowState,
@@ -58,6 +63,7 @@ __version__ = "0.1.0"
 # cryptography, the models pydantic and jsonschema. `import flowstore.domain` (or a consumer of the
 # Kafka envelope) stays free of the store, and `flowstore --help` starts without any of them.
 _LAZY = {
+    "AsyncFlowStore": "flowstore.aio",
     "FlowStore": "flowstore.store",
     "StorageConfigError": "flowstore.storage",
     **dict.fromkeys(("decode_state_token", "encode_state_token"), "flowstore.tokens"),
@@ -82,22 +88,32 @@ _LAZY = {
 }
 
 
+# Exported under another name than their module's: Alembic coexistence (flowstore.adapters.alembic),
+# the store's tables and the env.py hooks.
+_ALIASES = {
+    "alembic_include_name": ("flowstore.adapters.alembic", "include_name"),
+    "alembic_include_object": ("flowstore.adapters.alembic", "include_object"),
+    "metadata": ("flowstore.adapters.alembic", "metadata"),
+}
+
+
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
+    module, attribute = _ALIASES.get(name) or (_LAZY.get(name), name)
     if module is None:
         raise AttributeError(f"module 'flowstore' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), attribute)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_ALIASES))
 
 
 __all__ = [
+    "AsyncFlowStore",
     "ConcurrencyConflictError",
     "CorruptEventError",
     "DefinitionError",
@@ -115,6 +131,7 @@ __all__ = [
     "FlowStep",
     "FlowStore",
     "FlowTransition",
+    "FollowerBusyError",
     "FunnelStep",
     "HistoryKind",
     "InstanceMigration",
@@ -137,7 +154,10 @@ __all__ = [
     "StorageUnavailableError",
     "StoreClosedError",
     "__version__",
+    "alembic_include_name",
+    "alembic_include_object",
     "decode_state_token",
     "encode_state_token",
+    "metadata",
     "validate_flow",
 ]

@@ -41,6 +41,7 @@ from flowstore.errors import (
 )
 from flowstore.eventlog import EventLog, backoff
 from flowstore.models import FlowStatus
+from flowstore.reactions import Reactions
 
 __all__ = ["Commands", "definition_of", "is_expired"]
 
@@ -73,6 +74,8 @@ class Commands:
         self._instances: OrderedDict[UUID, FlowInstance] = OrderedDict()
         self._definitions: dict[str, tuple[FlowVersions, float]] = {}
         self._listeners: tuple[Callable[[str], None], ...] = ()
+        self.reactions = Reactions()
+        """The in-process handlers `FlowStore.on` registers, called after each append."""
         # Threads of one process on one instance take turns: they would otherwise read the same
         # version and all but one fail their append and retry, which only processes need to do.
         self._instance_locks = tuple(threading.RLock() for _ in range(_LOCK_STRIPES))
@@ -90,11 +93,19 @@ class Commands:
 
     # Appending
 
-    def save(self, events: Sequence[DomainEvent], *, decided_here: bool = False) -> None:
-        """Append events (all or none) and hand the new position to the live projector."""
+    def save(
+        self, events: Sequence[DomainEvent], *, decided_here: bool = False, react: bool = True
+    ) -> None:
+        """Append events (all or none), hand the new position to the live projector, then react.
+
+        The reactions (`FlowStore.on`) run after the commit and outside the write lock; `react`
+        False skips them (an import replays the past).
+        """
         position = self.log.save(events, decided_here=decided_here)
         if position:
             self._written(position)
+        if react:
+            self.reactions.dispatch(events)
 
     def change_instance(
         self,

@@ -23,6 +23,7 @@
      │    ├── StateTokenFlowError               STATE_TOKEN_UNKNOWN_FLOW
      │    └── StateTokenStepError               STATE_TOKEN_UNKNOWN_STEP
      ├── StorageConfigError (ValueError)        STORAGE_CONFIG_INVALID
+     ├── FollowerBusyError                      FOLLOWER_BUSY
      ├── StoreClosedError (RuntimeError)        STORE_CLOSED
      │   at the HTTP boundary (flowstore.adapters.http):
      ├── RequestInvalidError (ValueError)       REQUEST_INVALID
@@ -66,6 +67,7 @@ __all__ = [
     "FlowNotFoundError",
     "FlowStateCorruptionError",
     "FlowStateNotFoundError",
+    "FollowerBusyError",
     "InvalidArgumentError",
     "InvalidStepError",
     "InvalidTransitionError",
@@ -497,6 +499,16 @@ class OperationRunningError(FlowError):
 
     def __init__(self, what: str, *, job: str, action: str) -> None:
         super().__init__(f"{what} is still running (job {job})", job=job, action=action)
+
+
+class FollowerBusyError(FlowError):
+    """Another process is the active follower of this name (`FlowStore.follow`)."""
+
+    code = "FOLLOWER_BUSY"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Another process is following the log as {name!r}", name=name)
+        self.name = name
 
 
 # The Kafka boundary (flowstore.adapters.kafka)

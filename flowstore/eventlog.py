@@ -46,7 +46,7 @@ from flowstore.keys import MemoryKeyStore, SqlKeyStore, UserKeys
 from flowstore.storage import SQLITE_PERSISTENCE, StorageConfig
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
+    from sqlalchemy import Engine, MetaData, Table
 
 __all__ = [
     "CIPHER_KEY_ENV",
@@ -54,6 +54,7 @@ __all__ = [
     "UnreadableEvent",
     "backoff",
     "cipher_settings",
+    "log_tables",
     "storage_errors",
 ]
 
@@ -150,6 +151,44 @@ class _FlowApplication(Application[UUID]):
         return self.factory.mapper(
             transcoder=self.construct_transcoder(), mapper_class=PydanticMapper
         )
+
+
+def log_tables(metadata: MetaData, backend: str | None = None) -> list[Table]:
+    """The event log's table(s) as eventsourcing creates them, for `backend` (None: both kinds).
+
+    SQLite: `stored_events` (the rowid is the notification id). PostgreSQL: `<app name>_events` in
+    POSTGRES_SCHEMA (public by default), with a `notification_id` bigserial. eventsourcing creates
+    and owns them; these definitions let other tools (Alembic) recognise them, not create them.
+    """
+    from sqlalchemy import BigInteger, Column, Index, Integer, LargeBinary, Table, Text, Uuid
+
+    tables = []
+    if backend in (None, "sqlite"):
+        tables.append(
+            Table(
+                "stored_events",
+                metadata,
+                Column("originator_id", Text, primary_key=True),
+                Column("originator_version", Integer, primary_key=True),
+                Column("topic", Text),
+                Column("state", LargeBinary),
+            )
+        )
+    if backend in (None, "postgres"):
+        name = f"{_FlowApplication.name.lower()}_events"
+        tables.append(
+            Table(
+                name,
+                metadata,
+                Column("originator_id", Uuid, primary_key=True),
+                Column("originator_version", BigInteger, primary_key=True),
+                Column("topic", Text),
+                Column("state", LargeBinary),
+                Column("notification_id", BigInteger, autoincrement=True, nullable=False),
+                Index(f"{name}_notification_id_idx", "notification_id", unique=True),
+            )
+        )
+    return tables
 
 
 class EventLog:

@@ -36,7 +36,7 @@ def import_events(
         if not pending:
             return
         try:
-            commands.save(pending)
+            commands.save(pending, react=False)  # a restore replays the past: no reactions
         except IntegrityError:
             first = pending[0]
             raise ConcurrencyConflictError(

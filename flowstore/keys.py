@@ -35,10 +35,11 @@ from flowstore.sqlitelog import wipe_wal
 from flowstore.storage import READ_ONLY, StorageConfig, make_engine
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
+    from sqlalchemy import Engine, MetaData, Table
 
 __all__ = [
     "ERASED_USER_PREFIX",
+    "KEY_TABLE",
     "PERSONAL_FIELDS",
     "KeyWrapper",
     "MemoryKeyStore",
@@ -46,7 +47,11 @@ __all__ = [
     "SqlKeyStore",
     "UserKeys",
     "erased_user_id",
+    "key_table",
 ]
+
+KEY_TABLE = "flowstore_user_keys"
+"""The table of the users' keys, in the store's database."""
 
 PERSONAL_FIELDS = ("user_id", "payload", "error", "message", "entity_id")
 """The fields of instance events that say something about a person; sealed with the user's key.
@@ -256,6 +261,19 @@ class MemoryKeyStore(UserKeys):
         return subjects
 
 
+def key_table(metadata: MetaData) -> Table:
+    """The `flowstore_user_keys` table (one key per user) in `metadata`."""
+    from sqlalchemy import Column, LargeBinary, String, Table
+
+    return Table(
+        KEY_TABLE,
+        metadata,
+        Column("subject", String(32), primary_key=True),
+        Column("user_ref", String(64), nullable=False, unique=True),
+        Column("key", LargeBinary, nullable=False),
+    )
+
+
 class SqlKeyStore(UserKeys):
     """Keys in the `flowstore_user_keys` table of the store's SQLite or PostgreSQL database."""
 
@@ -268,11 +286,7 @@ class SqlKeyStore(UserKeys):
     ) -> None:
         # Imported here: the domain modules stay importable without SQLAlchemy.
         from sqlalchemy import (
-            Column,
-            LargeBinary,
             MetaData,
-            String,
-            Table,
             bindparam,
             delete,
             select,
@@ -289,13 +303,7 @@ class SqlKeyStore(UserKeys):
         self._owns_engine = engine is None
         self.engine = engine if engine is not None else make_engine(config)
         md = MetaData()
-        self.table = table = Table(
-            "flowstore_user_keys",
-            md,
-            Column("subject", String(32), primary_key=True),
-            Column("user_ref", String(64), nullable=False, unique=True),
-            Column("key", LargeBinary, nullable=False),
-        )
+        self.table = table = key_table(md)
         self._sqlite_file = sqlite_file
         for attempt in range(5):
             try:

@@ -93,12 +93,14 @@ from flowstore.paging import (
     history_bound,
     idle_seconds,
 )
+from flowstore.reactions import Handler
 from flowstore.storage import StorageConfig, make_engine, parse_url, resolve_url
 from flowstore.tokens import decode_state_token, encode_state_token, token_flow_id
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from flowstore.follow import Follower, FollowHandler
     from flowstore.projections.live import LiveProjector
     from flowstore.projections.sql import Difference, SqlProjections
 
@@ -355,6 +357,7 @@ class FlowStore:
                 with contextlib.suppress(Exception):
                     close()
             raise
+        self._followers: list[Follower] = []
         self._erasure = Erasure(self._commands, self._log.keys, self._project_written)
         # PostgreSQL tells of other processes' appends (LISTEN/NOTIFY): followers wake at once.
         self._notifier = LogNotifier(self.config, self._log.channel)
@@ -453,6 +456,8 @@ class FlowStore:
         if self._generation != _fork_generation:
             self._after_fork()  # a child closes its own connections, not the parent's
         try:
+            for follower in self._followers:
+                follower.stop()  # each finishes the event it is applying
             if self._publisher is not None:
                 self._publisher.stop()  # first: it drains the log to Kafka, then releases its lock
             self._notifier.close()
@@ -549,6 +554,52 @@ class FlowStore:
         are seen: a cache that other processes' changes must reach needs an expiry as well.
         """
         return self._commands.on_definition_change(listener)
+
+    # Reacting to flows
+
+    def on(
+        self,
+        event_kind: str,
+        handler: Handler,
+        *,
+        flow: str | None = None,
+        step: str | None = None,
+    ) -> Callable[[], None]:
+        """Call `handler(event)` after each of this store's commits of an `event_kind` event.
+
+        Kinds: `flowstore.reactions.KINDS` (`step_entered`, `transition_taken`,
+        `transition_rejected`, `flow_completed`, `flow_expired`, `flow_erased`, ...) or "*";
+        `flow` and `step` narrow it down. The handler runs in the command's thread after the commit,
+        outside the write transaction; what it raises is logged and the command's result stands.
+        Returns a function that removes the handler. Other processes' commands are not seen: use
+        `follow` for that.
+        """
+        return self._commands.reactions.on(event_kind, handler, flow=flow, step=step)
+
+    def follow(
+        self,
+        name: str,
+        handler: FollowHandler,
+        *,
+        page: int = 100,
+        interval: float = 0.2,
+        start: bool = True,
+    ) -> Follower:
+        """A durable follower `name`: `handler(event, connection)` once per event of the log, in order.
+
+        The handler's writes through `connection` commit in one transaction with the follower's
+        position in this store's database, so each event's effect lands exactly once across
+        crashes; a restart resumes where it stopped. One process at a time follows a name (the
+        others wait). With `start` (the default) it runs in a background thread until `stop()` or
+        this store's `close()`; without, call its `run()` or `catch_up()`.
+        """
+        from flowstore.follow import Follower  # SQLAlchemy, loaded when a follower is made
+
+        follower = Follower(
+            self.config, self.read_events, name, handler, page=page, interval=interval
+        )
+        self._followers.append(follower)
+        return follower.start() if start else follower
 
     def migrate_flows(
         self,
@@ -1188,7 +1239,9 @@ class FlowStore:
         start, end = check_aware(since, "since"), check_aware(until, "until")
         if start is None and end is None:
             return None
-        end = end or self._clock()
+        # Without `until`: everything so far, this very instant included (events are stamped by
+        # the same clock, and a window ends before `until`).
+        end = end or self._clock() + timedelta(microseconds=1)
         start = start or datetime.fromtimestamp(0, UTC)
         if start >= end:
             raise InvalidArgumentError("since", since, f"must be before until ({end.isoformat()})")

@@ -149,6 +149,8 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("message", String, nullable=True),
         # Per-flow scans: transition counts for diagrams, a flow's history for exports.
         Index(f"ix_flow_history{suffix}_flow_kind", "flow_id", "kind"),
+        # A flow's rows in a time window (the console's activity and stays over the last hour...).
+        Index(f"ix_flow_history{suffix}_flow_time", "flow_id", "timestamp"),
         Index(f"ix_flow_history{suffix}_instance", "instance_id"),
     )
     counters = Table(

@@ -1,9 +1,14 @@
-"""The HTTP and WebSocket API (FastAPI): `create_app(store, verifier)`, served by `flowstore serve`.
+"""The HTTP and WebSocket API (FastAPI): `create_router` for an app of yours, `create_app` to serve it.
 
 Needs the `http` extra (`pip install 'flowstore[http]'`).
 """
 
-from flowstore.adapters.http.app import DEFAULT_MAX_BODY_BYTES, create_app
+from flowstore.adapters.http.app import (
+    DEFAULT_MAX_BODY_BYTES,
+    FlowRouter,
+    create_app,
+    create_router,
+)
 from flowstore.adapters.http.auth import (
     ADMIN_ROLE,
     AuthConfigError,
@@ -21,11 +26,13 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "AuthConfigError",
     "AuthenticationError",
+    "FlowRouter",
     "JwtVerifier",
     "PermissionDeniedError",
     "Principal",
     "Problem",
     "TokenVerifier",
     "create_app",
+    "create_router",
     "serve",
 ]

@@ -1,4 +1,9 @@
-"""The HTTP API: `create_app(store, verifier)` builds the FastAPI app `flowstore serve` runs.
+"""The HTTP API: `create_router(store, verifier)` holds every endpoint; `create_app` serves it alone.
+
+`create_router` returns a `FlowRouter` (a FastAPI `APIRouter`) an application includes under any
+prefix; its lifespan (merged by `include_router`, or entered as `router.running()`) follows the event
+log so that WebSocket pushes run. `create_app(store, verifier)` is the app `flowstore serve` runs:
+the router, the body-size cap for every path, the web console and the OpenAPI tweaks.
 
 Users act on their own flows only: every `/api/flow/...` endpoint takes the user id from the token,
 never from the request. Administrative endpoints (flow definitions, statistics, overrides) need the
@@ -13,12 +18,12 @@ import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from http import HTTPStatus
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import anyio
 import orjson
@@ -26,7 +31,7 @@ from fastapi import Body, Depends, FastAPI, Path, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.routing import APIRouter
+from fastapi.routing import APIRoute, APIRouter
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import WithJsonSchema
 from starlette.convertors import Convertor, register_url_convertor
@@ -83,11 +88,19 @@ from flowstore.adapters.http.schemas import (
     nul_errors,
 )
 from flowstore.adapters.http.websocket import FlowSocket
+from flowstore.aio import AsyncFlowStore
 from flowstore.models import FlowStatus, InstancePage
 from flowstore.paging import MAX_PAGE
 from flowstore.tokens import token_flow_id
 
-__all__ = ["CORS_ORIGINS_ENV", "DEFAULT_MAX_BODY_BYTES", "cors_origins_from_env", "create_app"]
+__all__ = [
+    "CORS_ORIGINS_ENV",
+    "DEFAULT_MAX_BODY_BYTES",
+    "FlowRouter",
+    "cors_origins_from_env",
+    "create_app",
+    "create_router",
+]
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +232,11 @@ def _caller(
     """The authenticated caller, by the app's verifier (401 UNAUTHENTICATED otherwise)."""
     if credentials is None:
         raise AuthenticationError("A bearer token is required", reason="missing")
-    verifier: TokenVerifier = request.app.state.verifier
-    return verifier.verify(credentials.credentials)
+    # The route knows its router's verifier; `request.app` may be an application of the user's.
+    route = request.scope.get("route")
+    if not isinstance(route, _FlowRoute):
+        raise RuntimeError("flowstore endpoints are served by a FlowRouter (create_router)")
+    return route.verifier.verify(credentials.credentials)
 
 
 Caller = Annotated[Principal, Depends(_caller)]
@@ -314,45 +330,95 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted({m.upper() for operations in matching for m in operations if m in _HTTP_METHODS})
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    async def flow_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, FlowError)
-        headers = None
-        if isinstance(exc, AuthenticationError):
-            error = "invalid_token" if exc.reason != "missing" else None
-            headers = {"WWW-Authenticate": f'Bearer error="{error}"' if error else "Bearer"}
-        return problem_response(problem_for(exc), headers)
+async def _flow_error(request: Request, exc: Exception) -> Response:
+    """A FlowError as problem+json (401s with their WWW-Authenticate challenge)."""
+    assert isinstance(exc, FlowError)
+    headers = None
+    if isinstance(exc, AuthenticationError):
+        error = "invalid_token" if exc.reason != "missing" else None
+        headers = {"WWW-Authenticate": f'Bearer error="{error}"' if error else "Bearer"}
+    return problem_response(problem_for(exc), headers)
 
-    async def invalid_request(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        errors = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-            for e in exc.errors()
-        ]
+
+async def _invalid_request(request: Request, exc: Exception) -> Response:
+    """FastAPI's request validation errors as one 422 REQUEST_INVALID."""
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    return problem_response(problem_for(RequestInvalidError(errors)))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's HTTP errors (404, 405, undecodable bodies) as problem+json."""
+    assert isinstance(exc, HTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 400:
+        # FastAPI's answer to a body it cannot decode (not UTF-8, nested too deep): invalid
+        # input like any other, so the same 422 as a body that is not JSON.
+        errors = [{"loc": ["body"], "msg": "cannot be decoded as JSON", "type": "json_invalid"}]
         return problem_response(problem_for(RequestInvalidError(errors)))
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    code = http_status_code(exc.status_code)
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    return problem_response(problem(exc.status_code, code, detail), headers)
 
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        headers = dict(exc.headers or {})
-        if exc.status_code == 400:
-            # FastAPI's answer to a body it cannot decode (not UTF-8, nested too deep): invalid
-            # input like any other, so the same 422 as a body that is not JSON.
-            errors = [{"loc": ["body"], "msg": "cannot be decoded as JSON", "type": "json_invalid"}]
-            return problem_response(problem_for(RequestInvalidError(errors)))
-        if exc.status_code == 405:
-            headers["Allow"] = ", ".join(_allowed_methods(request))
-        code = http_status_code(exc.status_code)
-        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return problem_response(problem(exc.status_code, code, detail), headers)
 
+def _install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> Response:
         # Logged by the server with its traceback; the client learns nothing about the internals.
         return problem_response(problem(500, "INTERNAL_ERROR", "Internal server error"))
 
-    app.add_exception_handler(FlowError, flow_error)
-    app.add_exception_handler(RequestValidationError, invalid_request)
-    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(FlowError, _flow_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, unexpected)
+
+
+class _FlowRoute(APIRoute):
+    """An endpoint of a FlowRouter: its own problem+json errors and body cap, wherever it is mounted.
+
+    An `APIRouter` cannot bring exception handlers or middleware into the application that includes
+    it, so the route does both: each `FlowRouter` makes a subclass that carries its verifier and cap.
+    """
+
+    verifier: ClassVar[TokenVerifier]
+    max_body_bytes: ClassVar[int]
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """The endpoint's handler, refusing oversized bodies and answering errors as problems."""
+        handler = super().get_route_handler()
+        limit = self.max_body_bytes
+
+        async def handle(request: Request) -> Response:
+            try:
+                declared = request.headers.get("content-length")
+                if declared is not None and declared.isdigit() and int(declared) > limit:
+                    return _too_large(int(declared), limit)
+                chunks, size = [], 0
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        return _too_large(size, limit)
+                    chunks.append(chunk)
+                # Starlette's documented way to hand a body already read to the endpoint.
+                request._body = b"".join(chunks)
+                return await handler(request)
+            except FlowError as exc:
+                return await _flow_error(request, exc)
+            except RequestValidationError as exc:
+                return await _invalid_request(request, exc)
+            except HTTPException as exc:
+                return await _http_error(request, exc)
+
+        return handle
+
+
+def _too_large(size: int, limit: int) -> Response:
+    # The client may still be sending; closing after the answer spares reading the rest.
+    return problem_response(problem_for(PayloadTooLargeError(size, limit)), {"Connection": "close"})
 
 
 def _problem_media_type(app: FastAPI) -> Callable[[], dict[str, Any]]:
@@ -378,69 +444,87 @@ def _problem_media_type(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return openapi
 
 
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-"""Prometheus' text exposition format."""
+class FlowRouter(APIRouter):
+    """Every endpoint of the flowstore API as one router, with the log follower WebSocket pushes need.
+
+    Include it in any FastAPI app, under any prefix: `app.include_router(router, prefix="/flows")`
+    merges its lifespan into the app's. An app that cannot take the merged lifespan (a sub-app that is
+    mounted, whose lifespan Starlette never runs) enters `router.running()` in its own lifespan.
+    """
+
+    def __init__(
+        self,
+        store: FlowStore,
+        verifier: TokenVerifier,
+        *,
+        max_body_bytes: int,
+        poll_interval: float,
+    ) -> None:
+        route_class = type(
+            "FlowRoute",
+            (_FlowRoute,),
+            {"verifier": verifier, "max_body_bytes": max(max_body_bytes, 0)},
+        )
+        super().__init__(route_class=route_class, lifespan=self._lifespan)
+        self.store = store
+        """The store the endpoints serve."""
+        self.verifier = verifier
+        """How callers are authenticated."""
+        self.pusher = LogPusher(store, interval=poll_interval)
+        """Follows the event log for the WebSocket sessions."""
+        self.sockets = FlowSocket(store, verifier, pusher=self.pusher)
+        """Runs the WebSocket sessions."""
+        self._entered = 0
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Follow the event log (WebSocket pushes) while the context is open; nesting is harmless."""
+        self._entered += 1
+        try:
+            if self._entered > 1:  # the app's merged lifespan and the user's own, say
+                yield
+                return
+            async with anyio.create_task_group() as tasks:
+                await tasks.start(self.pusher.run)  # serve once the pusher knows where it starts
+                yield
+                tasks.cancel_scope.cancel()
+        finally:
+            self._entered -= 1
+
+    def _lifespan(self, app: Any) -> AbstractAsyncContextManager[None]:
+        return self.running()
 
 
-def create_app(
-    store: FlowStore,
+def create_router(
+    store: FlowStore | AsyncFlowStore,
     verifier: TokenVerifier,
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     poll_interval: float = 0.15,
-    cors_origins: Sequence[str] | None = None,
-) -> FastAPI:
-    """The HTTP and WebSocket API over `store`, authenticating callers with `verifier`.
+) -> FlowRouter:
+    """Every HTTP and WebSocket endpoint over `store` as a router, authenticating with `verifier`.
 
-    `max_body_bytes` caps request bodies (413 above it; payloads are also held to the store's own
-    `max_payload_bytes`); `poll_interval` is how often the WebSocket pusher reads the event log;
-    `cors_origins` are the browser origins allowed to call (default: `$FLOWSTORE_CORS_ORIGINS`,
-    else none: without CORS headers, browsers keep other sites' pages from reading answers).
+    `store` may be the app's `AsyncFlowStore` (the endpoints use the store under it). `max_body_bytes`
+    caps request bodies (413 above it; payloads are also held to the store's own
+    `max_payload_bytes`); `poll_interval` is how often the WebSocket pusher reads the event log.
     """
-    pusher = LogPusher(store, interval=poll_interval)
-    sockets = FlowSocket(store, verifier, pusher)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with anyio.create_task_group() as tasks:
-            await tasks.start(pusher.run)  # serving starts once the pusher knows where it starts
-            yield
-            tasks.cancel_scope.cancel()
-
-    app = FastAPI(
-        title="flowstore",
-        version=flowstore.__version__,
-        description=_DESCRIPTION,
-        lifespan=lifespan,
-    )
-    app.state.store = store
-    app.state.verifier = verifier
-    app.state.pusher = pusher
-    app.add_middleware(_BodyLimit, limit=max(max_body_bytes, 0))
-    metrics = _metrics(store)
-    app.add_middleware(RequestObserver, metrics=metrics)  # outermost: times everything
-    origins = cors_origins_from_env() if cors_origins is None else list(cors_origins)
-    if origins:
-        # Added last, so outermost: a preflight is answered before the body limit or any route.
-        # Credentials stay off: callers send a bearer token, which is not a cookie; the console's
-        # cookie must never be usable from another origin.
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Accept"],
-            max_age=600,
-        )
-    _install_error_handlers(app)
-    app.openapi = _problem_media_type(app)  # type: ignore[method-assign]
+    if isinstance(store, AsyncFlowStore):
+        store = store.store
+    router = FlowRouter(store, verifier, max_body_bytes=max_body_bytes, poll_interval=poll_interval)
+    sockets = router.sockets
+    route_class = router.route_class
 
     users = APIRouter(
-        prefix="/api", tags=["flow state (the caller's own)"], dependencies=[Depends(_no_nul)]
+        prefix="/api",
+        tags=["flow state (the caller's own)"],
+        dependencies=[Depends(_no_nul)],
+        route_class=route_class,
     )
     admins = APIRouter(
         prefix="/api",
         tags=["administration"],
         dependencies=[Depends(_admin), Depends(_no_nul)],
+        route_class=route_class,
     )
 
     # The caller's own flows
@@ -763,17 +847,17 @@ def create_app(
         """Erase the user for good (crypto-shredding): state, history and payloads, every flow."""
         return ErasureResult(user_id=user_id, erased_instances=store.erase_user(user_id))
 
-    app.include_router(users)
-    app.include_router(admins)
+    router.include_router(users)
+    router.include_router(admins)
 
     # Probes (no authentication: load balancers and orchestrators call them)
 
-    @app.get("/healthz", response_model=Health, tags=["probes"])
+    @router.get("/healthz", response_model=Health, tags=["probes"])
     async def healthz() -> Health:
         """The process is up (answered on the event loop: no worker thread, no connection)."""
         return Health()
 
-    @app.get("/readyz", response_model=Readiness, tags=["probes"], responses=_errors(503))
+    @router.get("/readyz", response_model=Readiness, tags=["probes"], responses=_errors(503))
     def readyz() -> Readiness:
         """The database answers (503 STORAGE_UNAVAILABLE when it does not)."""
         try:
@@ -785,10 +869,41 @@ def create_app(
                 "The database", "the readiness check", type(exc).__name__
             ) from None
 
-    @app.websocket("/api/flow/ws")
+    @router.websocket("/api/flow/ws")
     async def flow_socket(websocket: WebSocket) -> None:
         await sockets.serve(websocket)
 
+    return router
+
+
+def create_app(
+    store: FlowStore,
+    verifier: TokenVerifier,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    poll_interval: float = 0.15,
+    cors_origins: Sequence[str] | None = None,
+) -> FastAPI:
+    """The HTTP and WebSocket API over `store` as an app of its own (`create_router`'s endpoints).
+
+    Adds what belongs to a whole app: the body cap on every path, CORS, problem+json for unknown
+    paths and methods, the OpenAPI document and the web console at /ui. `cors_origins` are the
+    browser origins allowed to call (default: `$FLOWSTORE_CORS_ORIGINS`, else none: without CORS
+    headers, browsers keep other sites' pages from reading answers); the other arguments are
+    `create_router`'s.
+    """
+    router = create_router(
+        store, verifier, max_body_bytes=max_body_bytes, poll_interval=poll_interval
+    )
+    app = FastAPI(title="flowstore", version=flowstore.__version__, description=_DESCRIPTION)
+    app.include_router(router)  # merges the router's lifespan (the log follower) into the app's
+    app.state.store = store
+    app.state.verifier = verifier
+    app.state.pusher = router.pusher
+    app.state.router = router
+    app.add_middleware(_BodyLimit, limit=max(max_body_bytes, 0))
+    metrics = _metrics(store)
+    app.add_middleware(RequestObserver, metrics=metrics)  # times everything inside CORS
     if metrics is not None:
 
         @app.get("/metrics", include_in_schema=False)
@@ -796,8 +911,26 @@ def create_app(
             """Prometheus metrics (the `metrics` extra)."""
             return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
+    origins = cors_origins_from_env() if cors_origins is None else list(cors_origins)
+    if origins:
+        # Added last, so outermost: a preflight is answered before the body limit or any route.
+        # Credentials stay off: callers send a bearer token, which is not a cookie; the console's
+        # cookie must never be usable from another origin.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            max_age=600,
+        )
+    _install_error_handlers(app)
+    app.openapi = _problem_media_type(app)  # type: ignore[method-assign]
     mount_console(app)  # the web console at /ui (adapters/http/console)
     return app
+
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""Prometheus' text exposition format."""
 
 
 def _metrics(store: FlowStore) -> Any:

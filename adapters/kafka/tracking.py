@@ -37,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
-from flowstore.leader import LeaderLock
+from flowstore.locks import WorkerLock
 from flowstore.storage import READ_ONLY, StorageConfig, make_engine, serialize_ddl
 
 __all__ = ["TRACKING_TABLE", "PublisherLock", "PublisherTracking"]
@@ -134,7 +134,7 @@ class PublisherTracking:
             )
 
 
-class PublisherLock(LeaderLock):
+class PublisherLock(WorkerLock):
     """Held by the one active publisher of a topic and store; `acquire` waits for it.
 
     A `flowstore.leader.LeaderLock` that keeps the names earlier releases used (the lock file
@@ -143,10 +143,11 @@ class PublisherLock(LeaderLock):
     """
 
     def __init__(self, config: StorageConfig, topic: str, *, store_key: str = "") -> None:
+        schema = config.env.get("POSTGRES_SCHEMA", "")
         super().__init__(
             config,
-            f"kafka-{topic}",
+            f"flowstore.kafka_publisher:{schema}:{topic}",
+            tag=f"kafka-{topic}",
             store_key=store_key,
-            advisory_name=f"flowstore.kafka_publisher:{config.env.get('POSTGRES_SCHEMA', '')}:{topic}",
         )
         self.topic = topic

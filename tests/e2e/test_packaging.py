@@ -9,6 +9,7 @@ editable install is not visible there: only its plain site-packages directory is
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -23,8 +24,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*command: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    # Without PYTHONPATH: the installed wheel must be what the fresh venv imports.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
-        [str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=300
+        [str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done
@@ -129,6 +132,8 @@ def test_an_app_with_its_own_adapters_and_projections_packages_still_gets_ours(
     url = f"sqlite:///{tmp_path / 'store.db'}"
     # python -m puts the app's folder first on sys.path, where its own packages shadow any others.
     version = run(installed, "-m", "flowstore.adapters.cli", "--version", cwd=app)
+    # Read-only commands create no database: make one first (through the installed package).
+    run(installed, "-c", f"from flowstore import FlowStore; FlowStore({url!r}, kafka=False).close()", cwd=app)
     assert version.stdout.strip().startswith("flowstore ")
     listed = run(
         installed, "-m", "flowstore.adapters.cli", "--url", url, "--json", "flows", "list", cwd=app

@@ -156,7 +156,8 @@ class OwlModel:
             run = self.runs[user] = new
         edge = self.d["steps"][run.step]["transitions"].get(key)
         if edge is None:
-            run.history.append(("transition", run.step, None, key, False, None, None))
+            # Refused: the user stays where they were (the row's to_step is that step).
+            run.history.append(("transition", run.step, run.step, key, False, None, None))
             return False
         run.history.append(("transition", run.step, edge["step"], key, True, ok, message))
         run.previous = run.step if edge.get("reversible") is True else None
@@ -212,10 +213,12 @@ class OwlModel:
 
 
 def _history_row(kind: str, h: Any) -> tuple[Any, ...]:
+    # History rows write "" where the model has no step (the seed's string type): read it as None.
+    from_step, to_step = h.from_step or None, h.to_step or None
     if kind == "transition":
         ok, message = (h.ok, h.message) if h.success else (None, None)
-        return (kind, h.from_step, h.to_step, h.transition, h.success, ok, message)
-    return (kind, h.from_step, h.to_step)
+        return (kind, from_step, to_step, h.transition, h.success, ok, message)
+    return (kind, from_step, to_step)
 
 
 class OwlMachine(RuleBasedStateMachine):

@@ -104,7 +104,7 @@ def test_ok_message_payload_and_previous_follow_the_model(owl: FlowStore) -> Non
         (HistoryKind.TRANSITION, "signup", True, None, {"email": "a@x"}),
         (HistoryKind.TRANSITION, "new", True, "Welcome", {"org": "Acme"}),
         (HistoryKind.TRANSITION, "payment", False, "card declined", None),
-        (HistoryKind.TRANSITION, None, None, None, {"email": "other"}),
+        (HistoryKind.TRANSITION, "payment", None, None, {"email": "other"}),  # stayed there
         (HistoryKind.TRANSITION, "success", True, None, None),
     ]
     # Five attempts: one refused, one taken with ok=False: both are errors.
@@ -276,4 +276,28 @@ def test_a_migration_keeps_the_runs_target_entity_and_previous_where_it_can(owl:
         {"k": 1},
     )
     assert (ann.previous, bob.previous, bob.service) == (None, None, "$signup-v2")
+    assert owl.verify_projections() == []
+
+
+def test_a_rebuild_from_the_log_gives_what_the_live_tables_hold(owl: FlowStore) -> None:
+    owl.reset_flow("ann", "_oa", service="portal", entity_id="org-1")
+    owl.execute_transition("ann", "_oa", "signup", {"a": 1}, ok=False, message="m1")
+    with pytest.raises(InvalidTransitionError):
+        owl.execute_transition("ann", "_oa", "nowhere")
+    owl.go_back("ann", "_oa")
+    owl.execute_transition("ann", "_oa", "signin", {"b": 2})
+    owl.adopt_state_token("bob", owl.state_token("ann", "_oa"), sender="idp")
+    owl.execute_transition("bob", "_oa", "target", message="m2")  # completes the run
+
+    def read() -> Any:
+        return (
+            [owl.get_user_flows(u) for u in ("ann", "bob")],
+            [owl.get_flow_history(u, "_oa") for u in ("ann", "bob")],
+            owl.get_flow_statistics("_oa").model_dump(exclude={"performance_metrics"}),
+            owl.get_flow_funnel("_oa"),
+        )
+
+    live = read()
+    owl.rebuild_projections()
+    assert read() == live
     assert owl.verify_projections() == []

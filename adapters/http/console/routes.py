@@ -9,9 +9,9 @@ FastAPI runs in its thread pool. The live socket is in `live.py`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, TypeVar
 from urllib.parse import parse_qs, quote, urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, WebSocket
@@ -29,15 +29,23 @@ from flowstore.adapters.http.auth import (
     PermissionDeniedError,
     Principal,
 )
+from flowstore.adapters.http.console.insights import (
+    ACTIVITY_WINDOWS,
+    DWELL_SAMPLE,
+    IDLE_CHOICES,
+    activity,
+)
 from flowstore.adapters.http.console.jobs import ACTIONS, Operations
 from flowstore.adapters.http.console.live import watch
 from flowstore.adapters.http.console.render import (
     HEAT,
+    activity_charts,
     duration,
     flow_diagram,
     heat_level,
     legend,
     percent,
+    stuck_report,
 )
 from flowstore.adapters.http.console.session import CSRF_FIELD, ConsoleSessions
 from flowstore.adapters.http.console.windows import WINDOWS, LogWindows, flow_summary
@@ -49,6 +57,14 @@ __all__ = ["PREFIX", "Console", "mount_console"]
 log = logging.getLogger(__name__)
 
 PREFIX = "/ui"
+
+
+class _HasKey(Protocol):
+    @property
+    def key(self) -> str: ...
+
+
+_Keyed = TypeVar("_Keyed", bound=_HasKey)
 
 _SECURITY_HEADERS = {
     # Scripts and everything else come from the console itself; styles may also be inline
@@ -132,7 +148,14 @@ class Console:
             lstrip_blocks=True,
         )
         self.templates.filters.update(percent=percent, duration=duration, seg=_seg, when=_when)
-        self.templates.globals.update(heat=HEAT, heat_level=heat_level, windows=WINDOWS)
+        self.templates.globals.update(
+            heat=HEAT,
+            heat_level=heat_level,
+            windows=WINDOWS,
+            activity_windows=ACTIVITY_WINDOWS,
+            idle_choices=IDLE_CHOICES,
+            dwell_sample=DWELL_SAMPLE,
+        )
 
     @staticmethod
     def ui(connection: HTTPConnection) -> str:
@@ -187,6 +210,17 @@ def _publisher_status(store: FlowStore) -> dict[str, Any] | None:
         "lag": current.lag,
         "lastError": current.last_error,
     }
+
+
+def _choice(choices: Sequence[_Keyed], key: str, name: str) -> _Keyed:
+    """The choice called `key`, or a 422 naming the ones there are."""
+    found = next((c for c in choices if c.key == key), None)
+    if found is None:
+        keys = ", ".join(c.key for c in choices)
+        raise RequestInvalidError(
+            [{"loc": ["query", name], "msg": f"must be one of {keys}", "type": "enum"}]
+        )
+    return found
 
 
 def _console(connection: HTTPConnection) -> Console:
@@ -365,6 +399,43 @@ def _router() -> APIRouter:
             definition=definition,
             summary=summary,
             scale=scale,
+        )
+
+    @router.get("/flows/{flowId}/activity")
+    def activity_page(
+        request: Request,
+        principal: PageAdmin,
+        flow_id: FlowId,
+        window: Annotated[str, Query()] = ACTIVITY_WINDOWS[0].key,
+    ) -> Response:
+        console = _console(request)
+        chosen = _choice(ACTIVITY_WINDOWS, window, "window")
+        definition = console.store.get_flow(flow_id)
+        figures = activity(console.store, flow_id, chosen)
+        return console.render(
+            request,
+            "activity.html",
+            principal=principal,
+            section="flows",
+            definition=definition,
+            activity=figures,
+            charts=activity_charts(figures),
+        )
+
+    @router.get("/flows/{flowId}/stuck")
+    def stuck_page(
+        request: Request,
+        principal: PageAdmin,
+        flow_id: FlowId,
+        idle: Annotated[str, Query()] = "1h",
+        step: Annotated[str | None, Query(max_length=256)] = None,
+        cursor: Annotated[str | None, Query(max_length=1024)] = None,
+    ) -> Response:
+        console = _console(request)
+        chosen = _choice(IDLE_CHOICES, idle, "idle")
+        report = stuck_report(console.store, flow_id, chosen, step=step, cursor=cursor)
+        return console.render(
+            request, "stuck.html", principal=principal, section="flows", report=report
         )
 
     # Users

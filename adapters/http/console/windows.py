@@ -84,8 +84,9 @@ class LogWindows:
         assert window.seconds is not None, "all time is the store's own (flow_summary)"
         now = self._clock()
         since = now - timedelta(seconds=window.seconds)
-        funnel = self._store.get_flow_funnel(flow_id, since=since, until=now)
-        stats = self._store.get_flow_statistics(flow_id, since=since, until=now)
+        # No `until`: up to the store's now, the events it just stamped included.
+        funnel = self._store.get_flow_funnel(flow_id, since=since)
+        stats = self._store.get_flow_statistics(flow_id, since=since)
         performance = stats.performance_metrics
         return FunnelSummary(
             flow_id=flow_id,

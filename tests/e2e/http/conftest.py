@@ -43,7 +43,7 @@ def mint(
     user: str | None,
     *,
     roles: Sequence[str] = (),
-    ttl: float = 600,
+    ttl: float = 86_400,  # a day: tokens minted when tests are collected must outlive a slow run
     key: Any = SECRET,
     algorithm: str = "HS256",
     **claims: Any,

@@ -204,7 +204,7 @@ def test_a_flows_diagram_shows_the_users_on_each_step_and_the_transitions_taken(
         """nodes => nodes.map(n => [
             n.querySelector("title").textContent,
             Array.from(n.querySelectorAll("text")).map(t => t.textContent),
-            (n.querySelector("path, polygon") || {getAttribute: () => null}).getAttribute("fill"),
+            n.querySelector("rect:last-of-type").getAttribute("fill"),
         ])""",
     )
     labels = {title: texts for title, texts, _ in nodes}

@@ -226,6 +226,7 @@ def test_audit_of_a_topic_that_does_not_exist_fails_without_creating_it(
     tmp_path: Path, bootstrap: str, topic: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = f"sqlite:///{tmp_path / 'a.db'}"
+    FlowStore(url, kafka=False).close()  # a store to audit (read-only commands create none)
     code = main(["--url", url, "audit", "--bootstrap", bootstrap, "--topic", topic])
     assert code == 9  # KAFKA_UNAVAILABLE
     assert f"error[KAFKA_UNAVAILABLE]: topic {topic!r} not found" in capsys.readouterr().err
