@@ -820,7 +820,7 @@ def logging_options(sub: argparse.ArgumentParser) -> None:
 
 def _live_projections(args: argparse.Namespace) -> bool:
     """Whether this command's store keeps its tables current in a background thread."""
-    if args.command in ("projections run", "projections migrate", "worker"):
+    if args.command in ("projections run", "projections migrate", "worker", "follow"):
         return False  # the worker moves the tables; it must not do a whole catch-up on opening
     if args.command == "serve":
         mode = args.projector or os.environ.get(PROJECTOR_ENV) or "live"
@@ -1093,10 +1093,6 @@ def main(argv: list[str] | None = None) -> int:
         live = _live_projections(args)
         if hasattr(args, "log_level"):
             configure_logging(args.log_level, args.log_format)
-
-
-        # The worker is the one that moves the tables; it must not do a whole catch-up on opening.
-        live = args.command not in ("projections run", "follow")
         # Only the long-running server publishes to Kafka from $FLOWSTORE_KAFKA_BOOTSTRAP; a
         # one-shot command must not start (and drain) a publisher on every call.
         kafka = None if args.command == "serve" else False
