@@ -200,6 +200,7 @@ def test_a_fleet_survives_kill_9_of_its_leading_worker_and_of_a_server(
 
         with FlowStore(fleet_url, live_projections=False) as store:
             wait_until(lambda: store.projection_position() == store.log_position())
+            assert store.unreadable_events() == []
             assert store.verify_projections() == []
             for client in clients:
                 history = store.get_flow_history(client.user, "r")
