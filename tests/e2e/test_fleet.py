@@ -24,11 +24,13 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from flowstore import FlowStore
 from flowstore.adapters.kafka.audit import audit_topic
 from flowstore.adapters.kafka.tracking import PublisherTracking
+from flowstore.domain import TransitionExecuted
 from tests.e2e.http.conftest import wait_until_healthy
 from tests.e2e.kafka.broker import TansuBroker
 from tests.e2e.test_worker import Worker
@@ -102,10 +104,16 @@ class Client:
         raise AssertionError("no server alive")
 
     def open_socket(self) -> None:
-        base = self.server().url.replace("http://", "ws://")
-        self._ws = connect(f"{base}/api/flow/ws?token={token(self.user)}", proxy=None)
-        assert json.loads(self._ws.recv(timeout=30))["type"] == "authenticated"
-        ws = self._ws
+        while True:
+            base = self.server().url.replace("http://", "ws://")
+            try:
+                ws = connect(f"{base}/api/flow/ws?token={token(self.user)}", proxy=None)
+                assert json.loads(ws.recv(timeout=30))["type"] == "authenticated"
+                break
+            except (OSError, ConnectionClosed):
+                # A server killed a moment ago can still look alive (not reaped yet): try again.
+                time.sleep(0.05)  # the pace of the retry loop
+        self._ws = ws
         self._reader = threading.Thread(target=self._read, args=(ws,), daemon=True)
         self._reader.start()
 
@@ -202,10 +210,18 @@ def test_a_fleet_survives_kill_9_of_its_leading_worker_and_of_a_server(
             wait_until(lambda: store.projection_position() == store.log_position())
             assert store.unreadable_events() == []
             assert store.verify_projections() == []
+            logged: dict[str, list[int]] = {c.user: [] for c in clients}
+            start = 1
+            while page := store.read_events(start, 1000):  # the log itself, as a cross-check
+                for _, event in page:
+                    if isinstance(event, TransitionExecuted) and event.payload:
+                        logged[event.user_id].append(event.payload["seq"])
+                start = page[-1][0] + 1
             for client in clients:
                 history = store.get_flow_history(client.user, "r")
                 seqs = [h.payload["seq"] for h in history if h.success and h.payload]
                 assert client.accepted == list(range(1, TRANSITIONS + 1))
+                assert sorted(set(logged[client.user])) == client.accepted, "accepted, not logged"
                 # Each accepted transition once, in order (a request cut by the kill may have
                 # been applied and retried: only then may a sequence number repeat).
                 assert set(seqs) == set(client.accepted)
