@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from flowstore import __version__
 from flowstore.adapters.errors import DIFFERENCES_EXIT_CODE, mapping_for
-from flowstore.errors import FlowError
+from flowstore.adapters.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
+from flowstore.errors import FlowError, InvalidArgumentError
 from flowstore.storage import StorageConfigError, parse_url, resolve_url
 
 # Only the standard library at import time: `flowstore --help` and a usage error must not pay for
@@ -455,6 +456,13 @@ def quarantine(store: FlowStore, args: argparse.Namespace, out: Output) -> Resul
     )
 
 
+def projections_migrate(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`projections migrate`: build this version's table layout beside the old one, then swap."""
+    replayed = store.migrate_projections()
+    text = f"migrated: replayed {replayed} events" if replayed else "tables already current"
+    return Note(text, {"replayed": replayed})
+
+
 def projections_rebuild(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`projections rebuild`: replay the whole log into fresh tables, then swap them in."""
     import time
@@ -513,11 +521,53 @@ def projections_run(store: FlowStore, args: argparse.Namespace, out: Output) -> 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     out.console.print(f"following the log (every {args.interval}s); stop with Ctrl-C or SIGTERM")
+    # Elected like `flowstore worker`'s projections job (the same lock): one runner leads.
+    from flowstore.adapters.worker import WorkerSettings, run_worker
+
+    settings = WorkerSettings(interval=args.interval, batch=args.batch, jobs=("projections",))
+    run_worker(store, stop, settings)
     position = store.projection_position()
-    while not stop.is_set():
-        position = store.catch_up_projections(args.batch)
-        stop.wait(args.interval)  # polling: SQLite cannot notify, and one code path is simpler
     return Note(f"stopped at event {position}", {"position": position})
+
+
+def worker(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
+    """`worker`: projections, expiry and the Kafka publisher, each led by one worker of a fleet."""
+    import signal
+    import threading
+
+    from flowstore.adapters.worker import WorkerSettings, run_worker
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    bootstrap = args.bootstrap or os.environ.get("FLOWSTORE_KAFKA_BOOTSTRAP", "")
+    settings = WorkerSettings(
+        interval=args.interval,
+        batch=args.batch,
+        expire_every=args.expire_every,
+        bootstrap=bootstrap,
+        topic=args.topic,
+    )
+    on_change: Callable[[str, bool], None] | None = None
+    on_expired: Callable[[int], None] | None = None
+    if args.metrics_port:
+        try:
+            from prometheus_client import start_http_server
+
+            from flowstore.adapters.metrics import FleetMetrics
+        except ImportError as exc:
+            hint = "--metrics-port needs the metrics extra: pip install 'flowstore-es[metrics]'"
+            raise SystemExit(f"{hint} ({exc})") from None
+        metrics = FleetMetrics(store)
+        start_http_server(args.metrics_port, addr=args.metrics_host, registry=metrics.registry)
+
+        def on_change(job: str, leading: bool) -> None:
+            metrics.leader.labels(job).set(1 if leading else 0)
+
+        on_expired = metrics.expired.inc
+    run_worker(store, stop, settings, on_change=on_change, on_expired=on_expired)
+    position = store.projection_position()
+    return Note(f"stopped; tables at event {position}", {"position": position})
 
 
 def _handler_spec(text: str) -> str:
@@ -588,14 +638,14 @@ def follow(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
 
 
 def serve(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
-    """`serve [--host H] [--port P]`: the HTTP and WebSocket API, until SIGTERM/SIGINT."""
+    """`serve [--host H] [--port P] [--projector live|off]`: the HTTP and WebSocket API."""
     try:
         # Imported here, not at the top: the rest of the CLI works without the `http` extra.
         from flowstore.adapters.http import serve as serve_http
     except ImportError as exc:
         hint = "flowstore serve needs the http extra: pip install 'flowstore-es[http]'"
         raise SystemExit(f"{hint} ({exc})") from None
-    serve_http(store, host=args.host, port=args.port)
+    serve_http(store, host=args.host, port=args.port, log_level=args.log_level)
     return None
 
 
@@ -654,12 +704,14 @@ COMMANDS: dict[str, Handler] = {
     "funnel": funnel,
     "projections status": projections_status,
     "projections rebuild": projections_rebuild,
+    "projections migrate": projections_migrate,
     "projections verify": projections_verify,
     "projections repair": projections_repair,
     "projections run": projections_run,
     "follow": follow,
     "quarantine": quarantine,
     "serve": serve,
+    "worker": worker,
     "publish": publish,
     "restore": restore,
     "audit": audit,
@@ -753,6 +805,29 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
     return value
+
+
+PROJECTOR_ENV = "FLOWSTORE_PROJECTOR"
+"""`live` (the default) or `off`: whether `flowstore serve` keeps the tables current itself."""
+PROJECTOR_MODES = ("live", "off")
+
+
+def logging_options(sub: argparse.ArgumentParser) -> None:
+    """--log-level and --log-format, for the commands that run until stopped."""
+    sub.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default: info")
+    sub.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="default: text")
+
+
+def _live_projections(args: argparse.Namespace) -> bool:
+    """Whether this command's store keeps its tables current in a background thread."""
+    if args.command in ("projections run", "projections migrate", "worker", "follow"):
+        return False  # the worker moves the tables; it must not do a whole catch-up on opening
+    if args.command == "serve":
+        mode = args.projector or os.environ.get(PROJECTOR_ENV) or "live"
+        if mode not in PROJECTOR_MODES:
+            raise InvalidArgumentError(PROJECTOR_ENV, mode, f"one of {', '.join(PROJECTOR_MODES)}")
+        return mode == "live"
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -929,6 +1004,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--reason", required=True, help="why (kept in the audit record)")
     command("projections rebuild", "replay the log into fresh tables and swap them in")
     command(
+        "projections migrate",
+        "build this version's table layout beside the old tables (which keep serving), then swap",
+    )
+    command(
         "projections verify",
         f"compare the tables with the log; exit {DIFFERENCES_EXIT_CODE} on any difference",
     )
@@ -936,6 +1015,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--user", help="only this user's rows")
     sub.add_argument("--flow", help="only this flow's rows")
     sub = command("projections run", "follow the log and keep the tables current")
+    logging_options(sub)
     sub.add_argument("--interval", type=float, default=0.5, help="poll interval in seconds")
     sub.add_argument("--batch", type=_positive, default=1000, help="events per transaction")
     sub = command("follow", "a durable follower: call a handler once per event, until stopped")
@@ -952,6 +1032,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("serve", "serve the HTTP and WebSocket API (token settings: FLOWSTORE_JWT_*)")
     sub.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
     sub.add_argument("--port", type=_positive, default=8000, help="TCP port (default: 8000)")
+    sub.add_argument(
+        "--projector",
+        choices=PROJECTOR_MODES,
+        default=None,
+        help="live: this server keeps the tables current; off: a worker does "
+        f"(default: ${PROJECTOR_ENV}, else live)",
+    )
+    logging_options(sub)
+    sub = command("worker", "run projections, expiry and the publisher, one leader per job")
+    sub.add_argument("--interval", type=float, default=0.5, help="seconds between catch-ups")
+    sub.add_argument("--batch", type=_positive, default=1000, help="events per transaction")
+    sub.add_argument(
+        "--expire-every", type=float, default=60.0, help="seconds between expiry rounds (0: off)"
+    )
+    sub.add_argument("--bootstrap", help="Kafka brokers (default: $FLOWSTORE_KAFKA_BOOTSTRAP)")
+    sub.add_argument("--topic", help="default: $FLOWSTORE_KAFKA_TOPIC, else flowstore.events")
+    sub.add_argument("--metrics-port", type=_positive, help="serve Prometheus metrics on this port")
+    sub.add_argument("--metrics-host", default="127.0.0.1", help="default: 127.0.0.1")
+    logging_options(sub)
 
     def kafka(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--bootstrap", help="brokers (default: $FLOWSTORE_KAFKA_BOOTSTRAP)")
@@ -965,6 +1064,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--partitions", type=_positive, default=6, help="for a new topic")
     sub.add_argument("--replication-factor", type=_positive, default=1, help="for a new topic")
     sub.add_argument("--report-every", type=float, default=5.0, help="seconds between lines")
+    logging_options(sub)
     sub = command("restore", "rebuild this empty store (--url) from a Kafka topic")
     sub.add_argument("--from-kafka", action="store_true", required=True, help="the source")
     kafka(sub)
@@ -990,8 +1090,9 @@ def main(argv: list[str] | None = None) -> int:
             _refuse_missing_database(args.url, args.command)
         from flowstore.store import FlowStore
 
-        # The worker is the one that moves the tables; it must not do a whole catch-up on opening.
-        live = args.command not in ("projections run", "follow")
+        live = _live_projections(args)
+        if hasattr(args, "log_level"):
+            configure_logging(args.log_level, args.log_format)
         # Only the long-running server publishes to Kafka from $FLOWSTORE_KAFKA_BOOTSTRAP; a
         # one-shot command must not start (and drain) a publisher on every call.
         kafka = None if args.command == "serve" else False

@@ -45,6 +45,8 @@ _BY_CODE: dict[str, ErrorMapping] = {
     # adapters/http reports the same code).
     "STORAGE_UNAVAILABLE": ErrorMapping(503, 9),
     "PROJECTION_LAG": ErrorMapping(503, 9),
+    # The tables await `flowstore projections migrate` (or this process is of an older version).
+    "PROJECTION_LAYOUT": ErrorMapping(503, 6),
     # Another process is the active follower of a name (`flowstore follow`): a conflict.
     "FOLLOWER_BUSY": ErrorMapping(409, 4),
     # Another process (or thread) is rebuilding the tables: try again once it has finished.

@@ -13,6 +13,7 @@
      ├── EncryptionKeyError                     ENCRYPTION_KEY_INVALID
      ├── StorageUnavailableError (OSError)      STORAGE_UNAVAILABLE
      ├── ProjectionLagError (TimeoutError)      PROJECTION_LAG
+     ├── ProjectionLayoutError                  PROJECTION_LAYOUT
      ├── RebuildRunningError                    REBUILD_RUNNING
      ├── DefinitionError (ValueError)           DEFINITION_INVALID
      ├── PayloadValidationError (ValueError)    PAYLOAD_INVALID
@@ -76,6 +77,7 @@ __all__ = [
     "PayloadValidationError",
     "PermissionDeniedError",
     "ProjectionLagError",
+    "ProjectionLayoutError",
     "PublisherLockError",
     "RebuildRunningError",
     "RequestInvalidError",
@@ -316,6 +318,33 @@ class ProjectionLagError(FlowError, TimeoutError):
     """
 
     code = "PROJECTION_LAG"
+
+
+class ProjectionLayoutError(FlowError):
+    """The projection tables have a layout this code does not read: migrate them, or upgrade.
+
+    Tables of an older layout stay as they are (a process of the previous version may still be
+    serving them) until `flowstore projections migrate` builds the new layout beside them and
+    swaps it in; a process whose layout was migrated away gets this error from then on.
+    """
+
+    code = "PROJECTION_LAYOUT"
+
+    def __init__(self, found: int | None, expected: int) -> None:
+        if found is None:
+            advice = "they were migrated to another layout: restart this process on the new version"
+        elif found < expected:
+            advice = "run `flowstore projections migrate` (the old tables keep serving meanwhile)"
+        else:
+            advice = "this process is older than the tables: run the new version"
+        super().__init__(
+            f"projection tables have layout {found if found is not None else 'unknown'}, "
+            f"this code reads layout {expected}: {advice}",
+            found=found,
+            expected=expected,
+        )
+        self.found = found
+        self.expected = expected
 
 
 class RebuildRunningError(FlowError):

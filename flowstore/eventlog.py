@@ -413,6 +413,11 @@ class EventLog:
             )
             raise EncryptionKeyError(f"Cannot read the event log: {hint}") from exc
 
+    @property
+    def channel(self) -> str | None:
+        """The channel the recorder NOTIFYs on every append (PostgreSQL; None elsewhere)."""
+        return getattr(self.app.recorder, "channel_name", None)
+
     def _erased_subjects(self) -> list[str]:
         """The key subjects of the `FlowErased` events appended since the last call."""
         recorder = self.app.recorder

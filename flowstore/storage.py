@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_URL",
     "POOL_SIZE_ENV",
+    "POOL_TIMEOUT_ENV",
     "READ_ONLY",
     "SQLITE_PERSISTENCE",
     "StorageConfig",
@@ -32,6 +33,7 @@ __all__ = [
     "make_engine",
     "parse_url",
     "resolve_url",
+    "serialize_ddl",
 ]
 
 DEFAULT_URL = "sqlite:///flowstore.db"
@@ -155,9 +157,28 @@ def _mask(url: str) -> str:
 POOL_SIZE_ENV = "FLOWSTORE_POOL_SIZE"
 """Connections the store's SQLAlchemy engine keeps open (default 5, plus as many again on demand)."""
 
+POOL_TIMEOUT_ENV = "FLOWSTORE_POOL_TIMEOUT"
+"""Seconds a call waits for a free pooled connection before `StorageUnavailableError` (default 30)."""
+
 READ_ONLY = {"flowstore_read_only": True}
 """Execution options for a connection that only reads: on SQLite its transactions begin deferred,
 so readers never wait for (or hold) the write lock."""
+
+
+_DDL_LOCK = 0x666C6F7773746F72  # "flowstor": one key for every flowstore's CREATE TABLEs
+
+
+def serialize_ddl(conn: Any) -> None:
+    """Make this transaction's CREATE TABLE IF NOT EXISTS safe against other processes' own.
+
+    Processes starting together on a new PostgreSQL database race on CREATE TABLE (both see no
+    table, the second fails on the catalog's unique index): a transaction-level advisory lock
+    queues them. SQLite needs nothing (its writers' BEGIN IMMEDIATE already does).
+    """
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy import text
+
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _DDL_LOCK})
 
 
 def make_engine(config: StorageConfig, *, pool_size: int | None = None) -> Engine:
@@ -181,6 +202,7 @@ def make_engine(config: StorageConfig, *, pool_size: int | None = None) -> Engin
     size = pool_size or int(
         config.env.get("POSTGRES_POOL_SIZE") or os.environ.get(POOL_SIZE_ENV) or 5
     )
+    timeout = float(os.environ.get(POOL_TIMEOUT_ENV) or 30)
     if config.sqlalchemy_url is None:
         # memory:// keeps its tables in an in-process SQLite database on one shared connection.
         engine = create_engine(
@@ -196,6 +218,7 @@ def make_engine(config: StorageConfig, *, pool_size: int | None = None) -> Engin
             json_serializer=_json,
             pool_size=size,
             max_overflow=size,
+            pool_timeout=timeout,
         )
     else:
         schema = config.env.get("POSTGRES_SCHEMA")
@@ -206,6 +229,7 @@ def make_engine(config: StorageConfig, *, pool_size: int | None = None) -> Engin
             json_serializer=_json,
             pool_size=size,
             max_overflow=size,
+            pool_timeout=timeout,
             connect_args=connect_args,
         )
     if engine.dialect.name == "sqlite":

@@ -81,6 +81,7 @@ from flowstore.models import (
     InstancePage,
     MigrationReport,
 )
+from flowstore.notify import LogNotifier
 from flowstore.paging import (
     MAX_PAGE,
     check_aware,
@@ -360,6 +361,10 @@ class FlowStore:
             raise
         self._followers: list[Follower] = []
         self._erasure = Erasure(self._commands, self._log.keys, self._project_written)
+        # PostgreSQL tells of other processes' appends (LISTEN/NOTIFY): followers wake at once.
+        self._notifier = LogNotifier(self.config, self._log.channel)
+        if self._live is not None and self._notifier.pushes:
+            self._notifier.subscribe(self._live.nudge)
 
     def _after_fork(self) -> None:
         """In a child process (after `fork`): open connections, projector and caches of its own.
@@ -457,6 +462,7 @@ class FlowStore:
                 follower.stop()  # each finishes the event it is applying
             if self._publisher is not None:
                 self._publisher.stop()  # first: it drains the log to Kafka, then releases its lock
+            self._notifier.close()
             if self._live is not None:
                 self._live.close()
         finally:
@@ -1296,6 +1302,14 @@ class FlowStore:
         with self._log.errors("rebuilding the projections"):
             return self._tables.rebuild(self._read_contained, progress=progress)
 
+    def migrate_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Bring the tables to this version's layout blue/green; return the events replayed.
+
+        The old tables keep serving the processes of the previous version until the swap; 0 when
+        the tables already have this layout (`ProjectionLayoutError` names the other cases).
+        """
+        return self._projections.migrate(self.read_events, progress=progress)
+
     def verify_projections(self) -> list[Difference]:
         """Every difference between the tables and the log (empty when they agree)."""
         return self._tables.verify(self._read_contained)
@@ -1309,6 +1323,11 @@ class FlowStore:
     def catch_up_projections(self, batch: int = 1000) -> int:
         """Apply events the tables have not seen yet, `batch` per transaction; return the position."""
         return self._projections.catch_up(self._read_contained, page=batch)
+
+    @property
+    def log_notifier(self) -> LogNotifier:
+        """Wakes followers of the log on other processes' appends (PostgreSQL; SQLite polls)."""
+        return self._notifier
 
     @property
     def publisher(self) -> Publisher | None:

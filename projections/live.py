@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from flowstore.errors import ProjectionLagError
+from flowstore.errors import ProjectionLagError, ProjectionLayoutError
 
 __all__ = ["LiveProjector", "ProjectionLagError"]
 
@@ -35,6 +35,7 @@ class LiveProjector:
         self._waiters = 0
         self._changed = threading.Condition()
         self._target = 0  # the newest notification id this process wrote
+        self._nudged = False  # another process appended (PostgreSQL notified us)
         self._reached = 0  # the tables' position after the last catch-up
         self._error: BaseException | None = None
         self._failures = 0  # catch-ups failed in a row
@@ -49,6 +50,12 @@ class LiveProjector:
             if notification_id > self._target:
                 self._target = notification_id
                 self._changed.notify_all()
+
+    def nudge(self) -> None:
+        """Another process appended to the log: catch up now rather than at the next poll."""
+        with self._changed:
+            self._nudged = True
+            self._changed.notify_all()
 
     def wait(self, timeout: float = 60.0) -> None:
         """Return once the tables reflect every event this process wrote before the call.
@@ -72,6 +79,8 @@ class LiveProjector:
                     ),
                     timeout,
                 )
+                if self._reached < target and isinstance(self._error, ProjectionLayoutError):
+                    raise self._error  # not a lag: these tables will not catch up in this version
                 if self._reached < target and not self._stopping:
                     raise ProjectionLagError(
                         f"projections at {self._reached}, this process wrote up to {target}"
@@ -104,8 +113,10 @@ class LiveProjector:
                     )
                 else:
                     self._changed.wait_for(
-                        lambda: self._stopping or self._reached < self._target, self._poll
+                        lambda: self._stopping or self._reached < self._target or self._nudged,
+                        self._poll,
                     )
+                    self._nudged = False
                     # Linger a moment so that a burst of commands is projected in one batch
                     # (one transaction instead of one each), unless a reader is waiting.
                     self._changed.wait_for(

@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
@@ -35,23 +36,26 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.schema import CreateTable
 
+import flowstore.projections.tables as layouts
 from flowstore.domain import DomainEvent
-from flowstore.errors import RebuildRunningError
-from flowstore.eventlog import UnreadableEvent
+from flowstore.errors import ProjectionLayoutError, RebuildRunningError
+from flowstore.eventlog import UnreadableEvent, storage_errors
 from flowstore.projections.batch import RowBatch, StateKey
 from flowstore.projections.ops import ACTIVITY_COLUMNS
 from flowstore.projections.queries import Queries, percentile, row_dict
 from flowstore.projections.tables import (
-    LAYOUT,
+    LAYOUT_ROW,
     QUARANTINE,
     REBUILD_SUFFIX,
     TRACKING,
     UNREADABLE,
     ProjectionTables,
     define_tables,
+    layout_of,
+    tracking_name,
 )
 from flowstore.projections.verify import Difference, EventPage, Verification
-from flowstore.storage import READ_ONLY, StorageConfig, make_engine
+from flowstore.storage import READ_ONLY, StorageConfig, make_engine, serialize_ddl
 
 __all__ = [
     "Difference",
@@ -60,9 +64,8 @@ __all__ = [
     "percentile",
 ]
 
-PROJECTION = "flowstore"
-_LAYOUT_ROW = "flowstore.layout"
-"""The tracking row whose `position` holds the tables' `LAYOUT` (not a log position)."""
+PROJECTION = tracking_name(1)
+"""The position's tracking row of layouts 1 and 2 (each later layout has its own: `tracking_name`)."""
 _PAGE = 1000
 
 
@@ -77,14 +80,24 @@ def _json(value: Any) -> str:
 class SqlProjections(Queries, Verification):
     """The projection tables of one store, and everything that reads or writes them."""
 
+    LAYOUT_CHECK_EVERY = 1.0
+    """Seconds between two checks that the tables still have this code's layout."""
+
     def __init__(
         self,
         config: StorageConfig,
         engine: Engine | None = None,
         *,
         write_lock: AbstractContextManager[Any] | None = None,
+        layout: int | None = None,
     ) -> None:
         self.tables = define_tables()
+        self._env = config.env
+        # Read at run time, not import time: a test stands for the next version by raising it.
+        self.layout = layout if layout is not None else layouts.LAYOUT
+        self.name = tracking_name(self.layout)
+        self._found_layout: int | None = self.layout  # what the tables have, as last seen
+        self._layout_checked_at = time.monotonic()
         self._lock = threading.RLock()
         # Taken only around our write transactions (the event log's, on SQLite: this process's
         # writers and the projector then take turns in Python rather than in SQLite's busy wait).
@@ -104,7 +117,7 @@ class SqlProjections(Queries, Verification):
         # The lower bound each flow's old throughput rows were last deleted below (see _write).
         self._forgotten: dict[str, int] = {}
         self._rebuild_mutex = threading.Lock()
-        mine = TRACKING.c.name == PROJECTION
+        mine = TRACKING.c.name == self.name
         self._read_position = select(TRACKING.c.position).where(mine)
         self._locking_position = self._read_position.with_for_update()
         self._move_position = update(TRACKING).where(mine).values(position=bindparam("position"))
@@ -123,59 +136,92 @@ class SqlProjections(Queries, Verification):
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        if self._shared_connection:
-            with self._lock, self.engine.begin() as conn:
-                yield conn
-        else:
-            # Readers never need the write lock: on SQLite their transactions begin deferred.
-            with self.engine.connect().execution_options(**READ_ONLY) as conn:
-                yield conn
+        # A database that is down, or a pool with no connection free in time, is
+        # StorageUnavailableError (HTTP 503), as it is for the log.
+        with storage_errors(self._env, "reading the projection tables"):
+            if self._shared_connection:
+                with self._lock, self.engine.begin() as conn:
+                    self._check_layout(conn)
+                    yield conn
+            else:
+                # Readers never need the write lock: on SQLite their transactions begin deferred.
+                with self.engine.connect().execution_options(**READ_ONLY) as conn:
+                    self._check_layout(conn)
+                    yield conn
 
-    def create(self) -> None:
-        """Create the live tables and the tracking row if they are missing.
+    def _check_layout(self, conn: Connection) -> None:
+        """Raise `ProjectionLayoutError` unless the tables have this code's layout.
 
-        Tables of an older layout (a table or column missing, or an older `LAYOUT` recorded) are
-        dropped and the tracking position reset: the next catch-up rebuilds them from the log,
-        which is what makes them disposable.
+        Looked up again at most every `LAYOUT_CHECK_EVERY` seconds while they had it (a
+        migration by a newer version replaces them), and on every use while they did not
+        (until someone migrates them).
         """
-        with self._lock, self.engine.begin() as conn:
-            if self._outdated(conn):
-                log.warning("projection tables have an older layout: rebuilding them from the log")
-                self.tables.metadata.drop_all(conn)
-                conn.execute(delete(TRACKING).where(TRACKING.c.name == PROJECTION))
-            self.tables.metadata.create_all(conn)
-            for table in self.tables.all:  # create_all adds no index to a table that exists
-                for index in table.indexes:
-                    index.create(conn, checkfirst=True)
-            TRACKING.metadata.create_all(conn)
-            conn.execute(
-                self._insert(TRACKING)
-                .values(name=PROJECTION, position=0)
-                .on_conflict_do_nothing(index_elements=["name"])
-            )
-            conn.execute(
-                self._insert(TRACKING)
-                .values(name=_LAYOUT_ROW, position=LAYOUT)
-                .on_conflict_do_update(index_elements=["name"], set_={"position": LAYOUT})
-            )
+        now = time.monotonic()
+        if self._found_layout == self.layout and now - self._layout_checked_at < (
+            self.LAYOUT_CHECK_EVERY
+        ):
+            return
+        self._found_layout = self._layout_in(conn)
+        self._layout_checked_at = now
+        if self._found_layout != self.layout:
+            raise ProjectionLayoutError(self._found_layout, self.layout)
 
-    def _outdated(self, conn: Connection) -> bool:
+    def _layout_in(self, conn: Connection) -> int | None:
+        """The tables' layout: 0 when incomplete, None when there are none this code knows of."""
+        rows = dict(conn.execute(select(TRACKING.c.name, TRACKING.c.position)).tuples().all())
+        found: int | None = rows.get(LAYOUT_ROW)
+        if found is None:  # before layouts were recorded
+            positions = [layout for name in rows if (layout := layout_of(name)) is not None]
+            found = max(positions, default=None)
+        if found == self.layout and (self.name not in rows or self._incomplete(conn)):
+            return 0
+        return found
+
+    def _incomplete(self, conn: Connection) -> bool:
+        """Whether a table, column or index of this layout is missing."""
         found = inspect(conn)
-        existing = [table for table in self.tables.all if found.has_table(table.name)]
-        if not existing:
-            return False  # a new database
-        if len(existing) < len(self.tables.all):
-            return True
-        for table in existing:
+        for table in self.tables.all:
+            if not found.has_table(table.name):
+                return True
             columns = {c["name"] for c in found.get_columns(table.name)}
             if not {c.name for c in table.columns} <= columns:
                 return True
-        layout = None
-        if found.has_table(TRACKING.name):
-            query = select(TRACKING.c.position).where(TRACKING.c.name == _LAYOUT_ROW)
-            layout = conn.execute(query).scalar()
-        # Only older: a newer layout (written by a newer flowstore) is left alone, not fought over.
-        return layout is None or layout < LAYOUT
+        return False
+
+    def create(self) -> None:
+        """Create the tables and their tracking rows where there are none; never drop any.
+
+        Tables of another layout are left as they are, serving the processes that read it; this
+        object then raises `ProjectionLayoutError` on every use until `migrate` replaces them.
+        """
+        with self._lock, self.engine.begin() as conn:
+            serialize_ddl(conn)  # processes starting together on a new database
+            TRACKING.metadata.create_all(conn)
+            found = self._layout_in(conn)
+            if found is None and not any(
+                inspect(conn).has_table(table.name) for table in self.tables.all
+            ):
+                self.tables.metadata.create_all(conn)
+                conn.execute(
+                    self._insert(TRACKING)
+                    .values(name=self.name, position=0)
+                    .on_conflict_do_nothing(index_elements=["name"])
+                )
+                self._record_layout(conn)
+                found = self.layout
+            elif found is None:
+                found = 0  # tables without a position row: older than layouts
+            self._found_layout = found
+            self._layout_checked_at = time.monotonic()
+            if found != self.layout:
+                log.warning("%s", ProjectionLayoutError(found, self.layout))
+
+    def _record_layout(self, conn: Connection) -> None:
+        conn.execute(
+            self._insert(TRACKING)
+            .values(name=LAYOUT_ROW, position=self.layout)
+            .on_conflict_do_update(index_elements=["name"], set_={"position": self.layout})
+        )
 
     # Catching up
 
@@ -186,12 +232,23 @@ class SqlProjections(Queries, Verification):
 
     def _position(self, conn: Connection, *, lock: bool) -> int:
         query = self._locking_position if lock and not self._sqlite else self._read_position
-        return int(conn.execute(query).scalar_one())
+        position = conn.execute(query).scalar_one_or_none()
+        if position is None:  # no row of ours: the tables have another layout
+            self._found_layout = self._layout_in(conn)
+            self._layout_checked_at = time.monotonic()
+            raise ProjectionLayoutError(self._found_layout, self.layout)
+        self._check_layout(conn)
+        return int(position)
 
     @contextmanager
     def _locked(self) -> Iterator[tuple[Connection, int]]:
         """A transaction holding the tracking row: no other process moves the tables meanwhile."""
-        with self._lock, self._write_lock, self.engine.begin() as conn:
+        with (
+            storage_errors(self._env, "writing the projection tables"),
+            self._lock,
+            self._write_lock,
+            self.engine.begin() as conn,
+        ):
             yield conn, self._position(conn, lock=True)
 
     def catch_up(self, read: EventPage, *, page: int = _PAGE) -> int:
@@ -426,8 +483,12 @@ class SqlProjections(Queries, Verification):
         *,
         page: int = 20_000,
         progress: Callable[[int, int], None] | None = None,
+        migrating: bool = False,
     ) -> int:
         """Replay the whole log into fresh tables, then swap them in; return the events replayed.
+
+        `migrating` (see `migrate`): the tables being replaced have another layout, so the swap
+        takes their tracking rows (whichever layout) instead of this layout's, and replaces them.
 
         Memory stays bounded: each page is applied and committed before the next is read, and the
         copies of recent state rows kept between pages (only this rebuild writes the new tables, so
@@ -438,7 +499,9 @@ class SqlProjections(Queries, Verification):
         with self._rebuild_lock():
             shadow = define_tables(REBUILD_SUFFIX)
             try:
-                return self._rebuild(shadow, read, page=page, progress=progress)
+                return self._rebuild(
+                    shadow, read, page=page, progress=progress, migrating=migrating
+                )
             except BaseException:
                 # A failed rebuild (a full disk, a lost connection) must not leave its half-filled
                 # shadow tables behind: they held thousands of rows and broke later commands.
@@ -499,9 +562,12 @@ class SqlProjections(Queries, Verification):
         *,
         page: int,
         progress: Callable[[int, int], None] | None,
+        migrating: bool = False,
     ) -> int:
         rows = _RowCache()
         with self._lock, self.engine.begin() as conn:
+            if not migrating:
+                self._position(conn, lock=False)  # the tables have this layout (else raise)
             shadow.metadata.drop_all(conn)
             for table in shadow.all:
                 conn.execute(CreateTable(table))  # the secondary indexes come at the swap
@@ -518,16 +584,61 @@ class SqlProjections(Queries, Verification):
             position, replayed = events[-1][0], replayed + len(events)
             if progress:
                 progress(replayed, position)
-        with self._locked() as (conn, _):
+        with self._claimed() if migrating else self._locked() as (conn, _):
             while events := read(position + 1, page):  # what arrived meanwhile
                 rows.keep(self._apply(conn, shadow, events, cache=rows))
                 position, replayed = events[-1][0], replayed + len(events)
             self._swap(conn, shadow)
-            self._set_position(conn, position)
+            if migrating:
+                self._take_over_tracking(conn, position)
+            else:
+                self._set_position(conn, position)
             self._owned_position = None
         if progress:
             progress(replayed, position)
         return replayed
+
+    def migrate(
+        self,
+        read: EventPage,
+        *,
+        page: int = 5000,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Bring tables of an older layout to this one, blue/green; return the events replayed.
+
+        The new layout is built beside the old tables (like a rebuild, and under the same
+        one-at-a-time lock) while processes of the previous version keep serving and moving
+        them; the swap then takes their tracking rows, so it waits for a catch-up in progress,
+        and from then on those processes get `ProjectionLayoutError`. Nothing to do (0) when the
+        tables already have this layout; tables of a newer layout raise.
+        """
+        with self._lock, self.engine.begin() as conn:
+            found = self._layout_in(conn)
+        if found == self.layout:
+            return 0
+        if found is not None and found > self.layout:
+            raise ProjectionLayoutError(found, self.layout)
+        log.warning("migrating projection tables from layout %s to %s", found, self.layout)
+        return self.rebuild(read, page=page, progress=progress, migrating=True)
+
+    @contextmanager
+    def _claimed(self) -> Iterator[tuple[Connection, int]]:
+        """A transaction holding every tracking row of the tables (of whatever layout)."""
+        with self._lock, self.engine.begin() as conn:
+            rows = select(TRACKING.c.name)
+            conn.execute(rows if self._sqlite else rows.with_for_update()).all()
+            yield conn, 0
+
+    def _take_over_tracking(self, conn: Connection, position: int) -> None:
+        """After a migration's swap: this layout's rows replace every other layout's."""
+        names = [n for (n,) in conn.execute(select(TRACKING.c.name)) if layout_of(n) is not None]
+        if names:
+            conn.execute(delete(TRACKING).where(TRACKING.c.name.in_(names)))
+        conn.execute(TRACKING.insert().values(name=self.name, position=position))
+        self._record_layout(conn)
+        self._found_layout = self.layout
+        self._layout_checked_at = time.monotonic()
 
     def _swap(self, conn: Connection, shadow: ProjectionTables) -> None:
         for live, new in zip(self.tables.all, shadow.all, strict=True):

@@ -29,20 +29,33 @@ from flowstore.projections.ops import ACTIVITY_COLUMNS
 
 __all__ = [
     "LAYOUT",
+    "LAYOUT_ROW",
     "QUARANTINE",
     "REBUILD_SUFFIX",
     "TRACKING",
     "UNREADABLE",
     "ProjectionTables",
     "define_tables",
+    "layout_of",
     "tracking_metadata",
+    "tracking_name",
 ]
 
 LAYOUT = 2
-"""The tables' layout version: tables written under an older one are rebuilt from the log (see
-`SqlProjections.create`). 2: history steps and transition as "" rather than NULL (the seed's
-strings), a rejected attempt's `to_step` is the step the user stayed on; `flow_activity`;
-`flow_response_samples.second`; the `flow_states` index for `list_instances`."""
+"""The tables' layout version: raise it with every change of a table, column, index or of what a
+row holds. 2: history steps and transition as "" rather than NULL (the seed's strings), a rejected
+attempt's `to_step` is the step the user stayed on; `flow_activity`;
+`flow_response_samples.second`; the `flow_states` index for `list_instances`.
+
+The layout is recorded in the tracking table (the `LAYOUT_ROW` row, and from layout 3 on in the
+name of the position's row, `tracking_name`), so that a process reading another layout says so
+(`ProjectionLayoutError`) rather than reading or writing tables it does not know. Opening a store
+never drops or rebuilds tables: `flowstore projections migrate` moves them from one layout to the
+next while the processes that serve the old one carry on (see `SqlProjections.migrate`).
+"""
+
+LAYOUT_ROW = "flowstore.layout"
+"""The tracking row whose `position` holds the tables' layout (not a log position)."""
 
 
 REBUILD_SUFFIX = "__rebuild"
@@ -215,6 +228,27 @@ TRACKING = Table(
     Column("position", Integer, nullable=False),
 )
 """One row per projection: the notification id of the last event applied (same transaction)."""
+
+_NAME = "flowstore"
+
+
+def tracking_name(layout: int) -> str:
+    """The row holding the position of the tables at `layout`.
+
+    Layouts 1 and 2 share the name releases before layouts used; later ones have their own, so
+    that once a migration has replaced a layout's tables, its processes find no row to move.
+    """
+    return _NAME if layout <= 2 else f"{_NAME}.v{layout}"
+
+
+def layout_of(name: str) -> int | None:
+    """The (lowest) layout whose position row `name` is (None: not a position row)."""
+    if name == _NAME:
+        return 1
+    prefix = f"{_NAME}.v"
+    if name.startswith(prefix) and name[len(prefix) :].isdigit():
+        return int(name[len(prefix) :])
+    return None
 
 UNREADABLE = Table(
     "projection_unreadable",

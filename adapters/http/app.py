@@ -63,6 +63,7 @@ from flowstore.adapters.http.auth import (
     TokenVerifier,
 )
 from flowstore.adapters.http.console import mount_console
+from flowstore.adapters.http.observe import RequestObserver
 from flowstore.adapters.http.problems import (
     PROBLEM_MEDIA_TYPE,
     Problem,
@@ -852,8 +853,8 @@ def create_router(
     # Probes (no authentication: load balancers and orchestrators call them)
 
     @router.get("/healthz", response_model=Health, tags=["probes"])
-    def healthz() -> Health:
-        """The process is up."""
+    async def healthz() -> Health:
+        """The process is up (answered on the event loop: no worker thread, no connection)."""
         return Health()
 
     @router.get("/readyz", response_model=Readiness, tags=["probes"], responses=_errors(503))
@@ -901,6 +902,15 @@ def create_app(
     app.state.pusher = router.pusher
     app.state.router = router
     app.add_middleware(_BodyLimit, limit=max(max_body_bytes, 0))
+    metrics = _metrics(store)
+    app.add_middleware(RequestObserver, metrics=metrics)  # times everything inside CORS
+    if metrics is not None:
+
+        @app.get("/metrics", include_in_schema=False)
+        def prometheus_metrics() -> Response:
+            """Prometheus metrics (the `metrics` extra)."""
+            return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
     origins = cors_origins_from_env() if cors_origins is None else list(cors_origins)
     if origins:
         # Added last, so outermost: a preflight is answered before the body limit or any route.
@@ -917,3 +927,16 @@ def create_app(
     app.openapi = _problem_media_type(app)  # type: ignore[method-assign]
     mount_console(app)  # the web console at /ui (adapters/http/console)
     return app
+
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""Prometheus' text exposition format."""
+
+
+def _metrics(store: FlowStore) -> Any:
+    """The app's metrics (`flowstore.adapters.metrics.FleetMetrics`), or None without the extra."""
+    try:
+        from flowstore.adapters.metrics import FleetMetrics
+    except ImportError:
+        return None
+    return FleetMetrics(store)

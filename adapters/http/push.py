@@ -2,7 +2,8 @@
 
 One `LogPusher` per app follows `store.read_events` from the log position it started at, so a change
 is pushed whoever made it: this server, another process on the same database, or library code. SQLite
-cannot notify, so the pusher polls; PostgreSQL is polled the same way to keep one code path.
+cannot notify, so the pusher polls; on PostgreSQL it wakes on the log's notifications
+(`FlowStore.log_notifier`) and polls only as a fallback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from anyio.abc import TaskStatus
 
 from flowstore import FlowStore
 from flowstore.domain import InstanceEvent
+from flowstore.notify import LogNotifier
 
 __all__ = ["LogPusher", "Subscriber"]
 
@@ -65,6 +67,8 @@ class LogPusher:
         self._page = page
         self._subscribers: defaultdict[str, set[Subscriber]] = defaultdict(set)
         self._subscriptions = 0  # how many sessions ever subscribed
+        # A stand-in store (tests) may have none: then the pusher polls.
+        self._notifier: LogNotifier | None = getattr(store, "log_notifier", None)
         self.position: int | None = None
         """The notification id of the last event looked at (None until the log was reached)."""
 
@@ -93,6 +97,8 @@ class LogPusher:
         task_status.started()
         failures = 0
         while True:
+            # Noted before reading: no append goes unnoticed.
+            generation = self._notifier.generation if self._notifier is not None else 0
             try:
                 full = await self._step()
             except Exception:
@@ -105,7 +111,18 @@ class LogPusher:
                 log.info("following the event log again at position %s", self.position)
                 failures = 0
             if not full:
-                await anyio.sleep(self._interval)
+                await self._pause(generation)
+
+    async def _pause(self, generation: int) -> None:
+        """Until the next append (PostgreSQL notifies) or, polling, `interval` seconds."""
+        if self._notifier is None or not self._notifier.pushes:
+            await anyio.sleep(self._interval)
+            return
+        # While listening, the poll is only a fallback; waiting takes one worker thread.
+        timeout = 1.0 if self._notifier.listening else self._interval
+        await anyio.to_thread.run_sync(
+            self._notifier.wait, generation, timeout, abandon_on_cancel=True
+        )
 
     async def _step(self) -> bool:
         """Read and push one page of events; True when the page was full (more may be waiting)."""

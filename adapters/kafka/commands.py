@@ -30,6 +30,7 @@ class Output(Protocol):
 
     console: Console
 
+
 __all__ = ["Outcome", "audit", "publish", "restore"]
 
 Outcome = tuple[str, dict[str, Any], int]

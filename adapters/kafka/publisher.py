@@ -240,7 +240,9 @@ class KafkaPublisher:
             self._set(state="stopped")
 
     def _follow(self, stop: threading.Event) -> None:
+        notifier = self.store.log_notifier
         while not stop.is_set():
+            generation = notifier.generation  # before reading: no append goes unnoticed
             try:
                 published = self.publish_pending(stop)
             except PublisherLockError:
@@ -255,7 +257,10 @@ class KafkaPublisher:
                     return
                 continue
             if not published and not stop.is_set():
-                stop.wait(self.poll_interval)  # SQLite cannot notify: poll the log's end
+                if notifier.pushes:  # PostgreSQL: wake on the next append (poll as a fallback)
+                    notifier.wait(generation, self.poll_interval)
+                else:
+                    stop.wait(self.poll_interval)  # SQLite cannot notify: poll the log's end
 
     def close(self) -> None:
         """Release the producer, the lock and the tracking connections."""

@@ -8,7 +8,8 @@ move it back.
 The lock depends on the backend:
 
 - PostgreSQL: a session advisory lock (`pg_try_advisory_lock`) on a connection held for the
-  publisher's lifetime; the server releases it when that connection or its process dies.
+  publisher's lifetime (with TCP keepalives); the server releases it when that connection or its
+  process dies (`flowstore.leader`).
 - SQLite: an OS file lock (`flock`) on `<database>.kafka-<topic>.lock` beside the database file.
   A lock row held under `BEGIN IMMEDIATE` would do the same job but would block every writer of the
   store for as long as the publisher runs; the kernel releases a file lock when the process dies.
@@ -37,8 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from flowstore.locks import WorkerLock
-from flowstore.sqlitelog import secure_sqlite
-from flowstore.storage import READ_ONLY, StorageConfig
+from flowstore.storage import READ_ONLY, StorageConfig, make_engine, serialize_ddl
 
 __all__ = ["TRACKING_TABLE", "PublisherLock", "PublisherTracking"]
 
@@ -60,11 +60,9 @@ def _engine(config: StorageConfig) -> Engine:
         return create_engine(
             "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
         )
-    if config.backend == "sqlite":
-        engine = create_engine(config.sqlalchemy_url, connect_args={"timeout": 60})
-        secure_sqlite(engine)  # every connection to a store's file overwrites what it deletes
-        return engine
-    return create_engine(config.sqlalchemy_url, pool_pre_ping=True, pool_size=1)
+    # The store's engine recipe: on PostgreSQL its search path is the URL's schema, so the
+    # tracking table lives beside the store's other tables, not in `public`.
+    return make_engine(config, pool_size=1)
 
 
 class PublisherTracking:
@@ -78,6 +76,7 @@ class PublisherTracking:
         self._owns_engine = engine is None
         self.engine = engine if engine is not None else _engine(config)
         with self.engine.begin() as conn:
+            serialize_ddl(conn)  # workers of a fleet start together
             _metadata.create_all(conn)
 
     def close(self) -> None:
@@ -138,7 +137,9 @@ class PublisherTracking:
 class PublisherLock(WorkerLock):
     """Held by the one active publisher of a topic and store; `acquire` waits for it.
 
-    `store_key` tells stores apart where the backend cannot (memory://: one lock per store object).
+    A `flowstore.leader.LeaderLock` that keeps the names earlier releases used (the lock file
+    `<database>.kafka-<topic>.lock`, the advisory key), so an older publisher still running
+    during an upgrade is kept out.
     """
 
     def __init__(self, config: StorageConfig, topic: str, *, store_key: str = "") -> None:

@@ -15,7 +15,13 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import create_engine, text
 
-from flowstore import FlowError, FlowStore, InvalidArgumentError, InvalidTransitionError
+from flowstore import (
+    FlowError,
+    FlowStore,
+    InvalidArgumentError,
+    InvalidTransitionError,
+    ProjectionLayoutError,
+)
 from flowstore.adapters.cli import main
 from flowstore.domain import FlowErased, instance_id
 from flowstore.keys import ERASED_USER_PREFIX
@@ -278,7 +284,7 @@ def test_erased_is_a_reserved_prefix_for_user_ids() -> None:
             store.execute_transition("erased:abc", FLOW, "start")
 
 
-def test_tables_of_the_layout_before_erasure_are_rebuilt_from_the_log(tmp_path: Any) -> None:
+def test_tables_of_the_layout_before_erasure_are_migrated_from_the_log(tmp_path: Any) -> None:
     url = f"sqlite:///{tmp_path}/old.db"
     with FlowStore(url) as store:
         populate(store)
@@ -288,6 +294,10 @@ def test_tables_of_the_layout_before_erasure_are_rebuilt_from_the_log(tmp_path: 
         conn.execute(text("DROP INDEX ix_flow_states_instance"))
         conn.execute(text("ALTER TABLE flow_states DROP COLUMN instance_id"))
     engine.dispose()
+    with pytest.raises(ProjectionLayoutError, match="projections migrate"):
+        FlowStore(url)  # opening never drops tables: an operator migrates them
+    with FlowStore(url, live_projections=False) as upgrading:
+        assert upgrading.migrate_projections() > 0
     with FlowStore(url) as reopened:
         assert reopened.get_user_flows("ann") == before
         assert reopened.verify_projections() == []

@@ -14,6 +14,7 @@ from flowstore import (
     HistoryKind,
     InvalidArgumentError,
     InvalidTransitionError,
+    ProjectionLayoutError,
 )
 from flowstore.models import FlowStatus
 from tests.flows import Clock, linear
@@ -258,7 +259,7 @@ def test_windowed_tables_survive_a_rebuild_and_verify(store: FlowStore, clock: C
     assert store.get_flow_statistics(FLOW, since=clock() - timedelta(days=2)) == before
 
 
-def test_tables_of_the_older_layout_are_rebuilt(store_url: str, clock: Clock) -> None:
+def test_tables_of_the_older_layout_are_migrated(store_url: str, clock: Clock) -> None:
     from sqlalchemy import create_engine, text
 
     from flowstore.storage import parse_url
@@ -272,6 +273,10 @@ def test_tables_of_the_older_layout_are_rebuilt(store_url: str, clock: Clock) ->
         conn.execute(text("DELETE FROM projection_tracking WHERE name = 'flowstore.layout'"))
         conn.execute(text("DROP TABLE flow_activity"))
     engine.dispose()
+    with pytest.raises(ProjectionLayoutError):
+        FlowStore(store_url, clock=clock)  # opening never drops or replays: an operator migrates
+    with FlowStore(store_url, clock=clock, live_projections=False) as upgrading:
+        assert upgrading.migrate_projections() > 0
     with FlowStore(store_url, clock=clock) as store:
         assert store.verify_projections() == []
         assert store.get_flow_statistics("f", since=clock() - timedelta(hours=1)) == expected

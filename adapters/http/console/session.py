@@ -15,16 +15,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
 import secrets
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from flowstore.adapters.http.auth import AuthenticationError, Principal, TokenVerifier
-from flowstore.errors import CsrfError
+from flowstore.errors import AuthConfigError, CsrfError
 
 __all__ = [
+    "CONSOLE_KEY_ENV",
     "CSRF_FIELD",
     "CSRF_HEADER",
     "LOGIN_COOKIE",
@@ -44,6 +47,24 @@ CSRF_HEADER = "X-CSRF-Token"
 
 _LOGIN_FORM_SECONDS = 3600
 
+CONSOLE_KEY_ENV = "FLOWSTORE_CONSOLE_KEY"
+"""The key CSRF tokens are signed with, shared by every server of a fleet (at least 32 bytes)."""
+
+
+def console_key(env: Mapping[str, str] | None = None) -> bytes | None:
+    """The fleet's console key from `$FLOWSTORE_CONSOLE_KEY` (None: a random key per process).
+
+    With several servers behind one address, a page rendered by one server posts to another:
+    they must sign CSRF tokens with the same key, or every other form post is refused.
+    """
+    text = (os.environ if env is None else env).get(CONSOLE_KEY_ENV, "")
+    if not text:
+        return None
+    key = text.encode()
+    if len(key) < 32:
+        raise AuthConfigError(f"${CONSOLE_KEY_ENV} must be at least 32 bytes (it has {len(key)})")
+    return key
+
 
 def _mac(key: bytes, purpose: str, value: str) -> str:
     digest = hmac.new(key, f"{purpose}\x1f{value}".encode(), hashlib.sha256).digest()
@@ -58,13 +79,14 @@ def _own_origin(connection: HTTPConnection) -> str:
 class ConsoleSessions:
     """Reads and writes the session cookie, and makes and checks CSRF tokens.
 
-    `key` signs CSRF tokens; by default a random one per app, so tokens in pages rendered before a
+    `key` signs CSRF tokens; by default `$FLOWSTORE_CONSOLE_KEY` (so that every server of a fleet
+    accepts the others' tokens), else a random one per app, so tokens in pages rendered before a
     restart are refused after it (the page is simply loaded again).
     """
 
     def __init__(self, verifier: TokenVerifier, *, path: str = "/ui", key: bytes | None = None):
         self._verifier = verifier
-        self._key = key or secrets.token_bytes(32)
+        self._key = key or console_key() or secrets.token_bytes(32)
         self.path = path
 
     # The session

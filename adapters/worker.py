@@ -1,0 +1,123 @@
+"""`flowstore worker`: the store's singleton jobs, each run by one elected process of a fleet.
+
+Three jobs, each in its own thread and each under its own `flowstore.leader.LeaderLock`, so that
+any number of workers can run (one leads each job, the others stand by and take over within
+about a second of the leader dying):
+
+- `projections`: catch the read-model tables up with the log, every `interval` seconds;
+- `expiry`: expire the instances idle past their flow's ttl, every `expire_every` seconds;
+- the Kafka publisher, when a bootstrap is configured (its own lock per topic, see
+  `flowstore.adapters.kafka.tracking.PublisherLock`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flowstore import FlowStore
+from flowstore.leader import LeaderLock, run_elected
+
+__all__ = ["WorkerSettings", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How often each job runs, and where to publish (no bootstrap: no publisher)."""
+
+    interval: float = 0.5
+    """Seconds between two projection catch-ups."""
+    batch: int = 1000
+    """Events per projection transaction."""
+    expire_every: float = 60.0
+    """Seconds between two expiry rounds (0 turns expiry off)."""
+    bootstrap: str = ""
+    topic: str | None = None
+    jobs: tuple[str, ...] = field(default=("projections", "expiry", "publisher"))
+
+
+def run_worker(
+    store: FlowStore,
+    stop: threading.Event,
+    settings: WorkerSettings,
+    *,
+    on_change: Callable[[str, bool], None] | None = None,
+    on_expired: Callable[[int], None] | None = None,
+) -> None:
+    """Run the jobs until `stop` is set; `on_change(job, leading)` hears every change of leader,
+    `on_expired(n)` every expiry round that expired something."""
+
+    def told(job: str) -> Callable[[bool], None]:
+        def change(leading: bool) -> None:
+            if on_change:
+                on_change(job, leading)
+
+        return change
+
+    key = str(id(store))
+    threads: list[threading.Thread] = []
+
+    def start(name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=f"flowstore-{name}", daemon=True)
+        thread.start()
+        threads.append(thread)
+
+    if "projections" in settings.jobs:
+        lock = LeaderLock(store.config, "projections", store_key=key)
+        notifier = store.log_notifier
+        seen = [0]
+
+        def catch_up() -> None:
+            seen[0] = notifier.generation  # before reading: no append goes unnoticed
+            store.catch_up_projections(settings.batch)
+
+        def pause(interval: float) -> None:
+            if notifier.pushes:  # PostgreSQL: wake on the next append, poll as a fallback
+                notifier.wait(seen[0], interval)
+            else:
+                stop.wait(interval)
+
+        start(
+            "projections",
+            lambda: run_elected(
+                lock,
+                catch_up,
+                stop,
+                interval=settings.interval,
+                on_change=told("projections"),
+                pause=pause,
+            ),
+        )
+    if "expiry" in settings.jobs and settings.expire_every > 0:
+        expiry = LeaderLock(store.config, "expiry", store_key=key)
+
+        def expire() -> None:
+            purged = store.purge_expired_flows()
+            if purged:
+                log.info("expired %d flow instance(s)", purged)
+                if on_expired:
+                    on_expired(purged)
+
+        start(
+            "expiry",
+            lambda: run_elected(
+                expiry, expire, stop, interval=settings.expire_every, on_change=told("expiry")
+            ),
+        )
+    if "publisher" in settings.jobs and settings.bootstrap:
+        # Imported here: the worker runs without the kafka extra when nothing is published.
+        from flowstore.adapters.kafka.publisher import KafkaPublisher
+
+        publisher = KafkaPublisher(store, settings.bootstrap, settings.topic)
+        start("publisher", lambda: publisher.run(stop))
+    stop.wait()
+    for thread in threads:
+        # Bounded: a job stuck in a database call must not keep a stopping worker alive (its
+        # locks die with the process anyway).
+        thread.join(timeout=30)
+        if thread.is_alive():
+            log.warning("%s did not stop within 30 s; leaving it", thread.name)

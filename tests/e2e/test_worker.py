@@ -1,0 +1,178 @@
+"""`flowstore worker` as real processes: one leads each job, a standby takes over after kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from queue import Empty, Queue
+
+import pytest
+
+from flowstore import FlowStore
+from flowstore.leader import LeaderLock, run_elected
+from flowstore.storage import parse_url
+from tests.flows import ring
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Worker:
+    """A `flowstore worker` process whose log lines the test reads as they come."""
+
+    def __init__(self, url: str, *extra: str) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "FLOWSTORE_KAFKA_BOOTSTRAP": ""}
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flowstore.adapters.cli",
+                "--url",
+                url,
+                "worker",
+                "--interval",
+                "0.05",
+                "--expire-every",
+                "0",
+                *extra,
+            ],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        self.lines: Queue[str] = Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.put(line)
+        self.lines.put("")  # the process ended
+
+    def wait_for(self, text: str) -> None:
+        """Block until a log line contains `text` (fail if the process ends first)."""
+        seen = []
+        while True:
+            try:
+                line = self.lines.get(timeout=120)
+            except Empty:
+                pytest.fail(f"no {text!r} in the worker's log: {seen}")
+            if not line:
+                pytest.fail(f"worker ended before {text!r}: {seen}")
+            seen.append(line)
+            if text in line:
+                return
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    for worker in started:
+        if worker.process.poll() is None:
+            worker.kill()
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll `condition` (pytest-timeout bounds the test)."""
+    while not condition():
+        time.sleep(0.01)  # the pace of a polling loop that checks the condition
+    assert condition(), what
+
+
+def test_a_standby_worker_takes_over_projections_after_the_leader_is_killed(
+    store_url: str, workers: list[Worker]
+) -> None:
+    with FlowStore(store_url, live_projections=False) as store:
+        store.create_flow(ring("r"))
+        first = Worker(store_url)
+        workers.append(first)
+        first.wait_for("leading projections")
+        lock = LeaderLock(parse_url(store_url), "projections")
+        assert not lock.try_acquire()  # the leader holds it
+        second = Worker(store_url)
+        workers.append(second)
+        store.execute_transition("ann", "r", "tick")
+        wait_until(lambda: store.projection_position() == store.log_position(), "first leader")
+
+        first.kill()
+        second.wait_for("leading projections")
+        store.execute_transition("bob", "r", "tick")
+        wait_until(lambda: store.projection_position() == store.log_position(), "new leader")
+        assert store.verify_projections() == []
+        assert second.stop() == 0
+
+
+def test_a_stopped_worker_hands_its_jobs_over(store_url: str, workers: list[Worker]) -> None:
+    first = Worker(store_url)
+    workers.append(first)
+    first.wait_for("leading projections")
+    second = Worker(store_url)
+    workers.append(second)
+    assert first.stop() == 0  # SIGTERM: releases the locks on its way out
+    second.wait_for("leading projections")
+
+
+def test_only_one_of_two_elections_leads_at_a_time(store_url: str) -> None:
+    config = parse_url(store_url)
+    stop = threading.Event()
+    steps = {"a": 0, "b": 0}
+
+    def step(name: str) -> Callable[[], None]:
+        def run() -> None:
+            steps[name] += 1
+            if sum(steps.values()) >= 20:
+                stop.set()
+
+        return run
+
+    # Two locks of one name in one process stand for two processes (file and advisory locks
+    # are per open file / per connection, not per process).
+    a, b = LeaderLock(config, "job", store_key="k"), LeaderLock(config, "job", store_key="k")
+    threads = [
+        threading.Thread(target=run_elected, args=(lock, step(n), stop), kwargs={"interval": 0})
+        for n, lock in (("a", a), ("b", b))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert min(steps.values()) == 0  # the standby never ran while the leader held the lock
+    assert not a.held
+    assert not b.held
+
+
+def test_the_worker_serves_metrics_naming_the_jobs_it_leads(
+    store_url: str, workers: list[Worker]
+) -> None:
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = Worker(store_url, "--metrics-port", str(port))
+    workers.append(worker)
+    worker.wait_for("leading projections")
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'flowstore_leader{job="projections"} 1.0' in text
+    assert "flowstore_projection_lag_events 0.0" in text
+    assert worker.stop() == 0
