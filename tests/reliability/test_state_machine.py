@@ -152,7 +152,7 @@ class StoreModel(FlowModel):
         self._drop(user)
         inst = self.instances.setdefault(user, ModelInstance())
         self.erased.discard(user)
-        inst.history.append(("override", inst.step, step, None, True))
+        inst.history.append(("override", inst.step or "", step, "", True))  # the seed's strings
         inst.definition_version = version
         inst.ok, inst.payload = ok, payload
         self._enter(inst, definition, step)
@@ -180,7 +180,7 @@ class StoreModel(FlowModel):
             due = self.expires_at.get(user)
             if self._active(user) and due is not None and due <= now:
                 self._drop(user)
-                inst.history.append(("expiry", inst.step, None, None, True))
+                inst.history.append(("expiry", inst.step or "", "", "", True))
                 inst.step, inst.payload, inst.completed = None, None, False
                 inst.version += 1
                 self.expires_at[user] = None
