@@ -41,6 +41,7 @@ from flowstore.models import (
     InstancePage,
     MigrationReport,
 )
+from flowstore.notify import LogNotifier
 from flowstore.reactions import Handler
 from flowstore.storage import POOL_SIZE_ENV, StorageConfig
 from flowstore.store import FlowStore, Publisher
@@ -229,6 +230,11 @@ class AsyncFlowStore:
     def publisher(self) -> Publisher | None:
         """The embedded Kafka publisher, or None (`FlowStore.publisher`)."""
         return self.store.publisher
+
+    @property
+    def log_notifier(self) -> LogNotifier:
+        """Wakes followers of the log on other processes' appends (`FlowStore.log_notifier`)."""
+        return self.store.log_notifier
 
     def on_definition_change(self, listener: Callable[[str], None]) -> Callable[[], None]:
         """Register `listener` (`FlowStore.on_definition_change`); registering does no I/O."""
@@ -518,6 +524,10 @@ class AsyncFlowStore:
     async def rebuild_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Replay the log into fresh tables (`FlowStore.rebuild_projections`); `progress` runs on a worker thread."""
         return await self._run(self.store.rebuild_projections, progress)
+
+    async def migrate_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Bring the tables to this version's layout blue/green (`FlowStore.migrate_projections`)."""
+        return await self._run(self.store.migrate_projections, progress)
 
     async def verify_projections(self) -> list[Difference]:
         """Differences between the tables and the log (`FlowStore.verify_projections`)."""
