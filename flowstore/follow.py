@@ -9,7 +9,7 @@ not commit, and each event's effect lands exactly once. Effects outside the data
 are at least once: make them idempotent by the event's id, or record them through `connection`.
 
 One follower of a name is active at a time: a PostgreSQL advisory lock or a lock file beside the
-SQLite database (`flowstore.locks`); another process following the same name waits as a standby.
+SQLite database (`flowstore.leader`); another process following the same name waits as a standby.
 A handler that raises rolls its transaction back; the follower logs it and tries the same event
 again after a pause (a poisoned event holds the follower up rather than being skipped).
 """
@@ -40,7 +40,7 @@ from sqlalchemy.exc import IntegrityError
 
 from flowstore.domain import DomainEvent
 from flowstore.errors import FollowerBusyError, InvalidArgumentError, StorageConfigError
-from flowstore.locks import WorkerLock
+from flowstore.leader import LeaderLock
 from flowstore.storage import StorageConfig, make_engine
 
 __all__ = ["FOLLOWERS", "FollowHandler", "Follower", "ReadLog"]
@@ -113,7 +113,9 @@ class Follower:
         self._interval = interval
         self._engine = _engine(config)
         schema = config.env.get("POSTGRES_SCHEMA", "")
-        self.lock = WorkerLock(config, f"flowstore.follower:{schema}:{name}", tag=f"follow-{name}")
+        self.lock = LeaderLock(
+            config, f"follow-{name}", advisory_name=f"flowstore.follower:{schema}:{name}"
+        )
         """Held while this follower is the active one of its name."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

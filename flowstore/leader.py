@@ -13,6 +13,9 @@ trying (`acquire`) takes over within its poll interval:
   kernel releases it with the process.
 - memory://: a lock in this process (the store exists only here).
 
+The Kafka publisher (one per topic) and followers (`FlowStore.follow`, one per name) hold one
+too, under the names and keys their earlier releases used (`advisory_name`).
+
 `run_elected` runs a job's step on an interval while this process leads, and waits as standby
 otherwise. The lock alone never guards data: the projections' tracking row and the publisher's
 forward-only position keep a leader that lost its lock without knowing it from doing harm.

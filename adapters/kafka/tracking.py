@@ -37,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
-from flowstore.locks import WorkerLock
+from flowstore.leader import LeaderLock
 from flowstore.storage import READ_ONLY, StorageConfig, make_engine, serialize_ddl
 
 __all__ = ["TRACKING_TABLE", "PublisherLock", "PublisherTracking"]
@@ -134,7 +134,7 @@ class PublisherTracking:
             )
 
 
-class PublisherLock(WorkerLock):
+class PublisherLock(LeaderLock):
     """Held by the one active publisher of a topic and store; `acquire` waits for it.
 
     A `flowstore.leader.LeaderLock` that keeps the names earlier releases used (the lock file
@@ -146,8 +146,8 @@ class PublisherLock(WorkerLock):
         schema = config.env.get("POSTGRES_SCHEMA", "")
         super().__init__(
             config,
-            f"flowstore.kafka_publisher:{schema}:{topic}",
-            tag=f"kafka-{topic}",
+            f"kafka-{topic}",
             store_key=store_key,
+            advisory_name=f"flowstore.kafka_publisher:{schema}:{topic}",
         )
         self.topic = topic
