@@ -504,12 +504,15 @@ def create_router(
 ) -> FlowRouter:
     """Every HTTP and WebSocket endpoint over `store` as a router, authenticating with `verifier`.
 
-    `store` may be the app's `AsyncFlowStore` (the endpoints use the store under it). `max_body_bytes`
+    The endpoints await an `AsyncFlowStore`: `store` itself when it is one, else one over `store`
+    (never blocking the event loop; its threads are sized to the store's pool). `max_body_bytes`
     caps request bodies (413 above it; payloads are also held to the store's own
     `max_payload_bytes`); `poll_interval` is how often the WebSocket pusher reads the event log.
     """
-    if isinstance(store, AsyncFlowStore):
-        store = store.store
+    # The endpoints await the async store: its own bounded threads, sized to the store's pool,
+    # rather than FastAPI's 40-thread pool, which no store pool is sized for.
+    astore = store if isinstance(store, AsyncFlowStore) else AsyncFlowStore.wrap(store)
+    store = astore.store
     router = FlowRouter(store, verifier, max_body_bytes=max_body_bytes, poll_interval=poll_interval)
     sockets = router.sockets
     route_class = router.route_class
@@ -532,11 +535,11 @@ def create_router(
     @users.get(
         "/flow/{flowId}/state", response_model=FlowState | None, responses=_errors(401, 404, 422)
     )
-    def get_state(flow_id: FlowId, principal: Caller) -> FlowState | None:
+    async def get_state(flow_id: FlowId, principal: Caller) -> FlowState | None:
         """The caller's state in the flow, or null when they have none (as the seed's module)."""
-        state = store.get_flow_state(principal.user_id, flow_id)
+        state = await astore.get_flow_state(principal.user_id, flow_id)
         if state is None:
-            store.get_flow(flow_id)  # an unknown flow is 404 FLOW_NOT_FOUND rather than null
+            await astore.get_flow(flow_id)  # an unknown flow is 404 FLOW_NOT_FOUND rather than null
         return state
 
     @users.post(
@@ -544,7 +547,7 @@ def create_router(
         response_model=FlowState,
         responses=_errors(401, 404, 409, 413, 422),
     )
-    def execute_transition(
+    async def execute_transition(
         flow_id: FlowId,
         transition: TransitionName,
         principal: Caller,
@@ -556,7 +559,7 @@ def create_router(
         reached but its work failed.
         """
         body = body or TransitionRequest()
-        return store.execute_transition(
+        return await astore.execute_transition(
             principal.user_id, flow_id, transition, body.payload, ok=body.ok, message=body.message
         )
 
@@ -566,7 +569,7 @@ def create_router(
         response_model_exclude_none=True,
         responses=_errors(401, 404, 422),
     )
-    def transitions(
+    async def transitions(
         flow_id: FlowId,
         principal: Caller,
         explicit: Annotated[
@@ -575,47 +578,47 @@ def create_router(
         ] = None,
     ) -> list[FlowTransition]:
         """The transitions the caller's current step offers."""
-        return store.get_available_transitions(principal.user_id, flow_id, explicit=explicit)
+        return await astore.get_available_transitions(principal.user_id, flow_id, explicit=explicit)
 
     @users.post(
         "/flow/{flowId}/back", response_model=FlowState, responses=_errors(401, 404, 409, 422)
     )
-    def back(flow_id: FlowId, principal: Caller) -> FlowState:
+    async def back(flow_id: FlowId, principal: Caller) -> FlowState:
         """Return to the previous step (left by a reversible transition); 422 without one."""
-        return store.go_back(principal.user_id, flow_id)
+        return await astore.go_back(principal.user_id, flow_id)
 
     @users.post(
         "/flow/{flowId}/next", response_model=FlowState, responses=_errors(401, 404, 409, 413, 422)
     )
-    def next_step(
+    async def next_step(
         flow_id: FlowId,
         principal: Caller,
         body: Annotated[NextRequest | None, Body()] = None,
     ) -> FlowState:
         """Take the current step's first transition that is not explicit (the model's next())."""
-        return store.advance(principal.user_id, flow_id, body.payload if body else None)
+        return await astore.advance(principal.user_id, flow_id, body.payload if body else None)
 
     @users.get("/flow/{flowId}/token", response_model=StateToken, responses=_errors(401, 404, 422))
-    def state_token(flow_id: FlowId, principal: Caller) -> StateToken:
+    async def state_token(flow_id: FlowId, principal: Caller) -> StateToken:
         """The caller's state as an OwlMeans state token, to hand the flow to another service."""
-        return StateToken(token=store.state_token(principal.user_id, flow_id))
+        return StateToken(token=await astore.state_token(principal.user_id, flow_id))
 
     @users.post(
         "/flow/{flowId}/handoff",
         response_model=FlowState,
         responses=_errors(401, 404, 409, 413, 422),
     )
-    def handoff(flow_id: FlowId, principal: Caller, body: HandoffRequest) -> FlowState:
+    async def handoff(flow_id: FlowId, principal: Caller, body: HandoffRequest) -> FlowState:
         """Take over the caller's flow from a state token another service handed over."""
         named = token_flow_id(body.token)
         if named != flow_id:
             raise StateTokenFlowError(named, flow_id)
-        return store.adopt_state_token(principal.user_id, body.token, sender=body.sender)
+        return await astore.adopt_state_token(principal.user_id, body.token, sender=body.sender)
 
     @users.post(
         "/flow/{flowId}/reset", response_model=FlowState, responses=_errors(401, 404, 409, 422)
     )
-    def reset(
+    async def reset(
         flow_id: FlowId,
         principal: Caller,
         body: Annotated[ResetRequest | None, Body()] = None,
@@ -625,14 +628,14 @@ def create_router(
         `service` makes it the run's target service; `entityId` names the entity it is about.
         """
         body = body or ResetRequest()
-        return store.reset_flow(
+        return await astore.reset_flow(
             principal.user_id, flow_id, body.step, service=body.service, entity_id=body.entity_id
         )
 
     @users.delete("/flow/{flowId}/state", status_code=204, responses=_errors(401, 404, 409, 422))
-    def clear_state(flow_id: FlowId, principal: Caller) -> Response:
+    async def clear_state(flow_id: FlowId, principal: Caller) -> Response:
         """Forget where the caller stands in the flow; the history stays."""
-        store.clear_flow_state(principal.user_id, flow_id)
+        await astore.clear_flow_state(principal.user_id, flow_id)
         return Response(status_code=204)
 
     @users.get(
@@ -640,7 +643,7 @@ def create_router(
         response_model=list[FlowStateHistory],
         responses=_errors(401, 404, 422),
     )
-    def history(
+    async def history(
         flow_id: FlowId,
         principal: Caller,
         request: Request,
@@ -654,7 +657,7 @@ def create_router(
         """The commands on the caller's flow, oldest first, a page at a time: at most 1,000 rows
         and `MAX_HISTORY_RESPONSE_BYTES` of payloads (`X-History-Truncated` when that cut the
         page short); a `Link: <...>; rel="next"` header points at the next page while there is one."""
-        rows = store.get_flow_history(
+        rows = await astore.get_flow_history(
             principal.user_id,
             flow_id,
             limit=limit + 1,  # one more: is there a next page?
@@ -674,14 +677,14 @@ def create_router(
 
     # Registered before /flows/{flowId} so that "mine" is not taken for a flow id.
     @users.get("/flows/mine", response_model=list[FlowState], responses=_errors(401))
-    def my_flows(principal: Caller) -> list[FlowState]:
+    async def my_flows(principal: Caller) -> list[FlowState]:
         """Every flow the caller has state in (active or completed)."""
-        return store.get_user_flows(principal.user_id)
+        return await astore.get_user_flows(principal.user_id)
 
     @users.api_route(
         "/flows/mine", methods=["POST", "PUT", "PATCH", "DELETE"], include_in_schema=False
     )
-    def mine_is_read_only() -> None:
+    async def mine_is_read_only() -> None:
         # A concrete path owns all its methods (OpenAPI's rule): PATCH /api/flows/mine must not
         # fall through to /api/flows/{flowId} and change a flow called "mine".
         raise HTTPException(405)
@@ -693,13 +696,13 @@ def create_router(
         response_model_exclude_none=True,
         responses=_errors(401, 404, 422),
     )
-    def get_flow(
+    async def get_flow(
         flow_id: FlowId,
         version: Annotated[int | None, Query(ge=1, description="A past version")] = None,
     ) -> FlowDefinition:
         """A flow's definition: the latest version or `version` (any authenticated caller, as the
         seed's module; changing it needs the admin role)."""
-        return store.get_flow(flow_id, version)
+        return await astore.get_flow(flow_id, version)
 
     # Administration
 
@@ -709,9 +712,9 @@ def create_router(
         response_model_exclude_none=True,  # definitions in the seed's shape, as POST takes them
         responses=_errors(401, 403),
     )
-    def list_flows() -> list[FlowDefinition]:
+    async def list_flows() -> list[FlowDefinition]:
         """The latest version of every flow."""
-        return store.list_flows()
+        return await astore.list_flows()
 
     @admins.post(
         "/flows",
@@ -720,7 +723,7 @@ def create_router(
         response_model_exclude_none=True,
         responses=_errors(401, 403, 409, 413, 422),
     )
-    def create_flow(definition: DefinitionBody) -> FlowDefinition:
+    async def create_flow(definition: DefinitionBody) -> FlowDefinition:
         """Define a new flow (version 1); 422 DEFINITION_INVALID lists every problem."""
         # `version` is set by the store and ignored on input (so a fetched definition can be posted
         # back), but the spec says it is an integer: hold the request to that.
@@ -728,7 +731,7 @@ def create_router(
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             error = {"loc": ["body", "version"], "msg": "must be an integer", "type": "int_type"}
             raise RequestInvalidError([error])
-        return store.get_flow(store.create_flow(definition))
+        return await astore.get_flow(await astore.create_flow(definition))
 
     @admins.patch(
         "/flows/{flowId}",
@@ -736,7 +739,7 @@ def create_router(
         response_model_exclude_none=True,
         responses=_errors(401, 403, 404, 409, 413, 422),
     )
-    def update_flow(
+    async def update_flow(
         flow_id: FlowId,
         changes: Annotated[
             dict[str, Any],
@@ -744,12 +747,12 @@ def create_router(
         ],
     ) -> FlowDefinition:
         """Make a new version of the flow."""
-        return store.update_flow(flow_id, changes)
+        return await astore.update_flow(flow_id, changes)
 
     @admins.delete("/flows/{flowId}", status_code=204, responses=_errors(401, 403, 404, 409, 422))
-    def delete_flow(flow_id: FlowId) -> Response:
+    async def delete_flow(flow_id: FlowId) -> Response:
         """Delete the flow: later transitions and resets on it are FLOW_NOT_FOUND."""
-        store.delete_flow(flow_id)
+        await astore.delete_flow(flow_id)
         return Response(status_code=204)
 
     @admins.get(
@@ -757,17 +760,17 @@ def create_router(
         response_model=FlowStatistics,
         responses=_errors(401, 403, 404, 422),
     )
-    def flow_statistics(
+    async def flow_statistics(
         flow_id: FlowId, since: Since = None, until: Until = None
     ) -> FlowStatistics:
         """Usage and performance of one flow (over [since, until) when given)."""
         window = {"since": _moment(since, "since"), "until": _moment(until, "until")}
-        return store.get_flow_statistics(flow_id, **window)
+        return await astore.get_flow_statistics(flow_id, **window)
 
     @admins.get("/statistics", response_model=FlowStatistics, responses=_errors(401, 403, 422))
-    def statistics(since: Since = None, until: Until = None) -> FlowStatistics:
+    async def statistics(since: Since = None, until: Until = None) -> FlowStatistics:
         """Usage and performance of all flows (over [since, until) when given)."""
-        return store.get_flow_statistics(
+        return await astore.get_flow_statistics(
             since=_moment(since, "since"), until=_moment(until, "until")
         )
 
@@ -776,7 +779,7 @@ def create_router(
         response_model=InstancePage,
         responses=_errors(401, 403, 404, 422),
     )
-    def instances(
+    async def instances(
         flow_id: FlowId,
         request: Request,
         response: Response,
@@ -793,7 +796,7 @@ def create_router(
     ) -> InstancePage:
         """The flow's instances by user id, a page at a time ("who is stuck at verification for
         more than a day": `?step=verification&idleFor=86400`)."""
-        page = store.list_instances(
+        page = await astore.list_instances(
             flow_id, step=step, status=status, idle_for=idle_for, limit=limit, cursor=cursor
         )
         if page.next_cursor is not None:
@@ -805,25 +808,25 @@ def create_router(
         response_model=list[FunnelStep],
         responses=_errors(401, 403, 404, 422),
     )
-    def funnel(flow_id: FlowId, since: Since = None, until: Until = None) -> list[FunnelStep]:
+    async def funnel(flow_id: FlowId, since: Since = None, until: Until = None) -> list[FunnelStep]:
         """Per step: how many entered, moved on, dropped (in [since, until) when given), and are
         there now."""
         window = {"since": _moment(since, "since"), "until": _moment(until, "until")}
-        return store.get_flow_funnel(flow_id, **window)
+        return await astore.get_flow_funnel(flow_id, **window)
 
     @admins.post(
         "/admin/purge-expired", response_model=PurgeResult, responses=_errors(401, 403, 409)
     )
-    def purge_expired() -> PurgeResult:
+    async def purge_expired() -> PurgeResult:
         """Expire every instance idle past its flow's ttl."""
-        return PurgeResult(purged=store.purge_expired_flows())
+        return PurgeResult(purged=await astore.purge_expired_flows())
 
     @admins.put(
         "/admin/users/{userId:path}/flows/{flowId}/state",
         response_model=FlowState,
         responses=_errors(401, 403, 404, 409, 413, 422),
     )
-    def override_state(user_id: UserId, flow_id: FlowId, body: StateOverride) -> FlowState:
+    async def override_state(user_id: UserId, flow_id: FlowId, body: StateOverride) -> FlowState:
         """Put a user at a step (administrative override, recorded as an event)."""
         state = FlowState(
             flow=flow_id,
@@ -836,16 +839,16 @@ def create_router(
             entity_id=body.entity_id,
             message=body.message,
         )
-        return store.set_flow_state(user_id, state)
+        return await astore.set_flow_state(user_id, state)
 
     @admins.delete(
         "/admin/users/{userId:flowstore_erasable_user}",
         response_model=ErasureResult,
         responses=_errors(401, 403, 409, 422),
     )
-    def erase_user(user_id: UserId) -> ErasureResult:
+    async def erase_user(user_id: UserId) -> ErasureResult:
         """Erase the user for good (crypto-shredding): state, history and payloads, every flow."""
-        return ErasureResult(user_id=user_id, erased_instances=store.erase_user(user_id))
+        return ErasureResult(user_id=user_id, erased_instances=await astore.erase_user(user_id))
 
     router.include_router(users)
     router.include_router(admins)

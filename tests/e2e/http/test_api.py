@@ -14,6 +14,7 @@ import pytest
 from flowstore import FlowStore, HistoryKind
 from flowstore.adapters.http import JwtVerifier, create_app
 from flowstore.adapters.http.app import MAX_HISTORY_RESPONSE_BYTES
+from flowstore.storage import parse_url
 from tests.e2e.http.conftest import MAX_BODY_BYTES, ONBOARDING, SECRET, LiveServer, User, mint
 from tests.flows import Clock, linear
 
@@ -502,6 +503,7 @@ class _UnreachableStore:
     """Stands in for a store whose database is down: every read fails."""
 
     max_payload_bytes = 1024
+    config = parse_url("postgresql://flows@db.invalid/flows")  # sizes the async store's threads
 
     def log_position(self) -> int:
         raise ConnectionRefusedError("database is down")

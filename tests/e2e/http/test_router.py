@@ -112,3 +112,34 @@ def test_endpoints_answer_under_the_prefix_with_their_own_problems(
         assert too_big.status_code == 413
         assert too_big.json()["code"] == "PAYLOAD_TOO_LARGE"
         assert client.get("/flows/readyz").status_code == 200
+
+
+def test_the_endpoints_run_the_store_on_the_async_stores_threads_not_the_event_loops_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from tests.e2e.http.conftest import bearer, mint
+
+    with FlowStore("memory://", kafka=False) as store:
+        store.create_flow(linear("f"))
+        seen: list[str] = []
+        real = store.execute_transition
+
+        def recording(*args: object, **kwargs: object) -> object:
+            seen.append(threading.current_thread().name)
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store, "execute_transition", recording)
+        app = FastAPI()
+        app.include_router(create_router(store, JwtVerifier(SECRET)))
+        with TestClient(app) as client:
+            answer = client.post(
+                "/api/flow/f/transition/next", json={}, headers=bearer(mint("ann"))
+            )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["step"] == "s1"
+        # FastAPI runs sync endpoints on anyio's worker threads; ours await AsyncFlowStore's.
+        assert [name.startswith("flowstore-aio") for name in seen] == [True]

@@ -8,6 +8,7 @@ import httpx
 
 from flowstore import StorageUnavailableError
 from flowstore.adapters.http import JwtVerifier, create_app
+from flowstore.storage import parse_url
 from tests.e2e.http.conftest import SECRET, LiveServer, User
 from tests.e2e.http.test_api import assert_problem
 
@@ -16,6 +17,7 @@ class _DownStore:
     """Stands in for a store whose database went down: every command fails as the store says."""
 
     max_payload_bytes = 1024
+    config = parse_url("postgresql://flows@db.invalid/flows")  # sizes the async store's threads
 
     def execute_transition(self, *args: Any, **kwargs: Any) -> Any:
         raise StorageUnavailableError(
