@@ -53,6 +53,33 @@ def row_dict(mapping: Any) -> dict[str, Any]:
     return {k: _utc(v) for k, v in dict(mapping).items()}
 
 
+
+def _statistics(
+    sums: Sequence[Any],
+    steps: list[StepCount],
+    samples: list[float],
+    *,
+    active: int,
+    throughput: float,
+) -> FlowStatistics:
+    """The figures from the counters' sums (started, completed, attempts, rejections, failures,
+    duration, response time), all time or over a window alike."""
+    started, completed, attempts, rejections, failures, duration, response = sums
+    return FlowStatistics(
+        total_flows=int(started),
+        active_users=active,
+        completion_rate=completed / started if started else 0.0,
+        average_flow_duration=duration / completed if completed else 0.0,
+        popular_steps=steps,
+        # Refused attempts and transitions taken with ok=False (the step's work failed).
+        error_rate=(rejections + failures) / attempts if attempts else 0.0,
+        performance_metrics=PerformanceMetrics(
+            average_response_time=response / attempts if attempts else 0.0,
+            p95_response_time=percentile(samples, 95),
+            throughput_per_second=throughput,
+        ),
+    )
+
 class Queries:
     """The read side of `SqlProjections` (a mixin: the runner provides the tables and connections)."""
 
@@ -182,24 +209,16 @@ class Queries:
         )
         with self._read() as conn:
             sums_row = conn.execute(sums).one()
-            started, completed, attempts, rejections, failures, duration, response = sums_row
             steps = [StepCount(step=r.step, count=int(r.n)) for r in conn.execute(popular) if r.n]
             samples = list(
                 conn.execute(select(t.samples.c.elapsed_ms).where(only(t.samples))).scalars()
             )
-            return FlowStatistics(
-                total_flows=int(started),
-                active_users=int(conn.execute(active).scalar_one()),
-                completion_rate=completed / started if started else 0.0,
-                average_flow_duration=duration / completed if completed else 0.0,
-                popular_steps=steps,
-                # Refused attempts and transitions taken with ok=False (the step's work failed).
-                error_rate=(rejections + failures) / attempts if attempts else 0.0,
-                performance_metrics=PerformanceMetrics(
-                    average_response_time=response / attempts if attempts else 0.0,
-                    p95_response_time=percentile(samples, 95),
-                    throughput_per_second=int(conn.execute(recent).scalar_one()) / window,
-                ),
+            return _statistics(
+                sums_row,
+                steps,
+                samples,
+                active=int(conn.execute(active).scalar_one()),
+                throughput=int(conn.execute(recent).scalar_one()) / window,
             )
 
     def window_statistics(
@@ -252,22 +271,14 @@ class Queries:
         seconds = max((until - since).total_seconds(), 1e-9)
         with self._read() as conn:
             row = conn.execute(sums).one()
-            started, completed, attempts, rejections, failures, duration, response = row
             steps = [StepCount(step=r.step, count=int(r.n)) for r in conn.execute(popular) if r.n]
             samples = list(conn.execute(samples_query).scalars())
-            return FlowStatistics(
-                total_flows=int(started),
-                active_users=int(conn.execute(active).scalar_one()),
-                completion_rate=completed / started if started else 0.0,
-                average_flow_duration=duration / completed if completed else 0.0,
-                popular_steps=steps,
-                # As for all time: refusals and transitions taken with ok=False.
-                error_rate=(rejections + failures) / attempts if attempts else 0.0,
-                performance_metrics=PerformanceMetrics(
-                    average_response_time=response / attempts if attempts else 0.0,
-                    p95_response_time=percentile(samples, 95),
-                    throughput_per_second=attempts / seconds,
-                ),
+            return _statistics(
+                row,
+                steps,
+                samples,
+                active=int(conn.execute(active).scalar_one()),
+                throughput=row[2] / seconds,  # the window's attempts per second
             )
 
     def window_funnel(self, flow_id: str, *, since: datetime, until: datetime) -> list[FunnelStep]:
