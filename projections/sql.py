@@ -25,7 +25,6 @@ import orjson
 from sqlalchemy import (
     Connection,
     Engine,
-    Table,
     bindparam,
     delete,
     inspect,
@@ -40,8 +39,7 @@ import flowstore.projections.tables as layouts
 from flowstore.domain import DomainEvent
 from flowstore.errors import ProjectionLayoutError, RebuildRunningError
 from flowstore.eventlog import UnreadableEvent, storage_errors
-from flowstore.projections.batch import RowBatch, StateKey
-from flowstore.projections.ops import ACTIVITY_COLUMNS
+from flowstore.projections.batch import RowBatch, StateKey, columns_of
 from flowstore.projections.queries import Queries, percentile, row_dict
 from flowstore.projections.tables import (
     LAYOUT_ROW,
@@ -55,6 +53,7 @@ from flowstore.projections.tables import (
     tracking_name,
 )
 from flowstore.projections.verify import Difference, EventPage, Verification
+from flowstore.projections.writes import RowWriter
 from flowstore.storage import READ_ONLY, StorageConfig, make_engine, serialize_ddl
 
 __all__ = [
@@ -108,7 +107,7 @@ class SqlProjections(Queries, Verification):
         self._sqlite = self.engine.dialect.name == "sqlite"
         self._shared_connection = config.sqlalchemy_url is None
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
-        self._upserts: dict[tuple[str, bool], Any] = {}
+        self._writer = RowWriter(self.engine.dialect)
         self._lookup_cache: dict[str, tuple[Any, Any]] = {}
         # Copies of the rows this process last wrote, valid while the tracking position is still
         # the one it set (then no other process has touched the tables): saves a read per event.
@@ -404,75 +403,27 @@ class SqlProjections(Queries, Verification):
             )
         return self._lookup_cache[name]
 
-    def _upsert(self, table: Table, keys: list[str], *, add: bool) -> Any:
-        cache_key = (table.name, add)
-        if cache_key not in self._upserts:  # building the statement costs more than running it
-            self._upserts[cache_key] = self._build_upsert(table, keys, add=add)
-        return self._upserts[cache_key]
-
-    def _build_upsert(self, table: Table, keys: list[str], *, add: bool) -> Any:
-        stmt = self._insert(table)
-        columns = [c.name for c in table.columns if c.name not in keys]
-        values = {c: (table.c[c] + stmt.excluded[c]) if add else stmt.excluded[c] for c in columns}
-        return stmt.on_conflict_do_update(index_elements=keys, set_=values)
-
     def _write(self, conn: Connection, t: ProjectionTables, batch: RowBatch) -> None:
         if batch.erased:  # first: rows of a new run after the erasure must stay
             erased = sorted(batch.erased)
-            for table in (t.states, t.history):
-                conn.execute(delete(table).where(table.c.instance_id.in_(erased)))
-        states = [row for key in batch.dirty if (row := batch.states[key]) is not None]
-        if states:
-            conn.execute(self._upsert(t.states, ["user_id", "flow_id"], add=False), states)
-        if batch.history:
-            conn.execute(t.history.insert(), batch.history)
-        rows: list[dict[str, Any]]
-        if batch.counters:
-            counters = [c.name for c in t.counters.columns if c.name != "flow_id"]
-            rows = [
-                {"flow_id": f, **{c: deltas.get(c, 0) for c in counters}}
-                for f, deltas in batch.counters.items()
-            ]
-            conn.execute(self._upsert(t.counters, ["flow_id"], add=True), rows)
-        if batch.steps:
-            rows = [
-                {
-                    "flow_id": f,
-                    "step": s,
-                    **{c: d.get(c, 0) for c in ("entered", "moved_on", "dropped")},
-                }
-                for (f, s), d in batch.steps.items()
-            ]
-            conn.execute(self._upsert(t.steps, ["flow_id", "step"], add=True), rows)
-        if batch.samples:
-            rows = [
-                {"flow_id": f, "slot": slot, "elapsed_ms": ms, "second": second}
-                for (f, slot), (ms, second) in batch.samples.items()
-            ]
-            conn.execute(self._upsert(t.samples, ["flow_id", "slot"], add=False), rows)
-        if batch.activity:
-            rows = [
-                {"flow_id": f, "minute": m, "step": s, **{c: d.get(c, 0) for c in ACTIVITY_COLUMNS}}
-                for (f, m, s), d in batch.activity.items()
-            ]
-            conn.execute(self._upsert(t.activity, ["flow_id", "minute", "step"], add=True), rows)
-        if batch.throughput:
-            rows = [
-                {"flow_id": f, "second": s, "attempts": n} for (f, s), n in batch.throughput.items()
-            ]
-            conn.execute(self._upsert(t.throughput, ["flow_id", "second"], add=True), rows)
-            oldest = {f: min(s for g, s in batch.throughput if g == f) for f in batch.forget_before}
-            for flow_id, before in batch.forget_before.items():
+            for table in t.all:
+                if "instance_id" in table.c:
+                    conn.execute(delete(table).where(table.c.instance_id.in_(erased)))
+        for table, how, rows in batch.rows(t):
+            self._writer.write(conn, table, how, rows)
+        for name, bounds in batch.forget_before.items():
+            table = getattr(t, name)
+            flow, second = (table.c[k] for k in columns_of(table)[0])
+            oldest: dict[str, int] = {}
+            for f, s in batch.sums[name]:
+                oldest[f] = min(s, oldest.get(f, s))
+            for flow_id, before in bounds.items():
                 # Deleting is only needed when the bound moved (at most once an hour per flow) or
                 # a late event wrote below it; otherwise the rows below it are already gone.
-                key = f"{t.throughput.name}/{flow_id}"
+                key = f"{table.name}/{flow_id}"
                 if self._forgotten.get(key) == before and oldest[flow_id] >= before:
                     continue
-                conn.execute(
-                    delete(t.throughput).where(
-                        t.throughput.c.flow_id == flow_id, t.throughput.c.second < before
-                    )
-                )
+                conn.execute(delete(table).where(flow == flow_id, second < before))
                 self._forgotten[key] = before
 
     # Rebuild
