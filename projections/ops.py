@@ -94,6 +94,7 @@ _NEW_ROW: dict[str, Any] = {
     "message": None,
 }
 _ACTIVE = FlowStatus.ACTIVE.value
+_ACTIVITY = frozenset(ACTIVITY_COLUMNS)
 
 
 def _minute(moment: datetime) -> int:
@@ -103,19 +104,21 @@ def _minute(moment: datetime) -> int:
 class _Fold:
     """One event's folding: the event, the rows it reads, and where its changes go."""
 
-    __slots__ = ("e", "flow", "now", "previous", "rows")
+    __slots__ = ("e", "flow", "instance", "now", "previous", "rows", "second")
 
     def __init__(self, e: Event, previous: dict[str, Any] | None, rows: RowChanges) -> None:
         self.e, self.previous, self.rows = e, previous, rows
         self.flow: str = e["flow_id"]
-        self.now = _minute(e["timestamp"])
+        self.instance = str(e["originator_id"])
+        self.second = int(e["timestamp"].timestamp())
+        self.now = self.second // 60
 
     def state(self, **fields: Any) -> None:
         # Without a current row (only when one run's events were sealed under two keys, a write
         # racing an erasure), the row starts from neutral values rather than failing the projection.
         e, previous = self.e, self.previous
         row = dict(previous) if previous else dict(_NEW_ROW)
-        row["instance_id"] = str(e["originator_id"])
+        row["instance_id"] = self.instance
         row["user_id"] = e["user_id"]
         row["flow_id"] = self.flow
         row["definition_version"] = e["definition_version"]
@@ -141,7 +144,7 @@ class _Fold:
         """One `flow_history` row; the steps and transition as "" when there are none (the seed's
         strings, `flowstore.models.FlowStateHistory`)."""
         e = self.e
-        oid = str(e["originator_id"])
+        oid = self.instance
         self.rows.insert(
             "history",
             {
@@ -168,6 +171,9 @@ class _Fold:
         """Add to the flow's counters, and to its activity: runs by the minute they started in,
         the rest by the minute they happened in."""
         self.rows.add("counters", (self.flow,), deltas)
+        if _RUN_COUNTS.isdisjoint(deltas) and _ACTIVITY.issuperset(deltas):  # the usual case
+            self.rows.add("activity", (self.flow, self.now, ""), deltas)
+            return
         by_run = {k: v for k, v in deltas.items() if k in _RUN_COUNTS}
         by_now = {k: v for k, v in deltas.items() if k in ACTIVITY_COLUMNS and k not in by_run}
         if by_run:
@@ -190,8 +196,7 @@ class _Fold:
             self.step(previous["step"], "dropped")
 
     def attempt(self, attempts: int) -> None:
-        e = self.e
-        second = int(e["timestamp"].timestamp())
+        e, second = self.e, self.second
         # Whole hours are forgotten at once, so the bound (and the delete behind it) moves rarely.
         hour = THROUGHPUT_RETENTION_SECONDS
         self.rows.put(

@@ -134,18 +134,21 @@ class SqlProjections(Queries, Verification):
             self.engine.dispose(close=False)
 
     @contextmanager
-    def _read(self) -> Iterator[Connection]:
+    def _read(self, *, check: bool = True) -> Iterator[Connection]:
+        """A read-only connection; `check`: the tables must have this code's layout."""
         # A database that is down, or a pool with no connection free in time, is
         # StorageUnavailableError (HTTP 503), as it is for the log.
         with storage_errors(self._env, "reading the projection tables"):
             if self._shared_connection:
                 with self._lock, self.engine.begin() as conn:
-                    self._check_layout(conn)
+                    if check:
+                        self._check_layout(conn)
                     yield conn
             else:
                 # Readers never need the write lock: on SQLite their transactions begin deferred.
                 with self.engine.connect().execution_options(**READ_ONLY) as conn:
-                    self._check_layout(conn)
+                    if check:
+                        self._check_layout(conn)
                     yield conn
 
     def _check_layout(self, conn: Connection) -> None:
@@ -310,14 +313,14 @@ class SqlProjections(Queries, Verification):
         state_query, attempts_query = self._lookups(tables)
 
         def load_state(key: StateKey) -> dict[str, Any] | None:
-            if cache is not None and key in cache.states:
-                return cache.states[key]
+            if cache is not None and (cache.complete or key in cache.states):
+                return cache.states.get(key)
             found = conn.execute(state_query, {"user": key[0], "flow": key[1]}).first()
             return row_dict(found._mapping) if found else None
 
         def load_attempts(flow_id: str) -> int:
-            if cache is not None and flow_id in cache.attempts:
-                return cache.attempts[flow_id]
+            if cache is not None and (cache.complete or flow_id in cache.attempts):
+                return cache.attempts.get(flow_id, 0)
             return int(conn.execute(attempts_query, {"flow": flow_id}).scalar() or 0)
 
         return RowBatch(load_state, load_attempts).apply_all(event for _, event in events)
@@ -526,12 +529,16 @@ class SqlProjections(Queries, Verification):
                     if index.name and index.name.endswith("_instance"):
                         index.create(conn)  # but erasures delete by instance id meanwhile
         position, replayed = 0, 0
-        while True:  # stream without holding the tracking lock: live writers carry on
+        rows.complete = True  # the new tables are empty: what the copies lack is not there
+        # Stream without holding the tracking lock: live writers carry on. Reading and folding a
+        # page happen outside any write transaction, which holds SQLite's one write lock.
+        while events := read(position + 1, page):
+            with self._read(check=False) as conn:  # the new tables, whatever the live ones' layout
+                batch = self._fold(conn, shadow, events, cache=rows)
             with self._lock, self.engine.begin() as conn:
-                events = read(position + 1, page)
-                if not events:
-                    break
-                rows.keep(self._apply(conn, shadow, events, cache=rows))
+                self._write(conn, shadow, batch)
+                self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
+            rows.keep(batch)
             position, replayed = events[-1][0], replayed + len(events)
             if progress:
                 progress(replayed, position)
@@ -613,14 +620,19 @@ class _RowCache:
     def __init__(self) -> None:
         self.states: dict[StateKey, dict[str, Any] | None] = {}
         self.attempts: dict[str, int] = {}
+        self.complete = False
+        """Whether the tables hold no row these copies lack (a rebuild's, until the first
+        overflow): a row not here then need not be looked for."""
 
     def clear(self) -> None:
         self.states.clear()
         self.attempts.clear()
+        self.complete = False
 
     def keep(self, batch: RowBatch) -> None:
         if len(self.states) + len(batch.states) > self.LIMIT:
             self.states.clear()
+            self.complete = False
         if batch.erased:  # copies of an erased instance's row under another user id are gone too
             for key, row in list(self.states.items()):
                 if row is not None and row["instance_id"] in batch.erased:

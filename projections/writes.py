@@ -9,15 +9,18 @@ of compiling and processing a statement per row.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Connection, Dialect, Table
+from sqlalchemy import Connection, DateTime, Dialect, Table
+from sqlalchemy.types import TypeEngine
 
 from flowstore.projections.batch import INSERT, SUM, columns_of
 
 __all__ = ["RowWriter"]
 
-_Processors = list[tuple[str, Callable[[Any], Any] | None]]
+_Processors = tuple[Callable[[Any], Any], list[tuple[int, Callable[[Any], Any]]]]
 
 
 class RowWriter:
@@ -35,16 +38,13 @@ class RowWriter:
         self, conn: Connection, table: Table, how: str, rows: Sequence[dict[str, Any]]
     ) -> None:
         """Write `rows` (dicts holding every column of `table`) the way `how` says."""
-        processors = self._processors_of(table)
-        values = [
-            tuple(row[c] if p is None else p(row[c]) for c, p in processors) for row in rows
-        ]
+        values = self._values(table, rows)
         if how == INSERT and self._postgres:
             self._copy(conn, table, values)
         else:
             conn.exec_driver_sql(self._statement(table, how), values)
 
-    def _copy(self, conn: Connection, table: Table, values: list[tuple[Any, ...]]) -> None:
+    def _copy(self, conn: Connection, table: Table, values: list[Any]) -> None:
         # COPY: the fastest way into PostgreSQL, and transactional like an INSERT.
         columns = ", ".join(self._quote(c.name) for c in table.columns)
         driver: Any = conn.connection.driver_connection
@@ -55,13 +55,25 @@ class RowWriter:
             for row in values:
                 copy.write_row(row)
 
-    def _processors_of(self, table: Table) -> _Processors:
+    def _values(self, table: Table, rows: Sequence[dict[str, Any]]) -> list[Any]:
+        """The rows as tuples in column order, each value as SQLAlchemy would bind it."""
         if table.name not in self._processors:
-            self._processors[table.name] = [
-                (c.name, c.type.dialect_impl(self._dialect).bind_processor(self._dialect))
-                for c in table.columns
-            ]
-        return self._processors[table.name]
+            found = (_faster(c.type, self._dialect) for c in table.columns)
+            names = [c.name for c in table.columns]
+            self._processors[table.name] = (
+                itemgetter(*names) if len(names) > 1 else lambda row: (row[names[0]],),
+                [(i, p) for i, p in enumerate(found) if p is not None],
+            )
+        get, processors = self._processors[table.name]
+        if not processors:
+            return [get(row) for row in rows]
+        values = []
+        for row in rows:
+            value = list(get(row))
+            for i, process in processors:
+                value[i] = process(value[i])
+            values.append(tuple(value))
+        return values
 
     def _statement(self, table: Table, how: str) -> str:
         if (table.name, how) not in self._statements:
@@ -83,3 +95,27 @@ class RowWriter:
                 sql += f" ON CONFLICT ({', '.join(q(k) for k in keys)}) DO UPDATE SET {sets}"
             self._statements[(table.name, how)] = sql
         return self._statements[(table.name, how)]
+
+
+_PROBE = datetime(1987, 6, 5, 4, 3, 2, 1, tzinfo=UTC)
+
+
+def _sqlite_datetime(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(" ", "microseconds")[:26]
+
+
+def _faster(column_type: TypeEngine[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
+    """The column type's bind processor, or a faster one that gives the same values.
+
+    SQLite's DATETIME formats in Python, a tenth of a rebuild's time: `isoformat` writes the same
+    text in C when the type keeps its default storage format (checked here on a probe value).
+    """
+    processor = column_type.dialect_impl(dialect).bind_processor(dialect)
+    if (
+        processor is not None
+        and dialect.name == "sqlite"
+        and isinstance(column_type, DateTime)
+        and processor(_PROBE) == _sqlite_datetime(_PROBE)
+    ):
+        return _sqlite_datetime
+    return processor
