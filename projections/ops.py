@@ -210,7 +210,9 @@ class _Fold:
 
 def _started(f: _Fold, e: Event, attempts: int) -> None:
     f.history(
-        HistoryKind.START if e["reason"] == "start" else HistoryKind.RESET, e["from_step"], e["step"]
+        HistoryKind.START if e["reason"] == "start" else HistoryKind.RESET,
+        e["from_step"],
+        e["step"],
     )
     f.dropped()
     f.count({"started": 1})
