@@ -709,11 +709,12 @@ class FlowStore:
         """The notification id of the newest event in the log (0 when the log is empty)."""
         return self._parts.log.position()
 
-    # Internals
+    def read_model(self) -> SqlProjections:
+        """The read-model tables, once they reflect every event this process wrote.
 
-    @property
-    def _tables(self) -> SqlProjections:
-        """The read-model tables, once they reflect everything this process wrote."""
+        For queries the store does not offer (the console's time buckets, dwell and idle runs):
+        `flowstore.projections.sql.SqlProjections`' query methods; read only, never write.
+        """
         return self._parts.tables
 
 
