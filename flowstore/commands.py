@@ -23,9 +23,9 @@ from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
 
+from flowstore.decisions import Decision
 from flowstore.definitions import FlowDefinition, require_id
 from flowstore.domain import (
-    Decision,
     DomainEvent,
     FlowInstance,
     FlowVersions,

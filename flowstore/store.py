@@ -23,6 +23,16 @@ from uuid import UUID
 
 from flowstore.batch import Transitions
 from flowstore.commands import Commands, definition_of, is_expired
+from flowstore.decisions import (
+    Decision,
+    define_flow,
+    delete_flow,
+    end_flow,
+    go_back,
+    hand_over,
+    list_flow,
+    start_flow,
+)
 from flowstore.definitions import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     FlowDefinition,
@@ -37,20 +47,12 @@ from flowstore.definitions import (
 from flowstore.diagrams import DIAGRAM_FORMATS, DiagramStats, text_diagram
 from flowstore.domain import (
     CATALOG_ID,
-    Decision,
     DomainEvent,
     FlowCatalog,
     FlowInstance,
     FlowVersions,
-    define_flow,
     definition_id,
-    delete_flow,
-    end_flow,
-    go_back,
-    hand_over,
     instance_id,
-    list_flow,
-    start_flow,
 )
 from flowstore.erasure import Erasure
 from flowstore.errors import (
