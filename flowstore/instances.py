@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowstore.commands import definition_of, is_expired
+from flowstore.decisions import Decision, end_flow, go_back, hand_over, start_flow
 from flowstore.definitions import (
     FlowDefinition,
     FlowTransition,
@@ -18,15 +19,7 @@ from flowstore.definitions import (
     check_payload,
     require_id,
 )
-from flowstore.domain import (
-    Decision,
-    FlowInstance,
-    end_flow,
-    go_back,
-    hand_over,
-    instance_id,
-    start_flow,
-)
+from flowstore.domain import FlowInstance, instance_id
 from flowstore.errors import (
     FlowNotFoundError,
     FlowStateNotFoundError,
