@@ -35,6 +35,7 @@ def main(url: str) -> None:
     from flowstore import FlowStore
     from flowstore.eventlog import EventLog
     from flowstore.projections.sql import SqlProjections
+    from flowstore.testing import Internals
 
     spent: dict[str, float] = defaultdict(float)
     for owner, name, label in (
@@ -44,7 +45,7 @@ def main(url: str) -> None:
     ):
         setattr(owner, name, _timed(spent, label, getattr(owner, name)))
     with FlowStore(url, live_projections=False) as store:
-        recorder = store._log.app.recorder
+        recorder = Internals(store).recorder
         recorder.select_notifications = _timed(  # type: ignore[method-assign]
             spent, "  of which select", recorder.select_notifications
         )
