@@ -1,7 +1,7 @@
 """Flow definitions in the store: create, update, delete, read, migrate instances, draw.
 
 Definition changes go through `Commands.append` (decided again after a concurrent append, and
-announced to the definition listeners); the decisions are `flowstore.domain`'s.
+announced to the definition listeners); the decisions are `flowstore.decisions`'.
 """
 
 from __future__ import annotations
@@ -9,18 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from flowstore.decisions import define_flow, delete_flow, list_flow
 from flowstore.definitions import FlowDefinition, parse_definition, require_id, update_definition
 from flowstore.diagrams import DIAGRAM_FORMATS, DiagramStats, text_diagram
-from flowstore.domain import (
-    CATALOG_ID,
-    DomainEvent,
-    FlowCatalog,
-    FlowVersions,
-    define_flow,
-    definition_id,
-    delete_flow,
-    list_flow,
-)
+from flowstore.domain import CATALOG_ID, DomainEvent, FlowCatalog, FlowVersions, definition_id
 from flowstore.errors import FlowExistsError, FlowNotFoundError, InvalidArgumentError
 from flowstore.migration import check_step_map, migrate
 from flowstore.models import FlowStatus, MigrationReport

@@ -6,7 +6,7 @@ Each public method is a few lines over the modules that do the work, by concern:
 `flowstore.admin` (quarantine), `flowstore.commands` (the write path: read, decide, append, retry),
 `flowstore.erasure`, `flowstore.migration`, `flowstore.importing`, the event log
 (`flowstore.eventlog`) and the read-model tables (`flowstore.projections`). The decisions
-themselves are pure functions in `flowstore.domain`.
+themselves are pure functions in `flowstore.decisions`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from sqlalchemy import inspect
 
 from flowstore import FlowStore, HistoryKind
 from flowstore.commands import definition_of
-from flowstore.domain import FlowInstance, execute_transition, instance_id
+from flowstore.decisions import execute_transition
+from flowstore.domain import FlowInstance, instance_id
 from flowstore.projections.sql import SqlProjections
 from flowstore.testing import Internals, ring_flow
 
