@@ -27,8 +27,13 @@ ROOT = Path(__file__).resolve().parents[2]
 class Worker:
     """A `flowstore worker` process whose log lines the test reads as they come."""
 
-    def __init__(self, url: str, *extra: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "FLOWSTORE_KAFKA_BOOTSTRAP": ""}
+    def __init__(self, url: str, *extra: str, env: dict[str, str] | None = None) -> None:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "FLOWSTORE_KAFKA_BOOTSTRAP": "",
+            **(env or {}),
+        }
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -57,19 +62,20 @@ class Worker:
             self.lines.put(line)
         self.lines.put("")  # the process ended
 
+    def read_line(self) -> str:
+        """The next log line (fail if none comes, or the process ends)."""
+        try:
+            line = self.lines.get(timeout=120)
+        except Empty:
+            pytest.fail("the worker logged nothing for 120 s")
+        if not line:
+            pytest.fail(f"the worker ended (exit code {self.process.wait()})")
+        return line
+
     def wait_for(self, text: str) -> None:
         """Block until a log line contains `text` (fail if the process ends first)."""
-        seen = []
-        while True:
-            try:
-                line = self.lines.get(timeout=120)
-            except Empty:
-                pytest.fail(f"no {text!r} in the worker's log: {seen}")
-            if not line:
-                pytest.fail(f"worker ended before {text!r}: {seen}")
-            seen.append(line)
-            if text in line:
-                return
+        while text not in self.read_line():
+            pass
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
