@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -91,6 +91,7 @@ from flowstore.paging import (
 )
 from flowstore.reactions import Handler
 from flowstore.storage import StorageConfig, make_engine, parse_url, resolve_url
+from flowstore.telemetry import StoreObserver
 from flowstore.tokens import decode_state_token, encode_state_token, token_flow_id
 
 if TYPE_CHECKING:
@@ -456,7 +457,7 @@ class FlowStore:
                 *list_flow(catalog, parsed.flow, now=now),
             ]
 
-        self._commands.append(decide, user_id="*", flow_id=parsed.flow)
+        self._commands.append(decide, user_id="*", flow_id=parsed.flow, kind="create_flow")
         return parsed.flow
 
     def update_flow(
@@ -473,7 +474,7 @@ class FlowStore:
                 versions, update_definition(versions.latest, changes), now=self._clock()
             )
 
-        self._commands.append(decide, user_id="*", flow_id=flow_id)
+        self._commands.append(decide, user_id="*", flow_id=flow_id, kind="update_flow")
         return self.get_flow(flow_id)
 
     def delete_flow(self, flow_id: str) -> None:
@@ -483,6 +484,7 @@ class FlowStore:
             lambda: delete_flow(self._live_versions(flow_id), now=self._clock()),
             user_id="*",
             flow_id=flow_id,
+            kind="delete_flow",
         )
 
     def list_flows(self) -> list[FlowDefinition]:
@@ -534,6 +536,15 @@ class FlowStore:
         `follow` for that.
         """
         return self._commands.reactions.on(event_kind, handler, flow=flow, step=step)
+
+    def add_observer(self, observer: StoreObserver) -> Callable[[], None]:
+        """Tell `observer` about this store's commands, rebuilds, expiry and spans; returns its remover.
+
+        The hooks are in `flowstore.telemetry.StoreObserver`; `flowstore.adapters.metrics` and
+        `flowstore.adapters.tracing` provide Prometheus and OpenTelemetry observers. They hear
+        this process's work only (every caller of this store: library, CLI, HTTP, worker).
+        """
+        return self._commands.observers.add(observer)
 
     def follow(
         self,
@@ -652,7 +663,7 @@ class FlowStore:
                 )
             )
 
-        return self._commands.change_instance(user_id, flow_id, decide).to_state()
+        return self._commands.change_instance(user_id, flow_id, decide, kind="reset").to_state()
 
     def execute_transition(
         self,
@@ -711,7 +722,7 @@ class FlowStore:
             definition = definition_of(instance, self._live_versions(flow_id))
             return Decision(go_back(instance, definition, now=self._clock()))
 
-        return self._commands.change_instance(user_id, flow_id, decide).to_state()
+        return self._commands.change_instance(user_id, flow_id, decide, kind="back").to_state()
 
     def get_available_transitions(
         self, user_id: str, flow_id: str, *, explicit: bool | None = None
@@ -769,7 +780,9 @@ class FlowStore:
             require_id(flow_id, "flow_id")
         except InvalidArgumentError:
             raise StateTokenFlowError(flow_id) from None
-        return self._commands.change_instance(user_id, flow_id, decide).to_state()
+        return self._commands.change_instance(
+            user_id, flow_id, decide, kind="adopt_token"
+        ).to_state()
 
     def _state_definition(self, user_id: str, flow_id: str) -> tuple[FlowInstance, FlowDefinition]:
         """The user's live instance and the definition version it runs on."""
@@ -830,7 +843,7 @@ class FlowStore:
                 raise FlowStateNotFoundError(user_id, flow_id)
             return Decision(end_flow(instance, now=self._clock(), kind="clear"))
 
-        self._commands.change_instance(user_id, flow_id, decide)
+        self._commands.change_instance(user_id, flow_id, decide, kind="clear_state")
 
     def purge_expired_flows(self) -> int:
         """Expire every active instance idle past its definition's ttl; return how many."""
@@ -848,8 +861,10 @@ class FlowStore:
                 assert current is not None
                 return Decision(end_flow(current, now=now, kind="expiry"))
 
-            self._commands.change_instance(user_id, flow_id, decide)
+            self._commands.change_instance(user_id, flow_id, decide, kind="expire")
             purged += expired
+        if purged and self._commands.observers.active:
+            self._commands.observers.expired(purged)
         return purged
 
     def erase_user(self, user_id: str) -> int:
@@ -1071,8 +1086,8 @@ class FlowStore:
         `RebuildRunningError`. A rebuild that fails drops its shadow tables and leaves the live
         ones as they were; a database that fails under it (a full disk) is `StorageUnavailableError`.
         """
-        with self._log.errors("rebuilding the projections"):
-            return self._tables.rebuild(self._read_contained, progress=progress)
+        with self._log.errors("rebuilding the projections"), self._rebuilding(progress) as told:
+            return self._tables.rebuild(self._read_contained, progress=told)
 
     def migrate_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Bring the tables to this version's layout blue/green; return the events replayed.
@@ -1080,7 +1095,31 @@ class FlowStore:
         The old tables keep serving the processes of the previous version until the swap; 0 when
         the tables already have this layout (`ProjectionLayoutError` names the other cases).
         """
-        return self._projections.migrate(self.read_events, progress=progress)
+        with self._rebuilding(progress) as told:
+            return self._projections.migrate(self.read_events, progress=told)
+
+    @contextlib.contextmanager
+    def _rebuilding(
+        self, progress: Callable[[int, int], None] | None
+    ) -> Iterator[Callable[[int, int], None] | None]:
+        """`progress`, also telling the observers how far a rebuild got (log positions)."""
+        observers = self._commands.observers
+        if not observers.active:
+            yield progress
+            return
+        total = self.log_position()
+
+        def told(replayed: int, position: int) -> None:
+            observers.rebuild(position, max(total, position))
+            if progress:
+                progress(replayed, position)
+
+        observers.rebuild(0, total)
+        observers.rebuild_running(True)
+        try:
+            yield told
+        finally:
+            observers.rebuild_running(False)
 
     def verify_projections(self) -> list[Difference]:
         """Every difference between the tables and the log (empty when they agree)."""
@@ -1094,7 +1133,9 @@ class FlowStore:
 
     def catch_up_projections(self, batch: int = 1000) -> int:
         """Apply events the tables have not seen yet, `batch` per transaction; return the position."""
-        return self._projections.catch_up(self._read_contained, page=batch)
+        return self._projections.catch_up(
+            self._read_contained, page=batch, projected=self._projected()
+        )
 
     @property
     def log_notifier(self) -> LogNotifier:
@@ -1184,7 +1225,11 @@ class FlowStore:
 
     def _project_written(self) -> int:
         # The projections take the log's write lock themselves, only to write (see catch_up).
-        return self._projections.catch_up(self._read_contained)
+        return self._projections.catch_up(self._read_contained, projected=self._projected())
+
+    def _projected(self) -> Callable[[int, int, int, int], None] | None:
+        """What a catch-up tells the observers after each batch it committed (None: nobody)."""
+        return self._commands.observers.projected if self._commands.observers.active else None
 
     @property
     def _tables(self) -> SqlProjections:

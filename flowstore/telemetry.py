@@ -68,6 +68,10 @@ class StoreObserver:
     def expired(self, count: int) -> None:
         """An expiry round expired `count` flow instances."""
 
+    def projected(self, first: int, last: int, count: int, began_ns: int) -> None:
+        """A catch-up committed `count` events, at log positions `first`..`last`, into the tables;
+        it began at `began_ns` (`time.time_ns()`) and ended now."""
+
     def span(self, name: str, attributes: dict[str, Any]) -> AbstractContextManager[Any]:
         """A span around a piece of work; what it yields, when callable, sets an attribute."""
         return contextlib.nullcontext()
@@ -116,6 +120,11 @@ class Observers:
         for observer in self._all:
             observer.expired(count)
 
+    def projected(self, first: int, last: int, count: int, began_ns: int) -> None:
+        """Tell every observer a catch-up's batch."""
+        for observer in self._all:
+            observer.projected(first, last, count, began_ns)
+
     def span(self, name: str, **attributes: Any) -> AbstractContextManager[SpanSetter]:
         """Every observer's span around the block; yields a setter of attributes on all of them."""
         if not self._all:
@@ -160,3 +169,4 @@ KIND = "flowstore.command.kind"
 FLOW_ID = "flowstore.flow_id"
 OUTCOME = "flowstore.command.outcome"
 POSITION = "flowstore.log.position"
+BATCH_SIZE = "flowstore.batch.size"
