@@ -8,9 +8,9 @@ Each configuration gets a fresh database. Every client is one user doing
 `POST /api/flow/r/transition/tick` back to back on its own keep-alive connection to server
 `i % servers` (as a load balancer with sticky connections would). After a warm-up, the window
 counts accepted transitions (HTTP 200) and times each request; it reports transitions/s, p50/p99
-latency, and CPU µs per transition of the servers, the worker, PostgreSQL (the postmaster and
-its backends) and the clients (this process), read from the kernel's per-process counters, plus
-`uptime` before and after (the machine is shared: the load says how much of it we had). One JSON
+latency, CPU µs per transition of the servers, the worker, PostgreSQL (the postmaster and
+its backends) and the clients (this process), read from the kernel's per-process counters, the
+database's committed transactions per transition (`pg_stat_database`), and `uptime` before and after (the machine is shared: the load says how much of it we had). One JSON
 line per configuration, then a Markdown table.
 """
 
@@ -58,6 +58,18 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
             continue
         total += times.user + times.system + times.children_user + times.children_system
     return total
+
+
+def commits(url: str) -> int:
+    """Transactions committed in the database so far (pg_stat_database, all sessions)."""
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg", "postgresql")) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def postgres_processes(port: int) -> list[psutil.Process]:
@@ -156,6 +168,7 @@ def measure(
         pg_ps = postgres_processes(pg_port)
         me = [psutil.Process()]
         cpu_before = [cpu_seconds(group) for group in (server_ps, worker_ps, pg_ps, me)]
+        commits_before = commits(url)
         began = time.perf_counter()
         measuring.set()
         time.sleep(seconds)  # the measurement window
@@ -163,6 +176,7 @@ def measure(
         elapsed = time.perf_counter() - began
         pg_ps = postgres_processes(pg_port)  # backends opened during the window count too
         cpu_after = [cpu_seconds(group) for group in (server_ps, worker_ps, pg_ps, me)]
+        committed = commits(url) - commits_before
         done.set()
         for thread in threads:
             thread.join()
@@ -186,6 +200,9 @@ def measure(
             "cpu_us_worker": round(cpu[1]),
             "cpu_us_postgres": round(cpu[2]),
             "cpu_us_clients": round(cpu[3]),
+            # Every transaction, the worker's and the counters' own included: group commit in a
+            # server shares one transaction among concurrent commands of that process.
+            "commits_per_transition": round(committed / max(accepted, 1), 3),
             "projection_lag_at_end": lag,
             "uptime_before": load_before,
             "uptime_after": load_after,
@@ -202,8 +219,8 @@ def measure(
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| servers | clients | transitions/s | p50 ms | p99 ms | failed | CPU µs/transition: servers / worker / PostgreSQL / clients | load (1 min) before → after |",
-        "|---|---|---|---|---|---|---|---|",
+        "| servers | clients | transitions/s | p50 ms | p99 ms | failed | CPU µs/transition: servers / worker / PostgreSQL / clients | commits/transition | load (1 min) before → after |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         load = " → ".join(
@@ -213,7 +230,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['servers']} | {r['clients']} | {r['per_second']:,} | {r['p50_ms']} | "
             f"{r['p99_ms']} | {r['failed']} | {r['cpu_us_servers']:,} / {r['cpu_us_worker']:,} / "
-            f"{r['cpu_us_postgres']:,} / {r['cpu_us_clients']:,} | {load} |"
+            f"{r['cpu_us_postgres']:,} / {r['cpu_us_clients']:,} | "
+            f"{r['commits_per_transition']} | {load} |"
         )
     return "\n".join(lines)
 
