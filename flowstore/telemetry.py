@@ -82,6 +82,7 @@ class Observers:
 
     def __init__(self) -> None:
         self._all: tuple[StoreObserver, ...] = ()
+        self._tracing: tuple[StoreObserver, ...] = ()  # those that open spans
         self._lock = threading.Lock()
 
     @property
@@ -93,12 +94,18 @@ class Observers:
         """Register `observer`; returns the function that removes it again."""
         with self._lock:
             self._all = (*self._all, observer)
+            self._tracing = self._spanning()
 
         def remove() -> None:
             with self._lock:
                 self._all = tuple(known for known in self._all if known is not observer)
+                self._tracing = self._spanning()
 
         return remove
+
+    def _spanning(self) -> tuple[StoreObserver, ...]:
+        # Metrics-only observers inherit the null span: opening it for them is pure cost.
+        return tuple(o for o in self._all if type(o).span is not StoreObserver.span)
 
     def command(self, kind: str, outcome: str, seconds: float) -> None:
         """Tell every observer a command's outcome."""
@@ -127,14 +134,14 @@ class Observers:
 
     def span(self, name: str, **attributes: Any) -> AbstractContextManager[SpanSetter]:
         """Every observer's span around the block; yields a setter of attributes on all of them."""
-        if not self._all:
-            return _NO_SPAN  # the unobserved path: no generator, no stack
+        if not self._tracing:
+            return _NO_SPAN  # no observer traces: no generator, no stack
         return self._spans(name, attributes)
 
     @contextlib.contextmanager
     def _spans(self, name: str, attributes: dict[str, Any]) -> Iterator[SpanSetter]:
         with contextlib.ExitStack() as spans:
-            setters = [spans.enter_context(o.span(name, attributes)) for o in self._all]
+            setters = [spans.enter_context(o.span(name, attributes)) for o in self._tracing]
             live = [setter for setter in setters if callable(setter)]
 
             def set_attribute(key: str, value: Any) -> None:
