@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,16 +31,9 @@ import httpx
 import jwt
 import psutil
 
+from benchmarks.push_latency import SECRET, free_port
 from flowstore import FlowStore
 from flowstore.testing import ring_flow
-
-SECRET = "benchmark-secret-" + "0123456789abcdef" * 3
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def uptime() -> str:

@@ -20,7 +20,6 @@ import json
 import signal
 import socket
 import threading
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -102,17 +101,6 @@ class BlackholeProxy:
                 target.sendall(data)
         except OSError:
             return
-
-
-@pytest.fixture
-def pg_url(pg_server: PostgresServer) -> str:
-    return pg_server.create_database()
-
-
-@pytest.fixture
-def broker() -> Iterator[TansuBroker]:
-    with TansuBroker.start() as started:
-        yield started
 
 
 class Leader(Worker):
