@@ -9,8 +9,8 @@ idle session. A standby connected directly must take over, the cut-off leader mu
 heals it must come back as a standby. Afterwards every transition is in the log once, the
 tables equal a replay of the log, and the topic holds every event exactly once.
 
-SQLite has no network to lose; its file lock is held by a frozen process until it dies (see
-`flowstore.leader`), so these tests run on PostgreSQL only.
+SQLite has no network to lose, and its file lock is held by a frozen process until it dies (see
+`flowstore.leader`): the last test pins that down.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import signal
 import socket
 import threading
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,8 @@ from flowstore import FlowStore
 from flowstore.adapters.kafka.audit import audit_topic
 from flowstore.adapters.kafka.tracking import PublisherTracking
 from flowstore.domain import TransitionExecuted
+from flowstore.leader import LeaderLock
+from flowstore.storage import parse_url
 from tests.e2e.kafka.broker import TansuBroker
 from tests.e2e.test_worker import Worker, wait_until
 from tests.flows import ring
@@ -221,3 +224,24 @@ def test_a_standby_takes_over_from_a_frozen_leader_which_then_steps_down(pg_url:
         finally:
             old.process.send_signal(signal.SIGCONT)
             old.stop()
+
+
+def test_a_frozen_sqlite_leader_keeps_its_lock_file_until_it_thaws(tmp_path: Path) -> None:
+    # SQLite's lock is the kernel's flock: held by a frozen process, released only when it
+    # dies. No takeover here is by design (see flowstore.leader); this pins the behaviour down.
+    url = f"sqlite:///{tmp_path / 'frozen.db'}"
+    with FlowStore(url, live_projections=False) as store:
+        store.create_flow(ring("r"))
+        leader = Leader(url)
+        try:
+            leader.next("leading projections")
+            leader.process.send_signal(signal.SIGSTOP)
+            standby = LeaderLock(parse_url(url), "projections")
+            assert not standby.try_acquire()
+            leader.process.send_signal(signal.SIGCONT)
+            store.execute_transition("ann", "r", "tick", payload={"seq": 0})
+            the_log_is_whole(store, ["ann"], 1)  # it leads on
+            assert not standby.try_acquire()
+        finally:
+            leader.process.send_signal(signal.SIGCONT)
+            leader.stop()
