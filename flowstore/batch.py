@@ -18,18 +18,9 @@ from eventsourcing.persistence import IntegrityError
 from pydantic import ValidationError
 
 from flowstore.commands import Commands, definition_of
+from flowstore.decisions import Decision, execute_transition, override_state, start_flow
 from flowstore.definitions import check_entity, check_message, check_payload, require_id
-from flowstore.domain import (
-    Decision,
-    DomainEvent,
-    FlowInstance,
-    InstanceEvent,
-    execute_transition,
-    instance_id,
-    override_state,
-    project,
-    start_flow,
-)
+from flowstore.domain import DomainEvent, FlowInstance, InstanceEvent, instance_id, project
 from flowstore.errors import FlowError, FlowNotFoundError, InvalidArgumentError
 from flowstore.models import FlowState
 from flowstore.telemetry import BATCH_SIZE, KIND, outcome_of
