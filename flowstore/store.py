@@ -308,7 +308,6 @@ class FlowStore:
         """
         return self._parts.commands.reactions.on(event_kind, handler, flow=flow, step=step)
 
-
     def add_observer(self, observer: StoreObserver) -> Callable[[], None]:
         """Tell `observer` about this store's commands, rebuilds, expiry and spans; returns its remover.
 
