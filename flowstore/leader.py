@@ -315,11 +315,13 @@ class LeaderLock:
         """Ping the lock's connection every quarter lease; note the first ping that fails."""
         import psycopg
 
-        beat = self.lease / 4
-        while not stopping.wait(beat):
+        while not stopping.wait(self.lease / 4):
             sent = time.monotonic()
             try:
-                self._query("pg_backend_pid", beat)  # any query: it keeps the session busy
+                # Any query keeps the session busy. Half a lease to answer: a ping sent a
+                # quarter lease after the last one fails by three quarters, when `check` gives
+                # up anyway, a quarter lease before the server may release the lock.
+                self._query("pg_backend_pid", self.lease / 2)
             except (psycopg.Error, OSError, _LockConnectionError) as exc:
                 if not stopping.is_set():
                     log.warning("lost the %s lock: its connection failed (%s)", self.name, exc)
