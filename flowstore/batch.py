@@ -24,6 +24,7 @@ from flowstore.domain import DomainEvent, FlowInstance, InstanceEvent, instance_
 from flowstore.errors import FlowError, FlowNotFoundError, InvalidArgumentError
 from flowstore.models import FlowState
 from flowstore.telemetry import BATCH_SIZE, KIND, outcome_of
+from flowstore.views import instance_state
 
 __all__ = ["Transitions"]
 
@@ -82,14 +83,16 @@ class Transitions:
         decide = self._transition(
             user_id, flow_id, transition, payload, time.perf_counter(), ok=ok, message=message
         )
-        return self._commands.change_instance(
-            user_id, flow_id, decide, kind="transition"
-        ).to_state()
+        return instance_state(
+            self._commands.change_instance(user_id, flow_id, decide, kind="transition")
+        )
 
     def set_flow_state(self, user_id: str, state: FlowState | Mapping[str, Any]) -> FlowState:
         """`FlowStore.set_flow_state`: check, then read, decide and append (with retries)."""
         flow_id, decide = self._override(user_id, state)
-        return self._commands.change_instance(user_id, flow_id, decide, kind="set_state").to_state()
+        return instance_state(
+            self._commands.change_instance(user_id, flow_id, decide, kind="set_state")
+        )
 
     def execute_transitions(
         self,
@@ -228,7 +231,7 @@ class Transitions:
             # One by one, and outside the instance locks: each takes its user's key lock first,
             # then its instance's, the order every command keeps (no deadlock with them).
             return [one() for _, one in batch]
-        return [o if isinstance(o, FlowError) else o.to_state() for o in outcomes]
+        return [o if isinstance(o, FlowError) else instance_state(o) for o in outcomes]
 
     def _one(
         self, user_id: str, flow_id: str, transition: str, payload: dict[str, Any] | None
