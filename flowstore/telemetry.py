@@ -21,6 +21,7 @@ kind, the outcome and log positions.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,8 @@ from flowstore.errors import (
 )
 
 __all__ = ["OUTCOMES", "Observers", "SpanSetter", "StoreObserver", "outcome_of"]
+
+_log = logging.getLogger(__name__)
 
 OUTCOMES = ("accepted", "rejected", "conflict-retried", "error")
 """What `StoreObserver.command` may be told a command came to."""
@@ -109,28 +112,32 @@ class Observers:
 
     def command(self, kind: str, outcome: str, seconds: float) -> None:
         """Tell every observer a command's outcome."""
-        for observer in self._all:
-            observer.command(kind, outcome, seconds)
+        self._tell("command", kind, outcome, seconds)
 
     def rebuild(self, done: int, total: int) -> None:
         """Tell every observer how far a rebuild got."""
-        for observer in self._all:
-            observer.rebuild(done, total)
+        self._tell("rebuild", done, total)
 
     def rebuild_running(self, running: bool) -> None:
         """Tell every observer a rebuild started or ended."""
-        for observer in self._all:
-            observer.rebuild_running(running)
+        self._tell("rebuild_running", running)
 
     def expired(self, count: int) -> None:
         """Tell every observer an expiry round's count."""
-        for observer in self._all:
-            observer.expired(count)
+        self._tell("expired", count)
 
     def projected(self, first: int, last: int, count: int, began_ns: int) -> None:
         """Tell every observer a catch-up's batch."""
+        self._tell("projected", first, last, count, began_ns)
+
+    def _tell(self, hook: str, *args: Any) -> None:
         for observer in self._all:
-            observer.projected(first, last, count, began_ns)
+            try:
+                getattr(observer, hook)(*args)
+            except Exception:
+                # Told after the fact (a command already committed): a failing observer must not
+                # make the work look failed, so it is logged and the others are still told.
+                _log.exception("store observer %r failed in %s", observer, hook)
 
     def span(self, name: str, **attributes: Any) -> AbstractContextManager[SpanSetter]:
         """Every observer's span around the block; yields a setter of attributes on all of them."""

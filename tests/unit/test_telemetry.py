@@ -64,3 +64,19 @@ def test_a_command_is_told_once_with_its_outcome_and_its_span_gets_it_too() -> N
 def test_without_observers_a_span_is_one_shared_null_context() -> None:
     observers = Observers()
     assert observers.span("a") is observers.span("b", x=1)
+
+
+def test_a_failing_observer_is_logged_and_the_others_are_still_told(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken(StoreObserver):
+        def command(self, kind: str, outcome: str, seconds: float) -> None:
+            raise RuntimeError("observer bug")
+
+    observers, recorder = Observers(), Recorder()
+    observers.add(Broken())
+    observers.add(recorder)
+    with observers.observe_command("transition", "f"):
+        pass  # the command itself succeeds
+    assert recorder.commands == [("transition", "accepted")]
+    assert "observer bug" in caplog.text
