@@ -283,7 +283,9 @@ class Transitions:
 
         return decide
 
-    def _override(self, user_id: str, state: FlowState | Mapping[str, Any]) -> tuple[str, Decide]:
+    def _override(
+        self, user_id: str, state: FlowState | Mapping[str, Any]
+    ) -> tuple[str, Decide]:
         """Check an override's input; the flow it is in and the decision it makes."""
         require_id(user_id, "user_id")
         if not isinstance(state, FlowState):

@@ -183,8 +183,7 @@ class Commands:
                 self.save(decision.events, decided_here=True)
             except IntegrityError:
                 self.forget_instance(iid)
-                if self.observers.active:
-                    self.observers.command(kind, "conflict-retried", 0.0)
+                self.observers.command(kind, "conflict-retried", 0.0)
                 self.backoff(attempt)
                 continue
             except StorageUnavailableError:
@@ -216,8 +215,7 @@ class Commands:
             try:
                 self.save(events, decided_here=True)
             except IntegrityError:
-                if self.observers.active:
-                    self.observers.command(kind, "conflict-retried", 0.0)
+                self.observers.command(kind, "conflict-retried", 0.0)
                 self.backoff(attempt)
                 continue
             with self._cache_lock:
