@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, Table, distinct, func, inspect, select
+from sqlalchemy import Connection, Engine, Select, Table, distinct, func, inspect, select
 
 from flowstore.models import (
     FlowStateHistory,
@@ -53,6 +53,23 @@ def row_dict(mapping: Any) -> dict[str, Any]:
     return {k: _utc(v) for k, v in dict(mapping).items()}
 
 
+_SUMMED = (
+    "started",
+    "completed",
+    "attempts",
+    "rejections",
+    "failures",
+    "completed_duration_ms",
+    "response_ms_total",
+)
+"""The counters whose sums `_statistics` takes, in its order; the all-time table (`flow_counters`)
+and the per-minute one (`flow_activity`) both have them."""
+
+
+def _sums(table: Table) -> Select[Any]:
+    """The sums of `_SUMMED` over `table`'s rows (0 where there are none)."""
+    return select(*(func.coalesce(func.sum(table.c[name]), 0) for name in _SUMMED))
+
 
 def _statistics(
     sums: Sequence[Any],
@@ -62,8 +79,7 @@ def _statistics(
     active: int,
     throughput: float,
 ) -> FlowStatistics:
-    """The figures from the counters' sums (started, completed, attempts, rejections, failures,
-    duration, response time), all time or over a window alike."""
+    """The figures from the counters' sums (`_sums`), all time or over a window alike."""
     started, completed, attempts, rejections, failures, duration, response = sums
     return FlowStatistics(
         total_flows=int(started),
@@ -79,6 +95,7 @@ def _statistics(
             throughput_per_second=throughput,
         ),
     )
+
 
 class Queries:
     """The read side of `SqlProjections` (a mixin: the runner provides the tables and connections)."""
@@ -177,21 +194,7 @@ class Queries:
         def only(table: Table) -> Any:
             return table.c.flow_id == flow_id if flow_id is not None else True
 
-        c = t.counters.c
-        sums = select(
-            *(
-                func.coalesce(func.sum(col), 0)
-                for col in (
-                    c.started,
-                    c.completed,
-                    c.attempts,
-                    c.rejections,
-                    c.failures,
-                    c.completed_duration_ms,
-                    c.response_ms_total,
-                )
-            )
-        ).where(only(t.counters))
+        sums = _sums(t.counters).where(only(t.counters))
         active = select(func.count(distinct(t.states.c.user_id))).where(
             t.states.c.status == FlowStatus.ACTIVE, only(t.states)
         )
@@ -240,20 +243,7 @@ class Queries:
             return [table.c.flow_id == flow_id] if flow_id is not None else []
 
         window = [*where(t.activity), a.minute >= first, a.minute < end]
-        sums = select(
-            *(
-                func.coalesce(func.sum(col), 0)
-                for col in (
-                    a.started,
-                    a.completed,
-                    a.attempts,
-                    a.rejections,
-                    a.failures,
-                    a.completed_duration_ms,
-                    a.response_ms_total,
-                )
-            )
-        ).where(*window, a.step == "")
+        sums = _sums(t.activity).where(*window, a.step == "")
         popular = (
             select(a.step, func.sum(a.entered).label("n"))
             .where(*window, a.step != "")
@@ -278,7 +268,7 @@ class Queries:
                 steps,
                 samples,
                 active=int(conn.execute(active).scalar_one()),
-                throughput=row[2] / seconds,  # the window's attempts per second
+                throughput=row[_SUMMED.index("attempts")] / seconds,  # per second of the window
             )
 
     def window_funnel(self, flow_id: str, *, since: datetime, until: datetime) -> list[FunnelStep]:
