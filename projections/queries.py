@@ -9,7 +9,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, Select, Table, distinct, func, inspect, select
+from sqlalchemy import (
+    Connection,
+    Engine,
+    RowMapping,
+    Select,
+    Table,
+    distinct,
+    func,
+    inspect,
+    select,
+)
 
 from flowstore.models import (
     FlowStateHistory,
@@ -20,6 +30,7 @@ from flowstore.models import (
     StepCount,
 )
 from flowstore.projections.batch import StateKey
+from flowstore.projections.ops import ACTIVITY_COLUMNS
 from flowstore.projections.tables import ProjectionTables
 
 __all__ = ["Queries", "percentile", "row_dict"]
@@ -53,26 +64,19 @@ def row_dict(mapping: Any) -> dict[str, Any]:
     return {k: _utc(v) for k, v in dict(mapping).items()}
 
 
-_SUMMED = (
-    "started",
-    "completed",
-    "attempts",
-    "rejections",
-    "failures",
-    "completed_duration_ms",
-    "response_ms_total",
-)
-"""The counters whose sums `_statistics` takes, in its order; the all-time table (`flow_counters`)
-and the per-minute one (`flow_activity`) both have them."""
+_STEP_COUNTERS = ("entered", "moved_on", "dropped")
+_SUMMED = tuple(name for name in ACTIVITY_COLUMNS if name not in _STEP_COUNTERS)
+"""The counters whose sums `_statistics` takes: the per-minute `flow_activity` columns but its
+step counters, which are also the all-time `flow_counters` columns."""
 
 
 def _sums(table: Table) -> Select[Any]:
-    """The sums of `_SUMMED` over `table`'s rows (0 where there are none)."""
-    return select(*(func.coalesce(func.sum(table.c[name]), 0) for name in _SUMMED))
+    """The sums of `_SUMMED` over `table`'s rows (0 where there are none), each under its name."""
+    return select(*(func.coalesce(func.sum(table.c[name]), 0).label(name) for name in _SUMMED))
 
 
 def _statistics(
-    sums: Sequence[Any],
+    sums: RowMapping,
     steps: list[StepCount],
     samples: list[float],
     *,
@@ -80,7 +84,9 @@ def _statistics(
     throughput: float,
 ) -> FlowStatistics:
     """The figures from the counters' sums (`_sums`), all time or over a window alike."""
-    started, completed, attempts, rejections, failures, duration, response = sums
+    started, completed, attempts = sums["started"], sums["completed"], sums["attempts"]
+    rejections, failures = sums["rejections"], sums["failures"]
+    duration, response = sums["completed_duration_ms"], sums["response_ms_total"]
     return FlowStatistics(
         total_flows=int(started),
         active_users=active,
@@ -211,7 +217,7 @@ class Queries:
             t.throughput.c.second <= now_second,
         )
         with self._read() as conn:
-            sums_row = conn.execute(sums).one()
+            sums_row = conn.execute(sums).one()._mapping
             steps = [StepCount(step=r.step, count=int(r.n)) for r in conn.execute(popular) if r.n]
             samples = list(
                 conn.execute(select(t.samples.c.elapsed_ms).where(only(t.samples))).scalars()
@@ -260,7 +266,7 @@ class Queries:
         )
         seconds = max((until - since).total_seconds(), 1e-9)
         with self._read() as conn:
-            row = conn.execute(sums).one()
+            row = conn.execute(sums).one()._mapping
             steps = [StepCount(step=r.step, count=int(r.n)) for r in conn.execute(popular) if r.n]
             samples = list(conn.execute(samples_query).scalars())
             return _statistics(
@@ -268,7 +274,7 @@ class Queries:
                 steps,
                 samples,
                 active=int(conn.execute(active).scalar_one()),
-                throughput=row[_SUMMED.index("attempts")] / seconds,  # per second of the window
+                throughput=row["attempts"] / seconds,  # per second of the window
             )
 
     def window_funnel(self, flow_id: str, *, since: datetime, until: datetime) -> list[FunnelStep]:
