@@ -46,11 +46,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from flowstore.errors import StorageConfigError
-from flowstore.storage import StorageConfig
+from flowstore.storage import StorageConfig, connect_dedicated
 
 __all__ = [
     "DEFAULT_LEASE",
-    "KEEPALIVES",
     "LEASE_ENV",
     "LeaderLock",
     "advisory_key",
@@ -59,14 +58,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-KEEPALIVES: dict[str, Any] = {
-    "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 2,
-    "keepalives_count": 3,
-}
-"""libpq settings for a long-lived connection: a silent peer is declared dead after about 11 s."""
 
 LEASE_ENV = "FLOWSTORE_LEADER_LEASE"
 """Seconds a PostgreSQL leader's lock outlives its last answered ping (see the module's notes)."""
@@ -246,22 +237,8 @@ class LeaderLock:
         return self._connect_with(_lease_settings(self.lease, server_lease=False))
 
     def _connect_with(self, settings: dict[str, Any]) -> Any:
-        import psycopg
-
-        env = self.config.env
-        # Not the store's pool: the lock lives exactly as long as this one connection, and a
-        # pooled connection could be recycled (pre-ping, overflow) under the lock's feet.
-        return psycopg.connect(
-            host=env.get("POSTGRES_HOST"),
-            port=env.get("POSTGRES_PORT"),
-            dbname=env.get("POSTGRES_DBNAME"),
-            user=env.get("POSTGRES_USER"),
-            password=env.get("POSTGRES_PASSWORD"),
-            connect_timeout=int(env.get("POSTGRES_CONNECT_TIMEOUT") or 2),
-            autocommit=True,  # a session lock must outlive every transaction on the connection
-            application_name=f"flowstore leader {self.name}"[:63],
-            **settings,
-        )
+        # Not the store's pool: the lock lives exactly as long as this one connection.
+        return connect_dedicated(self.config, f"flowstore leader {self.name}", **settings)
 
     def _try_advisory(self) -> bool:
         import psycopg
