@@ -91,14 +91,14 @@ def test_a_failed_rebuild_drops_its_shadow_tables(
     with FlowStore(store_url) as store:
         populate(store)
         before = tables(store_url)
-        original = SqlProjections._apply
+        original = SqlProjections._write
 
-        def apply(self: SqlProjections, conn: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
+        def write(self: SqlProjections, conn: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
             if target is not self.tables:
                 raise RuntimeError("the rebuild fails half-way")
             return original(self, conn, target, *args, **kwargs)
 
-        monkeypatch.setattr(SqlProjections, "_apply", apply)
+        monkeypatch.setattr(SqlProjections, "_write", write)
         with pytest.raises(RuntimeError):
             store.rebuild_projections()
         assert tables(store_url) == before
@@ -117,7 +117,7 @@ def test_a_full_disk_under_a_rebuild_is_storage_unavailable(
     def full(self: SqlProjections, conn: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
         raise OperationalError("INSERT ...", {}, Exception("database or disk is full"))
 
-    monkeypatch.setattr(SqlProjections, "_apply", full)
+    monkeypatch.setattr(SqlProjections, "_write", full)
     with FlowStore(store_url) as store, pytest.raises(StorageUnavailableError, match="disk is full"):
         store.rebuild_projections()
     code = main(["--url", store_url, "projections", "rebuild"])
