@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from datetime import datetime
 from typing import Any, cast
 
@@ -42,6 +42,7 @@ from flowstore.errors import ProjectionLayoutError, RebuildRunningError
 from flowstore.eventlog import UnreadableEvent, storage_errors
 from flowstore.projections.batch import RowBatch, StateKey
 from flowstore.projections.ops import ACTIVITY_COLUMNS
+from flowstore.projections.pgrows import PgRows
 from flowstore.projections.queries import Queries, percentile, row_dict
 from flowstore.projections.tables import (
     LAYOUT_ROW,
@@ -109,6 +110,7 @@ class SqlProjections(Queries, Verification):
         self._shared_connection = config.sqlalchemy_url is None
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
         self._upserts: dict[tuple[str, bool], Any] = {}
+        self._pg_rows = None if self._sqlite else PgRows()
         self._lookup_cache: dict[str, tuple[Any, Any]] = {}
         # Copies of the rows this process last wrote, valid while the tracking position is still
         # the one it set (then no other process has touched the tables): saves a read per event.
@@ -121,6 +123,11 @@ class SqlProjections(Queries, Verification):
         self._read_position = select(TRACKING.c.position).where(mine)
         self._locking_position = self._read_position.with_for_update()
         self._move_position = update(TRACKING).where(mine).values(position=bindparam("position"))
+        self._move_from = (
+            update(TRACKING)
+            .where(mine, TRACKING.c.position == bindparam("old"))
+            .values(position=bindparam("new"))
+        )
         self.create()
 
     def close(self) -> None:
@@ -256,34 +263,58 @@ class SqlProjections(Queries, Verification):
 
         Reading, decoding and folding a batch happen outside any write transaction (and outside
         the write lock): only writing the rows and moving the tracking row do. The write
-        transaction checks that the tracking position is still the one the batch was folded
-        from; if another catch-up moved it meanwhile, the fold is discarded and done again, so
-        every event still counts exactly once.
+        transaction moves the tracking row only from the position the batch was folded from
+        (one conditional UPDATE, which also locks the row); if another catch-up moved it
+        meanwhile, nothing is written, the fold is discarded and done again, so every event
+        still counts exactly once. After a batch of its own, this process starts the next from
+        where it left the tables without reading the position first: the conditional move
+        catches any other writer.
         """
         while True:
             with self._lock:
-                with self._read() as conn:
-                    position = self._position(conn, lock=False)
+                position = self._owned_position
+                if position is None:
+                    with self._read() as conn:
+                        position = self._position(conn, lock=False)
+                    # Someone else may have moved the tables since our last batch: our copies
+                    # of their rows may be stale.
+                    self._rows.clear()
                 events = read(position + 1, page)
                 if not events:
+                    if self._owned_position is not None:
+                        return self.position()  # exact, even if another process moved further
                     return position
-                if position != self._owned_position:
-                    # Someone else moved the tables since our last batch: our copies may be stale.
-                    self._rows.clear()
-                with self._read() as conn:
+                with _LazyRead(self._read) as conn:
                     batch = self._fold(conn, self.tables, events, cache=self._rows)
-                with self._locked() as (conn, now):
-                    if now != position:
-                        self._owned_position = None  # moved by another process: fold again
-                        continue
-                    self._owned_position = None  # until this transaction commits
-                    self._write(conn, self.tables, batch)
-                    self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
-                    self._set_position(conn, events[-1][0])
+                new = events[-1][0]
+                self._owned_position = None  # until the write transaction commits
+                with self._writing() as conn:
+                    moved = self._move(conn, position, new)
+                    if moved:
+                        self._write(conn, self.tables, batch)
+                        self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
+                if not moved:
+                    continue  # moved by another process (or the layout changed): read it again
                 self._rows.keep(batch)
-                self._owned_position = events[-1][0]
+                self._owned_position = new
             if len(events) < page:  # the log's end: no need for another transaction to find it
-                return events[-1][0]
+                return new
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A write transaction on the tables (this process's writers wait for the write lock)."""
+        with (
+            storage_errors(self._env, "writing the projection tables"),
+            self._lock,
+            self._write_lock,
+            self.engine.begin() as conn,
+        ):
+            yield conn
+
+    def _move(self, conn: Connection, old: int, new: int) -> bool:
+        """Move the tracking row from `old` to `new` (locking it); False if it was not at `old`."""
+        self._check_layout(conn)
+        return bool(conn.execute(self._move_from, {"old": old, "new": new}).rowcount == 1)
 
     def _set_position(self, conn: Connection, position: int) -> None:
         conn.execute(self._move_position, {"position": position})
@@ -302,7 +333,7 @@ class SqlProjections(Queries, Verification):
 
     def _fold(
         self,
-        conn: Connection,
+        conn: Connection | _LazyRead,
         tables: ProjectionTables,
         events: Sequence[tuple[int, DomainEvent]],
         cache: _RowCache | None = None,
@@ -421,46 +452,14 @@ class SqlProjections(Queries, Verification):
             erased = sorted(batch.erased)
             for table in (t.states, t.history):
                 conn.execute(delete(table).where(table.c.instance_id.in_(erased)))
-        states = [row for key in batch.dirty if (row := batch.states[key]) is not None]
-        if states:
-            conn.execute(self._upsert(t.states, ["user_id", "flow_id"], add=False), states)
-        if batch.history:
-            conn.execute(t.history.insert(), batch.history)
-        rows: list[dict[str, Any]]
-        if batch.counters:
-            counters = [c.name for c in t.counters.columns if c.name != "flow_id"]
-            rows = [
-                {"flow_id": f, **{c: deltas.get(c, 0) for c in counters}}
-                for f, deltas in batch.counters.items()
-            ]
-            conn.execute(self._upsert(t.counters, ["flow_id"], add=True), rows)
-        if batch.steps:
-            rows = [
-                {
-                    "flow_id": f,
-                    "step": s,
-                    **{c: d.get(c, 0) for c in ("entered", "moved_on", "dropped")},
-                }
-                for (f, s), d in batch.steps.items()
-            ]
-            conn.execute(self._upsert(t.steps, ["flow_id", "step"], add=True), rows)
-        if batch.samples:
-            rows = [
-                {"flow_id": f, "slot": slot, "elapsed_ms": ms, "second": second}
-                for (f, slot), (ms, second) in batch.samples.items()
-            ]
-            conn.execute(self._upsert(t.samples, ["flow_id", "slot"], add=False), rows)
-        if batch.activity:
-            rows = [
-                {"flow_id": f, "minute": m, "step": s, **{c: d.get(c, 0) for c in ACTIVITY_COLUMNS}}
-                for (f, m, s), d in batch.activity.items()
-            ]
-            conn.execute(self._upsert(t.activity, ["flow_id", "minute", "step"], add=True), rows)
+        for table, keys, add, rows in _row_sets(t, batch):
+            if self._pg_rows is not None:  # PostgreSQL: one statement per table
+                self._pg_rows.put(conn, table, rows, keys=keys, add=add)
+            elif keys is None:
+                conn.execute(table.insert(), rows)
+            else:
+                conn.execute(self._upsert(table, keys, add=add), rows)
         if batch.throughput:
-            rows = [
-                {"flow_id": f, "second": s, "attempts": n} for (f, s), n in batch.throughput.items()
-            ]
-            conn.execute(self._upsert(t.throughput, ["flow_id", "second"], add=True), rows)
             oldest = {f: min(s for g, s in batch.throughput if g == f) for f in batch.forget_before}
             for flow_id, before in batch.forget_before.items():
                 # Deleting is only needed when the bound moved (at most once an hour per flow) or
@@ -650,8 +649,80 @@ class SqlProjections(Queries, Verification):
                 index.create(conn)
 
 
+def _row_sets(
+    t: ProjectionTables, batch: RowBatch
+) -> list[tuple[Table, list[str] | None, bool, list[dict[str, Any]]]]:
+    """The rows a batch writes, per table: (table, upsert keys or None to insert, add, rows).
+
+    `add`: the upsert adds the row's values to the stored ones (counters) rather than replacing
+    them. Each table's rows have distinct keys (they come from keyed dicts).
+    """
+    sets: list[tuple[Table, list[str] | None, bool, list[dict[str, Any]]]] = []
+    states = [row for key in batch.dirty if (row := batch.states[key]) is not None]
+    if states:
+        sets.append((t.states, ["user_id", "flow_id"], False, states))
+    if batch.history:
+        sets.append((t.history, None, False, batch.history))
+    if batch.counters:
+        counters = [c.name for c in t.counters.columns if c.name != "flow_id"]
+        rows = [
+            {"flow_id": f, **{c: deltas.get(c, 0) for c in counters}}
+            for f, deltas in batch.counters.items()
+        ]
+        sets.append((t.counters, ["flow_id"], True, rows))
+    if batch.steps:
+        rows = [
+            {
+                "flow_id": f,
+                "step": s,
+                **{c: d.get(c, 0) for c in ("entered", "moved_on", "dropped")},
+            }
+            for (f, s), d in batch.steps.items()
+        ]
+        sets.append((t.steps, ["flow_id", "step"], True, rows))
+    if batch.samples:
+        rows = [
+            {"flow_id": f, "slot": slot, "elapsed_ms": ms, "second": second}
+            for (f, slot), (ms, second) in batch.samples.items()
+        ]
+        sets.append((t.samples, ["flow_id", "slot"], False, rows))
+    if batch.activity:
+        rows = [
+            {"flow_id": f, "minute": m, "step": s, **{c: d.get(c, 0) for c in ACTIVITY_COLUMNS}}
+            for (f, m, s), d in batch.activity.items()
+        ]
+        sets.append((t.activity, ["flow_id", "minute", "step"], True, rows))
+    if batch.throughput:
+        rows = [
+            {"flow_id": f, "second": s, "attempts": n} for (f, s), n in batch.throughput.items()
+        ]
+        sets.append((t.throughput, ["flow_id", "second"], True, rows))
+    return sets
+
+
 # pg_advisory_lock's key for rebuilds: any bigint the application uses for nothing else.
 _REBUILD_LOCK_KEY = 0x666C6F77_72656231  # "flowreb1"
+
+
+class _LazyRead:
+    """A read connection opened on first use (a fold whose rows are all cached needs none)."""
+
+    def __init__(self, connect: Callable[[], AbstractContextManager[Connection]]) -> None:
+        self._connect = connect
+        self._held = ExitStack()
+        self._conn: Connection | None = None
+
+    def __enter__(self) -> _LazyRead:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._held.__exit__(*exc)  # the read's own handling (storage errors) sees the exception
+
+    def execute(self, statement: Any, parameters: Any = None) -> Any:
+        """`Connection.execute` on the connection, opening it first if needed."""
+        if self._conn is None:
+            self._conn = self._held.enter_context(self._connect())
+        return self._conn.execute(statement, parameters)
 
 
 class _RowCache:
