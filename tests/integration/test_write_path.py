@@ -291,3 +291,35 @@ def test_set_based_rows_equal_sqlalchemys(store_url: str) -> None:
         store.rebuild_projections()
         assert _dump(store) == live
         assert store.verify_projections() == []
+
+
+def test_a_postgres_append_in_one_round_trip_commits_all_or_nothing(pg_server: Any) -> None:
+    # flowstore.pglog sends the COMMIT in the append's pipeline: a conflict anywhere in the
+    # append must still leave nothing committed, the connection usable, and the ids returned.
+    import psycopg
+
+    from flowstore.pglog import OneTripRecorder
+
+    with FlowStore(pg_server.create_database()) as store:
+        store.create_flow(ring_flow(FLOW))
+        store.reset_flow("ann", FLOW)
+        store.reset_flow("bob", FLOW)
+        recorder = store._log.app.recorder
+        assert isinstance(recorder, OneTripRecorder)
+        stale = _tick_events(store, "ann")
+        store.execute_transition("ann", FLOW, "tick")
+        fresh = _tick_events(store, "bob")  # its insert alone would succeed
+        before = store.log_position()
+        stored = [store._log.app.mapper.to_stored_event(e) for e in [*fresh, *stale]]
+        with pytest.raises(IntegrityError):
+            recorder.insert_events(stored)
+        assert store.log_position() == before  # bob's event went with the conflicting one
+        with recorder.datastore.get_connection() as conn:  # returned to the pool clean
+            assert conn.info.transaction_status is psycopg.pq.TransactionStatus.IDLE
+        ids = recorder.insert_events([store._log.app.mapper.to_stored_event(e) for e in fresh])
+        assert ids is not None
+        assert list(ids) == [store.log_position()]
+        state = store.execute_transition("ann", FLOW, "tick")
+        assert state.version == stale[0].originator_version + 1
+        store.sync_projections()
+        assert store.verify_projections() == []
