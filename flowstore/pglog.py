@@ -35,13 +35,14 @@ class OneTripRecorder(PostgresApplicationRecorder):
         commit meets its own rows, which `EventLog.save` recognises as its own.
         """
         if self.datastore.enable_db_functions or not stored_events:
-            return super().insert_events(stored_events, **kwargs)
+            ids: Sequence[int] | None = super().insert_events(stored_events, **kwargs)
+            return ids
         rows = [
             self.construct_pg_stored_event(e.originator_id, e.originator_version, e.topic, e.state)
             for e in stored_events
         ]
         failed: psycopg.Error | None = None
-        ids: list[int] = []
+        ids = []
         with self.datastore.get_connection() as conn:
             with conn.pipeline() as pipeline, conn.cursor() as control, conn.cursor() as insert:
                 try:
