@@ -222,6 +222,15 @@ class AsyncFlowStore:
         self.store.max_retries = value
 
     @property
+    def max_payload_bytes(self) -> int:
+        """The largest payload (and message) a command may carry (`FlowStore.max_payload_bytes`)."""
+        return self.store.max_payload_bytes
+
+    @max_payload_bytes.setter
+    def max_payload_bytes(self, value: int) -> None:
+        self.store.max_payload_bytes = value
+
+    @property
     def definition_refresh(self) -> float:
         """Seconds a transition may use a cached definition (`FlowStore.definition_refresh`)."""
         return self.store.definition_refresh

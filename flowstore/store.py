@@ -1,7 +1,8 @@
 """`FlowStore`: the service facade. Commands append events; queries read aggregates and the tables.
 
 Each public method is a few lines over the modules that do the work: `flowstore.commands` (the
-write path: read, decide, append, retry), `flowstore.erasure`, `flowstore.migration`,
+write path: read, decide, append, retry), `flowstore.batch` (transitions and overrides, one at a
+time or a batch per transaction), `flowstore.erasure`, `flowstore.migration`,
 `flowstore.importing`, the event log (`flowstore.eventlog`) and the read-model tables
 (`flowstore.projections`). The decisions themselves are pure functions in `flowstore.domain`.
 """
@@ -13,7 +14,6 @@ import functools
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,14 +21,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 from uuid import UUID
 
-from eventsourcing.persistence import IntegrityError
-from pydantic import ValidationError
-
+from flowstore.batch import Transitions
 from flowstore.commands import Commands, definition_of, is_expired
 from flowstore.definitions import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     FlowDefinition,
     FlowTransition,
+    check_entity,
+    check_message,
     check_payload,
     parse_definition,
     require_id,
@@ -42,18 +42,14 @@ from flowstore.domain import (
     FlowCatalog,
     FlowInstance,
     FlowVersions,
-    InstanceEvent,
     define_flow,
     definition_id,
     delete_flow,
     end_flow,
-    execute_transition,
     go_back,
     hand_over,
     instance_id,
     list_flow,
-    override_state,
-    project,
     start_flow,
 )
 from flowstore.erasure import Erasure
@@ -149,35 +145,6 @@ def _check_clock(clock: object) -> None:
         )
 
 
-_Prepared = tuple[
-    Callable[[], tuple[str, str, Callable[["FlowInstance | None"], Decision]]],
-    Callable[[], "FlowState | FlowError"],
-]
-"""One request of a batch: (check it and give (user, flow, decide), apply it on its own)."""
-
-
-def _outcome(call: Callable[[], FlowState]) -> FlowState | FlowError:
-    try:
-        return call()
-    except FlowError as error:
-        return error
-
-
-def _state_update(update: Any) -> tuple[str, FlowState | Mapping[str, Any]]:
-    """`(user_id, state)` or the seed's `{"userId": ..., "state": ...}`."""
-    if isinstance(update, Mapping):
-        user_id, state = update.get("userId", update.get("user_id")), update.get("state")
-    elif isinstance(update, tuple) and len(update) == 2:
-        user_id, state = update
-    else:
-        user_id, state = None, None
-    if not isinstance(user_id, str) or not isinstance(state, FlowState | Mapping):
-        raise InvalidArgumentError(
-            "updates", update, 'each must be (user_id, state) or {"userId": ..., "state": {...}}'
-        )
-    return user_id, state
-
-
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -188,28 +155,6 @@ KAFKA_BOOTSTRAP_ENV = "FLOWSTORE_KAFKA_BOOTSTRAP"
 PUBLISHER_ENTRY_POINTS = "flowstore.publishers"
 """Entry-point group naming publisher factories by kind (`kafka`): how `kafka=` finds its adapter
 without the service importing the adapters layer."""
-
-
-def _check_entity(value: object) -> str | None:
-    """An entity id: None, `""` (the model's null) or a usable id."""
-    if value is None:
-        return None
-    return "" if value == "" else require_id(value, "entity_id")
-
-
-def _check_message(value: object, limit: int) -> str | None:
-    """A message: any text within `limit` bytes, without NUL or lone surrogates (unstorable)."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidArgumentError(
-            "message", value, f"must be a string, not {type(value).__name__}"
-        )
-    if "\x00" in value or any(0xD800 <= ord(c) <= 0xDFFF for c in value):
-        raise InvalidArgumentError("message", value[:40], "contains NUL or a lone surrogate")
-    if len(value.encode("utf-8")) > limit:
-        raise InvalidArgumentError("message", value[:40] + "...", f"longer than {limit} bytes")
-    return value
 
 
 class Publisher(Protocol):
@@ -280,7 +225,6 @@ class FlowStore:
         self._url = _url_of(url)
         self.config: StorageConfig = parse_url(resolve_url(self._url))
         _check_clock(clock)
-        self.max_payload_bytes = max_payload_bytes
         self.statistics_window = statistics_window
         self._clock = clock
         self.live_projections = live_projections
@@ -343,6 +287,9 @@ class FlowStore:
             cache_size=options["cache_size"],
             definition_refresh=refresh,
             written=self._written,
+        )
+        self._transitions = Transitions(
+            self._commands, max_payload_bytes=options["max_payload_bytes"]
         )
         opened: list[Callable[[], None]] = [self._engine.dispose, self._log.close]
         try:
@@ -408,6 +355,16 @@ class FlowStore:
     @max_retries.setter
     def max_retries(self, value: int) -> None:
         self._commands.max_retries = value
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """The largest payload (and message) a command may carry, in bytes of its JSON."""
+        return cast(int, self._options["max_payload_bytes"])
+
+    @max_payload_bytes.setter
+    def max_payload_bytes(self, value: int) -> None:
+        self._options["max_payload_bytes"] = value
+        self._transitions.max_payload_bytes = value
 
     @property
     def engine(self) -> Engine:
@@ -679,7 +636,7 @@ class FlowStore:
             require_id(step, "step")
         if service is not None:
             require_id(service, "service")
-        entity = _check_entity(entity_id)
+        entity = check_entity(entity_id)
 
         def decide(instance: FlowInstance | None) -> Decision:
             definition = self._live_versions(flow_id).latest
@@ -716,10 +673,9 @@ class FlowStore:
         its schema refuses, is recorded as a rejected attempt, leaves the state unchanged and raises
         `InvalidTransitionError` / `PayloadValidationError`.
         """
-        decide = self._transition(
-            user_id, flow_id, transition, payload, time.perf_counter(), ok=ok, message=message
+        return self._transitions.execute_transition(
+            user_id, flow_id, transition, payload, ok=ok, message=message
         )
-        return self._commands.change_instance(user_id, flow_id, decide).to_state()
 
     def advance(
         self, user_id: str, flow_id: str, payload: dict[str, Any] | None = None
@@ -800,8 +756,8 @@ class FlowStore:
             state = decode_state_token(token, definition)
             if state.service:
                 require_id(state.service, "service")
-            _check_entity(state.entity_id)
-            _check_message(state.message, self.max_payload_bytes)
+            check_entity(state.entity_id)
+            check_message(state.message, self.max_payload_bytes)
             check_payload(state.payload, limit=self.max_payload_bytes)
             return Decision(
                 hand_over(
@@ -838,21 +794,7 @@ class FlowStore:
         request only. If another writer touched one of the batch's instances meanwhile, that batch
         is applied again one request at a time (each retried as usual).
         """
-
-        def prepare(request: tuple[str, str, str, dict[str, Any] | None]) -> _Prepared:
-            user_id, flow_id, transition, payload = request
-
-            def decide() -> tuple[str, str, Callable[[FlowInstance | None], Decision]]:
-                began = time.perf_counter()
-                return (
-                    user_id,
-                    flow_id,
-                    self._transition(user_id, flow_id, transition, payload, began),
-                )
-
-            return decide, lambda: self._one(*request)
-
-        return self._in_batches(map(prepare, requests), batch_size)
+        return self._transitions.execute_transitions(requests, batch_size=batch_size)
 
     def set_flow_states(
         self,
@@ -868,131 +810,7 @@ class FlowStore:
         meanwhile). Returns, in order, each new state or the error of each update (bad input
         writes nothing for its own update only).
         """
-
-        def prepare(update: Any) -> _Prepared:
-            user_id, state = _state_update(update)
-
-            def decide() -> tuple[str, str, Callable[[FlowInstance | None], Decision]]:
-                return user_id, *self._override(user_id, state)
-
-            return decide, lambda: _outcome(lambda: self.set_flow_state(user_id, state))
-
-        prepared = [prepare(update) for update in updates]  # a malformed update: nothing written
-        return self._in_batches(prepared, batch_size)
-
-    def _in_batches(
-        self, requests: Iterable[_Prepared], batch_size: int
-    ) -> list[FlowState | FlowError]:
-        results: list[FlowState | FlowError] = []
-        batch: list[_Prepared] = []
-        for request in requests:
-            batch.append(request)
-            if len(batch) >= batch_size:
-                results.extend(self._apply_batch(batch))
-                batch = []
-        if batch:
-            results.extend(self._apply_batch(batch))
-        return results
-
-    def _apply_batch(self, batch: list[_Prepared]) -> list[FlowState | FlowError]:
-        checked: list[tuple[UUID, Callable[[FlowInstance | None], Decision]] | FlowError] = []
-        for prepare, _ in batch:
-            try:
-                user_id, flow_id, decide = prepare()
-                require_id(flow_id, "flow_id")
-                checked.append((instance_id(user_id, flow_id), decide))
-            except FlowError as error:
-                checked.append(error)
-        iids = [item[0] for item in checked if not isinstance(item, FlowError)]
-        # The batch's instances are this process's alone until it is written (see Commands).
-        with self._commands.locked(iids):
-            outcomes: list[FlowInstance | FlowError] = []
-            events: list[DomainEvent] = []
-            seen: dict[UUID, FlowInstance | None] = {}  # later requests see earlier ones' effects
-            for item in checked:
-                if isinstance(item, FlowError):
-                    outcomes.append(item)
-                    continue
-                iid, decide = item
-                try:
-                    if iid not in seen:
-                        seen[iid] = self._commands.cached_instance(iid)
-                    decision = decide(seen[iid])
-                except FlowError as error:
-                    outcomes.append(error)
-                    continue
-                updated = cast(FlowInstance, project(seen[iid], decision.events))
-                seen[iid] = updated
-                events.extend(decision.events)
-                outcomes.append(decision.error or updated)
-            try:
-                self._commands.save(events, decided_here=True)
-                conflict = False
-            except IntegrityError:
-                conflict = True
-                for iid in seen:
-                    self._commands.forget_instance(iid)
-            if not conflict:
-                for instance in seen.values():
-                    if instance is not None:
-                        self._commands.remember_instance(instance)
-        if conflict:
-            # One by one, and outside the instance locks: each takes its user's key lock first,
-            # then its instance's, the order every command keeps (no deadlock with them).
-            return [one() for _, one in batch]
-        return [o if isinstance(o, FlowError) else o.to_state() for o in outcomes]
-
-    def _one(
-        self, user_id: str, flow_id: str, transition: str, payload: dict[str, Any] | None
-    ) -> FlowState | FlowError:
-        try:
-            return self.execute_transition(user_id, flow_id, transition, payload)
-        except FlowError as error:
-            return error
-
-    def _transition(
-        self,
-        user_id: str,
-        flow_id: str,
-        transition: str,
-        payload: dict[str, Any] | None,
-        began: float,
-        *,
-        ok: bool = True,
-        message: str | None = None,
-    ) -> Callable[[FlowInstance | None], Decision]:
-        """Check a transition request's input, and return how to decide it on an instance."""
-        require_id(user_id, "user_id")
-        require_id(transition, "transition")
-        checked = check_payload(payload, limit=self.max_payload_bytes)
-        if not isinstance(ok, bool):
-            raise InvalidArgumentError("ok", ok, f"must be a boolean, not {type(ok).__name__}")
-        checked_message = _check_message(message, self.max_payload_bytes)
-
-        def decide(instance: FlowInstance | None) -> Decision:
-            needed = instance.definition_version if instance and instance.is_live else 0
-            versions = self._commands.command_versions(flow_id, needed)
-            now = self._clock()
-            started: list[InstanceEvent] = []
-            if instance is None or not instance.is_live:
-                started = start_flow(
-                    instance, versions.latest, user_id=user_id, now=now, reason="start"
-                )
-                instance = cast(FlowInstance, project(instance, started))
-            definition = definition_of(instance, versions)
-            decision = execute_transition(
-                instance,
-                definition,
-                transition=transition,
-                payload=checked,
-                now=now,
-                elapsed_ms=(time.perf_counter() - began) * 1000,
-                ok=ok,
-                message=checked_message,
-            )
-            return Decision([*started, *decision.events], decision.error)
-
-        return decide
+        return self._transitions.set_flow_states(updates, batch_size=batch_size)
 
     def set_flow_state(self, user_id: str, state: FlowState | Mapping[str, Any]) -> FlowState:
         """Administrative override: put the user at `state.step` (recorded as an event).
@@ -1000,53 +818,7 @@ class FlowStore:
         The instance keeps its definition version unless `state.definition_version` names another;
         a user without state starts on the latest version.
         """
-        flow_id, decide = self._override(user_id, state)
-        return self._commands.change_instance(user_id, flow_id, decide).to_state()
-
-    def _override(
-        self, user_id: str, state: FlowState | Mapping[str, Any]
-    ) -> tuple[str, Callable[[FlowInstance | None], Decision]]:
-        """Check an override's input; the flow it is in and the decision it makes."""
-        require_id(user_id, "user_id")
-        if not isinstance(state, FlowState):
-            try:
-                state = FlowState.model_validate(state)
-            except ValidationError as exc:
-                raise InvalidArgumentError("state", state, str(exc)) from None
-        new = state
-        if new.service is not None:
-            require_id(new.service, "service")
-        payload = check_payload(new.payload, limit=self.max_payload_bytes)
-        entity = _check_entity(new.entity_id)
-        message = _check_message(new.message, self.max_payload_bytes)
-
-        def decide(instance: FlowInstance | None) -> Decision:
-            versions = self._live_versions(new.flow)
-            version = new.definition_version or (
-                instance.definition_version if instance and instance.is_live else None
-            )
-            definition = versions.get(version)
-            if definition is None:
-                raise FlowNotFoundError(
-                    new.flow, f"Flow {new.flow!r} has no version {version}", version=version
-                )
-            return Decision(
-                override_state(
-                    instance,
-                    definition,
-                    user_id=user_id,
-                    step=new.step,
-                    service=new.service,
-                    ok=new.ok,
-                    payload=payload,
-                    now=self._clock(),
-                    previous=new.previous,
-                    entity_id=entity,
-                    message=message,
-                )
-            )
-
-        return new.flow, decide
+        return self._transitions.set_flow_state(user_id, state)
 
     def clear_flow_state(self, user_id: str, flow_id: str) -> None:
         """Forget where the user stands: `get_flow_state` returns None; the history stays."""
