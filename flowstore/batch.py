@@ -17,7 +17,7 @@ from uuid import UUID
 from eventsourcing.persistence import IntegrityError
 from pydantic import ValidationError
 
-from flowstore.commands import Commands, definition_of
+from flowstore.commands import Commands, cached_instance_id, definition_of
 from flowstore.definitions import check_entity, check_message, check_payload, require_id
 from flowstore.domain import (
     Decision,
@@ -25,7 +25,6 @@ from flowstore.domain import (
     FlowInstance,
     InstanceEvent,
     execute_transition,
-    instance_id,
     override_state,
     project,
     start_flow,
@@ -155,7 +154,7 @@ class Transitions:
             try:
                 user_id, flow_id, decide = prepare()
                 require_id(flow_id, "flow_id")
-                checked.append((instance_id(user_id, flow_id), decide))
+                checked.append((cached_instance_id(user_id, flow_id), decide))
             except FlowError as error:
                 checked.append(error)
         iids = [item[0] for item in checked if not isinstance(item, FlowError)]
@@ -247,9 +246,7 @@ class Transitions:
 
         return decide
 
-    def _override(
-        self, user_id: str, state: FlowState | Mapping[str, Any]
-    ) -> tuple[str, Decide]:
+    def _override(self, user_id: str, state: FlowState | Mapping[str, Any]) -> tuple[str, Decide]:
         """Check an override's input; the flow it is in and the decision it makes."""
         require_id(user_id, "user_id")
         if not isinstance(state, FlowState):
