@@ -42,8 +42,8 @@ from flowstore.errors import ProjectionLayoutError, RebuildRunningError
 from flowstore.eventlog import UnreadableEvent, storage_errors
 from flowstore.projections.batch import RowBatch, StateKey
 from flowstore.projections.ops import ACTIVITY_COLUMNS
-from flowstore.projections.pgrows import PgRows
 from flowstore.projections.queries import Queries, percentile, row_dict
+from flowstore.projections.setrows import SetRows
 from flowstore.projections.tables import (
     LAYOUT_ROW,
     QUARANTINE,
@@ -110,7 +110,7 @@ class SqlProjections(Queries, Verification):
         self._shared_connection = config.sqlalchemy_url is None
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
         self._upserts: dict[tuple[str, bool], Any] = {}
-        self._pg_rows = None if self._sqlite else PgRows()
+        self._set_rows: SetRows | None = SetRows(self.engine.dialect)
         self._lookup_cache: dict[str, tuple[Any, Any]] = {}
         # Copies of the rows this process last wrote, valid while the tracking position is still
         # the one it set (then no other process has touched the tables): saves a read per event.
@@ -453,8 +453,8 @@ class SqlProjections(Queries, Verification):
             for table in (t.states, t.history):
                 conn.execute(delete(table).where(table.c.instance_id.in_(erased)))
         for table, keys, add, rows in _row_sets(t, batch):
-            if self._pg_rows is not None:  # PostgreSQL: one statement per table
-                self._pg_rows.put(conn, table, rows, keys=keys, add=add)
+            if self._set_rows is not None:  # one statement per table (see setrows)
+                self._set_rows.put(conn, table, rows, keys=keys, add=add)
             elif keys is None:
                 conn.execute(table.insert(), rows)
             else:
