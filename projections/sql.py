@@ -25,7 +25,6 @@ import orjson
 from sqlalchemy import (
     Connection,
     Engine,
-    Table,
     bindparam,
     delete,
     inspect,
@@ -40,10 +39,8 @@ import flowstore.projections.tables as layouts
 from flowstore.domain import DomainEvent
 from flowstore.errors import ProjectionLayoutError, RebuildRunningError
 from flowstore.eventlog import UnreadableEvent, storage_errors
-from flowstore.projections.batch import RowBatch, StateKey
-from flowstore.projections.ops import ACTIVITY_COLUMNS
+from flowstore.projections.batch import RowBatch, StateKey, columns_of
 from flowstore.projections.queries import Queries, percentile, row_dict
-from flowstore.projections.setrows import SetRows
 from flowstore.projections.tables import (
     LAYOUT_ROW,
     QUARANTINE,
@@ -56,6 +53,7 @@ from flowstore.projections.tables import (
     tracking_name,
 )
 from flowstore.projections.verify import Difference, EventPage, Verification
+from flowstore.projections.writes import RowWriter
 from flowstore.storage import READ_ONLY, StorageConfig, make_engine, serialize_ddl
 
 __all__ = [
@@ -109,8 +107,7 @@ class SqlProjections(Queries, Verification):
         self._sqlite = self.engine.dialect.name == "sqlite"
         self._shared_connection = config.sqlalchemy_url is None
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
-        self._upserts: dict[tuple[str, bool], Any] = {}
-        self._set_rows: SetRows | None = SetRows(self.engine.dialect)
+        self._writer = RowWriter(self.engine.dialect)
         self._lookup_cache: dict[str, tuple[Any, Any]] = {}
         # Copies of the rows this process last wrote, valid while the tracking position is still
         # the one it set (then no other process has touched the tables): saves a read per event.
@@ -142,18 +139,21 @@ class SqlProjections(Queries, Verification):
             self.engine.dispose(close=False)
 
     @contextmanager
-    def _read(self) -> Iterator[Connection]:
+    def _read(self, *, check: bool = True) -> Iterator[Connection]:
+        """A read-only connection; `check`: the tables must have this code's layout."""
         # A database that is down, or a pool with no connection free in time, is
         # StorageUnavailableError (HTTP 503), as it is for the log.
         with storage_errors(self._env, "reading the projection tables"):
             if self._shared_connection:
                 with self._lock, self.engine.begin() as conn:
-                    self._check_layout(conn)
+                    if check:
+                        self._check_layout(conn)
                     yield conn
             else:
                 # Readers never need the write lock: on SQLite their transactions begin deferred.
                 with self.engine.connect().execution_options(**READ_ONLY) as conn:
-                    self._check_layout(conn)
+                    if check:
+                        self._check_layout(conn)
                     yield conn
 
     def _check_layout(self, conn: Connection) -> None:
@@ -342,14 +342,14 @@ class SqlProjections(Queries, Verification):
         state_query, attempts_query = self._lookups(tables)
 
         def load_state(key: StateKey) -> dict[str, Any] | None:
-            if cache is not None and key in cache.states:
-                return cache.states[key]
+            if cache is not None and (cache.complete or key in cache.states):
+                return cache.states.get(key)
             found = conn.execute(state_query, {"user": key[0], "flow": key[1]}).first()
             return row_dict(found._mapping) if found else None
 
         def load_attempts(flow_id: str) -> int:
-            if cache is not None and flow_id in cache.attempts:
-                return cache.attempts[flow_id]
+            if cache is not None and (cache.complete or flow_id in cache.attempts):
+                return cache.attempts.get(flow_id, 0)
             return int(conn.execute(attempts_query, {"flow": flow_id}).scalar() or 0)
 
         return RowBatch(load_state, load_attempts).apply_all(event for _, event in events)
@@ -435,43 +435,27 @@ class SqlProjections(Queries, Verification):
             )
         return self._lookup_cache[name]
 
-    def _upsert(self, table: Table, keys: list[str], *, add: bool) -> Any:
-        cache_key = (table.name, add)
-        if cache_key not in self._upserts:  # building the statement costs more than running it
-            self._upserts[cache_key] = self._build_upsert(table, keys, add=add)
-        return self._upserts[cache_key]
-
-    def _build_upsert(self, table: Table, keys: list[str], *, add: bool) -> Any:
-        stmt = self._insert(table)
-        columns = [c.name for c in table.columns if c.name not in keys]
-        values = {c: (table.c[c] + stmt.excluded[c]) if add else stmt.excluded[c] for c in columns}
-        return stmt.on_conflict_do_update(index_elements=keys, set_=values)
-
     def _write(self, conn: Connection, t: ProjectionTables, batch: RowBatch) -> None:
         if batch.erased:  # first: rows of a new run after the erasure must stay
             erased = sorted(batch.erased)
-            for table in (t.states, t.history):
-                conn.execute(delete(table).where(table.c.instance_id.in_(erased)))
-        for table, keys, add, rows in _row_sets(t, batch):
-            if self._set_rows is not None:  # one statement per table (see setrows)
-                self._set_rows.put(conn, table, rows, keys=keys, add=add)
-            elif keys is None:
-                conn.execute(table.insert(), rows)
-            else:
-                conn.execute(self._upsert(table, keys, add=add), rows)
-        if batch.throughput:
-            oldest = {f: min(s for g, s in batch.throughput if g == f) for f in batch.forget_before}
-            for flow_id, before in batch.forget_before.items():
+            for table in t.all:
+                if "instance_id" in table.c:
+                    conn.execute(delete(table).where(table.c.instance_id.in_(erased)))
+        for table, how, rows in batch.rows(t):
+            self._writer.write(conn, table, how, rows)
+        for name, bounds in batch.forget_before.items():
+            table = getattr(t, name)
+            flow, second = (table.c[k] for k in columns_of(table)[0])
+            oldest: dict[str, int] = {}
+            for f, s in batch.sums[name]:
+                oldest[f] = min(s, oldest.get(f, s))
+            for flow_id, before in bounds.items():
                 # Deleting is only needed when the bound moved (at most once an hour per flow) or
                 # a late event wrote below it; otherwise the rows below it are already gone.
-                key = f"{t.throughput.name}/{flow_id}"
+                key = f"{table.name}/{flow_id}"
                 if self._forgotten.get(key) == before and oldest[flow_id] >= before:
                     continue
-                conn.execute(
-                    delete(t.throughput).where(
-                        t.throughput.c.flow_id == flow_id, t.throughput.c.second < before
-                    )
-                )
+                conn.execute(delete(table).where(flow == flow_id, second < before))
                 self._forgotten[key] = before
 
     # Rebuild
@@ -574,12 +558,16 @@ class SqlProjections(Queries, Verification):
                     if index.name and index.name.endswith("_instance"):
                         index.create(conn)  # but erasures delete by instance id meanwhile
         position, replayed = 0, 0
-        while True:  # stream without holding the tracking lock: live writers carry on
+        rows.complete = True  # the new tables are empty: what the copies lack is not there
+        # Stream without holding the tracking lock: live writers carry on. Reading and folding a
+        # page happen outside any write transaction, which holds SQLite's one write lock.
+        while events := read(position + 1, page):
+            with self._read(check=False) as conn:  # the new tables, whatever the live ones' layout
+                batch = self._fold(conn, shadow, events, cache=rows)
             with self._lock, self.engine.begin() as conn:
-                events = read(position + 1, page)
-                if not events:
-                    break
-                rows.keep(self._apply(conn, shadow, events, cache=rows))
+                self._write(conn, shadow, batch)
+                self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
+            rows.keep(batch)
             position, replayed = events[-1][0], replayed + len(events)
             if progress:
                 progress(replayed, position)
@@ -649,57 +637,6 @@ class SqlProjections(Queries, Verification):
                 index.create(conn)
 
 
-def _row_sets(
-    t: ProjectionTables, batch: RowBatch
-) -> list[tuple[Table, list[str] | None, bool, list[dict[str, Any]]]]:
-    """The rows a batch writes, per table: (table, upsert keys or None to insert, add, rows).
-
-    `add`: the upsert adds the row's values to the stored ones (counters) rather than replacing
-    them. Each table's rows have distinct keys (they come from keyed dicts).
-    """
-    sets: list[tuple[Table, list[str] | None, bool, list[dict[str, Any]]]] = []
-    states = [row for key in batch.dirty if (row := batch.states[key]) is not None]
-    if states:
-        sets.append((t.states, ["user_id", "flow_id"], False, states))
-    if batch.history:
-        sets.append((t.history, None, False, batch.history))
-    if batch.counters:
-        counters = [c.name for c in t.counters.columns if c.name != "flow_id"]
-        rows = [
-            {"flow_id": f, **{c: deltas.get(c, 0) for c in counters}}
-            for f, deltas in batch.counters.items()
-        ]
-        sets.append((t.counters, ["flow_id"], True, rows))
-    if batch.steps:
-        rows = [
-            {
-                "flow_id": f,
-                "step": s,
-                **{c: d.get(c, 0) for c in ("entered", "moved_on", "dropped")},
-            }
-            for (f, s), d in batch.steps.items()
-        ]
-        sets.append((t.steps, ["flow_id", "step"], True, rows))
-    if batch.samples:
-        rows = [
-            {"flow_id": f, "slot": slot, "elapsed_ms": ms, "second": second}
-            for (f, slot), (ms, second) in batch.samples.items()
-        ]
-        sets.append((t.samples, ["flow_id", "slot"], False, rows))
-    if batch.activity:
-        rows = [
-            {"flow_id": f, "minute": m, "step": s, **{c: d.get(c, 0) for c in ACTIVITY_COLUMNS}}
-            for (f, m, s), d in batch.activity.items()
-        ]
-        sets.append((t.activity, ["flow_id", "minute", "step"], True, rows))
-    if batch.throughput:
-        rows = [
-            {"flow_id": f, "second": s, "attempts": n} for (f, s), n in batch.throughput.items()
-        ]
-        sets.append((t.throughput, ["flow_id", "second"], True, rows))
-    return sets
-
-
 # pg_advisory_lock's key for rebuilds: any bigint the application uses for nothing else.
 _REBUILD_LOCK_KEY = 0x666C6F77_72656231  # "flowreb1"
 
@@ -733,14 +670,19 @@ class _RowCache:
     def __init__(self) -> None:
         self.states: dict[StateKey, dict[str, Any] | None] = {}
         self.attempts: dict[str, int] = {}
+        self.complete = False
+        """Whether the tables hold no row these copies lack (a rebuild's, until the first
+        overflow): a row not here then need not be looked for."""
 
     def clear(self) -> None:
         self.states.clear()
         self.attempts.clear()
+        self.complete = False
 
     def keep(self, batch: RowBatch) -> None:
         if len(self.states) + len(batch.states) > self.LIMIT:
             self.states.clear()
+            self.complete = False
         if batch.erased:  # copies of an erased instance's row under another user id are gone too
             for key, row in list(self.states.items()):
                 if row is not None and row["instance_id"] in batch.erased:

@@ -38,7 +38,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
 from flowstore import FlowStore
-from flowstore.adapters.kafka.envelope import FlowEventEnvelope, message_key
+from flowstore.adapters.kafka.envelope import message_bytes, message_key
 from flowstore.adapters.kafka.tracking import PublisherLock, PublisherTracking
 from flowstore.domain import DomainEvent
 from flowstore.errors import KafkaUnavailableError, PublisherLockError
@@ -337,7 +337,7 @@ class KafkaPublisher:
         self, events: Sequence[tuple[int, DomainEvent]], stop: threading.Event
     ) -> None:
         messages = [
-            (message_key(event), FlowEventEnvelope.of(notification_id, event).to_bytes())
+            (message_key(event), message_bytes(notification_id, event))
             for notification_id, event in events
         ]
         while True:
