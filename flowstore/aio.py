@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
     from flowstore.errors import FlowError
     from flowstore.follow import Follower, FollowHandler
-    from flowstore.projections.sql import Difference
+    from flowstore.projections.sql import Difference, SqlProjections
 
 __all__ = [
     "AsyncFlowStore",
@@ -559,6 +559,10 @@ class AsyncFlowStore:
     async def projection_position(self) -> int:
         """The last event the tables reflect (`FlowStore.projection_position`)."""
         return await self._run(self.store.projection_position)
+
+    async def read_model(self) -> SqlProjections:
+        """The read-model tables, once they reflect this process's writes (`FlowStore.read_model`)."""
+        return await self._run(self.store.read_model)
 
     async def read_events(self, start: int, limit: int = 1000) -> list[tuple[int, DomainEvent]]:
         """A page of the event log (`FlowStore.read_events`)."""

@@ -38,10 +38,7 @@ def json_object(text: str) -> dict[str, Any]:
         value = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        kind = _JSON_KINDS.get(type(value), "null")
-        raise argparse.ArgumentTypeError(f"must be a JSON object, not {kind}")
-    return value
+    return _mapping(value, "a JSON object")
 
 
 def json_file(path: str) -> dict[str, Any]:
@@ -64,9 +61,14 @@ def _yaml_object(text: str) -> dict[str, Any]:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise argparse.ArgumentTypeError(f"not valid YAML ({' '.join(str(exc).split())})") from None
+    return _mapping(value, "a YAML mapping")
+
+
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    """`value` if it is an object (JSON) or mapping (YAML); a usage error naming its kind otherwise."""
     if not isinstance(value, dict):
         kind = _JSON_KINDS.get(type(value), "null")
-        raise argparse.ArgumentTypeError(f"must be a YAML mapping, not {kind}")
+        raise argparse.ArgumentTypeError(f"must be {what}, not {kind}")
     return value
 
 

@@ -75,22 +75,19 @@ DefinitionBody = Annotated[
 # ISO 8601 with a zone, and nothing else: pydantic would also take a number as a Unix time,
 # which the spec (format date-time) does not allow.
 _MOMENT = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})$"
+
+
+def _moment_query(description: str) -> Any:
+    """A query parameter holding an ISO 8601 time with a zone."""
+    return Query(
+        description=description, pattern=_MOMENT, json_schema_extra={"format": "date-time"}
+    )
+
+
 Since = Annotated[
-    str | None,
-    Query(
-        description="Window start (ISO 8601 with a time zone), inclusive",
-        pattern=_MOMENT,
-        json_schema_extra={"format": "date-time"},
-    ),
+    str | None, _moment_query("Window start (ISO 8601 with a time zone), inclusive")
 ]
-Until = Annotated[
-    str | None,
-    Query(
-        description="Window end (ISO 8601 with a time zone), exclusive",
-        pattern=_MOMENT,
-        json_schema_extra={"format": "date-time"},
-    ),
-]
+Until = Annotated[str | None, _moment_query("Window end (ISO 8601 with a time zone), exclusive")]
 
 
 def moment(value: str | None, name: str) -> datetime | None:

@@ -321,3 +321,10 @@ def test_window_arguments_must_be_aware(store: FlowStore) -> None:
     with pytest.raises(InvalidArgumentError):
         store.get_flow_funnel(FLOW, until=datetime(2026, 1, 2))
     assert store.get_flow_funnel(FLOW, until=datetime(2026, 1, 2, tzinfo=UTC))
+
+
+def test_the_read_model_answers_with_this_process_s_writes(store: FlowStore) -> None:
+    # The console's window into the tables: no sync_projections() first, the call waits for them.
+    state = store.execute_transition("ann", FLOW, "start")
+    rows = store.read_model().user_flows("ann")
+    assert [(row["flow_id"], row["step"]) for row in rows] == [(FLOW, state.step)]
