@@ -210,7 +210,7 @@ def test_a_runner_whose_position_another_moved_folds_again(store_url: str) -> No
     # reading the position: the conditional move must catch the other runner's batches.
     with FlowStore(store_url, live_projections=False) as store:
         store.create_flow(ring_flow(FLOW))
-        mine = store._projections
+        mine = Internals(store).projections
         store.execute_transition("ann", FLOW, "tick")
         assert mine.catch_up(store.read_events) == store.log_position()
         other = SqlProjections(store.config)
@@ -236,7 +236,7 @@ def _dump(store: FlowStore) -> dict[str, list[str]]:
 
     dumped = {}
     with store.engine.connect() as conn:
-        for table in store._projections.tables.all:
+        for table in Internals(store).projections.tables.all:
             if conn.dialect.name == "postgresql":
                 query = f'SELECT row_to_json(t)::text FROM "{table.name}" t'
             else:  # quote() shows each value's storage class: 1 and 1.0 differ, as do 'x' and x
@@ -284,7 +284,7 @@ def test_the_row_writer_stores_what_sqlalchemy_stores(store_url: str) -> None:
         store.catch_up_projections(batch=5)
         live = _dump(store)
         assert sum(map(len, live.values())) > 30
-        store._projections._writer = cast(Any, _SqlAlchemyWriter())
+        Internals(store).projections._writer = cast(Any, _SqlAlchemyWriter())
         store.rebuild_projections()
         assert _dump(store) == live
         assert store.verify_projections() == []
@@ -301,19 +301,20 @@ def test_a_postgres_append_in_one_round_trip_commits_all_or_nothing(pg_server: A
         store.create_flow(ring_flow(FLOW))
         store.reset_flow("ann", FLOW)
         store.reset_flow("bob", FLOW)
-        recorder = store._log.app.recorder
+        internals = Internals(store)
+        recorder = internals.recorder
         assert isinstance(recorder, OneTripRecorder)
         stale = _tick_events(store, "ann")
         store.execute_transition("ann", FLOW, "tick")
         fresh = _tick_events(store, "bob")  # its insert alone would succeed
         before = store.log_position()
-        stored = [store._log.app.mapper.to_stored_event(e) for e in [*fresh, *stale]]
+        stored = internals.stored([*fresh, *stale])
         with pytest.raises(IntegrityError):
             recorder.insert_events(stored)
         assert store.log_position() == before  # bob's event went with the conflicting one
         with recorder.datastore.get_connection() as conn:  # returned to the pool clean
             assert conn.info.transaction_status is psycopg.pq.TransactionStatus.IDLE
-        ids = recorder.insert_events([store._log.app.mapper.to_stored_event(e) for e in fresh])
+        ids = recorder.insert_events(internals.stored(fresh))
         assert ids is not None
         assert list(ids) == [store.log_position()]
         state = store.execute_transition("ann", FLOW, "tick")
