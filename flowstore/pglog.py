@@ -12,18 +12,21 @@ class as the application recorder of PostgreSQL stores.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import retry
+from psycopg.sql import SQL, Composable, Identifier
 
 __all__ = ["OneTripRecorder"]
 
 
 class OneTripRecorder(PostgresApplicationRecorder):
     """eventsourcing's PostgreSQL application recorder, appending in one round trip."""
+
+    _rendered: tuple[bytes, bytes, bytes, bytes] | None = None
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def insert_events(
@@ -37,6 +40,7 @@ class OneTripRecorder(PostgresApplicationRecorder):
         if self.datastore.enable_db_functions or not stored_events:
             ids: Sequence[int] | None = super().insert_events(stored_events, **kwargs)
             return ids
+
         rows = [
             self.construct_pg_stored_event(e.originator_id, e.originator_version, e.topic, e.state)
             for e in stored_events
@@ -44,13 +48,15 @@ class OneTripRecorder(PostgresApplicationRecorder):
         failed: psycopg.Error | None = None
         ids = []
         with self.datastore.get_connection() as conn:
+            lock_timeout, lock, notify, insert_sql = self._statements(conn)
             with conn.pipeline() as pipeline, conn.cursor() as control, conn.cursor() as insert:
                 try:
-                    control.execute("BEGIN")
-                    self._lock_table(control)
-                    self._notify_channel(control)
-                    insert.execute(self.insert_events_statement, (rows,), prepare=True)
-                    control.execute("COMMIT")
+                    control.execute(b"BEGIN")
+                    control.execute(lock_timeout, prepare=True)
+                    control.execute(lock, prepare=True)
+                    control.execute(notify)
+                    insert.execute(insert_sql, (rows,), prepare=True)
+                    control.execute(b"COMMIT")
                     pipeline.sync()
                     ids = [row["notification_id"] for row in insert.fetchall()]
                 except psycopg.Error as exc:
@@ -60,3 +66,15 @@ class OneTripRecorder(PostgresApplicationRecorder):
                     conn.execute("ROLLBACK")
                 raise failed  # get_connection turns it into eventsourcing's error
         return ids
+
+    def _statements(self, conn: psycopg.Connection[Any]) -> tuple[bytes, bytes, bytes, bytes]:
+        """The append's statements as bytes, rendered once (psycopg composes eventsourcing's
+        `sql.Composed` statements again on every execute: a quarter of an append's CPU)."""
+        if self._rendered is None:
+            lock_timeout, lock = (
+                cast(Composable, s).as_bytes(conn) for s in self.lock_table_statements
+            )
+            notify = SQL("NOTIFY {0}").format(Identifier(self.channel_name)).as_bytes(conn)
+            insert = cast(Composable, self.insert_events_statement).as_bytes(conn)
+            self._rendered = (lock_timeout, lock, notify, insert)
+        return self._rendered
