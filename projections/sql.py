@@ -441,8 +441,7 @@ class SqlProjections(Queries, Verification):
             for table in t.all:
                 if "instance_id" in table.c:
                     conn.execute(delete(table).where(table.c.instance_id.in_(erased)))
-        for table, how, rows in batch.rows(t):
-            self._writer.write(conn, table, how, rows)
+        self._writer.write_all(conn, list(batch.rows(t)))
         for name, bounds in batch.forget_before.items():
             table = getattr(t, name)
             flow, second = (table.c[k] for k in columns_of(table)[0])

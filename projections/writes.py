@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Table,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeEngine
 
 from flowstore.projections.batch import INSERT, SUM, columns_of
@@ -45,14 +46,41 @@ class RowWriter:
         self._quote = dialect.identifier_preparer.quote
         self._marker = "%s" if self._postgres else "?"
         self._statements: dict[tuple[str, str], str] = {}
+        self._set_statements: dict[tuple[str, str], str] = {}
         self._processors: dict[str, _Processors] = {}
+
+    def write_all(
+        self, conn: Connection, writes: Sequence[tuple[Table, str, Sequence[dict[str, Any]]]]
+    ) -> None:
+        """Write a batch's rows, table by table: `(table, how, rows)` as `write` takes them.
+
+        PostgreSQL: every table's rows in one statement each, all the statements in one pipeline
+        (one round trip for the batch), except inserts of many rows, which go by COPY.
+        """
+        if not self._postgres:
+            for table, how, rows in writes:
+                self.write(conn, table, how, rows)
+            return
+        import psycopg  # PostgreSQL only: SQLite installs go without the driver
+
+        driver: Any = conn.connection.driver_connection
+        try:
+            with driver.pipeline(), driver.cursor() as cursor:
+                for table, how, rows in writes:
+                    if how != INSERT or len(rows) <= _COPY_FROM:
+                        cursor.execute(*self._set_execution(table, how, rows), prepare=True)
+        except psycopg.Error as exc:  # as SQLAlchemy raises it (storage_errors knows those)
+            raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+        for table, how, rows in writes:
+            if how == INSERT and len(rows) > _COPY_FROM:
+                self._copy(conn, table, self._values(table, rows))
 
     def write(
         self, conn: Connection, table: Table, how: str, rows: Sequence[dict[str, Any]]
     ) -> None:
         """Write `rows` (dicts holding every column of `table`) the way `how` says."""
-        if self._postgres and how != INSERT:
-            self._upsert_set(conn, table, how, rows)
+        if self._postgres and (how != INSERT or len(rows) <= _COPY_FROM):
+            conn.exec_driver_sql(*self._set_execution(table, how, rows))
             return
         values = self._values(table, rows)
         if how == INSERT and self._postgres:
@@ -60,10 +88,10 @@ class RowWriter:
         else:
             conn.exec_driver_sql(self._statement(table, how), values)
 
-    def _upsert_set(
-        self, conn: Connection, table: Table, how: str, rows: Sequence[dict[str, Any]]
-    ) -> None:
-        """PostgreSQL's upserts: every row in one statement that reads them from one JSON array.
+    def _set_execution(
+        self, table: Table, how: str, rows: Sequence[dict[str, Any]]
+    ) -> tuple[str, tuple[str]]:
+        """PostgreSQL: every row in one statement that reads them from one JSON array.
 
         `executemany` would have the server parse and run one INSERT per row; this statement's
         text is the same for any number of rows (prepared once), and the rows go as one orjson
@@ -72,11 +100,11 @@ class RowWriter:
         summed deltas such as 1.0), floats in their shortest exact form, timestamps with their
         offset. Rows must have distinct keys (PostgreSQL changes a row once per statement).
         """
-        if (table.name, how) not in self._statements:
-            self._statements[(table.name, how)] = self._set_statement(table, how)
+        if (table.name, how) not in self._set_statements:
+            self._set_statements[(table.name, how)] = self._set_statement(table, how)
         # Column names from SQLAlchemy are `quoted_name`s, a str subclass orjson must be let take.
         document = orjson.dumps(rows, option=orjson.OPT_NON_STR_KEYS).decode()
-        conn.exec_driver_sql(self._statements[(table.name, how)], (document,))
+        return self._set_statements[(table.name, how)], (document,)
 
     def _set_statement(self, table: Table, how: str) -> str:
         q = self._quote
@@ -84,6 +112,13 @@ class RowWriter:
         columns = [q(c.name) for c in table.columns]
         forms = [_json_form(c, self._dialect) for c in table.columns]
         record = ", ".join(f"{c} {kind}" for c, (kind, _) in zip(columns, forms, strict=True))
+        sql = (
+            f"INSERT INTO {name} ({', '.join(columns)}) "
+            f"SELECT {', '.join(read for _, read in forms)} "
+            f"FROM json_to_recordset(%s::json) AS r({record})"
+        )
+        if how == INSERT:
+            return sql
         keys, others = columns_of(table)
         sets = ", ".join(
             f"{q(c)} = {name}.{q(c)} + excluded.{q(c)}"
@@ -91,12 +126,7 @@ class RowWriter:
             else f"{q(c)} = excluded.{q(c)}"
             for c in others
         )
-        return (
-            f"INSERT INTO {name} ({', '.join(columns)}) "
-            f"SELECT {', '.join(read for _, read in forms)} "
-            f"FROM json_to_recordset(%s::json) AS r({record}) "
-            f"ON CONFLICT ({', '.join(q(k) for k in keys)}) DO UPDATE SET {sets}"
-        )
+        return f"{sql} ON CONFLICT ({', '.join(q(k) for k in keys)}) DO UPDATE SET {sets}"
 
     def _copy(self, conn: Connection, table: Table, values: list[Any]) -> None:
         # COPY: the fastest way into PostgreSQL, and transactional like an INSERT.
@@ -165,6 +195,10 @@ def _json_form(column: Column[Any], dialect: Dialect) -> tuple[str, str]:
         return kind.compile(dialect=dialect), read
     raise TypeError(f"no JSON form for column {column} of type {kind}")
 
+
+_COPY_FROM = 1000
+"""PostgreSQL: inserts of more rows than this go by COPY (a rebuild's pages); fewer (the live
+path's batches) by one statement in the batch's pipeline, which COPY cannot join."""
 
 _PROBE = datetime(1987, 6, 5, 4, 3, 2, 1, tzinfo=UTC)
 

@@ -15,6 +15,7 @@ from flowstore import FlowStore, HistoryKind
 from flowstore.commands import definition_of
 from flowstore.decisions import execute_transition
 from flowstore.domain import FlowInstance, instance_id
+from flowstore.projections import writes
 from flowstore.projections.batch import INSERT, SUM, columns_of
 from flowstore.projections.sql import SqlProjections
 from flowstore.testing import Internals, ring_flow
@@ -250,6 +251,10 @@ def _dump(store: FlowStore) -> dict[str, list[str]]:
 class _SqlAlchemyWriter:
     """The reference: rows written by SQLAlchemy statements, one parameter set per row."""
 
+    def write_all(self, conn: Any, writes: list[tuple[Any, str, list[dict[str, Any]]]]) -> None:
+        for table, how, rows in writes:
+            self.write(conn, table, how, rows)
+
     def write(self, conn: Any, table: Any, how: str, rows: list[dict[str, Any]]) -> None:
         if how == INSERT:
             conn.execute(table.insert(), rows)
@@ -262,9 +267,16 @@ class _SqlAlchemyWriter:
         conn.execute(insert.on_conflict_do_update(index_elements=keys, set_=sets), rows)
 
 
-def test_the_row_writer_stores_what_sqlalchemy_stores(store_url: str) -> None:
-    # The projector's writer (executemany, COPY, PostgreSQL's one-statement upserts); the same
-    # events written through SQLAlchemy statements (a rebuild with them) give the very same rows.
+@pytest.mark.parametrize("copy_from", [1000, 0], ids=["statements", "copy"])
+def test_the_row_writer_stores_what_sqlalchemy_stores(
+    store_url: str, copy_from: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The projector's writer (executemany on SQLite; on PostgreSQL one statement per table in
+    # one pipeline, or COPY for many inserted rows); the same events written through SQLAlchemy
+    # statements (a rebuild with them) give the very same rows.
+    if copy_from == 0 and store_url.startswith("sqlite"):
+        pytest.skip("SQLite has no COPY")
+    monkeypatch.setattr(writes, "_COPY_FROM", copy_from)
     with FlowStore(store_url, live_projections=False) as store:
         store.create_flow(ring_flow(FLOW))
         store.execute_transitions(
@@ -321,3 +333,32 @@ def test_a_postgres_append_in_one_round_trip_commits_all_or_nothing(pg_server: A
         assert state.version == stale[0].originator_version + 1
         store.sync_projections()
         assert store.verify_projections() == []
+
+
+def test_a_failing_statement_of_a_pipelined_batch_raises_as_sqlalchemy_does(
+    store_url: str,
+) -> None:
+    # PostgreSQL runs a batch's statements in one pipeline, on the driver: its errors must still
+    # reach the projector (and `storage_errors`) as SQLAlchemy's, and the batch write nothing.
+    from sqlalchemy import exc, func, select
+
+    from flowstore.projections.writes import RowWriter
+
+    with FlowStore(store_url, live_projections=False) as store:
+        store.create_flow(ring_flow(FLOW))
+        store.execute_transition("ann", FLOW, "tick")
+        store.catch_up_projections()
+        tables = Internals(store).projections.tables
+        started = select(func.sum(tables.counters.c.started))
+        with store.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(select(tables.history))]
+            before = conn.execute(started).scalar()
+        assert rows
+        writer = RowWriter(store.engine.dialect)
+        counters = [{c.name: 0 for c in tables.counters.columns} | {"flow_id": FLOW, "started": 5}]
+        with pytest.raises(exc.IntegrityError), store.engine.begin() as conn:
+            writer.write_all(
+                conn, [(tables.counters, SUM, counters), (tables.history, INSERT, rows)]
+            )
+        with store.engine.connect() as conn:  # rolled back: the counters were not added to
+            assert conn.execute(started).scalar() == before
