@@ -33,21 +33,13 @@ import threading
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from flowstore.storage import StorageConfig
+from flowstore.storage import StorageConfig, connect_dedicated
 
-__all__ = ["KEEPALIVES", "LeaderLock", "advisory_key", "run_elected"]
+__all__ = ["LeaderLock", "advisory_key", "run_elected"]
 
 log = logging.getLogger(__name__)
-
-KEEPALIVES: dict[str, Any] = {
-    "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 2,
-    "keepalives_count": 3,
-}
-"""libpq settings for a lock's connection: a silent peer is declared dead after about 11 s."""
 
 
 def advisory_key(name: str) -> int:
@@ -144,22 +136,8 @@ class LeaderLock:
         return True
 
     def _connect(self) -> object:
-        import psycopg
-
-        env = self.config.env
-        # Not the store's pool: the lock lives exactly as long as this one connection, and a
-        # pooled connection could be recycled (pre-ping, overflow) under the lock's feet.
-        return psycopg.connect(
-            host=env.get("POSTGRES_HOST"),
-            port=env.get("POSTGRES_PORT"),
-            dbname=env.get("POSTGRES_DBNAME"),
-            user=env.get("POSTGRES_USER"),
-            password=env.get("POSTGRES_PASSWORD"),
-            connect_timeout=int(env.get("POSTGRES_CONNECT_TIMEOUT") or 2),
-            autocommit=True,  # a session lock must outlive every transaction on the connection
-            application_name=f"flowstore leader {self.name}"[:63],
-            **KEEPALIVES,
-        )
+        # Not the store's pool: the lock lives exactly as long as this one connection.
+        return connect_dedicated(self.config, f"flowstore leader {self.name}")
 
     def _try_advisory(self) -> bool:
         import psycopg
