@@ -117,8 +117,12 @@ class RowWriter:
             f"SELECT {', '.join(read for _, read in forms)} "
             f"FROM json_to_recordset(%s::json) AS r({record})"
         )
-        if how == INSERT:
-            return sql
+        return sql if how == INSERT else sql + self._on_conflict(table, how)
+
+    def _on_conflict(self, table: Table, how: str) -> str:
+        """The upsert's clause: the row at the key replaced by the new one, or added to (SUM)."""
+        q = self._quote
+        name = q(table.name)
         keys, others = columns_of(table)
         sets = ", ".join(
             f"{q(c)} = {name}.{q(c)} + excluded.{q(c)}"
@@ -126,7 +130,7 @@ class RowWriter:
             else f"{q(c)} = excluded.{q(c)}"
             for c in others
         )
-        return f"{sql} ON CONFLICT ({', '.join(q(k) for k in keys)}) DO UPDATE SET {sets}"
+        return f" ON CONFLICT ({', '.join(q(k) for k in keys)}) DO UPDATE SET {sets}"
 
     def _copy(self, conn: Connection, table: Table, values: list[Any]) -> None:
         # COPY: the fastest way into PostgreSQL, and transactional like an INSERT.
@@ -169,14 +173,7 @@ class RowWriter:
                 f"VALUES ({', '.join([self._marker] * len(columns))})"
             )
             if how != INSERT:
-                keys, others = columns_of(table)
-                sets = ", ".join(
-                    f"{q(c)} = {name}.{q(c)} + excluded.{q(c)}"
-                    if how == SUM
-                    else f"{q(c)} = excluded.{q(c)}"
-                    for c in others
-                )
-                sql += f" ON CONFLICT ({', '.join(q(k) for k in keys)}) DO UPDATE SET {sets}"
+                sql += self._on_conflict(table, how)
             self._statements[(table.name, how)] = sql
         return self._statements[(table.name, how)]
 
