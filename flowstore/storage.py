@@ -198,13 +198,14 @@ KEEPALIVES: dict[str, Any] = {
 """libpq settings for a dedicated connection: a silent peer is declared dead after about 11 s."""
 
 
-def connect_dedicated(config: StorageConfig, application_name: str) -> Any:
+def connect_dedicated(config: StorageConfig, application_name: str, **settings: Any) -> Any:
     """A psycopg connection of its own to the store's PostgreSQL: autocommit, TCP keepalives.
 
     For what must live exactly as long as one connection (a session advisory lock, a LISTEN):
     autocommit so that it outlives every transaction on it, keepalives so that the server notices
     within seconds when this side goes silent, and outside the engine's pool, which could recycle
-    the connection (pre-ping, overflow) under its holder's feet.
+    the connection (pre-ping, overflow) under its holder's feet. `settings` (libpq parameters)
+    override the keepalives (a leader's lease scales them, `flowstore.leader`).
     """
     import psycopg
 
@@ -218,7 +219,7 @@ def connect_dedicated(config: StorageConfig, application_name: str) -> Any:
         connect_timeout=int(env.get("POSTGRES_CONNECT_TIMEOUT") or _CONNECT_TIMEOUT),
         autocommit=True,
         application_name=application_name[:63],  # PostgreSQL's limit (NAMEDATALEN - 1)
-        **KEEPALIVES,
+        **{**KEEPALIVES, **settings},
     )
 
 

@@ -258,7 +258,13 @@ class SqlProjections(Queries, Verification):
         ):
             yield conn, self._position(conn, lock=True)
 
-    def catch_up(self, read: EventPage, *, page: int = _PAGE) -> int:
+    def catch_up(
+        self,
+        read: EventPage,
+        *,
+        page: int = _PAGE,
+        projected: Callable[[int, int, int, int], None] | None = None,
+    ) -> int:
         """Apply every event after the tracking position; return the new position.
 
         Reading, decoding and folding a batch happen outside any write transaction (and outside
@@ -268,9 +274,11 @@ class SqlProjections(Queries, Verification):
         meanwhile, nothing is written, the fold is discarded and done again, so every event
         still counts exactly once. After a batch of its own, this process starts the next from
         where it left the tables without reading the position first: the conditional move
-        catches any other writer.
+        catches any other writer. `projected(first, last, count, began_ns)` hears each committed
+        batch (the store's observers: metrics, tracing).
         """
         while True:
+            began = time.time_ns()
             with self._lock:
                 position = self._owned_position
                 if position is None:
@@ -297,6 +305,8 @@ class SqlProjections(Queries, Verification):
                     continue  # moved by another process (or the layout changed): read it again
                 self._rows.keep(batch)
                 self._owned_position = new
+            if projected is not None:
+                projected(events[0][0], new, len(events), began)
             if len(events) < page:  # the log's end: no need for another transaction to find it
                 return new
 

@@ -316,6 +316,8 @@ class KafkaPublisher:
                     state="caught up", position=position, log_position=self.store.log_position()
                 )
                 return total
+            if not self.lock.check():  # lost while reading (a partition): send nothing
+                raise PublisherLockError(f"the publisher lock for {self.topic!r} is not held")
             began = time.perf_counter()
             upcoming: list[_Page] = []
             # While the broker acknowledges this page, the next one is read and encoded: it moves
