@@ -322,3 +322,32 @@ def test_cli_verify_exits_non_zero_on_differences(tmp_path: Path) -> None:
     assert bad.returncode == 8
     assert "user_id='ann'" in bad.stdout
     assert "wrong version" in bad.stdout
+
+
+def test_a_rebuild_leaves_the_garbage_collector_as_it_found_it(
+    store_url: str, tables: SqlProjections
+) -> None:
+    """Pages are folded with the cyclic collector paused (reference counting frees them); it is
+    on again afterwards, and stays off for an application that turned it off, even on failure."""
+    import gc
+
+    with FlowStore(store_url) as store:
+        store.create_flow(onboarding())
+        store.execute_transition("u1", FLOW, "start")
+        assert gc.isenabled()
+        store.rebuild_projections()
+        assert gc.isenabled()
+
+        def failing(start: int, limit: int) -> Any:
+            raise RuntimeError("the log went away")
+
+        with pytest.raises(RuntimeError):
+            tables.rebuild(failing)
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            store.rebuild_projections()
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+        assert store.verify_projections() == []
