@@ -125,8 +125,11 @@ class NaiveApp(Application[UUID]):
 
 
 def naive_env(url: str) -> dict[str, str]:
-    """The same persistence settings flowstore uses for this URL."""
-    return {**parse_url(url).env, "AGGREGATE_CACHE_MAXSIZE": "10000"}
+    """The same persistence settings flowstore uses for this URL, with eventsourcing's own
+    recorder (flowstore's PostgreSQL recorder is part of what is measured against it)."""
+    env = {**parse_url(url).env, "AGGREGATE_CACHE_MAXSIZE": "10000"}
+    env.pop("APPLICATION_RECORDER_TOPIC", None)
+    return env
 
 
 def _naive_transitions(url: str, users: list[str], ops: int) -> tuple[float, float]:

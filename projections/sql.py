@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from datetime import datetime
 from typing import Any, cast
 
@@ -121,6 +121,11 @@ class SqlProjections(Queries, Verification):
         self._read_position = select(TRACKING.c.position).where(mine)
         self._locking_position = self._read_position.with_for_update()
         self._move_position = update(TRACKING).where(mine).values(position=bindparam("position"))
+        self._move_from = (
+            update(TRACKING)
+            .where(mine, TRACKING.c.position == bindparam("old"))
+            .values(position=bindparam("new"))
+        )
         self.create()
 
     def close(self) -> None:
@@ -265,38 +270,62 @@ class SqlProjections(Queries, Verification):
 
         Reading, decoding and folding a batch happen outside any write transaction (and outside
         the write lock): only writing the rows and moving the tracking row do. The write
-        transaction checks that the tracking position is still the one the batch was folded
-        from; if another catch-up moved it meanwhile, the fold is discarded and done again, so
-        every event still counts exactly once. `projected(first, last, count, began_ns)` hears each
-        committed batch (the store's observers: metrics, tracing).
+        transaction moves the tracking row only from the position the batch was folded from
+        (one conditional UPDATE, which also locks the row); if another catch-up moved it
+        meanwhile, nothing is written, the fold is discarded and done again, so every event
+        still counts exactly once. After a batch of its own, this process starts the next from
+        where it left the tables without reading the position first: the conditional move
+        catches any other writer. `projected(first, last, count, began_ns)` hears each committed
+        batch (the store's observers: metrics, tracing).
         """
         while True:
             began = time.time_ns()
             with self._lock:
-                with self._read() as conn:
-                    position = self._position(conn, lock=False)
+                position = self._owned_position
+                if position is None:
+                    with self._read() as conn:
+                        position = self._position(conn, lock=False)
+                    # Someone else may have moved the tables since our last batch: our copies
+                    # of their rows may be stale.
+                    self._rows.clear()
                 events = read(position + 1, page)
                 if not events:
+                    if self._owned_position is not None:
+                        return self.position()  # exact, even if another process moved further
                     return position
-                if position != self._owned_position:
-                    # Someone else moved the tables since our last batch: our copies may be stale.
-                    self._rows.clear()
-                with self._read() as conn:
+                with _LazyRead(self._read) as conn:
                     batch = self._fold(conn, self.tables, events, cache=self._rows)
-                with self._locked() as (conn, now):
-                    if now != position:
-                        self._owned_position = None  # moved by another process: fold again
-                        continue
-                    self._owned_position = None  # until this transaction commits
-                    self._write(conn, self.tables, batch)
-                    self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
-                    self._set_position(conn, events[-1][0])
+                new = events[-1][0]
+                self._owned_position = None  # until the write transaction commits
+                with self._writing() as conn:
+                    moved = self._move(conn, position, new)
+                    if moved:
+                        self._write(conn, self.tables, batch)
+                        self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
+                if not moved:
+                    continue  # moved by another process (or the layout changed): read it again
                 self._rows.keep(batch)
-                self._owned_position = events[-1][0]
+                self._owned_position = new
             if projected is not None:
-                projected(events[0][0], events[-1][0], len(events), began)
+                projected(events[0][0], new, len(events), began)
             if len(events) < page:  # the log's end: no need for another transaction to find it
-                return events[-1][0]
+                return new
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A write transaction on the tables (this process's writers wait for the write lock)."""
+        with (
+            storage_errors(self._env, "writing the projection tables"),
+            self._lock,
+            self._write_lock,
+            self.engine.begin() as conn,
+        ):
+            yield conn
+
+    def _move(self, conn: Connection, old: int, new: int) -> bool:
+        """Move the tracking row from `old` to `new` (locking it); False if it was not at `old`."""
+        self._check_layout(conn)
+        return bool(conn.execute(self._move_from, {"old": old, "new": new}).rowcount == 1)
 
     def _set_position(self, conn: Connection, position: int) -> None:
         conn.execute(self._move_position, {"position": position})
@@ -315,7 +344,7 @@ class SqlProjections(Queries, Verification):
 
     def _fold(
         self,
-        conn: Connection,
+        conn: Connection | _LazyRead,
         tables: ProjectionTables,
         events: Sequence[tuple[int, DomainEvent]],
         cache: _RowCache | None = None,
@@ -423,8 +452,7 @@ class SqlProjections(Queries, Verification):
             for table in t.all:
                 if "instance_id" in table.c:
                     conn.execute(delete(table).where(table.c.instance_id.in_(erased)))
-        for table, how, rows in batch.rows(t):
-            self._writer.write(conn, table, how, rows)
+        self._writer.write_all(conn, list(batch.rows(t)))
         for name, bounds in batch.forget_before.items():
             table = getattr(t, name)
             flow, second = (table.c[k] for k in columns_of(table)[0])
@@ -644,6 +672,27 @@ def _reference_counting_only() -> Iterator[None]:
 
 # pg_advisory_lock's key for rebuilds: any bigint the application uses for nothing else.
 _REBUILD_LOCK_KEY = 0x666C6F77_72656231  # "flowreb1"
+
+
+class _LazyRead:
+    """A read connection opened on first use (a fold whose rows are all cached needs none)."""
+
+    def __init__(self, connect: Callable[[], AbstractContextManager[Connection]]) -> None:
+        self._connect = connect
+        self._held = ExitStack()
+        self._conn: Connection | None = None
+
+    def __enter__(self) -> _LazyRead:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._held.__exit__(*exc)  # the read's own handling (storage errors) sees the exception
+
+    def execute(self, statement: Any, parameters: Any = None) -> Any:
+        """`Connection.execute` on the connection, opening it first if needed."""
+        if self._conn is None:
+            self._conn = self._held.enter_context(self._connect())
+        return self._conn.execute(statement, parameters)
 
 
 class _RowCache:
