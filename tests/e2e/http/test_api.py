@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -507,6 +507,9 @@ class _UnreachableStore:
 
     def log_position(self) -> int:
         raise ConnectionRefusedError("database is down")
+
+    def add_observer(self, observer: object) -> Callable[[], None]:
+        return lambda: None  # the app's metrics observe the store's commands
 
 
 def test_readyz_is_503_when_the_database_is_unreachable() -> None:
