@@ -15,11 +15,14 @@ from typing import Any
 
 from flowstore.domain import DomainEvent, InstanceEvent, TransitionExecuted, TransitionRejected
 from flowstore.projections.ops import (
+    ACTIVITY_COLUMNS,
     AddActivity,
     AddCounters,
     AddHistory,
+    AddResponseTime,
     AddStepCounters,
     AddThroughput,
+    AddTransition,
     EraseInstance,
     PutSample,
     PutState,
@@ -63,10 +66,14 @@ class RowBatch:
         """(flow_id, slot) -> (elapsed_ms, second)"""
         self.throughput: Counter[tuple[str, int]] = Counter()
         self.forget_before: dict[str, int] = {}
-        self.activity: defaultdict[tuple[str, int, str], defaultdict[str, float]] = defaultdict(
-            lambda: defaultdict(float)
+        self.activity: defaultdict[tuple[str, int, int, str], defaultdict[str, float]] = (
+            defaultdict(lambda: defaultdict(float))
         )
-        """(flow_id, minute, step) -> counts"""
+        """(flow_id, span, start, step) -> counts"""
+        self.response_times: Counter[tuple[str, int, int, int]] = Counter()
+        """(flow_id, span, start, bin) -> attempts"""
+        self.transitions: Counter[tuple[str, str, str]] = Counter()
+        """(flow_id, from_step, transition) -> taken"""
         self._attempts: dict[str, int] = {}
         self.events = 0
 
@@ -113,10 +120,14 @@ class RowBatch:
                         steps[name] += delta
                 case PutSample(flow_id, slot, elapsed_ms, second):
                     self.samples[(flow_id, slot)] = (elapsed_ms, second)
-                case AddActivity(flow_id, minute, step, deltas):
-                    counts = self.activity[(flow_id, minute, step)]
+                case AddActivity(flow_id, span, start, step, deltas):
+                    counts = self.activity[(flow_id, span, start, step)]
                     for name, delta in deltas.items():
                         counts[name] += delta
+                case AddResponseTime(flow_id, span, start, index):
+                    self.response_times[(flow_id, span, start, index)] += 1
+                case AddTransition(flow_id, from_step, transition):
+                    self.transitions[(flow_id, from_step, transition)] += 1
                 case AddThroughput(flow_id, second, forget_before):
                     self.throughput[(flow_id, second)] += 1
                     self.forget_before[flow_id] = max(
@@ -134,6 +145,33 @@ class RowBatch:
         for key in [k for k in self.throughput if k[1] < self.forget_before.get(k[0], k[1])]:
             del self.throughput[key]
 
+    def activity_rows(self) -> list[dict[str, Any]]:
+        """The `flow_activity` rows of the batch (counts to add, or the whole table's in a replay)."""
+        return [
+            {
+                "flow_id": f,
+                "span": span,
+                "start": start,
+                "step": s,
+                **{c: d.get(c, 0) for c in ACTIVITY_COLUMNS},
+            }
+            for (f, span, start, s), d in self.activity.items()
+        ]
+
+    def response_time_rows(self) -> list[dict[str, Any]]:
+        """The `flow_response_times` rows of the batch."""
+        return [
+            {"flow_id": f, "span": span, "start": start, "bin": b, "attempts": n}
+            for (f, span, start, b), n in self.response_times.items()
+        ]
+
+    def transition_rows(self) -> list[dict[str, Any]]:
+        """The `flow_transitions` rows of the batch."""
+        return [
+            {"flow_id": f, "from_step": s, "transition": t, "taken": n}
+            for (f, s, t), n in self.transitions.items()
+        ]
+
     @property
     def attempts(self) -> dict[str, int]:
         """Each flow's attempt count after this batch (for the flows it touched)."""
@@ -150,4 +188,6 @@ class RowBatch:
             or self.steps
             or self.samples
             or self.activity
+            or self.response_times
+            or self.transitions
         )

@@ -7,8 +7,9 @@ built). The live path, a rebuild and verify all apply these same operations, so 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from flowstore.domain import (
@@ -32,18 +33,24 @@ from flowstore.models import FlowStatus
 
 __all__ = [
     "ACTIVITY_COLUMNS",
+    "ACTIVITY_SPANS",
+    "RESPONSE_BINS_PER_OCTAVE",
     "SAMPLE_SLOTS",
     "THROUGHPUT_RETENTION_SECONDS",
     "AddActivity",
     "AddCounters",
     "AddHistory",
+    "AddResponseTime",
     "AddStepCounters",
     "AddThroughput",
+    "AddTransition",
     "EraseInstance",
     "Op",
     "PutSample",
     "PutState",
+    "bin_value",
     "changes",
+    "response_bin",
 ]
 
 ACTIVITY_COLUMNS = (
@@ -57,8 +64,38 @@ ACTIVITY_COLUMNS = (
     "entered",
     "moved_on",
     "dropped",
+    "completions",
 )
-"""What `flow_activity` counts per flow, minute and step (`flowstore.projections.tables`)."""
+"""What `flow_activity` counts per flow, time bucket and step (`flowstore.projections.tables`).
+
+`completed` (and its duration) counts runs in the bucket they *started* in, so that a window's
+completion rate is over its own runs; `completions` counts them in the bucket they completed in
+(the console's activity charts)."""
+
+ACTIVITY_SPANS = (60, 3600)
+"""The bucket sizes `flow_activity` and `flow_response_times` keep, in seconds: every count is
+added to its minute and to its hour, so a long window reads hours (a day is 24 of them) and only
+its ragged ends read minutes."""
+
+RESPONSE_BINS_PER_OCTAVE = 8
+"""Response-time histogram resolution: bin `b` holds [2^(b/8), 2^((b+1)/8)) ms, so the value a
+percentile reports (the bin's geometric middle) is within 2^(1/16) - 1 = 4.4% of the exact one."""
+_LOWEST_BIN = -10 * RESPONSE_BINS_PER_OCTAVE  # 2^-10 ms, about a microsecond (and 0 ms)
+_HIGHEST_BIN = 22 * RESPONSE_BINS_PER_OCTAVE  # 2^22 ms, about 70 minutes (and anything longer)
+
+
+def response_bin(elapsed_ms: float) -> int:
+    """The histogram bin of a response time (clamped to about 1 microsecond .. 70 minutes)."""
+    if not elapsed_ms > 0:  # 0, negative or NaN: the lowest bin
+        return _LOWEST_BIN
+    found = math.floor(math.log2(elapsed_ms) * RESPONSE_BINS_PER_OCTAVE)
+    return max(_LOWEST_BIN, min(_HIGHEST_BIN, found))
+
+
+def bin_value(index: int) -> float:
+    """What a histogram bin reports: its geometric middle, in ms."""
+    return float(2 ** ((index + 0.5) / RESPONSE_BINS_PER_OCTAVE))
+
 
 SAMPLE_SLOTS = 1000
 """Response-time samples kept per flow (the p95 is over the most recent ones)."""
@@ -119,12 +156,34 @@ class AddThroughput:
 
 @dataclass(frozen=True)
 class AddActivity:
-    """Add to one flow's counts in one minute of event time (step "" for the flow's own counts)."""
+    """Add to one flow's counts in one time bucket (step "" for the flow's own counts)."""
 
     flow_id: str
-    minute: int
+    span: int
+    """The bucket's size in seconds (one of `ACTIVITY_SPANS`)."""
+    start: int
+    """The bucket's first second (epoch seconds, a multiple of `span`)."""
     step: str
     deltas: dict[str, float]
+
+
+@dataclass(frozen=True)
+class AddResponseTime:
+    """Count one attempt's response time in its histogram bin of one time bucket."""
+
+    flow_id: str
+    span: int
+    start: int
+    bin: int
+
+
+@dataclass(frozen=True)
+class AddTransition:
+    """Count one accepted transition, by the step it left and its name (the diagram's labels)."""
+
+    flow_id: str
+    from_step: str
+    transition: str
 
 
 @dataclass(frozen=True)
@@ -147,6 +206,8 @@ Op = (
     | PutSample
     | AddThroughput
     | AddActivity
+    | AddResponseTime
+    | AddTransition
 )
 
 
@@ -178,10 +239,22 @@ _NEW_ROW: dict[str, Any] = {
     "previous": None,
     "entity_id": None,
     "message": None,
+    "entered_at": None,
 }
 
 
-def _history_row(event: DomainEvent) -> AddHistory | None:
+def _stay_ms(event: InstanceEvent, previous: dict[str, Any] | None) -> float | None:
+    """For a transition taken: how long the run stayed on the step it leaves, in whole ms (since
+    the accepted command that brought it there; None when the row does not say)."""
+    if not isinstance(event, TransitionExecuted) or previous is None:
+        return None
+    entered = previous.get("entered_at")
+    if entered is None or previous.get("step") != event.from_step:
+        return None
+    return float(max(0, round((event.timestamp - entered) / timedelta(milliseconds=1))))
+
+
+def _history_row(event: DomainEvent, previous: dict[str, Any] | None) -> AddHistory | None:
     entry = history_entry(event)
     if entry is None:
         return None
@@ -205,6 +278,7 @@ def _history_row(event: DomainEvent) -> AddHistory | None:
             "meta": data["metadata"],
             "ok": data["ok"],
             "message": data["message"],
+            "stay_ms": _stay_ms(event, previous),
         }
     )
 
@@ -220,38 +294,41 @@ def _attempt(event: TransitionExecuted | TransitionRejected, attempts: int) -> l
     second = int(event.timestamp.timestamp())
     # Whole hours are forgotten at once, so the bound (and the delete behind it) moves rarely.
     hour = THROUGHPUT_RETENTION_SECONDS
+    timed = response_bin(event.elapsed_ms)
     return [
         PutSample(event.flow_id, attempts % SAMPLE_SLOTS, event.elapsed_ms, second),
         AddThroughput(event.flow_id, second, (second // hour - 1) * hour),
+        *(AddResponseTime(event.flow_id, s, second - second % s, timed) for s in ACTIVITY_SPANS),
     ]
 
 
 _RUN_COUNTS = frozenset({"completed", "completed_duration_ms"})
-"""Counted in the minute the run started, so a window's completion rate is over its own runs."""
-
-
-def _minute(moment: datetime) -> int:
-    return int(moment.timestamp()) // 60
+"""Counted in the bucket the run started, so a window's completion rate is over its own runs."""
 
 
 def _activity(event: InstanceEvent, previous: dict[str, Any] | None, ops: list[Op]) -> list[Op]:
-    """The counter and step-counter changes again, by minute: what windowed statistics read."""
-    now = _minute(event.timestamp)
+    """The counter and step-counter changes again, by minute and by hour: what windowed
+    statistics and the activity charts read."""
+    now = int(event.timestamp.timestamp())
     started = previous.get("started_at") if previous else None
-    run = _minute(started) if started is not None else now
-    activity: list[Op] = []
+    run = int(started.timestamp()) if started is not None else now
+    changed: list[tuple[int, str, dict[str, float]]] = []  # (second, step, deltas)
     for op in ops:
         if isinstance(op, AddCounters):
             by_run = {k: v for k, v in op.deltas.items() if k in _RUN_COUNTS}
             by_now = {
                 k: v for k, v in op.deltas.items() if k in ACTIVITY_COLUMNS and k not in by_run
             }
-            activity += [
-                AddActivity(op.flow_id, m, "", d) for m, d in ((run, by_run), (now, by_now)) if d
-            ]
+            if "completed" in by_run:
+                by_now["completions"] = by_run["completed"]
+            changed += [(at, "", d) for at, d in ((run, by_run), (now, by_now)) if d]
         elif isinstance(op, AddStepCounters):
-            activity.append(AddActivity(op.flow_id, now, op.step, dict(op.deltas)))
-    return activity
+            changed.append((now, op.step, dict(op.deltas)))
+    return [
+        AddActivity(event.flow_id, span, at - at % span, step, deltas)
+        for at, step, deltas in changed
+        for span in ACTIVITY_SPANS
+    ]
 
 
 def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) -> list[Op]:
@@ -264,7 +341,7 @@ def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) 
 
 def _changes(event: InstanceEvent, previous: dict[str, Any] | None, attempts: int) -> list[Op]:
     ops: list[Op] = []
-    history = _history_row(event)
+    history = _history_row(event, previous)
     if history is not None:
         ops.append(history)
     flow = event.flow_id
@@ -288,6 +365,7 @@ def _changes(event: InstanceEvent, previous: dict[str, Any] | None, attempts: in
                     previous=None,
                     entity_id=event.entity_id,
                     message=None,
+                    entered_at=event.timestamp,
                 )
             )
         case TransitionExecuted():
@@ -295,6 +373,7 @@ def _changes(event: InstanceEvent, previous: dict[str, Any] | None, attempts: in
             ops.append(AddCounters(flow, counts if event.ok else {**counts, "failures": 1}))
             ops.append(AddStepCounters(flow, event.from_step, {"moved_on": 1}))
             ops.append(AddStepCounters(flow, event.to_step, {"entered": 1}))
+            ops.append(AddTransition(flow, event.from_step, event.transition))
             ops.extend(_attempt(event, attempts))
             before = previous.get("payload") if previous else None
             ops.append(
@@ -310,6 +389,7 @@ def _changes(event: InstanceEvent, previous: dict[str, Any] | None, attempts: in
                     if event.rules == 2
                     else event.payload,
                     expires_at=event.expires_at,
+                    entered_at=event.timestamp,
                 )
             )
         case TransitionRejected():
@@ -362,6 +442,7 @@ def _changes(event: InstanceEvent, previous: dict[str, Any] | None, attempts: in
                     previous=event.previous,
                     entity_id=event.entity_id,
                     message=event.message,
+                    entered_at=event.timestamp,
                 )
             )
         case FlowWentBack():
@@ -378,6 +459,7 @@ def _changes(event: InstanceEvent, previous: dict[str, Any] | None, attempts: in
                     message=None,
                     previous=None,
                     expires_at=event.expires_at,
+                    entered_at=event.timestamp,
                 )
             )
         case FlowMigrated():
@@ -394,6 +476,7 @@ def _changes(event: InstanceEvent, previous: dict[str, Any] | None, attempts: in
                     step=event.to_step,
                     service=event.service,
                     previous=event.previous,
+                    entered_at=event.timestamp,
                 )
             )
         case FlowCleared() | FlowExpired():
@@ -413,6 +496,7 @@ def _changes(event: InstanceEvent, previous: dict[str, Any] | None, attempts: in
                     previous=None,
                     entity_id=None,
                     message=None,
+                    entered_at=None,
                 )
             )
         case FlowErased():

@@ -41,7 +41,6 @@ from flowstore.domain import DomainEvent
 from flowstore.errors import ProjectionLayoutError, RebuildRunningError
 from flowstore.eventlog import UnreadableEvent, storage_errors
 from flowstore.projections.batch import RowBatch, StateKey
-from flowstore.projections.ops import ACTIVITY_COLUMNS
 from flowstore.projections.queries import Queries, percentile, row_dict
 from flowstore.projections.tables import (
     LAYOUT_ROW,
@@ -451,11 +450,14 @@ class SqlProjections(Queries, Verification):
             ]
             conn.execute(self._upsert(t.samples, ["flow_id", "slot"], add=False), rows)
         if batch.activity:
-            rows = [
-                {"flow_id": f, "minute": m, "step": s, **{c: d.get(c, 0) for c in ACTIVITY_COLUMNS}}
-                for (f, m, s), d in batch.activity.items()
-            ]
-            conn.execute(self._upsert(t.activity, ["flow_id", "minute", "step"], add=True), rows)
+            keys = ["flow_id", "span", "start", "step"]
+            conn.execute(self._upsert(t.activity, keys, add=True), batch.activity_rows())
+        if batch.response_times:
+            keys = ["flow_id", "span", "start", "bin"]
+            conn.execute(self._upsert(t.response_times, keys, add=True), batch.response_time_rows())
+        if batch.transitions:
+            keys = ["flow_id", "from_step", "transition"]
+            conn.execute(self._upsert(t.transitions, keys, add=True), batch.transition_rows())
         if batch.throughput:
             rows = [
                 {"flow_id": f, "second": s, "attempts": n} for (f, s), n in batch.throughput.items()

@@ -12,7 +12,6 @@ from sqlalchemy import Connection, and_, delete, select
 
 from flowstore.domain import DomainEvent
 from flowstore.projections.batch import RowBatch, StateKey
-from flowstore.projections.ops import ACTIVITY_COLUMNS
 from flowstore.projections.queries import row_dict
 from flowstore.projections.tables import ProjectionTables
 
@@ -101,13 +100,14 @@ class Verification:
                 for (f, slot), (ms, second) in batch.samples.items()
             },
             t.activity.name: {
-                (f, m, s): {
-                    "flow_id": f,
-                    "minute": m,
-                    "step": s,
-                    **{c: d.get(c, 0) for c in ACTIVITY_COLUMNS},
-                }
-                for (f, m, s), d in batch.activity.items()
+                (r["flow_id"], r["span"], r["start"], r["step"]): r for r in batch.activity_rows()
+            },
+            t.response_times.name: {
+                (r["flow_id"], r["span"], r["start"], r["bin"]): r
+                for r in batch.response_time_rows()
+            },
+            t.transitions.name: {
+                (r["flow_id"], r["from_step"], r["transition"]): r for r in batch.transition_rows()
             },
             t.throughput.name: {
                 (f, s): {"flow_id": f, "second": s, "attempts": n}
