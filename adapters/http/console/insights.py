@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import orjson
-from sqlalchemy import ColumnElement, and_, case, func, or_, select, true
+from sqlalchemy import ColumnElement, Integer, and_, cast, func, or_, select, true
 
 from flowstore import FlowStore, InvalidArgumentError
 from flowstore.diagrams import DiagramStats
@@ -318,32 +319,30 @@ def idle_by_step(
     s = p.tables.states
     now = now or datetime.now(UTC)
     cutoff = now - idle_for
-    # Idle time binned in SQL by comparing with fixed moments: the same on every backend.
+    # One pass over the flow's active runs (the covering index on flow_id, status, step,
+    # updated_at): per step, how many there are and how many acted after each moment that
+    # matters, the histogram's edges (newest first) and the idle cutoff.
     edges = [now - timedelta(milliseconds=high) for _, high in DWELL_BINS[:-1]]
-    bin_of = case(
-        *((s.c.updated_at > edge, i) for i, edge in enumerate(edges)), else_=len(edges)
-    ).label("bin")
-    active = and_(s.c.flow_id == flow_id, s.c.status == FlowStatus.ACTIVE.value)
-    summary = (
+    moments = [*edges, cutoff]
+    query = (
         select(
             s.c.step,
             func.count(),
-            func.sum(case((s.c.updated_at <= cutoff, 1), else_=0)),
             func.min(s.c.updated_at),
+            *(func.sum(cast(s.c.updated_at > moment, Integer)) for moment in moments),
         )
-        .where(active)
+        .where(s.c.flow_id == flow_id, s.c.status == FlowStatus.ACTIVE.value)
         .group_by(s.c.step)
     )
-    bins = select(s.c.step, bin_of, func.count()).where(active).group_by(s.c.step, bin_of)
     result: dict[str, IdleStep] = {}
     with p._read() as conn:
-        histograms: defaultdict[str, list[int]] = defaultdict(lambda: [0] * len(DWELL_BINS))
-        for step, index, count in conn.execute(bins):
-            histograms[step][int(index)] = int(count)
-        for step, count, idle, oldest in conn.execute(summary):
-            if oldest is not None and oldest.tzinfo is None:
-                oldest = oldest.replace(tzinfo=UTC)  # SQLite keeps no zone; everything is UTC
-            result[step] = IdleStep(step, int(count), int(idle or 0), oldest, histograms[step])
+        for step, count, oldest, *after in conn.execute(query):
+            newer = [int(n or 0) for n in after]
+            # Bin i holds the runs past edge i - 1 but not past edge i (the last: past them all).
+            bounds = [0, *newer[: len(edges)], int(count)]
+            histogram = [high - low for low, high in itertools.pairwise(bounds)]
+            idle = int(count) - newer[-1]
+            result[step] = IdleStep(step, int(count), idle, _aware(oldest), histogram)
     return result
 
 
