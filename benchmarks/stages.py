@@ -25,6 +25,7 @@ def _targets() -> list[tuple[str, object, str]]:
     import eventsourcing.postgres as es_postgres
     import eventsourcing.sqlite as es_sqlite
 
+    import flowstore.batch as batch
     import flowstore.store as store
     from flowstore.codec import PydanticMapper
     from flowstore.commands import Commands
@@ -34,9 +35,9 @@ def _targets() -> list[tuple[str, object, str]]:
 
     return [
         ("command (execute_transition)", store.FlowStore, "execute_transition"),
-        ("  input checks (check_payload)", store, "check_payload"),
+        ("  input checks (check_payload)", batch, "check_payload"),
         ("  read instance (cached_instance)", Commands, "cached_instance"),
-        ("  decide (domain.execute_transition)", store, "execute_transition"),
+        ("  decide (decisions.execute_transition)", batch, "execute_transition"),
         ("  definitions (command_versions)", Commands, "command_versions"),
         ("  append (EventLog.save)", EventLog, "save"),
         ("    keys for the users (for_users)", UserKeys, "for_users"),

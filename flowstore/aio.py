@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
     from flowstore.errors import FlowError
     from flowstore.follow import Follower, FollowHandler
-    from flowstore.projections.sql import Difference
+    from flowstore.projections.sql import Difference, SqlProjections
 
 __all__ = [
     "AsyncFlowStore",
@@ -220,6 +220,15 @@ class AsyncFlowStore:
     @max_retries.setter
     def max_retries(self, value: int) -> None:
         self.store.max_retries = value
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """The largest payload (and message) a command may carry (`FlowStore.max_payload_bytes`)."""
+        return self.store.max_payload_bytes
+
+    @max_payload_bytes.setter
+    def max_payload_bytes(self, value: int) -> None:
+        self.store.max_payload_bytes = value
 
     @property
     def definition_refresh(self) -> float:
@@ -550,6 +559,10 @@ class AsyncFlowStore:
     async def projection_position(self) -> int:
         """The last event the tables reflect (`FlowStore.projection_position`)."""
         return await self._run(self.store.projection_position)
+
+    async def read_model(self) -> SqlProjections:
+        """The read-model tables, once they reflect this process's writes (`FlowStore.read_model`)."""
+        return await self._run(self.store.read_model)
 
     async def read_events(self, start: int, limit: int = 1000) -> list[tuple[int, DomainEvent]]:
         """A page of the event log (`FlowStore.read_events`)."""

@@ -1,7 +1,7 @@
 """The write path: read the aggregate, decide with a pure function, append; retry on a conflict.
 
 Every command on a user's flow follows one path (`Commands.change_instance`): read the instance,
-decide the events with a function from `flowstore.domain`, append them. A concurrent append to the
+decide the events with a function from `flowstore.decisions`, append them. A concurrent append to the
 same instance makes the append fail on its version; the command then re-reads and decides again,
 so a transition is always validated against the state it is applied to. Definitions go through
 `Commands.append`. The caches here hold immutable values only (frozen aggregates, definitions).
@@ -23,9 +23,9 @@ from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
 
+from flowstore.decisions import Decision
 from flowstore.definitions import FlowDefinition, require_id
 from flowstore.domain import (
-    Decision,
     DomainEvent,
     FlowInstance,
     FlowVersions,

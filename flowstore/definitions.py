@@ -33,6 +33,8 @@ __all__ = [
     "FlowDefinition",
     "FlowStep",
     "FlowTransition",
+    "check_entity",
+    "check_message",
     "check_payload",
     "flow_warnings",
     "has_control_characters",
@@ -476,6 +478,28 @@ def check_payload(payload: Any, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> di
         # that a store behaves the same wherever it runs.
         raise PayloadValidationError("Payload contains a NUL character (\\u0000)")
     return payload
+
+
+def check_entity(value: object) -> str | None:
+    """An entity id: None, `""` (the model's null) or a usable id."""
+    if value is None:
+        return None
+    return "" if value == "" else require_id(value, "entity_id")
+
+
+def check_message(value: object, limit: int) -> str | None:
+    """A message: any text within `limit` bytes, without NUL or lone surrogates (unstorable)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgumentError(
+            "message", value, f"must be a string, not {type(value).__name__}"
+        )
+    if "\x00" in value or any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise InvalidArgumentError("message", value[:40], "contains NUL or a lone surrogate")
+    if len(value.encode("utf-8")) > limit:
+        raise InvalidArgumentError("message", value[:40] + "...", f"longer than {limit} bytes")
+    return value
 
 
 def _encode_json(value: Any) -> bytes:

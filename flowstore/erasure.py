@@ -11,7 +11,8 @@ import contextlib
 from collections.abc import Callable
 
 from flowstore.commands import Commands
-from flowstore.domain import CATALOG_ID, Decision, FlowCatalog, FlowInstance, end_flow, instance_id
+from flowstore.decisions import Decision, end_flow
+from flowstore.domain import CATALOG_ID, FlowCatalog, FlowInstance, instance_id
 from flowstore.errors import FlowStateNotFoundError
 from flowstore.keys import UserKeys
 

@@ -5,14 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from flowstore.commands import Commands
+from flowstore.decisions import Decision, migrate_instance, migration_target
 from flowstore.definitions import FlowDefinition, require_id
-from flowstore.domain import (
-    Decision,
-    FlowInstance,
-    instance_id,
-    migrate_instance,
-    migration_target,
-)
+from flowstore.domain import FlowInstance, instance_id
 from flowstore.errors import FlowStateNotFoundError, InvalidStepError
 from flowstore.models import FlowStatus, InstanceMigration, MigrationReport
 

@@ -26,10 +26,10 @@ from flowstore.domain import (
     StateOverridden,
     TransitionExecuted,
     TransitionRejected,
-    history_entry,
     merge_payload,
 )
 from flowstore.models import FlowStatus
+from flowstore.projections.history import history_entry
 
 __all__ = [
     "ACTIVITY_COLUMNS",

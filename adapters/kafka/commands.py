@@ -1,7 +1,8 @@
 """The Kafka commands of the `flowstore` CLI: publish, restore --from-kafka, audit.
 
-`adapters/cli.py` holds the parser lines and thin handlers that call these, importing this module
-only when one of them runs, so the rest of the CLI works without the `kafka` extra.
+`adapters/cli/kafka.py` holds the thin handlers that call these (`adapters/cli/parser.py` their
+arguments), importing this module only when one of them runs, so the rest of the CLI works without
+the `kafka` extra.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 
 class Output(Protocol):
-    """What these commands need of the CLI's output (`flowstore.adapters.cli.Output`): its console.
+    """What these commands need of the CLI's output (`adapters/cli/output.py`): its console.
 
     A protocol rather than an import, so the CLI depends on this module and not the other way round.
     """

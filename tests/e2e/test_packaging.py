@@ -93,7 +93,7 @@ def test_the_wheel_installs_flowstore_alone_at_the_top_level(dist: Path) -> None
             "flowstore"
         }
         for shipped in (
-            "flowstore/adapters/cli.py",
+            "flowstore/adapters/cli/__init__.py",
             "flowstore/projections/sql.py",
             "flowstore/adapters/http/console/static/console.css",
             "flowstore/adapters/http/console/templates/base.html",
@@ -116,7 +116,7 @@ def test_the_sdist_carries_the_tests_and_the_linked_packages(dist: Path) -> None
         "tests/conftest.py",
         "tests/unit/test_errors.py",
         "benchmarks/run.py",
-        "flowstore/adapters/cli.py",
+        "flowstore/adapters/cli/__init__.py",
         "flowstore/projections/sql.py",
     ):
         assert needed in names, needed

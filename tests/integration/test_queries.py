@@ -323,6 +323,13 @@ def test_window_arguments_must_be_aware(store: FlowStore) -> None:
     assert store.get_flow_funnel(FLOW, until=datetime(2026, 1, 2, tzinfo=UTC))
 
 
+def test_the_read_model_answers_with_this_process_s_writes(store: FlowStore) -> None:
+    # The console's window into the tables: no sync_projections() first, the call waits for them.
+    state = store.execute_transition("ann", FLOW, "start")
+    rows = store.read_model().user_flows("ann")
+    assert [(row["flow_id"], row["step"]) for row in rows] == [(FLOW, state.step)]
+
+
 def test_a_window_reads_whole_hours_from_hour_rows_and_its_ends_from_minute_rows() -> None:
     """Every minute of [first, end) is counted exactly once, whatever the window's edges."""
     from hypothesis import given, settings

@@ -13,7 +13,8 @@ from sqlalchemy import inspect
 
 from flowstore import FlowStore, HistoryKind
 from flowstore.commands import definition_of
-from flowstore.domain import FlowInstance, execute_transition, instance_id
+from flowstore.decisions import execute_transition
+from flowstore.domain import FlowInstance, instance_id
 from flowstore.eventlog import _Pending
 from flowstore.keys import UserKeys
 from flowstore.projections.sql import SqlProjections

@@ -13,7 +13,8 @@ from typing import Any
 import psycopg
 
 from flowstore import FlowStore
-from flowstore.domain import instance_id, start_flow
+from flowstore.decisions import start_flow
+from flowstore.domain import instance_id
 from tests.flows import linear
 from tests.pgserver import PostgresServer
 from tests.reliability.harness import (

@@ -62,9 +62,9 @@ __all__ = [
 
 def _tables(store: FlowStore) -> SqlProjections:
     # The one place the console reaches the store's read model directly: the store offers no
-    # query for time buckets, dwell or idle runs yet (see the module docstring). `_tables` waits
-    # until the tables reflect everything this process wrote, as the store's own queries do.
-    return store._tables
+    # query for time buckets, dwell or idle runs yet (see the module docstring). `read_model`
+    # waits until the tables reflect everything this process wrote, as the store's own queries do.
+    return store.read_model()
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from flowstore.adapters.http.console.render import (
 )
 from flowstore.adapters.http.console.session import CSRF_FIELD, ConsoleSessions
 from flowstore.adapters.http.console.windows import WINDOWS, LogWindows, flow_summary
+from flowstore.adapters.http.params import ID_RULES
 from flowstore.adapters.http.problems import RequestInvalidError
 from flowstore.adapters.http.push import LogPusher
 
@@ -249,10 +250,9 @@ def _api_admin(request: Request) -> Principal:
 
 PageAdmin = Annotated[Principal, Depends(_page_admin)]
 ApiAdmin = Annotated[Principal, Depends(_api_admin)]
-# As the API takes ids (app.py): non-empty, at most 256 characters, no control characters.
-_ID = {"min_length": 1, "max_length": 256, "pattern": r"^[^\x00-\x1f\x7f]+$"}
-FlowId = Annotated[str, Path(alias="flowId", **_ID)]
-UserId = Annotated[str, Path(alias="userId", **_ID)]
+# Ids as the API takes them.
+FlowId = Annotated[str, Path(alias="flowId", **ID_RULES)]
+UserId = Annotated[str, Path(alias="userId", **ID_RULES)]
 
 
 class _PageRoute(APIRoute):

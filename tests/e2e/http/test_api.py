@@ -13,7 +13,7 @@ import pytest
 
 from flowstore import FlowStore, HistoryKind
 from flowstore.adapters.http import JwtVerifier, create_app
-from flowstore.adapters.http.app import MAX_HISTORY_RESPONSE_BYTES
+from flowstore.adapters.http.instances import MAX_HISTORY_RESPONSE_BYTES
 from flowstore.storage import parse_url
 from tests.e2e.http.conftest import MAX_BODY_BYTES, ONBOARDING, SECRET, LiveServer, User, mint
 from tests.flows import Clock, linear
