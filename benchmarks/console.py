@@ -253,8 +253,33 @@ def main(argv: list[str] | None = None) -> None:
     print(f"written {out} and benchmarks/CONSOLE.md")
 
 
-BEFORE = Path(__file__).parent / "results" / "console-102000-sqlite-2026-11-30.json"
-"""The page times before the console's projection tables (layout 2: pages read history rows)."""
+BEFORE = Path(__file__).parent / "results" / "console-100000-layout2-2026-11-30.json"
+"""The page times before the console's projection tables (layout 2: pages read history rows),
+measured on the same store (main at 62f6515, before its tables were migrated to layout 3)."""
+
+
+def _write_cost() -> list[str]:
+    """The latest `benchmarks.projection_cost` report, as a section (none when it was not run)."""
+    from benchmarks.projection_cost import markdown
+
+    found = sorted((Path(__file__).parent / "results").glob("projection-cost-*.json"))
+    if not found:
+        return []
+    cost = json.loads(found[-1].read_text())
+    return [
+        "",
+        "## What the console's tables cost each write",
+        "",
+        f"`{cost['command']}`, {cost['when']}, SQLite, load average {cost['load_average']}: a log "
+        f"of {cost['events']:,} events ({cost['transition_attempts']:,} transition attempts) "
+        "projected into fresh tables in each variant, side by side in one process, best of the "
+        "rounds; CPU of the process (SQLite runs in it) per transition attempt and per event. "
+        "Pages of 1,000 events are a catch-up after a burst or a rebuild; one event per "
+        f"transaction (the first {cost['single_events']:,} events) is a store answering one "
+        "command at a time, where the fixed cost of a transaction dominates.",
+        "",
+        markdown(cost),
+    ]
 
 
 def write_markdown(report: dict[str, Any]) -> None:
@@ -307,11 +332,13 @@ def write_markdown(report: dict[str, Any]) -> None:
     if before:
         lines += [
             "",
-            f"Before: `{before['command']}`, {before['when']}, SQLite, "
+            f"Before: `{before['command']}` with main at 62f6515 (layout 2) on the same store "
+            f"before its migration to layout 3, {before['when']}, SQLite, "
             f"{before['store']['instances']:,} instances / {before['store']['events']:,} events, "
             f"load average {before.get('load_average')}: the flow page counted transitions over "
             "the flow's whole history, activity and stays read the history rows of the window.",
         ]
+    lines += _write_cost()
     lines += [
         "",
         f"Machine: {info['cores']} cores, {info['memory_gib']} GiB, Python {info['python']}; "
