@@ -28,6 +28,7 @@ from eventsourcing.domain import Aggregate, event
 from benchmarks.stages import Stages
 from flowstore import FlowError, FlowStore
 from flowstore.storage import parse_url
+from flowstore.testing import Internals
 
 LOOP = {
     "flow": "loop",
@@ -422,7 +423,7 @@ def rebuild(urls: Callable[[], str], backend: str, events: int) -> Row:
             store.execute_transitions(
                 [(u, "loop", "tick", PAYLOAD) for u in users], batch_size=1000
             )
-        recorder = store._log.app.recorder
+        recorder = Internals(store).recorder  # the raw ordered read, without decoding
         clocks, count, start = Clocks(), 0, 1
         while page := recorder.select_notifications(start, 5000):
             count += len(page)

@@ -5,6 +5,10 @@ block (every thread counts: the live projector's work shows up too), and `table(
 totals divided by the number of operations. Stages nest (the recorder's insert includes the
 commit), so the rows are inclusive and do not add up to the total. Timers cost about a
 microsecond per call; the figures are for comparing stages, not for the results table.
+
+A profiler of the store's internals: it wraps private functions and swaps the store's write lock
+(through `store._parts`, the store's event log and tables), so it changes with them; tests never
+do this (they use `flowstore.testing.Internals`).
 """
 
 from __future__ import annotations
@@ -85,11 +89,12 @@ class Stages:
             original = vars(owner).get(attr) if isinstance(owner, type) else getattr(owner, attr)
             patched.append((owner, attr, original))
             setattr(owner, attr, self._timed(name, getattr(owner, attr)))
-        lock_owner = store._log if store is not None else None
+        parts = store._parts if store is not None else None
+        lock_owner = parts.log if parts is not None else None
         lock = lock_owner.write_lock if lock_owner is not None else None
         if lock_owner is not None:
             lock_owner.write_lock = _TimedLock(lock, self)
-            store._projections._write_lock = lock_owner.write_lock
+            parts.projections._write_lock = lock_owner.write_lock
         try:
             yield self
         finally:
@@ -100,7 +105,7 @@ class Stages:
                     setattr(owner, attr, original)
             if lock_owner is not None:
                 lock_owner.write_lock = lock
-                store._projections._write_lock = lock
+                parts.projections._write_lock = lock
 
     def table(self, ops: int, wall: float, cpu: float) -> str:
         """The stages as text: wall µs per operation, and calls per operation."""

@@ -23,6 +23,7 @@ from flowstore.definitions import check_entity, check_message, check_payload, re
 from flowstore.domain import DomainEvent, FlowInstance, InstanceEvent, instance_id, project
 from flowstore.errors import FlowError, FlowNotFoundError, InvalidArgumentError
 from flowstore.models import FlowState
+from flowstore.views import instance_state
 
 __all__ = ["Transitions"]
 
@@ -77,12 +78,12 @@ class Transitions:
         decide = self._transition(
             user_id, flow_id, transition, payload, time.perf_counter(), ok=ok, message=message
         )
-        return self._commands.change_instance(user_id, flow_id, decide).to_state()
+        return instance_state(self._commands.change_instance(user_id, flow_id, decide))
 
     def set_flow_state(self, user_id: str, state: FlowState | Mapping[str, Any]) -> FlowState:
         """`FlowStore.set_flow_state`: check, then read, decide and append (with retries)."""
         flow_id, decide = self._override(user_id, state)
-        return self._commands.change_instance(user_id, flow_id, decide).to_state()
+        return instance_state(self._commands.change_instance(user_id, flow_id, decide))
 
     def execute_transitions(
         self,
@@ -186,7 +187,7 @@ class Transitions:
             # One by one, and outside the instance locks: each takes its user's key lock first,
             # then its instance's, the order every command keeps (no deadlock with them).
             return [one() for _, one in batch]
-        return [o if isinstance(o, FlowError) else o.to_state() for o in outcomes]
+        return [o if isinstance(o, FlowError) else instance_state(o) for o in outcomes]
 
     def _one(
         self, user_id: str, flow_id: str, transition: str, payload: dict[str, Any] | None

@@ -9,7 +9,8 @@ Three aggregates, all immutable pydantic models rebuilt from their events:
 
 `evolve(aggregate, event)` folds an event into the aggregate; `project` folds many. What a command
 decides (`(aggregate, inputs, now) -> events`) is in `flowstore.decisions`; the history row an event
-stands for, in `flowstore.projections.history`. No I/O and no clock here.
+stands for, in `flowstore.projections.history`; the public `FlowState` of an instance, in
+`flowstore.views`. No I/O and no clock here.
 
 Events are stored under their topic, `flowstore.domain:<ClassName>`: an event class stays here (or is
 registered under its old topic) so that old logs still decode.
@@ -25,7 +26,7 @@ from uuid import UUID, uuid5
 from pydantic import BaseModel, ConfigDict
 
 from flowstore.definitions import FlowDefinition
-from flowstore.models import FlowState, FlowStatus
+from flowstore.models import FlowStatus
 
 __all__ = [
     "CATALOG_ID",
@@ -283,28 +284,6 @@ class FlowInstance(_Aggregate):
     def is_live(self) -> bool:
         """True when the user has a state (active or completed), False when cleared or expired."""
         return self.status in (FlowStatus.ACTIVE, FlowStatus.COMPLETED)
-
-    def to_state(self) -> FlowState:
-        """The public view of a live instance."""
-        assert self.step is not None
-        return FlowState(
-            flow=self.flow_id,
-            step=self.step,
-            previous=self.previous,
-            service=self.service,
-            entity_id=self.entity_id,
-            ok=self.ok,
-            message=self.message,
-            payload=self.payload,
-            user_id=self.user_id,
-            status=self.status,
-            version=self.version,
-            definition_version=self.definition_version,
-            started_at=self.started_at,
-            updated_at=self.modified_on,
-            completed_at=self.completed_at,
-            expires_at=self.expires_at,
-        )
 
 
 class FlowVersions(_Aggregate):

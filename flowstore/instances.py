@@ -30,6 +30,7 @@ from flowstore.errors import (
 from flowstore.models import FlowState
 from flowstore.opening import Parts
 from flowstore.tokens import decode_state_token, encode_state_token, token_flow_id
+from flowstore.views import instance_state
 
 __all__ = [
     "adopt_state_token",
@@ -74,7 +75,7 @@ def reset_flow(
             )
         )
 
-    return parts.commands.change_instance(user_id, flow_id, decide).to_state()
+    return instance_state(parts.commands.change_instance(user_id, flow_id, decide))
 
 
 def advance(parts: Parts, user_id: str, flow_id: str, payload: dict[str, Any] | None) -> FlowState:
@@ -103,7 +104,7 @@ def return_back(parts: Parts, user_id: str, flow_id: str) -> FlowState:
         definition = definition_of(live, parts.live_versions(flow_id))
         return Decision(go_back(live, definition, now=parts.clock()))
 
-    return parts.commands.change_instance(user_id, flow_id, decide).to_state()
+    return instance_state(parts.commands.change_instance(user_id, flow_id, decide))
 
 
 def available_transitions(
@@ -121,7 +122,7 @@ def available_transitions(
 def state_token(parts: Parts, user_id: str, flow_id: str) -> str:
     """`FlowStore.state_token`: the user's state as an OwlMeans state token."""
     instance, definition = _state_definition(parts, user_id, flow_id)
-    return encode_state_token(definition, instance.to_state())
+    return encode_state_token(definition, instance_state(instance))
 
 
 def adopt_state_token(parts: Parts, user_id: str, token: str, *, sender: str | None) -> FlowState:
@@ -153,7 +154,7 @@ def adopt_state_token(parts: Parts, user_id: str, token: str, *, sender: str | N
         require_id(flow_id, "flow_id")
     except InvalidArgumentError:
         raise StateTokenFlowError(flow_id) from None
-    return parts.commands.change_instance(user_id, flow_id, decide).to_state()
+    return instance_state(parts.commands.change_instance(user_id, flow_id, decide))
 
 
 def _state_definition(

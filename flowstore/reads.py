@@ -35,6 +35,7 @@ from flowstore.paging import (
     history_bound,
     idle_seconds,
 )
+from flowstore.views import instance_state
 
 __all__ = [
     "get_flow_funnel",
@@ -52,7 +53,7 @@ def get_flow_state(parts: Parts, user_id: str, flow_id: str) -> FlowState | None
     require_id(user_id, "user_id")
     require_id(flow_id, "flow_id")
     instance = parts.log.get(instance_id(user_id, flow_id), FlowInstance)
-    return instance.to_state() if instance is not None and instance.is_live else None
+    return instance_state(instance) if instance is not None and instance.is_live else None
 
 
 def get_user_flows(parts: Parts, user_id: str, status: FlowStatus | str | None) -> list[FlowState]:

@@ -40,8 +40,6 @@ from flowstore.models import (
 )
 from flowstore.notify import LogNotifier
 from flowstore.opening import (
-    KAFKA_BOOTSTRAP_ENV,
-    PUBLISHER_ENTRY_POINTS,
     Parts,
     Publisher,
     check_clock,
@@ -59,13 +57,7 @@ if TYPE_CHECKING:
     from flowstore.follow import Follower, FollowHandler
     from flowstore.projections.sql import Difference, SqlProjections
 
-__all__ = [
-    "KAFKA_BOOTSTRAP_ENV",
-    "PUBLISHER_ENTRY_POINTS",
-    "FlowStore",
-    "Publisher",
-    "PublisherFactory",
-]
+__all__ = ["FlowStore", "Publisher", "PublisherFactory"]
 
 PublisherFactory = Callable[["FlowStore"], Publisher]
 """Starts a publisher for a store: `FlowStore(publisher=factory)` calls it once, while opening."""

@@ -10,19 +10,42 @@
 
 `memory_store` is a real `FlowStore` (the same write path, projections and errors) on an in-process
 database, so tests of your flows need no files and no server; nothing is published to Kafka.
+
+`Internals(store)` is for white-box tests of flowstore itself (and of code that must survive a
+failing database): the store's parts, and faults injected where real ones happen (the recorder's
+appends and reads). It is the one place outside the store that knows how a store is put together,
+so a refactoring of the store changes it, not every test; it is not API for applications.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import time
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from eventsourcing.persistence import IntegrityError
+
+from flowstore.domain import DomainEvent, FlowInstance
+from flowstore.eventlog import GroupCommit, _Pending
 from flowstore.store import FlowStore
 
-__all__ = ["Clock", "linear_flow", "memory_store", "onboarding_flow", "ring_flow"]
+if TYPE_CHECKING:
+    from flowstore.commands import Commands
+    from flowstore.keys import UserKeys
+
+__all__ = [
+    "Clock",
+    "Internals",
+    "linear_flow",
+    "memory_store",
+    "onboarding_flow",
+    "ring_flow",
+]
 
 
 class Clock:
@@ -102,3 +125,151 @@ def ring_flow(flow: str) -> dict[str, Any]:
             "done": {"index": 2, "step": "done", "service": "s", "transitions": {}},
         },
     }
+
+
+@contextlib.contextmanager
+def _replaced(owner: object, name: str, replacement: object) -> Iterator[None]:
+    """`owner.name` is `replacement` inside the block (an instance attribute, removed after)."""
+    own = vars(owner).get(name, _replaced)  # an attribute of the instance itself, if any
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        if own is _replaced:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, own)
+
+
+def _raising(error: BaseException) -> Callable[..., Any]:
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    return fail
+
+
+class Internals:
+    """A store's parts and fault injection, for white-box tests (see the module docstring).
+
+    Faults are injected at eventsourcing's recorder, where its own retries have already been
+    spent: what the store sees is what a real outage gives it.
+    """
+
+    def __init__(self, store: FlowStore) -> None:
+        self._store = store
+
+    @property
+    def _parts(self) -> Any:
+        return self._store._parts  # the store's current parts (a forked child opens new ones)
+
+    @property
+    def commands(self) -> Commands:
+        """The write path (`flowstore.commands.Commands`): its caches, reads and appends."""
+        commands: Commands = self._parts.commands
+        return commands
+
+    @property
+    def keys(self) -> UserKeys:
+        """The users' keys (`flowstore.keys.UserKeys`), cached by this store."""
+        keys: UserKeys = self._parts.log.keys
+        return keys
+
+    @property
+    def recorder(self) -> Any:
+        """eventsourcing's application recorder under the log (SQLite, PostgreSQL or memory)."""
+        return self._parts.log.app.recorder
+
+    def cached_instance(self, user_id: str, flow_id: str) -> FlowInstance | None:
+        """The instance as this store's cache holds it (None if not cached): no read of the log."""
+        from flowstore.commands import cached_instance_id
+
+        cache: dict[Any, FlowInstance] = self.commands._instances
+        return cache.get(cached_instance_id(user_id, flow_id))
+
+    # Faults
+
+    def failing_appends(self, error: BaseException) -> contextlib.AbstractContextManager[None]:
+        """Inside the block every append to the log raises `error` (an outage) and writes nothing."""
+        return _replaced(self.recorder, "insert_events", _raising(error))
+
+    def failing_reads(self, error: BaseException) -> contextlib.AbstractContextManager[None]:
+        """Inside the block every read of an aggregate's events raises `error`."""
+        return _replaced(self.recorder, "select_events", _raising(error))
+
+    @contextlib.contextmanager
+    def lost_acknowledgement(self) -> Iterator[list[int]]:
+        """Inside the block the first append commits, then fails as its reply had been lost.
+
+        It raises what eventsourcing's retry of the same insert raises (`IntegrityError`: the
+        rows are already there). Yields the list the appends made are counted in (one item each).
+        """
+        recorder = self.recorder
+        real = recorder.insert_events
+        calls: list[int] = []
+
+        def insert_events(stored_events: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            result = real(stored_events, **kwargs)
+            if len(calls) == 1:
+                raise IntegrityError("duplicate key value violates unique constraint")
+            return result
+
+        with _replaced(recorder, "insert_events", insert_events):
+            yield calls
+
+    def on_retry(self, hook: Callable[[int], None]) -> None:
+        """Call `hook(attempt)` before each pause after a conflicting append (the store retries)."""
+        commands = self.commands
+        pause = commands.backoff
+
+        def backoff(attempt: int) -> None:
+            hook(attempt)
+            pause(attempt)
+
+        commands.backoff = backoff  # type: ignore[method-assign]
+
+    @contextlib.contextmanager
+    def key_lookups(self) -> Iterator[list[int]]:
+        """Inside the block, each read of the key table is recorded: how many users it asked for."""
+        keys = self.keys
+        load = keys._load_users
+        calls: list[int] = []
+
+        def counted(refs: list[str]) -> dict[str, tuple[str, bytes]]:
+            calls.append(len(refs))
+            return load(refs)
+
+        with _replaced(keys, "_load_users", counted):
+            yield calls
+
+    @contextlib.contextmanager
+    def keys_later(self, seconds: float) -> Iterator[None]:
+        """Inside the block the key cache's clock reads `seconds` later (its refresh falls due)."""
+        with _replaced(self.keys, "_clock", lambda: time.monotonic() + seconds):
+            yield
+
+    # The group commit
+
+    def commit_group(
+        self, commands: Sequence[Sequence[DomainEvent]]
+    ) -> list[tuple[Sequence[int] | None, BaseException | None]]:
+        """Commit the commands' events as one group, as concurrent appends are committed.
+
+        Returns, per command, the notification ids it got (None if not committed) and the error
+        it met (an `IntegrityError` for a command that conflicts: the others still commit).
+        """
+        group: GroupCommit | None = self._parts.log._group
+        if group is None:
+            raise TypeError("this store's log commits each append on its own (memory://)")
+        mapper = self._parts.log.app.mapper
+        pending = [_Pending([mapper.to_stored_event(e) for e in events]) for events in commands]
+        if group._postgres:
+            group._commit_postgres(pending)
+        else:
+            group._commit(pending)
+        return [(p.ids, p.error) for p in pending]
+
+    def stored(self, events: Sequence[DomainEvent]) -> list[Any]:
+        """The events encoded (and sealed) as the recorder stores them."""
+        mapper = self._parts.log.app.mapper
+        return [mapper.to_stored_event(event) for event in events]

@@ -26,6 +26,7 @@ from flowstore.adapters.cli import main
 from flowstore.domain import FlowErased, instance_id
 from flowstore.keys import ERASED_USER_PREFIX
 from flowstore.storage import parse_url
+from flowstore.testing import Internals
 from tests.flows import linear, onboarding, ring
 from tests.integration.test_encryption import new_key, raw_event_states
 
@@ -150,9 +151,9 @@ def test_erase_user_leaves_nothing_of_them_and_everything_of_others(store_url: s
         assert erased_ids
         assert all(u.startswith(ERASED_USER_PREFIX) for u in erased_ids)
         assert store.verify_projections() == []
-        live = store._projections.snapshot()
+        live = store.read_model().snapshot()
         store.rebuild_projections()
-        assert store._projections.snapshot() == live
+        assert store.read_model().snapshot() == live
         assert store.recover_flow_state("ann", FLOW) is None
 
     with FlowStore(store_url) as reopened:  # nothing cached: everything from the log
@@ -229,7 +230,7 @@ def test_an_interrupted_erasure_is_finished_by_erasing_again(
         def crash(user_id: str) -> list[str]:
             raise RuntimeError("killed before the key was deleted")
 
-        monkeypatch.setattr(store._log.keys, "shred", crash)
+        monkeypatch.setattr(Internals(store).keys, "shred", crash)
         with pytest.raises(RuntimeError):
             store.erase_user("ann")
         monkeypatch.undo()
@@ -271,7 +272,7 @@ def test_a_restore_of_a_user_erased_in_two_flows_keeps_nothing_of_them(store_url
             assert restored.get_flow_history("ann", flow) == []
         assert restored.get_flow_state("bob", FLOW) is not None
         assert len(raw_keys(store_url)) == 1  # Bob's
-        tables = repr(restored._projections.snapshot())
+        tables = repr(restored.read_model().snapshot())
         assert ANN_SECRET not in tables
         assert BOB_SECRET in tables
         assert restored.verify_projections() == []
@@ -313,7 +314,7 @@ def test_a_write_racing_an_erasure_is_never_sealed_with_the_shredded_key(store_u
         store.create_flow(linear("line"))
         store.create_flow(linear("other"))
         store.execute_transition("ann", "line", "next", {"note": ANN_SECRET})
-        keys = store._log.keys
+        keys = Internals(store).keys
         looked_up, shredded = threading.Event(), threading.Event()
         original_for_user, original_shred = keys.for_user, keys.shred
         eraser = threading.Thread(target=store.erase_user, args=("ann",))

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy.exc
@@ -26,37 +25,12 @@ from eventsourcing.persistence import IntegrityError, InterfaceError, Operationa
 from flowstore import FlowError, FlowStore, HistoryKind, StorageUnavailableError
 from flowstore.adapters.cli import main
 from flowstore.adapters.errors import ErrorMapping, mapping_for
-from flowstore.domain import instance_id
 from flowstore.eventlog import storage_errors
 from flowstore.storage import parse_url
+from flowstore.testing import Internals
 from tests.flows import linear
 
 FLOW = "user-onboarding"
-
-
-def failing(error: Exception) -> Callable[..., Any]:
-    """A recorder method that fails the way eventsourcing's do once their retries are spent."""
-
-    def fail(*args: Any, **kwargs: Any) -> Any:
-        raise error
-
-    return fail
-
-
-def committing_then_losing_the_reply(recorder: Any) -> Callable[..., Any]:
-    """`insert_events` that commits, then raises what eventsourcing's retry of it would raise."""
-    real = recorder.insert_events
-    calls = 0
-
-    def insert_events(stored_events: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        result = real(stored_events, **kwargs)
-        if calls == 1:
-            raise IntegrityError("duplicate key value violates unique constraint")
-        return result
-
-    return insert_events
 
 
 # The error and its mapping
@@ -105,62 +79,56 @@ def test_other_errors_pass_through_the_storage_check() -> None:
 # Outages injected at the recorder (both backends)
 
 
-def test_a_command_the_database_fails_raises_and_writes_nothing(
-    store: FlowStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_command_the_database_fails_raises_and_writes_nothing(store: FlowStore) -> None:
     before = store.execute_transition("ann", FLOW, "start")
     position = store.log_position()
     cause = OperationalError("server closed the connection unexpectedly")
-    monkeypatch.setattr(store._log.app.recorder, "insert_events", failing(cause))
-    with pytest.raises(StorageUnavailableError, match="appending events failed") as caught:
+    internals = Internals(store)
+    with (
+        internals.failing_appends(cause),
+        pytest.raises(StorageUnavailableError, match="appending events failed") as caught,
+    ):
         store.execute_transition("ann", FLOW, "continue")
     assert caught.value.__cause__ is cause
     assert caught.value.backend == ("SQLite" if store.config.backend == "sqlite" else "PostgreSQL")
     # No unsaved state is cached: the instance is read afresh, at the version the log holds.
-    cached = store._commands._instances.get(instance_id("ann", FLOW))
+    cached = internals.cached_instance("ann", FLOW)
     assert cached is None or cached.version == before.version
-    monkeypatch.undo()
     assert store.log_position() == position
     assert store.get_flow_state("ann", FLOW) == before
     after = store.execute_transition("ann", FLOW, "continue")
     assert (after.step, after.version) == ("preferences", before.version + 1)
 
 
-def test_a_command_whose_read_fails_raises(
-    store: FlowStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(
-        store._log.app.recorder, "select_events", failing(InterfaceError("connection is closed"))
-    )
-    with pytest.raises(StorageUnavailableError, match="reading FlowInstance"):
+def test_a_command_whose_read_fails_raises(store: FlowStore) -> None:
+    with (
+        Internals(store).failing_reads(InterfaceError("connection is closed")),
+        pytest.raises(StorageUnavailableError, match="reading FlowInstance"),
+    ):
         store.execute_transition("bob", FLOW, "start")
-    monkeypatch.undo()
     assert store.get_flow_state("bob", FLOW) is None
 
 
 def test_a_definition_change_the_database_fails_raises_and_writes_nothing(
-    store: FlowStore, monkeypatch: pytest.MonkeyPatch
+    store: FlowStore,
 ) -> None:
-    monkeypatch.setattr(
-        store._log.app.recorder, "insert_events", failing(OperationalError("disk I/O error"))
-    )
-    with pytest.raises(StorageUnavailableError, match="disk I/O error"):
+    with (
+        Internals(store).failing_appends(OperationalError("disk I/O error")),
+        pytest.raises(StorageUnavailableError, match="disk I/O error"),
+    ):
         store.create_flow(linear("other"))
-    monkeypatch.undo()
     assert [flow.flow for flow in store.list_flows()] == [FLOW]
 
 
 # An append committed, its acknowledgement lost (both backends)
 
 
-def test_a_transition_whose_acknowledgement_was_lost_is_applied_once(
-    store: FlowStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_transition_whose_acknowledgement_was_lost_is_applied_once(store: FlowStore) -> None:
     before = store.execute_transition("ann", FLOW, "start")
     position = store.log_position()
-    recorder = store._log.app.recorder
-    monkeypatch.setattr(recorder, "insert_events", committing_then_losing_the_reply(recorder))
-    state = store.execute_transition("ann", FLOW, "continue", {"nonce": "once"})
+    with Internals(store).lost_acknowledgement() as appends:
+        state = store.execute_transition("ann", FLOW, "continue", {"nonce": "once"})
+    assert appends == [1]  # no second decision, no second append
     assert (state.step, state.version) == ("preferences", before.version + 1)
     appended = [event for _, event in store.read_events(position + 1)]
     assert [type(event).__name__ for event in appended] == ["TransitionExecuted"]
@@ -176,11 +144,10 @@ def test_a_transition_whose_acknowledgement_was_lost_is_applied_once(
 
 
 def test_a_flow_definition_whose_acknowledgement_was_lost_is_created_once(
-    store: FlowStore, monkeypatch: pytest.MonkeyPatch
+    store: FlowStore,
 ) -> None:
-    recorder = store._log.app.recorder
-    monkeypatch.setattr(recorder, "insert_events", committing_then_losing_the_reply(recorder))
-    assert store.create_flow(linear("other")) == "other"  # not FlowExistsError from a retry
+    with Internals(store).lost_acknowledgement():
+        assert store.create_flow(linear("other")) == "other"  # not FlowExistsError from a retry
     assert [flow.flow for flow in store.list_flows()] == [FLOW, "other"]
     assert store.get_flow("other").version == 1
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -15,10 +14,8 @@ from flowstore import FlowStore, HistoryKind
 from flowstore.commands import definition_of
 from flowstore.decisions import execute_transition
 from flowstore.domain import FlowInstance, instance_id
-from flowstore.eventlog import _Pending
-from flowstore.keys import UserKeys
 from flowstore.projections.sql import SqlProjections
-from flowstore.testing import ring_flow
+from flowstore.testing import Internals, ring_flow
 
 FLOW = "loop"
 
@@ -29,59 +26,39 @@ def _ticks(store: FlowStore, user: str) -> int:
     )
 
 
-def _count_loads(monkeypatch: pytest.MonkeyPatch, keys: UserKeys) -> list[int]:
-    """Record how many users each key-table lookup asked for."""
-    calls: list[int] = []
-    load = keys._load_users
-
-    def counted(refs: list[str]) -> dict[str, tuple[str, bytes]]:
-        calls.append(len(refs))
-        return load(refs)
-
-    monkeypatch.setattr(keys, "_load_users", counted)
-    return calls
-
-
-def test_a_users_key_is_read_once_however_many_commands(
-    store_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_users_key_is_read_once_however_many_commands(store_url: str) -> None:
     with FlowStore(store_url) as store:
         store.create_flow(ring_flow(FLOW))
-        loads = _count_loads(monkeypatch, store._log.keys)
-        for _ in range(20):
-            store.execute_transition("ann", FLOW, "tick", {"n": 1})
+        with Internals(store).key_lookups() as loads:
+            for _ in range(20):
+                store.execute_transition("ann", FLOW, "tick", {"n": 1})
         # Created on the first command (looked up, inserted, read back), then never read again.
         assert loads == [1, 1]
 
 
-def test_a_batch_loads_and_creates_all_its_users_keys_at_once(
-    store_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_batch_loads_and_creates_all_its_users_keys_at_once(store_url: str) -> None:
     users = [f"user-{i}" for i in range(40)]
     with FlowStore(store_url) as store:
         store.create_flow(ring_flow(FLOW))
-        loads = _count_loads(monkeypatch, store._log.keys)
-        results = store.execute_transitions([(u, FLOW, "tick", None) for u in users])
+        with Internals(store).key_lookups() as loads:
+            results = store.execute_transitions([(u, FLOW, "tick", None) for u in users])
         assert all(not isinstance(r, Exception) for r in results)
         assert loads == [40, 40]  # one lookup for all, one read-back of those just created
         assert all(_ticks(store, u) == 1 for u in users)
 
 
-def test_an_erasure_by_another_store_stops_this_ones_cached_key(
-    store_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_erasure_by_another_store_stops_this_ones_cached_key(store_url: str) -> None:
     with FlowStore(store_url) as serving, FlowStore(store_url) as admin:
         serving.create_flow(ring_flow(FLOW))
         serving.execute_transition("ann", FLOW, "tick", {"secret": "first run"})
-        keys = serving._log.keys
+        internals = Internals(serving)
         assert admin.erase_user("ann") == 1
         # `refresh` seconds later the serving store looks for erasures in the log.
-        later = time.monotonic() + keys.refresh + 1
-        monkeypatch.setattr(keys, "_clock", lambda: later)
-        old = [e for _, e in serving.read_events(1) if getattr(e, "payload", None)]
-        assert all(e.payload != {"secret": "first run"} for e in old)
-        # Her new run gets a new key, so it stays readable (not sealed with the shredded one).
-        serving.execute_transition("ann", FLOW, "tick", {"secret": "second run"})
+        with internals.keys_later(internals.keys.refresh + 1):
+            old = [e for _, e in serving.read_events(1) if getattr(e, "payload", None)]
+            assert all(e.payload != {"secret": "first run"} for e in old)
+            # Her new run gets a new key, so it stays readable (not sealed with the shredded one).
+            serving.execute_transition("ann", FLOW, "tick", {"secret": "second run"})
     with FlowStore(store_url) as fresh:
         state = fresh.get_flow_state("ann", FLOW)
         assert state is not None
@@ -91,22 +68,19 @@ def test_an_erasure_by_another_store_stops_this_ones_cached_key(
 
 def _tick_events(store: FlowStore, user: str) -> list[Any]:
     """The events of one accepted tick for `user`, decided but not appended."""
-    instance = store._commands.get_instance(instance_id(user, FLOW))
+    commands = Internals(store).commands
+    instance = commands.get_instance(instance_id(user, FLOW))
     assert isinstance(instance, FlowInstance)
-    definition = definition_of(instance, store._commands.versions(FLOW))
+    definition = definition_of(instance, commands.versions(FLOW))
     decision = execute_transition(
         instance,
         definition,
         transition="tick",
         payload=None,
-        now=store._commands.clock(),
+        now=commands.clock(),
         elapsed_ms=0,
     )
     return list(decision.events)
-
-
-def _pending(store: FlowStore, events: list[Any]) -> _Pending:
-    return _Pending([store._log.app.mapper.to_stored_event(e) for e in events])
 
 
 def test_a_group_commits_each_command_but_the_conflicting_one(store_url: str) -> None:
@@ -114,25 +88,24 @@ def test_a_group_commits_each_command_but_the_conflicting_one(store_url: str) ->
         store.create_flow(ring_flow(FLOW))
         for user in ("ann", "bob", "cat"):
             store.reset_flow(user, FLOW)
-        group = store._log._group
-        assert group is not None
+        internals = Internals(store)
         bob = _tick_events(store, "bob")
         store.execute_transition("bob", FLOW, "tick")  # bob moves on: the decided tick is stale
-        commands = [_pending(store, _tick_events(store, u)) for u in ("ann",)]
-        commands += [_pending(store, bob), _pending(store, _tick_events(store, "cat"))]
+        commands = [_tick_events(store, "ann"), bob, _tick_events(store, "cat")]
         before = store.log_position()
-        commit = group._commit_postgres if group._postgres else group._commit
-        commit(commands)
-        assert isinstance(commands[1].error, IntegrityError)
-        assert commands[1].ids is None
-        assert commands[0].error is None
-        assert commands[2].error is None
-        assert commands[0].ids == [before + 1]
+        (ann_ids, ann_error), (bob_ids, bob_error), (cat_ids, cat_error) = (
+            internals.commit_group(commands)
+        )
+        assert isinstance(bob_error, IntegrityError)
+        assert bob_ids is None
+        assert ann_error is None
+        assert cat_error is None
+        assert ann_ids == [before + 1]
         # In commit order (PostgreSQL's sequence may skip the id the rolled-back insert took).
-        assert commands[2].ids is not None
-        assert commands[2].ids[0] > before + 1
-        store._commands.forget_instance(instance_id("ann", FLOW))
-        store._commands.forget_instance(instance_id("cat", FLOW))
+        assert cat_ids is not None
+        assert cat_ids[0] > before + 1
+        internals.commands.forget_instance(instance_id("ann", FLOW))
+        internals.commands.forget_instance(instance_id("cat", FLOW))
         store.sync_projections()
         store.catch_up_projections()
         assert [_ticks(store, u) for u in ("ann", "bob", "cat")] == [1, 1, 1]
@@ -146,9 +119,8 @@ def test_a_group_whose_commit_fails_commits_none_of_it(
         store.create_flow(ring_flow(FLOW))
         for user in ("ann", "bob"):
             store.reset_flow(user, FLOW)
-        group = store._log._group
-        assert group is not None
-        recorder: Any = store._log.app.recorder
+        internals = Internals(store)
+        recorder: Any = internals.recorder
         insert, calls = recorder._insert_events, []
 
         def failing(cursor: Any, stored: Any) -> Any:
@@ -157,11 +129,12 @@ def test_a_group_whose_commit_fails_commits_none_of_it(
                 raise sqlite3.OperationalError("disk I/O error")
             return insert(cursor, stored)
 
+        # eventsourcing's insert of one command of a group (inside the group's transaction).
         monkeypatch.setattr(recorder, "_insert_events", failing)
-        commands = [_pending(store, _tick_events(store, u)) for u in ("ann", "bob")]
+        commands = [_tick_events(store, u) for u in ("ann", "bob")]
         before = store.log_position()
-        group._commit(commands)
-        assert all(isinstance(c.error, OperationalError) and c.ids is None for c in commands)
+        outcomes = internals.commit_group(commands)
+        assert all(isinstance(error, OperationalError) and ids is None for ids, error in outcomes)
         assert store.log_position() == before
 
 
@@ -208,7 +181,7 @@ def test_a_fold_overtaken_by_another_catch_up_is_discarded(store_url: str) -> No
             return events
 
         try:
-            assert store._projections.catch_up(read) == store.log_position()
+            assert store.read_model().catch_up(read) == store.log_position()
         finally:
             other.close()
         assert overtaken == [store.log_position()]
@@ -223,7 +196,7 @@ def test_a_rebuild_builds_every_index_of_the_live_tables(store_url: str) -> None
         store.erase_user("u3")
         assert store.rebuild_projections() == store.log_position()
         found = inspect(store.engine)
-        for table in store._projections.tables.all:
+        for table in store.read_model().tables.all:
             names = {index["name"] for index in found.get_indexes(table.name)}
             assert names == {index.name for index in table.indexes}
         assert store.get_flow_state("u3", FLOW) is None

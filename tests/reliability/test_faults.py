@@ -24,15 +24,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from eventsourcing.persistence import IntegrityError, OperationalError
+from eventsourcing.persistence import OperationalError
 
 from flowstore import FlowStore, StorageUnavailableError
 from flowstore.domain import TransitionExecuted
 from flowstore.projections.sql import SqlProjections
 from flowstore.storage import parse_url
+from flowstore.testing import Internals
 from tests.pgserver import PostgresServer
 from tests.reliability.harness import (
     REPO,
@@ -327,27 +327,16 @@ def test_a_command_on_a_read_only_database_raises_a_flow_error(
 
 
 def test_an_append_whose_acknowledgement_was_lost_is_not_applied_twice(
-    pg_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+    pg_server: PostgresServer,
 ) -> None:
     url = pg_server.create_database()
     create_ring(url)
     with FlowStore(url) as store:
         store.execute_transition("ann", FLOW, "tick")
-        recorder = store._log.app.recorder
-        real = recorder.insert_events
-        calls = 0
-
-        def commit_then_lose_the_reply(stored_events: Any, **kwargs: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            result = real(stored_events, **kwargs)
-            if calls == 1:  # committed; what eventsourcing's retry of the same insert then raises:
-                raise IntegrityError("duplicate key value violates unique constraint")
-            return result
-
-        monkeypatch.setattr(recorder, "insert_events", commit_then_lose_the_reply)
-        state = store.execute_transition("ann", FLOW, "tick", {"nonce": "once"})
-        assert calls == 1  # no second decision, no second append
+        # Committed; then what eventsourcing's retry of the same insert raises.
+        with Internals(store).lost_acknowledgement() as appends:
+            state = store.execute_transition("ann", FLOW, "tick", {"nonce": "once"})
+        assert appends == [1]  # no second decision, no second append
         assert state.payload == {"nonce": "once"}
         copies = [
             e

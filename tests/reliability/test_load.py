@@ -15,6 +15,7 @@ import psycopg
 from flowstore import FlowStore
 from flowstore.decisions import start_flow
 from flowstore.domain import instance_id
+from flowstore.testing import Internals
 from tests.flows import linear
 from tests.pgserver import PostgresServer
 from tests.reliability.harness import (
@@ -115,8 +116,8 @@ def test_an_append_that_commits_late_is_still_projected(pg_server: PostgresServe
         store.create_flow(linear("f"))
         store.execute_transition("ann", "f", "next")
         events = start_flow(None, store.get_flow("f"), user_id="slow", now=datetime.now(UTC))
-        recorder: Any = other._log.app.recorder
-        stored = [other._log.app.mapper.to_stored_event(e) for e in events]
+        recorder: Any = Internals(other).recorder
+        stored = Internals(other).stored(events)
         bob_done = threading.Event()
         bob = threading.Thread(
             target=lambda: (store.execute_transition("bob", "f", "next"), bob_done.set())

@@ -26,7 +26,7 @@ from flowstore import (
     FlowStore,
     InvalidTransitionError,
 )
-from flowstore.eventlog import backoff
+from flowstore.testing import Internals
 from tests.flows import ring
 from tests.reliability.ledger import nonce
 
@@ -47,11 +47,10 @@ class CountingStore(FlowStore):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._commands.backoff = self._backoff  # type: ignore[method-assign]
+        Internals(self).on_retry(self._retried)
 
-    def _backoff(self, attempt: int) -> None:
+    def _retried(self, attempt: int) -> None:
         self._counts.retries = getattr(self._counts, "retries", 0) + 1
-        backoff(attempt)
 
     def take_retries(self) -> int:
         """Retries since the last call, in this thread."""
