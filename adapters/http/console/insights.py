@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import itertools
 import math
 from collections import defaultdict
@@ -232,10 +233,13 @@ DWELL_SAMPLE = 10_000
 """At most this many of the most recent moves out of a flow's steps make the stays (per page)."""
 
 
+_BIN_TOPS = [high for _, high in DWELL_BINS]
+
+
 def _histogram(values: Sequence[float]) -> list[int]:
     counts = [0] * len(DWELL_BINS)
     for value in values:
-        counts[next(i for i, (_, high) in enumerate(DWELL_BINS) if value < high)] += 1
+        counts[bisect.bisect_right(_BIN_TOPS, value)] += 1  # the first bin whose top is above it
     return counts
 
 
@@ -252,20 +256,21 @@ def dwell(
     store.get_flow(flow_id)  # FlowNotFoundError for an unknown flow
     p = _tables(store)
     h = p.tables.history
-    latest = (
-        select(h.c.from_step, h.c.stay_ms, h.c.timestamp)
+    newest = (
+        select(h.c.from_step, h.c.stay_ms)
         .where(h.c.flow_id == flow_id, h.c.timestamp >= since, h.c.kind == "transition")
         .order_by(h.c.timestamp.desc())
-        .limit(sample)
     )
     per_step: defaultdict[str, list[float]] = defaultdict(list)
     with p._read() as conn:
-        rows = conn.execute(latest).all()
-    for step, ms, _ in rows:
+        # Two columns of plain values (timestamps cost more to read than the rest together).
+        rows = conn.execute(newest.limit(sample)).tuples().all()
+        if len(rows) == sample:  # a sample: from when
+            oldest = newest.with_only_columns(h.c.timestamp).offset(sample - 1).limit(1)
+            since = max(since, _aware(conn.execute(oldest).scalar_one()))
+    for step, ms in rows:
         if ms is not None:
             per_step[step].append(float(ms))
-    if len(rows) == sample:
-        since = max(since, _aware(rows[-1][2]))
     return {
         step: Dwell(
             step=step,
