@@ -264,7 +264,7 @@ def dwell(
     per_step: defaultdict[str, list[float]] = defaultdict(list)
     with p._read() as conn:
         # Two columns of plain values (timestamps cost more to read than the rest together).
-        rows = conn.execute(newest.limit(sample)).tuples().all()
+        rows = conn.execute(newest.limit(sample)).all()
         if len(rows) == sample:  # a sample: from when
             oldest = newest.with_only_columns(h.c.timestamp).offset(sample - 1).limit(1)
             since = max(since, _aware(conn.execute(oldest).scalar_one()))
