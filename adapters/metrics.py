@@ -1,16 +1,28 @@
 """Prometheus metrics for `flowstore serve` (at `/metrics`) and `flowstore worker` (`--metrics-port`).
 
 Needs the `metrics` extra (`prometheus-client`). Each app or worker has a registry of its own, so
-several in one process (tests) do not collide. Exposed:
+several in one process (tests) do not collide. The command, rebuild and expiry figures come from
+the store itself (`CommandMetrics`, a `flowstore.telemetry.StoreObserver` registered with
+`FlowStore.add_observer`), so they count every caller of the process's store: HTTP requests,
+WebSocket transitions, the console, the worker's jobs, library calls. Exposed:
 
-- `flowstore_requests_total{method,route,outcome}`: API calls by route template (the command kind,
-  e.g. `POST /api/flow/{flowId}/transition/{transition}`) and outcome (the HTTP status);
+- `flowstore_commands_total{kind,outcome}`: store commands by kind (`transition`, `reset`, `back`,
+  `set_state`, `clear_state`, `adopt_token`, `expire`, `erase`, `migrate`, `create_flow`,
+  `update_flow`, `delete_flow`) and outcome (`accepted`, `rejected`, `error`; and
+  `conflict-retried` once per optimistic-concurrency retry, see `flowstore.telemetry`);
+- `flowstore_command_seconds{kind}`: their latency (a histogram);
+- `flowstore_rebuild_running`: 1 while this process rebuilds or migrates the projections;
+  `flowstore_rebuild_events_done` / `flowstore_rebuild_events_total`: how far it got (log
+  positions, the total being the log's length when it began);
+- `flowstore_expired_total`: instances expired by this process (the worker's expiry job, or
+  `purge-expired` from the CLI or the API);
+- `flowstore_projected_events_total`: events this process's catch-ups wrote into the tables;
+- `flowstore_requests_total{method,route,outcome}`: API calls by route template and HTTP status;
 - `flowstore_request_seconds{method,route}`: their latency;
 - `flowstore_projection_lag_events`, `flowstore_log_position`: read at scrape time;
 - `flowstore_publisher_lag_events{topic}`: when a publisher has recorded a position;
 - `flowstore_pool_connections{state}`: the store's pool (`size`, `checked_out`, `overflow`);
-- `flowstore_leader{job}` (worker): 1 while this process leads the job;
-- `flowstore_expired_total` (worker): instances expired by its expiry job.
+- `flowstore_leader{job}` (worker): 1 while this process leads the job.
 """
 
 from __future__ import annotations
@@ -24,8 +36,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from flowstore import FlowStore
+from flowstore.telemetry import StoreObserver
 
-__all__ = ["CONTENT_TYPE", "FleetMetrics", "StoreCollector"]
+__all__ = ["CONTENT_TYPE", "CommandMetrics", "FleetMetrics", "StoreCollector"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -85,12 +98,83 @@ def _publisher_positions(store: FlowStore) -> list[tuple[str, int]]:
         return [(str(topic), int(position)) for topic, position in rows]
 
 
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class CommandMetrics(StoreObserver):
+    """Counts a store's commands, rebuild progress, expiry and projection into a registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.commands = Counter(
+            "flowstore_commands",
+            "Store commands by kind and outcome (conflict-retried: once per retry)",
+            ["kind", "outcome"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "flowstore_command_seconds",
+            "Store command latency, retries included",
+            ["kind"],
+            registry=registry,
+            buckets=_SECONDS,
+        )
+        self.running = Gauge(
+            "flowstore_rebuild_running",
+            "1 while this process rebuilds or migrates the projections",
+            registry=registry,
+        )
+        self.rebuild_done = Gauge(
+            "flowstore_rebuild_events_done",
+            "Log position the running (or last) rebuild has replayed up to",
+            registry=registry,
+        )
+        self.rebuild_total = Gauge(
+            "flowstore_rebuild_events_total",
+            "Log length the running (or last) rebuild replays up to",
+            registry=registry,
+        )
+        self.expired_total = Counter(
+            "flowstore_expired", "Flow instances expired by this process", registry=registry
+        )
+        self.projected_total = Counter(
+            "flowstore_projected_events",
+            "Events this process's catch-ups wrote into the tables",
+            registry=registry,
+        )
+
+    def command(self, kind: str, outcome: str, seconds: float) -> None:
+        """Count the command; time it unless it is a retry (whose time its command includes)."""
+        self.commands.labels(kind, outcome).inc()
+        if outcome != "conflict-retried":
+            self.latency.labels(kind).observe(seconds)
+
+    def rebuild(self, done: int, total: int) -> None:
+        """Note how far the rebuild got."""
+        self.rebuild_done.set(done)
+        self.rebuild_total.set(total)
+
+    def rebuild_running(self, running: bool) -> None:
+        """Raise or lower the running gauge."""
+        self.running.set(1 if running else 0)
+
+    def expired(self, count: int) -> None:
+        """Count the expired instances."""
+        self.expired_total.inc(count)
+
+    def projected(self, first: int, last: int, count: int, began_ns: int) -> None:
+        """Count the projected events."""
+        self.projected_total.inc(count)
+
+
 class FleetMetrics:
-    """One registry: the store's gauges plus request counters and leadership, for one process."""
+    """One registry for one process: the store's gauges, its commands (observed on the store
+    itself), request counters and leadership. `close()` stops observing the store."""
 
     def __init__(self, store: FlowStore) -> None:
         self.registry = CollectorRegistry()  # collect() only when scraped
         self.registry.register(StoreCollector(store))
+        self.store_metrics = CommandMetrics(self.registry)
+        self._unobserve = store.add_observer(self.store_metrics)
         self.requests = Counter(
             "flowstore_requests",
             "API calls by route and outcome",
@@ -102,7 +186,7 @@ class FleetMetrics:
             "API call latency",
             ["method", "route"],
             registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            buckets=_SECONDS,
         )
         self.leader = Gauge(
             "flowstore_leader",
@@ -110,9 +194,10 @@ class FleetMetrics:
             ["job"],
             registry=self.registry,
         )
-        self.expired = Counter(
-            "flowstore_expired", "Flow instances expired by this worker", registry=self.registry
-        )
+
+    def close(self) -> None:
+        """Stop observing the store (the registry keeps what it counted)."""
+        self._unobserve()
 
     def observe(self, method: str, route: str, outcome: str, seconds: float) -> None:
         """Count one API call and its latency."""

@@ -45,6 +45,7 @@ from flowstore.notify import LogNotifier
 from flowstore.reactions import Handler
 from flowstore.storage import POOL_SIZE_ENV, StorageConfig
 from flowstore.store import FlowStore, Publisher
+from flowstore.telemetry import StoreObserver
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
@@ -248,6 +249,10 @@ class AsyncFlowStore:
     def on_definition_change(self, listener: Callable[[str], None]) -> Callable[[], None]:
         """Register `listener` (`FlowStore.on_definition_change`); registering does no I/O."""
         return self.store.on_definition_change(listener)
+
+    def add_observer(self, observer: StoreObserver) -> Callable[[], None]:
+        """Register `observer` (`FlowStore.add_observer`); registering does no I/O."""
+        return self.store.add_observer(observer)
 
     def on(
         self,

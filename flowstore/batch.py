@@ -23,6 +23,7 @@ from flowstore.definitions import check_entity, check_message, check_payload, re
 from flowstore.domain import DomainEvent, FlowInstance, InstanceEvent, instance_id, project
 from flowstore.errors import FlowError, FlowNotFoundError, InvalidArgumentError
 from flowstore.models import FlowState
+from flowstore.telemetry import BATCH_SIZE, KIND, outcome_of
 from flowstore.views import instance_state
 
 __all__ = ["Transitions"]
@@ -32,6 +33,10 @@ Decide = Callable[[FlowInstance | None], Decision]
 
 _Prepared = tuple[Callable[[], tuple[str, str, Decide]], Callable[[], "FlowState | FlowError"]]
 """One request of a batch: (check it and give (user, flow, decide), apply it on its own)."""
+
+
+_RETRIED: list[FlowState | FlowError] = []
+"""What `_apply_batch` returns when a conflict sends its requests back to be applied one by one."""
 
 
 def _outcome(call: Callable[[], FlowState]) -> FlowState | FlowError:
@@ -78,12 +83,16 @@ class Transitions:
         decide = self._transition(
             user_id, flow_id, transition, payload, time.perf_counter(), ok=ok, message=message
         )
-        return instance_state(self._commands.change_instance(user_id, flow_id, decide))
+        return instance_state(
+            self._commands.change_instance(user_id, flow_id, decide, kind="transition")
+        )
 
     def set_flow_state(self, user_id: str, state: FlowState | Mapping[str, Any]) -> FlowState:
         """`FlowStore.set_flow_state`: check, then read, decide and append (with retries)."""
         flow_id, decide = self._override(user_id, state)
-        return instance_state(self._commands.change_instance(user_id, flow_id, decide))
+        return instance_state(
+            self._commands.change_instance(user_id, flow_id, decide, kind="set_state")
+        )
 
     def execute_transitions(
         self,
@@ -106,7 +115,7 @@ class Transitions:
 
             return decide, lambda: self._one(*request)
 
-        return self._in_batches(map(prepare, requests), batch_size)
+        return self._in_batches(map(prepare, requests), batch_size, "transition")
 
     def set_flow_states(
         self,
@@ -125,23 +134,55 @@ class Transitions:
             return decide, lambda: _outcome(lambda: self.set_flow_state(user_id, state))
 
         prepared = [prepare(update) for update in updates]  # a malformed update: nothing written
-        return self._in_batches(prepared, batch_size)
+        return self._in_batches(prepared, batch_size, "set_state")
 
     def _in_batches(
-        self, requests: Iterable[_Prepared], batch_size: int
+        self, requests: Iterable[_Prepared], batch_size: int, kind: str
     ) -> list[FlowState | FlowError]:
         results: list[FlowState | FlowError] = []
         batch: list[_Prepared] = []
         for request in requests:
             batch.append(request)
             if len(batch) >= batch_size:
-                results.extend(self._apply_batch(batch))
+                results.extend(self._observed_batch(batch, kind))
                 batch = []
         if batch:
-            results.extend(self._apply_batch(batch))
+            results.extend(self._observed_batch(batch, kind))
         return results
 
-    def _apply_batch(self, batch: list[_Prepared]) -> list[FlowState | FlowError]:
+    def _observed_batch(self, batch: list[_Prepared], kind: str) -> list[FlowState | FlowError]:
+        """`_apply_batch`, each request told to the observers as one command of `kind`.
+
+        Each is timed at the batch's time per request (what the batch cost it); requests retried
+        one by one after a conflict count as `conflict-retried`, then as single commands.
+        """
+        observers = self._commands.observers
+        if not observers.active:
+            return self._apply_batch(batch)
+        began = time.perf_counter()
+        with observers.span("flowstore.batch", **{KIND: kind, BATCH_SIZE: len(batch)}):
+            try:
+                results = self._apply_batch(batch, on_conflict=lambda: self._retried(kind, batch))
+            except BaseException as exc:
+                for _ in batch:
+                    observers.command(kind, outcome_of(exc), 0.0)
+                raise
+        if results is _RETRIED:
+            return [one() for _, one in batch]  # counted as single commands
+        each = (time.perf_counter() - began) / len(batch)
+        for result in results:
+            observers.command(
+                kind, outcome_of(result if isinstance(result, FlowError) else None), each
+            )
+        return results
+
+    def _retried(self, kind: str, batch: list[_Prepared]) -> None:
+        for _ in batch:
+            self._commands.observers.command(kind, "conflict-retried", 0.0)
+
+    def _apply_batch(
+        self, batch: list[_Prepared], *, on_conflict: Callable[[], None] | None = None
+    ) -> list[FlowState | FlowError]:
         checked: list[tuple[UUID, Decide] | FlowError] = []
         for prepare, _ in batch:
             try:
@@ -184,6 +225,9 @@ class Transitions:
                     if instance is not None:
                         self._commands.remember_instance(instance)
         if conflict:
+            if on_conflict is not None:
+                on_conflict()
+                return _RETRIED  # the caller retries them, observed one by one
             # One by one, and outside the instance locks: each takes its user's key lock first,
             # then its instance's, the order every command keeps (no deadlock with them).
             return [one() for _, one in batch]

@@ -43,6 +43,7 @@ from flowstore.errors import (
 from flowstore.eventlog import EventLog, backoff
 from flowstore.models import FlowStatus
 from flowstore.reactions import Reactions
+from flowstore.telemetry import POSITION, Observers
 
 __all__ = ["Commands", "cached_instance_id", "definition_of", "is_expired"]
 
@@ -83,6 +84,8 @@ class Commands:
         self._listeners: tuple[Callable[[str], None], ...] = ()
         self.reactions = Reactions()
         """The in-process handlers `FlowStore.on` registers, called after each append."""
+        self.observers = Observers()
+        """Told each command's kind, outcome and latency, in spans (metrics, tracing)."""
         # Threads of one process on one instance take turns: they would otherwise read the same
         # version and all but one fail their append and retry, which only processes need to do.
         self._instance_locks = tuple(threading.RLock() for _ in range(_LOCK_STRIPES))
@@ -108,7 +111,9 @@ class Commands:
         The reactions (`FlowStore.on`) run after the commit and outside the write lock; `react`
         False skips them (an import replays the past).
         """
-        position = self.log.save(events, decided_here=decided_here)
+        with self.observers.span("flowstore.append") as set_attribute:
+            position = self.log.save(events, decided_here=decided_here)
+            set_attribute(POSITION, position)  # the projector's span links to it by position
         if position:
             self._written(position)
         if react:
@@ -120,6 +125,7 @@ class Commands:
         flow_id: str,
         decide: Callable[[FlowInstance | None], Decision],
         *,
+        kind: str,
         persistent: bool = False,
     ) -> FlowInstance:
         """Read, decide, append; on a concurrent append, read the fresh state and decide again.
@@ -127,10 +133,14 @@ class Commands:
         The user's key lock is held from key lookup (sealing) to append, so an erasure in this
         process never shreds the key between the two. `persistent` retries without a limit (an
         erasure must not give up because the user keeps writing: each conflict is their progress).
+        `kind` names the command to the store's observers (`transition`, `reset`, ...).
         """
-        require_id(flow_id, "flow_id")
-        with self.log.keys.user_lock(user_id):
-            return self._change_instance(user_id, flow_id, decide, persistent=persistent)
+        require_id(flow_id, "flow_id")  # before the span: its attributes hold valid ids only
+        if not self.observers.active:
+            with self.log.keys.user_lock(user_id):
+                return self._change_instance(user_id, flow_id, decide, persistent=persistent)
+        with self.observers.observe_command(kind, flow_id), self.log.keys.user_lock(user_id):
+            return self._change_instance(user_id, flow_id, decide, persistent=persistent, kind=kind)
 
     def _change_instance(
         self,
@@ -139,11 +149,14 @@ class Commands:
         decide: Callable[[FlowInstance | None], Decision],
         *,
         persistent: bool,
+        kind: str = "",
     ) -> FlowInstance:
         iid = cached_instance_id(user_id, flow_id)
         # Threads of this process take turns on one instance (inside the user's key lock).
         with self._instance_locks[self._stripe(iid)]:
-            return self._decide_and_append(user_id, flow_id, iid, decide, persistent=persistent)
+            return self._decide_and_append(
+                user_id, flow_id, iid, decide, persistent=persistent, kind=kind
+            )
 
     def _decide_and_append(
         self,
@@ -153,13 +166,15 @@ class Commands:
         decide: Callable[[FlowInstance | None], Decision],
         *,
         persistent: bool,
+        kind: str,
     ) -> FlowInstance:
         attempts = itertools.count() if persistent else iter(range(self.max_retries))
         for attempt in attempts:
             # The first attempt trusts this process's last known state; if another writer moved
             # the instance on, the append fails on its version and the retry reads it fresh.
-            instance = self.cached_instance(iid) if attempt == 0 else self.get_instance(iid)
-            decision = decide(instance)
+            with self.observers.span("flowstore.decide"):
+                instance = self.cached_instance(iid) if attempt == 0 else self.get_instance(iid)
+                decision = decide(instance)
             if not decision.events:
                 if instance is None:
                     raise FlowStateNotFoundError(user_id, flow_id)
@@ -168,6 +183,7 @@ class Commands:
                 self.save(decision.events, decided_here=True)
             except IntegrityError:
                 self.forget_instance(iid)
+                self.observers.command(kind, "conflict-retried", 0.0)
                 self.backoff(attempt)
                 continue
             except StorageUnavailableError:
@@ -181,14 +197,25 @@ class Commands:
         raise ConcurrencyConflictError(user_id, flow_id, self.max_retries)
 
     def append(
-        self, decide: Callable[[], list[DomainEvent]], *, user_id: str, flow_id: str
+        self, decide: Callable[[], list[DomainEvent]], *, user_id: str, flow_id: str, kind: str
     ) -> None:
         """Append definition/catalog events, deciding again after a concurrent append."""
+        if not self.observers.active:
+            self._append(decide, user_id=user_id, flow_id=flow_id, kind=kind)
+            return
+        with self.observers.observe_command(kind, flow_id):
+            self._append(decide, user_id=user_id, flow_id=flow_id, kind=kind)
+
+    def _append(
+        self, decide: Callable[[], list[DomainEvent]], *, user_id: str, flow_id: str, kind: str
+    ) -> None:
         for attempt in range(self.max_retries):
-            events = decide()  # reads through the log, which reports a storage outage
+            with self.observers.span("flowstore.decide"):
+                events = decide()  # reads through the log, which reports a storage outage
             try:
                 self.save(events, decided_here=True)
             except IntegrityError:
+                self.observers.command(kind, "conflict-retried", 0.0)
                 self.backoff(attempt)
                 continue
             with self._cache_lock:

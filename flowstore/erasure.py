@@ -63,7 +63,7 @@ class Erasure:
             # that a stale version could conflict with.
             commands.forget_instance(instance_id(user_id, flow_id))
             with contextlib.suppress(FlowStateNotFoundError):  # never started this flow
-                commands.change_instance(user_id, flow_id, decide, persistent=True)
+                commands.change_instance(user_id, flow_id, decide, kind="erase", persistent=True)
             erased += changed
         return erased
 

@@ -44,7 +44,7 @@ def create_flow(parts: Parts, definition: FlowDefinition | Mapping[str, Any]) ->
             *list_flow(catalog, parsed.flow, now=now),
         ]
 
-    parts.commands.append(decide, user_id="*", flow_id=parsed.flow)
+    parts.commands.append(decide, user_id="*", flow_id=parsed.flow, kind="create_flow")
     return parsed.flow
 
 
@@ -60,7 +60,7 @@ def update_flow(
         versions = parts.live_versions(flow_id)
         return define_flow(versions, update_definition(versions.latest, changes), now=parts.clock())
 
-    parts.commands.append(decide, user_id="*", flow_id=flow_id)
+    parts.commands.append(decide, user_id="*", flow_id=flow_id, kind="update_flow")
     return get_flow(parts, flow_id)
 
 
@@ -71,6 +71,7 @@ def remove_flow(parts: Parts, flow_id: str) -> None:
         lambda: delete_flow(parts.live_versions(flow_id), now=parts.clock()),
         user_id="*",
         flow_id=flow_id,
+        kind="delete_flow",
     )
 
 

@@ -75,7 +75,7 @@ def reset_flow(
             )
         )
 
-    return instance_state(parts.commands.change_instance(user_id, flow_id, decide))
+    return instance_state(parts.commands.change_instance(user_id, flow_id, decide, kind="reset"))
 
 
 def advance(parts: Parts, user_id: str, flow_id: str, payload: dict[str, Any] | None) -> FlowState:
@@ -104,7 +104,7 @@ def return_back(parts: Parts, user_id: str, flow_id: str) -> FlowState:
         definition = definition_of(live, parts.live_versions(flow_id))
         return Decision(go_back(live, definition, now=parts.clock()))
 
-    return instance_state(parts.commands.change_instance(user_id, flow_id, decide))
+    return instance_state(parts.commands.change_instance(user_id, flow_id, decide, kind="back"))
 
 
 def available_transitions(
@@ -154,7 +154,9 @@ def adopt_state_token(parts: Parts, user_id: str, token: str, *, sender: str | N
         require_id(flow_id, "flow_id")
     except InvalidArgumentError:
         raise StateTokenFlowError(flow_id) from None
-    return instance_state(parts.commands.change_instance(user_id, flow_id, decide))
+    return instance_state(
+        parts.commands.change_instance(user_id, flow_id, decide, kind="adopt_token")
+    )
 
 
 def _state_definition(
@@ -187,7 +189,7 @@ def clear_flow_state(parts: Parts, user_id: str, flow_id: str) -> None:
             end_flow(_live(parts, instance, user_id, flow_id), now=parts.clock(), kind="clear")
         )
 
-    parts.commands.change_instance(user_id, flow_id, decide)
+    parts.commands.change_instance(user_id, flow_id, decide, kind="clear_state")
 
 
 def purge_expired_flows(parts: Parts) -> int:
@@ -206,6 +208,8 @@ def purge_expired_flows(parts: Parts) -> int:
             assert current is not None
             return Decision(end_flow(current, now=now, kind="expiry"))
 
-        parts.commands.change_instance(user_id, flow_id, decide)
+        parts.commands.change_instance(user_id, flow_id, decide, kind="expire")
         purged += expired
+    if purged and parts.commands.observers.active:
+        parts.commands.observers.expired(purged)
     return purged

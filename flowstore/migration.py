@@ -74,7 +74,7 @@ def migrate(
             decide(commands.get_instance(instance_id(user_id, flow_id)))
         else:
             try:
-                commands.change_instance(user_id, flow_id, decide)
+                commands.change_instance(user_id, flow_id, decide, kind="migrate")
             except FlowStateNotFoundError:  # the row outlived its instance: nothing to move
                 outcome = None
         if outcome is None:

@@ -18,8 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from flowstore.leader import KEEPALIVES
-from flowstore.storage import StorageConfig
+from flowstore.storage import StorageConfig, connect_dedicated
 
 __all__ = ["LogNotifier"]
 
@@ -86,20 +85,7 @@ class LogNotifier:
                 self._thread.start()
 
     def _connect(self) -> Any:
-        import psycopg
-
-        env = self._config.env
-        return psycopg.connect(
-            host=env.get("POSTGRES_HOST"),
-            port=env.get("POSTGRES_PORT"),
-            dbname=env.get("POSTGRES_DBNAME"),
-            user=env.get("POSTGRES_USER"),
-            password=env.get("POSTGRES_PASSWORD"),
-            connect_timeout=int(env.get("POSTGRES_CONNECT_TIMEOUT") or 2),
-            autocommit=True,
-            application_name="flowstore log listener",
-            **KEEPALIVES,
-        )
+        return connect_dedicated(self._config, "flowstore log listener")
 
     def _listen(self) -> None:
         from psycopg import sql

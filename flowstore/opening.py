@@ -280,4 +280,32 @@ class Parts:
     def project_written(self) -> int:
         """Bring the tables up to this process's writes now (erasure needs them at once)."""
         # The projections take the log's write lock themselves, only to write (see catch_up).
-        return self.projections.catch_up(self.read_contained)
+        return self.projections.catch_up(self.read_contained, projected=self.projected())
+
+    def projected(self) -> Callable[[int, int, int, int], None] | None:
+        """What a catch-up tells the observers after each batch it committed (None: nobody)."""
+        observers = self.commands.observers
+        return observers.projected if observers.active else None
+
+    @contextlib.contextmanager
+    def rebuilding(
+        self, progress: Callable[[int, int], None] | None
+    ) -> Iterator[Callable[[int, int], None] | None]:
+        """`progress`, also telling the observers how far a rebuild got (log positions)."""
+        observers = self.commands.observers
+        if not observers.active:
+            yield progress
+            return
+        total = self.log.position()
+
+        def told(replayed: int, position: int) -> None:
+            observers.rebuild(position, max(total, position))
+            if progress:
+                progress(replayed, position)
+
+        observers.rebuild(0, total)
+        observers.rebuild_running(True)
+        try:
+            yield told
+        finally:
+            observers.rebuild_running(False)

@@ -24,12 +24,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_URL",
+    "KEEPALIVES",
     "POOL_SIZE_ENV",
     "POOL_TIMEOUT_ENV",
     "READ_ONLY",
     "SQLITE_PERSISTENCE",
     "StorageConfig",
     "StorageConfigError",
+    "connect_dedicated",
     "make_engine",
     "parse_url",
     "resolve_url",
@@ -179,6 +181,40 @@ def serialize_ddl(conn: Any) -> None:
         from sqlalchemy import text
 
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _DDL_LOCK})
+
+
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+}
+"""libpq settings for a dedicated connection: a silent peer is declared dead after about 11 s."""
+
+
+def connect_dedicated(config: StorageConfig, application_name: str, **settings: Any) -> Any:
+    """A psycopg connection of its own to the store's PostgreSQL: autocommit, TCP keepalives.
+
+    For what must live exactly as long as one connection (a session advisory lock, a LISTEN):
+    autocommit so that it outlives every transaction on it, keepalives so that the server notices
+    within seconds when this side goes silent, and outside the engine's pool, which could recycle
+    the connection (pre-ping, overflow) under its holder's feet. `settings` (libpq parameters)
+    override the keepalives (a leader's lease scales them, `flowstore.leader`).
+    """
+    import psycopg
+
+    env = config.env
+    return psycopg.connect(
+        host=env.get("POSTGRES_HOST"),
+        port=env.get("POSTGRES_PORT"),
+        dbname=env.get("POSTGRES_DBNAME"),
+        user=env.get("POSTGRES_USER"),
+        password=env.get("POSTGRES_PASSWORD"),
+        connect_timeout=int(env.get("POSTGRES_CONNECT_TIMEOUT") or _CONNECT_TIMEOUT),
+        autocommit=True,
+        application_name=application_name[:63],  # PostgreSQL's limit (NAMEDATALEN - 1)
+        **{**KEEPALIVES, **settings},
+    )
 
 
 def make_engine(config: StorageConfig, *, pool_size: int | None = None) -> Engine:

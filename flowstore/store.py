@@ -50,6 +50,7 @@ from flowstore.opening import (
 )
 from flowstore.reactions import Handler
 from flowstore.storage import StorageConfig, parse_url, resolve_url
+from flowstore.telemetry import StoreObserver
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -298,6 +299,15 @@ class FlowStore:
         `follow` for that.
         """
         return self._parts.commands.reactions.on(event_kind, handler, flow=flow, step=step)
+
+    def add_observer(self, observer: StoreObserver) -> Callable[[], None]:
+        """Tell `observer` about this store's commands, rebuilds, expiry and spans; returns its remover.
+
+        The hooks are in `flowstore.telemetry.StoreObserver`; `flowstore.adapters.metrics` and
+        `flowstore.adapters.tracing` provide Prometheus and OpenTelemetry observers. They hear
+        this process's work only (every caller of this store: library, CLI, HTTP, worker).
+        """
+        return self._parts.commands.observers.add(observer)
 
     def follow(
         self,
@@ -616,8 +626,9 @@ class FlowStore:
         `RebuildRunningError`. A rebuild that fails drops its shadow tables and leaves the live
         ones as they were; a database that fails under it (a full disk) is `StorageUnavailableError`.
         """
-        with self._parts.log.errors("rebuilding the projections"):
-            return self._parts.tables.rebuild(self._parts.read_contained, progress=progress)
+        parts = self._parts
+        with parts.log.errors("rebuilding the projections"), parts.rebuilding(progress) as told:
+            return parts.tables.rebuild(parts.read_contained, progress=told)
 
     def migrate_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Bring the tables to this version's layout blue/green; return the events replayed.
@@ -625,7 +636,8 @@ class FlowStore:
         The old tables keep serving the processes of the previous version until the swap; 0 when
         the tables already have this layout (`ProjectionLayoutError` names the other cases).
         """
-        return self._parts.projections.migrate(self.read_events, progress=progress)
+        with self._parts.rebuilding(progress) as told:
+            return self._parts.projections.migrate(self.read_events, progress=told)
 
     def verify_projections(self) -> list[Difference]:
         """Every difference between the tables and the log (empty when they agree)."""
@@ -641,7 +653,10 @@ class FlowStore:
 
     def catch_up_projections(self, batch: int = 1000) -> int:
         """Apply events the tables have not seen yet, `batch` per transaction; return the position."""
-        return self._parts.projections.catch_up(self._parts.read_contained, page=batch)
+        parts = self._parts
+        return parts.projections.catch_up(
+            parts.read_contained, page=batch, projected=parts.projected()
+        )
 
     @property
     def log_notifier(self) -> LogNotifier:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from eventsourcing.persistence import IntegrityError
 
 from flowstore.domain import DomainEvent, FlowInstance
-from flowstore.eventlog import GroupCommit, _Pending
+from flowstore.groupcommit import GroupCommit, _Pending
 from flowstore.store import FlowStore
 
 if TYPE_CHECKING:

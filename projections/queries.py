@@ -13,6 +13,8 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    RowMapping,
+    Select,
     Table,
     and_,
     distinct,
@@ -32,7 +34,7 @@ from flowstore.models import (
     StepCount,
 )
 from flowstore.projections.batch import StateKey
-from flowstore.projections.ops import bin_value
+from flowstore.projections.ops import ACTIVITY_COLUMNS, bin_value
 from flowstore.projections.tables import ProjectionTables
 
 __all__ = ["Queries", "histogram_percentile", "percentile", "row_dict"]
@@ -99,18 +101,29 @@ def row_dict(mapping: Any) -> dict[str, Any]:
     return {k: _utc(v) for k, v in dict(mapping).items()}
 
 
+_ACTIVITY_ONLY = ("entered", "moved_on", "dropped", "completions")
+_SUMMED = tuple(name for name in ACTIVITY_COLUMNS if name not in _ACTIVITY_ONLY)
+"""The counters whose sums `_statistics` takes: the `flow_activity` columns but its step counters
+and `completions` (the charts'), which are also the all-time `flow_counters` columns."""
+
+
+def _sums(table: Table) -> Select[Any]:
+    """The sums of `_SUMMED` over `table`'s rows (0 where there are none), each under its name."""
+    return select(*(func.coalesce(func.sum(table.c[name]), 0).label(name) for name in _SUMMED))
+
 
 def _statistics(
-    sums: Sequence[Any],
+    sums: RowMapping,
     steps: list[StepCount],
     samples: list[float],
     *,
     active: int,
     throughput: float,
 ) -> FlowStatistics:
-    """The figures from the counters' sums (started, completed, attempts, rejections, failures,
-    duration, response time), all time or over a window alike."""
-    started, completed, attempts, rejections, failures, duration, response = sums
+    """The figures from the counters' sums (`_sums`), all time or over a window alike."""
+    started, completed, attempts = sums["started"], sums["completed"], sums["attempts"]
+    rejections, failures = sums["rejections"], sums["failures"]
+    duration, response = sums["completed_duration_ms"], sums["response_ms_total"]
     return FlowStatistics(
         total_flows=int(started),
         active_users=active,
@@ -125,6 +138,7 @@ def _statistics(
             throughput_per_second=throughput,
         ),
     )
+
 
 class Queries:
     """The read side of `SqlProjections` (a mixin: the runner provides the tables and connections)."""
@@ -223,21 +237,7 @@ class Queries:
         def only(table: Table) -> Any:
             return table.c.flow_id == flow_id if flow_id is not None else True
 
-        c = t.counters.c
-        sums = select(
-            *(
-                func.coalesce(func.sum(col), 0)
-                for col in (
-                    c.started,
-                    c.completed,
-                    c.attempts,
-                    c.rejections,
-                    c.failures,
-                    c.completed_duration_ms,
-                    c.response_ms_total,
-                )
-            )
-        ).where(only(t.counters))
+        sums = _sums(t.counters).where(only(t.counters))
         active = select(func.count(distinct(t.states.c.user_id))).where(
             t.states.c.status == FlowStatus.ACTIVE, only(t.states)
         )
@@ -254,7 +254,7 @@ class Queries:
             t.throughput.c.second <= now_second,
         )
         with self._read() as conn:
-            sums_row = conn.execute(sums).one()
+            sums_row = conn.execute(sums).one()._mapping
             steps = [StepCount(step=r.step, count=int(r.n)) for r in conn.execute(popular) if r.n]
             samples = list(
                 conn.execute(select(t.samples.c.elapsed_ms).where(only(t.samples))).scalars()
@@ -286,20 +286,7 @@ class Queries:
             return [table.c.flow_id == flow_id] if flow_id is not None else []
 
         window = [*where(t.activity), _buckets(t.activity, first, end)]
-        sums = select(
-            *(
-                func.coalesce(func.sum(col), 0)
-                for col in (
-                    a.started,
-                    a.completed,
-                    a.attempts,
-                    a.rejections,
-                    a.failures,
-                    a.completed_duration_ms,
-                    a.response_ms_total,
-                )
-            )
-        ).where(*window, a.step == "")
+        sums = _sums(t.activity).where(*window, a.step == "")
         popular = (
             select(a.step, func.sum(a.entered).label("n"))
             .where(*window, a.step != "")
@@ -316,7 +303,7 @@ class Queries:
         )
         seconds = max((until - since).total_seconds(), 1e-9)
         with self._read() as conn:
-            row = conn.execute(sums).one()
+            row = conn.execute(sums).one()._mapping
             steps = [StepCount(step=r.step, count=int(r.n)) for r in conn.execute(popular) if r.n]
             samples = list(conn.execute(samples_query).scalars())
             return _statistics(
@@ -324,7 +311,7 @@ class Queries:
                 steps,
                 samples,
                 active=int(conn.execute(active).scalar_one()),
-                throughput=row[2] / seconds,  # the window's attempts per second
+                throughput=row["attempts"] / seconds,  # per second of the window
             )
 
     def window_funnel(self, flow_id: str, *, since: datetime, until: datetime) -> list[FunnelStep]:

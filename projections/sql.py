@@ -250,16 +250,24 @@ class SqlProjections(Queries, Verification):
         ):
             yield conn, self._position(conn, lock=True)
 
-    def catch_up(self, read: EventPage, *, page: int = _PAGE) -> int:
+    def catch_up(
+        self,
+        read: EventPage,
+        *,
+        page: int = _PAGE,
+        projected: Callable[[int, int, int, int], None] | None = None,
+    ) -> int:
         """Apply every event after the tracking position; return the new position.
 
         Reading, decoding and folding a batch happen outside any write transaction (and outside
         the write lock): only writing the rows and moving the tracking row do. The write
         transaction checks that the tracking position is still the one the batch was folded
         from; if another catch-up moved it meanwhile, the fold is discarded and done again, so
-        every event still counts exactly once.
+        every event still counts exactly once. `projected(first, last, count, began_ns)` hears each
+        committed batch (the store's observers: metrics, tracing).
         """
         while True:
+            began = time.time_ns()
             with self._lock:
                 with self._read() as conn:
                     position = self._position(conn, lock=False)
@@ -281,6 +289,8 @@ class SqlProjections(Queries, Verification):
                     self._set_position(conn, events[-1][0])
                 self._rows.keep(batch)
                 self._owned_position = events[-1][0]
+            if projected is not None:
+                projected(events[0][0], events[-1][0], len(events), began)
             if len(events) < page:  # the log's end: no need for another transaction to find it
                 return events[-1][0]
 

@@ -43,7 +43,6 @@ def worker(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
         topic=args.topic,
     )
     on_change: Callable[[str, bool], None] | None = None
-    on_expired: Callable[[int], None] | None = None
     if args.metrics_port:
         try:
             from prometheus_client import start_http_server
@@ -58,8 +57,9 @@ def worker(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
         def on_change(job: str, leading: bool) -> None:
             metrics.leader.labels(job).set(1 if leading else 0)
 
-        on_expired = metrics.expired.inc
-    run_worker(store, stop, settings, on_change=on_change, on_expired=on_expired)
+    # Commands, expiry and rebuilds are counted by the store itself (FleetMetrics observes it).
+    trace_if_asked(store)
+    run_worker(store, stop, settings, on_change=on_change)
     position = store.projection_position()
     return Note(f"stopped; tables at event {position}", {"position": position})
 
@@ -123,6 +123,18 @@ def follow(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     return Note(f"{args.name} stopped at event {position}", details)
 
 
+def trace_if_asked(store: FlowStore) -> None:
+    """Trace the store's work with OpenTelemetry when `$FLOWSTORE_TRACING` is 1 (`otel` extra)."""
+    if os.environ.get("FLOWSTORE_TRACING", "").strip() != "1":
+        return
+    try:
+        from flowstore.adapters.tracing import trace_store
+    except ImportError as exc:
+        hint = "FLOWSTORE_TRACING=1 needs the otel extra: pip install 'flowstore-es[otel]'"
+        raise SystemExit(f"{hint} ({exc})") from None
+    trace_store(store)
+
+
 def serve(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     """`serve [--host H] [--port P] [--projector live|off]`: the HTTP and WebSocket API."""
     try:
@@ -131,5 +143,6 @@ def serve(store: FlowStore, args: argparse.Namespace, out: Output) -> Result:
     except ImportError as exc:
         hint = "flowstore serve needs the http extra: pip install 'flowstore-es[http]'"
         raise SystemExit(f"{hint} ({exc})") from None
+    trace_if_asked(store)
     serve_http(store, host=args.host, port=args.port, log_level=args.log_level)
     return None

@@ -13,6 +13,7 @@ the WebSocket (`websocket.py`, `push.py`). Endpoints await an `AsyncFlowStore`.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -140,7 +141,12 @@ def create_app(
     router = create_router(
         store, verifier, max_body_bytes=max_body_bytes, poll_interval=poll_interval
     )
-    app = FastAPI(title="flowstore", version=flowstore.__version__, description=_DESCRIPTION)
+    app = FastAPI(
+        title="flowstore",
+        version=flowstore.__version__,
+        description=_DESCRIPTION,
+        **_NATIVE_TELEMETRY_OFF,
+    )
     app.include_router(router)  # merges the router's lifespan (the log follower) into the app's
     app.state.store = store
     app.state.verifier = verifier
@@ -149,6 +155,11 @@ def create_app(
     app.add_middleware(BodyLimit, limit=max(max_body_bytes, 0))
     metrics = _metrics(store)
     app.add_middleware(RequestObserver, metrics=metrics)  # times everything inside CORS
+    tracing = _tracing(store)
+    if tracing is not None:  # outside the request id and metrics: the span covers them too
+        from flowstore.adapters.tracing import TracingMiddleware
+
+        app.add_middleware(TracingMiddleware, tracer=tracing.tracer)
     if metrics is not None:
 
         @app.get("/metrics", include_in_schema=False)
@@ -176,6 +187,25 @@ def create_app(
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """Prometheus' text exposition format."""
+
+
+_NATIVE_TELEMETRY_OFF: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
+"""FastAPI's own OpenTelemetry (0.165 and later) traces each request into the global provider with
+its raw path (`url.path`: user ids in admin paths) and logs failures with their messages (which
+name users): both off. `flowstore.adapters.tracing` traces by route template when asked."""
+
+
+def _tracing(store: FlowStore) -> Any:
+    """The store's tracing observer when `trace_store` was called on it (the `otel` extra)."""
+    try:
+        from flowstore.adapters.tracing import traced
+    except ImportError:
+        return None
+    return traced(store)
 
 
 def _metrics(store: FlowStore) -> Any:

@@ -311,6 +311,8 @@ class KafkaPublisher:
                     state="caught up", position=position, log_position=self.store.log_position()
                 )
                 return total
+            if not self.lock.check():  # lost while reading (a partition): send nothing
+                raise PublisherLockError(f"the publisher lock for {self.topic!r} is not held")
             began = time.perf_counter()
             try:
                 self._publish_page(events, stop)

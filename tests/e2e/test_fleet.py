@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,6 @@ from tests.e2e.http.conftest import wait_until_healthy
 from tests.e2e.kafka.broker import TansuBroker
 from tests.e2e.test_worker import Worker
 from tests.flows import ring
-from tests.pgserver import PostgresServer
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -158,36 +156,25 @@ class Client:
             self._ws.close()
 
 
-@pytest.fixture
-def fleet_url(pg_server: PostgresServer) -> str:
-    return pg_server.create_database()
-
-
-@pytest.fixture
-def broker() -> Iterator[TansuBroker]:
-    with TansuBroker.start() as started:
-        yield started
-
-
 def wait_until(condition: Any) -> None:
     while not condition():
         time.sleep(0.02)  # the pace of a polling loop; pytest-timeout bounds it
 
 
 def test_a_fleet_survives_kill_9_of_its_leading_worker_and_of_a_server(
-    fleet_url: str, broker: TansuBroker
+    pg_url: str, broker: TansuBroker
 ) -> None:
-    with FlowStore(fleet_url, live_projections=False) as store:
+    with FlowStore(pg_url, live_projections=False) as store:
         store.create_flow(ring("r"))
     processes: list[subprocess.Popen[Any]] = []
     try:
         options = ("--bootstrap", broker.bootstrap, "--topic", TOPIC)
-        first = Worker(fleet_url, *options)
+        first = Worker(pg_url, *options)
         processes.append(first.process)
         first.wait_for("leading projections")
-        second = Worker(fleet_url, *options)  # the standby
+        second = Worker(pg_url, *options)  # the standby
         processes.append(second.process)
-        servers = [Server(fleet_url) for _ in range(3)]
+        servers = [Server(pg_url) for _ in range(3)]
         processes += [s.process for s in servers]
         for server in servers:
             wait_until_healthy(server.url, alive=lambda s=server: s.alive, timeout=120)
@@ -206,7 +193,7 @@ def test_a_fleet_survives_kill_9_of_its_leading_worker_and_of_a_server(
             thread.join()
         second.wait_for("leading projections")
 
-        with FlowStore(fleet_url, live_projections=False) as store:
+        with FlowStore(pg_url, live_projections=False) as store:
             wait_until(lambda: store.projection_position() == store.log_position())
             assert store.unreadable_events() == []
             assert store.verify_projections() == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import pytest
 from flowstore import FlowStore
 from flowstore.leader import LeaderLock, run_elected
 from flowstore.storage import parse_url
-from tests.flows import ring
+from tests.flows import linear, ring
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,8 +28,13 @@ ROOT = Path(__file__).resolve().parents[2]
 class Worker:
     """A `flowstore worker` process whose log lines the test reads as they come."""
 
-    def __init__(self, url: str, *extra: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "FLOWSTORE_KAFKA_BOOTSTRAP": ""}
+    def __init__(self, url: str, *extra: str, env: dict[str, str] | None = None) -> None:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "FLOWSTORE_KAFKA_BOOTSTRAP": "",
+            **(env or {}),
+        }
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -57,19 +63,20 @@ class Worker:
             self.lines.put(line)
         self.lines.put("")  # the process ended
 
+    def read_line(self) -> str:
+        """The next log line (fail if none comes, or the process ends)."""
+        try:
+            line = self.lines.get(timeout=120)
+        except Empty:
+            pytest.fail("the worker logged nothing for 120 s")
+        if not line:
+            pytest.fail(f"the worker ended (exit code {self.process.wait()})")
+        return line
+
     def wait_for(self, text: str) -> None:
         """Block until a log line contains `text` (fail if the process ends first)."""
-        seen = []
-        while True:
-            try:
-                line = self.lines.get(timeout=120)
-            except Empty:
-                pytest.fail(f"no {text!r} in the worker's log: {seen}")
-            if not line:
-                pytest.fail(f"worker ended before {text!r}: {seen}")
-            seen.append(line)
-            if text in line:
-                return
+        while text not in self.read_line():
+            pass
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
@@ -162,8 +169,6 @@ def test_only_one_of_two_elections_leads_at_a_time(store_url: str) -> None:
 def test_the_worker_serves_metrics_naming_the_jobs_it_leads(
     store_url: str, workers: list[Worker]
 ) -> None:
-    import socket
-
     import httpx
 
     with socket.socket() as sock:
@@ -175,4 +180,30 @@ def test_the_worker_serves_metrics_naming_the_jobs_it_leads(
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     assert 'flowstore_leader{job="projections"} 1.0' in text
     assert "flowstore_projection_lag_events 0.0" in text
+    assert worker.stop() == 0
+
+
+def test_the_worker_counts_its_expiry_commands_and_projected_events(
+    store_url: str, workers: list[Worker]
+) -> None:
+    from tests.e2e.http.test_metrics import commands, scrape
+
+    with FlowStore(store_url, live_projections=False) as store:
+        store.create_flow(linear("t", 3, ttl=1))
+        store.execute_transition("ann", "t", "next")  # idle from now: expired a second later
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        worker = Worker(store_url, "--metrics-port", str(port), "--expire-every", "0.2")
+        workers.append(worker)
+        url = f"http://127.0.0.1:{port}/metrics"
+        worker.wait_for("expired 1 flow instance")
+        samples = scrape(url)
+        assert samples[("flowstore_expired_total", ())] == 1.0
+        assert commands(samples, "expire") == {"accepted": 1.0}
+        # The worker projected the whole log (its own expiry included), each event once.
+        head = store.log_position()
+        projected = ("flowstore_projected_events_total", ())
+        wait_until(lambda: scrape(url).get(projected, 0) >= head, "projected")
+        assert scrape(url)[projected] == head
     assert worker.stop() == 0

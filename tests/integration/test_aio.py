@@ -16,7 +16,7 @@ from flowstore.storage import parse_url
 from tests.flows import linear
 
 # Calls that do no I/O stay plain methods: registering a listener returns at once.
-_SYNC_ON_PURPOSE = {"on", "on_definition_change"}
+_SYNC_ON_PURPOSE = {"add_observer", "on", "on_definition_change"}
 # These also take coroutine handlers (and the follower comes back as an AsyncFollower).
 _OTHER_TYPES = {"follow", "on"}
 

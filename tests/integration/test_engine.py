@@ -11,6 +11,7 @@ import flowstore.storage
 from flowstore import FlowStore
 from flowstore.adapters.kafka.tracking import PublisherTracking
 from tests.flows import linear
+from tests.pgserver import PostgresServer
 
 
 def test_a_store_opens_one_engine_and_everything_of_ours_uses_it(
@@ -43,3 +44,14 @@ def test_the_pool_size_comes_from_the_environment_when_not_given(
     monkeypatch.setenv(flowstore.storage.POOL_SIZE_ENV, "7")
     with FlowStore(store_url, kafka=False) as store:
         assert store.engine.pool.size() == 7  # type: ignore[attr-defined]
+
+
+def test_a_dedicated_connection_is_outside_the_pool_autocommit_and_kept_alive(
+    pg_server: PostgresServer,
+) -> None:
+    # The connection a leader's lock or the log's LISTEN lives on (flowstore.leader, .notify).
+    config = flowstore.storage.parse_url(pg_server.create_database())
+    with flowstore.storage.connect_dedicated(config, "flowstore " + "x" * 100) as conn:
+        assert conn.autocommit
+        assert conn.info.get_parameters()["application_name"] == ("flowstore " + "x" * 100)[:63]
+        assert conn.info.get_parameters()["keepalives_idle"] == "5"

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import socket
 
+import httpx
 import orjson
+import pytest
 from fastapi.testclient import TestClient
 
-from flowstore import FlowStore
+from flowstore import FlowNotFoundError, FlowStore, InvalidTransitionError
 from flowstore.adapters.http import JwtVerifier, create_app
 from flowstore.adapters.logs import JsonFormatter, request_id
-from tests.e2e.http.conftest import SECRET, User
+from tests.e2e.http.conftest import SECRET, LiveServer, User
 from tests.flows import linear
 
 
@@ -55,3 +58,90 @@ def test_json_log_lines_name_the_request() -> None:
     assert line["message"] == "hello you"
     assert line["level"] == "warning"
     assert line["request_id"] == "req-7"
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples a real /metrics endpoint serves: {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(url, timeout=10)
+    assert response.status_code == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def commands(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], kind: str
+) -> dict[str, float]:
+    """flowstore_commands_total of `kind`, by outcome."""
+    return {
+        dict(labels)["outcome"]: value
+        for (name, labels), value in samples.items()
+        if name == "flowstore_commands_total" and dict(labels)["kind"] == kind
+    }
+
+
+def test_store_commands_are_counted_by_kind_and_outcome_whoever_calls_the_store(
+    store_url: str,
+) -> None:
+    alice = User.new("alice")
+    with FlowStore(store_url) as store, FlowStore(store_url) as other:
+        store.create_flow(linear("f", 5))
+        with LiveServer(create_app(store, JwtVerifier(SECRET))) as server:
+            url = f"{server.url}/api/flow/f/transition"
+            assert httpx.post(f"{url}/next", headers=alice.headers).is_success
+            assert httpx.post(f"{url}/nope", headers=alice.headers).status_code == 422
+            # Another process moves alice on: the server's next append conflicts, and the
+            # command is decided again on the fresh state.
+            other.execute_transition(alice.id, "f", "next")
+            assert httpx.post(f"{url}/next", headers=alice.headers).is_success
+            store.reset_flow(alice.id, "f")  # library calls on the same store count too
+            with pytest.raises(FlowNotFoundError):
+                store.reset_flow(alice.id, "nowhere")
+            with pytest.raises(InvalidTransitionError):
+                store.go_back(alice.id, "f")  # nothing to go back to
+            samples = scrape(f"{server.url}/metrics")
+    assert commands(samples, "transition") == {
+        "accepted": 2.0,
+        "rejected": 1.0,
+        "conflict-retried": 1.0,
+    }
+    assert commands(samples, "reset") == {"accepted": 1.0, "rejected": 1.0}
+    assert commands(samples, "back") == {"rejected": 1.0}
+    histogram = ("flowstore_command_seconds_count", (("kind", "transition"),))
+    assert samples[histogram] == 3.0  # a retry is timed within its command, not apart
+
+
+def test_rebuild_progress_is_served_while_it_runs_and_after(store_url: str) -> None:
+    from prometheus_client import start_http_server
+
+    from flowstore.adapters.metrics import FleetMetrics
+
+    with FlowStore(store_url) as store:
+        store.create_flow(linear("f", 5))
+        for user in ("ann", "bob", "cid"):
+            store.execute_transition(user, "f", "next")
+        metrics = FleetMetrics(store)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server, thread = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+        try:
+            url = f"http://127.0.0.1:{port}/metrics"
+            during: list[dict[tuple[str, tuple[tuple[str, str], ...]], float]] = []
+            store.rebuild_projections(progress=lambda *_: during.append(scrape(url)))
+            after = scrape(url)
+            head = float(store.log_position())
+        finally:
+            server.shutdown()
+            thread.join()
+            metrics.close()
+    assert during, "no progress reported"
+    assert all(s[("flowstore_rebuild_running", ())] == 1.0 for s in during)
+    assert during[-1][("flowstore_rebuild_events_done", ())] == head
+    assert after[("flowstore_rebuild_running", ())] == 0.0
+    assert after[("flowstore_rebuild_events_done", ())] == head
+    assert after[("flowstore_rebuild_events_total", ())] == head
