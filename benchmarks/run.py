@@ -167,9 +167,16 @@ def _plan(
         ("2", lambda: [batched_transitions(urls, backend, max(args.ops * 5, 500))]),
         ("3", lambda: concurrent_writers(urls, backend, args.ops)),
         ("4", lambda: read_latency(urls, backend, args.instances)),
-        ("5", lambda: [rebuild(urls, backend, args.events)]),
+        ("5", lambda: [rebuild(urls, backend, args.events, args.before)]),
         # The publisher only reads the log; measured once, on the embedded backend.
-        ("6", lambda: [kafka_publisher(urls, backend, 10_000)] if backend == "sqlite" else []),
+        (
+            "6",
+            lambda: (
+                [kafka_publisher(urls, backend, 10_000, before=args.before)]
+                if backend == "sqlite"
+                else []
+            ),
+        ),
     ]
 
 
@@ -182,6 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--scenarios", default="1,2,3,4,5,6")
     parser.add_argument("--profile", action="store_true", help="print scenario 1's time per stage")
+    parser.add_argument(
+        "--before",
+        metavar="CHECKOUT",
+        help="scenarios 5 and 6: also run this checkout's code (e.g. the main branch) on the same "
+        "log, in the same run; its rate goes in the notes (before=, before_raw=)",
+    )
     args = parser.parse_args(argv)
     chosen = set(args.scenarios.split(","))
     console = Console()

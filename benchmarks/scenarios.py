@@ -7,15 +7,21 @@ Every function takes a database URL (a fresh, empty database per call) and a siz
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
+import os
 import random
 import sqlite3
 import statistics
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 from uuid import NAMESPACE_URL, UUID, uuid5
@@ -119,8 +125,11 @@ class NaiveApp(Application[UUID]):
 
 
 def naive_env(url: str) -> dict[str, str]:
-    """The same persistence settings flowstore uses for this URL."""
-    return {**parse_url(url).env, "AGGREGATE_CACHE_MAXSIZE": "10000"}
+    """The same persistence settings flowstore uses for this URL, with eventsourcing's own
+    recorder (flowstore's PostgreSQL recorder is part of what is measured against it)."""
+    env = {**parse_url(url).env, "AGGREGATE_CACHE_MAXSIZE": "10000"}
+    env.pop("APPLICATION_RECORDER_TOPIC", None)
+    return env
 
 
 def _naive_transitions(url: str, users: list[str], ops: int) -> tuple[float, float]:
@@ -402,19 +411,55 @@ def read_latency(
     return rows
 
 
-def _rebuild_child(url: str, out: Any) -> None:
-    import resource
-
-    with FlowStore(url, live_projections=False) as store:
-        clocks = Clocks()
-        replayed = store.rebuild_projections()
-        clocks.stop()
+_REBUILD = """
+import json, resource, sys, time
+from flowstore import FlowStore
+with FlowStore(sys.argv[1], live_projections=False) as store:
+    wall, cpu = time.perf_counter(), time.process_time()
+    replayed = store.rebuild_projections()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out.put((replayed, clocks.wall, rss, clocks.cpu_us(max(replayed, 1))))
+print(json.dumps([replayed, wall, cpu, rss]))
+"""
+"""A rebuild in a fresh process (so its peak RSS is the rebuild's) of whichever code PYTHONPATH names."""
+
+_PUBLISH = """
+import json, sys
+from benchmarks.kafka import publisher_rate
+from flowstore import FlowStore
+from flowstore.adapters.kafka.publisher import ensure_topic
+url, bootstrap, topic = sys.argv[1:]
+ensure_topic(bootstrap, topic, partitions=6)
+with FlowStore(url, live_projections=False) as store:
+    print(json.dumps(publisher_rate(store, bootstrap, topic, 500)))
+"""
+"""`KafkaPublisher.publish_pending` of the whole log into a new topic, in a fresh process."""
 
 
-def rebuild(urls: Callable[[], str], backend: str, events: int) -> Row:
-    """Scenario 5: projection rebuild vs the raw ordered log read; peak RSS of the rebuilding process."""
+def in_tree(tree: str, code: str, *args: str) -> Any:
+    """Run `code` in a new interpreter importing flowstore (and benchmarks) from `tree`; its
+    last line of output, as JSON. `tree` "" is this checkout: a before/after pair in one run."""
+    root = tree or str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root}
+    # In `root` too: `python -c` puts the working directory before PYTHONPATH on sys.path.
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode:
+        raise RuntimeError(f"in {root}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def rebuild(urls: Callable[[], str], backend: str, events: int, before: str | None = None) -> Row:
+    """Scenario 5: projection rebuild vs the raw ordered log read; peak RSS of the rebuilding process.
+
+    `before`: a checkout of older code, whose rebuild of the same log runs first (notes).
+    """
     url = urls()
     users = [f"user-{i}" for i in range(1000)]
     with FlowStore(url, live_projections=False) as store:
@@ -430,45 +475,82 @@ def rebuild(urls: Callable[[], str], backend: str, events: int) -> Row:
             start = page[-1].id + 1
         clocks.stop()
         raw = count / clocks.wall
-    context = multiprocessing.get_context("spawn")
-    out = context.Queue()
-    child = context.Process(target=_rebuild_child, args=(url, out))
-    child.start()
-    replayed, elapsed, rss, cpu = out.get(timeout=3600)
-    child.join()
+    extra: dict[str, Any] = {}
+    if before is not None:
+        # Both measured rebuilds then replace full tables (dropping them is part of the cost).
+        in_tree("", _REBUILD, url)
+        replayed, wall, cpu, rss = in_tree(before, _REBUILD, url)
+        extra = {
+            "before": round(replayed / wall),
+            "before_raw": round(replayed / wall / raw, 3),
+            "before_cpu_us": round(cpu / replayed * 1e6, 1),
+            "before_rss_mb": round(rss),
+        }
+    replayed, wall, cpu, rss = in_tree("", _REBUILD, url)
     return Row(
         "5 rebuild",
         backend,
         "events/s",
         raw,
         None,
-        replayed / elapsed,
-        {"events": replayed, "peak_rss_mb": rss},
-        {"raw": clocks.cpu_us(count), "flowstore": cpu},
+        replayed / wall,
+        {"events": replayed, "peak_rss_mb": round(rss), **extra},
+        {"raw": clocks.cpu_us(count), "flowstore": cpu / replayed * 1e6},
     )
 
 
-def kafka_publisher(urls: Callable[[], str], backend: str, events: int, rounds: int = 2) -> Row:
-    """Scenario 6: the Kafka publisher vs the raw kafka-python producer, same payloads and broker."""
-    from benchmarks.kafka import best, publisher_rate, raw_rate, write_log
+def kafka_publisher(
+    urls: Callable[[], str], backend: str, events: int, rounds: int = 2, before: str | None = None
+) -> Row:
+    """Scenario 6: the Kafka publisher vs the raw kafka-python producer, same payloads and broker.
+
+    Each round measures raw, then `before`'s publisher (a checkout of older code), then this
+    one's, each into a new topic; every figure is the best of its rounds.
+    """
+    from benchmarks.kafka import raw_rate, write_log
     from flowstore.adapters.kafka.envelope import FlowEventEnvelope, message_key
+    from flowstore.adapters.kafka.publisher import ensure_topic, producer_settings
     from tests.e2e.kafka.broker import TansuBroker
 
-    with TansuBroker.start() as broker, FlowStore(urls(), live_projections=False) as store:
-        write_log(store, events)
-        log = store.read_events(1, store.log_position() + 1)
+    url = urls()
+    rates: dict[str, list[float]] = {"raw": [], "settings": [], "before": [], "after": []}
+    # The publisher's producer settings (one request in flight, for per-key order) on the bare
+    # producer: what the settings cost, apart from the publisher's own work.
+    settings = producer_settings("")
+    settings.pop("bootstrap_servers")
+    with TansuBroker.start() as broker:
+        with FlowStore(url, live_projections=False) as store:
+            write_log(store, events)
+            log = store.read_events(1, store.log_position() + 1)
         messages = [(message_key(e), FlowEventEnvelope.of(n, e).to_bytes()) for n, e in log]
-        raw = best(rounds, lambda t: raw_rate(broker.bootstrap, t, messages), 6, broker.bootstrap)
-        published = best(
-            rounds, lambda t: publisher_rate(store, broker.bootstrap, t, 500), 6, broker.bootstrap
-        )
-    return Row("6 kafka publisher", backend, "events/s", raw, None, published, {"events": len(log)})
+        bootstrap = broker.bootstrap
+        for _ in range(rounds):
+            topic = f"bench-{uuid.uuid4().hex[:8]}"
+            ensure_topic(bootstrap, topic, partitions=6)
+            rates["raw"].append(raw_rate(bootstrap, topic, messages))
+            topic = f"bench-{uuid.uuid4().hex[:8]}"
+            ensure_topic(bootstrap, topic, partitions=6)
+            rates["settings"].append(raw_rate(bootstrap, topic, messages, **settings))
+            for name, tree in (("before", before), ("after", "")):
+                if tree is not None:
+                    topic = f"bench-{uuid.uuid4().hex[:8]}"
+                    rates[name].append(in_tree(tree, _PUBLISH, url, bootstrap, topic))
+    raw = max(rates["raw"])
+    extra: dict[str, Any] = {
+        "events": len(log),
+        "raw_publisher_settings": round(max(rates["settings"])),
+        "settings_raw": max(rates["settings"]) / raw,
+    }
+    if rates["before"]:
+        extra |= {"before": round(max(rates["before"])), "before_raw": max(rates["before"]) / raw}
+    return Row("6 kafka publisher", backend, "events/s", raw, None, max(rates["after"]), extra)
 
 
 __all__ = [
     "Row",
     "batched_transitions",
     "concurrent_writers",
+    "in_tree",
     "kafka_publisher",
     "read_latency",
     "rebuild",

@@ -26,7 +26,6 @@ __all__ = ["Stages"]
 def _targets() -> list[tuple[str, object, str]]:
     """(stage name, owner, attribute) of every timed function, in the order they are printed."""
     import eventsourcing.persistence as es_persistence
-    import eventsourcing.postgres as es_postgres
     import eventsourcing.sqlite as es_sqlite
 
     import flowstore.batch as batch
@@ -35,6 +34,7 @@ def _targets() -> list[tuple[str, object, str]]:
     from flowstore.commands import Commands
     from flowstore.eventlog import EventLog
     from flowstore.keys import UserKeys
+    from flowstore.pglog import OneTripRecorder
     from flowstore.projections.sql import SqlProjections
 
     return [
@@ -48,7 +48,8 @@ def _targets() -> list[tuple[str, object, str]]:
         ("    encode + seal (to_stored_event)", PydanticMapper, "to_stored_event"),
         ("    recorder put (insert + commit)", es_persistence.EventStore, "put"),
         ("      commit (SQLite)", es_sqlite.SQLiteConnection, "commit"),
-        ("      insert (PostgreSQL)", es_postgres.PostgresApplicationRecorder, "insert_events"),
+        # flowstore's recorder (one round trip: insert + commit); eventsourcing's for the rest.
+        ("      insert + commit (PostgreSQL)", OneTripRecorder, "insert_events"),
         ("projector catch-up (all threads)", SqlProjections, "catch_up"),
         ("  read + decode events", EventLog, "read"),
         ("    key lookups (prefetch)", UserKeys, "prefetch"),

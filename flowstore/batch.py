@@ -17,10 +17,10 @@ from uuid import UUID
 from eventsourcing.persistence import IntegrityError
 from pydantic import ValidationError
 
-from flowstore.commands import Commands, definition_of
+from flowstore.commands import Commands, cached_instance_id, definition_of
 from flowstore.decisions import Decision, execute_transition, override_state, start_flow
 from flowstore.definitions import check_entity, check_message, check_payload, require_id
-from flowstore.domain import DomainEvent, FlowInstance, InstanceEvent, instance_id, project
+from flowstore.domain import DomainEvent, FlowInstance, InstanceEvent, project
 from flowstore.errors import FlowError, FlowNotFoundError, InvalidArgumentError
 from flowstore.models import FlowState
 from flowstore.telemetry import BATCH_SIZE, KIND, outcome_of
@@ -188,7 +188,7 @@ class Transitions:
             try:
                 user_id, flow_id, decide = prepare()
                 require_id(flow_id, "flow_id")
-                checked.append((instance_id(user_id, flow_id), decide))
+                checked.append((cached_instance_id(user_id, flow_id), decide))
             except FlowError as error:
                 checked.append(error)
         iids = [item[0] for item in checked if not isinstance(item, FlowError)]
@@ -283,9 +283,7 @@ class Transitions:
 
         return decide
 
-    def _override(
-        self, user_id: str, state: FlowState | Mapping[str, Any]
-    ) -> tuple[str, Decide]:
+    def _override(self, user_id: str, state: FlowState | Mapping[str, Any]) -> tuple[str, Decide]:
         """Check an override's input; the flow it is in and the decision it makes."""
         require_id(user_id, "user_id")
         if not isinstance(state, FlowState):

@@ -13,6 +13,7 @@ An event that cannot be read at all raises `CorruptEventError` naming it, never 
 from __future__ import annotations
 
 import base64
+import binascii
 from collections.abc import Sequence
 from typing import Any, cast
 from uuid import UUID
@@ -136,7 +137,8 @@ class PydanticMapper(Mapper[Any]):
     def _open(self, stored_event: StoredEvent, state: dict[str, Any], cls: type) -> dict[str, Any]:
         """The personal fields of a sealed event; stand-ins when its key has been shredded."""
         subject = state.pop("subject")
-        sealed = base64.b64decode(state.pop("sealed"))
+        # What b64decode does, without its Python wrapper (a page of events decodes thousands).
+        sealed = binascii.a2b_base64(state.pop("sealed"))
         key = self.keys.for_subject(subject) if self.keys is not None else None
         if key is None:  # erased (or a store opened without keys): the event reads anonymised
             fields = cast(type[BaseModel], cls).model_fields

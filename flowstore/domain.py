@@ -9,7 +9,7 @@ Three aggregates, all immutable pydantic models rebuilt from their events:
 
 `evolve(aggregate, event)` folds an event into the aggregate; `project` folds many. What a command
 decides (`(aggregate, inputs, now) -> events`) is in `flowstore.decisions`; the history row an event
-stands for, in `flowstore.projections.history`; the public `FlowState` of an instance, in
+stands for, in `flowstore.projections.ops`; the public `FlowState` of an instance, in
 `flowstore.views`. No I/O and no clock here.
 
 Events are stored under their topic, `flowstore.domain:<ClassName>`: an event class stays here (or is

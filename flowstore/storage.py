@@ -27,6 +27,7 @@ __all__ = [
     "KEEPALIVES",
     "POOL_SIZE_ENV",
     "POOL_TIMEOUT_ENV",
+    "POSTGRES_RECORDER",
     "READ_ONLY",
     "SQLITE_PERSISTENCE",
     "StorageConfig",
@@ -57,6 +58,9 @@ class StorageConfig:
 
 SQLITE_PERSISTENCE = "flowstore.sqlitelog:SecureSQLiteFactory"
 """The eventsourcing persistence topic of SQLite stores."""
+
+POSTGRES_RECORDER = "flowstore.pglog:OneTripRecorder"
+"""The eventsourcing application recorder of PostgreSQL stores (`flowstore.pglog`)."""
 
 _CONNECT_TIMEOUT = "2"
 """Seconds a PostgreSQL call waits for a connection per attempt, unless the URL sets connect_timeout."""
@@ -128,6 +132,8 @@ def parse_url(url: str) -> StorageConfig:
             # attempts. Its default of 30 s kept a command 2 to 5 minutes on a database that is
             # down; with 2 s it fails within about 22 s (raise it with ?connect_timeout=).
             "POSTGRES_CONNECT_TIMEOUT": _CONNECT_TIMEOUT,
+            # eventsourcing's recorder, appending in one round trip rather than two.
+            "APPLICATION_RECORDER_TOPIC": POSTGRES_RECORDER,
             # Not POSTGRES_ENABLE_DB_FUNCTIONS: its insert function (eventsourcing 9.5.6) skips the
             # LOCK TABLE that keeps notification ids in commit order, so followers of the log
             # (projections, the Kafka publisher) skipped late-committing events under concurrent

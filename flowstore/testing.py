@@ -37,6 +37,7 @@ from flowstore.store import FlowStore
 if TYPE_CHECKING:
     from flowstore.commands import Commands
     from flowstore.keys import UserKeys
+    from flowstore.projections.sql import SqlProjections
 
 __all__ = [
     "Clock",
@@ -173,6 +174,12 @@ class Internals:
         """The users' keys (`flowstore.keys.UserKeys`), cached by this store."""
         keys: UserKeys = self._parts.log.keys
         return keys
+
+    @property
+    def projections(self) -> SqlProjections:
+        """The read-model tables' runner (`flowstore.projections.sql.SqlProjections`)."""
+        projections: SqlProjections = self._parts.projections
+        return projections
 
     @property
     def recorder(self) -> Any:

@@ -1,38 +1,42 @@
-"""Applies row operations to an in-memory batch: the one place events become table rows.
+"""Applies row changes to an in-memory batch: the one place events become table rows.
 
-A `RowBatch` answers the two questions `changes()` asks (the instance's current state row, the flow's
+A `RowBatch` answers the two questions the fold asks (the instance's current state row, the flow's
 attempt count) from what it has applied so far, falling back to a loader (the database) for rows it
-has not seen. It accumulates the result; `flowstore.projections.sql` writes a batch in a few statements. With
-loaders that know nothing, a batch fed the whole log *is* the expected content of every table, which
-is how `verify` replays the log in memory.
+has not seen. It accumulates the result by table; `flowstore.projections.sql` writes a batch in a
+few statements per table. With loaders that know nothing, a batch fed the whole log *is* the
+expected content of every table, which is how `verify` replays the log in memory.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from flowstore.domain import DomainEvent, InstanceEvent, TransitionExecuted, TransitionRejected
-from flowstore.projections.ops import (
-    ACTIVITY_COLUMNS,
-    AddActivity,
-    AddCounters,
-    AddHistory,
-    AddResponseTime,
-    AddStepCounters,
-    AddThroughput,
-    AddTransition,
-    EraseInstance,
-    PutSample,
-    PutState,
-    changes,
-)
+from sqlalchemy import Table
 
-__all__ = ["RowBatch", "StateKey"]
+from flowstore.domain import DomainEvent
+from flowstore.projections.ops import ATTEMPT_KINDS, INSTANCE_KINDS, fold
+from flowstore.projections.tables import ProjectionTables
+
+__all__ = ["INSERT", "PUT", "SUM", "RowBatch", "StateKey", "columns_of"]
 
 StateKey = tuple[str, str]
 """(user_id, flow_id)"""
+
+INSERT, PUT, SUM = "insert", "put", "sum"
+"""How a batch's rows of a table reach it: inserted (facts), replacing the row at their key, or
+added to it (counters)."""
+
+_KEYS: dict[Table, tuple[list[str], list[str]]] = {}
+
+
+def columns_of(table: Table) -> tuple[list[str], list[str]]:
+    """The primary key's columns and the others, in table order."""
+    if table not in _KEYS:
+        keys = [c.name for c in table.primary_key.columns]
+        _KEYS[table] = (keys, [c.name for c in table.columns if c.name not in keys])
+    return _KEYS[table]
 
 
 def _no_state(_: StateKey) -> dict[str, Any] | None:
@@ -44,7 +48,7 @@ def _no_attempts(_: str) -> int:
 
 
 class RowBatch:
-    """Row changes accumulated from a run of events."""
+    """Row changes accumulated from a run of events (a `flowstore.projections.ops.RowChanges`)."""
 
     def __init__(
         self,
@@ -55,26 +59,15 @@ class RowBatch:
         self._load_attempts = load_attempts
         self.states: dict[StateKey, dict[str, Any] | None] = {}
         self.dirty: set[StateKey] = set()
-        self.history: list[dict[str, Any]] = []
         self.erased: set[str] = set()
         """Ids of instances whose rows written before this batch must go (before its own rows)."""
-        self.counters: defaultdict[str, defaultdict[str, float]] = defaultdict(
-            lambda: defaultdict(float)
-        )
-        self.steps: defaultdict[tuple[str, str], Counter[str]] = defaultdict(Counter)
-        self.samples: dict[tuple[str, int], tuple[float, int]] = {}
-        """(flow_id, slot) -> (elapsed_ms, second)"""
-        self.throughput: Counter[tuple[str, int]] = Counter()
-        self.forget_before: dict[str, int] = {}
-        self.activity: defaultdict[tuple[str, int, int, str], defaultdict[str, float]] = (
-            defaultdict(lambda: defaultdict(float))
-        )
-        """(flow_id, span, start, step) -> counts"""
-        self.response_times: Counter[tuple[str, int, int, int]] = Counter()
-        """(flow_id, span, start, bin) -> attempts"""
-        self.transitions: Counter[tuple[str, str, str]] = Counter()
-        """(flow_id, from_step, transition) -> taken"""
+        self.inserted: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.sums: defaultdict[str, dict[tuple[Any, ...], dict[str, float]]] = defaultdict(dict)
+        self.puts: defaultdict[str, dict[tuple[Any, ...], dict[str, Any]]] = defaultdict(dict)
+        self.forget_before: defaultdict[str, dict[str, int]] = defaultdict(dict)
+        """table -> flow_id -> the second below which its rows go"""
         self._attempts: dict[str, int] = {}
+        self._key: StateKey = ("", "")
         self.events = 0
 
     def state(self, key: StateKey) -> dict[str, Any] | None:
@@ -84,55 +77,23 @@ class RowBatch:
         return self.states[key]
 
     def apply(self, event: DomainEvent) -> None:
-        """Fold one event's row operations into the batch."""
+        """Fold one decoded event into the batch."""
+        self.apply_fields(type(event).__name__, event.__dict__)
+
+    def apply_fields(self, kind: str, event: Mapping[str, Any]) -> None:
+        """Fold one event given as plain data: its class name and its fields."""
         self.events += 1
-        if not isinstance(event, InstanceEvent):
+        if kind not in INSTANCE_KINDS:
             return
-        key = (event.user_id, event.flow_id)
+        flow = event["flow_id"]
+        key = self._key = (event["user_id"], flow)
         attempts = 0
-        if isinstance(event, TransitionExecuted | TransitionRejected):
-            if event.flow_id not in self._attempts:
-                self._attempts[event.flow_id] = self._load_attempts(event.flow_id)
-            attempts = self._attempts[event.flow_id]
-        for op in changes(event, self.state(key), attempts):
-            match op:
-                case PutState(row):
-                    self.states[key] = row
-                    self.dirty.add(key)
-                case AddHistory(row):
-                    self.history.append(row)
-                case EraseInstance(instance):
-                    self.erased.add(instance)
-                    for known, copy in self.states.items():
-                        if known == key or (copy is not None and copy["instance_id"] == instance):
-                            self.states[known] = None
-                            self.dirty.add(known)
-                    self.history = [h for h in self.history if h["instance_id"] != instance]
-                case AddCounters(flow_id, deltas):
-                    counters = self.counters[flow_id]
-                    for name, delta in deltas.items():  # Counter.update is slower per call
-                        counters[name] += delta
-                    if "attempts" in deltas:
-                        self._attempts[flow_id] += int(deltas["attempts"])
-                case AddStepCounters(flow_id, step, deltas):
-                    steps = self.steps[(flow_id, step)]
-                    for name, delta in deltas.items():
-                        steps[name] += delta
-                case PutSample(flow_id, slot, elapsed_ms, second):
-                    self.samples[(flow_id, slot)] = (elapsed_ms, second)
-                case AddActivity(flow_id, span, start, step, deltas):
-                    counts = self.activity[(flow_id, span, start, step)]
-                    for name, delta in deltas.items():
-                        counts[name] += delta
-                case AddResponseTime(flow_id, span, start, index):
-                    self.response_times[(flow_id, span, start, index)] += 1
-                case AddTransition(flow_id, from_step, transition):
-                    self.transitions[(flow_id, from_step, transition)] += 1
-                case AddThroughput(flow_id, second, forget_before):
-                    self.throughput[(flow_id, second)] += 1
-                    self.forget_before[flow_id] = max(
-                        forget_before, self.forget_before.get(flow_id, forget_before)
-                    )
+        if kind in ATTEMPT_KINDS:
+            if flow not in self._attempts:
+                self._attempts[flow] = self._load_attempts(flow)
+            attempts = self._attempts[flow]
+            self._attempts[flow] = attempts + 1
+        fold(kind, event, self.state(key), attempts, self)
 
     def apply_all(self, events: Iterable[DomainEvent]) -> RowBatch:
         """Fold many events; returns self."""
@@ -140,37 +101,83 @@ class RowBatch:
             self.apply(event)
         return self
 
-    def forget_old_throughput(self) -> None:
-        """Drop per-second counts that fell out of the retention window (in-memory replays)."""
-        for key in [k for k in self.throughput if k[1] < self.forget_before.get(k[0], k[1])]:
-            del self.throughput[key]
+    # RowChanges
 
-    def activity_rows(self) -> list[dict[str, Any]]:
-        """The `flow_activity` rows of the batch (counts to add, or the whole table's in a replay)."""
-        return [
-            {
-                "flow_id": f,
-                "span": span,
-                "start": start,
-                "step": s,
-                **{c: d.get(c, 0) for c in ACTIVITY_COLUMNS},
-            }
-            for (f, span, start, s), d in self.activity.items()
-        ]
+    def put_state(self, row: dict[str, Any]) -> None:
+        """Replace the instance's state row."""
+        self.states[self._key] = row
+        self.dirty.add(self._key)
 
-    def response_time_rows(self) -> list[dict[str, Any]]:
-        """The `flow_response_times` rows of the batch."""
-        return [
-            {"flow_id": f, "span": span, "start": start, "bin": b, "attempts": n}
-            for (f, span, start, b), n in self.response_times.items()
-        ]
+    def erase(self, instance_id: str) -> None:
+        """Forget the instance's rows: its state (under any user id) and its history."""
+        self.erased.add(instance_id)
+        for known, copy in self.states.items():
+            if known == self._key or (copy is not None and copy["instance_id"] == instance_id):
+                self.states[known] = None
+                self.dirty.add(known)
+        for table, rows in self.inserted.items():
+            self.inserted[table] = [r for r in rows if r.get("instance_id") != instance_id]
 
-    def transition_rows(self) -> list[dict[str, Any]]:
-        """The `flow_transitions` rows of the batch."""
-        return [
-            {"flow_id": f, "from_step": s, "transition": t, "taken": n}
-            for (f, s, t), n in self.transitions.items()
-        ]
+    def insert(self, table: str, row: dict[str, Any]) -> None:
+        """Insert a row."""
+        self.inserted[table].append(row)
+
+    def add(self, table: str, key: tuple[Any, ...], deltas: Mapping[str, float]) -> None:
+        """Add to the row at `key`."""
+        rows = self.sums[table]
+        found = rows.get(key)
+        if found is None:
+            rows[key] = dict(deltas)
+        else:
+            for name, delta in deltas.items():
+                found[name] = found.get(name, 0) + delta
+
+    def put(self, table: str, key: tuple[Any, ...], row: dict[str, Any]) -> None:
+        """Replace the row at `key`."""
+        self.puts[table][key] = row
+
+    def forget(self, table: str, flow_id: str, before: int) -> None:
+        """Rows of `flow_id` below `before` (their second) go."""
+        bounds = self.forget_before[table]
+        bounds[flow_id] = max(before, bounds.get(flow_id, before))
+
+    # Reading the result
+
+    def rows(self, tables: ProjectionTables) -> Iterator[tuple[Table, str, list[dict[str, Any]]]]:
+        """Every table's rows of this batch as whole rows: (table, INSERT | PUT | SUM, rows)."""
+        states = [row for key in self.dirty if (row := self.states[key]) is not None]
+        if states:
+            yield tables.states, PUT, states
+        for name, facts in self.inserted.items():
+            if facts:
+                yield getattr(tables, name), INSERT, facts
+        for name, changed in self.puts.items():
+            table = getattr(tables, name)
+            keys, _ = columns_of(table)
+            yield table, PUT, [dict(zip(keys, k, strict=True)) | r for k, r in changed.items()]
+        for name, sums in self.sums.items():
+            table = getattr(tables, name)
+            keys, values = columns_of(table)
+            yield (
+                table,
+                SUM,
+                [
+                    dict(zip(keys, k, strict=True)) | {c: d.get(c, 0) for c in values}
+                    for k, d in sums.items()
+                ],
+            )
+
+    def forget_old(self) -> None:
+        """Drop summed rows that fell out of their retention window (in-memory replays)."""
+        for name, bounds in self.forget_before.items():
+            sums = self.sums[name]
+            for key in [k for k in sums if k[1] < bounds.get(k[0], k[1])]:
+                del sums[key]
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The `flow_history` rows of this batch."""
+        return self.inserted["history"]
 
     @property
     def attempts(self) -> dict[str, int]:
@@ -183,11 +190,7 @@ class RowBatch:
         return not (
             self.dirty
             or self.erased
-            or self.history
-            or self.counters
-            or self.steps
-            or self.samples
-            or self.activity
-            or self.response_times
-            or self.transitions
+            or any(self.inserted.values())
+            or any(self.sums.values())
+            or any(self.puts.values())
         )

@@ -1,55 +1,37 @@
 """What each event does to the read-model tables, as plain data: a pure function of events.
 
-`changes(event, previous, attempts)` returns the row operations for one event, given the instance's
-current `flow_states` row and the flow's attempt count so far (both read from the tables being
-built). The live path, a rebuild and verify all apply these same operations, so they cannot disagree.
+`fold(kind, event, previous, attempts, rows)` reads one event as plain data (its class name and its
+fields, e.g. a decoded event's `__dict__`), given the instance's current `flow_states` row and the
+flow's attempt count so far (both read from the tables being built), and tells `rows` what changes.
+The live path, a rebuild and verify all fold through this one function, so they cannot disagree;
+how the changes reach the tables (`RowBatch`, then upserts, `executemany` or `COPY`) is theirs.
+
+The changes name their table by its `ProjectionTables` attribute ("counters", "activity"...) and a
+row by its primary key in column order, so that a new table needs a rule here and a `Table` in
+`flowstore.projections.tables`, and nothing in the code that writes, rebuilds or verifies.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
-from flowstore.domain import (
-    DomainEvent,
-    FlowCleared,
-    FlowCompleted,
-    FlowErased,
-    FlowExpired,
-    FlowHandedOver,
-    FlowMigrated,
-    FlowStarted,
-    FlowWentBack,
-    InstanceEvent,
-    StateOverridden,
-    TransitionExecuted,
-    TransitionRejected,
-    merge_payload,
-)
-from flowstore.models import FlowStatus
-from flowstore.projections.history import history_entry
+from flowstore.domain import merge_payload
+from flowstore.models import FlowStatus, HistoryKind
 
 __all__ = [
     "ACTIVITY_COLUMNS",
     "ACTIVITY_SPANS",
+    "ATTEMPT_KINDS",
+    "INSTANCE_KINDS",
     "RESPONSE_BINS_PER_OCTAVE",
     "SAMPLE_SLOTS",
     "THROUGHPUT_RETENTION_SECONDS",
-    "AddActivity",
-    "AddCounters",
-    "AddHistory",
-    "AddResponseTime",
-    "AddStepCounters",
-    "AddThroughput",
-    "AddTransition",
-    "EraseInstance",
-    "Op",
-    "PutSample",
-    "PutState",
+    "RowChanges",
     "bin_value",
-    "changes",
+    "fold",
     "response_bin",
 ]
 
@@ -103,129 +85,35 @@ THROUGHPUT_RETENTION_SECONDS = 3600
 """Per-second attempt counts are kept for the current and the previous hour (of event time)."""
 
 
-@dataclass(frozen=True)
-class PutState:
-    """Replace the `flow_states` row of (user_id, flow_id)."""
+class RowChanges(Protocol):
+    """Where `fold` puts what one event changes (`flowstore.projections.batch.RowBatch`)."""
 
-    row: dict[str, Any]
+    def put_state(self, row: dict[str, Any]) -> None:
+        """Replace the `flow_states` row of (row's user_id, row's flow_id)."""
 
+    def erase(self, instance_id: str) -> None:
+        """Delete every row carrying `instance_id` (by id, not by user id: an instance's events
+        read with the user's id while their key exists and with a stand-in once it is shredded,
+        and the rows to delete may carry either)."""
 
-@dataclass(frozen=True)
-class AddHistory:
-    """Insert one `flow_history` row."""
+    def insert(self, table: str, row: dict[str, Any]) -> None:
+        """Insert one row (a table of facts, e.g. history)."""
 
-    row: dict[str, Any]
+    def add(self, table: str, key: tuple[Any, ...], deltas: Mapping[str, float]) -> None:
+        """Add `deltas` to the row at `key` (a new row starts at zero)."""
 
+    def put(self, table: str, key: tuple[Any, ...], row: dict[str, Any]) -> None:
+        """Replace the row at `key` with `row`'s non-key columns."""
 
-@dataclass(frozen=True)
-class AddCounters:
-    """Add to the counters of one flow."""
-
-    flow_id: str
-    deltas: dict[str, float]
-
-
-@dataclass(frozen=True)
-class AddStepCounters:
-    """Add to the funnel counters of one step."""
-
-    flow_id: str
-    step: str
-    deltas: dict[str, int]
+    def forget(self, table: str, flow_id: str, before: int) -> None:
+        """Rows of `flow_id` whose second column is below `before` are no longer wanted."""
 
 
-@dataclass(frozen=True)
-class PutSample:
-    """Write a response-time sample into its ring slot."""
+Event = Mapping[str, Any]
+"""An event's fields by name (a decoded event's `__dict__`): timestamps are datetimes."""
 
-    flow_id: str
-    slot: int
-    elapsed_ms: float
-    second: int
-    """When the attempt was made (epoch second of event time)."""
-
-
-@dataclass(frozen=True)
-class AddThroughput:
-    """Count an attempt in its second; forget seconds older than `forget_before`."""
-
-    flow_id: str
-    second: int
-    forget_before: int
-
-
-@dataclass(frozen=True)
-class AddActivity:
-    """Add to one flow's counts in one time bucket (step "" for the flow's own counts)."""
-
-    flow_id: str
-    span: int
-    """The bucket's size in seconds (one of `ACTIVITY_SPANS`)."""
-    start: int
-    """The bucket's first second (epoch seconds, a multiple of `span`)."""
-    step: str
-    deltas: dict[str, float]
-
-
-@dataclass(frozen=True)
-class AddResponseTime:
-    """Count one attempt's response time in its histogram bin of one time bucket."""
-
-    flow_id: str
-    span: int
-    start: int
-    bin: int
-
-
-@dataclass(frozen=True)
-class AddTransition:
-    """Count one accepted transition, by the step it left and its name (the diagram's labels)."""
-
-    flow_id: str
-    from_step: str
-    transition: str
-
-
-@dataclass(frozen=True)
-class EraseInstance:
-    """Delete the `flow_states` row and every `flow_history` row of one instance (by its id).
-
-    By id, not by user id: an instance's events read with the user's id while their key exists and
-    with a stand-in once it is shredded, and the rows to delete may carry either.
-    """
-
-    instance_id: str
-
-
-Op = (
-    EraseInstance
-    | PutState
-    | AddHistory
-    | AddCounters
-    | AddStepCounters
-    | PutSample
-    | AddThroughput
-    | AddActivity
-    | AddResponseTime
-    | AddTransition
-)
-
-
-def _state_row(event: InstanceEvent, current: dict[str, Any] | None, **fields: Any) -> PutState:
-    # Without a current row (only when one run's events were sealed under two keys, a write
-    # racing an erasure), the row starts from neutral values rather than failing the projection.
-    base: dict[str, Any] = dict(current) if current else dict(_NEW_ROW)
-    base.update(
-        instance_id=str(event.originator_id),
-        user_id=event.user_id,
-        flow_id=event.flow_id,
-        definition_version=event.definition_version,
-        version=event.originator_version,
-        updated_at=event.timestamp,
-    )
-    base.update(fields)
-    return PutState(base)
-
+_RUN_COUNTS = frozenset({"completed", "completed_duration_ms"})
+"""Counted in the bucket the run started, so a window's completion rate is over its own runs."""
 
 _NEW_ROW: dict[str, Any] = {
     "step": None,
@@ -241,266 +129,356 @@ _NEW_ROW: dict[str, Any] = {
     "message": None,
     "entered_at": None,
 }
+_ACTIVE = FlowStatus.ACTIVE.value
+_ACTIVITY = frozenset(ACTIVITY_COLUMNS)
 
 
-def _stay_ms(event: InstanceEvent, previous: dict[str, Any] | None) -> float | None:
-    """For a transition taken: how long the run stayed on the step it leaves, in whole ms (since
-    the accepted command that brought it there; None when the row does not say)."""
-    if not isinstance(event, TransitionExecuted) or previous is None:
-        return None
-    entered = previous.get("entered_at")
-    if entered is None or previous.get("step") != event.from_step:
-        return None
-    return float(max(0, round((event.timestamp - entered) / timedelta(milliseconds=1))))
+class _Fold:
+    """One event's folding: the event, the rows it reads, and where its changes go."""
+
+    __slots__ = ("e", "flow", "instance", "previous", "rows", "second")
+
+    def __init__(self, e: Event, previous: dict[str, Any] | None, rows: RowChanges) -> None:
+        self.e, self.previous, self.rows = e, previous, rows
+        self.flow: str = e["flow_id"]
+        self.instance = str(e["originator_id"])
+        self.second = int(e["timestamp"].timestamp())
+
+    def state(self, **fields: Any) -> None:
+        # Without a current row (only when one run's events were sealed under two keys, a write
+        # racing an erasure), the row starts from neutral values rather than failing the projection.
+        e, previous = self.e, self.previous
+        row = dict(previous) if previous else dict(_NEW_ROW)
+        row["instance_id"] = self.instance
+        row["user_id"] = e["user_id"]
+        row["flow_id"] = self.flow
+        row["definition_version"] = e["definition_version"]
+        row["version"] = e["originator_version"]
+        row["updated_at"] = e["timestamp"]
+        row.update(fields)
+        self.rows.put_state(row)
+
+    def history(
+        self,
+        kind: HistoryKind,
+        from_step: str | None,
+        to_step: str | None,
+        *,
+        meta: Mapping[str, Any] = {},
+        transition: str | None = None,
+        payload: dict[str, Any] | None = None,
+        success: bool = True,
+        error: str | None = None,
+        ok: bool | None = None,
+        message: str | None = None,
+        stay_ms: float | None = None,
+    ) -> None:
+        """One `flow_history` row; the steps and transition as "" when there are none (the seed's
+        strings, `flowstore.models.FlowStateHistory`)."""
+        e = self.e
+        oid = self.instance
+        self.rows.insert(
+            "history",
+            {
+                "user_id": e["user_id"],
+                "flow_id": self.flow,
+                "version": e["originator_version"],
+                "instance_id": oid,
+                "id": f"{oid}:{e['originator_version']}",
+                "kind": kind.value,
+                "from_step": from_step or "",
+                "to_step": to_step or "",
+                "transition": transition or "",
+                "payload": payload,
+                "timestamp": e["timestamp"],
+                "success": success,
+                "error": error,
+                "meta": {"definition_version": e["definition_version"], **meta},
+                "ok": ok,
+                "message": message,
+                "stay_ms": stay_ms,
+            },
+        )
+
+    def activity(self, second: int, step: str, deltas: Mapping[str, float]) -> None:
+        """Add to the flow's activity in the minute and in the hour of `second`."""
+        for span in ACTIVITY_SPANS:
+            self.rows.add("activity", (self.flow, span, second - second % span, step), deltas)
+
+    def count(self, deltas: dict[str, float]) -> None:
+        """Add to the flow's counters, and to its activity: runs by the bucket they started in
+        (`completions` by the one they completed in), the rest by the bucket they happened in."""
+        self.rows.add("counters", (self.flow,), deltas)
+        if _RUN_COUNTS.isdisjoint(deltas) and _ACTIVITY.issuperset(deltas):  # the usual case
+            self.activity(self.second, "", deltas)
+            return
+        by_run = {k: v for k, v in deltas.items() if k in _RUN_COUNTS}
+        by_now = {k: v for k, v in deltas.items() if k in ACTIVITY_COLUMNS and k not in by_run}
+        if "completed" in by_run:
+            by_now["completions"] = by_run["completed"]
+        if by_run:
+            started = self.previous.get("started_at") if self.previous else None
+            run = int(started.timestamp()) if started is not None else self.second
+            self.activity(run, "", by_run)
+        if by_now:
+            self.activity(self.second, "", by_now)
+
+    def step(self, step: str, counter: str) -> None:
+        """Count one run entering, moving on from or dropping out at `step` (and its buckets)."""
+        deltas = {counter: 1}
+        self.rows.add("steps", (self.flow, step), deltas)
+        self.activity(self.second, step, deltas)
+
+    def stay_ms(self) -> float | None:
+        """For a transition taken: how long the run stayed on the step it leaves, in whole ms
+        (since the accepted command that brought it there; None when the row does not say)."""
+        previous = self.previous
+        entered = previous.get("entered_at") if previous else None
+        if entered is None or previous is None or previous.get("step") != self.e["from_step"]:
+            return None
+        return float(max(0, round((self.e["timestamp"] - entered) / timedelta(milliseconds=1))))
+
+    def dropped(self) -> None:
+        """An active run that ends or is moved away from its step without moving on drops out."""
+        previous = self.previous
+        if previous is not None and previous["status"] == _ACTIVE:
+            self.step(previous["step"], "dropped")
+
+    def attempt(self, attempts: int) -> None:
+        e, second = self.e, self.second
+        # Whole hours are forgotten at once, so the bound (and the delete behind it) moves rarely.
+        hour = THROUGHPUT_RETENTION_SECONDS
+        self.rows.put(
+            "samples",
+            (self.flow, attempts % SAMPLE_SLOTS),
+            {"elapsed_ms": e["elapsed_ms"], "second": second},
+        )
+        self.rows.add("throughput", (self.flow, second), {"attempts": 1})
+        self.rows.forget("throughput", self.flow, (second // hour - 1) * hour)
+        timed = response_bin(e["elapsed_ms"])
+        for span in ACTIVITY_SPANS:
+            key = (self.flow, span, second - second % span, timed)
+            self.rows.add("response_times", key, {"attempts": 1})
 
 
-def _history_row(event: DomainEvent, previous: dict[str, Any] | None) -> AddHistory | None:
-    entry = history_entry(event)
-    if entry is None:
-        return None
-    assert isinstance(event, InstanceEvent)
-    data = entry.model_dump()
-    return AddHistory(
-        {
-            "user_id": data["user_id"],
-            "flow_id": data["flow_id"],
-            "version": event.originator_version,
-            "instance_id": str(event.originator_id),
-            "id": data["id"],
-            "kind": str(data["kind"]),
-            "from_step": data["from_step"],
-            "to_step": data["to_step"],
-            "transition": data["transition"],
-            "payload": data["payload"],
-            "timestamp": data["timestamp"],
-            "success": data["success"],
-            "error": data["error"],
-            "meta": data["metadata"],
-            "ok": data["ok"],
-            "message": data["message"],
-            "stay_ms": _stay_ms(event, previous),
-        }
+def _started(f: _Fold, e: Event, attempts: int) -> None:
+    f.history(
+        HistoryKind.START if e["reason"] == "start" else HistoryKind.RESET,
+        e["from_step"],
+        e["step"],
+    )
+    f.dropped()
+    f.count({"started": 1})
+    f.step(e["step"], "entered")
+    f.state(
+        step=e["step"],
+        service=e["service"],
+        ok=True,
+        payload=None,
+        status=_ACTIVE,
+        started_at=e["timestamp"],
+        completed_at=None,
+        expires_at=e["expires_at"],
+        previous=None,
+        entity_id=e["entity_id"],
+        message=None,
+        entered_at=e["timestamp"],
     )
 
 
-def _dropped(previous: dict[str, Any] | None, flow_id: str) -> list[Op]:
-    """An active run that ends or is moved away from its step without moving on drops out there."""
-    if previous is None or previous["status"] != FlowStatus.ACTIVE:
-        return []
-    return [AddStepCounters(flow_id, previous["step"], {"dropped": 1})]
+def _executed(f: _Fold, e: Event, attempts: int) -> None:
+    meta = {"elapsed_ms": e["elapsed_ms"], "service": e["service"]}
+    if e["previous"] is not None:
+        meta["previous"] = e["previous"]
+    f.history(
+        HistoryKind.TRANSITION,
+        e["from_step"],
+        e["to_step"],
+        meta=meta,
+        transition=e["transition"],
+        payload=e["payload"],
+        ok=e["ok"],
+        message=e["message"],
+        stay_ms=f.stay_ms(),
+    )
+    counts: dict[str, float] = {"attempts": 1, "response_ms_total": e["elapsed_ms"]}
+    if not e["ok"]:
+        counts["failures"] = 1
+    f.count(counts)
+    f.step(e["from_step"], "moved_on")
+    f.step(e["to_step"], "entered")
+    f.rows.add("transitions", (f.flow, e["from_step"], e["transition"]), {"taken": 1})
+    f.attempt(attempts)
+    before = f.previous.get("payload") if f.previous else None
+    f.state(
+        step=e["to_step"],
+        service=e["service"],
+        ok=e["ok"],
+        message=e["message"],
+        previous=e["previous"],
+        payload=merge_payload(before, e["payload"]) if e["rules"] == 2 else e["payload"],
+        expires_at=e["expires_at"],
+        entered_at=e["timestamp"],
+    )
 
 
-def _attempt(event: TransitionExecuted | TransitionRejected, attempts: int) -> list[Op]:
-    second = int(event.timestamp.timestamp())
-    # Whole hours are forgotten at once, so the bound (and the delete behind it) moves rarely.
-    hour = THROUGHPUT_RETENTION_SECONDS
-    timed = response_bin(event.elapsed_ms)
-    return [
-        PutSample(event.flow_id, attempts % SAMPLE_SLOTS, event.elapsed_ms, second),
-        AddThroughput(event.flow_id, second, (second // hour - 1) * hour),
-        *(AddResponseTime(event.flow_id, s, second - second % s, timed) for s in ACTIVITY_SPANS),
-    ]
+def _rejected(f: _Fold, e: Event, attempts: int) -> None:
+    f.history(
+        HistoryKind.TRANSITION,
+        e["from_step"],
+        e["from_step"],  # rejected: the user stays where they were
+        meta={"elapsed_ms": e["elapsed_ms"], "error_code": e["error_code"]},
+        transition=e["transition"],
+        payload=e["payload"],
+        success=False,
+        error=e["error"],
+    )
+    f.count({"attempts": 1, "rejections": 1, "response_ms_total": e["elapsed_ms"]})
+    f.attempt(attempts)
+    # Rules 2 (the model): a refusal leaves the state as it was; rules 1 set ok to false.
+    f.state(**({} if e["rules"] == 2 else {"ok": False}))
 
 
-_RUN_COUNTS = frozenset({"completed", "completed_duration_ms"})
-"""Counted in the bucket the run started, so a window's completion rate is over its own runs."""
+def _completed(f: _Fold, e: Event, attempts: int) -> None:
+    started = f.previous["started_at"] if f.previous else None
+    duration = (e["timestamp"] - started) / timedelta(milliseconds=1) if started else 0.0
+    # Logs written before events were stamped in order may run backwards: never negative.
+    f.count({"completed": 1, "completed_duration_ms": max(duration, 0.0)})
+    f.state(status=FlowStatus.COMPLETED.value, completed_at=e["timestamp"], expires_at=None)
 
 
-def _activity(event: InstanceEvent, previous: dict[str, Any] | None, ops: list[Op]) -> list[Op]:
-    """The counter and step-counter changes again, by minute and by hour: what windowed
-    statistics and the activity charts read."""
-    now = int(event.timestamp.timestamp())
-    started = previous.get("started_at") if previous else None
-    run = int(started.timestamp()) if started is not None else now
-    changed: list[tuple[int, str, dict[str, float]]] = []  # (second, step, deltas)
-    for op in ops:
-        if isinstance(op, AddCounters):
-            by_run = {k: v for k, v in op.deltas.items() if k in _RUN_COUNTS}
-            by_now = {
-                k: v for k, v in op.deltas.items() if k in ACTIVITY_COLUMNS and k not in by_run
-            }
-            if "completed" in by_run:
-                by_now["completions"] = by_run["completed"]
-            changed += [(at, "", d) for at, d in ((run, by_run), (now, by_now)) if d]
-        elif isinstance(op, AddStepCounters):
-            changed.append((now, op.step, dict(op.deltas)))
-    return [
-        AddActivity(event.flow_id, span, at - at % span, step, deltas)
-        for at, step, deltas in changed
-        for span in ACTIVITY_SPANS
-    ]
+def _entered(handoff: bool) -> Callable[[_Fold, Event, int], None]:
+    """An override or a hand-over puts the run at a step (a new run after a clear or expiry)."""
+
+    def enter(f: _Fold, e: Event, attempts: int) -> None:
+        meta: dict[str, Any] = {"service": e["service"]}
+        if handoff:
+            meta["sender"] = e["sender"]
+            if e["previous"] is not None:
+                meta["previous"] = e["previous"]
+        else:
+            meta["ok"] = e["ok"]
+        f.history(
+            HistoryKind.HANDOFF if handoff else HistoryKind.OVERRIDE,
+            e["from_step"],
+            e["step"],
+            meta=meta,
+            payload=e["payload"],
+            ok=e["ok"],
+            message=e["message"],
+        )
+        previous = f.previous
+        restarted = previous is None or previous["status"] in (
+            FlowStatus.CLEARED.value,
+            FlowStatus.EXPIRED.value,
+        )
+        f.dropped()
+        if restarted:
+            f.count({"started": 1})
+        f.step(e["step"], "entered")
+        f.state(
+            step=e["step"],
+            service=e["service"],
+            ok=e["ok"],
+            payload=e["payload"],
+            status=_ACTIVE,
+            started_at=e["timestamp"] if restarted else previous and previous["started_at"],
+            completed_at=None,
+            expires_at=e["expires_at"],
+            previous=e["previous"],
+            entity_id=e["entity_id"],
+            message=e["message"],
+            entered_at=e["timestamp"],
+        )
+
+    return enter
 
 
-def changes(event: DomainEvent, previous: dict[str, Any] | None, attempts: int) -> list[Op]:
-    """The row operations for one event (none for definition and catalog events)."""
-    if not isinstance(event, InstanceEvent):
-        return []
-    ops = _changes(event, previous, attempts)
-    return ops + _activity(event, previous, ops)
+def _went_back(f: _Fold, e: Event, attempts: int) -> None:
+    f.history(HistoryKind.BACK, e["from_step"], e["step"], meta={"service": e["service"]}, ok=True)
+    # Going back is moving on from the step left and entering the previous one again.
+    f.step(e["from_step"], "moved_on")
+    f.step(e["step"], "entered")
+    f.state(
+        step=e["step"],
+        service=e["service"],
+        ok=True,
+        message=None,
+        previous=None,
+        expires_at=e["expires_at"],
+        entered_at=e["timestamp"],
+    )
 
 
-def _changes(event: InstanceEvent, previous: dict[str, Any] | None, attempts: int) -> list[Op]:
-    ops: list[Op] = []
-    history = _history_row(event, previous)
-    if history is not None:
-        ops.append(history)
-    flow = event.flow_id
-    match event:
-        case FlowStarted():
-            ops.extend(_dropped(previous, flow))
-            ops.append(AddCounters(flow, {"started": 1}))
-            ops.append(AddStepCounters(flow, event.step, {"entered": 1}))
-            ops.append(
-                _state_row(
-                    event,
-                    previous,
-                    step=event.step,
-                    service=event.service,
-                    ok=True,
-                    payload=None,
-                    status=FlowStatus.ACTIVE.value,
-                    started_at=event.timestamp,
-                    completed_at=None,
-                    expires_at=event.expires_at,
-                    previous=None,
-                    entity_id=event.entity_id,
-                    message=None,
-                    entered_at=event.timestamp,
-                )
-            )
-        case TransitionExecuted():
-            counts = {"attempts": 1, "response_ms_total": event.elapsed_ms}
-            ops.append(AddCounters(flow, counts if event.ok else {**counts, "failures": 1}))
-            ops.append(AddStepCounters(flow, event.from_step, {"moved_on": 1}))
-            ops.append(AddStepCounters(flow, event.to_step, {"entered": 1}))
-            ops.append(AddTransition(flow, event.from_step, event.transition))
-            ops.extend(_attempt(event, attempts))
-            before = previous.get("payload") if previous else None
-            ops.append(
-                _state_row(
-                    event,
-                    previous,
-                    step=event.to_step,
-                    service=event.service,
-                    ok=event.ok,
-                    message=event.message,
-                    previous=event.previous,
-                    payload=merge_payload(before, event.payload)
-                    if event.rules == 2
-                    else event.payload,
-                    expires_at=event.expires_at,
-                    entered_at=event.timestamp,
-                )
-            )
-        case TransitionRejected():
-            ops.append(
-                AddCounters(
-                    flow, {"attempts": 1, "rejections": 1, "response_ms_total": event.elapsed_ms}
-                )
-            )
-            ops.extend(_attempt(event, attempts))
-            # Rules 2 (the model): a refusal leaves the state as it was; rules 1 set ok to false.
-            ops.append(_state_row(event, previous, **({} if event.rules == 2 else {"ok": False})))
-        case FlowCompleted():
-            started = previous["started_at"] if previous else None
-            duration = (event.timestamp - started) / timedelta(milliseconds=1) if started else 0.0
-            # Logs written before events were stamped in order may run backwards: never negative.
-            duration = max(duration, 0.0)
-            ops.append(AddCounters(flow, {"completed": 1, "completed_duration_ms": duration}))
-            ops.append(
-                _state_row(
-                    event,
-                    previous,
-                    status=FlowStatus.COMPLETED.value,
-                    completed_at=event.timestamp,
-                    expires_at=None,
-                )
-            )
-        case StateOverridden() | FlowHandedOver():
-            restarted = previous is None or previous["status"] in (
-                FlowStatus.CLEARED,
-                FlowStatus.EXPIRED,
-            )
-            ops.extend(_dropped(previous, flow))
-            if restarted:
-                ops.append(AddCounters(flow, {"started": 1}))
-            ops.append(AddStepCounters(flow, event.step, {"entered": 1}))
-            ops.append(
-                _state_row(
-                    event,
-                    previous,
-                    step=event.step,
-                    service=event.service,
-                    ok=event.ok,
-                    payload=event.payload,
-                    status=FlowStatus.ACTIVE.value,
-                    started_at=event.timestamp
-                    if restarted
-                    else previous and previous["started_at"],
-                    completed_at=None,
-                    expires_at=event.expires_at,
-                    previous=event.previous,
-                    entity_id=event.entity_id,
-                    message=event.message,
-                    entered_at=event.timestamp,
-                )
-            )
-        case FlowWentBack():
-            # Going back is moving on from the step left and entering the previous one again.
-            ops.append(AddStepCounters(flow, event.from_step, {"moved_on": 1}))
-            ops.append(AddStepCounters(flow, event.step, {"entered": 1}))
-            ops.append(
-                _state_row(
-                    event,
-                    previous,
-                    step=event.step,
-                    service=event.service,
-                    ok=True,
-                    message=None,
-                    previous=None,
-                    expires_at=event.expires_at,
-                    entered_at=event.timestamp,
-                )
-            )
-        case FlowMigrated():
-            # A migration is not a drop-out: the run goes on. When it lands on another step, the
-            # funnel counts that as moving on from the old step and entering the new one, which
-            # keeps entered == moved_on + dropped + current for every non-terminal step.
-            if event.to_step != event.from_step:
-                ops.append(AddStepCounters(flow, event.from_step, {"moved_on": 1}))
-                ops.append(AddStepCounters(flow, event.to_step, {"entered": 1}))
-            ops.append(
-                _state_row(
-                    event,
-                    previous,
-                    step=event.to_step,
-                    service=event.service,
-                    previous=event.previous,
-                    entered_at=event.timestamp,
-                )
-            )
-        case FlowCleared() | FlowExpired():
-            ops.extend(_dropped(previous, flow))
-            expired = isinstance(event, FlowExpired)
-            if expired:
-                ops.append(AddCounters(flow, {"expired": 1}))
-            ops.append(
-                _state_row(
-                    event,
-                    previous,
-                    step=None,
-                    service=None,
-                    payload=None,
-                    status=(FlowStatus.EXPIRED if expired else FlowStatus.CLEARED).value,
-                    expires_at=None,
-                    previous=None,
-                    entity_id=None,
-                    message=None,
-                    entered_at=None,
-                )
-            )
-        case FlowErased():
-            # The counters keep counting the erased user's steps (they say nothing about who).
-            ops.extend(_dropped(previous, flow))
-            ops.append(EraseInstance(str(event.originator_id)))
-    return ops
+def _migrated(f: _Fold, e: Event, attempts: int) -> None:
+    f.history(
+        HistoryKind.MIGRATION,
+        e["from_step"],
+        e["to_step"],
+        meta={"from_version": e["from_version"], "service": e["service"]},
+    )
+    # A migration is not a drop-out: the run goes on. When it lands on another step, the
+    # funnel counts that as moving on from the old step and entering the new one, which
+    # keeps entered == moved_on + dropped + current for every non-terminal step.
+    if e["to_step"] != e["from_step"]:
+        f.step(e["from_step"], "moved_on")
+        f.step(e["to_step"], "entered")
+    f.state(
+        step=e["to_step"], service=e["service"], previous=e["previous"], entered_at=e["timestamp"]
+    )
+
+
+def _ended(expired: bool) -> Callable[[_Fold, Event, int], None]:
+    def end(f: _Fold, e: Event, attempts: int) -> None:
+        f.history(HistoryKind.EXPIRY if expired else HistoryKind.CLEAR, e["from_step"], None)
+        f.dropped()
+        if expired:
+            f.count({"expired": 1})
+        f.state(
+            step=None,
+            service=None,
+            payload=None,
+            status=(FlowStatus.EXPIRED if expired else FlowStatus.CLEARED).value,
+            expires_at=None,
+            previous=None,
+            entity_id=None,
+            message=None,
+            entered_at=None,
+        )
+
+    return end
+
+
+def _erased(f: _Fold, e: Event, attempts: int) -> None:
+    # The counters keep counting the erased user's steps (they say nothing about who).
+    f.dropped()
+    f.rows.erase(str(e["originator_id"]))
+
+
+_FOLDS: dict[str, Callable[[_Fold, Event, int], None]] = {
+    "FlowStarted": _started,
+    "TransitionExecuted": _executed,
+    "TransitionRejected": _rejected,
+    "FlowCompleted": _completed,
+    "StateOverridden": _entered(handoff=False),
+    "FlowHandedOver": _entered(handoff=True),
+    "FlowWentBack": _went_back,
+    "FlowMigrated": _migrated,
+    "FlowCleared": _ended(expired=False),
+    "FlowExpired": _ended(expired=True),
+    "FlowErased": _erased,
+}
+
+INSTANCE_KINDS = frozenset(_FOLDS)
+"""The events (by class name) that change rows; definition and catalog events change none."""
+ATTEMPT_KINDS = frozenset({"TransitionExecuted", "TransitionRejected"})
+"""The events that count as an attempt: each takes the next response-time sample slot."""
+
+
+def fold(
+    kind: str, event: Event, previous: dict[str, Any] | None, attempts: int, rows: RowChanges
+) -> None:
+    """Tell `rows` what one event (`kind`: its class name) changes; nothing for other events."""
+    rule = _FOLDS.get(kind)
+    if rule is not None:
+        rule(_Fold(event, previous, rows), event, attempts)

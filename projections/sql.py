@@ -12,12 +12,13 @@ them, and a crash between two batches leaves the tables exactly at the last comm
 from __future__ import annotations
 
 import fcntl
+import gc
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from datetime import datetime
 from typing import Any, cast
 
@@ -25,7 +26,6 @@ import orjson
 from sqlalchemy import (
     Connection,
     Engine,
-    Table,
     bindparam,
     delete,
     inspect,
@@ -40,7 +40,7 @@ import flowstore.projections.tables as layouts
 from flowstore.domain import DomainEvent
 from flowstore.errors import ProjectionLayoutError, RebuildRunningError
 from flowstore.eventlog import UnreadableEvent, storage_errors
-from flowstore.projections.batch import RowBatch, StateKey
+from flowstore.projections.batch import RowBatch, StateKey, columns_of
 from flowstore.projections.queries import Queries, percentile, row_dict
 from flowstore.projections.tables import (
     LAYOUT_ROW,
@@ -54,6 +54,7 @@ from flowstore.projections.tables import (
     tracking_name,
 )
 from flowstore.projections.verify import Difference, EventPage, Verification
+from flowstore.projections.writes import RowWriter
 from flowstore.storage import READ_ONLY, StorageConfig, make_engine, serialize_ddl
 
 __all__ = [
@@ -107,7 +108,7 @@ class SqlProjections(Queries, Verification):
         self._sqlite = self.engine.dialect.name == "sqlite"
         self._shared_connection = config.sqlalchemy_url is None
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
-        self._upserts: dict[tuple[str, bool], Any] = {}
+        self._writer = RowWriter(self.engine.dialect)
         self._lookup_cache: dict[str, tuple[Any, Any]] = {}
         # Copies of the rows this process last wrote, valid while the tracking position is still
         # the one it set (then no other process has touched the tables): saves a read per event.
@@ -120,6 +121,11 @@ class SqlProjections(Queries, Verification):
         self._read_position = select(TRACKING.c.position).where(mine)
         self._locking_position = self._read_position.with_for_update()
         self._move_position = update(TRACKING).where(mine).values(position=bindparam("position"))
+        self._move_from = (
+            update(TRACKING)
+            .where(mine, TRACKING.c.position == bindparam("old"))
+            .values(position=bindparam("new"))
+        )
         self.create()
 
     def close(self) -> None:
@@ -134,18 +140,21 @@ class SqlProjections(Queries, Verification):
             self.engine.dispose(close=False)
 
     @contextmanager
-    def _read(self) -> Iterator[Connection]:
+    def _read(self, *, check: bool = True) -> Iterator[Connection]:
+        """A read-only connection; `check`: the tables must have this code's layout."""
         # A database that is down, or a pool with no connection free in time, is
         # StorageUnavailableError (HTTP 503), as it is for the log.
         with storage_errors(self._env, "reading the projection tables"):
             if self._shared_connection:
                 with self._lock, self.engine.begin() as conn:
-                    self._check_layout(conn)
+                    if check:
+                        self._check_layout(conn)
                     yield conn
             else:
                 # Readers never need the write lock: on SQLite their transactions begin deferred.
                 with self.engine.connect().execution_options(**READ_ONLY) as conn:
-                    self._check_layout(conn)
+                    if check:
+                        self._check_layout(conn)
                     yield conn
 
     def _check_layout(self, conn: Connection) -> None:
@@ -261,38 +270,62 @@ class SqlProjections(Queries, Verification):
 
         Reading, decoding and folding a batch happen outside any write transaction (and outside
         the write lock): only writing the rows and moving the tracking row do. The write
-        transaction checks that the tracking position is still the one the batch was folded
-        from; if another catch-up moved it meanwhile, the fold is discarded and done again, so
-        every event still counts exactly once. `projected(first, last, count, began_ns)` hears each
-        committed batch (the store's observers: metrics, tracing).
+        transaction moves the tracking row only from the position the batch was folded from
+        (one conditional UPDATE, which also locks the row); if another catch-up moved it
+        meanwhile, nothing is written, the fold is discarded and done again, so every event
+        still counts exactly once. After a batch of its own, this process starts the next from
+        where it left the tables without reading the position first: the conditional move
+        catches any other writer. `projected(first, last, count, began_ns)` hears each committed
+        batch (the store's observers: metrics, tracing).
         """
         while True:
             began = time.time_ns()
             with self._lock:
-                with self._read() as conn:
-                    position = self._position(conn, lock=False)
+                position = self._owned_position
+                if position is None:
+                    with self._read() as conn:
+                        position = self._position(conn, lock=False)
+                    # Someone else may have moved the tables since our last batch: our copies
+                    # of their rows may be stale.
+                    self._rows.clear()
                 events = read(position + 1, page)
                 if not events:
+                    if self._owned_position is not None:
+                        return self.position()  # exact, even if another process moved further
                     return position
-                if position != self._owned_position:
-                    # Someone else moved the tables since our last batch: our copies may be stale.
-                    self._rows.clear()
-                with self._read() as conn:
+                with _LazyRead(self._read) as conn:
                     batch = self._fold(conn, self.tables, events, cache=self._rows)
-                with self._locked() as (conn, now):
-                    if now != position:
-                        self._owned_position = None  # moved by another process: fold again
-                        continue
-                    self._owned_position = None  # until this transaction commits
-                    self._write(conn, self.tables, batch)
-                    self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
-                    self._set_position(conn, events[-1][0])
+                new = events[-1][0]
+                self._owned_position = None  # until the write transaction commits
+                with self._writing() as conn:
+                    moved = self._move(conn, position, new)
+                    if moved:
+                        self._write(conn, self.tables, batch)
+                        self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
+                if not moved:
+                    continue  # moved by another process (or the layout changed): read it again
                 self._rows.keep(batch)
-                self._owned_position = events[-1][0]
+                self._owned_position = new
             if projected is not None:
-                projected(events[0][0], events[-1][0], len(events), began)
+                projected(events[0][0], new, len(events), began)
             if len(events) < page:  # the log's end: no need for another transaction to find it
-                return events[-1][0]
+                return new
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A write transaction on the tables (this process's writers wait for the write lock)."""
+        with (
+            storage_errors(self._env, "writing the projection tables"),
+            self._lock,
+            self._write_lock,
+            self.engine.begin() as conn,
+        ):
+            yield conn
+
+    def _move(self, conn: Connection, old: int, new: int) -> bool:
+        """Move the tracking row from `old` to `new` (locking it); False if it was not at `old`."""
+        self._check_layout(conn)
+        return bool(conn.execute(self._move_from, {"old": old, "new": new}).rowcount == 1)
 
     def _set_position(self, conn: Connection, position: int) -> None:
         conn.execute(self._move_position, {"position": position})
@@ -311,7 +344,7 @@ class SqlProjections(Queries, Verification):
 
     def _fold(
         self,
-        conn: Connection,
+        conn: Connection | _LazyRead,
         tables: ProjectionTables,
         events: Sequence[tuple[int, DomainEvent]],
         cache: _RowCache | None = None,
@@ -320,14 +353,14 @@ class SqlProjections(Queries, Verification):
         state_query, attempts_query = self._lookups(tables)
 
         def load_state(key: StateKey) -> dict[str, Any] | None:
-            if cache is not None and key in cache.states:
-                return cache.states[key]
+            if cache is not None and (cache.complete or key in cache.states):
+                return cache.states.get(key)
             found = conn.execute(state_query, {"user": key[0], "flow": key[1]}).first()
             return row_dict(found._mapping) if found else None
 
         def load_attempts(flow_id: str) -> int:
-            if cache is not None and flow_id in cache.attempts:
-                return cache.attempts[flow_id]
+            if cache is not None and (cache.complete or flow_id in cache.attempts):
+                return cache.attempts.get(flow_id, 0)
             return int(conn.execute(attempts_query, {"flow": flow_id}).scalar() or 0)
 
         return RowBatch(load_state, load_attempts).apply_all(event for _, event in events)
@@ -413,78 +446,26 @@ class SqlProjections(Queries, Verification):
             )
         return self._lookup_cache[name]
 
-    def _upsert(self, table: Table, keys: list[str], *, add: bool) -> Any:
-        cache_key = (table.name, add)
-        if cache_key not in self._upserts:  # building the statement costs more than running it
-            self._upserts[cache_key] = self._build_upsert(table, keys, add=add)
-        return self._upserts[cache_key]
-
-    def _build_upsert(self, table: Table, keys: list[str], *, add: bool) -> Any:
-        stmt = self._insert(table)
-        columns = [c.name for c in table.columns if c.name not in keys]
-        values = {c: (table.c[c] + stmt.excluded[c]) if add else stmt.excluded[c] for c in columns}
-        return stmt.on_conflict_do_update(index_elements=keys, set_=values)
-
     def _write(self, conn: Connection, t: ProjectionTables, batch: RowBatch) -> None:
         if batch.erased:  # first: rows of a new run after the erasure must stay
             erased = sorted(batch.erased)
-            for table in (t.states, t.history):
-                conn.execute(delete(table).where(table.c.instance_id.in_(erased)))
-        states = [row for key in batch.dirty if (row := batch.states[key]) is not None]
-        if states:
-            conn.execute(self._upsert(t.states, ["user_id", "flow_id"], add=False), states)
-        if batch.history:
-            conn.execute(t.history.insert(), batch.history)
-        rows: list[dict[str, Any]]
-        if batch.counters:
-            counters = [c.name for c in t.counters.columns if c.name != "flow_id"]
-            rows = [
-                {"flow_id": f, **{c: deltas.get(c, 0) for c in counters}}
-                for f, deltas in batch.counters.items()
-            ]
-            conn.execute(self._upsert(t.counters, ["flow_id"], add=True), rows)
-        if batch.steps:
-            rows = [
-                {
-                    "flow_id": f,
-                    "step": s,
-                    **{c: d.get(c, 0) for c in ("entered", "moved_on", "dropped")},
-                }
-                for (f, s), d in batch.steps.items()
-            ]
-            conn.execute(self._upsert(t.steps, ["flow_id", "step"], add=True), rows)
-        if batch.samples:
-            rows = [
-                {"flow_id": f, "slot": slot, "elapsed_ms": ms, "second": second}
-                for (f, slot), (ms, second) in batch.samples.items()
-            ]
-            conn.execute(self._upsert(t.samples, ["flow_id", "slot"], add=False), rows)
-        if batch.activity:
-            keys = ["flow_id", "span", "start", "step"]
-            conn.execute(self._upsert(t.activity, keys, add=True), batch.activity_rows())
-        if batch.response_times:
-            keys = ["flow_id", "span", "start", "bin"]
-            conn.execute(self._upsert(t.response_times, keys, add=True), batch.response_time_rows())
-        if batch.transitions:
-            keys = ["flow_id", "from_step", "transition"]
-            conn.execute(self._upsert(t.transitions, keys, add=True), batch.transition_rows())
-        if batch.throughput:
-            rows = [
-                {"flow_id": f, "second": s, "attempts": n} for (f, s), n in batch.throughput.items()
-            ]
-            conn.execute(self._upsert(t.throughput, ["flow_id", "second"], add=True), rows)
-            oldest = {f: min(s for g, s in batch.throughput if g == f) for f in batch.forget_before}
-            for flow_id, before in batch.forget_before.items():
+            for table in t.all:
+                if "instance_id" in table.c:
+                    conn.execute(delete(table).where(table.c.instance_id.in_(erased)))
+        self._writer.write_all(conn, list(batch.rows(t)))
+        for name, bounds in batch.forget_before.items():
+            table = getattr(t, name)
+            flow, second = (table.c[k] for k in columns_of(table)[0])
+            oldest: dict[str, int] = {}
+            for f, s in batch.sums[name]:
+                oldest[f] = min(s, oldest.get(f, s))
+            for flow_id, before in bounds.items():
                 # Deleting is only needed when the bound moved (at most once an hour per flow) or
                 # a late event wrote below it; otherwise the rows below it are already gone.
-                key = f"{t.throughput.name}/{flow_id}"
+                key = f"{table.name}/{flow_id}"
                 if self._forgotten.get(key) == before and oldest[flow_id] >= before:
                     continue
-                conn.execute(
-                    delete(t.throughput).where(
-                        t.throughput.c.flow_id == flow_id, t.throughput.c.second < before
-                    )
-                )
+                conn.execute(delete(table).where(flow == flow_id, second < before))
                 self._forgotten[key] = before
 
     # Rebuild
@@ -587,12 +568,20 @@ class SqlProjections(Queries, Verification):
                     if index.name and index.name.endswith("_instance"):
                         index.create(conn)  # but erasures delete by instance id meanwhile
         position, replayed = 0, 0
-        while True:  # stream without holding the tracking lock: live writers carry on
-            with self._lock, self.engine.begin() as conn:
+        rows.complete = True  # the new tables are empty: what the copies lack is not there
+        # Stream without holding the tracking lock: live writers carry on. Reading and folding a
+        # page happen outside any write transaction, which holds SQLite's one write lock.
+        while True:
+            with _reference_counting_only():
                 events = read(position + 1, page)
                 if not events:
                     break
-                rows.keep(self._apply(conn, shadow, events, cache=rows))
+                with self._read(check=False) as conn:  # the new tables, whatever the layout
+                    batch = self._fold(conn, shadow, events, cache=rows)
+                with self._lock, self.engine.begin() as conn:
+                    self._write(conn, shadow, batch)
+                    self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
+                rows.keep(batch)
             position, replayed = events[-1][0], replayed + len(events)
             if progress:
                 progress(replayed, position)
@@ -662,8 +651,48 @@ class SqlProjections(Queries, Verification):
                 index.create(conn)
 
 
+@contextmanager
+def _reference_counting_only() -> Iterator[None]:
+    """No cyclic garbage collection meanwhile (one page of a rebuild: a second or two).
+
+    A page is tens of thousands of decoded events, rows and dicts, none in a cycle: reference
+    counting frees them all. The cyclic collector, run every few hundred allocations, would scan
+    them again and again while they live (measured: 28% of a rebuild's CPU). Cycles other threads
+    make meanwhile wait for the next collection. Left alone when the application turned it off.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 # pg_advisory_lock's key for rebuilds: any bigint the application uses for nothing else.
 _REBUILD_LOCK_KEY = 0x666C6F77_72656231  # "flowreb1"
+
+
+class _LazyRead:
+    """A read connection opened on first use (a fold whose rows are all cached needs none)."""
+
+    def __init__(self, connect: Callable[[], AbstractContextManager[Connection]]) -> None:
+        self._connect = connect
+        self._held = ExitStack()
+        self._conn: Connection | None = None
+
+    def __enter__(self) -> _LazyRead:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._held.__exit__(*exc)  # the read's own handling (storage errors) sees the exception
+
+    def execute(self, statement: Any, parameters: Any = None) -> Any:
+        """`Connection.execute` on the connection, opening it first if needed."""
+        if self._conn is None:
+            self._conn = self._held.enter_context(self._connect())
+        return self._conn.execute(statement, parameters)
 
 
 class _RowCache:
@@ -674,14 +703,19 @@ class _RowCache:
     def __init__(self) -> None:
         self.states: dict[StateKey, dict[str, Any] | None] = {}
         self.attempts: dict[str, int] = {}
+        self.complete = False
+        """Whether the tables hold no row these copies lack (a rebuild's, until the first
+        overflow): a row not here then need not be looked for."""
 
     def clear(self) -> None:
         self.states.clear()
         self.attempts.clear()
+        self.complete = False
 
     def keep(self, batch: RowBatch) -> None:
         if len(self.states) + len(batch.states) > self.LIMIT:
             self.states.clear()
+            self.complete = False
         if batch.erased:  # copies of an erased instance's row under another user id are gone too
             for key, row in list(self.states.items()):
                 if row is not None and row["instance_id"] in batch.erased:

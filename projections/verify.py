@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, delete, select
 
 from flowstore.domain import DomainEvent
-from flowstore.projections.batch import RowBatch, StateKey
+from flowstore.projections.batch import RowBatch, StateKey, columns_of
 from flowstore.projections.queries import row_dict
 from flowstore.projections.tables import ProjectionTables
 
@@ -74,46 +74,17 @@ class Verification:
             if events[-1][0] >= up_to:
                 break
             start = events[-1][0] + 1
-        batch.forget_old_throughput()
+        batch.forget_old()
         return batch
 
     def _expected_rows(self, batch: RowBatch) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
-        t = self.tables
-        counters = [c.name for c in t.counters.columns if c.name != "flow_id"]
-        return {
-            t.states.name: {k: r for k, r in batch.states.items() if r is not None},
-            t.history.name: {(r["user_id"], r["flow_id"], r["version"]): r for r in batch.history},
-            t.counters.name: {
-                (f,): {"flow_id": f, **{c: d.get(c, 0) for c in counters}}
-                for f, d in batch.counters.items()
-            },
-            t.steps.name: {
-                (f, s): {
-                    "flow_id": f,
-                    "step": s,
-                    **{c: d.get(c, 0) for c in ("entered", "moved_on", "dropped")},
-                }
-                for (f, s), d in batch.steps.items()
-            },
-            t.samples.name: {
-                (f, slot): {"flow_id": f, "slot": slot, "elapsed_ms": ms, "second": second}
-                for (f, slot), (ms, second) in batch.samples.items()
-            },
-            t.activity.name: {
-                (r["flow_id"], r["span"], r["start"], r["step"]): r for r in batch.activity_rows()
-            },
-            t.response_times.name: {
-                (r["flow_id"], r["span"], r["start"], r["bin"]): r
-                for r in batch.response_time_rows()
-            },
-            t.transitions.name: {
-                (r["flow_id"], r["from_step"], r["transition"]): r for r in batch.transition_rows()
-            },
-            t.throughput.name: {
-                (f, s): {"flow_id": f, "second": s, "attempts": n}
-                for (f, s), n in batch.throughput.items()
-            },
+        expected: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {
+            table.name: {} for table in self.tables.all
         }
+        for table, _, rows in batch.rows(self.tables):
+            keys, _ = columns_of(table)
+            expected[table.name].update((tuple(r[k] for k in keys), r) for r in rows)
+        return expected
 
     def snapshot(self) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
         """Every row of every live table, keyed by table name and primary key."""

@@ -35,6 +35,7 @@ __all__ = [
     "EnvelopeError",
     "FlowEventEnvelope",
     "envelope_schema",
+    "message_bytes",
     "message_key",
     "schema_text",
 ]
@@ -69,6 +70,47 @@ EVENT_TYPES: dict[str, type[DomainEvent]] = _event_classes()
 # Fields that live at the envelope's top level rather than in `data`.
 _LIFTED = ("user_id", "flow_id", "definition_version")
 _COMMON = {"originator_id", "originator_version", "timestamp"}
+
+
+def message_bytes(notification_id: int, event: DomainEvent) -> bytes:
+    """The message value of an event: `FlowEventEnvelope.of(...).to_bytes()`, byte for byte.
+
+    Instance events (nearly the whole log) skip the envelope model: their fields are plain JSON
+    values and datetimes, which orjson writes as pydantic's JSON mode does (UTC as "Z"), so the
+    envelope is written straight from the event's fields, five times faster. Other events (a
+    definition holds a nested model) go through the model.
+    """
+    data = _DATA_FIELDS.get(type(event))
+    if data is None:
+        return FlowEventEnvelope.of(notification_id, event).to_bytes()
+    fields = event.__dict__
+    oid, version = fields["originator_id"], fields["originator_version"]
+    return orjson.dumps(
+        {
+            "schemaVersion": SCHEMA_VERSION,
+            "eventId": uuid5(_EVENT_ID_NAMESPACE, f"{oid}:{version}"),
+            "eventType": type(event).__name__,
+            "aggregateId": oid,
+            "aggregateVersion": version,
+            "instanceId": oid,
+            "instanceVersion": version,
+            "userId": fields["user_id"],
+            "flowId": fields["flow_id"],
+            "definitionVersion": fields["definition_version"],
+            "notificationId": notification_id,
+            "timestamp": fields["timestamp"],
+            "data": {camel: fields[name] for name, camel in data},
+        },
+        option=orjson.OPT_UTC_Z,
+    )
+
+
+_DATA_FIELDS: dict[type[DomainEvent], list[tuple[str, str]]] = {
+    cls: [(name, to_camel(name)) for name in cls.model_fields if name not in {*_COMMON, *_LIFTED}]
+    for cls in EVENT_TYPES.values()
+    if issubclass(cls, InstanceEvent)
+}
+"""Each instance event class's own fields (what `data` holds), in the model's order."""
 
 
 def message_key(event: DomainEvent) -> bytes:

@@ -25,6 +25,7 @@ topics gets them back with the right number of partitions.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -38,7 +39,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
 from flowstore import FlowStore
-from flowstore.adapters.kafka.envelope import FlowEventEnvelope, message_key
+from flowstore.adapters.kafka.envelope import message_bytes, message_key
 from flowstore.adapters.kafka.tracking import PublisherLock, PublisherTracking
 from flowstore.domain import DomainEvent
 from flowstore.errors import KafkaUnavailableError, PublisherLockError
@@ -65,6 +66,9 @@ BOOTSTRAP_ENV = "FLOWSTORE_KAFKA_BOOTSTRAP"
 """Environment variable naming the brokers (`host:port[,host:port]`) when none is passed."""
 TOPIC_ENV = "FLOWSTORE_KAFKA_TOPIC"
 """Environment variable naming the topic when none is passed (default `flowstore.events`)."""
+
+_Page = tuple[Sequence[tuple[int, DomainEvent]], list[tuple[bytes, bytes]]]
+"""Events of the log and their messages (key, value)."""
 
 # A week: in effect "never give up on a batch". Expiring a batch is what could let a later batch
 # of the same partition overtake it; the publisher reports a stalled broker instead.
@@ -304,8 +308,9 @@ class KafkaPublisher:
 
     def _publish_from(self, position: int, stop: threading.Event) -> int:
         total = 0
+        page = self._page(position + 1)
         while True:
-            events = self.store.read_events(position + 1, self.batch)
+            events, messages = page
             if not events:
                 self._set(
                     state="caught up", position=position, log_position=self.store.log_position()
@@ -314,8 +319,15 @@ class KafkaPublisher:
             if not self.lock.check():  # lost while reading (a partition): send nothing
                 raise PublisherLockError(f"the publisher lock for {self.topic!r} is not held")
             began = time.perf_counter()
+            upcoming: list[_Page] = []
+            # While the broker acknowledges this page, the next one is read and encoded: it moves
+            # the position only once this one is recorded, so reading it early changes nothing
+            # but the wait.
+            read_ahead = functools.partial(
+                self._read_ahead, upcoming, events[-1][0] + 1, len(events) == self.batch
+            )
             try:
-                self._publish_page(events, stop)
+                self._publish_page(messages, stop, read_ahead)
             except _StopRequestedError:  # stopped while waiting for the broker: page not recorded
                 return total
             if not self.lock.check():  # someone else may publish now: do not record
@@ -334,14 +346,25 @@ class KafkaPublisher:
             )
             if len(events) < self.batch:
                 return total
+            page = upcoming[0] if upcoming else self._page(position + 1)
+
+    def _read_ahead(self, into: list[_Page], start: int, full: bool) -> None:
+        if full and not into:  # a short page is the log's end: nothing to read ahead
+            into.append(self._page(start))
+
+    def _page(self, start: int) -> _Page:
+        """Up to `batch` events of the log from `start` on, and their messages (key, value)."""
+        events = self.store.read_events(start, self.batch)
+        return events, [(message_key(event), message_bytes(n, event)) for n, event in events]
 
     def _publish_page(
-        self, events: Sequence[tuple[int, DomainEvent]], stop: threading.Event
+        self,
+        messages: Sequence[tuple[bytes, bytes]],
+        stop: threading.Event,
+        meanwhile: Callable[[], None],
     ) -> None:
-        messages = [
-            (message_key(event), FlowEventEnvelope.of(notification_id, event).to_bytes())
-            for notification_id, event in events
-        ]
+        """Send `messages` and wait until the broker has them all; `meanwhile` runs once they
+        are sent, before the wait."""
         while True:
             producer = self._ensure_producer(stop)
             futures = []
@@ -356,6 +379,7 @@ class KafkaPublisher:
                     self._stalled(exc, stop)
                     continue
                 sent += 1
+            meanwhile()
             while True:
                 try:
                     producer.flush(timeout=self.flush_timeout)

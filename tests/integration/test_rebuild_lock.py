@@ -69,9 +69,10 @@ def test_a_second_rebuild_while_one_runs_in_another_process_is_refused(store_url
             with pytest.raises(RebuildRunningError):
                 store.rebuild_projections()
             # The command line says so with its exit code, and changes nothing either.
-            assert main(["--url", store_url, "projections", "rebuild"]) == mapping_for(
-                RebuildRunningError("x")
-            ).exit_code
+            assert (
+                main(["--url", store_url, "projections", "rebuild"])
+                == mapping_for(RebuildRunningError("x")).exit_code
+            )
             holder.stdin.write("go on\n")
             holder.stdin.flush()
             assert holder.stdout.readline().strip() == str(store.log_position())
@@ -91,14 +92,15 @@ def test_a_failed_rebuild_drops_its_shadow_tables(
     with FlowStore(store_url) as store:
         populate(store)
         before = tables(store_url)
-        original = SqlProjections._apply
+        original = SqlProjections._write
 
-        def apply(self: SqlProjections, conn: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
+        # Every batch of rows, live or rebuilt, is written by `_write`: the rebuild's fail.
+        def write(self: SqlProjections, conn: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
             if target is not self.tables:
                 raise RuntimeError("the rebuild fails half-way")
             return original(self, conn, target, *args, **kwargs)
 
-        monkeypatch.setattr(SqlProjections, "_apply", apply)
+        monkeypatch.setattr(SqlProjections, "_write", write)
         with pytest.raises(RuntimeError):
             store.rebuild_projections()
         assert tables(store_url) == before
@@ -117,8 +119,11 @@ def test_a_full_disk_under_a_rebuild_is_storage_unavailable(
     def full(self: SqlProjections, conn: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
         raise OperationalError("INSERT ...", {}, Exception("database or disk is full"))
 
-    monkeypatch.setattr(SqlProjections, "_apply", full)
-    with FlowStore(store_url) as store, pytest.raises(StorageUnavailableError, match="disk is full"):
+    monkeypatch.setattr(SqlProjections, "_write", full)  # where every batch of rows is written
+    with (
+        FlowStore(store_url) as store,
+        pytest.raises(StorageUnavailableError, match="disk is full"),
+    ):
         store.rebuild_projections()
     code = main(["--url", store_url, "projections", "rebuild"])
     assert code == mapping_for(StorageUnavailableError("x", "y", "z")).exit_code == 9

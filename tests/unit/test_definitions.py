@@ -7,6 +7,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flowstore import (
     DefinitionError,
@@ -20,7 +22,9 @@ from flowstore.definitions import (
     MAX_JSON_DEPTH,
     MAX_NAME_LENGTH,
     MAX_TTL_SECONDS,
+    _nesting,
     check_payload,
+    has_control_characters,
     parse_definition,
     reachable_steps,
     update_definition,
@@ -490,3 +494,36 @@ def test_steps_marked_initial_count_as_entry_points_for_reachability() -> None:
     flow["steps"]["s1"]["initial"] = True
     assert parse_definition(flow).entry_steps() == ["s0", "s1"]
     assert validate_flow(flow) == []
+
+
+@given(st.text(alphabet=st.characters(codec=None, min_codepoint=0, max_codepoint=0xFFFF)))
+def test_control_characters_are_exactly_the_c0_range_and_lone_surrogates(text: str) -> None:
+    expected = any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in text)
+    assert has_control_characters(text) is expected
+
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**31), 2**31)
+    | st.text(alphabet='{[]}ab"', max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(alphabet="ab{[", max_size=3), inner, max_size=3)
+    ),
+    max_leaves=40,
+)
+
+
+@given(st.dictionaries(st.text(alphabet="ab{[", max_size=3), _json, max_size=4), st.integers(0, 60))
+def test_payload_depth_is_checked_as_the_walk_measures_it(
+    payload: dict[str, Any], wraps: int
+) -> None:
+    # The bracket count short-cuts the walk: whatever brackets strings hold, the verdict is the walk's.
+    for _ in range(wraps):
+        payload = {"x": [payload]}
+    if _nesting(payload) > MAX_JSON_DEPTH:
+        with pytest.raises(PayloadValidationError, match="levels deep"):
+            check_payload(payload, limit=10**9)
+    else:
+        assert check_payload(payload, limit=10**9) == payload

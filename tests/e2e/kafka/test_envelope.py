@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import jsonschema
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flowstore import FlowError, FlowStore, domain
 from flowstore.adapters.kafka.envelope import (
@@ -16,12 +18,14 @@ from flowstore.adapters.kafka.envelope import (
     EnvelopeError,
     FlowEventEnvelope,
     envelope_schema,
+    message_bytes,
     message_key,
     schema_text,
 )
 from flowstore.domain import DomainEvent, InstanceEvent
 from tests.flows import Clock, linear, onboarding
 from tests.owlmeans import owl_flow
+from tests.strategies import payloads
 
 FLOW = "user-onboarding"
 
@@ -151,3 +155,61 @@ def test_an_envelope_from_before_the_owlmeans_fields_still_becomes_its_event() -
     event = FlowEventEnvelope.parse(json.dumps(data)).to_event()
     assert isinstance(event, domain.TransitionExecuted)
     assert (event.ok, event.message, event.previous, event.rules) == (True, None, None, 1)
+
+
+@pytest.mark.parametrize(("notification_id", "event"), EVENTS, ids=lambda v: str(v)[:24])
+def test_the_publishers_message_is_the_envelope_byte_for_byte(
+    notification_id: int, event: DomainEvent
+) -> None:
+    assert message_bytes(notification_id, event) == (
+        FlowEventEnvelope.of(notification_id, event).to_bytes()
+    )
+
+
+_ZONES = st.sampled_from(
+    [UTC, None, timezone(timedelta(hours=2)), timezone(-timedelta(hours=5, minutes=30))]
+)
+_MOMENTS = st.builds(
+    lambda moment, zone: moment.replace(tzinfo=zone),
+    st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1)),
+    _ZONES,
+)
+_INSTANCE_EVENTS = [e for _, e in EVENTS if isinstance(e, InstanceEvent)] + [
+    domain.FlowMigrated(
+        originator_id=EVENTS[2][1].originator_id,
+        originator_version=9,
+        timestamp=datetime(2026, 3, 1, tzinfo=UTC),
+        user_id="ann",
+        flow_id=FLOW,
+        definition_version=2,
+        from_version=1,
+        to_version=2,
+        from_step="welcome",
+        to_step="profile",
+        service="portal",
+    )
+]
+
+
+@given(
+    st.sampled_from(_INSTANCE_EVENTS),
+    st.integers(1, 2**53),
+    _MOMENTS,
+    st.none() | _MOMENTS,
+    payloads,
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+def test_the_publishers_message_is_the_envelope_for_any_field_values(
+    event: DomainEvent,
+    notification_id: int,
+    timestamp: datetime,
+    expires_at: datetime | None,
+    payload: dict[str, object] | None,
+    elapsed_ms: float,
+) -> None:
+    changes = {"timestamp": timestamp, "expires_at": expires_at, "payload": payload}
+    changes["elapsed_ms"] = elapsed_ms
+    event = event.model_copy(update={k: v for k, v in changes.items() if k in event.__dict__})
+    assert message_bytes(notification_id, event) == (
+        FlowEventEnvelope.of(notification_id, event).to_bytes()
+    )

@@ -26,6 +26,7 @@ from flowstore.adapters.kafka.tracking import PublisherTracking
 from flowstore.storage import parse_url
 from tests.e2e.kafka.broker import TansuBroker
 from tests.e2e.kafka.conftest import check_topic, drive, wait_until
+from tests.flows import linear
 
 CLI = [sys.executable, "-m", "flowstore.adapters.cli"]
 
@@ -277,3 +278,66 @@ def test_the_package_exports_what_it_lists() -> None:
     assert len(set(package.__all__)) == len(package.__all__)
     for name in package.__all__:
         assert getattr(package, name) is not None, name
+
+
+class _RecordingProducer:
+    """Stands in for KafkaProducer: records sends and flushes, acknowledges everything."""
+
+    calls: list[tuple[str, object]] = []
+
+    def __init__(self, **config: object) -> None:
+        pass
+
+    def send(self, topic: str, *, key: bytes, value: bytes) -> _Acknowledged:
+        self.calls.append(("send", (key, value)))
+        return _Acknowledged()
+
+    def flush(self, timeout: float | None = None) -> None:
+        self.calls.append(("flush", None))
+
+    def close(self, timeout: float | None = None) -> None:
+        pass
+
+
+class _Acknowledged:
+    def failed(self) -> bool:
+        return False
+
+
+def test_the_next_page_is_read_while_the_broker_acknowledges_this_one(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading and encoding overlap the wait for acknowledgements; the messages are unchanged
+    (the envelope's bytes), every event once, in log order, pages recorded one by one."""
+    from flowstore.adapters.kafka import publisher as module
+    from flowstore.adapters.kafka.envelope import FlowEventEnvelope, message_key
+
+    monkeypatch.setattr(module, "KafkaProducer", _RecordingProducer)
+    monkeypatch.setattr(_RecordingProducer, "calls", [])
+    with FlowStore(store_url, live_projections=False) as store:
+        store.create_flow(linear("f", 2))
+        for n in range(11):
+            store.reset_flow(f"u{n}", "f")
+        reads = []
+        read_events = store.read_events
+
+        def recording_read(start: int, limit: int = 1000) -> list[tuple[int, object]]:
+            _RecordingProducer.calls.append(("read", start))
+            reads.append(start)
+            return read_events(start, limit)  # type: ignore[return-value]
+
+        monkeypatch.setattr(store, "read_events", recording_read)
+        publisher = KafkaPublisher(store, "127.0.0.1:1", "t", batch=5)
+        publisher._topic_checked_at = float("inf")  # no admin client: the topic "exists"
+        publisher.lock.acquire()
+        try:
+            assert publisher.publish_pending() == store.log_position() == 13
+        finally:
+            publisher.close()
+        log = read_events(1, 100)
+    kinds = [kind for kind, _ in _RecordingProducer.calls]
+    # Pages of 5, 5 and 3: each full page's successor is read before its flush.
+    assert kinds == ["read"] + [*["send"] * 5, "read", "flush"] * 2 + [*["send"] * 3, "flush"]
+    sent = [value for kind, value in _RecordingProducer.calls if kind == "send"]
+    assert sent == [(message_key(e), FlowEventEnvelope.of(n, e).to_bytes()) for n, e in log]
+    assert reads == [1, 6, 11]
