@@ -114,6 +114,46 @@ PAGES = [
 ]
 
 
+def copy_to_postgres(sqlite_path: Path, url: str) -> None:
+    """Copy a SQLite store's log (its events and user keys, byte for byte) into an empty
+    PostgreSQL store at `url`, then build its tables from it: a 1M-event PostgreSQL store in
+    minutes, where writing it command by command would take hours on this machine."""
+    import sqlite3
+
+    import psycopg
+
+    from flowstore.storage import parse_url
+
+    with FlowStore(url, live_projections=False):
+        pass  # creates the schema
+    env = parse_url(url).env
+    source = sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True)
+    with (
+        psycopg.connect(
+            host=env["POSTGRES_HOST"],
+            port=int(env["POSTGRES_PORT"]),
+            dbname=env["POSTGRES_DBNAME"],
+            user=env["POSTGRES_USER"],
+            password=env["POSTGRES_PASSWORD"],
+        ) as target,
+        target.cursor() as cur,
+    ):
+        with cur.copy(
+            "COPY flowstore_events (originator_id, originator_version, topic, state) FROM STDIN"
+        ) as copy:
+            for row in source.execute(
+                "SELECT originator_id, originator_version, topic, state FROM stored_events "
+                "ORDER BY rowid"
+            ):
+                copy.write_row(row)
+        with cur.copy('COPY flowstore_user_keys (subject, user_ref, "key") FROM STDIN') as copy:
+            for row in source.execute('SELECT subject, user_ref, "key" FROM flowstore_user_keys'):
+                copy.write_row(row)
+    source.close()
+    with FlowStore(url, live_projections=False) as store:
+        store.rebuild_projections()
+
+
 def measure(url: str, warm: int = 5) -> list[dict[str, Any]]:
     """Each page's cold and warm answer times through the app, in ms."""
     import jwt
@@ -153,6 +193,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", type=Path, help="build the store in this file and keep it")
     parser.add_argument("--reuse", type=Path, help="time the pages of a store built before")
     parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="time the pages on PostgreSQL too: a throwaway server (tests/pgserver.py) gets a "
+        "copy of the SQLite store's log and rebuilds its tables from it",
+    )
+    parser.add_argument(
         "--top-up",
         type=int,
         default=0,
@@ -176,7 +222,17 @@ def main(argv: list[str] | None = None) -> None:
             events = store.log_position()
             instances = store.get_flow_statistics(FLOW).total_flows
         print(f"{instances} instances, {events} events; timing pages", flush=True)
-        pages = measure(url)
+        backends = {"sqlite": measure(url)}
+        if args.postgres:
+            from tests.pgserver import PostgresServer
+
+            with PostgresServer.start() as pg:
+                pg_url = pg.create_database()
+                began = time.perf_counter()
+                print("copying the log to PostgreSQL and rebuilding its tables", flush=True)
+                copy_to_postgres(path, pg_url)
+                print(f"  done in {time.perf_counter() - began:.0f} s; timing pages", flush=True)
+                backends["postgres"] = measure(pg_url)
     when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     flags = argv if argv is not None else sys.argv[1:]
     report = {
@@ -185,47 +241,105 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
         "load_average": [round(x, 1) for x in os.getloadavg()],
         "store": {
-            "backend": "sqlite",
             "instances": instances,
             "events": events,
             "built_s": built_s,
         },
-        "pages": pages,
+        "pages": backends,
     }
-    out = Path(__file__).parent / "results" / f"console-{instances}-sqlite-{when[:10]}.json"
+    out = Path(__file__).parent / "results" / f"console-{instances}-{when[:10]}.json"
     out.write_text(json.dumps(report, indent=2))
     write_markdown(report)
     print(f"written {out} and benchmarks/CONSOLE.md")
 
 
+BEFORE = Path(__file__).parent / "results" / "console-100000-layout2-2026-11-30.json"
+"""The page times before the console's projection tables (layout 2: pages read history rows),
+measured on the same store (main at 62f6515, before its tables were migrated to layout 3)."""
+
+
+def _write_cost() -> list[str]:
+    """The latest `benchmarks.projection_cost` report, as a section (none when it was not run)."""
+    from benchmarks.projection_cost import markdown
+
+    found = sorted((Path(__file__).parent / "results").glob("projection-cost-*.json"))
+    if not found:
+        return []
+    cost = json.loads(found[-1].read_text())
+    return [
+        "",
+        "## What the console's tables cost each write",
+        "",
+        f"`{cost['command']}`, {cost['when']}, SQLite, load average {cost['load_average']}: a log "
+        f"of {cost['events']:,} events ({cost['transition_attempts']:,} transition attempts) "
+        "projected into fresh tables in each variant, side by side in one process, best of the "
+        "rounds; CPU of the process (SQLite runs in it) per transition attempt and per event. "
+        "Pages of 1,000 events are a catch-up after a burst or a rebuild; one event per "
+        f"transaction (the first {cost['single_events']:,} events) is a store answering one "
+        "command at a time, where the fixed cost of a transaction dominates.",
+        "",
+        markdown(cost),
+    ]
+
+
 def write_markdown(report: dict[str, Any]) -> None:
-    """benchmarks/CONSOLE.md: the latest page times, the store and the machine."""
+    """benchmarks/CONSOLE.md: the latest page times per backend, the ones before, the machine."""
     store, info = report["store"], report["machine"]
+    backends = list(report["pages"])
+    before = json.loads(BEFORE.read_text()) if BEFORE.exists() else None
+    old = {p["path"]: p for p in before["pages"]} if before else {}
     lines = [
         "# Console page times",
         "",
-        f"Measured {report['when']} with `{report['command']}` on a SQLite store of "
+        f"Measured {report['when']} with `{report['command']}` on a store of "
         f"{store['instances']:,} instances and {store['events']:,} events spread over 30 days"
-        + (f" (built in {store['built_s']:.0f} s)." if store["built_s"] else "."),
+        + (f" (built in {store['built_s']:.0f} s)" if store["built_s"] else "")
+        + f", on {' and '.join(backends)}"
+        + (
+            " (PostgreSQL: a throwaway server, tests/pgserver.py, with a byte-for-byte copy of the "
+            "SQLite store's log and its tables rebuilt from it)."
+            if "postgres" in backends
+            else "."
+        ),
         "Each page is asked through the real app (`create_app`, an admin session, Starlette's test "
-        "client): the first answer (cold: a fresh process) and the median of the next five.",
+        "client): the first answer (cold: a fresh process) and the median of the next five, in ms.",
         "",
-        "| page | path | cold ms | warm median ms | bytes |",
-        "|---|---|---|---|---|",
+        "| page | path | "
+        + " | ".join(f"{b} cold | {b} warm" for b in backends)
+        + (" | before (SQLite, layout 2) warm |" if old else " |"),
+        "|---|---|" + "---|---|" * len(backends) + ("---|" if old else ""),
     ]
-    for page in report["pages"]:
-        lines.append(
-            f"| {page['page']} | `{page['path']}` | {page['cold_ms']:,.0f} | "
-            f"{page['warm_median_ms']:,.0f} | {page['bytes']:,} |"
-        )
+    for index, page in enumerate(report["pages"][backends[0]]):
+        cells = [page["page"], f"`{page['path']}`"]
+        for backend in backends:
+            found = report["pages"][backend][index]
+            cells += [f"{found['cold_ms']:,.0f}", f"**{found['warm_median_ms']:,.0f}**"]
+        if old:
+            cells.append(
+                f"{old[page['path']]['warm_median_ms']:,.0f}" if page["path"] in old else ""
+            )
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Where the time goes: the flow page counts the transitions taken per (step, transition) "
-        "over the flow's whole history (the store's own diagram query); activity and stays read "
-        "the flow's history rows in the window through the (flow_id, timestamp) index, so the "
-        "7- and 30-day windows read most of the log's rows (p50/p95 over a sample of runs above "
-        "100k attempts). Time-bucket tables (minute/hour counts kept by the projections) would "
-        "make those windows as cheap as the last hour.",
+        "What the pages read (layout 3): the flow page's diagram labels come from "
+        "`flow_transitions` (a counter per flow, step and transition) and the funnel counters; "
+        "the activity charts from `flow_activity` and `flow_response_times` (minute rows for the "
+        "last hour, hour rows for 24 hours, 7 days and 30 days: at most 720 rows a chart); the "
+        "stays on the stuck page from the flow's newest 10,000 transition rows (`stay_ms`, walked "
+        "backwards on the (flow_id, timestamp) index); idle runs from `flow_states` through its "
+        "(flow_id, status, step, updated_at) index.",
+    ]
+    if before:
+        lines += [
+            "",
+            f"Before: `{before['command']}` with main at 62f6515 (layout 2) on the same store "
+            f"before its migration to layout 3, {before['when']}, SQLite, "
+            f"{before['store']['instances']:,} instances / {before['store']['events']:,} events, "
+            f"load average {before.get('load_average')}: the flow page counted transitions over "
+            "the flow's whole history, activity and stays read the history rows of the window.",
+        ]
+    lines += _write_cost()
+    lines += [
         "",
         f"Machine: {info['cores']} cores, {info['memory_gib']} GiB, Python {info['python']}; "
         f"shared with other work while measured (load average {report.get('load_average', '?')}), "

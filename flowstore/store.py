@@ -592,8 +592,8 @@ class FlowStore:
         """Usage and performance of one flow, or of all flows (read from the statistics tables).
 
         With `since` and/or `until` (aware datetimes; `until` defaults to now, `since` to the
-        first event), over that window, to the minute, from the per-minute activity table: see
-        `README.md` (Statistics) for what each figure counts in a window.
+        first event), over that window, to the minute, from the activity table (its minute and
+        hour rows): see `README.md` (Statistics) for what each figure counts in a window.
         """
         return reads.get_flow_statistics(
             self._parts, flow_id, since=since, until=until, window=self.statistics_window

@@ -13,8 +13,9 @@ row by its primary key in column order, so that a new table needs a rule here an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Protocol
 
 from flowstore.domain import merge_payload
@@ -22,12 +23,16 @@ from flowstore.models import FlowStatus, HistoryKind
 
 __all__ = [
     "ACTIVITY_COLUMNS",
+    "ACTIVITY_SPANS",
     "ATTEMPT_KINDS",
     "INSTANCE_KINDS",
+    "RESPONSE_BINS_PER_OCTAVE",
     "SAMPLE_SLOTS",
     "THROUGHPUT_RETENTION_SECONDS",
     "RowChanges",
+    "bin_value",
     "fold",
+    "response_bin",
 ]
 
 ACTIVITY_COLUMNS = (
@@ -41,8 +46,38 @@ ACTIVITY_COLUMNS = (
     "entered",
     "moved_on",
     "dropped",
+    "completions",
 )
-"""What `flow_activity` counts per flow, minute and step (`flowstore.projections.tables`)."""
+"""What `flow_activity` counts per flow, time bucket and step (`flowstore.projections.tables`).
+
+`completed` (and its duration) counts runs in the bucket they *started* in, so that a window's
+completion rate is over its own runs; `completions` counts them in the bucket they completed in
+(the console's activity charts)."""
+
+ACTIVITY_SPANS = (60, 3600)
+"""The bucket sizes `flow_activity` and `flow_response_times` keep, in seconds: every count is
+added to its minute and to its hour, so a long window reads hours (a day is 24 of them) and only
+its ragged ends read minutes."""
+
+RESPONSE_BINS_PER_OCTAVE = 8
+"""Response-time histogram resolution: bin `b` holds [2^(b/8), 2^((b+1)/8)) ms, so the value a
+percentile reports (the bin's geometric middle) is within 2^(1/16) - 1 = 4.4% of the exact one."""
+_LOWEST_BIN = -10 * RESPONSE_BINS_PER_OCTAVE  # 2^-10 ms, about a microsecond (and 0 ms)
+_HIGHEST_BIN = 22 * RESPONSE_BINS_PER_OCTAVE  # 2^22 ms, about 70 minutes (and anything longer)
+
+
+def response_bin(elapsed_ms: float) -> int:
+    """The histogram bin of a response time (clamped to about 1 microsecond .. 70 minutes)."""
+    if not elapsed_ms > 0:  # 0, negative or NaN: the lowest bin
+        return _LOWEST_BIN
+    found = math.floor(math.log2(elapsed_ms) * RESPONSE_BINS_PER_OCTAVE)
+    return max(_LOWEST_BIN, min(_HIGHEST_BIN, found))
+
+
+def bin_value(index: int) -> float:
+    """What a histogram bin reports: its geometric middle, in ms."""
+    return float(2 ** ((index + 0.5) / RESPONSE_BINS_PER_OCTAVE))
+
 
 SAMPLE_SLOTS = 1000
 """Response-time samples kept per flow (the p95 is over the most recent ones)."""
@@ -78,7 +113,7 @@ Event = Mapping[str, Any]
 """An event's fields by name (a decoded event's `__dict__`): timestamps are datetimes."""
 
 _RUN_COUNTS = frozenset({"completed", "completed_duration_ms"})
-"""Counted in the minute the run started, so a window's completion rate is over its own runs."""
+"""Counted in the bucket the run started, so a window's completion rate is over its own runs."""
 
 _NEW_ROW: dict[str, Any] = {
     "step": None,
@@ -92,26 +127,22 @@ _NEW_ROW: dict[str, Any] = {
     "previous": None,
     "entity_id": None,
     "message": None,
+    "entered_at": None,
 }
 _ACTIVE = FlowStatus.ACTIVE.value
 _ACTIVITY = frozenset(ACTIVITY_COLUMNS)
 
 
-def _minute(moment: datetime) -> int:
-    return int(moment.timestamp()) // 60
-
-
 class _Fold:
     """One event's folding: the event, the rows it reads, and where its changes go."""
 
-    __slots__ = ("e", "flow", "instance", "now", "previous", "rows", "second")
+    __slots__ = ("e", "flow", "instance", "previous", "rows", "second")
 
     def __init__(self, e: Event, previous: dict[str, Any] | None, rows: RowChanges) -> None:
         self.e, self.previous, self.rows = e, previous, rows
         self.flow: str = e["flow_id"]
         self.instance = str(e["originator_id"])
         self.second = int(e["timestamp"].timestamp())
-        self.now = self.second // 60
 
     def state(self, **fields: Any) -> None:
         # Without a current row (only when one run's events were sealed under two keys, a write
@@ -140,6 +171,7 @@ class _Fold:
         error: str | None = None,
         ok: bool | None = None,
         message: str | None = None,
+        stay_ms: float | None = None,
     ) -> None:
         """One `flow_history` row; the steps and transition as "" when there are none (the seed's
         strings, `flowstore.models.FlowStateHistory`)."""
@@ -164,30 +196,47 @@ class _Fold:
                 "meta": {"definition_version": e["definition_version"], **meta},
                 "ok": ok,
                 "message": message,
+                "stay_ms": stay_ms,
             },
         )
 
+    def activity(self, second: int, step: str, deltas: Mapping[str, float]) -> None:
+        """Add to the flow's activity in the minute and in the hour of `second`."""
+        for span in ACTIVITY_SPANS:
+            self.rows.add("activity", (self.flow, span, second - second % span, step), deltas)
+
     def count(self, deltas: dict[str, float]) -> None:
-        """Add to the flow's counters, and to its activity: runs by the minute they started in,
-        the rest by the minute they happened in."""
+        """Add to the flow's counters, and to its activity: runs by the bucket they started in
+        (`completions` by the one they completed in), the rest by the bucket they happened in."""
         self.rows.add("counters", (self.flow,), deltas)
         if _RUN_COUNTS.isdisjoint(deltas) and _ACTIVITY.issuperset(deltas):  # the usual case
-            self.rows.add("activity", (self.flow, self.now, ""), deltas)
+            self.activity(self.second, "", deltas)
             return
         by_run = {k: v for k, v in deltas.items() if k in _RUN_COUNTS}
         by_now = {k: v for k, v in deltas.items() if k in ACTIVITY_COLUMNS and k not in by_run}
+        if "completed" in by_run:
+            by_now["completions"] = by_run["completed"]
         if by_run:
             started = self.previous.get("started_at") if self.previous else None
-            run = _minute(started) if started is not None else self.now
-            self.rows.add("activity", (self.flow, run, ""), by_run)
+            run = int(started.timestamp()) if started is not None else self.second
+            self.activity(run, "", by_run)
         if by_now:
-            self.rows.add("activity", (self.flow, self.now, ""), by_now)
+            self.activity(self.second, "", by_now)
 
     def step(self, step: str, counter: str) -> None:
-        """Count one run entering, moving on from or dropping out at `step` (and its minute)."""
+        """Count one run entering, moving on from or dropping out at `step` (and its buckets)."""
         deltas = {counter: 1}
         self.rows.add("steps", (self.flow, step), deltas)
-        self.rows.add("activity", (self.flow, self.now, step), deltas)
+        self.activity(self.second, step, deltas)
+
+    def stay_ms(self) -> float | None:
+        """For a transition taken: how long the run stayed on the step it leaves, in whole ms
+        (since the accepted command that brought it there; None when the row does not say)."""
+        previous = self.previous
+        entered = previous.get("entered_at") if previous else None
+        if entered is None or previous is None or previous.get("step") != self.e["from_step"]:
+            return None
+        return float(max(0, round((self.e["timestamp"] - entered) / timedelta(milliseconds=1))))
 
     def dropped(self) -> None:
         """An active run that ends or is moved away from its step without moving on drops out."""
@@ -206,6 +255,10 @@ class _Fold:
         )
         self.rows.add("throughput", (self.flow, second), {"attempts": 1})
         self.rows.forget("throughput", self.flow, (second // hour - 1) * hour)
+        timed = response_bin(e["elapsed_ms"])
+        for span in ACTIVITY_SPANS:
+            key = (self.flow, span, second - second % span, timed)
+            self.rows.add("response_times", key, {"attempts": 1})
 
 
 def _started(f: _Fold, e: Event, attempts: int) -> None:
@@ -229,6 +282,7 @@ def _started(f: _Fold, e: Event, attempts: int) -> None:
         previous=None,
         entity_id=e["entity_id"],
         message=None,
+        entered_at=e["timestamp"],
     )
 
 
@@ -245,6 +299,7 @@ def _executed(f: _Fold, e: Event, attempts: int) -> None:
         payload=e["payload"],
         ok=e["ok"],
         message=e["message"],
+        stay_ms=f.stay_ms(),
     )
     counts: dict[str, float] = {"attempts": 1, "response_ms_total": e["elapsed_ms"]}
     if not e["ok"]:
@@ -252,6 +307,7 @@ def _executed(f: _Fold, e: Event, attempts: int) -> None:
     f.count(counts)
     f.step(e["from_step"], "moved_on")
     f.step(e["to_step"], "entered")
+    f.rows.add("transitions", (f.flow, e["from_step"], e["transition"]), {"taken": 1})
     f.attempt(attempts)
     before = f.previous.get("payload") if f.previous else None
     f.state(
@@ -262,6 +318,7 @@ def _executed(f: _Fold, e: Event, attempts: int) -> None:
         previous=e["previous"],
         payload=merge_payload(before, e["payload"]) if e["rules"] == 2 else e["payload"],
         expires_at=e["expires_at"],
+        entered_at=e["timestamp"],
     )
 
 
@@ -331,6 +388,7 @@ def _entered(handoff: bool) -> Callable[[_Fold, Event, int], None]:
             previous=e["previous"],
             entity_id=e["entity_id"],
             message=e["message"],
+            entered_at=e["timestamp"],
         )
 
     return enter
@@ -348,6 +406,7 @@ def _went_back(f: _Fold, e: Event, attempts: int) -> None:
         message=None,
         previous=None,
         expires_at=e["expires_at"],
+        entered_at=e["timestamp"],
     )
 
 
@@ -364,7 +423,9 @@ def _migrated(f: _Fold, e: Event, attempts: int) -> None:
     if e["to_step"] != e["from_step"]:
         f.step(e["from_step"], "moved_on")
         f.step(e["to_step"], "entered")
-    f.state(step=e["to_step"], service=e["service"], previous=e["previous"])
+    f.state(
+        step=e["to_step"], service=e["service"], previous=e["previous"], entered_at=e["timestamp"]
+    )
 
 
 def _ended(expired: bool) -> Callable[[_Fold, Event, int], None]:
@@ -382,6 +443,7 @@ def _ended(expired: bool) -> Callable[[_Fold, Event, int], None]:
             previous=None,
             entity_id=None,
             message=None,
+            entered_at=None,
         )
 
     return end

@@ -10,14 +10,18 @@ from typing import Any
 
 import orjson
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     RowMapping,
     Select,
     Table,
+    and_,
     distinct,
+    false,
     func,
     inspect,
+    or_,
     select,
 )
 
@@ -30,10 +34,10 @@ from flowstore.models import (
     StepCount,
 )
 from flowstore.projections.batch import StateKey
-from flowstore.projections.ops import ACTIVITY_COLUMNS
+from flowstore.projections.ops import ACTIVITY_COLUMNS, bin_value
 from flowstore.projections.tables import ProjectionTables
 
-__all__ = ["Queries", "percentile", "row_dict"]
+__all__ = ["Queries", "histogram_percentile", "percentile", "row_dict"]
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -42,6 +46,21 @@ def percentile(samples: Sequence[float], q: float) -> float:
         return 0.0
     ordered = sorted(samples)
     return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+def histogram_percentile(counts: dict[int, int], q: float) -> float:
+    """The nearest-rank q-th percentile of a response-time histogram ({bin: attempts}): the
+    middle of the bin that holds the value `percentile` would give (within 4.4% of it)."""
+    total = sum(counts.values())
+    if not total:
+        return 0.0
+    rank = max(1, math.ceil(q / 100 * total))
+    seen = 0
+    for index in sorted(counts):
+        seen += counts[index]
+        if seen >= rank:
+            return bin_value(index)
+    raise AssertionError("unreachable: the ranks add up to the total")
 
 
 def _utc(value: Any) -> Any:
@@ -59,15 +78,33 @@ def _minute_ceiling(moment: datetime) -> int:
     return math.ceil(moment.timestamp() / 60)
 
 
+def _buckets(table: Table, first: int, end: int) -> ColumnElement[bool]:
+    """The `flow_activity`-style rows (span, start) that cover minutes [first, end) exactly:
+    whole hours from the hour rows, the ragged ends from the minute rows."""
+    c = table.c
+    hours = (math.ceil(first / 60), end // 60)
+
+    def minutes(low: int, high: int) -> ColumnElement[bool]:
+        return and_(c.span == 60, c.start >= low * 60, c.start < high * 60)
+
+    if hours[0] >= hours[1]:
+        return minutes(first, end) if first < end else false()
+    return or_(
+        minutes(first, hours[0] * 60),
+        and_(c.span == 3600, c.start >= hours[0] * 3600, c.start < hours[1] * 3600),
+        minutes(hours[1] * 60, end),
+    )
+
+
 def row_dict(mapping: Any) -> dict[str, Any]:
     """A result row as a dict, its naive datetimes read as UTC."""
     return {k: _utc(v) for k, v in dict(mapping).items()}
 
 
-_STEP_COUNTERS = ("entered", "moved_on", "dropped")
-_SUMMED = tuple(name for name in ACTIVITY_COLUMNS if name not in _STEP_COUNTERS)
-"""The counters whose sums `_statistics` takes: the per-minute `flow_activity` columns but its
-step counters, which are also the all-time `flow_counters` columns."""
+_ACTIVITY_ONLY = ("entered", "moved_on", "dropped", "completions")
+_SUMMED = tuple(name for name in ACTIVITY_COLUMNS if name not in _ACTIVITY_ONLY)
+"""The counters whose sums `_statistics` takes: the `flow_activity` columns but its step counters
+and `completions` (the charts'), which are also the all-time `flow_counters` columns."""
 
 
 def _sums(table: Table) -> Select[Any]:
@@ -233,10 +270,10 @@ class Queries:
     def window_statistics(
         self, flow_id: str | None, *, since: datetime, until: datetime
     ) -> FlowStatistics:
-        """The seed's statistics over [since, until), from the per-minute `flow_activity` rows.
+        """The seed's statistics over [since, until), from the `flow_activity` rows.
 
         To the minute: a minute counts when it starts in [since rounded down to its minute,
-        until). Runs count in the minute they started (so the completion rate is over the runs
+        until); whole hours are read from the hour rows, the ends from the minute rows. Runs count in the minute they started (so the completion rate is over the runs
         started in the window), attempts and steps when they happened; `active_users` is now;
         the p95 is over the recent-samples ring's attempts made in the window (at most the
         flow's last 1,000), and the throughput is attempts per second of the window.
@@ -248,7 +285,7 @@ class Queries:
         def where(table: Table) -> list[Any]:
             return [table.c.flow_id == flow_id] if flow_id is not None else []
 
-        window = [*where(t.activity), a.minute >= first, a.minute < end]
+        window = [*where(t.activity), _buckets(t.activity, first, end)]
         sums = _sums(t.activity).where(*window, a.step == "")
         popular = (
             select(a.step, func.sum(a.entered).label("n"))
@@ -291,8 +328,7 @@ class Queries:
             )
             .where(
                 a.flow_id == flow_id,
-                a.minute >= _minute(since),
-                a.minute < _minute_ceiling(until),
+                _buckets(t.activity, _minute(since), _minute_ceiling(until)),
                 a.step != "",
             )
             .group_by(a.step)
@@ -388,11 +424,7 @@ class Queries:
 
     def transition_counts(self, flow_id: str) -> dict[tuple[str, str], int]:
         """Accepted transitions of the flow so far, per (from_step, transition), all versions."""
-        h = self.tables.history
-        query = (
-            select(h.c.from_step, h.c.transition, func.count().label("n"))
-            .where(h.c.flow_id == flow_id, h.c.kind == "transition", h.c.success.is_(True))
-            .group_by(h.c.from_step, h.c.transition)
-        )
+        t = self.tables.transitions
+        query = select(t.c.from_step, t.c.transition, t.c.taken).where(t.c.flow_id == flow_id)
         with self._read() as conn:
-            return {(r.from_step, r.transition): int(r.n) for r in conn.execute(query)}
+            return {(r.from_step, r.transition): int(r.taken) for r in conn.execute(query)}

@@ -41,11 +41,14 @@ __all__ = [
     "tracking_name",
 ]
 
-LAYOUT = 2
+LAYOUT = 3
 """The tables' layout version: raise it with every change of a table, column, index or of what a
 row holds. 2: history steps and transition as "" rather than NULL (the seed's strings), a rejected
 attempt's `to_step` is the step the user stayed on; `flow_activity`;
-`flow_response_samples.second`; the `flow_states` index for `list_instances`.
+`flow_response_samples.second`; the `flow_states` index for `list_instances`. 3: `flow_activity`
+by minute and by hour (`span`, `start`) with `completions`; `flow_response_times`;
+`flow_transitions`; `flow_states.entered_at` and its idle index; `flow_history.stay_ms`; no
+(flow_id, kind) index on history.
 
 The layout is recorded in the tracking table (the `LAYOUT_ROW` row, and from layout 3 on in the
 name of the position's row, `tracking_name`), so that a process reading another layout says so
@@ -74,6 +77,8 @@ class ProjectionTables:
     samples: Table
     throughput: Table
     activity: Table
+    response_times: Table
+    transitions: Table
 
     @property
     def all(self) -> list[Table]:
@@ -86,6 +91,8 @@ class ProjectionTables:
             self.samples,
             self.throughput,
             self.activity,
+            self.response_times,
+            self.transitions,
         ]
 
 
@@ -114,6 +121,9 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("previous", _ID, nullable=True),
         Column("entity_id", _ID, nullable=True),
         Column("message", String, nullable=True),
+        # When the run came to its step (the last accepted command that put it on one): a
+        # transition out of the step records the stay (`flow_history.stay_ms`).
+        Column("entered_at", DateTime(timezone=True), nullable=True),
         Index(f"ix_flow_states{suffix}_flow_status", "flow_id", "status"),
         Index(f"ix_flow_states{suffix}_expiry", "status", "expires_at"),
         Index(f"ix_flow_states{suffix}_instance", "instance_id"),
@@ -126,6 +136,15 @@ def define_tables(suffix: str = "") -> ProjectionTables:
             "step",
             "user_id",
             "updated_at",
+        ),
+        # The console's idle runs of a step, longest idle first (a page without sorting them all).
+        Index(
+            f"ix_flow_states{suffix}_flow_idle",
+            "flow_id",
+            "status",
+            "step",
+            "updated_at",
+            "user_id",
         ),
     )
     history = Table(
@@ -147,9 +166,9 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("meta", JSON, nullable=False),
         Column("ok", Boolean, nullable=True),
         Column("message", String, nullable=True),
-        # Per-flow scans: transition counts for diagrams, a flow's history for exports.
-        Index(f"ix_flow_history{suffix}_flow_kind", "flow_id", "kind"),
-        # A flow's rows in a time window (the console's activity and stays over the last hour...).
+        # A transition taken: how long the run had stayed on the step it left, in ms.
+        Column("stay_ms", Float, nullable=True),
+        # A flow's latest rows (the console's stays: the newest moves, walked backwards).
         Index(f"ix_flow_history{suffix}_flow_time", "flow_id", "timestamp"),
         Index(f"ix_flow_history{suffix}_instance", "instance_id"),
     )
@@ -196,15 +215,17 @@ def define_tables(suffix: str = "") -> ProjectionTables:
         Column("second", Integer, primary_key=True),
         Column("attempts", Integer, nullable=False, default=0),
     )
-    # Statistics and the funnel over a time window: the counters and step counters again, per flow,
-    # minute of event time and step ("" for the flow's own counts). Runs count in the minute they
-    # started (their completion and its duration too), attempts and steps in the minute they
-    # happened. Kept for good: a minute row per flow and step that saw anything.
+    # Statistics, the funnel and the console's charts over a time window: the counters and step
+    # counters again, per flow, time bucket (a minute and an hour: `ACTIVITY_SPANS`) and step (""
+    # for the flow's own counts). Runs count in the bucket they started (their `completed` and its
+    # duration too; `completions` when they happened), attempts and steps in the bucket they
+    # happened. Kept for good: a row per flow, bucket and step that saw anything.
     activity = Table(
         f"flow_activity{suffix}",
         md,
         Column("flow_id", _ID, primary_key=True),
-        Column("minute", Integer, primary_key=True),
+        Column("span", Integer, primary_key=True),
+        Column("start", BigInteger, primary_key=True),
         Column("step", _ID, primary_key=True),
         *(
             Column(
@@ -215,9 +236,40 @@ def define_tables(suffix: str = "") -> ProjectionTables:
             )
             for name in ACTIVITY_COLUMNS
         ),
-        Index(f"ix_flow_activity{suffix}_minute", "minute"),
+        Index(f"ix_flow_activity{suffix}_span_start", "span", "start"),
     )
-    return ProjectionTables(md, states, history, counters, steps, samples, throughput, activity)
+    # Response times per flow and time bucket as a log-scale histogram (`ops.response_bin`): the
+    # buckets of a window merge into one, which gives its p50/p95 to within 4.4%.
+    response_times = Table(
+        f"flow_response_times{suffix}",
+        md,
+        Column("flow_id", _ID, primary_key=True),
+        Column("span", Integer, primary_key=True),
+        Column("start", BigInteger, primary_key=True),
+        Column("bin", Integer, primary_key=True),
+        Column("attempts", Integer, nullable=False, default=0),
+    )
+    # Accepted transitions per flow, step left and transition name: the diagram's labels.
+    transitions = Table(
+        f"flow_transitions{suffix}",
+        md,
+        Column("flow_id", _ID, primary_key=True),
+        Column("from_step", _ID, primary_key=True),
+        Column("transition", _ID, primary_key=True),
+        Column("taken", Integer, nullable=False, default=0),
+    )
+    return ProjectionTables(
+        md,
+        states,
+        history,
+        counters,
+        steps,
+        samples,
+        throughput,
+        activity,
+        response_times,
+        transitions,
+    )
 
 
 tracking_metadata = MetaData()

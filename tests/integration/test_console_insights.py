@@ -7,8 +7,9 @@ the test moves, so bucket edges, stays and idle times are exact.
 from __future__ import annotations
 
 import itertools
+from collections import defaultdict
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -21,6 +22,8 @@ from flowstore.adapters.http.console.insights import (
     idle_by_step,
     list_instances,
 )
+from flowstore.projections.ops import bin_value, response_bin
+from flowstore.projections.queries import histogram_percentile, percentile
 from tests.flows import Clock, onboarding
 
 ONBOARDING = "user-onboarding"
@@ -70,8 +73,10 @@ def test_activity_counts_each_minute_with_events_on_its_first_second(
 
     history = fresh.get_flow_history("a", ONBOARDING)
     times = sorted(r.metadata["elapsed_ms"] for r in history[1:3])  # start, skip at 10:00
-    assert first.p50_ms == pytest.approx(times[0])  # nearest rank of two: the lower
-    assert first.p95_ms == pytest.approx(times[1])
+    # From the histogram: the middle of the bin of the nearest-rank value (of two: the lower).
+    assert first.p50_ms == bin_value(response_bin(times[0]))
+    assert first.p95_ms == bin_value(response_bin(times[1]))
+    assert first.p50_ms == pytest.approx(times[0], rel=0.0443)
 
 
 def test_activity_per_day_sums_the_minutes(fresh: FlowStore, clock: Clock) -> None:
@@ -241,29 +246,47 @@ def test_stays_are_a_sample_of_the_latest_moves(fresh: FlowStore, clock: Clock) 
     assert dwell(fresh, ONBOARDING, since=since)["profile-setup"].moves == 3
 
 
-def test_response_times_of_a_busy_window_come_from_a_sample_of_runs(
-    fresh: FlowStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from flowstore.adapters.http.console import insights
+def test_long_windows_read_hours_and_merge_their_histograms(fresh: FlowStore, clock: Clock) -> None:
+    per_day: defaultdict[datetime, list[float]] = defaultdict(list)
+    for user in range(6):
+        for name in ("start", "skip", "complete"):
+            fresh.execute_transition(f"u{user}", ONBOARDING, name)
+            clock.advance(600)
+        clock.advance(5 * 3600)  # six runs over 30 hours and more: two or three days
+    for user in range(6):
+        for row in fresh.get_flow_history(f"u{user}", ONBOARDING):
+            if row.kind == "transition":
+                day = row.timestamp.replace(hour=0, minute=0, second=0, microsecond=0)
+                per_day[day].append(row.metadata["elapsed_ms"])
+    month = next(w for w in ACTIVITY_WINDOWS if w.key == "30d")
+    days = {b.start: b for b in activity(fresh, ONBOARDING, month, now=clock.now).buckets}
+    assert {d for d, b in days.items() if b.attempts} == set(per_day)
+    for day, times in per_day.items():
+        assert days[day].transitions == len(times)
+        # A day's percentiles are over all its attempts: its hours' histograms merged.
+        for q, got in ((50, days[day].p50_ms), (95, days[day].p95_ms)):
+            assert got == bin_value(response_bin(percentile(times, q)))
+    assert sum(b.completions for b in days.values()) == 6
+    week = next(w for w in ACTIVITY_WINDOWS if w.key == "7d")
+    hours = [b for b in activity(fresh, ONBOARDING, week, now=clock.now).buckets if b.attempts]
+    assert sum(b.transitions for b in hours) == 18
 
-    for i in range(40):
-        fresh.execute_transition(f"u{i}", ONBOARDING, "start")
-    everyone = activity(fresh, ONBOARDING, HOUR, now=clock.now).buckets[-1]
-    monkeypatch.setattr(insights, "PERCENTILE_ROWS", 8)  # 40 attempts: a fifth of the runs
-    sampled = activity(fresh, ONBOARDING, HOUR, now=clock.now).buckets[-1]
-    assert sampled.transitions == everyone.transitions == 40  # counts are never sampled
-    ids = {
-        str(r.id).split(":")[0]
-        for u in range(40)
-        for r in fresh.get_flow_history(f"u{u}", ONBOARDING)
-    }
-    kept = [i for i in ids if i[0] in "0123"]  # ceil(16 * 8 / 40) = 4 of 16 digits
-    times = sorted(
-        r.metadata["elapsed_ms"]
-        for u in range(40)
-        for r in fresh.get_flow_history(f"u{u}", ONBOARDING)
-        if r.kind == "transition" and str(r.id)[0] in "0123"
+
+def test_histogram_percentiles_are_the_bins_of_the_exact_ones() -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @given(
+        st.lists(st.floats(min_value=0, max_value=1e7, allow_nan=False), min_size=1),
+        st.sampled_from([50, 95, 99, 1, 100]),
     )
-    assert len(times) == len(kept)
-    if times:
-        assert sampled.p95_ms == pytest.approx(times[max(1, -(-95 * len(times) // 100)) - 1])
+    def check(values: list[float], q: float) -> None:
+        counts: dict[int, int] = {}
+        for value in values:
+            counts[response_bin(value)] = counts.get(response_bin(value), 0) + 1
+        exact = percentile(values, q)
+        assert histogram_percentile(counts, q) == bin_value(response_bin(exact))
+        if 1e-3 <= exact <= 4e6:  # inside the histogram's range: within 4.4%
+            assert histogram_percentile(counts, q) == pytest.approx(exact, rel=0.0443)
+
+    check()

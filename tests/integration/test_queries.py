@@ -328,3 +328,36 @@ def test_the_read_model_answers_with_this_process_s_writes(store: FlowStore) -> 
     state = store.execute_transition("ann", FLOW, "start")
     rows = store.read_model().user_flows("ann")
     assert [(row["flow_id"], row["step"]) for row in rows] == [(FLOW, state.step)]
+
+
+def test_a_window_reads_whole_hours_from_hour_rows_and_its_ends_from_minute_rows() -> None:
+    """Every minute of [first, end) is counted exactly once, whatever the window's edges."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from sqlalchemy import create_engine, func, select
+
+    from flowstore.projections.ops import ACTIVITY_COLUMNS
+    from flowstore.projections.queries import _buckets
+    from flowstore.projections.tables import define_tables
+
+    tables = define_tables()
+    a = tables.activity
+    engine = create_engine("sqlite://")
+    tables.metadata.create_all(engine)
+    minutes = range(6 * 60)  # six hours: one attempt a minute, hour rows of 60
+    row = {"flow_id": "f", "step": "", **dict.fromkeys(ACTIVITY_COLUMNS, 0)}
+    with engine.begin() as conn:
+        conn.execute(
+            a.insert(),
+            [{**row, "span": 60, "start": m * 60, "attempts": 1} for m in minutes]
+            + [{**row, "span": 3600, "start": h * 3600, "attempts": 60} for h in range(6)],
+        )
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.integers(0, 6 * 60), st.integers(0, 6 * 60))
+    def check(first: int, end: int) -> None:
+        query = select(func.coalesce(func.sum(a.c.attempts), 0)).where(_buckets(a, first, end))
+        with engine.connect() as conn:
+            assert conn.execute(query).scalar_one() == max(0, end - first)
+
+    check()

@@ -46,6 +46,7 @@ _ROWS = st.lists(
             "payload": payloads,
             "success": st.booleans(),
             "ok": st.none() | st.booleans(),
+            "stay_ms": st.none() | st.integers(0, 10**12).map(float),
             "error": st.none() | st.text(st.characters(codec="utf-8", exclude_characters="\x00")),
         }
     ),

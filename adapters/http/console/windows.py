@@ -1,8 +1,8 @@
 """A flow's funnel and statistics, for all time or over a recent time window.
 
 All time is what the store answers from its counter tables; a window ("the last hour/day/week") is
-what it answers from its per-minute activity table (`get_flow_statistics(flow, since=, until=)`,
-`get_flow_funnel(...)`): no fold of the event log in the web process.
+what it answers from its activity table of minute and hour rows (`get_flow_statistics(flow,
+since=, until=)`, `get_flow_funnel(...)`): no fold of the event log in the web process.
 
 In a window, per step, *entered*, *moved on* and *dropped* count what happened in the window; runs
 are counted by when they started: the completion rate is the share of runs started in the window that
@@ -73,7 +73,7 @@ class FunnelSummary:
 
 
 class LogWindows:
-    """Windowed funnels of flows, read from the store's per-minute activity table."""
+    """Windowed funnels of flows, read from the store's activity table (minute and hour rows)."""
 
     def __init__(self, store: FlowStore, *, clock: Callable[[], datetime] | None = None) -> None:
         self._store = store
