@@ -19,9 +19,9 @@ from pydantic import ValidationError
 
 from flowstore.commands import Commands, cached_instance_id, definition_of
 from flowstore.decisions import Decision, execute_transition, override_state, start_flow
-from flowstore.definitions import check_entity, check_message, check_payload, require_id
 from flowstore.domain import DomainEvent, FlowInstance, InstanceEvent, project
 from flowstore.errors import FlowError, FlowNotFoundError, InvalidArgumentError
+from flowstore.inputs import check_entity, check_message, check_payload, require_id
 from flowstore.models import FlowState
 from flowstore.telemetry import BATCH_SIZE, KIND, outcome_of
 from flowstore.views import instance_state

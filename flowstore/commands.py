@@ -24,7 +24,7 @@ from uuid import UUID
 from eventsourcing.persistence import IntegrityError
 
 from flowstore.decisions import Decision
-from flowstore.definitions import FlowDefinition, require_id
+from flowstore.definitions import FlowDefinition
 from flowstore.domain import (
     DomainEvent,
     FlowInstance,
@@ -41,6 +41,7 @@ from flowstore.errors import (
     StorageUnavailableError,
 )
 from flowstore.eventlog import EventLog, backoff
+from flowstore.inputs import require_id
 from flowstore.models import FlowStatus
 from flowstore.reactions import Reactions
 from flowstore.telemetry import POSITION, Observers

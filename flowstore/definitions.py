@@ -6,47 +6,36 @@ checks the whole definition and reports every problem at once in one `Definition
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic.alias_generators import to_camel
 
-from flowstore.errors import (
-    DefinitionError,
-    InvalidArgumentError,
-    PayloadTooLargeError,
-    PayloadValidationError,
+from flowstore.errors import DefinitionError
+from flowstore.inputs import (
+    MAX_JSON_DEPTH,
+    MAX_NAME_LENGTH,
+    encode_json,
+    has_control_characters,
+    json_nesting,
 )
 from flowstore.schemas import PayloadSchema, schema_problems
 
 __all__ = [
-    "DEFAULT_MAX_PAYLOAD_BYTES",
     "DOT_IDS",
-    "ERASED_USER_PREFIX",
     "MAX_DEFINITION_BYTES",
-    "MAX_JSON_DEPTH",
-    "MAX_NAME_LENGTH",
     "MAX_TTL_SECONDS",
     "FlowDefinition",
     "FlowStep",
     "FlowTransition",
-    "check_entity",
-    "check_message",
-    "check_payload",
     "flow_warnings",
-    "has_control_characters",
     "parse_definition",
     "reachable_steps",
-    "require_id",
     "update_definition",
     "validate_flow",
 ]
-
-DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
 
 MAX_DEFINITION_BYTES = 256 * 1024
 """Largest definition accepted, in bytes of its orjson encoding (as its `FlowDefined` event stores it).
@@ -57,20 +46,9 @@ larger events also hung PostgreSQL writers (megabytes in one psycopg pipeline). 
 few kilobytes.
 """
 
-MAX_JSON_DEPTH = 100
-"""Deepest nesting of objects and arrays accepted in a payload or a definition (the value itself is 1).
-
-orjson refuses more than 254 levels; the event, the Kafka envelope and HTTP responses wrap the
-value in a few more, so the limit leaves them room.
-"""
-
 DOT_IDS = frozenset({".", ".."})
 """Flow ids that are path segments of their own in a URL (`/flows/..` is `/`): refused, as is `/`
 (flow ids are one segment of every REST path and per-flow remote URL)."""
-
-MAX_NAME_LENGTH = 256
-"""Longest flow id, step, service, module or transition name: the tables' columns are VARCHAR(256),
-and every other call refuses longer ids."""
 
 MAX_TTL_SECONDS = 100 * 365 * 24 * 60 * 60
 """Longest ttl (100 years): the expiry, now + ttl, must stay a date (before year 10000)."""
@@ -168,37 +146,6 @@ class FlowDefinition(_SeedModel):
 _UPDATABLE = set(FlowDefinition.model_fields) - {"version"}
 
 
-ERASED_USER_PREFIX = "erased:"
-"""What an erased user's events carry as their user id: this prefix and the erased key's subject.
-Reserved: no user id given to a command may start with it."""
-
-
-def require_id(value: object, name: str) -> str:
-    """`value` if it is a usable id (a non-blank string of printable characters), else
-    `InvalidArgumentError` naming the argument."""
-    if not isinstance(value, str):
-        raise InvalidArgumentError(name, value, f"must be a string, not {type(value).__name__}")
-    if not value.strip():
-        raise InvalidArgumentError(name, value, "must not be empty")
-    if len(value) > MAX_NAME_LENGTH:
-        raise InvalidArgumentError(name, value[:40] + "...", f"longer than {MAX_NAME_LENGTH}")
-    if has_control_characters(value):
-        raise InvalidArgumentError(name, value, "contains a control character or lone surrogate")
-    if name == "user_id" and value.startswith(ERASED_USER_PREFIX):
-        raise InvalidArgumentError(name, value, f"{ERASED_USER_PREFIX!r} marks erased users")
-    return value
-
-
-_CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\ud800-\udfff]")
-
-
-def has_control_characters(text: str) -> bool:
-    """Control characters and lone surrogates: unstorable (NUL in PostgreSQL) or unencodable."""
-    # A compiled character class: every id of every command passes here (a per-character
-    # generator cost 10 µs an id).
-    return _CONTROL_OR_SURROGATE.search(text) is not None
-
-
 def _shown(name: str) -> str:
     """A name short enough to quote in a message."""
     return name if len(name) <= MAX_NAME_LENGTH else name[:40] + "..."
@@ -239,7 +186,7 @@ def _storage_problems(definition: FlowDefinition) -> list[str]:
     # encoded by orjson like any other (see flowstore.codec), so it must be plain, small JSON.
     data = definition.model_dump()
     try:
-        encoded = _encode_json(data)
+        encoded = encode_json(data)
     except ValueError as exc:
         return [f"the definition cannot be stored as JSON: {exc}"]
     if len(encoded) > MAX_DEFINITION_BYTES:
@@ -247,7 +194,7 @@ def _storage_problems(definition: FlowDefinition) -> list[str]:
             f"the definition is {len(encoded)} bytes as JSON, over the limit of "
             f"{MAX_DEFINITION_BYTES} bytes"
         ]
-    depth = _nesting(data)
+    depth = json_nesting(data)
     if depth > MAX_JSON_DEPTH:
         return [f"the definition is nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH}"]
     return []
@@ -451,100 +398,3 @@ def update_definition(current: FlowDefinition, changes: Mapping[str, Any]) -> Fl
     if problems:
         raise DefinitionError(current.flow, problems)
     return parse_definition(merged)
-
-
-def check_payload(payload: Any, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> dict[str, Any] | None:
-    """Return the payload if it is None or a JSON object within `limit` bytes; raise otherwise."""
-    if payload is None:
-        return None
-    if not isinstance(payload, dict):
-        raise PayloadValidationError(
-            f"Payload must be a JSON object, not {type(payload).__name__}",
-            type=type(payload).__name__,
-        )
-    try:
-        encoded = _encode_json(payload)
-    except ValueError as exc:
-        raise PayloadValidationError(f"Payload is not JSON: {exc}") from None
-    if len(encoded) > limit:
-        raise PayloadTooLargeError(len(encoded), limit)
-    # orjson writes NaN as null, tuples as lists, datetimes as strings: anything that does not come
-    # back equal is not plain JSON and would be stored as something other than what was sent.
-    if orjson.loads(encoded) != payload:
-        raise PayloadValidationError(
-            "Payload is not plain JSON (NaN/Infinity, tuples, dates or non-string keys "
-            "do not survive a JSON round trip)"
-        )
-    # Each level opens a bracket: with no more brackets than the limit (in strings too, so never
-    # fewer than the depth) the payload is within it, and the walk is not needed.
-    brackets = encoded.count(b"{") + encoded.count(b"[")
-    if brackets > MAX_JSON_DEPTH and (depth := _nesting(payload)) > MAX_JSON_DEPTH:
-        raise PayloadValidationError(
-            f"Payload is nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH}"
-        )
-    if b"\\u0000" in encoded and _has_nul(payload):  # the byte test is the cheap filter
-        # Valid JSON, but PostgreSQL text and jsonb cannot store NUL: refused on every backend so
-        # that a store behaves the same wherever it runs.
-        raise PayloadValidationError("Payload contains a NUL character (\\u0000)")
-    return payload
-
-
-def check_entity(value: object) -> str | None:
-    """An entity id: None, `""` (the model's null) or a usable id."""
-    if value is None:
-        return None
-    return "" if value == "" else require_id(value, "entity_id")
-
-
-def check_message(value: object, limit: int) -> str | None:
-    """A message: any text within `limit` bytes, without NUL or lone surrogates (unstorable)."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidArgumentError(
-            "message", value, f"must be a string, not {type(value).__name__}"
-        )
-    if "\x00" in value or any(0xD800 <= ord(c) <= 0xDFFF for c in value):
-        raise InvalidArgumentError("message", value[:40], "contains NUL or a lone surrogate")
-    if len(value.encode("utf-8")) > limit:
-        raise InvalidArgumentError("message", value[:40] + "...", f"longer than {limit} bytes")
-    return value
-
-
-def _encode_json(value: Any) -> bytes:
-    """`value` as orjson encodes it for storage; `ValueError` saying why it cannot be encoded."""
-    try:
-        return orjson.dumps(value)
-    except orjson.JSONEncodeError as exc:
-        # orjson's messages are terse ("Integer exceeds 64-bit range", "Recursion limit reached",
-        # "str is not valid UTF-8: surrogates not allowed"): name the limits they refer to.
-        raise ValueError(
-            f"{exc} (JSON here holds objects with string keys, arrays, text in valid UTF-8, "
-            f"64-bit integers and at most {MAX_JSON_DEPTH} levels of nesting)"
-        ) from None
-
-
-def _nesting(value: Any) -> int:
-    """How deeply objects and arrays nest in `value` (0 for a scalar); iterative, not recursive."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list | tuple):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, level)
-        stack.extend((child, level + 1) for child in children)
-    return deepest
-
-
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False

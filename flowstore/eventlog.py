@@ -36,7 +36,6 @@ from eventsourcing.persistence import (
 from eventsourcing.utils import get_topic
 
 from flowstore.codec import OrjsonTranscoder, PydanticMapper
-from flowstore.definitions import ERASED_USER_PREFIX
 from flowstore.domain import DomainEvent, FlowErased, InstanceEvent, project
 from flowstore.errors import (
     CorruptEventError,
@@ -46,6 +45,7 @@ from flowstore.errors import (
     StorageUnavailableError,
 )
 from flowstore.groupcommit import GroupCommit
+from flowstore.inputs import ERASED_USER_PREFIX
 from flowstore.keys import MemoryKeyStore, SqlKeyStore, UserKeys
 from flowstore.storage import SQLITE_PERSISTENCE, StorageConfig
 

@@ -10,10 +10,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from flowstore.decisions import define_flow, delete_flow, list_flow
-from flowstore.definitions import FlowDefinition, parse_definition, require_id, update_definition
+from flowstore.definitions import FlowDefinition, parse_definition, update_definition
 from flowstore.diagrams import DIAGRAM_FORMATS, DiagramStats, text_diagram
 from flowstore.domain import CATALOG_ID, DomainEvent, FlowCatalog, FlowVersions, definition_id
 from flowstore.errors import FlowExistsError, FlowNotFoundError, InvalidArgumentError
+from flowstore.inputs import require_id
 from flowstore.migration import check_step_map, migrate
 from flowstore.models import FlowStatus, MigrationReport
 from flowstore.opening import Parts

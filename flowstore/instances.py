@@ -11,14 +11,7 @@ from typing import Any
 
 from flowstore.commands import definition_of, is_expired
 from flowstore.decisions import Decision, end_flow, go_back, hand_over, start_flow
-from flowstore.definitions import (
-    FlowDefinition,
-    FlowTransition,
-    check_entity,
-    check_message,
-    check_payload,
-    require_id,
-)
+from flowstore.definitions import FlowDefinition, FlowTransition
 from flowstore.domain import FlowInstance, instance_id
 from flowstore.errors import (
     FlowNotFoundError,
@@ -27,6 +20,7 @@ from flowstore.errors import (
     InvalidTransitionError,
     StateTokenFlowError,
 )
+from flowstore.inputs import check_entity, check_message, check_payload, require_id
 from flowstore.models import FlowState
 from flowstore.opening import Parts
 from flowstore.tokens import decode_state_token, encode_state_token, token_flow_id

@@ -30,7 +30,7 @@ from uuid import uuid4
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from flowstore.definitions import ERASED_USER_PREFIX
+from flowstore.inputs import ERASED_USER_PREFIX
 from flowstore.sqlitelog import wipe_wal
 from flowstore.storage import READ_ONLY, StorageConfig, make_engine
 

@@ -6,9 +6,10 @@ from collections.abc import Iterable, Mapping
 
 from flowstore.commands import Commands
 from flowstore.decisions import Decision, migrate_instance, migration_target
-from flowstore.definitions import FlowDefinition, require_id
+from flowstore.definitions import FlowDefinition
 from flowstore.domain import FlowInstance, instance_id
 from flowstore.errors import FlowStateNotFoundError, InvalidStepError
+from flowstore.inputs import require_id
 from flowstore.models import FlowStatus, InstanceMigration, MigrationReport
 
 __all__ = ["check_step_map", "migrate"]

@@ -11,9 +11,9 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from flowstore.definitions import require_id
 from flowstore.domain import FlowInstance, FlowVersions, definition_id, instance_id
 from flowstore.errors import FlowStateCorruptionError, InvalidArgumentError
+from flowstore.inputs import require_id
 from flowstore.models import (
     FlowState,
     FlowStateHistory,

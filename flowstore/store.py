@@ -19,15 +19,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, cast
 
 from flowstore import admin, flows, instances, reads
-from flowstore.definitions import (
-    DEFAULT_MAX_PAYLOAD_BYTES,
-    FlowDefinition,
-    FlowTransition,
-    require_id,
-)
+from flowstore.definitions import FlowDefinition, FlowTransition
 from flowstore.domain import DomainEvent
 from flowstore.errors import FlowError, InvalidArgumentError, StoreClosedError
 from flowstore.importing import import_events
+from flowstore.inputs import DEFAULT_MAX_PAYLOAD_BYTES, require_id
 from flowstore.models import (
     FlowState,
     FlowStateHistory,

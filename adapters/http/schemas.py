@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from flowstore.definitions import MAX_JSON_DEPTH
+from flowstore.inputs import MAX_JSON_DEPTH
 
 __all__ = [
     "ErasureResult",

@@ -19,16 +19,18 @@ from flowstore import (
 )
 from flowstore.definitions import (
     MAX_DEFINITION_BYTES,
-    MAX_JSON_DEPTH,
-    MAX_NAME_LENGTH,
     MAX_TTL_SECONDS,
-    _nesting,
-    check_payload,
-    has_control_characters,
     parse_definition,
     reachable_steps,
     update_definition,
     validate_flow,
+)
+from flowstore.inputs import (
+    MAX_JSON_DEPTH,
+    MAX_NAME_LENGTH,
+    check_payload,
+    has_control_characters,
+    json_nesting,
 )
 from tests.flows import linear, onboarding
 
@@ -522,7 +524,7 @@ def test_payload_depth_is_checked_as_the_walk_measures_it(
     # The bracket count short-cuts the walk: whatever brackets strings hold, the verdict is the walk's.
     for _ in range(wraps):
         payload = {"x": [payload]}
-    if _nesting(payload) > MAX_JSON_DEPTH:
+    if json_nesting(payload) > MAX_JSON_DEPTH:
         with pytest.raises(PayloadValidationError, match="levels deep"):
             check_payload(payload, limit=10**9)
     else:

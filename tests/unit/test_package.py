@@ -47,8 +47,8 @@ def test_errors_are_flow_errors_and_fitting_builtins() -> None:
 
 def test_domain_modules_import_no_infrastructure() -> None:
     code = (
-        "import sys, flowstore.domain, flowstore.decisions, flowstore.definitions, flowstore.models,"
-        " flowstore.views, flowstore.projections.ops;"
+        "import sys, flowstore.domain, flowstore.decisions, flowstore.definitions, flowstore.inputs,"
+        " flowstore.models, flowstore.views, flowstore.projections.ops;"
         "print(sorted(m for m in ('sqlalchemy', 'psycopg', 'kafka', 'fastapi', 'httpx', 'uvicorn',"
         " 'eventsourcing', 'cryptography') if m in sys.modules))"
     )
