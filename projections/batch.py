@@ -19,7 +19,7 @@ from flowstore.domain import DomainEvent
 from flowstore.projections.ops import ATTEMPT_KINDS, INSTANCE_KINDS, fold
 from flowstore.projections.tables import ProjectionTables
 
-__all__ = ["INSERT", "PUT", "SUM", "RowBatch", "StateKey", "columns_of"]
+__all__ = ["INSERT", "PUT", "SUM", "RowBatch", "RowCache", "StateKey", "columns_of"]
 
 StateKey = tuple[str, str]
 """(user_id, flow_id)"""
@@ -194,3 +194,34 @@ class RowBatch:
             or any(self.sums.values())
             or any(self.puts.values())
         )
+
+
+class RowCache:
+    """The state rows and attempt counts as this process's last catch-up left them (bounded)."""
+
+    LIMIT = 50_000
+
+    def __init__(self) -> None:
+        self.states: dict[StateKey, dict[str, Any] | None] = {}
+        self.attempts: dict[str, int] = {}
+        self.complete = False
+        """Whether the tables hold no row these copies lack (a rebuild's, until the first
+        overflow): a row not here then need not be looked for."""
+
+    def clear(self) -> None:
+        """Forget every copy (another process may have changed the rows)."""
+        self.states.clear()
+        self.attempts.clear()
+        self.complete = False
+
+    def keep(self, batch: RowBatch) -> None:
+        """Keep the rows as `batch` left them (all dropped first when they would exceed LIMIT)."""
+        if len(self.states) + len(batch.states) > self.LIMIT:
+            self.states.clear()
+            self.complete = False
+        if batch.erased:  # copies of an erased instance's row under another user id are gone too
+            for key, row in list(self.states.items()):
+                if row is not None and row["instance_id"] in batch.erased:
+                    self.states[key] = None
+        self.states.update(batch.states)
+        self.attempts.update(batch.attempts)

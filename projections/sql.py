@@ -1,7 +1,8 @@
-"""The read models in SQL, the runner: catch-up (exactly once) and rebuild with a swap.
+"""The read models in SQL, the runner: the tables' layout and catch-up (exactly once).
 
-Queries are in `flowstore.projections.queries`, verify/repair in `flowstore.projections.verify`;
-`SqlProjections` puts the three together over one set of tables.
+Queries are in `flowstore.projections.queries`, verify/repair in `flowstore.projections.verify`,
+rebuild/migrate in `flowstore.projections.rebuild`; `SqlProjections` puts them together over one
+set of tables.
 
 Exactly once: every batch of events is applied in one transaction that also moves the projection's
 tracking row, and the tracking row is locked first (`SELECT ... FOR UPDATE` on PostgreSQL,
@@ -11,10 +12,7 @@ them, and a crash between two batches leaves the tables exactly at the last comm
 
 from __future__ import annotations
 
-import fcntl
-import gc
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,18 +32,17 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.schema import CreateTable
 
 import flowstore.projections.tables as layouts
 from flowstore.domain import DomainEvent
-from flowstore.errors import ProjectionLayoutError, RebuildRunningError
+from flowstore.errors import ProjectionLayoutError
 from flowstore.eventlog import UnreadableEvent, storage_errors
-from flowstore.projections.batch import RowBatch, StateKey, columns_of
+from flowstore.projections.batch import RowBatch, RowCache, StateKey, columns_of
 from flowstore.projections.queries import Queries, percentile, row_dict
+from flowstore.projections.rebuild import Rebuilds
 from flowstore.projections.tables import (
     LAYOUT_ROW,
     QUARANTINE,
-    REBUILD_SUFFIX,
     TRACKING,
     UNREADABLE,
     ProjectionTables,
@@ -77,7 +74,7 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-class SqlProjections(Queries, Verification):
+class SqlProjections(Queries, Verification, Rebuilds):
     """The projection tables of one store, and everything that reads or writes them."""
 
     LAYOUT_CHECK_EVERY = 1.0
@@ -112,7 +109,7 @@ class SqlProjections(Queries, Verification):
         self._lookup_cache: dict[str, tuple[Any, Any]] = {}
         # Copies of the rows this process last wrote, valid while the tracking position is still
         # the one it set (then no other process has touched the tables): saves a read per event.
-        self._rows = _RowCache()
+        self._rows = RowCache()
         self._owned_position: int | None = None
         # The lower bound each flow's old throughput rows were last deleted below (see _write).
         self._forgotten: dict[str, int] = {}
@@ -335,7 +332,7 @@ class SqlProjections(Queries, Verification):
         conn: Connection,
         tables: ProjectionTables,
         events: Sequence[tuple[int, DomainEvent]],
-        cache: _RowCache | None = None,
+        cache: RowCache | None = None,
     ) -> RowBatch:
         batch = self._fold(conn, tables, events, cache)
         self._write(conn, tables, batch)
@@ -347,7 +344,7 @@ class SqlProjections(Queries, Verification):
         conn: Connection | _LazyRead,
         tables: ProjectionTables,
         events: Sequence[tuple[int, DomainEvent]],
-        cache: _RowCache | None = None,
+        cache: RowCache | None = None,
     ) -> RowBatch:
         """The rows `events` change, folded from the rows `conn` reads (or `cache` holds)."""
         state_query, attempts_query = self._lookups(tables)
@@ -468,211 +465,6 @@ class SqlProjections(Queries, Verification):
                 conn.execute(delete(table).where(flow == flow_id, second < before))
                 self._forgotten[key] = before
 
-    # Rebuild
-
-    def rebuild(
-        self,
-        read: EventPage,
-        *,
-        page: int = 20_000,
-        progress: Callable[[int, int], None] | None = None,
-        migrating: bool = False,
-    ) -> int:
-        """Replay the whole log into fresh tables, then swap them in; return the events replayed.
-
-        `migrating` (see `migrate`): the tables being replaced have another layout, so the swap
-        takes their tracking rows (whichever layout) instead of this layout's, and replaces them.
-
-        Memory stays bounded: each page is applied and committed before the next is read, and the
-        copies of recent state rows kept between pages (only this rebuild writes the new tables, so
-        they cannot go stale) are capped. Readers keep the old tables until the swap commits.
-        The new tables get their secondary indexes at the swap, built once over all their rows
-        rather than kept up to date row by row.
-        """
-        with self._rebuild_lock():
-            shadow = define_tables(REBUILD_SUFFIX)
-            try:
-                return self._rebuild(
-                    shadow, read, page=page, progress=progress, migrating=migrating
-                )
-            except BaseException:
-                # A failed rebuild (a full disk, a lost connection) must not leave its half-filled
-                # shadow tables behind: they held thousands of rows and broke later commands.
-                self._drop_shadow(shadow)
-                raise
-
-    def _drop_shadow(self, shadow: ProjectionTables) -> None:
-        try:
-            with self._lock, self.engine.begin() as conn:
-                shadow.metadata.drop_all(conn)
-        except Exception:
-            log.warning("could not drop the rebuild's shadow tables", exc_info=True)
-
-    @contextmanager
-    def _rebuild_lock(self) -> Iterator[None]:
-        """One rebuild at a time on this database, across processes; else `RebuildRunningError`.
-
-        SQLite: an exclusive flock on a file beside the database (per open file, so two threads of
-        one process exclude each other too). PostgreSQL: a session-level advisory lock, held on a
-        connection of its own for the whole rebuild. memory://: this process is the only one.
-        """
-        if self._shared_connection:
-            if not self._rebuild_mutex.acquire(blocking=False):
-                raise RebuildRunningError("in this process")
-            try:
-                yield
-            finally:
-                self._rebuild_mutex.release()
-            return
-        if self._sqlite:
-            database = self.engine.url.database or ""
-            path = f"{database}.rebuild-lock"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise RebuildRunningError(f"lock file {path}") from None
-                yield
-            finally:
-                os.close(fd)  # releases the flock
-            return
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            taken = conn.execute(
-                text("SELECT pg_try_advisory_lock(:key)"), {"key": _REBUILD_LOCK_KEY}
-            ).scalar_one()
-            if not taken:
-                raise RebuildRunningError("PostgreSQL advisory lock")
-            try:
-                yield
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _REBUILD_LOCK_KEY})
-
-    def _rebuild(
-        self,
-        shadow: ProjectionTables,
-        read: EventPage,
-        *,
-        page: int,
-        progress: Callable[[int, int], None] | None,
-        migrating: bool = False,
-    ) -> int:
-        rows = _RowCache()
-        with self._lock, self.engine.begin() as conn:
-            if not migrating:
-                self._position(conn, lock=False)  # the tables have this layout (else raise)
-            shadow.metadata.drop_all(conn)
-            for table in shadow.all:
-                conn.execute(CreateTable(table))  # the secondary indexes come at the swap
-                for index in table.indexes:
-                    if index.name and index.name.endswith("_instance"):
-                        index.create(conn)  # but erasures delete by instance id meanwhile
-        position, replayed = 0, 0
-        rows.complete = True  # the new tables are empty: what the copies lack is not there
-        # Stream without holding the tracking lock: live writers carry on. Reading and folding a
-        # page happen outside any write transaction, which holds SQLite's one write lock.
-        while True:
-            with _reference_counting_only():
-                events = read(position + 1, page)
-                if not events:
-                    break
-                with self._read(check=False) as conn:  # the new tables, whatever the layout
-                    batch = self._fold(conn, shadow, events, cache=rows)
-                with self._lock, self.engine.begin() as conn:
-                    self._write(conn, shadow, batch)
-                    self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
-                rows.keep(batch)
-            position, replayed = events[-1][0], replayed + len(events)
-            if progress:
-                progress(replayed, position)
-        with self._claimed() if migrating else self._locked() as (conn, _):
-            while events := read(position + 1, page):  # what arrived meanwhile
-                rows.keep(self._apply(conn, shadow, events, cache=rows))
-                position, replayed = events[-1][0], replayed + len(events)
-            self._swap(conn, shadow)
-            if migrating:
-                self._take_over_tracking(conn, position)
-            else:
-                self._set_position(conn, position)
-            self._owned_position = None
-        if progress:
-            progress(replayed, position)
-        return replayed
-
-    def migrate(
-        self,
-        read: EventPage,
-        *,
-        page: int = 5000,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> int:
-        """Bring tables of an older layout to this one, blue/green; return the events replayed.
-
-        The new layout is built beside the old tables (like a rebuild, and under the same
-        one-at-a-time lock) while processes of the previous version keep serving and moving
-        them; the swap then takes their tracking rows, so it waits for a catch-up in progress,
-        and from then on those processes get `ProjectionLayoutError`. Nothing to do (0) when the
-        tables already have this layout; tables of a newer layout raise.
-        """
-        with self._lock, self.engine.begin() as conn:
-            found = self._layout_in(conn)
-        if found == self.layout:
-            return 0
-        if found is not None and found > self.layout:
-            raise ProjectionLayoutError(found, self.layout)
-        log.warning("migrating projection tables from layout %s to %s", found, self.layout)
-        return self.rebuild(read, page=page, progress=progress, migrating=True)
-
-    @contextmanager
-    def _claimed(self) -> Iterator[tuple[Connection, int]]:
-        """A transaction holding every tracking row of the tables (of whatever layout)."""
-        with self._lock, self.engine.begin() as conn:
-            rows = select(TRACKING.c.name)
-            conn.execute(rows if self._sqlite else rows.with_for_update()).all()
-            yield conn, 0
-
-    def _take_over_tracking(self, conn: Connection, position: int) -> None:
-        """After a migration's swap: this layout's rows replace every other layout's."""
-        names = [n for (n,) in conn.execute(select(TRACKING.c.name)) if layout_of(n) is not None]
-        if names:
-            conn.execute(delete(TRACKING).where(TRACKING.c.name.in_(names)))
-        conn.execute(TRACKING.insert().values(name=self.name, position=position))
-        self._record_layout(conn)
-        self._found_layout = self.layout
-        self._layout_checked_at = time.monotonic()
-
-    def _swap(self, conn: Connection, shadow: ProjectionTables) -> None:
-        for live, new in zip(self.tables.all, shadow.all, strict=True):
-            for index in new.indexes:
-                conn.execute(text(f'DROP INDEX IF EXISTS "{index.name}"'))
-            conn.execute(text(f'DROP TABLE IF EXISTS "{live.name}"'))
-            conn.execute(text(f'ALTER TABLE "{new.name}" RENAME TO "{live.name}"'))
-            for index in live.indexes:
-                index.create(conn)
-
-
-@contextmanager
-def _reference_counting_only() -> Iterator[None]:
-    """No cyclic garbage collection meanwhile (one page of a rebuild: a second or two).
-
-    A page is tens of thousands of decoded events, rows and dicts, none in a cycle: reference
-    counting frees them all. The cyclic collector, run every few hundred allocations, would scan
-    them again and again while they live (measured: 28% of a rebuild's CPU). Cycles other threads
-    make meanwhile wait for the next collection. Left alone when the application turned it off.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
-# pg_advisory_lock's key for rebuilds: any bigint the application uses for nothing else.
-_REBUILD_LOCK_KEY = 0x666C6F77_72656231  # "flowreb1"
-
 
 class _LazyRead:
     """A read connection opened on first use (a fold whose rows are all cached needs none)."""
@@ -693,32 +485,3 @@ class _LazyRead:
         if self._conn is None:
             self._conn = self._held.enter_context(self._connect())
         return self._conn.execute(statement, parameters)
-
-
-class _RowCache:
-    """The state rows and attempt counts as this process's last catch-up left them (bounded)."""
-
-    LIMIT = 50_000
-
-    def __init__(self) -> None:
-        self.states: dict[StateKey, dict[str, Any] | None] = {}
-        self.attempts: dict[str, int] = {}
-        self.complete = False
-        """Whether the tables hold no row these copies lack (a rebuild's, until the first
-        overflow): a row not here then need not be looked for."""
-
-    def clear(self) -> None:
-        self.states.clear()
-        self.attempts.clear()
-        self.complete = False
-
-    def keep(self, batch: RowBatch) -> None:
-        if len(self.states) + len(batch.states) > self.LIMIT:
-            self.states.clear()
-            self.complete = False
-        if batch.erased:  # copies of an erased instance's row under another user id are gone too
-            for key, row in list(self.states.items()):
-                if row is not None and row["instance_id"] in batch.erased:
-                    self.states[key] = None
-        self.states.update(batch.states)
-        self.attempts.update(batch.attempts)

@@ -26,7 +26,8 @@ from flowstore import (
     FlowStore,
     FunnelStep,
 )
-from flowstore.projections.sql import SqlProjections, _RowCache
+from flowstore.projections.batch import RowCache
+from flowstore.projections.sql import SqlProjections
 from flowstore.storage import parse_url
 from tests.flows import Clock, linear, onboarding
 from tests.strategies import TRANSITION_NAMES, flow_definitions
@@ -104,7 +105,7 @@ def test_a_rebuild_in_small_pages_past_its_cache_equals_the_live_tables(
 ) -> None:
     """Pages of 7 events and a cache of 4 state rows: rows are looked up in the new tables once
     the copies overflow, erasures and restarts span pages; the result is the live tables."""
-    monkeypatch.setattr(_RowCache, "LIMIT", 4)
+    monkeypatch.setattr(RowCache, "LIMIT", 4)
     rng = random.Random(5)
     with FlowStore(store_url) as store:
         store.create_flow(onboarding())
