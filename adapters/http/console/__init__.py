@@ -5,7 +5,8 @@ served from this package (no build step, no CDN). `create_app` mounts it with `m
 needs the admin role and signs browsers in with the API's bearer token kept in a cookie.
 """
 
+from flowstore.adapters.http.console.common import Console
 from flowstore.adapters.http.console.live import CLOSE_FORBIDDEN
-from flowstore.adapters.http.console.routes import Console, mount_console
+from flowstore.adapters.http.console.routes import mount_console
 
 __all__ = ["CLOSE_FORBIDDEN", "Console", "mount_console"]
