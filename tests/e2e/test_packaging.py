@@ -102,6 +102,9 @@ def test_the_wheel_installs_flowstore_alone_at_the_top_level(dist: Path) -> None
         ):
             assert shipped in names, shipped
         assert any(n.endswith("licenses/LICENSE") for n in names)
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA")))
+        assert b"Classifier: Typing :: Typed" in metadata
+        assert b"Project-URL: Flow model (@owlmeans/flow), https://github.com/owlmeans/" in metadata
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt")))
         assert b"flowstore = flowstore.adapters.cli:main" in entry_points
         assert b"kafka = flowstore.adapters.kafka.publisher:kafka_publisher" in entry_points
