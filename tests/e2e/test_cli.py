@@ -38,6 +38,13 @@ STORAGE = mapping_for(StorageConfigError("x")).exit_code
 USAGE = 2
 
 
+@pytest.fixture(autouse=True)
+def _piped_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tables as piped output gets them (120 columns): pytest-xdist's workers set COLUMNS=80,
+    which would cut the cells these tests read."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
 @pytest.fixture
 def url(tmp_path: Path) -> str:
     """A fresh SQLite store for each test."""
