@@ -17,6 +17,7 @@ import os
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CIPHER_KEY_ENV",
     "EventLog",
+    "Recent",
     "UnreadableEvent",
     "backoff",
     "cipher_settings",
@@ -196,6 +198,88 @@ def log_tables(metadata: MetaData, backend: str | None = None) -> list[Table]:
     return tables
 
 
+class Recent:
+    """The events of this process's newest appends by notification id, for the live projector.
+
+    The projector's page read (`EventLog.read_live`) takes a run of consecutive ids from here
+    instead of reading the rows back and decoding them (decrypting, opening the sealed fields,
+    validating), and reads the log for anything else. Only events of committed appends enter
+    (their ids come back from the commit: a failed or conflicting append, or a group member
+    rolled back to its savepoint, has none), decided by this store, instance events only: their
+    one mutable field, the payload, is a private copy (`check_payload`), while a definition's or
+    an imported event's objects are the caller's. Positions and the tracking row's move are the
+    projector's as before, so exactly once is untouched.
+
+    Erasure: a read of the log opens an event's sealed fields with the key its subject names,
+    taken from this process's cache when it holds it (keys found are cached until this process
+    shreds them or learns from a `FlowErased` in the log that another process erased the user,
+    `UserKeys.forget`), else from the key table (a stand-in user and no payload once shredded).
+    An event is taken from here only while the key it was sealed with is in this process's
+    cache (`UserKeys.cached`, after the same look for erasures a read makes), so a read at that
+    moment would have opened it with that very key and given the same fields; a key leaving the
+    cache (`UserKeys.on_drop`) empties the buffer, and those events are then read from the log
+    as before. Erasing here (`flowstore.erasure`) appends `FlowErased` under the user's lock,
+    catches the tables up (whose fold deletes the instance's rows, whatever the events carried),
+    then shreds the key: the shred empties the buffer, so no personal data of the user stays in
+    it, and nothing buffered is projected afterwards that a read of the log would not give. An
+    erasure by another process is only known here once learnt from the log; until then this
+    process's cached key opens the user's events read from the log just the same (as before the
+    buffer): the buffer adds no exposure.
+    """
+
+    SIZE = 10_000
+    """Events kept at most (the oldest go first): a few pages of the projector's reads."""
+
+    def __init__(self, keys: UserKeys) -> None:
+        self._keys = keys
+        self._events: OrderedDict[int, tuple[InstanceEvent, str | None]] = OrderedDict()
+        self._lock = threading.Lock()
+        keys.on_drop(self.clear)
+
+    def add(
+        self, ids: Sequence[int], events: Sequence[DomainEvent], subjects: Mapping[str, str]
+    ) -> None:
+        """Keep committed events, with the subject of the key each was sealed with (None: none)."""
+        with self._lock:
+            for position, event in zip(ids, events, strict=True):
+                if not isinstance(event, InstanceEvent):
+                    continue
+                subject = subjects.get(event.user_id)
+                if subject is None and not event.user_id.startswith(ERASED_USER_PREFIX):
+                    continue  # sealed with a key we do not know: read it from the log
+                self._events[position] = (event, subject)
+            while len(self._events) > self.SIZE:
+                self._events.popitem(last=False)
+
+    def take(self, start: int, limit: int) -> list[tuple[int, DomainEvent]]:
+        """The events at `start`, `start + 1`, ... (at most `limit`) while the buffer has them and
+        their keys are still cached here; what is before `start` is dropped (projected)."""
+        run: list[tuple[int, InstanceEvent, str | None]] = []
+        with self._lock:
+            events = self._events
+            while events and next(iter(events)) < start:
+                events.popitem(last=False)
+            position = start
+            while len(run) < limit and (found := events.pop(position, None)) is not None:
+                run.append((position, *found))
+                position += 1
+        if not run:
+            return []
+        # Outside the lock: a look for erasures may drop keys, which clears the buffer.
+        cached = self._keys.cached({subject for _, _, subject in run if subject is not None})
+        taken: list[tuple[int, DomainEvent]] = []
+        for position, event, subject in run:
+            if subject is not None and subject not in cached:
+                break
+            taken.append((position, event))
+        return taken
+
+    def clear(self) -> None:
+        """Forget every event (a key left the cache: see the class's docstring)."""
+        with self._lock:
+            self._events.clear()
+
+
 class EventLog:
     """The append-only log of one store: append, read aggregates, read the total order."""
 
@@ -231,6 +315,7 @@ class EventLog:
                 except BaseException:
                     self.keys.close()
                     raise
+                self._recent = Recent(self.keys)
         except BaseException:
             self.app.close()
             raise
@@ -339,13 +424,13 @@ class EventLog:
             # The users' keys first, all at once and outside the write lock: creating them is a
             # transaction of its own, and the mapper, sealing, finds them cached. (Erased
             # stand-in ids name no one: nothing is sealed for them, so they need no key.)
-            self.keys.for_users(
+            keys = self.keys.for_users(
                 e.user_id
                 for e in events
                 if isinstance(e, InstanceEvent) and not e.user_id.startswith(ERASED_USER_PREFIX)
             )
             try:
-                position = self._append(events)
+                ids = self._append(events)
             except IntegrityError:
                 if not decided_here:
                     raise
@@ -363,15 +448,17 @@ class EventLog:
                     first.originator_version,
                 )
                 return self.app.recorder.max_notification_id() or 0  # past our events
-            return position
+            if decided_here and ids:  # imports: the caller keeps the events, they may change
+                self._recent.add(ids, events, {user: key.subject for user, key in keys.items()})
+            return ids[-1] if ids else 0
 
-    def _append(self, events: Sequence[DomainEvent]) -> int:
-        """Record the events (all or none); the log position after them, 0 if there were none."""
+    def _append(self, events: Sequence[DomainEvent]) -> Sequence[int]:
+        """Record the events (all or none); their notification ids, once committed."""
         if self._group is not None:
             return self._group.append(events)
         with self.write_lock:
             recordings = self.app.save(*events)
-        return recordings[-1].notification.id if recordings else 0
+        return [recording.notification.id for recording in recordings]
 
     def get(self, aggregate_id: UUID, kind: type[T]) -> T | None:
         """The aggregate folded from its events (cached by eventsourcing), or None if it has none."""
@@ -422,6 +509,17 @@ class EventLog:
                         )
                     )
         return [(n.id, event) for n, event in zip(page, events, strict=True)]
+
+    def read_live(self, start: int, limit: int = 1000) -> list[tuple[int, Any]]:
+        """`read(start, limit, contain=True)`, this process's own newest events taken as they were
+        appended (`Recent`) rather than read and decoded again; the rest read from the log."""
+        taken = self._recent.take(start, limit)
+        if len(taken) == limit:
+            return taken
+        # Whatever follows (other processes' events, or the log's end) comes from the log: the
+        # ids `taken` holds are ours alone, so this is exactly the page `read` would return.
+        after = taken[-1][0] + 1 if taken else start
+        return [*taken, *self.read(after, limit - len(taken), contain=True)]
 
     def position(self) -> int:
         """The notification id of the newest event in the log (0 when the log is empty)."""

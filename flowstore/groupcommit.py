@@ -61,10 +61,10 @@ class GroupCommit:
         self._queue: list[_Pending] = []
         self._queue_lock = threading.Lock()
 
-    def append(self, events: Sequence[DomainEvent]) -> int:
-        """Record one command's events; the notification id of its last one (0 if none)."""
+    def append(self, events: Sequence[DomainEvent]) -> Sequence[int]:
+        """Record one command's events; their notification ids, once committed."""
         if not events:
-            return 0
+            return ()
         # Encoding and sealing happen here, while another thread's group may be committing.
         mapper = self._app.mapper
         pending = _Pending([mapper.to_stored_event(event) for event in events])
@@ -85,7 +85,7 @@ class GroupCommit:
         if pending.error is not None:
             raise pending.error
         assert pending.ids
-        return pending.ids[-1]
+        return pending.ids
 
     def _commit(self, group: list[_Pending]) -> None:
         recorder = cast(Any, self._app.recorder)

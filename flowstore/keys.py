@@ -144,6 +144,7 @@ class UserKeys(ABC):
         # Bumped by every shred: a lookup that started before a shred must not cache what it read.
         self._generation = 0
         self._user_locks = [threading.RLock() for _ in range(_USER_LOCK_STRIPES)]
+        self._dropped: tuple[Callable[[], None], ...] = ()
 
     # The storage, per backend
 
@@ -167,6 +168,23 @@ class UserKeys(ABC):
         """Release connections."""
 
     # The API
+
+    def on_drop(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after keys were dropped from this cache (a shred, a forget, a trim)."""
+        self._dropped = (*self._dropped, listener)
+
+    def _tell_dropped(self) -> None:
+        for listener in self._dropped:
+            listener()
+
+    def cached(self, subjects: Iterable[str]) -> set[str]:
+        """Which of `subjects` this process holds the key of right now (after a look for erasures).
+
+        A page decoded now would open exactly these events' sealed fields with the cached keys,
+        without asking the key table (`for_subject`).
+        """
+        self._look()
+        return {subject for subject in subjects if subject in self._by_subject}
 
     def user_lock(self, user_id: str) -> threading.RLock:
         """The lock that orders this user's writes (key lookup to append) against `shred`."""
@@ -280,6 +298,7 @@ class UserKeys(ABC):
             if user_id is not None:
                 self._erasing.add(user_id)
                 self._by_user.pop(user_id, None)
+        self._tell_dropped()
 
     def _lookup(self, subjects: Iterable[str]) -> dict[str, SealedKey | None]:
         """The keys of `subjects`, from the cache where known, the rest in one query."""
@@ -330,6 +349,7 @@ class UserKeys(ABC):
                 for subject in subjects:
                     self._by_subject.pop(subject, None)
                     self._user_of.pop(subject, None)
+        self._tell_dropped()
         return subjects
 
     def _trim(self) -> None:

@@ -265,6 +265,11 @@ class Parts:
         instance answers FlowStateCorruptionError), so one bad event stops nobody else's reads."""
         return self.log.read(start, limit, contain=True)
 
+    def read_live(self, start: int, limit: int) -> list[tuple[int, DomainEvent]]:
+        """`read_contained` for the live projector: this process's own newest events are taken as
+        they were appended rather than decoded again (`flowstore.eventlog.Recent`)."""
+        return self.log.read_live(start, limit)
+
     def versions(self, flow_id: str) -> FlowVersions:
         """Every version of the flow (deleted or not); `FlowNotFoundError` if none."""
         return self.commands.versions(flow_id)
@@ -280,7 +285,7 @@ class Parts:
     def project_written(self) -> int:
         """Bring the tables up to this process's writes now (erasure needs them at once)."""
         # The projections take the log's write lock themselves, only to write (see catch_up).
-        return self.projections.catch_up(self.read_contained, projected=self.projected())
+        return self.projections.catch_up(self.read_live, projected=self.projected())
 
     def projected(self) -> Callable[[int, int, int, int], None] | None:
         """What a catch-up tells the observers after each batch it committed (None: nobody)."""

@@ -41,6 +41,7 @@ class LiveProjector:
         self._failures = 0  # catch-ups failed in a row
         self._failed_total = 0  # catch-ups failed since the start
         self._stopping = False
+        self._idle = False  # the thread waits for something to do (not lingering, not working)
         self._thread = threading.Thread(target=self._run, name="flowstore-projector", daemon=True)
         self._thread.start()
 
@@ -49,7 +50,12 @@ class LiveProjector:
         with self._changed:
             if notification_id > self._target:
                 self._target = notification_id
-                self._changed.notify_all()
+                # Only an idle thread needs waking: one lingering or catching up sees the new
+                # target when it looks next. Waking it on every command would hand it the GIL
+                # (to find nothing to do) each time the command thread releases it.
+                if self._idle:
+                    self._idle = False
+                    self._changed.notify_all()
 
     def nudge(self) -> None:
         """Another process appended to the log: catch up now rather than at the next poll."""
@@ -112,10 +118,12 @@ class LiveProjector:
                         min(0.05 * 2**self._failures, 5.0),
                     )
                 else:
+                    self._idle = True
                     self._changed.wait_for(
                         lambda: self._stopping or self._reached < self._target or self._nudged,
                         self._poll,
                     )
+                    self._idle = False
                     self._nudged = False
                     # Linger a moment so that a burst of commands is projected in one batch
                     # (one transaction instead of one each), unless a reader is waiting.
