@@ -31,6 +31,7 @@ from eventsourcing.persistence import (
     InterfaceError,
     InternalError,
     Mapper,
+    Notification,
     OperationalError,
     Transcoder,
 )
@@ -263,16 +264,31 @@ class Recent:
             while len(run) < limit and (found := events.pop(position, None)) is not None:
                 run.append((position, *found))
                 position += 1
+        taken = self._usable(run)
+        return taken[: next((i for i, (p, _) in enumerate(taken) if p != start + i), len(taken))]
+
+    def pick(self, positions: Sequence[int]) -> dict[int, DomainEvent]:
+        """The events at these positions that the buffer has (their keys still cached here)."""
+        with self._lock:
+            run = [(p, *found) for p in positions if (found := self._events.pop(p, None))]
+        return dict(self._usable(run))
+
+    def _usable(
+        self, run: list[tuple[int, InstanceEvent, str | None]]
+    ) -> list[tuple[int, DomainEvent]]:
+        """The events of `run` whose keys this process holds now (the others: read the log)."""
         if not run:
             return []
         # Outside the lock: a look for erasures may drop keys, which clears the buffer.
         cached = self._keys.cached({subject for _, _, subject in run if subject is not None})
-        taken: list[tuple[int, DomainEvent]] = []
-        for position, event, subject in run:
-            if subject is not None and subject not in cached:
-                break
-            taken.append((position, event))
-        return taken
+        return [(p, event) for p, event, subject in run if subject is None or subject in cached]
+
+    def held(self) -> list[tuple[int, DomainEvent]]:
+        """The events kept now, by notification id (what the next `take`s may hand over)."""
+        with self._lock:
+            return sorted(
+                ((p, event) for p, (event, _) in self._events.items()), key=lambda e: e[0]
+            )
 
     def clear(self) -> None:
         """Forget every event (a key left the cache: see the class's docstring)."""
@@ -300,6 +316,8 @@ class EventLog:
             nullcontext() if config.backend == "postgres" else threading.Lock()
         )
         self.app = self._open(env)
+        # This process's newest events, for its live projector (`Recent`; None: no projector).
+        self.recent: Recent | None = None
         # Concurrent commands of this process share commits (`GroupCommit`); on PostgreSQL the
         # group's leader is whoever holds a lock of its own (there is no write lock there).
         self._group: GroupCommit | None = None
@@ -315,7 +333,6 @@ class EventLog:
                 except BaseException:
                     self.keys.close()
                     raise
-                self._recent = Recent(self.keys)
         except BaseException:
             self.app.close()
             raise
@@ -448,8 +465,8 @@ class EventLog:
                     first.originator_version,
                 )
                 return self.app.recorder.max_notification_id() or 0  # past our events
-            if decided_here and ids:  # imports: the caller keeps the events, they may change
-                self._recent.add(ids, events, {user: key.subject for user, key in keys.items()})
+            if self.recent is not None and decided_here and ids:  # imports: not the caller's
+                self.recent.add(ids, events, {user: key.subject for user, key in keys.items()})
             return ids[-1] if ids else 0
 
     def _append(self, events: Sequence[DomainEvent]) -> Sequence[int]:
@@ -489,6 +506,12 @@ class EventLog:
         """
         with self.errors("reading the log"):
             page = self.app.recorder.select_notifications(start, limit)
+        return list(zip((n.id for n in page), self._decode(page, contain=contain), strict=True))
+
+    def _decode(self, page: Sequence[Notification], *, contain: bool) -> list[Any]:
+        """The events of `page`, decoded (an `UnreadableEvent` in place of a bad one if `contain`)."""
+        if not page:
+            return []
         mapper = cast(PydanticMapper, self.app.mapper)
         try:
             events: list[Any] = list(mapper.to_domain_events(page))
@@ -508,18 +531,26 @@ class EventLog:
                             exc.detail,
                         )
                     )
-        return [(n.id, event) for n, event in zip(page, events, strict=True)]
+        return events
 
     def read_live(self, start: int, limit: int = 1000) -> list[tuple[int, Any]]:
         """`read(start, limit, contain=True)`, this process's own newest events taken as they were
         appended (`Recent`) rather than read and decoded again; the rest read from the log."""
-        taken = self._recent.take(start, limit)
+        recent = self.recent
+        if recent is None:
+            return self.read(start, limit, contain=True)
+        taken = recent.take(start, limit)
         if len(taken) == limit:
             return taken
-        # Whatever follows (other processes' events, or the log's end) comes from the log: the
-        # ids `taken` holds are ours alone, so this is exactly the page `read` would return.
+        # Whatever follows (other processes' events, the log's end, ours after a gap) comes
+        # from the log: the ids `taken` holds are ours alone, so this is exactly the page `read`
+        # would return. Of its rows, those the buffer still has need no decoding either.
         after = taken[-1][0] + 1 if taken else start
-        return [*taken, *self.read(after, limit - len(taken), contain=True)]
+        with self.errors("reading the log"):
+            page = self.app.recorder.select_notifications(after, limit - len(taken))
+        known = recent.pick([notification.id for notification in page])
+        decoded = iter(self._decode([n for n in page if n.id not in known], contain=True))
+        return [*taken, *((n.id, known[n.id] if n.id in known else next(decoded)) for n in page)]
 
     def position(self) -> int:
         """The notification id of the newest event in the log (0 when the log is empty)."""

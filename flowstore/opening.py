@@ -22,7 +22,7 @@ from flowstore.commands import Commands
 from flowstore.domain import DomainEvent, FlowVersions
 from flowstore.erasure import Erasure
 from flowstore.errors import FlowError, InvalidArgumentError
-from flowstore.eventlog import CIPHER_KEY_ENV, EventLog, cipher_settings
+from flowstore.eventlog import CIPHER_KEY_ENV, EventLog, Recent, cipher_settings
 from flowstore.notify import LogNotifier
 from flowstore.storage import StorageConfig, make_engine
 
@@ -197,6 +197,7 @@ class Parts:
                 opened.append(self.projections.close)
                 if options["live_projections"]:
                     self.projections.catch_up(self.read_contained)  # what happened while away
+                    self.log.recent = Recent(self.log.keys)  # what the projector takes
                     self.live = LiveProjector(self.project_written)
         except BaseException:
             for close in reversed(opened):

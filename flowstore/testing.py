@@ -36,6 +36,7 @@ from flowstore.store import FlowStore
 
 if TYPE_CHECKING:
     from flowstore.commands import Commands
+    from flowstore.eventlog import Recent
     from flowstore.keys import UserKeys
     from flowstore.projections.sql import SqlProjections
 
@@ -180,6 +181,18 @@ class Internals:
         """The read-model tables' runner (`flowstore.projections.sql.SqlProjections`)."""
         projections: SqlProjections = self._parts.projections
         return projections
+
+    @property
+    def recent(self) -> Recent | None:
+        """The events handed from the write path to the live projector (None: no projector)."""
+        recent: Recent | None = self._parts.log.recent
+        return recent
+
+    @contextlib.contextmanager
+    def paused_projections(self) -> Iterator[None]:
+        """Inside the block no catch-up of this store's tables starts (the live projector waits)."""
+        with self.projections._lock:
+            yield
 
     @property
     def recorder(self) -> Any:
