@@ -335,6 +335,37 @@ def test_a_postgres_append_in_one_round_trip_commits_all_or_nothing(pg_server: A
         assert store.verify_projections() == []
 
 
+def test_a_sqlite_append_in_one_statement_commits_all_or_nothing(tmp_path: Any) -> None:
+    # flowstore.sqlitelog appends with one INSERT ... RETURNING in autocommit mode (no BEGIN, no
+    # COMMIT): a conflict in any row must leave nothing committed and no transaction open.
+    from flowstore.sqlitelog import OneStatementRecorder
+
+    with FlowStore(f"sqlite:///{tmp_path / 'one.db'}") as store:
+        store.create_flow(ring_flow(FLOW))
+        store.reset_flow("ann", FLOW)
+        store.reset_flow("bob", FLOW)
+        internals = Internals(store)
+        recorder = internals.recorder
+        assert isinstance(recorder, OneStatementRecorder)
+        stale = _tick_events(store, "ann")
+        store.execute_transition("ann", FLOW, "tick")
+        fresh = _tick_events(store, "bob")  # its insert alone would succeed
+        before = store.log_position()
+        with pytest.raises(IntegrityError):
+            recorder.insert_events(internals.stored([*fresh, *stale]))
+        assert store.log_position() == before  # bob's event went with the conflicting one
+        with recorder.datastore.get_connection(commit=True) as conn:
+            assert not conn._sqlite_conn.in_transaction
+        two = [*fresh, *_tick_events(store, "ann")]
+        ids = recorder.insert_events(internals.stored(two))
+        assert list(ids or []) == [before + 1, before + 2]
+        assert [e for _, e in store.read_events(before + 1)] == two  # each at its own id
+        state = store.execute_transition("ann", FLOW, "tick")
+        assert state.version == stale[0].originator_version + 2
+        store.sync_projections()
+        assert store.verify_projections() == []
+
+
 def test_a_failing_statement_of_a_pipelined_batch_raises_as_sqlalchemy_does(
     store_url: str,
 ) -> None:
