@@ -103,10 +103,12 @@ def test_a_group_commits_each_command_but_the_conflicting_one(store_url: str) ->
         assert bob_ids is None
         assert ann_error is None
         assert cat_error is None
-        assert ann_ids == [before + 1]
-        # In commit order (PostgreSQL's sequence may skip the id the rolled-back insert took).
+        # In commit order (PostgreSQL's sequence may skip the ids rolled-back inserts took: the
+        # group's one insert, then bob's).
+        assert ann_ids is not None
         assert cat_ids is not None
-        assert cat_ids[0] > before + 1
+        assert before < ann_ids[0] < cat_ids[0]
+        assert len(ann_ids) == len(cat_ids) == 1
         internals.commands.forget_instance(instance_id("ann", FLOW))
         internals.commands.forget_instance(instance_id("cat", FLOW))
         store.sync_projections()
@@ -132,13 +134,53 @@ def test_a_group_whose_commit_fails_commits_none_of_it(
                 raise sqlite3.OperationalError("disk I/O error")
             return insert(cursor, stored)
 
-        # eventsourcing's insert of one command of a group (inside the group's transaction).
+        def conflicting(stored: Any) -> Any:
+            raise IntegrityError("as if a command of the group conflicted")
+
+        # The group's one insert conflicts, so each command goes in a savepoint of its own;
+        # eventsourcing's insert of the second (inside the group's transaction) fails.
+        monkeypatch.setattr(recorder, "insert_events", conflicting)
         monkeypatch.setattr(recorder, "_insert_events", failing)
         commands = [_tick_events(store, u) for u in ("ann", "bob")]
         before = store.log_position()
         outcomes = internals.commit_group(commands)
         assert all(isinstance(error, OperationalError) and ids is None for ids, error in outcomes)
         assert store.log_position() == before
+
+
+def test_a_group_without_conflicts_is_appended_in_one_insert(store_url: str) -> None:
+    with FlowStore(store_url) as store:
+        store.create_flow(ring_flow(FLOW))
+        users = ("ann", "bob", "cat")
+        for user in users:
+            store.reset_flow(user, FLOW)
+        internals = Internals(store)
+        recorder: Any = internals.recorder
+        insert, inserts = recorder.insert_events, []
+
+        def counted(stored: Any, **kwargs: Any) -> Any:
+            inserts.append(len(stored))
+            return insert(stored, **kwargs)
+
+        recorder.insert_events = counted
+        try:
+            commands = [_tick_events(store, u) for u in users]
+            before = store.log_position()
+            outcomes = internals.commit_group(commands)
+        finally:
+            del recorder.insert_events
+        assert inserts == [sum(map(len, commands))]  # one statement / round trip for all
+        assert [(ids, error) for ids, error in outcomes] == [
+            ([before + 1], None),
+            ([before + 2], None),
+            ([before + 3], None),
+        ]
+        assert [e for _, e in store.read_events(before + 1)] == [e for c in commands for e in c]
+        internals.commands.forget_instance(instance_id("ann", FLOW))
+        store.sync_projections()
+        store.catch_up_projections()
+        assert [_ticks(store, u) for u in users] == [1, 1, 1]
+        assert store.verify_projections() == []
 
 
 def test_threads_sharing_one_store_lose_no_update(store_url: str) -> None:
