@@ -36,6 +36,7 @@ def _targets() -> list[tuple[str, object, str]]:
     from flowstore.keys import UserKeys
     from flowstore.pglog import OneTripRecorder
     from flowstore.projections.sql import SqlProjections
+    from flowstore.sqlitelog import OneStatementRecorder
 
     return [
         ("command (execute_transition)", store.FlowStore, "execute_transition"),
@@ -48,10 +49,15 @@ def _targets() -> list[tuple[str, object, str]]:
         ("    encode + seal (to_stored_event)", PydanticMapper, "to_stored_event"),
         ("    recorder put (insert + commit)", es_persistence.EventStore, "put"),
         ("      commit (SQLite)", es_sqlite.SQLiteConnection, "commit"),
+        # flowstore's SQLite recorder: one INSERT ... RETURNING in autocommit (insert + commit).
+        ("      insert + commit (SQLite, one statement)", OneStatementRecorder, "insert_events"),
         # flowstore's recorder (one round trip: insert + commit); eventsourcing's for the rest.
         ("      insert + commit (PostgreSQL)", OneTripRecorder, "insert_events"),
         ("projector catch-up (all threads)", SqlProjections, "catch_up"),
         ("  read + decode events", EventLog, "read"),
+        # The live projector's read: this process's own events handed over, the rest decoded.
+        ("  read (handed over + from the log)", EventLog, "read_live"),
+        ("    decode events (not handed over)", EventLog, "_decode"),
         ("    key lookups (prefetch)", UserKeys, "prefetch"),
         ("  fold rows", SqlProjections, "_fold"),
         ("  write rows", SqlProjections, "_write"),
@@ -93,9 +99,13 @@ class Stages:
         parts = store._parts if store is not None else None
         lock_owner = parts.log if parts is not None else None
         lock = lock_owner.write_lock if lock_owner is not None else None
+        group = getattr(lock_owner, "_group", None)
+        group_lock = group._lock if group is not None and not group._postgres else None
         if lock_owner is not None:
             lock_owner.write_lock = _TimedLock(lock, self)
             parts.projections._write_lock = lock_owner.write_lock
+            if group_lock is not None:  # the commands' side of the same lock (group commit)
+                group._lock = lock_owner.write_lock
         try:
             yield self
         finally:
@@ -107,6 +117,8 @@ class Stages:
             if lock_owner is not None:
                 lock_owner.write_lock = lock
                 parts.projections._write_lock = lock
+                if group_lock is not None:
+                    group._lock = group_lock
 
     def table(self, ops: int, wall: float, cpu: float) -> str:
         """The stages as text: wall µs per operation, and calls per operation."""
