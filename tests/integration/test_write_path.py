@@ -377,6 +377,39 @@ def test_a_postgres_append_in_one_round_trip_commits_all_or_nothing(pg_server: A
         assert store.verify_projections() == []
 
 
+def test_a_postgres_append_is_one_query_whose_literals_keep_every_byte(
+    pg_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # flowstore.pglog sends the append as one query string (no pipeline): the events' states
+    # and topics go as literals, so any byte (quotes, backslashes, NUL) must come back as it was.
+    import psycopg
+    from eventsourcing.persistence import StoredEvent
+
+    with FlowStore(pg_server.create_database()) as store:
+        recorder = Internals(store).recorder
+        states = [b"", b"\x00'\"\\\x00\xff", bytes(range(256)), b"{'a': \"b\"}"]
+        stored = [
+            StoredEvent(instance_id(f"bytes-{i}", FLOW), 1, "odd'topic\\ \u00e9", state)
+            for i, state in enumerate(states)
+        ]
+        execute, queries = psycopg.Cursor.execute, []
+
+        def counted(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+            queries.append(query)
+            return execute(self, query, *args, **kwargs)
+
+        monkeypatch.setattr(psycopg.Cursor, "execute", counted)
+        ids = recorder.insert_events(stored)
+        monkeypatch.undo()
+        appends = [q for q in queries if isinstance(q, bytes)]  # not the notifier's LISTEN
+        assert len(appends) == 1  # BEGIN, lock, NOTIFY, INSERT, COMMIT in one message
+        assert ids is not None
+        assert len(ids) == len(stored)
+        found = recorder.select_notifications(ids[0], 10)
+        assert [n.id for n in found] == list(ids)
+        assert [(n.topic, bytes(n.state)) for n in found] == [(e.topic, e.state) for e in stored]
+
+
 def test_a_sqlite_append_in_one_statement_commits_all_or_nothing(tmp_path: Any) -> None:
     # flowstore.sqlitelog appends with one INSERT ... RETURNING in autocommit mode (no BEGIN, no
     # COMMIT): a conflict in any row must leave nothing committed and no transaction open.
