@@ -64,6 +64,13 @@ def _targets() -> list[tuple[str, object, str]]:
     ]
 
 
+_THREAD_CPU = {
+    "command (execute_transition)": "CPU of the commands' threads (thread_time)",
+    "projector catch-up (all threads)": "CPU of the catch-ups' threads (thread_time)",
+}
+"""Stages whose own thread's CPU is also summed (the GIL's share of each side)."""
+
+
 class Stages:
     """Timers around the write path's stages while active."""
 
@@ -72,9 +79,13 @@ class Stages:
         self.calls: defaultdict[str, int] = defaultdict(int)
         self.lock_wait: defaultdict[str, float] = defaultdict(float)  # by who waited
         self.lock_calls: defaultdict[str, int] = defaultdict(int)
+        self.cpu: defaultdict[str, float] = defaultdict(float)
         self._guard = threading.Lock()
 
     def _timed(self, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _THREAD_CPU:
+            return self._cpu_timed(name, func)
+
         def timed(*args: Any, **kwargs: Any) -> Any:
             began = time.perf_counter()
             try:
@@ -84,6 +95,20 @@ class Stages:
                 with self._guard:
                     self.wall[name] += spent
                     self.calls[name] += 1
+
+        return timed
+
+    def _cpu_timed(self, name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            began, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                spent, used = time.perf_counter() - began, time.thread_time() - cpu
+                with self._guard:
+                    self.wall[name] += spent
+                    self.calls[name] += 1
+                    self.cpu[name] += used
 
         return timed
 
@@ -127,6 +152,9 @@ class Stages:
             f"{'total wall':<44}{wall / ops * 1e6:>10.0f}",
             f"{'total CPU (process_time, all threads)':<44}{cpu / ops * 1e6:>10.0f}",
         ]
+        for name, label in _THREAD_CPU.items():
+            if self.calls[name]:
+                lines.append(f"{'  ' + label:<44}{self.cpu[name] / ops * 1e6:>10.0f}")
         for name, _, _ in _targets():
             if self.calls[name]:
                 lines.append(
