@@ -61,7 +61,9 @@ class LiveProjector:
         """Another process appended to the log: catch up now rather than at the next poll."""
         with self._changed:
             self._nudged = True
-            self._changed.notify_all()
+            if self._idle:  # as in `written`: a busy or lingering thread sees it next time
+                self._idle = False
+                self._changed.notify_all()
 
     def wait(self, timeout: float = 60.0) -> None:
         """Return once the tables reflect every event this process wrote before the call.
