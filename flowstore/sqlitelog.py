@@ -75,13 +75,19 @@ class OneStatementRecorder(SQLiteApplicationRecorder):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._statements: dict[int, str] = {}
+        # RETURNING came with SQLite 3.35; before 3.32 a statement took 999 parameters at most.
+        self._most = (
+            0
+            if sqlite3.sqlite_version_info < (3, 35)
+            else min(self._MOST, _variables_allowed() // 4)
+        )
 
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
         """Record the events (all or none) and return their notification ids."""
         count = len(stored_events)
-        if not count or count > self._MOST or kwargs:
+        if not count or count > self._most or kwargs:
             return super().insert_events(stored_events, **kwargs)
         statement = self._statements.get(count)
         if statement is None:
@@ -109,6 +115,15 @@ class OneStatementRecorder(SQLiteApplicationRecorder):
                     exc
                 ) from exc
         return ids
+
+
+def _variables_allowed() -> int:
+    """How many parameters one SQLite statement may take (the library's compiled limit)."""
+    probe = sqlite3.connect(":memory:")
+    try:
+        return probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    finally:
+        probe.close()
 
 
 class SecureSQLiteFactory(SQLiteFactory):

@@ -441,6 +441,29 @@ def test_a_sqlite_append_in_one_statement_commits_all_or_nothing(tmp_path: Any) 
         assert store.verify_projections() == []
 
 
+def test_a_sqlite_append_too_big_for_one_statement_goes_the_recorders_way(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Over the statement's parameter limit (or on a SQLite without RETURNING, before 3.35, when
+    # the limit is 0), eventsourcing's own insert appends: still all or nothing, ids in order.
+    with FlowStore(f"sqlite:///{tmp_path / 'big.db'}") as store:
+        store.create_flow(ring_flow(FLOW))
+        for user in ("ann", "bob"):
+            store.reset_flow(user, FLOW)
+        internals = Internals(store)
+        recorder = internals.recorder
+        monkeypatch.setattr(recorder, "_most", 1)
+        stale = _tick_events(store, "ann")
+        store.execute_transition("ann", FLOW, "tick")
+        before = store.log_position()
+        with pytest.raises(IntegrityError):
+            recorder.insert_events(internals.stored([*_tick_events(store, "bob"), *stale]))
+        assert store.log_position() == before
+        two = [*_tick_events(store, "bob"), *_tick_events(store, "ann")]
+        assert list(recorder.insert_events(internals.stored(two)) or []) == [before + 1, before + 2]
+        assert [e for _, e in store.read_events(before + 1)] == two
+
+
 def test_a_failing_statement_of_a_pipelined_batch_raises_as_sqlalchemy_does(
     store_url: str,
 ) -> None:
