@@ -38,16 +38,17 @@ class GroupCommit:
 
     Each thread queues its command's stored events and takes the write lock; whoever holds it
     commits everything queued so far (its own events and those of the threads waiting behind it)
-    in one transaction, each command's inserts in a SAVEPOINT of their own. A command whose
-    insert conflicts (an instance moved on: optimistic concurrency) is rolled back to its
-    savepoint alone and gets eventsourcing's `IntegrityError`; the others commit. A thread whose
-    command another thread committed finds it done once it gets the lock, so every call returns
-    only after its own events are durable (or raises what the commit raised).
+    with the recorder's insert, all of it at once (one statement on SQLite, one round trip on
+    PostgreSQL). Only if that conflicts (nothing is committed then) does it go again in one
+    transaction, each command's inserts in a SAVEPOINT of their own: a command whose insert
+    conflicts (an instance moved on: optimistic concurrency) is rolled back to its savepoint
+    alone and gets eventsourcing's `IntegrityError`; the others commit. A thread whose command
+    another thread committed finds it done once it gets the lock, so every call returns only
+    after its own events are durable (or raises what the commit raised).
 
-    On PostgreSQL a command alone goes through the recorder's own insert (pipelined, retried
-    when the connection drops); a group whose connection fails is retried one command at a
-    time the same way (a group that did commit then meets its own rows, which
-    `EventLog.save` recognises as its own).
+    On PostgreSQL the recorder's insert is retried when the connection drops; a group whose
+    connection fails is retried one command at a time the same way (a group that did commit
+    then meets its own rows, which `EventLog.save` recognises as its own).
     """
 
     _SAVEPOINT = "flowstore_command"
