@@ -69,6 +69,14 @@ def test_an_erasure_by_another_store_stops_this_ones_cached_key(store_url: str) 
         assert fresh.verify_projections() == []
 
 
+def _with_users(store: FlowStore, *users: str) -> Internals:
+    """The ring flow defined and each user's run started; the store's internals."""
+    store.create_flow(ring_flow(FLOW))
+    for user in users:
+        store.reset_flow(user, FLOW)
+    return Internals(store)
+
+
 def _tick_events(store: FlowStore, user: str) -> list[Any]:
     """The events of one accepted tick for `user`, decided but not appended."""
     commands = Internals(store).commands
@@ -150,11 +158,8 @@ def test_a_group_whose_commit_fails_commits_none_of_it(
 
 def test_a_group_without_conflicts_is_appended_in_one_insert(store_url: str) -> None:
     with FlowStore(store_url) as store:
-        store.create_flow(ring_flow(FLOW))
         users = ("ann", "bob", "cat")
-        for user in users:
-            store.reset_flow(user, FLOW)
-        internals = Internals(store)
+        internals = _with_users(store, *users)
         recorder: Any = internals.recorder
         insert, inserts = recorder.insert_events, []
 
@@ -344,35 +349,39 @@ def test_the_row_writer_stores_what_sqlalchemy_stores(
         assert store.verify_projections() == []
 
 
-def test_a_postgres_append_in_one_round_trip_commits_all_or_nothing(pg_server: Any) -> None:
-    # flowstore.pglog sends the COMMIT in the append's pipeline: a conflict anywhere in the
-    # append must still leave nothing committed, the connection usable, and the ids returned.
-    import psycopg
-
+def test_an_append_in_one_statement_commits_all_or_nothing(store_url: str) -> None:
+    # flowstore.pglog sends the COMMIT with the append's other statements (one query), and
+    # flowstore.sqlitelog appends in one autocommit INSERT: a conflict anywhere in the append
+    # must still leave nothing committed, no transaction open, and the ids returned in order.
     from flowstore.pglog import OneTripRecorder
+    from flowstore.sqlitelog import OneStatementRecorder
 
-    with FlowStore(pg_server.create_database()) as store:
-        store.create_flow(ring_flow(FLOW))
-        store.reset_flow("ann", FLOW)
-        store.reset_flow("bob", FLOW)
-        internals = Internals(store)
+    with FlowStore(store_url) as store:
+        internals = _with_users(store, "ann", "bob")
         recorder = internals.recorder
-        assert isinstance(recorder, OneTripRecorder)
+        assert isinstance(recorder, OneTripRecorder | OneStatementRecorder)
         stale = _tick_events(store, "ann")
         store.execute_transition("ann", FLOW, "tick")
         fresh = _tick_events(store, "bob")  # its insert alone would succeed
         before = store.log_position()
-        stored = internals.stored([*fresh, *stale])
         with pytest.raises(IntegrityError):
-            recorder.insert_events(stored)
+            recorder.insert_events(internals.stored([*fresh, *stale]))
         assert store.log_position() == before  # bob's event went with the conflicting one
-        with recorder.datastore.get_connection() as conn:  # returned to the pool clean
-            assert conn.info.transaction_status is psycopg.pq.TransactionStatus.IDLE
-        ids = recorder.insert_events(internals.stored(fresh))
-        assert ids is not None
-        assert list(ids) == [store.log_position()]
+        if isinstance(recorder, OneTripRecorder):
+            import psycopg
+
+            with recorder.datastore.get_connection() as conn:  # returned to the pool clean
+                assert conn.info.transaction_status is psycopg.pq.TransactionStatus.IDLE
+        else:
+            with recorder.datastore.get_connection(commit=True) as conn:
+                assert not conn._sqlite_conn.in_transaction
+        two = [*fresh, *_tick_events(store, "ann")]
+        ids = list(recorder.insert_events(internals.stored(two)) or [])
+        assert len(ids) == 2
+        assert before < ids[0] < ids[1]  # PostgreSQL's sequence skips what the failure took
+        assert store.read_events(ids[0]) == list(zip(ids, two, strict=True))
         state = store.execute_transition("ann", FLOW, "tick")
-        assert state.version == stale[0].originator_version + 1
+        assert state.version == stale[0].originator_version + 2
         store.sync_projections()
         assert store.verify_projections() == []
 
@@ -410,47 +419,13 @@ def test_a_postgres_append_is_one_query_whose_literals_keep_every_byte(
         assert [(n.topic, bytes(n.state)) for n in found] == [(e.topic, e.state) for e in stored]
 
 
-def test_a_sqlite_append_in_one_statement_commits_all_or_nothing(tmp_path: Any) -> None:
-    # flowstore.sqlitelog appends with one INSERT ... RETURNING in autocommit mode (no BEGIN, no
-    # COMMIT): a conflict in any row must leave nothing committed and no transaction open.
-    from flowstore.sqlitelog import OneStatementRecorder
-
-    with FlowStore(f"sqlite:///{tmp_path / 'one.db'}") as store:
-        store.create_flow(ring_flow(FLOW))
-        store.reset_flow("ann", FLOW)
-        store.reset_flow("bob", FLOW)
-        internals = Internals(store)
-        recorder = internals.recorder
-        assert isinstance(recorder, OneStatementRecorder)
-        stale = _tick_events(store, "ann")
-        store.execute_transition("ann", FLOW, "tick")
-        fresh = _tick_events(store, "bob")  # its insert alone would succeed
-        before = store.log_position()
-        with pytest.raises(IntegrityError):
-            recorder.insert_events(internals.stored([*fresh, *stale]))
-        assert store.log_position() == before  # bob's event went with the conflicting one
-        with recorder.datastore.get_connection(commit=True) as conn:
-            assert not conn._sqlite_conn.in_transaction
-        two = [*fresh, *_tick_events(store, "ann")]
-        ids = recorder.insert_events(internals.stored(two))
-        assert list(ids or []) == [before + 1, before + 2]
-        assert [e for _, e in store.read_events(before + 1)] == two  # each at its own id
-        state = store.execute_transition("ann", FLOW, "tick")
-        assert state.version == stale[0].originator_version + 2
-        store.sync_projections()
-        assert store.verify_projections() == []
-
-
 def test_a_sqlite_append_too_big_for_one_statement_goes_the_recorders_way(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Over the statement's parameter limit (or on a SQLite without RETURNING, before 3.35, when
     # the limit is 0), eventsourcing's own insert appends: still all or nothing, ids in order.
     with FlowStore(f"sqlite:///{tmp_path / 'big.db'}") as store:
-        store.create_flow(ring_flow(FLOW))
-        for user in ("ann", "bob"):
-            store.reset_flow(user, FLOW)
-        internals = Internals(store)
+        internals = _with_users(store, "ann", "bob")
         recorder = internals.recorder
         monkeypatch.setattr(recorder, "_most", 1)
         stale = _tick_events(store, "ann")
