@@ -624,7 +624,7 @@ class FlowStore:
         """
         parts = self._parts
         with parts.log.errors("rebuilding the projections"), parts.rebuilding(progress) as told:
-            return parts.tables.rebuild(parts.read_contained, progress=told)
+            return parts.tables.rebuild(parts.read_plain, progress=told)
 
     def migrate_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Bring the tables to this version's layout blue/green; return the events replayed.

@@ -15,11 +15,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, delete, select, text
 from sqlalchemy.schema import CreateTable
 
+from flowstore.codec import PlainEvent
 from flowstore.domain import DomainEvent
 from flowstore.errors import ProjectionLayoutError, RebuildRunningError
 from flowstore.projections.batch import RowBatch, RowCache
@@ -32,7 +33,11 @@ from flowstore.projections.tables import (
 )
 from flowstore.projections.verify import EventPage
 
-__all__ = ["Rebuilds"]
+__all__ = ["PlainPage", "Rebuilds"]
+
+PlainPage = Callable[[int, int], Sequence[tuple[int, PlainEvent | Any]]]
+"""An `EventPage` whose events may also come as plain data (`flowstore.codec.PlainEvent`), as a
+rebuild reads them (`RowBatch.apply` folds either)."""
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +102,7 @@ class Rebuilds:
 
     def rebuild(
         self,
-        read: EventPage,
+        read: EventPage | PlainPage,
         *,
         page: int = 20_000,
         progress: Callable[[int, int], None] | None = None,
@@ -176,7 +181,7 @@ class Rebuilds:
     def _rebuild(
         self,
         shadow: ProjectionTables,
-        read: EventPage,
+        read: PlainPage,
         *,
         page: int,
         progress: Callable[[int, int], None] | None,
@@ -198,7 +203,7 @@ class Rebuilds:
         # page happen outside any write transaction, which holds SQLite's one write lock.
         while True:
             with _reference_counting_only():
-                events = read(position + 1, page)
+                events = cast(Sequence[tuple[int, DomainEvent]], read(position + 1, page))
                 if not events:
                     break
                 with self._read(check=False) as conn:  # the new tables, whatever the layout
@@ -211,7 +216,8 @@ class Rebuilds:
             if progress:
                 progress(replayed, position)
         with self._claimed() if migrating else self._locked() as (conn, _):
-            while events := read(position + 1, page):  # what arrived meanwhile
+            while events := cast(Sequence[tuple[int, DomainEvent]], read(position + 1, page)):
+                # what arrived meanwhile
                 rows.keep(self._apply(conn, shadow, events, cache=rows))
                 position, replayed = events[-1][0], replayed + len(events)
             self._swap(conn, shadow)
@@ -226,7 +232,7 @@ class Rebuilds:
 
     def migrate(
         self,
-        read: EventPage,
+        read: EventPage | PlainPage,
         *,
         page: int = 5000,
         progress: Callable[[int, int], None] | None = None,
