@@ -117,7 +117,8 @@ class Rebuilds:
         copies of recent state rows kept between pages (only this rebuild writes the new tables, so
         they cannot go stale) are capped. Readers keep the old tables until the swap commits.
         The new tables get their secondary indexes at the swap, built once over all their rows
-        rather than kept up to date row by row.
+        rather than kept up to date row by row (those by instance id from the log's first
+        erasure on, whose deletes use them).
         """
         with self._rebuild_lock():
             shadow = define_tables(REBUILD_SUFFIX)
@@ -194,9 +195,7 @@ class Rebuilds:
             shadow.metadata.drop_all(conn)
             for table in shadow.all:
                 conn.execute(CreateTable(table))  # the secondary indexes come at the swap
-                for index in table.indexes:
-                    if index.name and index.name.endswith("_instance"):
-                        index.create(conn)  # but erasures delete by instance id meanwhile
+        by_instance = False  # whether the indexes erasures delete by exist yet
         position, replayed = 0, 0
         rows.complete = True  # the new tables are empty: what the copies lack is not there
         # Stream without holding the tracking lock: live writers carry on. Reading and folding a
@@ -209,6 +208,10 @@ class Rebuilds:
                 with self._read(check=False) as conn:  # the new tables, whatever the layout
                     batch = self._fold(conn, shadow, events, cache=rows)
                 with self._lock, self.engine.begin() as conn:
+                    if batch.erased and not by_instance:
+                        # The first erasure of the log: from now on, deleting an instance's rows
+                        # by its id is worth an index (kept up to date, row by row, from here).
+                        by_instance = _create_instance_indexes(conn, shadow)
                     self._write(conn, shadow, batch)
                     self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
                 rows.keep(batch)
@@ -280,6 +283,15 @@ class Rebuilds:
             conn.execute(text(f'ALTER TABLE "{new.name}" RENAME TO "{live.name}"'))
             for index in live.indexes:
                 index.create(conn)
+
+
+def _create_instance_indexes(conn: Connection, shadow: ProjectionTables) -> bool:
+    """Index the shadow tables by instance id (what erasures delete by); True."""
+    for table in shadow.all:
+        for index in table.indexes:
+            if index.name and index.name.endswith("_instance"):
+                index.create(conn)
+    return True
 
 
 @contextmanager
