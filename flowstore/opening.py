@@ -271,6 +271,19 @@ class Parts:
         the projections fold, without building the pydantic events (a rebuild's reader)."""
         return self.log.read(start, limit, contain=True, plain=True)
 
+    @contextlib.contextmanager
+    def reading_ahead(self) -> Iterator[Callable[[int, int], list[tuple[int, Any]]]]:
+        """A rebuild's reader: `read_plain`, with a second process reading and decoding the next
+        pages meanwhile when the log is long enough for it to pay (`ReadAhead`)."""
+        from flowstore.projections.readahead import READ_AHEAD_FROM, ReadAhead
+        from flowstore.projections.rebuild import PAGE
+
+        if self.config.sqlalchemy_url is None or self.log.position() < READ_AHEAD_FROM:
+            yield self.read_plain  # memory:// lives in this process only; a short log: no gain
+            return
+        with ReadAhead(self.log, self.read_plain, PAGE) as read:
+            yield read
+
     def versions(self, flow_id: str) -> FlowVersions:
         """Every version of the flow (deleted or not); `FlowNotFoundError` if none."""
         return self.commands.versions(flow_id)

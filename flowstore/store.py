@@ -623,8 +623,12 @@ class FlowStore:
         ones as they were; a database that fails under it (a full disk) is `StorageUnavailableError`.
         """
         parts = self._parts
-        with parts.log.errors("rebuilding the projections"), parts.rebuilding(progress) as told:
-            return parts.tables.rebuild(parts.read_plain, progress=told)
+        with (
+            parts.log.errors("rebuilding the projections"),
+            parts.rebuilding(progress) as told,
+            parts.reading_ahead() as read,
+        ):
+            return parts.tables.rebuild(read, progress=told)
 
     def migrate_projections(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Bring the tables to this version's layout blue/green; return the events replayed.

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, cast
 
@@ -33,7 +34,10 @@ from flowstore.projections.tables import (
 )
 from flowstore.projections.verify import EventPage
 
-__all__ = ["PlainPage", "Rebuilds"]
+__all__ = ["PAGE", "PlainPage", "Rebuilds"]
+
+PAGE = 20_000
+"""Events a rebuild reads, folds and writes per transaction."""
 
 PlainPage = Callable[[int, int], Sequence[tuple[int, PlainEvent | Any]]]
 """An `EventPage` whose events may also come as plain data (`flowstore.codec.PlainEvent`), as a
@@ -104,7 +108,7 @@ class Rebuilds:
         self,
         read: EventPage | PlainPage,
         *,
-        page: int = 20_000,
+        page: int = PAGE,
         progress: Callable[[int, int], None] | None = None,
         migrating: bool = False,
     ) -> int:
@@ -200,24 +204,32 @@ class Rebuilds:
         rows.complete = True  # the new tables are empty: what the copies lack is not there
         # Stream without holding the tracking lock: live writers carry on. Reading and folding a
         # page happen outside any write transaction, which holds SQLite's one write lock.
-        while True:
-            with _reference_counting_only():
-                events = cast(Sequence[tuple[int, DomainEvent]], read(position + 1, page))
-                if not events:
-                    break
-                with self._read(check=False) as conn:  # the new tables, whatever the layout
-                    batch = self._fold(conn, shadow, events, cache=rows)
-                with self._lock, self.engine.begin() as conn:
-                    if batch.erased and not by_instance:
-                        # The first erasure of the log: from now on, deleting an instance's rows
-                        # by its id is worth an index (kept up to date, row by row, from here).
-                        by_instance = _create_instance_indexes(conn, shadow)
-                    self._write(conn, shadow, batch)
-                    self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
-                rows.keep(batch)
-            position, replayed = events[-1][0], replayed + len(events)
-            if progress:
-                progress(replayed, position)
+        # Each page is written by another thread while this one reads and folds the next: the
+        # drivers let go of the GIL while the database inserts (SQLite's B-trees, PostgreSQL's
+        # server), so the two overlap. One page in flight at most: memory stays bounded.
+        pending: Future[tuple[int, int]] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="flowstore-rebuild") as writer:
+            while True:
+                with _reference_counting_only():
+                    events = cast(Sequence[tuple[int, DomainEvent]], read(position + 1, page))
+                    if not events:
+                        break
+                    if not rows.complete:  # the fold may read rows the page in flight writes
+                        self._written(pending, progress)
+                        pending = None
+                    with self._read(check=False) as conn:  # the new tables, whatever the layout
+                        batch = self._fold(conn, shadow, events, cache=rows)
+                    rows.keep(batch)
+                # The first erasure of the log: from then on, deleting an instance's rows by its
+                # id is worth an index (kept up to date, row by row, from there).
+                index = bool(batch.erased) and not by_instance
+                by_instance = by_instance or index
+                position, replayed = events[-1][0], replayed + len(events)
+                self._written(pending, progress)
+                pending = writer.submit(
+                    self._write_page, shadow, batch, events, index, (replayed, position)
+                )
+            self._written(pending, progress)
         with self._claimed() if migrating else self._locked() as (conn, _):
             while events := cast(Sequence[tuple[int, DomainEvent]], read(position + 1, page)):
                 # what arrived meanwhile
@@ -232,6 +244,32 @@ class Rebuilds:
         if progress:
             progress(replayed, position)
         return replayed
+
+    def _write_page(
+        self,
+        shadow: ProjectionTables,
+        batch: RowBatch,
+        events: Sequence[tuple[int, object]],
+        index: bool,
+        progress: tuple[int, int],
+    ) -> tuple[int, int]:
+        """Write a folded page into the shadow tables in one transaction; return `progress`."""
+        with self._lock, self.engine.begin() as conn:
+            if index:
+                _create_instance_indexes(conn, shadow)
+            self._write(conn, shadow, batch)
+            self._name_unreadable(conn, events)
+        return progress
+
+    @staticmethod
+    def _written(
+        pending: Future[tuple[int, int]] | None, progress: Callable[[int, int], None] | None
+    ) -> None:
+        """Wait for the page in flight to be written (raising what writing it raised)."""
+        if pending is not None:
+            done = pending.result()
+            if progress:
+                progress(*done)
 
     def migrate(
         self,
@@ -285,13 +323,12 @@ class Rebuilds:
                 index.create(conn)
 
 
-def _create_instance_indexes(conn: Connection, shadow: ProjectionTables) -> bool:
-    """Index the shadow tables by instance id (what erasures delete by); True."""
+def _create_instance_indexes(conn: Connection, shadow: ProjectionTables) -> None:
+    """Index the shadow tables by instance id (what erasures delete by)."""
     for table in shadow.all:
         for index in table.indexes:
             if index.name and index.name.endswith("_instance"):
                 index.create(conn)
-    return True
 
 
 @contextmanager
