@@ -34,7 +34,9 @@ from flowstore.projections.batch import INSERT, SUM, columns_of
 
 __all__ = ["RowWriter"]
 
-_Processors = tuple[Callable[[Any], Any], list[tuple[int, Callable[[Any], Any]]]]
+_Processors = tuple[
+    Callable[[Any], Any], list[tuple[int, Callable[[Any], Any]]], Callable[[Any], Any] | None
+]
 
 
 class RowWriter:
@@ -144,23 +146,31 @@ class RowWriter:
                 copy.write_row(row)
 
     def _values(self, table: Table, rows: Sequence[dict[str, Any]]) -> list[Any]:
-        """The rows as tuples in column order, each value as SQLAlchemy would bind it."""
+        """The rows as tuples in column order, each value as SQLAlchemy would bind it, sorted by
+        primary key: the inserts then walk the key's B-tree in order, each of its pages visited
+        once per batch rather than once per row (a rebuild's history rows, a thousand users'
+        interleaved, missed the page cache on every row once the table outgrew it)."""
         if table.name not in self._processors:
             found = (_faster(c.type, self._dialect) for c in table.columns)
             names = [c.name for c in table.columns]
+            keys = [names.index(c.name) for c in table.primary_key.columns]
             self._processors[table.name] = (
                 itemgetter(*names) if len(names) > 1 else lambda row: (row[names[0]],),
                 [(i, p) for i, p in enumerate(found) if p is not None],
+                itemgetter(*keys) if keys else None,
             )
-        get, processors = self._processors[table.name]
+        get, processors, key = self._processors[table.name]
         if not processors:
-            return [get(row) for row in rows]
-        values = []
-        for row in rows:
-            value = list(get(row))
-            for i, process in processors:
-                value[i] = process(value[i])
-            values.append(tuple(value))
+            values = [get(row) for row in rows]
+        else:
+            values = []
+            for row in rows:
+                value = list(get(row))
+                for i, process in processors:
+                    value[i] = process(value[i])
+                values.append(tuple(value))
+        if key is not None:
+            values.sort(key=key)
         return values
 
     def _statement(self, table: Table, how: str) -> str:
