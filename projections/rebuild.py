@@ -205,8 +205,9 @@ class Rebuilds:
         # Stream without holding the tracking lock: live writers carry on. Reading and folding a
         # page happen outside any write transaction, which holds SQLite's one write lock.
         # Each page is written by another thread while this one reads and folds the next: the
-        # drivers let go of the GIL while the database inserts (SQLite's B-trees, PostgreSQL's
-        # server), so the two overlap. One page in flight at most: memory stays bounded.
+        # driver lets go of the GIL while the database works, so they overlap (PostgreSQL's server
+        # inserts meanwhile; SQLite's driver takes the GIL back for every row, so there it overlaps
+        # little). One page in flight at most: memory stays bounded.
         pending: Future[tuple[int, int]] | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="flowstore-rebuild") as writer:
             while True:
