@@ -12,8 +12,8 @@ An event that cannot be read at all raises `CorruptEventError` naming it, never 
 
 from __future__ import annotations
 
-import base64
 import binascii
+import os
 from collections.abc import Sequence
 from typing import Any, cast
 from uuid import UUID
@@ -24,9 +24,16 @@ from eventsourcing.persistence import Mapper, StoredEvent, Transcoder
 from eventsourcing.utils import get_topic, resolve_topic
 from pydantic import BaseModel
 
-from flowstore.domain import DomainEvent
+from flowstore.domain import DomainEvent, InstanceEvent
 from flowstore.errors import CorruptEventError, EncryptionKeyError
-from flowstore.keys import ERASED_USER_PREFIX, PERSONAL_FIELDS, UserKeys, erased_user_id
+from flowstore.keys import (
+    ERASED_USER_PREFIX,
+    NONCE_BYTES,
+    PERSONAL_FIELDS,
+    SealedKey,
+    UserKeys,
+    erased_user_id,
+)
 
 __all__ = ["OrjsonTranscoder", "PydanticMapper"]
 
@@ -51,33 +58,48 @@ class PydanticMapper(Mapper[Any]):
 
     def to_stored_event(self, domain_event: DomainEventProtocol[Any]) -> StoredEvent:
         """Serialise an event; id and version live in their own columns, not in the state."""
-        state = cast(BaseModel, domain_event).model_dump(
-            exclude={"originator_id", "originator_version"}
-        )
-        # An instance whose events already read as erased (sealed with a key shredded meanwhile)
-        # carries a stand-in id, which names no one: sealing it would create a key for nobody.
-        if (
-            self.keys is not None
-            and "user_id" in state
-            and not str(state["user_id"]).startswith(ERASED_USER_PREFIX)
-        ):
-            key = self.keys.for_user(state["user_id"])  # a cache hit: `EventLog.save` loaded it
-            personal = {f: state.pop(f) for f in PERSONAL_FIELDS if f in state}
-            context = _context(domain_event.originator_id, domain_event.originator_version)
-            sealed = key.seal(self.transcoder.encode(personal), context)
-            state["subject"] = key.subject
-            state["sealed"] = base64.b64encode(sealed).decode()
-        stored = self.transcoder.encode(state)
-        if self.compressor:
-            stored = self.compressor.compress(stored)
-        if self.cipher:
-            stored = self.cipher.encrypt(stored)
-        return StoredEvent(
-            originator_id=domain_event.originator_id,
-            originator_version=domain_event.originator_version,
-            topic=get_topic(type(domain_event)),
-            state=stored,
-        )
+        return self.to_stored_events((cast(DomainEvent, domain_event),))[0]
+
+    def to_stored_events(self, events: Sequence[DomainEvent]) -> list[StoredEvent]:
+        """Serialise many events in one pass: each user's key found once, one call for the nonces."""
+        keys: dict[str, SealedKey] = {}
+        if self.keys is not None:
+            # An instance whose events already read as erased (sealed with a key shredded
+            # meanwhile) carries a stand-in id, which names no one: sealing it would create a key
+            # for nobody. (Cache hits: `EventLog.save` loaded every key of the append.)
+            keys = self.keys.for_users(
+                e.user_id
+                for e in events
+                if isinstance(e, InstanceEvent) and not e.user_id.startswith(ERASED_USER_PREFIX)
+            )
+        # The nonces of the whole batch in one system call (one per event cost more than sealing).
+        nonces = os.urandom(NONCE_BYTES * len(events)) if keys else b""
+        encode = self.transcoder.encode
+        stored = []
+        for i, event in enumerate(events):
+            state = _state_of(event)
+            key = keys.get(state["user_id"]) if keys and "user_id" in state else None
+            if key is not None:
+                personal = {f: state.pop(f) for f in PERSONAL_FIELDS if f in state}
+                context = _context(event.originator_id, event.originator_version)
+                nonce = nonces[i * NONCE_BYTES : (i + 1) * NONCE_BYTES]
+                sealed = key.seal(encode(personal), context, nonce=nonce)
+                state["subject"] = key.subject
+                state["sealed"] = binascii.b2a_base64(sealed, newline=False).decode()
+            data = encode(state)
+            if self.compressor:
+                data = self.compressor.compress(data)
+            if self.cipher:
+                data = self.cipher.encrypt(data)
+            stored.append(
+                StoredEvent(
+                    originator_id=event.originator_id,
+                    originator_version=event.originator_version,
+                    topic=get_topic(type(event)),
+                    state=data,
+                )
+            )
+        return stored
 
     def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[Any]:
         """Rebuild (and type-check) an event from its stored form."""
@@ -160,6 +182,26 @@ class PydanticMapper(Mapper[Any]):
                 "its sealed fields do not open with their user's key (the row was altered)",
             )
         return cast(dict[str, Any], self.transcoder.decode(opened))
+
+
+_IN_COLUMNS = ("originator_id", "originator_version")
+
+_PLAIN: dict[type, tuple[str, ...]] = {
+    cls: tuple(name for name in cls.model_fields if name not in _IN_COLUMNS)
+    for cls in InstanceEvent.__subclasses__()
+    if cls.__module__ == InstanceEvent.__module__
+}
+"""The instance events' stored fields, in order. Every one is of a type orjson writes as it is
+(str, int, float, bool, None, datetime, a JSON dict), which `model_dump` returns unchanged."""
+
+
+def _state_of(event: DomainEvent) -> dict[str, Any]:
+    """The event's stored fields (all but its id and version) as `model_dump` gives them."""
+    names = _PLAIN.get(type(event))
+    if names is None:  # a definition's event (nested models), or a class defined elsewhere
+        return event.model_dump(exclude=set(_IN_COLUMNS))
+    values = event.__dict__
+    return {name: values[name] for name in names}
 
 
 def _context(originator_id: UUID | str, version: int) -> bytes:

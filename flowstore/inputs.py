@@ -7,7 +7,7 @@ a typed `FlowError` and changes nothing. The JSON limits are shared with `flowst
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -72,7 +72,12 @@ def has_control_characters(text: str) -> bool:
 
 
 def check_payload(payload: Any, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> dict[str, Any] | None:
-    """Return the payload if it is None or a JSON object within `limit` bytes; raise otherwise."""
+    """A copy of the payload if it is None or a JSON object within `limit` bytes; raise otherwise.
+
+    The copy is the payload's JSON read back (equal to it, made of plain dicts, lists and scalars,
+    and shared with nobody): what the caller does with its own dict afterwards changes nothing
+    stored or cached.
+    """
     if payload is None:
         return None
     if not isinstance(payload, dict):
@@ -88,7 +93,8 @@ def check_payload(payload: Any, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> di
         raise PayloadTooLargeError(len(encoded), limit)
     # orjson writes NaN as null, tuples as lists, datetimes as strings: anything that does not come
     # back equal is not plain JSON and would be stored as something other than what was sent.
-    if orjson.loads(encoded) != payload:
+    copy = orjson.loads(encoded)
+    if copy != payload:
         raise PayloadValidationError(
             "Payload is not plain JSON (NaN/Infinity, tuples, dates or non-string keys "
             "do not survive a JSON round trip)"
@@ -104,7 +110,7 @@ def check_payload(payload: Any, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> di
         # Valid JSON, but PostgreSQL text and jsonb cannot store NUL: refused on every backend so
         # that a store behaves the same wherever it runs.
         raise PayloadValidationError("Payload contains a NUL character (\\u0000)")
-    return payload
+    return cast(dict[str, Any], copy)
 
 
 def check_entity(value: object) -> str | None:
