@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
@@ -65,8 +65,7 @@ class _Kind(Generic[R, C]):
     """The request applied on its own (after a conflict), with the usual retries."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Transition:
+class _Transition(NamedTuple):
     """A transition request whose inputs passed their checks."""
 
     user_id: str
@@ -79,6 +78,9 @@ class _Transition:
     ok: bool = True
     message: str | None = None
 
+
+_UNREAD: Any = object()
+"""Stands in `_decide_and_save` for an instance the batch has not read yet."""
 
 _RETRIED: list[FlowState | FlowError] = []
 """What `_apply_batch` returns when a conflict sends its requests back to be applied one by one."""
@@ -278,9 +280,9 @@ class Transitions:
                     continue
                 iid, request = item
                 try:
-                    if iid not in seen:
-                        seen[iid] = commands.cached_instance(iid)
-                    instance = seen[iid]
+                    instance = seen.get(iid, _UNREAD)
+                    if instance is _UNREAD:
+                        instance = seen[iid] = commands.cached_instance(iid)
                     decision = decide(request, instance)
                 except FlowError as error:
                     outcomes.append(error)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import binascii
 import os
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 from uuid import UUID
 
 import orjson
@@ -77,15 +77,22 @@ class PydanticMapper(Mapper[Any]):
         encode = self.transcoder.encode
         stored = []
         for i, event in enumerate(events):
-            state = _state_of(event)
-            key = keys.get(state["user_id"]) if keys and "user_id" in state else None
-            if key is not None:
-                personal = {f: state.pop(f) for f in PERSONAL_FIELDS if f in state}
-                context = _context(event.originator_id, event.originator_version)
-                nonce = nonces[i * NONCE_BYTES : (i + 1) * NONCE_BYTES]
-                sealed = key.seal(encode(personal), context, nonce=nonce)
-                state["subject"] = key.subject
-                state["sealed"] = binascii.b2a_base64(sealed, newline=False).decode()
+            fields = _FIELDS.get(type(event))
+            if fields is None:  # a definition's event (nested models), or a class defined elsewhere
+                state = event.model_dump(exclude=set(_IN_COLUMNS))
+            else:
+                values = event.__dict__  # (see _FIELDS)
+                key = keys.get(values["user_id"]) if keys else None
+                if key is None:
+                    state = {name: values[name] for name in fields.stored}
+                else:
+                    state = {name: values[name] for name in fields.open}
+                    personal = {name: values[name] for name in fields.personal}
+                    context = _context(event.originator_id, event.originator_version)
+                    nonce = nonces[i * NONCE_BYTES : (i + 1) * NONCE_BYTES]
+                    sealed = key.seal(encode(personal), context, nonce=nonce)
+                    state["subject"] = key.subject
+                    state["sealed"] = binascii.b2a_base64(sealed, newline=False).decode()
             data = encode(state)
             if self.compressor:
                 data = self.compressor.compress(data)
@@ -186,22 +193,35 @@ class PydanticMapper(Mapper[Any]):
 
 _IN_COLUMNS = ("originator_id", "originator_version")
 
-_PLAIN: dict[type, tuple[str, ...]] = {
-    cls: tuple(name for name in cls.model_fields if name not in _IN_COLUMNS)
+
+class _Fields(NamedTuple):
+    """Which fields of an instance event are stored where."""
+
+    stored: tuple[str, ...]
+    """All but the id and version (which have columns of their own), in order."""
+    open: tuple[str, ...]
+    """Those stored in the clear when the rest are sealed."""
+    personal: tuple[str, ...]
+    """Those sealed with the user's key, in `PERSONAL_FIELDS` order."""
+
+
+def _fields_of(cls: type[InstanceEvent]) -> _Fields:
+    stored = tuple(name for name in cls.model_fields if name not in _IN_COLUMNS)
+    return _Fields(
+        stored,
+        tuple(name for name in stored if name not in PERSONAL_FIELDS),
+        tuple(name for name in PERSONAL_FIELDS if name in stored),
+    )
+
+
+_FIELDS: dict[type, _Fields] = {
+    cls: _fields_of(cls)
     for cls in InstanceEvent.__subclasses__()
     if cls.__module__ == InstanceEvent.__module__
 }
-"""The instance events' stored fields, in order. Every one is of a type orjson writes as it is
-(str, int, float, bool, None, datetime, a JSON dict), which `model_dump` returns unchanged."""
-
-
-def _state_of(event: DomainEvent) -> dict[str, Any]:
-    """The event's stored fields (all but its id and version) as `model_dump` gives them."""
-    names = _PLAIN.get(type(event))
-    if names is None:  # a definition's event (nested models), or a class defined elsewhere
-        return event.model_dump(exclude=set(_IN_COLUMNS))
-    values = event.__dict__
-    return {name: values[name] for name in names}
+"""The instance events' fields. Every one is of a type orjson writes as it is (str, int, float,
+bool, None, datetime, a dict of JSON), which `model_dump` returns unchanged: the stored state is
+taken from the event's values as they are, byte for byte what `model_dump` would give."""
 
 
 def _context(originator_id: UUID | str, version: int) -> bytes:

@@ -211,7 +211,11 @@ def execute_transition(
         return Decision([known_good(TransitionRejected, fields)], error)
     assert edge is not None
     target = definition.steps[edge.step]
-    completed = {**fields, "originator_version": instance.version + 2, "step": edge.step}
+    completed = (
+        {**fields, "originator_version": instance.version + 2, "step": edge.step}
+        if target.is_terminal
+        else None
+    )
     fields.update(
         transition=transition,
         from_step=instance.step,
@@ -226,7 +230,7 @@ def execute_transition(
         rules=2,
     )
     events: list[InstanceEvent] = [known_good(TransitionExecuted, fields)]
-    if target.is_terminal:
+    if completed is not None:
         events.append(known_good(FlowCompleted, completed))
     return Decision(events)
 
