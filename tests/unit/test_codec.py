@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -22,10 +23,12 @@ from flowstore.domain import (
     FlowMigrated,
     FlowStarted,
     FlowWentBack,
+    InstanceEvent,
     StateOverridden,
     TransitionExecuted,
     TransitionRejected,
 )
+from flowstore.keys import NONCE_BYTES, PERSONAL_FIELDS, MemoryKeyStore
 from tests.strategies import flow_definitions, payloads
 
 names = st.text(min_size=1, max_size=20)
@@ -190,4 +193,40 @@ def test_an_event_stored_under_its_topic_decodes() -> None:
     )
     event = mapper.to_domain_event(stored)
     assert isinstance(event, TransitionExecuted)
-    assert (event.to_step, event.payload, event.originator_version) == ("profile", {"name": "Ann"}, 3)
+    assert (event.to_step, event.payload, event.originator_version) == (
+        "profile",
+        {"name": "Ann"},
+        3,
+    )
+
+
+@given(events)
+def test_an_event_encoded_in_a_batch_stores_what_model_dump_gives(event: DomainEvent) -> None:
+    # The batch encoder takes an instance event's values as they are (no model_dump): the bytes
+    # must be the same as the dump's, field order included.
+    [stored] = mapper.to_stored_events([event])
+    expected = event.model_dump(exclude={"originator_id", "originator_version"})
+    assert stored.state == orjson.dumps(expected)
+    assert stored.topic == get_topic(type(event))
+    assert (stored.originator_id, stored.originator_version) == (
+        event.originator_id,
+        event.originator_version,
+    )
+
+
+@given(st.lists(events, min_size=1, max_size=6))
+def test_events_sealed_in_one_batch_open_as_they_were_each_with_its_own_nonce(
+    batch: list[DomainEvent],
+) -> None:
+    sealing = PydanticMapper(transcoder=OrjsonTranscoder())
+    sealing.keys = MemoryKeyStore()
+    stored = sealing.to_stored_events(batch)
+    assert [sealing.to_domain_event(s) for s in stored] == batch
+    states = [orjson.loads(s.state) for s in stored]
+    nonces = [base64.b64decode(s["sealed"])[:NONCE_BYTES] for s in states if "sealed" in s]
+    assert len(set(nonces)) == len(nonces)
+    for state, event in zip(states, batch, strict=True):
+        if "sealed" in state:  # the personal fields are not in the clear
+            assert isinstance(event, InstanceEvent)
+            assert not set(state) & set(PERSONAL_FIELDS)
+            assert state["subject"] == sealing.keys.for_user(event.user_id).subject
