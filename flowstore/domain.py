@@ -425,10 +425,7 @@ def _fold(kind: type[_Aggregate] | None, fields: dict[str, Any] | None, event: D
             definition = event.definition.model_copy(update={"version": event.version})
             if fields is None:
                 return FlowVersions, {
-                    "id": event.originator_id,
-                    "version": event.originator_version,
-                    "created_on": ts,
-                    "modified_on": ts,
+                    **_created(event),
                     "flow_id": event.flow_id,
                     "definitions": (definition,),
                     "deleted": False,
@@ -439,18 +436,22 @@ def _fold(kind: type[_Aggregate] | None, fields: dict[str, Any] | None, event: D
             fields.update(base, deleted=True)
         case FlowListed():
             if fields is None:
-                return FlowCatalog, {
-                    "id": event.originator_id,
-                    "version": event.originator_version,
-                    "created_on": ts,
-                    "modified_on": ts,
-                    "flow_ids": (event.flow_id,),
-                }
+                return FlowCatalog, {**_created(event), "flow_ids": (event.flow_id,)}
             fields.update(base, flow_ids=(*fields["flow_ids"], event.flow_id))
         case _:
             msg = f"Unknown event type {type(event).__name__}"
             raise TypeError(msg)
     return kind, fields
+
+
+def _created(event: DomainEvent) -> dict[str, Any]:
+    """The fields every aggregate gets from the event that creates it."""
+    return {
+        "id": event.originator_id,
+        "version": event.originator_version,
+        "created_on": event.timestamp,
+        "modified_on": event.timestamp,
+    }
 
 
 def _fold_instance(fields: dict[str, Any] | None, event: InstanceEvent) -> dict[str, Any]:
