@@ -13,7 +13,6 @@ An event that cannot be read at all raises `CorruptEventError` naming it, never 
 from __future__ import annotations
 
 import binascii
-import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 from uuid import UUID
@@ -26,14 +25,7 @@ from pydantic import BaseModel
 
 from flowstore.domain import DomainEvent, InstanceEvent
 from flowstore.errors import CorruptEventError, EncryptionKeyError
-from flowstore.keys import (
-    ERASED_USER_PREFIX,
-    NONCE_BYTES,
-    PERSONAL_FIELDS,
-    SealedKey,
-    UserKeys,
-    erased_user_id,
-)
+from flowstore.keys import ERASED_USER_PREFIX, PERSONAL_FIELDS, UserKeys, erased_user_id
 
 __all__ = ["OrjsonTranscoder", "PydanticMapper"]
 
@@ -58,55 +50,37 @@ class PydanticMapper(Mapper[Any]):
 
     def to_stored_event(self, domain_event: DomainEventProtocol[Any]) -> StoredEvent:
         """Serialise an event; id and version live in their own columns, not in the state."""
-        return self.to_stored_events((cast(DomainEvent, domain_event),))[0]
-
-    def to_stored_events(self, events: Sequence[DomainEvent]) -> list[StoredEvent]:
-        """Serialise many events in one pass: each user's key found once, one call for the nonces."""
-        keys: dict[str, SealedKey] = {}
-        if self.keys is not None:
+        event = cast(DomainEvent, domain_event)
+        fields = _FIELDS.get(type(event))
+        if fields is None:  # a definition's event (nested models), or a class defined elsewhere
+            state = event.model_dump(exclude=set(_IN_COLUMNS))
+        else:
+            values = event.__dict__  # (see _FIELDS)
+            user_id = values["user_id"]
             # An instance whose events already read as erased (sealed with a key shredded
             # meanwhile) carries a stand-in id, which names no one: sealing it would create a key
-            # for nobody. (Cache hits: `EventLog.save` loaded every key of the append.)
-            keys = self.keys.for_users(
-                e.user_id
-                for e in events
-                if isinstance(e, InstanceEvent) and not e.user_id.startswith(ERASED_USER_PREFIX)
-            )
-        # The nonces of the whole batch in one system call (one per event cost more than sealing).
-        nonces = os.urandom(NONCE_BYTES * len(events)) if keys else b""
-        encode = self.transcoder.encode
-        stored = []
-        for i, event in enumerate(events):
-            fields = _FIELDS.get(type(event))
-            if fields is None:  # a definition's event (nested models), or a class defined elsewhere
-                state = event.model_dump(exclude=set(_IN_COLUMNS))
+            # for nobody.
+            if self.keys is None or user_id.startswith(ERASED_USER_PREFIX):
+                state = {name: values[name] for name in fields.stored}
             else:
-                values = event.__dict__  # (see _FIELDS)
-                key = keys.get(values["user_id"]) if keys else None
-                if key is None:
-                    state = {name: values[name] for name in fields.stored}
-                else:
-                    state = {name: values[name] for name in fields.open}
-                    personal = {name: values[name] for name in fields.personal}
-                    context = _context(event.originator_id, event.originator_version)
-                    nonce = nonces[i * NONCE_BYTES : (i + 1) * NONCE_BYTES]
-                    sealed = key.seal(encode(personal), context, nonce=nonce)
-                    state["subject"] = key.subject
-                    state["sealed"] = binascii.b2a_base64(sealed, newline=False).decode()
-            data = encode(state)
-            if self.compressor:
-                data = self.compressor.compress(data)
-            if self.cipher:
-                data = self.cipher.encrypt(data)
-            stored.append(
-                StoredEvent(
-                    originator_id=event.originator_id,
-                    originator_version=event.originator_version,
-                    topic=get_topic(type(event)),
-                    state=data,
-                )
-            )
-        return stored
+                key = self.keys.for_user(user_id)  # a cache hit: `EventLog.save` loaded it
+                state = {name: values[name] for name in fields.open}
+                personal = {name: values[name] for name in fields.personal}
+                context = _context(event.originator_id, event.originator_version)
+                sealed = key.seal(self.transcoder.encode(personal), context)
+                state["subject"] = key.subject
+                state["sealed"] = binascii.b2a_base64(sealed, newline=False).decode()
+        stored = self.transcoder.encode(state)
+        if self.compressor:
+            stored = self.compressor.compress(stored)
+        if self.cipher:
+            stored = self.cipher.encrypt(stored)
+        return StoredEvent(
+            originator_id=event.originator_id,
+            originator_version=event.originator_version,
+            topic=get_topic(type(event)),
+            state=stored,
+        )
 
     def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[Any]:
         """Rebuild (and type-check) an event from its stored form."""

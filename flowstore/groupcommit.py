@@ -16,7 +16,6 @@ from uuid import UUID
 from eventsourcing.application import Application
 from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError, StoredEvent
 
-from flowstore.codec import PydanticMapper
 from flowstore.domain import DomainEvent
 
 __all__ = ["GroupCommit"]
@@ -67,8 +66,8 @@ class GroupCommit:
         if not events:
             return 0
         # Encoding and sealing happen here, while another thread's group may be committing.
-        mapper = cast(PydanticMapper, self._app.mapper)
-        pending = _Pending(mapper.to_stored_events(events))
+        mapper = self._app.mapper
+        pending = _Pending([mapper.to_stored_event(event) for event in events])
         with self._queue_lock:
             self._queue.append(pending)
         with self._lock:

@@ -72,12 +72,8 @@ def has_control_characters(text: str) -> bool:
 
 
 def check_payload(payload: Any, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> dict[str, Any] | None:
-    """A copy of the payload if it is None or a JSON object within `limit` bytes; raise otherwise.
-
-    The copy is the payload's JSON read back (equal to it, made of plain dicts, lists and scalars,
-    and shared with nobody): what the caller does with its own dict afterwards changes nothing
-    stored or cached.
-    """
+    """Return a private copy of the payload if it is None or a JSON object within `limit` bytes;
+    raise otherwise."""
     if payload is None:
         return None
     if not isinstance(payload, dict):
@@ -93,6 +89,8 @@ def check_payload(payload: Any, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> di
         raise PayloadTooLargeError(len(encoded), limit)
     # orjson writes NaN as null, tuples as lists, datetimes as strings: anything that does not come
     # back equal is not plain JSON and would be stored as something other than what was sent.
+    # The decoded copy is what is returned: the events then share no object with the caller, who
+    # may change theirs after the call (this process's projector takes the events as they are).
     copy = orjson.loads(encoded)
     if copy != payload:
         raise PayloadValidationError(

@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 __all__ = [
     "ERASED_USER_PREFIX",
     "KEY_TABLE",
-    "NONCE_BYTES",
     "PERSONAL_FIELDS",
     "KeyWrapper",
     "MemoryKeyStore",
@@ -64,8 +63,6 @@ have none, and read with their defaults."""
 _log = logging.getLogger(__name__)
 
 _NONCE = 12
-NONCE_BYTES = _NONCE
-"""The length of a nonce `SealedKey.seal` takes."""
 _USER_LOCK_STRIPES = 256
 _KEY_BITS = 256
 
@@ -99,14 +96,9 @@ class SealedKey:
     subject: str
     aead: AESGCM
 
-    def seal(self, plaintext: bytes, context: bytes, *, nonce: bytes | None = None) -> bytes:
-        """Encrypt, bound to `context` (the event's id and version: a sealed blob cannot move).
-
-        `nonce`: `NONCE_BYTES` random bytes never used before (drawn here when None).
-        """
-        if nonce is None:
-            nonce = os.urandom(_NONCE)
-        assert len(nonce) == _NONCE
+    def seal(self, plaintext: bytes, context: bytes) -> bytes:
+        """Encrypt, bound to `context` (the event's id and version: a sealed blob cannot move)."""
+        nonce = os.urandom(_NONCE)
         return nonce + self.aead.encrypt(nonce, plaintext, context)
 
     def open(self, sealed: bytes, context: bytes) -> bytes | None:

@@ -1,7 +1,5 @@
 """SQLite connections that overwrite what they delete: the log's, the tables' and the keys'.
 
-(And the log's recorder, whose append inserts all of its rows in one statement: `BulkRecorder`.)
-
 Erasure deletes rows (a user's key, their projected state and history). SQLite leaves deleted
 content in free pages and in the write-ahead log unless every connection that writes the file has
 `PRAGMA secure_delete = ON` (deleted content is overwritten with zeros) and the WAL is checkpointed
@@ -13,21 +11,16 @@ on the same file call `secure_sqlite`.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
 from typing import Any
-from uuid import UUID
 
-from eventsourcing.persistence import StoredEvent
 from eventsourcing.sqlite import (
-    SQLiteApplicationRecorder,
     SQLiteConnection,
     SQLiteConnectionPool,
-    SQLiteCursor,
     SQLiteDatastore,
     SQLiteFactory,
 )
 
-__all__ = ["SECURE_DELETE", "BulkRecorder", "SecureSQLiteFactory", "secure_sqlite", "wipe_wal"]
+__all__ = ["SECURE_DELETE", "SecureSQLiteFactory", "secure_sqlite", "wipe_wal"]
 
 SECURE_DELETE = "PRAGMA secure_delete = ON"
 """Run on every new SQLite connection of a store."""
@@ -40,42 +33,8 @@ class _SecurePool(SQLiteConnectionPool):
         return connection
 
 
-class BulkRecorder(SQLiteApplicationRecorder):
-    """eventsourcing's SQLite application recorder, inserting an append's rows in one statement.
-
-    eventsourcing's executes the INSERT once per event, to read each row's id (`lastrowid`); here
-    one `executemany` inserts them all (a batch of 500 transitions is 500 rows) and the ids are
-    counted back from the last: a row's id is its rowid, which SQLite makes one more than the
-    largest in the table (the table has no AUTOINCREMENT), and nothing else inserts between the
-    rows of one statement, in a transaction that holds the database's only write lock.
-    """
-
-    def _insert_events(
-        self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
-    ) -> Sequence[int] | None:
-        if len(stored_events) < 2:
-            return super()._insert_events(c, stored_events, **kwargs)
-        c.executemany(
-            self.insert_events_statement,
-            [
-                (
-                    e.originator_id.hex if isinstance(e.originator_id, UUID) else e.originator_id,
-                    e.originator_version,
-                    e.topic,
-                    e.state,
-                )
-                for e in stored_events
-            ],
-        )
-        c.execute("SELECT last_insert_rowid()")
-        last: int = c.fetchone()[0]
-        return range(last - len(stored_events) + 1, last + 1)
-
-
 class SecureSQLiteFactory(SQLiteFactory):
     """eventsourcing's SQLite persistence, with secure_delete on each of its connections."""
-
-    application_recorder_class = BulkRecorder
 
     def __init__(self, env: Any) -> None:
         super().__init__(env)
