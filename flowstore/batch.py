@@ -16,6 +16,7 @@ runs meanwhile (the batch's objects make no cycles: `gcpause`).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -163,7 +164,7 @@ class Transitions:
         kind: _Kind[TransitionRequest, _Transition] = _Kind(
             "transition",
             self._check_transitions,
-            lambda request, instance: self._decide_transition(request, instance, known),
+            functools.partial(self._decide_transition, known=known),
             lambda request: _outcome(lambda: self.execute_transition(*request)),
         )
         results: list[FlowState | FlowError] = []

@@ -459,13 +459,13 @@ def _created(event: DomainEvent) -> dict[str, Any]:
 
 def _fold_instance(fields: dict[str, Any] | None, event: InstanceEvent) -> dict[str, Any]:
     """`_fold` for the events of a `FlowInstance`."""
-    live = fields is not None and fields["status"] in _LIVE
     match event:
         case FlowStarted():
             return _enter_step(fields, event, ok=True, payload=None, new_run=True)
         case StateOverridden() | FlowHandedOver():
             # An override or hand-over of an instance without state (new, cleared, expired)
             # starts a run.
+            live = fields is not None and fields["status"] in _LIVE
             return _enter_step(fields, event, ok=event.ok, payload=event.payload, new_run=not live)
     assert fields is not None, f"{type(event).__name__} before the instance started"
     fields["version"] = event.originator_version
