@@ -119,3 +119,18 @@ def test_the_collector_is_paused_while_a_batch_is_applied_and_only_then(store_ur
             assert not gc.isenabled()
         finally:
             gc.enable()
+
+
+def test_a_batch_looks_again_for_definitions_newer_than_those_it_has(store_url: str) -> None:
+    with FlowStore(store_url, definition_refresh=3600) as ours, FlowStore(store_url) as theirs:
+        ours.create_flow(ring_flow(FLOW))
+        ours.execute_transition("bob", FLOW, "tick")  # ours keeps version 1 for an hour
+        theirs.update_flow(FLOW, {"config": {"v": 2}})
+        ours.reset_flow("ann", FLOW)  # on version 2, the newest
+        results = ours.execute_transitions(
+            [("bob", FLOW, "tick", None), ("ann", FLOW, "tick", None)]
+        )
+        assert [(r.step, r.definition_version) for r in results if isinstance(r, FlowState)] == [
+            ("a", 1),
+            ("a", 2),
+        ]
