@@ -9,9 +9,10 @@ writer applies that batch again one request at a time, each with the usual retri
 A batch of transitions does each thing once that a request would otherwise repeat: an id seen twice
 in a batch is checked once, each flow's definitions are looked up once, each instance is read once
 and copied once per request (`domain.project` folds a request's events into one copy), the events
-are built from checked values without validating them again (`decisions.execute_transition`), they
-are encoded and sealed in one pass and inserted by one statement, and no cyclic garbage collection
-runs meanwhile (the batch's objects make no cycles: `gcpause`).
+are built from checked values without validating them again (`decisions.execute_transition`) and
+appended in one go (encoded from their values: `codec`), the answers are built from the aggregates
+without validation (`views`), and no cyclic garbage collection runs meanwhile (the batch's objects
+make no cycles: `gcpause`).
 """
 
 from __future__ import annotations
@@ -182,9 +183,8 @@ class Transitions:
         batch_size: int = 500,
     ) -> list[FlowState | FlowError]:
         """`FlowStore.set_flow_states`: each update's new state or error, in order."""
-        parsed = [
-            _state_update(update) for update in updates
-        ]  # a malformed update: nothing written
+        # A malformed update raises here: nothing is written.
+        parsed = [_state_update(update) for update in updates]
 
         def check(batch: list[tuple[str, FlowState | Mapping[str, Any]]]) -> list[Any]:
             checked: list[tuple[UUID, Decide] | FlowError] = []
@@ -305,7 +305,7 @@ class Transitions:
 
     def _check_transitions(
         self, batch: list[TransitionRequest]
-    ) -> list[tuple[UUID, Any] | FlowError]:
+    ) -> list[tuple[UUID, _Transition] | FlowError]:
         """Each request's instance id and checked form, or its error (in the order
         `execute_transition` checks: user, transition, payload, flow). An id that recurs in the
         batch is checked once (ids are strings: their check's verdict cannot change)."""
@@ -318,7 +318,7 @@ class Transitions:
             valid.add((name, require_id(value, name)))
             return cast(str, value)
 
-        checked: list[tuple[UUID, Any] | FlowError] = []
+        checked: list[tuple[UUID, _Transition] | FlowError] = []
         for user_id, flow_id, transition, payload in batch:
             began = time.perf_counter()
             try:
