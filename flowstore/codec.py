@@ -12,9 +12,10 @@ An event that cannot be read at all raises `CorruptEventError` naming it, never 
 
 from __future__ import annotations
 
+import base64
 import binascii
 from collections.abc import Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 from uuid import UUID
 
 import orjson
@@ -61,15 +62,15 @@ class PydanticMapper(Mapper[Any]):
             # meanwhile) carries a stand-in id, which names no one: sealing it would create a key
             # for nobody.
             if self.keys is None or user_id.startswith(ERASED_USER_PREFIX):
-                state = {name: values[name] for name in fields.stored}
+                state = {name: values[name] for name in fields[0]}
             else:
                 key = self.keys.for_user(user_id)  # a cache hit: `EventLog.save` loaded it
-                state = {name: values[name] for name in fields.open}
-                personal = {name: values[name] for name in fields.personal}
+                state = {name: values[name] for name in fields[1]}
+                personal = {name: values[name] for name in fields[2]}
                 context = _context(event.originator_id, event.originator_version)
                 sealed = key.seal(self.transcoder.encode(personal), context)
                 state["subject"] = key.subject
-                state["sealed"] = binascii.b2a_base64(sealed, newline=False).decode()
+                state["sealed"] = base64.b64encode(sealed).decode()
         stored = self.transcoder.encode(state)
         if self.compressor:
             stored = self.compressor.compress(stored)
@@ -168,20 +169,15 @@ class PydanticMapper(Mapper[Any]):
 _IN_COLUMNS = ("originator_id", "originator_version")
 
 
-class _Fields(NamedTuple):
-    """Which fields of an instance event are stored where."""
-
-    stored: tuple[str, ...]
-    """All but the id and version (which have columns of their own), in order."""
-    open: tuple[str, ...]
-    """Those stored in the clear when the rest are sealed."""
-    personal: tuple[str, ...]
-    """Those sealed with the user's key, in `PERSONAL_FIELDS` order."""
+_Fields = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+"""Which fields of an instance event are stored where: all but the id and version (which have
+columns of their own), in order; those of them left in the clear when the rest are sealed; those
+sealed with the user's key, in `PERSONAL_FIELDS` order."""
 
 
 def _fields_of(cls: type[InstanceEvent]) -> _Fields:
     stored = tuple(name for name in cls.model_fields if name not in _IN_COLUMNS)
-    return _Fields(
+    return (
         stored,
         tuple(name for name in stored if name not in PERSONAL_FIELDS),
         tuple(name for name in PERSONAL_FIELDS if name in stored),
