@@ -1,17 +1,21 @@
 """Where a batched transition's CPU goes: `execute_transitions` of 500 users' transitions.
 
-    python -m benchmarks.batch_profile [--url URL] [--ops N] [--live] [--profile] [--starts]
+    python -m benchmarks.batch_profile [--url URL] [--ops N] [--live] [--profile] [--stages]
+                                       [--starts]
 
 Without `--live` the store runs without live projections, so the figure is the command path
 alone (checks, decisions, events, encoding and sealing, the insert); with it, the live
 projector's work until `sync_projections()` returns counts too (as in scenario 2).
-`--profile` prints a cProfile table (which slows the path about twofold); `--starts` makes every
-transition of the first batch start its user's flow (scenario 2 resets the users first).
+`--profile` prints a cProfile table (which slows the path about twofold), `--stages` the time per
+stage of the write path and the projector (`benchmarks.stages`, wall µs per transition, every
+thread); `--starts` makes every transition of the first batch start its user's flow (scenario 2
+resets the users first).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import gc
 import pstats
@@ -19,6 +23,7 @@ import tempfile
 import time
 
 from benchmarks.scenarios import PAYLOAD, _started_store
+from benchmarks.stages import Stages
 
 
 class _CollectorTime:
@@ -47,6 +52,7 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=5000, help="transitions, in batches of 500")
     parser.add_argument("--live", action="store_true", help="live projections on")
     parser.add_argument("--profile", action="store_true", help="print a cProfile table")
+    parser.add_argument("--stages", action="store_true", help="print the time per stage")
     parser.add_argument("--starts", action="store_true", help="users without a state at first")
     args = parser.parse_args()
     url = args.url or f"sqlite:///{tempfile.mkdtemp()}/batch.db"
@@ -57,6 +63,9 @@ def main() -> None:
         store.execute_transitions(warm)  # caches warm, as after the first batch of scenario 2
     store.sync_projections()
     profiler = cProfile.Profile() if args.profile else None
+    stages = Stages() if args.stages else None
+    timing = stages.active(store) if stages is not None else contextlib.nullcontext()
+    timing.__enter__()
     collections = _CollectorTime()
     cpu, wall, own = time.process_time(), time.perf_counter(), time.thread_time()
     if profiler is not None:
@@ -68,6 +77,7 @@ def main() -> None:
     if profiler is not None:
         profiler.disable()
     own = time.thread_time() - own
+    timing.__exit__(None, None, None)
     done = args.ops // 500 * 500
     cpu_us = (time.process_time() - cpu) / done * 1e6
     wall_us = (time.perf_counter() - wall) / done * 1e6
@@ -80,6 +90,8 @@ def main() -> None:
     )
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(40)
+    if stages is not None:
+        print(stages.table(done, wall_us * done / 1e6, cpu_us * done / 1e6))
     store.close()
 
 
