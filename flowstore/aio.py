@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeAlias, TypeVar
 
+from flowstore.codec import PlainEvent
 from flowstore.definitions import FlowDefinition, FlowTransition
 from flowstore.domain import DomainEvent, InstanceEvent
 from flowstore.models import (
@@ -572,6 +573,12 @@ class AsyncFlowStore:
     async def read_events(self, start: int, limit: int = 1000) -> list[tuple[int, DomainEvent]]:
         """A page of the event log (`FlowStore.read_events`)."""
         return await self._run(self.store.read_events, start, limit)
+
+    async def read_plain_events(
+        self, start: int, limit: int = 1000
+    ) -> list[tuple[int, PlainEvent]]:
+        """A page of the event log as plain data (`FlowStore.read_plain_events`)."""
+        return await self._run(self.store.read_plain_events, start, limit)
 
     async def import_events(self, events: Iterable[DomainEvent], *, batch: int = 500) -> int:
         """Append events recorded elsewhere (`FlowStore.import_events`)."""

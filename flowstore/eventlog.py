@@ -393,25 +393,28 @@ class EventLog:
             return cast(list[DomainEvent], list(self.app.events.get(aggregate_id)))
 
     def read(
-        self, start: int, limit: int = 1000, *, contain: bool = False
+        self, start: int, limit: int = 1000, *, contain: bool = False, plain: bool = False
     ) -> list[tuple[int, Any]]:
         """Up to `limit` events of the total order from notification id `start` on.
 
         An event that cannot be decoded raises `CorruptEventError`, unless `contain`: then it is
         an `UnreadableEvent` in its place (the projections skip it and name it; the others go on).
+        `plain`: each event as plain data, `PlainEvent` (`PydanticMapper.to_plain_events`).
         """
         with self.errors("reading the log"):
             page = self.app.recorder.select_notifications(start, limit)
         mapper = cast(PydanticMapper, self.app.mapper)
+        decode_all = mapper.to_plain_events if plain else mapper.to_domain_events
+        decode = mapper.to_plain_event if plain else mapper.to_domain_event
         try:
-            events: list[Any] = list(mapper.to_domain_events(page))
+            events: list[Any] = list(decode_all(page))
         except CorruptEventError:
             if not contain:
                 raise
             events = []
             for notification in page:  # one by one, to find the unreadable ones
                 try:
-                    events.append(mapper.to_domain_event(notification))
+                    events.append(decode(notification))
                 except CorruptEventError as exc:
                     events.append(
                         UnreadableEvent(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from flowstore.batch import Transitions
+from flowstore.codec import PlainEvent
 from flowstore.commands import Commands
 from flowstore.domain import DomainEvent, FlowVersions
 from flowstore.erasure import Erasure
@@ -264,6 +265,24 @@ class Parts:
         """The projections' reader: an event that cannot be decoded is skipped and named (its own
         instance answers FlowStateCorruptionError), so one bad event stops nobody else's reads."""
         return self.log.read(start, limit, contain=True)
+
+    def read_plain(self, start: int, limit: int) -> list[tuple[int, PlainEvent | Any]]:
+        """`read_contained` with each event as plain data (`flowstore.codec.PlainEvent`): what
+        the projections fold, without building the pydantic events (a rebuild's reader)."""
+        return self.log.read(start, limit, contain=True, plain=True)
+
+    @contextlib.contextmanager
+    def reading_ahead(self) -> Iterator[Callable[[int, int], list[tuple[int, Any]]]]:
+        """A rebuild's reader: `read_plain`, with a second process reading and decoding the next
+        pages meanwhile when the log is long enough for it to pay (`ReadAhead`)."""
+        from flowstore.projections.readahead import READ_AHEAD_FROM, ReadAhead
+        from flowstore.projections.rebuild import PAGE
+
+        if self.config.sqlalchemy_url is None or self.log.position() < READ_AHEAD_FROM:
+            yield self.read_plain  # memory:// lives in this process only; a short log: no gain
+            return
+        with ReadAhead(self.log, self.read_plain, PAGE) as read:
+            yield read
 
     def versions(self, flow_id: str) -> FlowVersions:
         """Every version of the flow (deleted or not); `FlowNotFoundError` if none."""

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Table
 
+from flowstore.codec import PlainEvent
 from flowstore.domain import DomainEvent
 from flowstore.projections.ops import ATTEMPT_KINDS, INSTANCE_KINDS, fold
 from flowstore.projections.tables import ProjectionTables
@@ -76,9 +77,12 @@ class RowBatch:
             self.states[key] = self._load_state(key)
         return self.states[key]
 
-    def apply(self, event: DomainEvent) -> None:
-        """Fold one decoded event into the batch."""
-        self.apply_fields(type(event).__name__, event.__dict__)
+    def apply(self, event: DomainEvent | PlainEvent) -> None:
+        """Fold one decoded event (or one read as plain data) into the batch."""
+        if type(event) is tuple:
+            self.apply_fields(*event)
+        else:
+            self.apply_fields(type(event).__name__, event.__dict__)
 
     def apply_fields(self, kind: str, event: Mapping[str, Any]) -> None:
         """Fold one event given as plain data: its class name and its fields."""
@@ -95,7 +99,7 @@ class RowBatch:
             self._attempts[flow] = attempts + 1
         fold(kind, event, self.state(key), attempts, self)
 
-    def apply_all(self, events: Iterable[DomainEvent]) -> RowBatch:
+    def apply_all(self, events: Iterable[DomainEvent | PlainEvent]) -> RowBatch:
         """Fold many events; returns self."""
         for event in events:
             self.apply(event)

@@ -14,12 +14,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, delete, select, text
 from sqlalchemy.schema import CreateTable
 
+from flowstore.codec import PlainEvent
 from flowstore.domain import DomainEvent
 from flowstore.errors import ProjectionLayoutError, RebuildRunningError
 from flowstore.projections.batch import RowBatch, RowCache
@@ -32,7 +34,14 @@ from flowstore.projections.tables import (
 )
 from flowstore.projections.verify import EventPage
 
-__all__ = ["Rebuilds"]
+__all__ = ["PAGE", "PlainPage", "Rebuilds"]
+
+PAGE = 20_000
+"""Events a rebuild reads, folds and writes per transaction."""
+
+PlainPage = Callable[[int, int], Sequence[tuple[int, PlainEvent | Any]]]
+"""An `EventPage` whose events may also come as plain data (`flowstore.codec.PlainEvent`), as a
+rebuild reads them (`RowBatch.apply` folds either)."""
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +106,9 @@ class Rebuilds:
 
     def rebuild(
         self,
-        read: EventPage,
+        read: EventPage | PlainPage,
         *,
-        page: int = 20_000,
+        page: int = PAGE,
         progress: Callable[[int, int], None] | None = None,
         migrating: bool = False,
     ) -> int:
@@ -112,7 +121,8 @@ class Rebuilds:
         copies of recent state rows kept between pages (only this rebuild writes the new tables, so
         they cannot go stale) are capped. Readers keep the old tables until the swap commits.
         The new tables get their secondary indexes at the swap, built once over all their rows
-        rather than kept up to date row by row.
+        rather than kept up to date row by row (those by instance id from the log's first
+        erasure on, whose deletes use them).
         """
         with self._rebuild_lock():
             shadow = define_tables(REBUILD_SUFFIX)
@@ -176,7 +186,7 @@ class Rebuilds:
     def _rebuild(
         self,
         shadow: ProjectionTables,
-        read: EventPage,
+        read: PlainPage,
         *,
         page: int,
         progress: Callable[[int, int], None] | None,
@@ -189,29 +199,41 @@ class Rebuilds:
             shadow.metadata.drop_all(conn)
             for table in shadow.all:
                 conn.execute(CreateTable(table))  # the secondary indexes come at the swap
-                for index in table.indexes:
-                    if index.name and index.name.endswith("_instance"):
-                        index.create(conn)  # but erasures delete by instance id meanwhile
+        by_instance = False  # whether the indexes erasures delete by exist yet
         position, replayed = 0, 0
         rows.complete = True  # the new tables are empty: what the copies lack is not there
         # Stream without holding the tracking lock: live writers carry on. Reading and folding a
         # page happen outside any write transaction, which holds SQLite's one write lock.
-        while True:
-            with _reference_counting_only():
-                events = read(position + 1, page)
-                if not events:
-                    break
-                with self._read(check=False) as conn:  # the new tables, whatever the layout
-                    batch = self._fold(conn, shadow, events, cache=rows)
-                with self._lock, self.engine.begin() as conn:
-                    self._write(conn, shadow, batch)
-                    self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
-                rows.keep(batch)
-            position, replayed = events[-1][0], replayed + len(events)
-            if progress:
-                progress(replayed, position)
+        # Each page is written by another thread while this one reads and folds the next: the
+        # driver lets go of the GIL while the database works, so they overlap (PostgreSQL's server
+        # inserts meanwhile; SQLite's driver takes the GIL back for every row, so there it overlaps
+        # little). One page in flight at most: memory stays bounded.
+        pending: Future[tuple[int, int]] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="flowstore-rebuild") as writer:
+            while True:
+                with _reference_counting_only():
+                    events = cast(Sequence[tuple[int, DomainEvent]], read(position + 1, page))
+                    if not events:
+                        break
+                    if not rows.complete:  # the fold may read rows the page in flight writes
+                        self._written(pending, progress)
+                        pending = None
+                    with self._read(check=False) as conn:  # the new tables, whatever the layout
+                        batch = self._fold(conn, shadow, events, cache=rows)
+                    rows.keep(batch)
+                # The first erasure of the log: from then on, deleting an instance's rows by its
+                # id is worth an index (kept up to date, row by row, from there).
+                index = bool(batch.erased) and not by_instance
+                by_instance = by_instance or index
+                position, replayed = events[-1][0], replayed + len(events)
+                self._written(pending, progress)
+                pending = writer.submit(
+                    self._write_page, shadow, batch, events, index, (replayed, position)
+                )
+            self._written(pending, progress)
         with self._claimed() if migrating else self._locked() as (conn, _):
-            while events := read(position + 1, page):  # what arrived meanwhile
+            while events := cast(Sequence[tuple[int, DomainEvent]], read(position + 1, page)):
+                # what arrived meanwhile
                 rows.keep(self._apply(conn, shadow, events, cache=rows))
                 position, replayed = events[-1][0], replayed + len(events)
             self._swap(conn, shadow)
@@ -224,9 +246,35 @@ class Rebuilds:
             progress(replayed, position)
         return replayed
 
+    def _write_page(
+        self,
+        shadow: ProjectionTables,
+        batch: RowBatch,
+        events: Sequence[tuple[int, object]],
+        index: bool,
+        progress: tuple[int, int],
+    ) -> tuple[int, int]:
+        """Write a folded page into the shadow tables in one transaction; return `progress`."""
+        with self._lock, self.engine.begin() as conn:
+            if index:
+                _create_instance_indexes(conn, shadow)
+            self._write(conn, shadow, batch)
+            self._name_unreadable(conn, events)
+        return progress
+
+    @staticmethod
+    def _written(
+        pending: Future[tuple[int, int]] | None, progress: Callable[[int, int], None] | None
+    ) -> None:
+        """Wait for the page in flight to be written (raising what writing it raised)."""
+        if pending is not None:
+            done = pending.result()
+            if progress:
+                progress(*done)
+
     def migrate(
         self,
-        read: EventPage,
+        read: EventPage | PlainPage,
         *,
         page: int = 5000,
         progress: Callable[[int, int], None] | None = None,
@@ -273,6 +321,14 @@ class Rebuilds:
             conn.execute(text(f'DROP TABLE IF EXISTS "{live.name}"'))
             conn.execute(text(f'ALTER TABLE "{new.name}" RENAME TO "{live.name}"'))
             for index in live.indexes:
+                index.create(conn)
+
+
+def _create_instance_indexes(conn: Connection, shadow: ProjectionTables) -> None:
+    """Index the shadow tables by instance id (what erasures delete by)."""
+    for table in shadow.all:
+        for index in table.indexes:
+            if index.name and index.name.endswith("_instance"):
                 index.create(conn)
 
 

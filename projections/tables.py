@@ -302,6 +302,7 @@ def layout_of(name: str) -> int | None:
         return int(name[len(prefix) :])
     return None
 
+
 UNREADABLE = Table(
     "projection_unreadable",
     tracking_metadata,

@@ -34,7 +34,7 @@ from flowstore.projections.batch import INSERT, SUM, columns_of
 
 __all__ = ["RowWriter"]
 
-_Processors = tuple[Callable[[Any], Any], list[tuple[int, Callable[[Any], Any]]]]
+_Processors = tuple[Callable[[dict[str, Any]], tuple[Any, ...]], Callable[[Any], Any] | None]
 
 
 class RowWriter:
@@ -144,24 +144,31 @@ class RowWriter:
                 copy.write_row(row)
 
     def _values(self, table: Table, rows: Sequence[dict[str, Any]]) -> list[Any]:
-        """The rows as tuples in column order, each value as SQLAlchemy would bind it."""
+        """The rows as tuples in column order, each value as SQLAlchemy would bind it, sorted by
+        primary key: the inserts then walk the key's B-tree in order, each of its pages visited
+        once per batch rather than once per row (a rebuild's history rows, a thousand users'
+        interleaved, missed the page cache on every row once the table outgrew it)."""
         if table.name not in self._processors:
-            found = (_faster(c.type, self._dialect) for c in table.columns)
-            names = [c.name for c in table.columns]
-            self._processors[table.name] = (
-                itemgetter(*names) if len(names) > 1 else lambda row: (row[names[0]],),
-                [(i, p) for i, p in enumerate(found) if p is not None],
-            )
-        get, processors = self._processors[table.name]
-        if not processors:
-            return [get(row) for row in rows]
-        values = []
-        for row in rows:
-            value = list(get(row))
-            for i, process in processors:
-                value[i] = process(value[i])
-            values.append(tuple(value))
+            self._processors[table.name] = self._tuple_of(table)
+        as_tuple, key = self._processors[table.name]
+        values = [as_tuple(row) for row in rows]
+        if key is not None:
+            values.sort(key=key)
         return values
+
+    def _tuple_of(self, table: Table) -> _Processors:
+        """A function from a row to its values' tuple, written out for the table's columns (a
+        loop over the columns and their processors cost twice as much), and the key's getter."""
+        names = [c.name for c in table.columns]
+        processors = [_faster(c.type, self._dialect) for c in table.columns]
+        namespace: dict[str, Any] = {f"p{i}": p for i, p in enumerate(processors) if p}
+        items = [
+            f"p{i}(row[{name!r}])" if processor else f"row[{name!r}]"
+            for i, (name, processor) in enumerate(zip(names, processors, strict=True))
+        ]
+        exec(f"def as_tuple(row): return ({', '.join(items)},)", namespace)  # our own code
+        keys = [names.index(c.name) for c in table.primary_key.columns]
+        return namespace["as_tuple"], itemgetter(*keys) if keys else None
 
     def _statement(self, table: Table, how: str) -> str:
         if (table.name, how) not in self._statements:

@@ -43,6 +43,7 @@ Result: TypeAlias = "Model | Listing | Note | None"
 
 _PIPE_WIDTH = 120
 
+
 class Output:
     """The one place results are printed: as rich tables, or as JSON with `--json`."""
 

@@ -21,7 +21,9 @@ from flowstore.adapters.errors import DIFFERENCES_EXIT_CODE
 
 __all__ = ["DESCRIPTION", "DIAGRAM_FORMATS", "build_parser"]
 
-DESCRIPTION = "The `flowstore` command line: manage flows and users' state in a store, and run the demo."
+DESCRIPTION = (
+    "The `flowstore` command line: manage flows and users' state in a store, and run the demo."
+)
 """The first line of `flowstore --help`."""
 
 DIAGRAM_FORMATS = ("mermaid", "dot", "svg", "png")
@@ -76,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("file", type=json_file, help="JSON or .yaml/.yml file, or - for stdin (JSON)")
     sub = command("flows update", "make a new version: the file's top-level keys replace the old")
     sub.add_argument("flow")
-    sub.add_argument(
-        "file", type=json_file, help="JSON or YAML object file, or - for stdin (JSON)"
-    )
+    sub.add_argument("file", type=json_file, help="JSON or YAML object file, or - for stdin (JSON)")
     command("flows delete", "delete a flow").add_argument("flow")
     sub = command("flows load", "create or version flows from a YAML/JSON file or folder")
     sub.add_argument("path", help="a .json/.yaml/.yml file, or a folder of them")

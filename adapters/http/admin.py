@@ -85,7 +85,9 @@ def admin_routes(astore: AsyncFlowStore, route_class: type[APIRoute]) -> APIRout
         """Make a new version of the flow."""
         return await astore.update_flow(flow_id, changes)
 
-    @admins.delete("/flows/{flowId}", status_code=204, responses=error_responses(401, 403, 404, 409, 422))
+    @admins.delete(
+        "/flows/{flowId}", status_code=204, responses=error_responses(401, 403, 404, 409, 422)
+    )
     async def delete_flow(flow_id: FlowId) -> Response:
         """Delete the flow: later transitions and resets on it are FLOW_NOT_FOUND."""
         await astore.delete_flow(flow_id)
@@ -103,7 +105,9 @@ def admin_routes(astore: AsyncFlowStore, route_class: type[APIRoute]) -> APIRout
         window = {"since": moment(since, "since"), "until": moment(until, "until")}
         return await astore.get_flow_statistics(flow_id, **window)
 
-    @admins.get("/statistics", response_model=FlowStatistics, responses=error_responses(401, 403, 422))
+    @admins.get(
+        "/statistics", response_model=FlowStatistics, responses=error_responses(401, 403, 422)
+    )
     async def statistics(since: Since = None, until: Until = None) -> FlowStatistics:
         """Usage and performance of all flows (over [since, until) when given)."""
         return await astore.get_flow_statistics(
@@ -119,7 +123,9 @@ def admin_routes(astore: AsyncFlowStore, route_class: type[APIRoute]) -> APIRout
         flow_id: FlowId,
         request: Request,
         response: Response,
-        step: Annotated[str | None, Query(description="Only those at this step", **ID_RULES)] = None,
+        step: Annotated[
+            str | None, Query(description="Only those at this step", **ID_RULES)
+        ] = None,
         status: Annotated[FlowStatus, Query(description="active or completed")] = (
             FlowStatus.ACTIVE
         ),

@@ -160,7 +160,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
-
 def problem_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     """The OpenAPI document, with error responses declared as problem+json (as they are sent)."""
 

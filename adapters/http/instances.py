@@ -57,7 +57,9 @@ def user_routes(astore: AsyncFlowStore, route_class: type[APIRoute]) -> APIRoute
     )
 
     @users.get(
-        "/flow/{flowId}/state", response_model=FlowState | None, responses=error_responses(401, 404, 422)
+        "/flow/{flowId}/state",
+        response_model=FlowState | None,
+        responses=error_responses(401, 404, 422),
     )
     async def get_state(flow_id: FlowId, principal: Caller) -> FlowState | None:
         """The caller's state in the flow, or null when they have none (as the seed's module)."""
@@ -105,14 +107,18 @@ def user_routes(astore: AsyncFlowStore, route_class: type[APIRoute]) -> APIRoute
         return await astore.get_available_transitions(principal.user_id, flow_id, explicit=explicit)
 
     @users.post(
-        "/flow/{flowId}/back", response_model=FlowState, responses=error_responses(401, 404, 409, 422)
+        "/flow/{flowId}/back",
+        response_model=FlowState,
+        responses=error_responses(401, 404, 409, 422),
     )
     async def back(flow_id: FlowId, principal: Caller) -> FlowState:
         """Return to the previous step (left by a reversible transition); 422 without one."""
         return await astore.go_back(principal.user_id, flow_id)
 
     @users.post(
-        "/flow/{flowId}/next", response_model=FlowState, responses=error_responses(401, 404, 409, 413, 422)
+        "/flow/{flowId}/next",
+        response_model=FlowState,
+        responses=error_responses(401, 404, 409, 413, 422),
     )
     async def next_step(
         flow_id: FlowId,
@@ -122,7 +128,9 @@ def user_routes(astore: AsyncFlowStore, route_class: type[APIRoute]) -> APIRoute
         """Take the current step's first transition that is not explicit (the model's next())."""
         return await astore.advance(principal.user_id, flow_id, body.payload if body else None)
 
-    @users.get("/flow/{flowId}/token", response_model=StateToken, responses=error_responses(401, 404, 422))
+    @users.get(
+        "/flow/{flowId}/token", response_model=StateToken, responses=error_responses(401, 404, 422)
+    )
     async def state_token(flow_id: FlowId, principal: Caller) -> StateToken:
         """The caller's state as an OwlMeans state token, to hand the flow to another service."""
         return StateToken(token=await astore.state_token(principal.user_id, flow_id))
@@ -140,7 +148,9 @@ def user_routes(astore: AsyncFlowStore, route_class: type[APIRoute]) -> APIRoute
         return await astore.adopt_state_token(principal.user_id, body.token, sender=body.sender)
 
     @users.post(
-        "/flow/{flowId}/reset", response_model=FlowState, responses=error_responses(401, 404, 409, 422)
+        "/flow/{flowId}/reset",
+        response_model=FlowState,
+        responses=error_responses(401, 404, 409, 422),
     )
     async def reset(
         flow_id: FlowId,
@@ -156,7 +166,9 @@ def user_routes(astore: AsyncFlowStore, route_class: type[APIRoute]) -> APIRoute
             principal.user_id, flow_id, body.step, service=body.service, entity_id=body.entity_id
         )
 
-    @users.delete("/flow/{flowId}/state", status_code=204, responses=error_responses(401, 404, 409, 422))
+    @users.delete(
+        "/flow/{flowId}/state", status_code=204, responses=error_responses(401, 404, 409, 422)
+    )
     async def clear_state(flow_id: FlowId, principal: Caller) -> Response:
         """Forget where the caller stands in the flow; the history stays."""
         await astore.clear_flow_state(principal.user_id, flow_id)

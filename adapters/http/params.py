@@ -84,9 +84,7 @@ def _moment_query(description: str) -> Any:
     )
 
 
-Since = Annotated[
-    str | None, _moment_query("Window start (ISO 8601 with a time zone), inclusive")
-]
+Since = Annotated[str | None, _moment_query("Window start (ISO 8601 with a time zone), inclusive")]
 Until = Annotated[str | None, _moment_query("Window end (ISO 8601 with a time zone), exclusive")]
 
 

@@ -61,7 +61,6 @@ class FlowRoute(APIRoute):
         return handle
 
 
-
 class FlowRouter(APIRouter):
     """Every endpoint of the flowstore API as one router, with the log follower WebSocket pushes need.
 

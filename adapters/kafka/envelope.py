@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from uuid import UUID, uuid5
 
 import orjson
@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from flowstore import domain
+from flowstore.codec import PlainEvent
 from flowstore.domain import DomainEvent, InstanceEvent
 from flowstore.errors import EnvelopeError
 
@@ -72,24 +73,34 @@ _LIFTED = ("user_id", "flow_id", "definition_version")
 _COMMON = {"originator_id", "originator_version", "timestamp"}
 
 
-def message_bytes(notification_id: int, event: DomainEvent) -> bytes:
+def message_bytes(notification_id: int, event: DomainEvent | PlainEvent) -> bytes:
     """The message value of an event: `FlowEventEnvelope.of(...).to_bytes()`, byte for byte.
 
-    Instance events (nearly the whole log) skip the envelope model: their fields are plain JSON
-    values and datetimes, which orjson writes as pydantic's JSON mode does (UTC as "Z"), so the
-    envelope is written straight from the event's fields, five times faster. Other events (a
-    definition holds a nested model) go through the model.
+    The event may come as plain data (`FlowStore.read_plain_events`: its class name and fields),
+    as the publisher reads it. Instance events (nearly the whole log) skip the envelope model:
+    their fields are plain JSON values and datetimes, which orjson writes as pydantic's JSON mode
+    does (UTC as "Z"), so the envelope is written straight from the event's fields, five times
+    faster. Other events (a definition holds a nested model) go through the model.
     """
-    data = _DATA_FIELDS.get(type(event))
+    if type(event) is tuple:
+        kind, fields = event
+        cls = EVENT_TYPES.get(kind)
+        if cls is None:
+            raise EnvelopeError(f"unknown event type {kind!r}", event_type=kind)
+    else:
+        domain_event = cast(DomainEvent, event)
+        cls, kind, fields = type(domain_event), type(domain_event).__name__, domain_event.__dict__
+    data = _DATA_FIELDS.get(cls)
     if data is None:
-        return FlowEventEnvelope.of(notification_id, event).to_bytes()
-    fields = event.__dict__
+        if type(event) is tuple:  # fields of a validated event: the model need not check them
+            event = cls.model_construct(**fields)
+        return FlowEventEnvelope.of(notification_id, cast(DomainEvent, event)).to_bytes()
     oid, version = fields["originator_id"], fields["originator_version"]
     return orjson.dumps(
         {
             "schemaVersion": SCHEMA_VERSION,
             "eventId": uuid5(_EVENT_ID_NAMESPACE, f"{oid}:{version}"),
-            "eventType": type(event).__name__,
+            "eventType": kind,
             "aggregateId": oid,
             "aggregateVersion": version,
             "instanceId": oid,
@@ -113,9 +124,11 @@ _DATA_FIELDS: dict[type[DomainEvent], list[tuple[str, str]]] = {
 """Each instance event class's own fields (what `data` holds), in the model's order."""
 
 
-def message_key(event: DomainEvent) -> bytes:
+def message_key(event: DomainEvent | PlainEvent) -> bytes:
     """The Kafka key of an event: its aggregate's id (the instance id for instance events)."""
-    return str(event.originator_id).encode()
+    if type(event) is tuple:
+        return str(event[1]["originator_id"]).encode()
+    return str(cast(DomainEvent, event).originator_id).encode()
 
 
 class FlowEventEnvelope(BaseModel):

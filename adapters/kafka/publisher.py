@@ -5,9 +5,13 @@
     embedded = start_embedded_publisher(store, "127.0.0.1:9092")  # a background thread
     embedded.stop()
 
-At least once, never a gap: a page of events is read from the tracking position, sent (key = the
-event's aggregate id, see `envelope.message_key`) with `acks=all`, flushed, and only then is the
-position moved. A crash anywhere resends from the last recorded position: duplicates, no gaps.
+At least once, never a gap: pages of events are read from the tracking position and sent (key =
+the event's aggregate id, see `envelope.message_key`) with `acks=all`; a page's position is
+recorded once the broker acknowledged all its messages, and so every earlier one. The next page
+is sent meanwhile, so the producer's pipeline never runs dry between pages (only the log's last
+page is flushed). A crash anywhere resends from the last recorded position (at most the two pages
+in flight): duplicates, no gaps. Messages are written from the events read as plain data
+(`FlowStore.read_plain_events`, `envelope.message_bytes`): no pydantic event is built.
 
 Per-key order: one request in flight per connection and unlimited retries with no delivery timeout,
 so the producer retries a partition's batches in order and never drops one while later ones get
@@ -25,7 +29,6 @@ topics gets them back with the right number of partitions.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 import time
@@ -41,7 +44,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 from flowstore import FlowStore
 from flowstore.adapters.kafka.envelope import message_bytes, message_key
 from flowstore.adapters.kafka.tracking import PublisherLock, PublisherTracking
-from flowstore.domain import DomainEvent
+from flowstore.codec import PlainEvent
 from flowstore.errors import KafkaUnavailableError, PublisherLockError
 
 __all__ = [
@@ -67,8 +70,9 @@ BOOTSTRAP_ENV = "FLOWSTORE_KAFKA_BOOTSTRAP"
 TOPIC_ENV = "FLOWSTORE_KAFKA_TOPIC"
 """Environment variable naming the topic when none is passed (default `flowstore.events`)."""
 
-_Page = tuple[Sequence[tuple[int, DomainEvent]], list[tuple[bytes, bytes]]]
+_Page = tuple[Sequence[tuple[int, PlainEvent]], list[tuple[bytes, bytes]]]
 """Events of the log and their messages (key, value)."""
+_NO_PAGE: _Page = ([], [])
 
 # A week: in effect "never give up on a batch". Expiring a batch is what could let a later batch
 # of the same partition overtake it; the publisher reports a stalled broker instead.
@@ -161,6 +165,24 @@ def producer_settings(bootstrap: str, **overrides: Any) -> dict[str, Any]:
 
 class _StopRequestedError(Exception):
     """Raised inside a page when the publisher was asked to stop while the broker stalled."""
+
+
+class _RefusedError(Exception):
+    """Raised when the broker refused a message for good: publishing starts over."""
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """A page handed to the producer: its events, their messages' futures, when it was read."""
+
+    events: Sequence[tuple[int, Any]]
+    futures: list[Any]
+    began: float
+
+    @property
+    def position(self) -> int:
+        """The notification id of its last event."""
+        return int(self.events[-1][0])
 
 
 class KafkaPublisher:
@@ -307,98 +329,122 @@ class KafkaPublisher:
         return self._publish_from(position, stop)
 
     def _publish_from(self, position: int, stop: threading.Event) -> int:
+        """Publish from `position` on: each page is sent while the broker still acknowledges the
+        one before, whose position is recorded once all its messages (and so all earlier ones)
+        are acknowledged; the producer's pipeline never runs dry between pages."""
         total = 0
+        sent: _Sent | None = None  # the page whose acknowledgements are awaited
         page = self._page(position + 1)
         while True:
             events, messages = page
-            if not events:
+            if events and not self.lock.check():  # lost while reading (a partition): send nothing
+                raise PublisherLockError(f"the publisher lock for {self.topic!r} is not held")
+            try:
+                futures = self._send(messages, stop) if events else []
+                # The next page is read while the broker acknowledges this one (and the one
+                # before): it changes nothing until the pages before it are recorded.
+                upcoming = self._page(events[-1][0] + 1) if len(events) == self.batch else _NO_PAGE
+                if sent is not None:
+                    total += self._record(sent, stop)
+                    position = sent.position
+                sent = _Sent(events, futures, time.perf_counter()) if events else None
+                if sent is not None and not upcoming[0]:  # the log's end: this page too, now
+                    self._flush(stop)
+                    total += self._record(sent, stop)
+                    position, sent = sent.position, None
+            except _StopRequestedError:  # stopped while the broker stalled: pages not recorded
+                return total
+            except _RefusedError:
+                # The broker refused a message for good (too large, not authorised...). Start
+                # over from the last recorded position with a fresh producer: duplicates, never
+                # a gap.
+                self.close_producer()
+                try:
+                    self._sleep(stop)
+                except _StopRequestedError:
+                    return total
+                sent, page = None, self._page(position + 1)
+                continue
+            if sent is None:
                 self._set(
                     state="caught up", position=position, log_position=self.store.log_position()
                 )
                 return total
-            if not self.lock.check():  # lost while reading (a partition): send nothing
-                raise PublisherLockError(f"the publisher lock for {self.topic!r} is not held")
-            began = time.perf_counter()
-            upcoming: list[_Page] = []
-            # While the broker acknowledges this page, the next one is read and encoded: it moves
-            # the position only once this one is recorded, so reading it early changes nothing
-            # but the wait.
-            read_ahead = functools.partial(
-                self._read_ahead, upcoming, events[-1][0] + 1, len(events) == self.batch
-            )
-            try:
-                self._publish_page(messages, stop, read_ahead)
-            except _StopRequestedError:  # stopped while waiting for the broker: page not recorded
-                return total
-            if not self.lock.check():  # someone else may publish now: do not record
-                raise PublisherLockError(f"the publisher lock for {self.topic!r} is not held")
-            position = events[-1][0]
-            self.tracking.advance(self.topic, position)
-            total += len(events)
-            elapsed = time.perf_counter() - began
-            head = self.store.log_position()
-            self._set(
-                state="caught up" if head <= position else "publishing",
-                position=position,
-                log_position=head,
-                published=self.status().published + len(events),
-                rate=len(events) / elapsed if elapsed > 0 else 0.0,
-            )
-            if len(events) < self.batch:
-                return total
-            page = upcoming[0] if upcoming else self._page(position + 1)
+            page = upcoming
 
-    def _read_ahead(self, into: list[_Page], start: int, full: bool) -> None:
-        if full and not into:  # a short page is the log's end: nothing to read ahead
-            into.append(self._page(start))
+    def _record(self, sent: _Sent, stop: threading.Event) -> int:
+        """Wait until the broker acknowledged every message of `sent`, then record its position;
+        return how many events it held."""
+        self._acknowledged(sent.futures, stop)
+        if not self.lock.check():  # someone else may publish now: do not record
+            raise PublisherLockError(f"the publisher lock for {self.topic!r} is not held")
+        self.tracking.advance(self.topic, sent.position)
+        self._backoff = 0.1
+        elapsed = time.perf_counter() - sent.began
+        head = self.store.log_position()
+        self._set(
+            state="caught up" if head <= sent.position else "publishing",
+            position=sent.position,
+            log_position=head,
+            published=self.status().published + len(sent.events),
+            rate=len(sent.events) / elapsed if elapsed > 0 else 0.0,
+        )
+        return len(sent.events)
 
     def _page(self, start: int) -> _Page:
-        """Up to `batch` events of the log from `start` on, and their messages (key, value)."""
-        events = self.store.read_events(start, self.batch)
+        """Up to `batch` events of the log from `start` on, and their messages (key, value).
+
+        The events are read as plain data and their messages written from their fields
+        (`message_bytes`): no pydantic event is built.
+        """
+        events = self.store.read_plain_events(start, self.batch)
         return events, [(message_key(event), message_bytes(n, event)) for n, event in events]
 
-    def _publish_page(
-        self,
-        messages: Sequence[tuple[bytes, bytes]],
-        stop: threading.Event,
-        meanwhile: Callable[[], None],
-    ) -> None:
-        """Send `messages` and wait until the broker has them all; `meanwhile` runs once they
-        are sent, before the wait."""
+    def _send(self, messages: Sequence[tuple[bytes, bytes]], stop: threading.Event) -> list[Any]:
+        """Hand every message to the producer (which sends them in the background); their futures."""
+        producer = self._ensure_producer(stop)
+        futures = []
+        sent = 0
+        while sent < len(messages):
+            key, value = messages[sent]
+            try:
+                futures.append(producer.send(self.topic, key=key, value=value))
+            except KafkaTimeoutError as exc:  # no metadata yet, or the buffer is full
+                # What was appended stays queued in the producer and is retried by it; the
+                # next round continues with the message that could not be appended.
+                self._stalled(exc, stop)
+                continue
+            sent += 1
+        return futures
+
+    def _flush(self, stop: threading.Event) -> None:
+        """Send what the producer holds now rather than after its linger."""
+        producer = self._ensure_producer(stop)
         while True:
-            producer = self._ensure_producer(stop)
-            futures = []
-            sent = 0
-            while sent < len(messages):
-                key, value = messages[sent]
-                try:
-                    futures.append(producer.send(self.topic, key=key, value=value))
-                except KafkaTimeoutError as exc:  # no metadata yet, or the buffer is full
-                    # What was appended stays queued in the producer and is retried by it; the
-                    # next round continues with the message that could not be appended.
-                    self._stalled(exc, stop)
-                    continue
-                sent += 1
-            meanwhile()
-            while True:
-                try:
-                    producer.flush(timeout=self.flush_timeout)
-                    break
-                except KafkaTimeoutError as exc:
-                    self._stalled(exc, stop)
-            failed = next((f for f in futures if f.failed()), None)
-            if failed is None:
-                self._backoff = 0.1
+            try:
+                producer.flush(timeout=self.flush_timeout)
                 return
-            # The broker refused a message for good (too large, not authorised...). Start over
-            # with a fresh producer and resend the whole page: duplicates, never a gap.
-            self._set(
-                state="failing",
-                failures=self.status().failures + 1,
-                last_error=repr(failed.exception),
-            )
-            self.close_producer()
-            self._sleep(stop)
+            except KafkaTimeoutError as exc:
+                self._stalled(exc, stop)
+
+    def _acknowledged(self, futures: Sequence[Any], stop: threading.Event) -> None:
+        """Wait until the broker answered every message; `_RefusedError` if it refused one."""
+        for future in futures:
+            while not future.is_done:
+                try:
+                    future.get(timeout=self.flush_timeout)
+                except KafkaTimeoutError as exc:
+                    if not future.is_done:  # no answer yet: the broker is down or slow
+                        self._stalled(exc, stop)
+                except Exception:
+                    break  # answered: a refusal, seen below
+            if future.failed():
+                self._set(
+                    state="failing",
+                    failures=self.status().failures + 1,
+                    last_error=repr(future.exception),
+                )
+                raise _RefusedError
 
     def _ensure_producer(self, stop: threading.Event) -> KafkaProducer:
         while self._producer is None:

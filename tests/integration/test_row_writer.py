@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, delete, func, select, text
+from sqlalchemy import Engine, delete, select, text
 
 from flowstore.projections.batch import INSERT, PUT, SUM
 from flowstore.projections.tables import define_tables
@@ -126,10 +126,15 @@ def test_rows_read_back_as_rows_written_through_sqlalchemy(engine: Engine) -> No
             assert conn.execute(select(ours.steps.c.entered, ours.steps.c.moved_on)).all() == [
                 (2, 1)
             ]
-            if engine.dialect.name == "sqlite":  # the very text SQLAlchemy stores
-                stored = select(func.group_concat(text("timestamp || payload || meta")))
-                assert conn.execute(stored.select_from(ours.history)).scalar() == (
-                    conn.execute(stored.select_from(theirs.history)).scalar()
+            if engine.dialect.name == "sqlite":  # the very text SQLAlchemy stores, row by row
+                stored = select(text("timestamp || payload || meta"))
+                mine, other = ours.history, theirs.history
+                assert conn.execute(
+                    stored.select_from(mine).order_by(*mine.primary_key.columns)
+                ).all() == (
+                    conn.execute(
+                        stored.select_from(other).order_by(*other.primary_key.columns)
+                    ).all()
                 )
 
     check()

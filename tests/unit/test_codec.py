@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 import orjson
+import pytest
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
 from hypothesis import given
@@ -26,6 +28,8 @@ from flowstore.domain import (
     TransitionExecuted,
     TransitionRejected,
 )
+from flowstore.errors import CorruptEventError
+from flowstore.keys import MemoryKeyStore
 from tests.strategies import flow_definitions, payloads
 
 names = st.text(min_size=1, max_size=20)
@@ -190,4 +194,103 @@ def test_an_event_stored_under_its_topic_decodes() -> None:
     )
     event = mapper.to_domain_event(stored)
     assert isinstance(event, TransitionExecuted)
-    assert (event.to_step, event.payload, event.originator_version) == ("profile", {"name": "Ann"}, 3)
+    assert (event.to_step, event.payload, event.originator_version) == (
+        "profile",
+        {"name": "Ann"},
+        3,
+    )
+
+
+# Plain decoding: the fields the projections fold, without building the pydantic event.
+
+sealing = PydanticMapper(transcoder=OrjsonTranscoder())
+sealing.keys = MemoryKeyStore()
+
+
+@given(events)
+def test_an_event_read_as_plain_data_has_exactly_the_fields_of_the_decoded_event(
+    event: DomainEvent,
+) -> None:
+    for codec in (mapper, sealing):
+        stored = codec.to_stored_event(event)
+        decoded = codec.to_domain_event(stored)
+        assert codec.to_plain_event(stored) == (type(decoded).__name__, decoded.__dict__)
+        assert codec.to_plain_events([stored]) == [(type(decoded).__name__, decoded.__dict__)]
+
+
+def _decoded(codec: PydanticMapper, stored: StoredEvent, plain: bool) -> Any:
+    try:
+        if plain:
+            return codec.to_plain_event(stored)
+        decoded = codec.to_domain_event(stored)
+        return type(decoded).__name__, decoded.__dict__
+    except CorruptEventError as exc:
+        return CorruptEventError, exc.detail
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**60), 2**60)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5)
+    | st.sampled_from(
+        [
+            "2026-01-02T03:04:05+00:00",
+            "2026-01-02T03:04:05.000001-05:30",
+            "2026-02-30T03:04:05+00:00",
+            "2026-01-02",
+            "2026-01-02T03:04:05Z",
+            "2026-01-02T03:04:05",
+            "start",
+            "reset",
+            "٢٠٢٦-01-02T03:04:05+00:00",
+        ]
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
+
+
+@given(events, st.data())
+def test_a_malformed_event_is_rejected_as_plain_data_exactly_when_the_model_rejects_it(
+    event: DomainEvent, data: st.DataObject
+) -> None:
+    # Containment: the projections name an event they cannot read (CorruptEventError) and skip
+    # it; the plain decoder must neither let through what the model refuses nor refuse more.
+    stored = mapper.to_stored_event(event)
+    state = orjson.loads(stored.state)
+    for name in data.draw(st.lists(st.sampled_from(sorted(state)), max_size=3, unique=True)):
+        if data.draw(st.booleans()):
+            del state[name]
+        else:
+            state[name] = data.draw(json_values)
+    altered = StoredEvent(
+        originator_id=stored.originator_id,
+        originator_version=stored.originator_version,
+        topic=stored.topic,
+        state=orjson.dumps(state),
+    )
+    assert _decoded(mapper, altered, plain=True) == _decoded(mapper, altered, plain=False)
+
+
+def test_an_unknown_topic_or_an_undecodable_state_is_corrupt_as_plain_data_too() -> None:
+    good = mapper.to_stored_event(
+        FlowCleared(
+            originator_id=UUID(int=7),
+            originator_version=2,
+            timestamp=datetime(2026, 1, 2, tzinfo=UTC),
+            user_id="ann",
+            flow_id="f",
+            definition_version=1,
+            from_step="a",
+        )
+    )
+    unknown = StoredEvent(good.originator_id, 2, "flowstore.domain:NoSuchEvent", good.state)
+    garbage = StoredEvent(good.originator_id, 2, good.topic, b"\x00not json")
+    for stored in (unknown, garbage):
+        with pytest.raises(CorruptEventError) as found:
+            mapper.to_plain_event(stored)
+        assert found.value.detail == _decoded(mapper, stored, plain=False)[1]

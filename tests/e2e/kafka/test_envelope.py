@@ -22,6 +22,7 @@ from flowstore.adapters.kafka.envelope import (
     message_key,
     schema_text,
 )
+from flowstore.codec import OrjsonTranscoder, PlainEvent, PydanticMapper
 from flowstore.domain import DomainEvent, InstanceEvent
 from tests.flows import Clock, linear, onboarding
 from tests.owlmeans import owl_flow
@@ -30,7 +31,7 @@ from tests.strategies import payloads
 FLOW = "user-onboarding"
 
 
-def every_kind_of_event() -> list[tuple[int, DomainEvent]]:
+def every_kind_of_event() -> tuple[list[tuple[int, DomainEvent]], list[tuple[int, PlainEvent]]]:
     clock = Clock(datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC))
     with FlowStore("memory://", clock=clock) as store:
         store.create_flow(onboarding())
@@ -57,10 +58,10 @@ def every_kind_of_event() -> list[tuple[int, DomainEvent]]:
         store.go_back("fay", "_oa")
         store.execute_transition("fay", "_oa", "signin")
         store.adopt_state_token("gus", store.state_token("fay", "_oa"), sender="idp")
-        return store.read_events(1, 1000)
+        return store.read_events(1, 1000), store.read_plain_events(1, 1000)
 
 
-EVENTS = every_kind_of_event()
+EVENTS, PLAIN = every_kind_of_event()
 
 
 def test_the_registry_names_every_concrete_event_class_of_the_domain() -> None:
@@ -166,6 +167,18 @@ def test_the_publishers_message_is_the_envelope_byte_for_byte(
     )
 
 
+@pytest.mark.parametrize(("read", "plain"), zip(EVENTS, PLAIN, strict=True), ids=str)
+def test_the_message_of_an_event_read_as_plain_data_is_the_envelope_byte_for_byte(
+    read: tuple[int, DomainEvent], plain: tuple[int, PlainEvent]
+) -> None:
+    (notification_id, event), (same_id, fields) = read, plain
+    assert same_id == notification_id
+    assert message_key(fields) == message_key(event)
+    assert message_bytes(notification_id, fields) == (
+        FlowEventEnvelope.of(notification_id, event).to_bytes()
+    )
+
+
 _ZONES = st.sampled_from(
     [UTC, None, timezone(timedelta(hours=2)), timezone(-timedelta(hours=5, minutes=30))]
 )
@@ -210,6 +223,11 @@ def test_the_publishers_message_is_the_envelope_for_any_field_values(
     changes = {"timestamp": timestamp, "expires_at": expires_at, "payload": payload}
     changes["elapsed_ms"] = elapsed_ms
     event = event.model_copy(update={k: v for k, v in changes.items() if k in event.__dict__})
-    assert message_bytes(notification_id, event) == (
-        FlowEventEnvelope.of(notification_id, event).to_bytes()
-    )
+    envelope = FlowEventEnvelope.of(notification_id, event).to_bytes()
+    assert message_bytes(notification_id, event) == envelope
+    # As the publisher reads it: stored, then decoded to plain data (its own timestamps' zones).
+    plain = _MAPPER.to_plain_event(_MAPPER.to_stored_event(event))
+    assert message_bytes(notification_id, plain) == envelope
+
+
+_MAPPER = PydanticMapper(transcoder=OrjsonTranscoder())

@@ -1,0 +1,167 @@
+"""How a rebuild reads and writes (issue 17): plain events, indexes built when needed, a reader
+process; the results are always the live tables'."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from flowstore import FlowError, FlowStore
+from flowstore.projections.readahead import ReadAhead
+from flowstore.projections.sql import SqlProjections
+from flowstore.storage import parse_url
+from flowstore.testing import Internals
+from tests.flows import onboarding
+from tests.integration.test_encryption import new_key
+from tests.reliability.test_bad_input import corrupt, seed
+
+FLOW = "user-onboarding"
+
+
+@pytest.fixture
+def tables(store_url: str) -> Iterator[SqlProjections]:
+    """A second handle on the store's tables, to rebuild them and look at them from outside."""
+    handle = SqlProjections(parse_url(store_url))
+    yield handle
+    handle.close()
+
+
+def _instance_indexes(tables: SqlProjections) -> set[str]:
+    with tables.engine.connect() as conn:
+        found = inspect(conn)
+        return {
+            index["name"] or ""
+            for table in found.get_table_names()
+            if table.endswith("__rebuild")
+            for index in found.get_indexes(table)
+            if (index["name"] or "").endswith("_instance")
+        }
+
+
+def test_a_rebuild_indexes_its_tables_by_instance_from_the_first_erasure_on(
+    store_url: str, tables: SqlProjections
+) -> None:
+    """Rows are inserted without the indexes by instance id (one B-tree fewer per row) until an
+    erasure, which deletes by instance id, needs them; the result is the live tables."""
+    with FlowStore(store_url) as store:
+        store.create_flow(onboarding())
+        for user in ("ann", "bob", "cy"):
+            store.execute_transition(user, FLOW, "start")
+        store.erase_user("bob")
+        erased_at = store.log_position()
+        store.execute_transition("cy", FLOW, "skip")
+        store.execute_transition("dee", FLOW, "start")
+        store.sync_projections()
+        live = tables.snapshot()
+        seen: list[tuple[int, set[str]]] = []
+        tables.rebuild(
+            store.read_events,
+            page=2,
+            progress=lambda _, p: seen.append((p, _instance_indexes(tables))),
+        )
+        before = [names for position, names in seen if position < erased_at]
+        after = [names for position, names in seen[:-1] if position >= erased_at]
+        assert before
+        assert not any(before)
+        assert after
+        assert all(len(names) >= 2 for names in after)
+        assert tables.snapshot() == live
+        assert store.verify_projections() == []
+
+
+def _build_log(store: FlowStore) -> None:
+    """Starts, transitions, an erasure and a reset: every kind of row, across pages of 5."""
+    store.create_flow(onboarding())
+    for n in range(16):
+        with contextlib.suppress(FlowError):  # some moves are refused: recorded all the same
+            store.execute_transition(f"u{n % 4}", FLOW, ["start", "skip", "save"][n // 4 % 3])
+    store.erase_user("u1")
+    store.reset_flow("u2", FLOW)
+
+
+def test_a_rebuild_reading_ahead_in_a_child_process_equals_the_live_tables(
+    store_url: str, tables: SqlProjections
+) -> None:
+    """The child reads and decodes the pages after the first (once it has opened the log), an
+    unreadable event among them: the rebuild is the live tables, and names that event."""
+    seed(store_url)
+    with FlowStore(store_url) as store:
+        _build_log(store)
+    corrupt(store_url, "fields")
+    with FlowStore(store_url) as store:
+        store.reset_flow("u3", FLOW)
+        store.sync_projections()
+        live = tables.snapshot()
+        parts = Internals(store)._parts
+        with ReadAhead(parts.log, parts.read_plain, 5) as read:
+            assert read.wait_until_ready(60)
+            assert tables.rebuild(read, page=5) == store.log_position()
+            assert read.served >= 3
+        assert tables.snapshot() == live
+        assert len(store.unreadable_events()) == 1
+        assert store.verify_projections() == []
+
+
+def test_the_reading_child_gets_no_secret_in_its_arguments_or_environment(
+    store_url: str,
+) -> None:
+    key = new_key()
+    with FlowStore(store_url, cipher_key=key) as store:
+        _build_log(store)
+        parts = Internals(store)._parts
+        with ReadAhead(parts.log, parts.read_plain, 5) as read:
+            assert read.wait_until_ready(60)
+            child = read._child
+            assert child is not None
+            seen = Path(f"/proc/{child.pid}/cmdline").read_bytes()
+            seen += Path(f"/proc/{child.pid}/environ").read_bytes()
+            assert key.encode() not in seen
+            assert store_url.encode() not in seen
+            assert Internals(store).projections.rebuild(read, page=5) > 0
+            assert read.served >= 1  # it read the encrypted log with the key it was given
+        assert store.verify_projections() == []
+
+
+_ORPHAN = """
+import sys
+from flowstore import FlowError, FlowStore
+from flowstore.projections.readahead import ReadAhead
+from flowstore.testing import Internals
+store = FlowStore(sys.argv[1], live_projections=False)
+parts = Internals(store)._parts
+read = ReadAhead(parts.log, parts.read_plain, 5)
+assert read.wait_until_ready(60)
+print(read._child.pid, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_the_reading_child_ends_when_its_parent_is_killed(store_url: str) -> None:
+    with FlowStore(store_url) as store:
+        _build_log(store)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN, store_url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait()
+    for _ in range(600):  # the child sees its pipe close and exits (a zombie, if nobody reaps)
+        status = Path(f"/proc/{child}/status")
+        if not status.exists() or "State:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the reading child {child} outlived its parent")
