@@ -5,13 +5,24 @@ write path (`flowstore.commands.Commands`) applies, and applies many requests as
 batch (`execute_transitions`, `set_flow_states`): the batch's instances are read (from this process's
 cache), decided in request order, and their events appended together; a conflict with another
 writer applies that batch again one request at a time, each with the usual retries.
+
+A batch of transitions does each thing once that a request would otherwise repeat: an id seen twice
+in a batch is checked once, each flow's definitions are looked up once, each instance is read once
+and copied once per request (`domain.project` folds a request's events into one copy), the events
+are built from checked values without validating them again (`decisions.execute_transition`) and
+appended in one go (encoded from their values: `codec`), the answers are built from the aggregates
+without validation (`views`), and no cyclic garbage collection runs meanwhile (the batch's objects
+make no cycles: `gcpause`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
@@ -19,8 +30,9 @@ from pydantic import ValidationError
 
 from flowstore.commands import Commands, cached_instance_id, definition_of
 from flowstore.decisions import Decision, execute_transition, override_state, start_flow
-from flowstore.domain import DomainEvent, FlowInstance, InstanceEvent, project
+from flowstore.domain import DomainEvent, FlowInstance, FlowVersions, InstanceEvent, project
 from flowstore.errors import FlowError, FlowNotFoundError, InvalidArgumentError
+from flowstore.gcpause import reference_counting_only
 from flowstore.inputs import check_entity, check_message, check_payload, require_id
 from flowstore.models import FlowState
 from flowstore.telemetry import BATCH_SIZE, KIND, outcome_of
@@ -31,9 +43,46 @@ __all__ = ["Transitions"]
 Decide = Callable[[FlowInstance | None], Decision]
 """How a checked request decides its events on the instance as it stands (None: no state yet)."""
 
-_Prepared = tuple[Callable[[], tuple[str, str, Decide]], Callable[[], "FlowState | FlowError"]]
-"""One request of a batch: (check it and give (user, flow, decide), apply it on its own)."""
+R = TypeVar("R")
+"""A request of a batch, as the caller gave it."""
 
+C = TypeVar("C")
+"""A request of a batch, checked: what deciding it needs."""
+
+TransitionRequest = tuple[str, str, str, dict[str, Any] | None]
+"""`(user_id, flow_id, transition, payload)`, as `execute_transitions` takes them."""
+
+
+@dataclass(frozen=True)
+class _Kind(Generic[R, C]):
+    """How a batch of one kind of request is checked, decided and, after a conflict, retried."""
+
+    name: str
+    """The command's kind, as the observers are told it (`transition`, `set_state`)."""
+    check: Callable[[list[R]], list[tuple[UUID, C] | FlowError]]
+    """Each request's instance id and checked form, or why it is refused, in request order."""
+    decide: Callable[[C, FlowInstance | None], Decision]
+    """A checked request's decision on its instance as the batch's earlier requests left it."""
+    one: Callable[[R], FlowState | FlowError]
+    """The request applied on its own (after a conflict), with the usual retries."""
+
+
+class _Transition(NamedTuple):
+    """A transition request whose inputs passed their checks."""
+
+    user_id: str
+    flow_id: str
+    transition: str
+    payload: dict[str, Any] | None
+    """`check_payload`'s copy: this request's own."""
+    began: float
+    """When its checks began (`time.perf_counter()`): its decision records the time since."""
+    ok: bool = True
+    message: str | None = None
+
+
+_UNREAD: Any = object()
+"""Stands in `_decide_and_save` for an instance the batch has not read yet."""
 
 _RETRIED: list[FlowState | FlowError] = []
 """What `_apply_batch` returns when a conflict sends its requests back to be applied one by one."""
@@ -44,6 +93,13 @@ def _outcome(call: Callable[[], FlowState]) -> FlowState | FlowError:
         return call()
     except FlowError as error:
         return error
+
+
+def _batches(items: Iterable[R], size: int) -> Iterator[list[R]]:
+    """`items` in lists of `size` (the last one shorter)."""
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
 
 
 def _state_update(update: Any) -> tuple[str, FlowState | Mapping[str, Any]]:
@@ -80,11 +136,16 @@ class Transitions:
         message: str | None = None,
     ) -> FlowState:
         """`FlowStore.execute_transition`: check, then read, decide and append (with retries)."""
-        decide = self._transition(
+        request = self._transition(
             user_id, flow_id, transition, payload, time.perf_counter(), ok=ok, message=message
         )
         return instance_state(
-            self._commands.change_instance(user_id, flow_id, decide, kind="transition")
+            self._commands.change_instance(
+                user_id,
+                flow_id,
+                lambda instance: self._decide_transition(request, instance),
+                kind="transition",
+            )
         )
 
     def set_flow_state(self, user_id: str, state: FlowState | Mapping[str, Any]) -> FlowState:
@@ -95,27 +156,25 @@ class Transitions:
         )
 
     def execute_transitions(
-        self,
-        requests: Iterable[tuple[str, str, str, dict[str, Any] | None]],
-        *,
-        batch_size: int = 500,
+        self, requests: Iterable[TransitionRequest], *, batch_size: int = 500
     ) -> list[FlowState | FlowError]:
         """`FlowStore.execute_transitions`: each request's new state or error, in request order."""
-
-        def prepare(request: tuple[str, str, str, dict[str, Any] | None]) -> _Prepared:
-            user_id, flow_id, transition, payload = request
-
-            def decide() -> tuple[str, str, Decide]:
-                began = time.perf_counter()
-                return (
-                    user_id,
-                    flow_id,
-                    self._transition(user_id, flow_id, transition, payload, began),
-                )
-
-            return decide, lambda: self._one(*request)
-
-        return self._in_batches(map(prepare, requests), batch_size, "transition")
+        # One definitions lookup per flow and batch (`_decide_transition` looks again for an
+        # instance on a newer version than the one looked up).
+        known: dict[str, FlowVersions] = {}
+        kind: _Kind[TransitionRequest, _Transition] = _Kind(
+            "transition",
+            self._check_transitions,
+            functools.partial(self._decide_transition, known=known),
+            lambda request: _outcome(lambda: self.execute_transition(*request)),
+        )
+        results: list[FlowState | FlowError] = []
+        for batch in _batches(requests, batch_size):
+            # Each a 4-tuple (a malformed request raises here, before its batch writes anything).
+            batch = [(user_id, flow_id, name, payload) for user_id, flow_id, name, payload in batch]
+            known.clear()  # each batch sees definitions as they are when it starts
+            results.extend(self._observed_batch(batch, kind))
+        return results
 
     def set_flow_states(
         self,
@@ -124,76 +183,95 @@ class Transitions:
         batch_size: int = 500,
     ) -> list[FlowState | FlowError]:
         """`FlowStore.set_flow_states`: each update's new state or error, in order."""
+        # A malformed update raises here: nothing is written.
+        parsed = [_state_update(update) for update in updates]
 
-        def prepare(update: Any) -> _Prepared:
-            user_id, state = _state_update(update)
+        def check(batch: list[tuple[str, FlowState | Mapping[str, Any]]]) -> list[Any]:
+            checked: list[tuple[UUID, Decide] | FlowError] = []
+            for user_id, state in batch:
+                try:
+                    flow_id, decide = self._override(user_id, state)
+                    require_id(flow_id, "flow_id")
+                    checked.append((cached_instance_id(user_id, flow_id), decide))
+                except FlowError as error:
+                    checked.append(error)
+            return checked
 
-            def decide() -> tuple[str, str, Decide]:
-                return user_id, *self._override(user_id, state)
-
-            return decide, lambda: _outcome(lambda: self.set_flow_state(user_id, state))
-
-        prepared = [prepare(update) for update in updates]  # a malformed update: nothing written
-        return self._in_batches(prepared, batch_size, "set_state")
-
-    def _in_batches(
-        self, requests: Iterable[_Prepared], batch_size: int, kind: str
-    ) -> list[FlowState | FlowError]:
+        kind: _Kind[tuple[str, FlowState | Mapping[str, Any]], Decide] = _Kind(
+            "set_state",
+            check,
+            lambda decide, instance: decide(instance),
+            lambda update: _outcome(lambda: self.set_flow_state(*update)),
+        )
         results: list[FlowState | FlowError] = []
-        batch: list[_Prepared] = []
-        for request in requests:
-            batch.append(request)
-            if len(batch) >= batch_size:
-                results.extend(self._observed_batch(batch, kind))
-                batch = []
-        if batch:
+        for batch in _batches(parsed, batch_size):
             results.extend(self._observed_batch(batch, kind))
         return results
 
-    def _observed_batch(self, batch: list[_Prepared], kind: str) -> list[FlowState | FlowError]:
-        """`_apply_batch`, each request told to the observers as one command of `kind`.
+    def _observed_batch(self, batch: list[R], kind: _Kind[R, C]) -> list[FlowState | FlowError]:
+        """`_apply_batch`, each request told to the observers as one command of its kind.
 
         Each is timed at the batch's time per request (what the batch cost it); requests retried
         one by one after a conflict count as `conflict-retried`, then as single commands.
         """
         observers = self._commands.observers
         if not observers.active:
-            return self._apply_batch(batch)
+            return self._apply_batch(batch, kind)
         began = time.perf_counter()
-        with observers.span("flowstore.batch", **{KIND: kind, BATCH_SIZE: len(batch)}):
+        with observers.span("flowstore.batch", **{KIND: kind.name, BATCH_SIZE: len(batch)}):
             try:
-                results = self._apply_batch(batch, on_conflict=lambda: self._retried(kind, batch))
+                results = self._apply_batch(
+                    batch, kind, on_conflict=lambda: self._retried(kind.name, batch)
+                )
             except BaseException as exc:
                 for _ in batch:
-                    observers.command(kind, outcome_of(exc), 0.0)
+                    observers.command(kind.name, outcome_of(exc), 0.0)
                 raise
         if results is _RETRIED:
-            return [one() for _, one in batch]  # counted as single commands
+            return [kind.one(request) for request in batch]  # counted as single commands
         each = (time.perf_counter() - began) / len(batch)
         for result in results:
             observers.command(
-                kind, outcome_of(result if isinstance(result, FlowError) else None), each
+                kind.name, outcome_of(result if isinstance(result, FlowError) else None), each
             )
         return results
 
-    def _retried(self, kind: str, batch: list[_Prepared]) -> None:
+    def _retried(self, kind: str, batch: list[Any]) -> None:
         for _ in batch:
             self._commands.observers.command(kind, "conflict-retried", 0.0)
 
     def _apply_batch(
-        self, batch: list[_Prepared], *, on_conflict: Callable[[], None] | None = None
+        self,
+        batch: list[R],
+        kind: _Kind[R, C],
+        *,
+        on_conflict: Callable[[], None] | None = None,
     ) -> list[FlowState | FlowError]:
-        checked: list[tuple[UUID, Decide] | FlowError] = []
-        for prepare, _ in batch:
-            try:
-                user_id, flow_id, decide = prepare()
-                require_id(flow_id, "flow_id")
-                checked.append((cached_instance_id(user_id, flow_id), decide))
-            except FlowError as error:
-                checked.append(error)
+        with reference_counting_only():  # a batch makes thousands of objects, and no cycles
+            outcomes = self._decide_and_save(kind.check(batch), kind.decide)
+            if outcomes is not None:
+                return [o if isinstance(o, FlowError) else instance_state(o) for o in outcomes]
+        if on_conflict is not None:
+            on_conflict()
+            return _RETRIED  # the caller retries them, observed one by one
+        # One by one, and outside the instance locks: each takes its user's key lock first,
+        # then its instance's, the order every command keeps (no deadlock with them).
+        return [kind.one(request) for request in batch]
+
+    def _decide_and_save(
+        self,
+        checked: list[tuple[UUID, C] | FlowError],
+        decide: Callable[[C, FlowInstance | None], Decision],
+    ) -> list[FlowInstance | FlowError] | None:
+        """Decide each checked request, append all their events; None after a conflict.
+
+        Each request is decided on its instance as the requests before it left it; the instances
+        of a batch are read once (from this process's cache) and cached again after the append.
+        """
+        commands = self._commands
         iids = [item[0] for item in checked if not isinstance(item, FlowError)]
         # The batch's instances are this process's alone until it is written (see Commands).
-        with self._commands.locked(iids):
+        with commands.locked(iids):
             outcomes: list[FlowInstance | FlowError] = []
             events: list[DomainEvent] = []
             seen: dict[UUID, FlowInstance | None] = {}  # later requests see earlier ones' effects
@@ -201,42 +279,61 @@ class Transitions:
                 if isinstance(item, FlowError):
                     outcomes.append(item)
                     continue
-                iid, decide = item
+                iid, request = item
                 try:
-                    if iid not in seen:
-                        seen[iid] = self._commands.cached_instance(iid)
-                    decision = decide(seen[iid])
+                    instance = seen.get(iid, _UNREAD)
+                    if instance is _UNREAD:
+                        instance = seen[iid] = commands.cached_instance(iid)
+                    decision = decide(request, instance)
                 except FlowError as error:
                     outcomes.append(error)
                     continue
-                updated = cast(FlowInstance, project(seen[iid], decision.events))
+                updated = cast(FlowInstance, project(instance, decision.events))
                 seen[iid] = updated
                 events.extend(decision.events)
                 outcomes.append(decision.error or updated)
             try:
-                self._commands.save(events, decided_here=True)
-                conflict = False
+                commands.save(events, decided_here=True)
             except IntegrityError:
-                conflict = True
                 for iid in seen:
-                    self._commands.forget_instance(iid)
-            if not conflict:
-                for instance in seen.values():
-                    if instance is not None:
-                        self._commands.remember_instance(instance)
-        if conflict:
-            if on_conflict is not None:
-                on_conflict()
-                return _RETRIED  # the caller retries them, observed one by one
-            # One by one, and outside the instance locks: each takes its user's key lock first,
-            # then its instance's, the order every command keeps (no deadlock with them).
-            return [one() for _, one in batch]
-        return [o if isinstance(o, FlowError) else instance_state(o) for o in outcomes]
+                    commands.forget_instance(iid)
+                return None
+            for instance in seen.values():
+                if instance is not None:
+                    commands.remember_instance(instance)
+        return outcomes
 
-    def _one(
-        self, user_id: str, flow_id: str, transition: str, payload: dict[str, Any] | None
-    ) -> FlowState | FlowError:
-        return _outcome(lambda: self.execute_transition(user_id, flow_id, transition, payload))
+    def _check_transitions(
+        self, batch: list[TransitionRequest]
+    ) -> list[tuple[UUID, _Transition] | FlowError]:
+        """Each request's instance id and checked form, or its error (in the order
+        `execute_transition` checks: user, transition, payload, flow). An id that recurs in the
+        batch is checked once (ids are strings: their check's verdict cannot change)."""
+        limit = self.max_payload_bytes
+        valid: set[tuple[str, str]] = set()  # (argument, value) pairs already checked
+
+        def check_id(value: object, name: str) -> str:
+            if type(value) is str and (name, value) in valid:
+                return value
+            valid.add((name, require_id(value, name)))
+            return cast(str, value)
+
+        checked: list[tuple[UUID, _Transition] | FlowError] = []
+        for user_id, flow_id, transition, payload in batch:
+            began = time.perf_counter()
+            try:
+                request = _Transition(
+                    check_id(user_id, "user_id"),
+                    flow_id,
+                    check_id(transition, "transition"),
+                    check_payload(payload, limit=limit),
+                    began,
+                )
+                check_id(flow_id, "flow_id")
+                checked.append((cached_instance_id(user_id, flow_id), request))
+            except FlowError as error:
+                checked.append(error)
+        return checked
 
     def _transition(
         self,
@@ -248,40 +345,55 @@ class Transitions:
         *,
         ok: bool = True,
         message: str | None = None,
-    ) -> Decide:
-        """Check a transition request's input, and return how to decide it on an instance."""
+    ) -> _Transition:
+        """Check a transition request's input (all but the flow id, which the write path checks)."""
         require_id(user_id, "user_id")
         require_id(transition, "transition")
         checked = check_payload(payload, limit=self.max_payload_bytes)
         if not isinstance(ok, bool):
             raise InvalidArgumentError("ok", ok, f"must be a boolean, not {type(ok).__name__}")
         checked_message = check_message(message, self.max_payload_bytes)
+        return _Transition(user_id, flow_id, transition, checked, began, ok, checked_message)
+
+    def _decide_transition(
+        self,
+        request: _Transition,
+        instance: FlowInstance | None,
+        known: dict[str, FlowVersions] | None = None,
+    ) -> Decision:
+        """A checked transition's decision on the instance (starting its run if it has none).
+
+        `known`: the flow definitions a batch has looked up so far (by flow id), to use and add to.
+        """
         commands = self._commands
-
-        def decide(instance: FlowInstance | None) -> Decision:
-            needed = instance.definition_version if instance and instance.is_live else 0
+        flow_id = request.flow_id
+        live = instance is not None and instance.is_live
+        needed = instance.definition_version if instance is not None and live else 0
+        versions = known.get(flow_id) if known is not None else None
+        if versions is None or needed > len(versions.definitions):
             versions = commands.command_versions(flow_id, needed)
-            now = commands.clock()
-            started: list[InstanceEvent] = []
-            if instance is None or not instance.is_live:
-                started = start_flow(
-                    instance, versions.latest, user_id=user_id, now=now, reason="start"
-                )
-                instance = cast(FlowInstance, project(instance, started))
-            definition = definition_of(instance, versions)
-            decision = execute_transition(
-                instance,
-                definition,
-                transition=transition,
-                payload=checked,
-                now=now,
-                elapsed_ms=(time.perf_counter() - began) * 1000,
-                ok=ok,
-                message=checked_message,
+            if known is not None:
+                known[flow_id] = versions
+        now = commands.clock()
+        started: list[InstanceEvent] = []
+        if instance is None or not live:
+            started = start_flow(
+                instance, versions.latest, user_id=request.user_id, now=now, reason="start"
             )
-            return Decision([*started, *decision.events], decision.error)
-
-        return decide
+            instance = cast(FlowInstance, project(instance, started))
+        decision = execute_transition(
+            instance,
+            definition_of(instance, versions),
+            transition=request.transition,
+            payload=request.payload,
+            now=now,
+            elapsed_ms=(time.perf_counter() - request.began) * 1000,
+            ok=request.ok,
+            message=request.message,
+        )
+        if not started:
+            return decision
+        return Decision([*started, *decision.events], decision.error)
 
     def _override(self, user_id: str, state: FlowState | Mapping[str, Any]) -> tuple[str, Decide]:
         """Check an override's input; the flow it is in and the decision it makes."""

@@ -31,7 +31,7 @@ from eventsourcing.persistence import Mapper, StoredEvent, Transcoder
 from eventsourcing.utils import get_topic, resolve_topic
 from pydantic import BaseModel
 
-from flowstore.domain import DomainEvent
+from flowstore.domain import DomainEvent, InstanceEvent
 from flowstore.errors import CorruptEventError, EncryptionKeyError
 from flowstore.keys import ERASED_USER_PREFIX, PERSONAL_FIELDS, UserKeys, erased_user_id
 
@@ -62,31 +62,35 @@ class PydanticMapper(Mapper[Any]):
 
     def to_stored_event(self, domain_event: DomainEventProtocol[Any]) -> StoredEvent:
         """Serialise an event; id and version live in their own columns, not in the state."""
-        state = cast(BaseModel, domain_event).model_dump(
-            exclude={"originator_id", "originator_version"}
-        )
-        # An instance whose events already read as erased (sealed with a key shredded meanwhile)
-        # carries a stand-in id, which names no one: sealing it would create a key for nobody.
-        if (
-            self.keys is not None
-            and "user_id" in state
-            and not str(state["user_id"]).startswith(ERASED_USER_PREFIX)
-        ):
-            key = self.keys.for_user(state["user_id"])  # a cache hit: `EventLog.save` loaded it
-            personal = {f: state.pop(f) for f in PERSONAL_FIELDS if f in state}
-            context = _context(domain_event.originator_id, domain_event.originator_version)
-            sealed = key.seal(self.transcoder.encode(personal), context)
-            state["subject"] = key.subject
-            state["sealed"] = base64.b64encode(sealed).decode()
+        event = cast(DomainEvent, domain_event)
+        fields = _FIELDS.get(type(event))
+        if fields is None:  # a definition's event (nested models), or a class defined elsewhere
+            state = event.model_dump(exclude=set(_IN_COLUMNS))
+        else:
+            values = event.__dict__  # (see _FIELDS)
+            user_id = values["user_id"]
+            # An instance whose events already read as erased (sealed with a key shredded
+            # meanwhile) carries a stand-in id, which names no one: sealing it would create a key
+            # for nobody.
+            if self.keys is None or user_id.startswith(ERASED_USER_PREFIX):
+                state = {name: values[name] for name in fields[0]}
+            else:
+                key = self.keys.for_user(user_id)  # a cache hit: `EventLog.save` loaded it
+                state = {name: values[name] for name in fields[1]}
+                personal = {name: values[name] for name in fields[2]}
+                context = _context(event.originator_id, event.originator_version)
+                sealed = key.seal(self.transcoder.encode(personal), context)
+                state["subject"] = key.subject
+                state["sealed"] = base64.b64encode(sealed).decode()
         stored = self.transcoder.encode(state)
         if self.compressor:
             stored = self.compressor.compress(stored)
         if self.cipher:
             stored = self.cipher.encrypt(stored)
         return StoredEvent(
-            originator_id=domain_event.originator_id,
-            originator_version=domain_event.originator_version,
-            topic=get_topic(type(domain_event)),
+            originator_id=event.originator_id,
+            originator_version=event.originator_version,
+            topic=get_topic(type(event)),
             state=stored,
         )
 
@@ -204,6 +208,34 @@ class PydanticMapper(Mapper[Any]):
                 "its sealed fields do not open with their user's key (the row was altered)",
             )
         return cast(dict[str, Any], self.transcoder.decode(opened))
+
+
+_IN_COLUMNS = ("originator_id", "originator_version")
+
+
+_Fields = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+"""Which fields of an instance event are stored where: all but the id and version (which have
+columns of their own), in order; those of them left in the clear when the rest are sealed; those
+sealed with the user's key, in `PERSONAL_FIELDS` order."""
+
+
+def _fields_of(cls: type[InstanceEvent]) -> _Fields:
+    stored = tuple(name for name in cls.model_fields if name not in _IN_COLUMNS)
+    return (
+        stored,
+        tuple(name for name in stored if name not in PERSONAL_FIELDS),
+        tuple(name for name in PERSONAL_FIELDS if name in stored),
+    )
+
+
+_FIELDS: dict[type, _Fields] = {
+    cls: _fields_of(cls)
+    for cls in InstanceEvent.__subclasses__()
+    if cls.__module__ == InstanceEvent.__module__
+}
+"""The instance events' fields. Every one is of a type orjson writes as it is (str, int, float,
+bool, None, datetime, a dict of JSON), which `model_dump` returns unchanged: the stored state is
+taken from the event's values as they are, byte for byte what `model_dump` would give."""
 
 
 def _context(originator_id: UUID | str, version: int) -> bytes:

@@ -37,6 +37,7 @@ from flowstore.domain import (
     TransitionRejected,
     definition_id,
     instance_id,
+    known_good,
 )
 from flowstore.errors import (
     FlowError,
@@ -164,11 +165,19 @@ def execute_transition(
 
     As in the model: the payload merges into the state's, `previous` is the step left when the
     transition is reversible, `ok` and `message` say how the step's work went; a refusal is recorded
-    but leaves the state unchanged.
+    but leaves the state unchanged. The caller has checked `transition` (`inputs.require_id`),
+    `payload` (`inputs.check_payload`, which also made it the caller's own copy), `ok` (a bool)
+    and `message` (`inputs.check_message`): the events are built from them unvalidated.
     """
     now = _not_before(instance, now)
     assert instance.step is not None
     assert instance.is_live
+    # Every field of the events below is valid by construction, so they are built without
+    # pydantic's validation (`known_good`), which would only copy the values: the ids, versions,
+    # steps and services come from the instance and its definition (validated aggregates), `now`
+    # from the store's clock (checked to tell aware datetimes when the store opened, and compared
+    # with the instance's last time just above), the request's values were checked by the caller
+    # (see above), the error's text and code are the error's own, and the rest is computed here.
     fields = _instance_fields(
         instance.user_id, instance.flow_id, definition, instance.id, instance.version + 1, now
     )
@@ -190,8 +199,7 @@ def execute_transition(
                 flow_id=instance.flow_id,
             )
     if error is not None:
-        rejected = TransitionRejected(
-            **fields,
+        fields.update(
             transition=transition,
             from_step=instance.step,
             payload=payload,
@@ -200,29 +208,30 @@ def execute_transition(
             elapsed_ms=elapsed_ms,
             rules=2,
         )
-        return Decision([rejected], error)
+        return Decision([known_good(TransitionRejected, fields)], error)
     assert edge is not None
     target = definition.steps[edge.step]
-    events: list[InstanceEvent] = [
-        TransitionExecuted(
-            **fields,
-            transition=transition,
-            from_step=instance.step,
-            to_step=edge.step,
-            service=instance.target or target.service,
-            payload=payload,
-            expires_at=_expiry(definition, now, target.is_terminal),
-            elapsed_ms=elapsed_ms,
-            ok=ok,
-            message=message,
-            previous=instance.step if edge.reversible else None,
-            rules=2,
-        )
-    ]
-    if target.is_terminal:
-        events.append(
-            FlowCompleted(**{**fields, "originator_version": instance.version + 2}, step=edge.step)
-        )
+    completed = (
+        {**fields, "originator_version": instance.version + 2, "step": edge.step}
+        if target.is_terminal
+        else None
+    )
+    fields.update(
+        transition=transition,
+        from_step=instance.step,
+        to_step=edge.step,
+        service=instance.target or target.service,
+        payload=payload,
+        expires_at=_expiry(definition, now, target.is_terminal),
+        elapsed_ms=elapsed_ms,
+        ok=ok,
+        message=message,
+        previous=instance.step if edge.reversible else None,
+        rules=2,
+    )
+    events: list[InstanceEvent] = [known_good(TransitionExecuted, fields)]
+    if completed is not None:
+        events.append(known_good(FlowCompleted, completed))
     return Decision(events)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 from uuid import UUID, uuid5
 
 from pydantic import BaseModel, ConfigDict
@@ -314,6 +314,41 @@ class FlowCatalog(_Aggregate):
 
 
 TAggregate = TypeVar("TAggregate", bound=_Aggregate)
+TModel = TypeVar("TModel", bound=BaseModel)
+
+_set = object.__setattr__
+_new = object.__new__
+
+
+def known_good(cls: type[TModel], fields: dict[str, Any]) -> TModel:
+    """A `cls` holding `fields` as given, unvalidated: for values that are valid by construction.
+
+    On the write path's hot spots only, each caller saying why every value is already of its
+    field's type: pydantic's validation would merely copy such values (and `model_construct`, which
+    fills defaults and resolves aliases, costs twice what validation does). `fields` must name every
+    field, in any order; the model must have no private attributes (as `model_construct` sets it up).
+    """
+    names = _FIELD_NAMES.get(cls) or _field_names(cls)
+    # As many as the fields (comparing the names costs more than the rest of this function): a
+    # misspelt one leaves a field unset, which its first reader, or `model_dump`, finds at once.
+    assert len(fields) == len(names), set(fields) ^ names
+    model = _new(cls)
+    _set(model, "__dict__", fields)
+    _set(model, "__pydantic_fields_set__", set(names))
+    _set(model, "__pydantic_extra__", None)
+    _set(model, "__pydantic_private__", None)
+    return model
+
+
+_FIELD_NAMES: dict[type[BaseModel], frozenset[str]] = {}
+
+
+def _field_names(cls: type[BaseModel]) -> frozenset[str]:
+    """The names of the fields of a model `known_good` may build (once per class)."""
+    assert not cls.__private_attributes__
+    assert not cls.__pydantic_post_init__
+    names = _FIELD_NAMES[cls] = frozenset(cls.__pydantic_fields__)
+    return names
 
 
 def merge_payload(
@@ -325,170 +360,183 @@ def merge_payload(
     return {**(current or {}), **payload}
 
 
+_LIVE = (FlowStatus.ACTIVE, FlowStatus.COMPLETED)
+
+_CLEARED = {
+    "step": None,
+    "service": None,
+    "payload": None,
+    "expires_at": None,
+    "previous": None,
+    "entity_id": None,
+    "message": None,
+    "target": None,
+}
+"""What clearing, expiring or erasing an instance empties."""
+
+
 def _enter_step(
-    instance: FlowInstance | None,
+    fields: dict[str, Any] | None,
     event: FlowStarted | StateOverridden | FlowHandedOver,
     *,
     ok: bool,
     payload: dict[str, Any] | None,
     new_run: bool,
-) -> FlowInstance:
-    """The instance after a start, reset, override or hand-over put it at `event.step`."""
+) -> dict[str, Any]:
+    """The instance's fields after a start, reset, override or hand-over put it at `event.step`."""
     ts = event.timestamp
-    fields: dict[str, Any] = {
-        "version": event.originator_version,
-        "modified_on": ts,
-        "definition_version": event.definition_version,
-        "status": FlowStatus.ACTIVE,
-        "step": event.step,
-        "service": event.service,
-        "ok": ok,
-        "payload": payload,
-        "completed_at": None,
-        "expires_at": event.expires_at,
-        "erased": False,
-        # A start begins with neither; an override or a hand-over says what they are.
-        "previous": None if isinstance(event, FlowStarted) else event.previous,
-        "entity_id": event.entity_id,
-        "message": None if isinstance(event, FlowStarted) else event.message,
-        "target": event.target,
-    }
-    if instance is None:
-        return FlowInstance(
-            id=event.originator_id,
-            created_on=ts,
-            user_id=event.user_id,
-            flow_id=event.flow_id,
-            started_at=ts,
-            **fields,
-        )
-    started_at = ts if new_run else instance.started_at
-    # The user id too: after an erasure the instance's old events read with a stand-in id.
-    return instance.model_copy(
-        update={**fields, "started_at": started_at, "user_id": event.user_id}
+    if fields is None:
+        fields = dict.fromkeys(FlowInstance.__pydantic_fields__)  # in field order; all set here
+        fields.update(id=event.originator_id, created_on=ts, flow_id=event.flow_id)
+    fields.update(
+        {
+            "version": event.originator_version,
+            "modified_on": ts,
+            # The user id too: after an erasure the instance's old events read with a stand-in id.
+            "user_id": event.user_id,
+            "definition_version": event.definition_version,
+            "status": FlowStatus.ACTIVE,
+            "step": event.step,
+            "service": event.service,
+            "ok": ok,
+            "payload": payload,
+            "started_at": ts if new_run else fields["started_at"],
+            "completed_at": None,
+            "expires_at": event.expires_at,
+            "erased": False,
+            # A start begins with neither; an override or a hand-over says what they are.
+            "previous": None if isinstance(event, FlowStarted) else event.previous,
+            "entity_id": event.entity_id,
+            "message": None if isinstance(event, FlowStarted) else event.message,
+            "target": event.target,
+        }
     )
+    return fields
+
+
+def _fold(kind: type[_Aggregate] | None, fields: dict[str, Any] | None, event: DomainEvent) -> Any:
+    """Fold one event into an aggregate's fields (None before its first event), in place.
+
+    Returns the aggregate's class and its fields (a new dict when the event created it).
+    """
+    if isinstance(event, InstanceEvent):
+        return FlowInstance, _fold_instance(fields, event)
+    ts = event.timestamp
+    base = {"version": event.originator_version, "modified_on": ts}
+    match event:
+        case FlowDefined():
+            definition = event.definition.model_copy(update={"version": event.version})
+            if fields is None:
+                return FlowVersions, {
+                    **_created(event),
+                    "flow_id": event.flow_id,
+                    "definitions": (definition,),
+                    "deleted": False,
+                }
+            fields.update(base, definitions=(*fields["definitions"], definition), deleted=False)
+        case FlowDeleted():
+            assert fields is not None
+            fields.update(base, deleted=True)
+        case FlowListed():
+            if fields is None:
+                return FlowCatalog, {**_created(event), "flow_ids": (event.flow_id,)}
+            fields.update(base, flow_ids=(*fields["flow_ids"], event.flow_id))
+        case _:
+            msg = f"Unknown event type {type(event).__name__}"
+            raise TypeError(msg)
+    return kind, fields
+
+
+def _created(event: DomainEvent) -> dict[str, Any]:
+    """The fields every aggregate gets from the event that creates it."""
+    return {
+        "id": event.originator_id,
+        "version": event.originator_version,
+        "created_on": event.timestamp,
+        "modified_on": event.timestamp,
+    }
+
+
+def _fold_instance(fields: dict[str, Any] | None, event: InstanceEvent) -> dict[str, Any]:
+    """`_fold` for the events of a `FlowInstance`."""
+    match event:
+        case FlowStarted():
+            return _enter_step(fields, event, ok=True, payload=None, new_run=True)
+        case StateOverridden() | FlowHandedOver():
+            # An override or hand-over of an instance without state (new, cleared, expired)
+            # starts a run.
+            live = fields is not None and fields["status"] in _LIVE
+            return _enter_step(fields, event, ok=event.ok, payload=event.payload, new_run=not live)
+    assert fields is not None, f"{type(event).__name__} before the instance started"
+    fields["version"] = event.originator_version
+    fields["modified_on"] = event.timestamp
+    match event:
+        case TransitionExecuted():
+            merged = event.rules == 2
+            fields["step"] = event.to_step
+            fields["service"] = event.service
+            fields["ok"] = event.ok
+            fields["message"] = event.message
+            fields["previous"] = event.previous
+            fields["payload"] = (
+                merge_payload(fields["payload"], event.payload) if merged else event.payload
+            )
+            fields["expires_at"] = event.expires_at
+        case TransitionRejected():
+            if event.rules != 2:  # 2, the model: a refused transition leaves the state as it was
+                fields["ok"] = False
+        case FlowWentBack():
+            fields.update(
+                step=event.step,
+                service=event.service,
+                ok=True,
+                message=None,
+                previous=None,
+                expires_at=event.expires_at,
+            )
+        case FlowCompleted():
+            fields.update(
+                status=FlowStatus.COMPLETED, completed_at=event.timestamp, expires_at=None
+            )
+        case FlowMigrated():
+            fields.update(
+                definition_version=event.to_version,
+                step=event.to_step,
+                service=event.service,
+                previous=event.previous,
+            )
+        case FlowCleared() | FlowExpired() | FlowErased():
+            expired = isinstance(event, FlowExpired)
+            fields.update(_CLEARED)
+            fields["erased"] = isinstance(event, FlowErased)
+            fields["status"] = FlowStatus.EXPIRED if expired else FlowStatus.CLEARED
+        case _:
+            msg = f"Unknown event type {type(event).__name__}"
+            raise TypeError(msg)
+    return fields
 
 
 def evolve(aggregate: Any, event: DomainEvent) -> Any:
     """Fold one event into its aggregate (None before the first event)."""
-    ts = event.timestamp
-    base = {"version": event.originator_version, "modified_on": ts}
-    match event:
-        case FlowStarted():
-            return _enter_step(aggregate, event, ok=True, payload=None, new_run=True)
-        case TransitionExecuted():
-            merged = event.rules == 2
-            return aggregate.model_copy(
-                update={
-                    **base,
-                    "step": event.to_step,
-                    "service": event.service,
-                    "ok": event.ok,
-                    "message": event.message,
-                    "previous": event.previous,
-                    "payload": merge_payload(aggregate.payload, event.payload)
-                    if merged
-                    else event.payload,
-                    "expires_at": event.expires_at,
-                }
-            )
-        case TransitionRejected():
-            if event.rules == 2:  # the model: a refused transition leaves the state as it was
-                return aggregate.model_copy(update=base)
-            return aggregate.model_copy(update={**base, "ok": False})
-        case FlowWentBack():
-            return aggregate.model_copy(
-                update={
-                    **base,
-                    "step": event.step,
-                    "service": event.service,
-                    "ok": True,
-                    "message": None,
-                    "previous": None,
-                    "expires_at": event.expires_at,
-                }
-            )
-        case FlowHandedOver():
-            new_run = aggregate is None or not aggregate.is_live
-            return _enter_step(
-                aggregate, event, ok=event.ok, payload=event.payload, new_run=new_run
-            )
-        case FlowCompleted():
-            return aggregate.model_copy(
-                update={
-                    **base,
-                    "status": FlowStatus.COMPLETED,
-                    "completed_at": ts,
-                    "expires_at": None,
-                }
-            )
-        case StateOverridden():
-            # An override of an instance without state (new, cleared, expired) starts a run.
-            new_run = aggregate is None or not aggregate.is_live
-            return _enter_step(
-                aggregate, event, ok=event.ok, payload=event.payload, new_run=new_run
-            )
-        case FlowMigrated():
-            return aggregate.model_copy(
-                update={
-                    **base,
-                    "definition_version": event.to_version,
-                    "step": event.to_step,
-                    "service": event.service,
-                    "previous": event.previous,
-                }
-            )
-        case FlowCleared() | FlowExpired() | FlowErased():
-            status = FlowStatus.EXPIRED if isinstance(event, FlowExpired) else FlowStatus.CLEARED
-            return aggregate.model_copy(
-                update={
-                    **base,
-                    "erased": isinstance(event, FlowErased),
-                    "status": status,
-                    "step": None,
-                    "service": None,
-                    "payload": None,
-                    "expires_at": None,
-                    "previous": None,
-                    "entity_id": None,
-                    "message": None,
-                    "target": None,
-                }
-            )
-        case FlowDefined():
-            definition = event.definition.model_copy(update={"version": event.version})
-            if aggregate is None:
-                return FlowVersions(
-                    id=event.originator_id,
-                    created_on=ts,
-                    flow_id=event.flow_id,
-                    definitions=(definition,),
-                    deleted=False,
-                    **base,
-                )
-            return aggregate.model_copy(
-                update={
-                    **base,
-                    "definitions": (*aggregate.definitions, definition),
-                    "deleted": False,
-                }
-            )
-        case FlowDeleted():
-            return aggregate.model_copy(update={**base, "deleted": True})
-        case FlowListed():
-            if aggregate is None:
-                return FlowCatalog(
-                    id=event.originator_id, created_on=ts, flow_ids=(event.flow_id,), **base
-                )
-            return aggregate.model_copy(
-                update={**base, "flow_ids": (*aggregate.flow_ids, event.flow_id)}
-            )
-    msg = f"Unknown event type {type(event).__name__}"
-    raise TypeError(msg)
+    return project(aggregate, (event,))
 
 
 def project(aggregate: TAggregate | None, events: Iterable[DomainEvent]) -> TAggregate | None:
-    """Fold events into an aggregate: the projector the repository uses to rebuild aggregates."""
+    """Fold events into an aggregate: the projector the repository uses to rebuild aggregates.
+
+    The aggregate is copied once, however many events there are: the events are folded into one
+    dict of its fields, which becomes the new aggregate at the end.
+    """
+    kind: type[_Aggregate] | None = None if aggregate is None else type(aggregate)
+    fields: dict[str, Any] | None = None
     for event in events:
-        aggregate = evolve(aggregate, event)
-    return aggregate
+        if fields is None and aggregate is not None:
+            fields = dict(aggregate.__dict__)
+        kind, fields = _fold(kind, fields, event)
+    if fields is None:
+        return aggregate  # no events
+    assert kind is not None
+    # Every value is an event's (validated when it was decoded from the log, or built by a
+    # decision from checked inputs: `flowstore.decisions`) or the aggregate's own, and is stored
+    # as the field's type already: validating the new aggregate would only copy them.
+    return cast(TAggregate, known_good(kind, fields))

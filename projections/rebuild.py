@@ -8,7 +8,6 @@ of an older layout, blue/green.
 from __future__ import annotations
 
 import fcntl
-import gc
 import logging
 import os
 import threading
@@ -24,6 +23,7 @@ from sqlalchemy.schema import CreateTable
 from flowstore.codec import PlainEvent
 from flowstore.domain import DomainEvent
 from flowstore.errors import ProjectionLayoutError, RebuildRunningError
+from flowstore.gcpause import reference_counting_only
 from flowstore.projections.batch import RowBatch, RowCache
 from flowstore.projections.tables import (
     REBUILD_SUFFIX,
@@ -211,7 +211,7 @@ class Rebuilds:
         pending: Future[tuple[int, int]] | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="flowstore-rebuild") as writer:
             while True:
-                with _reference_counting_only():
+                with reference_counting_only():
                     events = cast(Sequence[tuple[int, DomainEvent]], read(position + 1, page))
                     if not events:
                         break
@@ -330,25 +330,6 @@ def _create_instance_indexes(conn: Connection, shadow: ProjectionTables) -> None
         for index in table.indexes:
             if index.name and index.name.endswith("_instance"):
                 index.create(conn)
-
-
-@contextmanager
-def _reference_counting_only() -> Iterator[None]:
-    """No cyclic garbage collection meanwhile (one page of a rebuild: a second or two).
-
-    A page is tens of thousands of decoded events, rows and dicts, none in a cycle: reference
-    counting frees them all. The cyclic collector, run every few hundred allocations, would scan
-    them again and again while they live (measured: 28% of a rebuild's CPU). Cycles other threads
-    make meanwhile wait for the next collection. Left alone when the application turned it off.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 # pg_advisory_lock's key for rebuilds: any bigint the application uses for nothing else.
