@@ -60,6 +60,7 @@ def _targets() -> list[tuple[str, object, str]]:
         ("    decode events (not handed over)", EventLog, "_decode"),
         ("    key lookups (prefetch)", UserKeys, "prefetch"),
         ("  fold rows", SqlProjections, "_fold"),
+        ("  prepare rows (before the write lock)", SqlProjections, "_prepare"),
         ("  write rows", SqlProjections, "_write"),
     ]
 
@@ -117,6 +118,8 @@ class Stages:
         """Time the stages inside the block (and the write lock's waits of `store`, if given)."""
         patched: list[tuple[object, str, Any]] = []
         for name, owner, attr in _targets():
+            if not hasattr(owner, attr):  # a stage older code does not have
+                continue
             # A class's own attribute is put back; an inherited one is deleted again afterwards.
             original = vars(owner).get(attr) if isinstance(owner, type) else getattr(owner, attr)
             patched.append((owner, attr, original))

@@ -131,6 +131,7 @@ _NEW_ROW: dict[str, Any] = {
 }
 _ACTIVE = FlowStatus.ACTIVE.value
 _ACTIVITY = frozenset(ACTIVITY_COLUMNS)
+_MS = timedelta(milliseconds=1)
 
 
 class _Fold:
@@ -202,8 +203,9 @@ class _Fold:
 
     def activity(self, second: int, step: str, deltas: Mapping[str, float]) -> None:
         """Add to the flow's activity in the minute and in the hour of `second`."""
+        add, flow = self.rows.add, self.flow
         for span in ACTIVITY_SPANS:
-            self.rows.add("activity", (self.flow, span, second - second % span, step), deltas)
+            add("activity", (flow, span, second - second % span, step), deltas)
 
     def count(self, deltas: dict[str, float]) -> None:
         """Add to the flow's counters, and to its activity: runs by the bucket they started in
@@ -225,9 +227,21 @@ class _Fold:
 
     def step(self, step: str, counter: str) -> None:
         """Count one run entering, moving on from or dropping out at `step` (and its buckets)."""
-        deltas = {counter: 1}
+        self.steps(step, {counter: 1})
+
+    def steps(self, step: str, deltas: Mapping[str, float]) -> None:
+        """Add `deltas` to `step`'s funnel counts (and its buckets)."""
         self.rows.add("steps", (self.flow, step), deltas)
         self.activity(self.second, step, deltas)
+
+    def moved(self, from_step: str, to_step: str) -> None:
+        """A run moving on from `from_step` and entering `to_step`: one change of each row when
+        the steps are the same (a loop), whose sums are those of the two (fewer adds per event)."""
+        if from_step == to_step:
+            self.steps(from_step, {"moved_on": 1, "entered": 1})
+        else:
+            self.steps(from_step, {"moved_on": 1})
+            self.steps(to_step, {"entered": 1})
 
     def stay_ms(self) -> float | None:
         """For a transition taken: how long the run stayed on the step it leaves, in whole ms
@@ -236,7 +250,7 @@ class _Fold:
         entered = previous.get("entered_at") if previous else None
         if entered is None or previous is None or previous.get("step") != self.e["from_step"]:
             return None
-        return float(max(0, round((self.e["timestamp"] - entered) / timedelta(milliseconds=1))))
+        return float(max(0, round((self.e["timestamp"] - entered) / _MS)))
 
     def dropped(self) -> None:
         """An active run that ends or is moved away from its step without moving on drops out."""
@@ -248,17 +262,15 @@ class _Fold:
         e, second = self.e, self.second
         # Whole hours are forgotten at once, so the bound (and the delete behind it) moves rarely.
         hour = THROUGHPUT_RETENTION_SECONDS
-        self.rows.put(
-            "samples",
-            (self.flow, attempts % SAMPLE_SLOTS),
-            {"elapsed_ms": e["elapsed_ms"], "second": second},
+        rows, flow, elapsed = self.rows, self.flow, e["elapsed_ms"]
+        rows.put(
+            "samples", (flow, attempts % SAMPLE_SLOTS), {"elapsed_ms": elapsed, "second": second}
         )
-        self.rows.add("throughput", (self.flow, second), {"attempts": 1})
-        self.rows.forget("throughput", self.flow, (second // hour - 1) * hour)
-        timed = response_bin(e["elapsed_ms"])
+        rows.add("throughput", (flow, second), {"attempts": 1})
+        rows.forget("throughput", flow, (second // hour - 1) * hour)
+        timed = response_bin(elapsed)
         for span in ACTIVITY_SPANS:
-            key = (self.flow, span, second - second % span, timed)
-            self.rows.add("response_times", key, {"attempts": 1})
+            rows.add("response_times", (flow, span, second - second % span, timed), {"attempts": 1})
 
 
 def _started(f: _Fold, e: Event, attempts: int) -> None:
@@ -305,8 +317,7 @@ def _executed(f: _Fold, e: Event, attempts: int) -> None:
     if not e["ok"]:
         counts["failures"] = 1
     f.count(counts)
-    f.step(e["from_step"], "moved_on")
-    f.step(e["to_step"], "entered")
+    f.moved(e["from_step"], e["to_step"])
     f.rows.add("transitions", (f.flow, e["from_step"], e["transition"]), {"taken": 1})
     f.attempt(attempts)
     before = f.previous.get("payload") if f.previous else None
@@ -341,7 +352,7 @@ def _rejected(f: _Fold, e: Event, attempts: int) -> None:
 
 def _completed(f: _Fold, e: Event, attempts: int) -> None:
     started = f.previous["started_at"] if f.previous else None
-    duration = (e["timestamp"] - started) / timedelta(milliseconds=1) if started else 0.0
+    duration = (e["timestamp"] - started) / _MS if started else 0.0
     # Logs written before events were stamped in order may run backwards: never negative.
     f.count({"completed": 1, "completed_duration_ms": max(duration, 0.0)})
     f.state(status=FlowStatus.COMPLETED.value, completed_at=e["timestamp"], expires_at=None)
@@ -397,8 +408,7 @@ def _entered(handoff: bool) -> Callable[[_Fold, Event, int], None]:
 def _went_back(f: _Fold, e: Event, attempts: int) -> None:
     f.history(HistoryKind.BACK, e["from_step"], e["step"], meta={"service": e["service"]}, ok=True)
     # Going back is moving on from the step left and entering the previous one again.
-    f.step(e["from_step"], "moved_on")
-    f.step(e["step"], "entered")
+    f.moved(e["from_step"], e["step"])
     f.state(
         step=e["step"],
         service=e["service"],

@@ -51,7 +51,7 @@ from flowstore.projections.tables import (
     tracking_name,
 )
 from flowstore.projections.verify import Difference, EventPage, Verification
-from flowstore.projections.writes import RowWriter
+from flowstore.projections.writes import PreparedWrites, RowWriter
 from flowstore.storage import READ_ONLY, StorageConfig, make_engine, serialize_ddl
 
 __all__ = [
@@ -292,12 +292,15 @@ class SqlProjections(Queries, Verification, Rebuilds):
                     return position
                 with _LazyRead(self._read) as conn:
                     batch = self._fold(conn, self.tables, events, cache=self._rows)
+                # The rows become statements' parameters before the write lock is taken: the
+                # commands waiting for it then wait only while they are sent.
+                prepared = self._prepare(self.tables, batch)
                 new = events[-1][0]
                 self._owned_position = None  # until the write transaction commits
                 with self._writing() as conn:
                     moved = self._move(conn, position, new)
                     if moved:
-                        self._write(conn, self.tables, batch)
+                        self._write(conn, self.tables, batch, prepared)
                         self._name_unreadable(conn, cast(Sequence[tuple[int, object]], events))
                 if not moved:
                     continue  # moved by another process (or the layout changed): read it again
@@ -443,13 +446,27 @@ class SqlProjections(Queries, Verification, Rebuilds):
             )
         return self._lookup_cache[name]
 
-    def _write(self, conn: Connection, t: ProjectionTables, batch: RowBatch) -> None:
+    def _prepare(self, t: ProjectionTables, batch: RowBatch) -> PreparedWrites:
+        """The batch's rows as the writer sends them (no connection, no lock needed)."""
+        return self._writer.prepare(list(batch.rows(t)))
+
+    def _write(
+        self,
+        conn: Connection,
+        t: ProjectionTables,
+        batch: RowBatch,
+        prepared: PreparedWrites | None = None,
+    ) -> None:
+        """Write `batch` (as `prepared` from it by `_prepare`, if it was)."""
         if batch.erased:  # first: rows of a new run after the erasure must stay
             erased = sorted(batch.erased)
             for table in t.all:
                 if "instance_id" in table.c:
                     conn.execute(delete(table).where(table.c.instance_id.in_(erased)))
-        self._writer.write_all(conn, list(batch.rows(t)))
+        if prepared is None:
+            self._writer.write_all(conn, list(batch.rows(t)))
+        else:
+            self._writer.run(conn, prepared)
         for name, bounds in batch.forget_before.items():
             table = getattr(t, name)
             flow, second = (table.c[k] for k in columns_of(table)[0])

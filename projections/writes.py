@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from operator import itemgetter
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from sqlalchemy import (
@@ -32,9 +32,20 @@ from sqlalchemy.types import TypeEngine
 
 from flowstore.projections.batch import INSERT, SUM, columns_of
 
-__all__ = ["RowWriter"]
+__all__ = ["PreparedWrites", "RowWriter"]
 
 _Processors = tuple[Callable[[dict[str, Any]], tuple[Any, ...]], Callable[[Any], Any] | None]
+
+
+class PreparedWrites:
+    """A batch's writes ready to send (`RowWriter.prepare`): statements with their parameters,
+    and (PostgreSQL) tables to COPY rows into, each with its rows' value tuples."""
+
+    __slots__ = ("copies", "statements")
+
+    def __init__(self) -> None:
+        self.statements: list[tuple[str, Any]] = []
+        self.copies: list[tuple[Table, list[Any]]] = []
 
 
 class RowWriter:
@@ -57,23 +68,42 @@ class RowWriter:
         PostgreSQL: every table's rows in one statement each, all the statements in one pipeline
         (one round trip for the batch), except inserts of many rows, which go by COPY.
         """
+        self.run(conn, self.prepare(writes))
+
+    def prepare(
+        self, writes: Sequence[tuple[Table, str, Sequence[dict[str, Any]]]]
+    ) -> PreparedWrites:
+        """What `write_all` sends for `writes`, without a connection: the statements and their
+        parameters (tuples, or PostgreSQL's JSON documents), so that a writer holding a lock
+        others wait for can prepare them before taking it (`run` then only sends them)."""
+        prepared = PreparedWrites()
+        for table, how, rows in writes:
+            if self._postgres and (how != INSERT or len(rows) <= _COPY_FROM):
+                prepared.statements.append(self._set_execution(table, how, rows))
+            elif self._postgres:
+                prepared.copies.append((table, self._values(table, rows)))
+            else:
+                prepared.statements.append((self._statement(table, how), self._values(table, rows)))
+        return prepared
+
+    def run(self, conn: Connection, prepared: PreparedWrites) -> None:
+        """Send what `prepare` made, in its order (PostgreSQL: the statements in one pipeline)."""
         if not self._postgres:
-            for table, how, rows in writes:
-                self.write(conn, table, how, rows)
+            for statement, values in prepared.statements:
+                conn.exec_driver_sql(statement, values)
             return
         import psycopg  # PostgreSQL only: SQLite installs go without the driver
 
-        driver: Any = conn.connection.driver_connection
-        try:
-            with driver.pipeline(), driver.cursor() as cursor:
-                for table, how, rows in writes:
-                    if how != INSERT or len(rows) <= _COPY_FROM:
-                        cursor.execute(*self._set_execution(table, how, rows), prepare=True)
-        except psycopg.Error as exc:  # as SQLAlchemy raises it (storage_errors knows those)
-            raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
-        for table, how, rows in writes:
-            if how == INSERT and len(rows) > _COPY_FROM:
-                self._copy(conn, table, self._values(table, rows))
+        if prepared.statements:
+            driver: Any = conn.connection.driver_connection
+            try:
+                with driver.pipeline(), driver.cursor() as cursor:
+                    for statement, document in prepared.statements:
+                        cursor.execute(statement, document, prepare=True)
+            except psycopg.Error as exc:  # as SQLAlchemy raises it (storage_errors knows those)
+                raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+        for table, values in prepared.copies:
+            self._copy(conn, table, values)
 
     def write(
         self, conn: Connection, table: Table, how: str, rows: Sequence[dict[str, Any]]
@@ -205,6 +235,7 @@ _COPY_FROM = 1000
 path's batches) by one statement in the batch's pipeline, which COPY cannot join."""
 
 _PROBE = datetime(1987, 6, 5, 4, 3, 2, 1, tzinfo=UTC)
+_JSON_PROBES = (None, {"a": [1, 2.5, None, True, "é\"'"], "b": {}})
 
 
 def _sqlite_datetime(value: datetime | None) -> str | None:
@@ -225,4 +256,14 @@ def _faster(column_type: TypeEngine[Any], dialect: Dialect) -> Callable[[Any], A
         and processor(_PROBE) == _sqlite_datetime(_PROBE)
     ):
         return _sqlite_datetime
+    serializer = getattr(dialect, "_json_serializer", None)
+    if (
+        processor is not None
+        and serializer is not None
+        and isinstance(column_type, JSON)
+        and all(processor(value) == serializer(value) for value in _JSON_PROBES)
+    ):
+        # Rows hold plain data, never SQLAlchemy's null markers (all the wrapper adds): the
+        # engine's serializer alone writes the same text, without a call around each value.
+        return cast(Callable[[Any], Any], serializer)
     return processor
