@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from datetime import timedelta
+from functools import lru_cache
 from typing import Any, Protocol
 
 from flowstore.domain import merge_payload
@@ -134,6 +135,11 @@ _ACTIVITY = frozenset(ACTIVITY_COLUMNS)
 _MS = timedelta(milliseconds=1)
 
 
+_text = lru_cache(maxsize=8192)(str)
+"""An instance id's text: a UUID's `str` is a microsecond of Python, and an instance's events
+come by the dozen (a rebuild's page, a live batch), each decoded to a new but equal UUID."""
+
+
 class _Fold:
     """One event's folding: the event, the rows it reads, and where its changes go."""
 
@@ -142,22 +148,26 @@ class _Fold:
     def __init__(self, e: Event, previous: dict[str, Any] | None, rows: RowChanges) -> None:
         self.e, self.previous, self.rows = e, previous, rows
         self.flow: str = e["flow_id"]
-        self.instance = str(e["originator_id"])
+        self.instance = _text(e["originator_id"])
         self.second = int(e["timestamp"].timestamp())
 
     def state(self, **fields: Any) -> None:
         # Without a current row (only when one run's events were sealed under two keys, a write
         # racing an erasure), the row starts from neutral values rather than failing the projection.
-        e, previous = self.e, self.previous
-        row = dict(previous) if previous else dict(_NEW_ROW)
-        row["instance_id"] = self.instance
-        row["user_id"] = e["user_id"]
-        row["flow_id"] = self.flow
-        row["definition_version"] = e["definition_version"]
-        row["version"] = e["originator_version"]
-        row["updated_at"] = e["timestamp"]
-        row.update(fields)
-        self.rows.put_state(row)
+        e = self.e
+        # One dict display (a new dict, in the same key order as copying and then setting).
+        self.rows.put_state(
+            {
+                **(self.previous or _NEW_ROW),
+                "instance_id": self.instance,
+                "user_id": e["user_id"],
+                "flow_id": self.flow,
+                "definition_version": e["definition_version"],
+                "version": e["originator_version"],
+                "updated_at": e["timestamp"],
+                **fields,
+            }
+        )
 
     def history(
         self,
