@@ -167,7 +167,12 @@ def test_the_publishers_message_is_the_envelope_byte_for_byte(
     )
 
 
-@pytest.mark.parametrize(("read", "plain"), zip(EVENTS, PLAIN, strict=True), ids=str)
+@pytest.mark.parametrize(
+    ("read", "plain"),
+    zip(EVENTS, PLAIN, strict=True),
+    # Names that are the same in every process (xdist workers compare them): no times, no ids.
+    ids=[f"{n}-{type(event).__name__}" for n, event in EVENTS],
+)
 def test_the_message_of_an_event_read_as_plain_data_is_the_envelope_byte_for_byte(
     read: tuple[int, DomainEvent], plain: tuple[int, PlainEvent]
 ) -> None:
