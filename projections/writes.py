@@ -109,14 +109,7 @@ class RowWriter:
         self, conn: Connection, table: Table, how: str, rows: Sequence[dict[str, Any]]
     ) -> None:
         """Write `rows` (dicts holding every column of `table`) the way `how` says."""
-        if self._postgres and (how != INSERT or len(rows) <= _COPY_FROM):
-            conn.exec_driver_sql(*self._set_execution(table, how, rows))
-            return
-        values = self._values(table, rows)
-        if how == INSERT and self._postgres:
-            self._copy(conn, table, values)
-        else:
-            conn.exec_driver_sql(self._statement(table, how), values)
+        self.run(conn, self.prepare([(table, how, rows)]))
 
     def _set_execution(
         self, table: Table, how: str, rows: Sequence[dict[str, Any]]
