@@ -31,12 +31,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, Self, cast
 
 from flowstore.eventlog import EventLog
 from flowstore.projections.ops import INSTANCE_KINDS
 
-__all__ = ["READ_AHEAD_FROM", "ReadAhead"]
+__all__ = ["READ_AHEAD_FROM", "ReadAhead", "package_root"]
 
 READ_AHEAD_FROM = 200_000
 """Events in the log from which `FlowStore.rebuild_projections` reads with a child process.
@@ -68,9 +68,8 @@ class ReadAhead:
             "refresh": log.keys.refresh,
             "page": page,
         }
-        root = str(Path(__file__).resolve().parent.parent)  # flowstore's, wherever it came from
         self._child: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [sys.executable, "-c", _BOOT, root],
+            [sys.executable, "-c", _BOOT, package_root()],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
@@ -162,6 +161,17 @@ class ReadAhead:
 
 _BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from flowstore.projections.readahead import serve; serve()"
 """The child's program: flowstore from where the parent's came from, then `serve`."""
+
+
+def package_root() -> str:
+    """The folder holding this process's `flowstore` package: what the child puts on its path.
+
+    Found from the package itself, not from this file: in a source checkout this file is reached
+    through the `flowstore/projections` link, in an installed wheel it lies inside `flowstore/`,
+    and a folder inside the package on the path would make its modules top-level names.
+    """
+    package = sys.modules[__name__.partition(".")[0]]
+    return str(Path(cast(str, package.__file__)).parent.parent)
 
 
 def serve() -> None:

@@ -110,6 +110,29 @@ def test_the_wheel_installs_flowstore_alone_at_the_top_level(dist: Path) -> None
         assert b"kafka = flowstore.adapters.kafka.publisher:kafka_publisher" in entry_points
 
 
+def test_the_rebuilds_read_ahead_process_starts_from_the_installed_package(
+    installed: Path, tmp_path: Path
+) -> None:
+    """The child puts the folder holding `flowstore` on its path, not a folder inside it."""
+    purelib = run(
+        installed, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"
+    ).stdout.strip()
+    code = (
+        "from flowstore.projections import readahead as r; print(r.package_root()); print(r._BOOT)"
+    )
+    root, boot = run(installed, "-c", code, cwd=tmp_path).stdout.strip().splitlines()
+    assert Path(root) == Path(purelib)
+    # The child's program imports and, its parent gone at once (no settings), ends quietly.
+    child = subprocess.run(
+        [installed, "-c", boot, root],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=120,
+    )
+    assert child.returncode == 0, child.stderr
+
+
 def test_the_sdist_carries_the_tests_and_the_linked_packages(dist: Path) -> None:
     with tarfile.open(next(dist.glob("*.tar.gz"))) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
@@ -136,7 +159,12 @@ def test_an_app_with_its_own_adapters_and_projections_packages_still_gets_ours(
     # python -m puts the app's folder first on sys.path, where its own packages shadow any others.
     version = run(installed, "-m", "flowstore.adapters.cli", "--version", cwd=app)
     # Read-only commands create no database: make one first (through the installed package).
-    run(installed, "-c", f"from flowstore import FlowStore; FlowStore({url!r}, kafka=False).close()", cwd=app)
+    run(
+        installed,
+        "-c",
+        f"from flowstore import FlowStore; FlowStore({url!r}, kafka=False).close()",
+        cwd=app,
+    )
     assert version.stdout.strip().startswith("flowstore ")
     listed = run(
         installed, "-m", "flowstore.adapters.cli", "--url", url, "--json", "flows", "list", cwd=app
