@@ -441,8 +441,7 @@ def _migrated(f: _Fold, e: Event, attempts: int) -> None:
     # funnel counts that as moving on from the old step and entering the new one, which
     # keeps entered == moved_on + dropped + current for every non-terminal step.
     if e["to_step"] != e["from_step"]:
-        f.step(e["from_step"], "moved_on")
-        f.step(e["to_step"], "entered")
+        f.moved(e["from_step"], e["to_step"])
     f.state(
         step=e["to_step"], service=e["service"], previous=e["previous"], entered_at=e["timestamp"]
     )
