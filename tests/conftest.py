@@ -15,6 +15,8 @@ import pytest
 from hypothesis import settings
 
 from flowstore import FlowStore
+from flowstore.projections.sql import SqlProjections
+from flowstore.storage import parse_url
 from tests.flows import Clock, onboarding
 from tests.pgserver import PostgresServer
 
@@ -49,6 +51,14 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'flowstore.db'}"
     server: PostgresServer = request.getfixturevalue("pg_server")
     return server.create_database()
+
+
+@pytest.fixture
+def tables(store_url: str) -> Iterator[SqlProjections]:
+    """A second handle on the store's tables, to read, damage or rebuild them from outside."""
+    handle = SqlProjections(parse_url(store_url))
+    yield handle
+    handle.close()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +32,6 @@ from tests.flows import Clock, linear, onboarding
 from tests.strategies import TRANSITION_NAMES, flow_definitions
 
 FLOW = "user-onboarding"
-
-
-@pytest.fixture
-def tables(store_url: str) -> Iterator[SqlProjections]:
-    """A second handle on the store's tables, to read and damage them from outside."""
-    handle = SqlProjections(parse_url(store_url))
-    yield handle
-    handle.close()
 
 
 commands = st.lists(

@@ -7,7 +7,6 @@ import contextlib
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,21 +15,12 @@ from sqlalchemy import inspect
 from flowstore import FlowError, FlowStore
 from flowstore.projections.readahead import ReadAhead
 from flowstore.projections.sql import SqlProjections
-from flowstore.storage import parse_url
 from flowstore.testing import Internals
 from tests.flows import onboarding
 from tests.integration.test_encryption import new_key
 from tests.reliability.test_bad_input import corrupt, seed
 
 FLOW = "user-onboarding"
-
-
-@pytest.fixture
-def tables(store_url: str) -> Iterator[SqlProjections]:
-    """A second handle on the store's tables, to rebuild them and look at them from outside."""
-    handle = SqlProjections(parse_url(store_url))
-    yield handle
-    handle.close()
 
 
 def _instance_indexes(tables: SqlProjections) -> set[str]:
