@@ -61,6 +61,12 @@ class _WithoutConsole:
             return
         self.rows.add(table, key, deltas)
 
+    def add_spans(
+        self, table: str, flow_id: str, second: int, last: Any, deltas: Mapping[str, float]
+    ) -> None:
+        if table == "activity":  # the minute's bucket only
+            self.rows.add(table, (flow_id, 60, second - second % 60, last), deltas)
+
 
 def _fold_without_console(
     kind: str, event: Mapping[str, Any], previous: Any, attempts: int, rows: RowChanges

@@ -17,17 +17,18 @@ from sqlalchemy import Table
 
 from flowstore.codec import PlainEvent
 from flowstore.domain import DomainEvent
-from flowstore.projections.ops import ATTEMPT_KINDS, INSTANCE_KINDS, fold
+from flowstore.projections.ops import ACTIVITY_SPANS, ATTEMPT_KINDS, INSTANCE_KINDS, fold
 from flowstore.projections.tables import ProjectionTables
 
-__all__ = ["INSERT", "PUT", "SUM", "RowBatch", "RowCache", "StateKey", "columns_of"]
+__all__ = ["INSERT", "PUT", "SUM", "UPDATE", "RowBatch", "RowCache", "StateKey", "columns_of"]
 
 StateKey = tuple[str, str]
 """(user_id, flow_id)"""
 
-INSERT, PUT, SUM = "insert", "put", "sum"
-"""How a batch's rows of a table reach it: inserted (facts), replacing the row at their key, or
-added to it (counters)."""
+INSERT, PUT, SUM, UPDATE = "insert", "put", "sum", "update"
+"""How a batch's rows of a table reach it: inserted (facts), replacing the row at their key, added
+to it (counters), or (UPDATE, `RowBatch.rows` with `changes`) only some columns of a row known to
+be there set (each row then holds the key and those columns, the same ones in every row)."""
 
 _KEYS: dict[Table, tuple[list[str], list[str]]] = {}
 
@@ -59,11 +60,18 @@ class RowBatch:
         self._load_state = load_state
         self._load_attempts = load_attempts
         self.states: dict[StateKey, dict[str, Any] | None] = {}
+        self.loaded: dict[StateKey, dict[str, Any] | None] = {}
+        """The state rows as the tables held them before this batch (those it looked up)."""
         self.dirty: set[StateKey] = set()
         self.erased: set[str] = set()
         """Ids of instances whose rows written before this batch must go (before its own rows)."""
         self.inserted: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
         self.sums: defaultdict[str, dict[tuple[Any, ...], dict[str, float]]] = defaultdict(dict)
+        # `add_spans`' changes summed by second, spread over their buckets when read (`settle`):
+        # a batch's events come a few hundred to the second, so this is one add each, not two.
+        self._by_second: defaultdict[str, dict[tuple[str, int, Any], dict[str, float]]] = (
+            defaultdict(dict)
+        )
         self.puts: defaultdict[str, dict[tuple[Any, ...], dict[str, Any]]] = defaultdict(dict)
         self.forget_before: defaultdict[str, dict[str, int]] = defaultdict(dict)
         """table -> flow_id -> the second below which its rows go"""
@@ -74,7 +82,7 @@ class RowBatch:
     def state(self, key: StateKey) -> dict[str, Any] | None:
         """The current state row of an instance, as far as this batch knows."""
         if key not in self.states:
-            self.states[key] = self._load_state(key)
+            self.states[key] = self.loaded[key] = self._load_state(key)
         return self.states[key]
 
     def apply(self, event: DomainEvent | PlainEvent) -> None:
@@ -97,7 +105,8 @@ class RowBatch:
                 self._attempts[flow] = self._load_attempts(flow)
             attempts = self._attempts[flow]
             self._attempts[flow] = attempts + 1
-        fold(kind, event, self.state(key), attempts, self)
+        states = self.states
+        fold(kind, event, states[key] if key in states else self.state(key), attempts, self)
 
     def apply_all(self, events: Iterable[DomainEvent | PlainEvent]) -> RowBatch:
         """Fold many events; returns self."""
@@ -136,6 +145,27 @@ class RowBatch:
             for name, delta in deltas.items():
                 found[name] = found.get(name, 0) + delta
 
+    def add_spans(
+        self, table: str, flow_id: str, second: int, last: Any, deltas: Mapping[str, float]
+    ) -> None:
+        """Add to the rows of the buckets holding `second` (summed by second until `settle`)."""
+        rows = self._by_second[table]
+        key = (flow_id, second, last)
+        found = rows.get(key)
+        if found is None:
+            rows[key] = dict(deltas)
+        else:
+            for name, delta in deltas.items():
+                found[name] = found.get(name, 0) + delta
+
+    def settle(self) -> None:
+        """Spread the changes `add_spans` summed by second over their buckets' rows in `sums`."""
+        for table, seconds in self._by_second.items():
+            for (flow, second, last), deltas in seconds.items():
+                for span in ACTIVITY_SPANS:
+                    self.add(table, (flow, span, second - second % span, last), deltas)
+        self._by_second.clear()
+
     def put(self, table: str, key: tuple[Any, ...], row: dict[str, Any]) -> None:
         """Replace the row at `key`."""
         self.puts[table][key] = row
@@ -147,11 +177,25 @@ class RowBatch:
 
     # Reading the result
 
-    def rows(self, tables: ProjectionTables) -> Iterator[tuple[Table, str, list[dict[str, Any]]]]:
-        """Every table's rows of this batch as whole rows: (table, INSERT | PUT | SUM, rows)."""
+    def rows(
+        self, tables: ProjectionTables, *, changes: bool = False
+    ) -> Iterator[tuple[Table, str, list[dict[str, Any]]]]:
+        """Every table's rows of this batch as whole rows: (table, INSERT | PUT | SUM, rows).
+
+        `changes`: a state row the tables hold (as looked up, and not erased by this batch) comes
+        as an UPDATE of the columns that changed (by groups of rows changing the same columns),
+        and not at all when none did: a run's next step changes a few of its eighteen columns,
+        and rewriting the others would rewrite their index entries (five indexes) too.
+        """
+        self.settle()
         states = [row for key in self.dirty if (row := self.states[key]) is not None]
+        updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        if changes and self.loaded:
+            states, updates = self._changes(tables.states, states)
         if states:
             yield tables.states, PUT, states
+        for group in updates.values():
+            yield tables.states, UPDATE, group
         for name, facts in self.inserted.items():
             if facts:
                 yield getattr(tables, name), INSERT, facts
@@ -171,8 +215,31 @@ class RowBatch:
                 ],
             )
 
+    def _changes(
+        self, table: Table, states: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], dict[tuple[str, ...], list[dict[str, Any]]]]:
+        """The state rows to write whole, and the others' changed columns by the columns."""
+        keys, _ = columns_of(table)
+        changed_in = _changed_columns(table)
+        whole: list[dict[str, Any]] = []
+        updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        loaded, erased = self.loaded, self.erased
+        for row in states:
+            old = loaded.get((row["user_id"], row["flow_id"]))
+            if old is None or old["instance_id"] in erased:  # not in the tables (or deleted)
+                whole.append(row)
+                continue
+            changed = changed_in(row, old)
+            if changed:
+                update = {k: row[k] for k in keys}
+                for c in changed:
+                    update[c] = row[c]
+                updates.setdefault(changed, []).append(update)
+        return whole, updates
+
     def forget_old(self) -> None:
         """Drop summed rows that fell out of their retention window (in-memory replays)."""
+        self.settle()
         for name, bounds in self.forget_before.items():
             sums = self.sums[name]
             for key in [k for k in sums if k[1] < bounds.get(k[0], k[1])]:
@@ -196,8 +263,35 @@ class RowBatch:
             or self.erased
             or any(self.inserted.values())
             or any(self.sums.values())
+            or any(self._by_second.values())
             or any(self.puts.values())
         )
+
+
+_EXACT = (str, int, bool)
+"""Values whose `==` means the same stored value (unlike floats, 1 == 1.0 and -0.0 == 0.0, or
+datetimes, equal in two time zones, or JSON documents, {"n": 1} == {"n": 1.0}): other values
+count as unchanged only when they are the very object the row held."""
+
+_CHANGED: dict[Table, Callable[[dict[str, Any], dict[str, Any]], tuple[str, ...]]] = {}
+
+
+def _changed_columns(table: Table) -> Callable[[dict[str, Any], dict[str, Any]], tuple[str, ...]]:
+    """A function from (new row, old row) to the non-key columns whose stored value changed,
+    written out for the table's columns (a loop over them costs twice as much)."""
+    if table not in _CHANGED:
+        _, others = columns_of(table)
+        lines = ["def changed(n, o):", "    found = []"]
+        for c in others:
+            lines += [
+                f"    a, b = n[{c!r}], o[{c!r}]",
+                "    if a is not b and not (type(a) is type(b) and type(a) in exact and a == b):",
+                f"        found.append({c!r})",
+            ]
+        namespace: dict[str, Any] = {"exact": _EXACT}
+        exec("\n".join([*lines, "    return tuple(found)"]), namespace)  # our own code
+        _CHANGED[table] = namespace["changed"]
+    return _CHANGED[table]
 
 
 class RowCache:

@@ -103,6 +103,12 @@ class RowChanges(Protocol):
     def add(self, table: str, key: tuple[Any, ...], deltas: Mapping[str, float]) -> None:
         """Add `deltas` to the row at `key` (a new row starts at zero)."""
 
+    def add_spans(
+        self, table: str, flow_id: str, second: int, last: Any, deltas: Mapping[str, float]
+    ) -> None:
+        """Add `deltas` to the rows `(flow_id, span, start, last)` of the buckets holding `second`,
+        one per span of `ACTIVITY_SPANS` (`start` = `second - second % span`)."""
+
     def put(self, table: str, key: tuple[Any, ...], row: dict[str, Any]) -> None:
         """Replace the row at `key` with `row`'s non-key columns."""
 
@@ -213,9 +219,7 @@ class _Fold:
 
     def activity(self, second: int, step: str, deltas: Mapping[str, float]) -> None:
         """Add to the flow's activity in the minute and in the hour of `second`."""
-        add, flow = self.rows.add, self.flow
-        for span in ACTIVITY_SPANS:
-            add("activity", (flow, span, second - second % span, step), deltas)
+        self.rows.add_spans("activity", self.flow, second, step, deltas)
 
     def count(self, deltas: dict[str, float]) -> None:
         """Add to the flow's counters, and to its activity: runs by the bucket they started in
@@ -278,9 +282,7 @@ class _Fold:
         )
         rows.add("throughput", (flow, second), {"attempts": 1})
         rows.forget("throughput", flow, (second // hour - 1) * hour)
-        timed = response_bin(elapsed)
-        for span in ACTIVITY_SPANS:
-            rows.add("response_times", (flow, span, second - second % span, timed), {"attempts": 1})
+        rows.add_spans("response_times", flow, second, response_bin(elapsed), {"attempts": 1})
 
 
 def _started(f: _Fold, e: Event, attempts: int) -> None:

@@ -37,6 +37,7 @@ import flowstore.projections.tables as layouts
 from flowstore.domain import DomainEvent
 from flowstore.errors import ProjectionLayoutError
 from flowstore.eventlog import UnreadableEvent, storage_errors
+from flowstore.gcpause import reference_counting_only
 from flowstore.projections.batch import RowBatch, RowCache, StateKey, columns_of
 from flowstore.projections.queries import Queries, percentile, row_dict
 from flowstore.projections.rebuild import Rebuilds
@@ -290,11 +291,13 @@ class SqlProjections(Queries, Verification, Rebuilds):
                     if self._owned_position is not None:
                         return self.position()  # exact, even if another process moved further
                     return position
-                with _LazyRead(self._read) as conn:
-                    batch = self._fold(conn, self.tables, events, cache=self._rows)
-                # The rows become statements' parameters before the write lock is taken: the
-                # commands waiting for it then wait only while they are sent.
-                prepared = self._prepare(self.tables, batch)
+                # A batch's rows and statements' parameters make no cycles (`gcpause`).
+                with reference_counting_only():
+                    with _LazyRead(self._read) as conn:
+                        batch = self._fold(conn, self.tables, events, cache=self._rows)
+                    # The rows become statements' parameters before the write lock is taken:
+                    # the commands waiting for it then wait only while they are sent.
+                    prepared = self._prepare(self.tables, batch)
                 new = events[-1][0]
                 self._owned_position = None  # until the write transaction commits
                 with self._writing() as conn:
@@ -448,7 +451,7 @@ class SqlProjections(Queries, Verification, Rebuilds):
 
     def _prepare(self, t: ProjectionTables, batch: RowBatch) -> PreparedWrites:
         """The batch's rows as the writer sends them (no connection, no lock needed)."""
-        return self._writer.prepare(list(batch.rows(t)))
+        return self._writer.prepare(list(batch.rows(t, changes=self._sqlite)))
 
     def _write(
         self,
@@ -464,7 +467,7 @@ class SqlProjections(Queries, Verification, Rebuilds):
                 if "instance_id" in table.c:
                     conn.execute(delete(table).where(table.c.instance_id.in_(erased)))
         if prepared is None:
-            self._writer.write_all(conn, list(batch.rows(t)))
+            self._writer.write_all(conn, list(batch.rows(t, changes=self._sqlite)))
         else:
             self._writer.run(conn, prepared)
         for name, bounds in batch.forget_before.items():

@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeEngine
 
-from flowstore.projections.batch import INSERT, SUM, columns_of
+from flowstore.projections.batch import INSERT, SUM, UPDATE, columns_of
 
 __all__ = ["PreparedWrites", "RowWriter"]
 
@@ -38,13 +38,14 @@ _Processors = tuple[Callable[[dict[str, Any]], tuple[Any, ...]], Callable[[Any],
 
 
 class PreparedWrites:
-    """A batch's writes ready to send (`RowWriter.prepare`): statements with their parameters,
-    and (PostgreSQL) tables to COPY rows into, each with its rows' value tuples."""
+    """A batch's writes ready to send (`RowWriter.prepare`): statements with their parameters
+    (and, for UPDATEs, the rows they must change), and (PostgreSQL) tables to COPY rows into,
+    each with its rows' value tuples."""
 
     __slots__ = ("copies", "statements")
 
     def __init__(self) -> None:
-        self.statements: list[tuple[str, Any]] = []
+        self.statements: list[tuple[str, Any, int | None]] = []
         self.copies: list[tuple[Table, list[Any]]] = []
 
 
@@ -58,7 +59,8 @@ class RowWriter:
         self._marker = "%s" if self._postgres else "?"
         self._statements: dict[tuple[str, str], str] = {}
         self._set_statements: dict[tuple[str, str], str] = {}
-        self._processors: dict[str, _Processors] = {}
+        self._updates: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._processors: dict[tuple[str, tuple[str, ...] | None], _Processors] = {}
 
     def write_all(
         self, conn: Connection, writes: Sequence[tuple[Table, str, Sequence[dict[str, Any]]]]
@@ -78,19 +80,32 @@ class RowWriter:
         others wait for can prepare them before taking it (`run` then only sends them)."""
         prepared = PreparedWrites()
         for table, how, rows in writes:
-            if self._postgres and (how != INSERT or len(rows) <= _COPY_FROM):
-                prepared.statements.append(self._set_execution(table, how, rows))
+            if how == UPDATE:
+                if self._postgres:
+                    raise ValueError("UPDATE rows are for SQLite (PostgreSQL upserts whole rows)")
+                keys, _ = columns_of(table)
+                names = (*(c for c in rows[0] if c not in keys), *keys)
+                prepared.statements.append(
+                    (self._update(table, names), self._values(table, rows, names), len(rows))
+                )
+            elif self._postgres and (how != INSERT or len(rows) <= _COPY_FROM):
+                prepared.statements.append((*self._set_execution(table, how, rows), None))
             elif self._postgres:
                 prepared.copies.append((table, self._values(table, rows)))
             else:
-                prepared.statements.append((self._statement(table, how), self._values(table, rows)))
+                statement = self._statement(table, how)
+                prepared.statements.append((statement, self._values(table, rows), None))
         return prepared
 
     def run(self, conn: Connection, prepared: PreparedWrites) -> None:
         """Send what `prepare` made, in its order (PostgreSQL: the statements in one pipeline)."""
         if not self._postgres:
-            for statement, values in prepared.statements:
-                conn.exec_driver_sql(statement, values)
+            for statement, values, changes in prepared.statements:
+                changed = conn.exec_driver_sql(statement, values).rowcount
+                if changes is not None and changed != changes:
+                    # An UPDATE's rows were looked up as there: the tables moved under this
+                    # batch. Fail it (the transaction rolls back; a catch-up reads them again).
+                    raise RuntimeError(f"{changes - changed} of the rows to update are missing")
             return
         import psycopg  # PostgreSQL only: SQLite installs go without the driver
 
@@ -98,7 +113,7 @@ class RowWriter:
             driver: Any = conn.connection.driver_connection
             try:
                 with driver.pipeline(), driver.cursor() as cursor:
-                    for statement, document in prepared.statements:
+                    for statement, document, _ in prepared.statements:
                         cursor.execute(statement, document, prepare=True)
             except psycopg.Error as exc:  # as SQLAlchemy raises it (storage_errors knows those)
                 raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
@@ -166,24 +181,29 @@ class RowWriter:
             for row in values:
                 copy.write_row(row)
 
-    def _values(self, table: Table, rows: Sequence[dict[str, Any]]) -> list[Any]:
-        """The rows as tuples in column order, each value as SQLAlchemy would bind it, sorted by
-        primary key: the inserts then walk the key's B-tree in order, each of its pages visited
-        once per batch rather than once per row (a rebuild's history rows, a thousand users'
-        interleaved, missed the page cache on every row once the table outgrew it)."""
-        if table.name not in self._processors:
-            self._processors[table.name] = self._tuple_of(table)
-        as_tuple, key = self._processors[table.name]
+    def _values(
+        self, table: Table, rows: Sequence[dict[str, Any]], names: tuple[str, ...] | None = None
+    ) -> list[Any]:
+        """The rows as tuples in column order (or `names`' order), each value as SQLAlchemy would
+        bind it, sorted by primary key: the inserts then walk the key's B-tree in order, each of
+        its pages visited once per batch rather than once per row (a rebuild's history rows, a
+        thousand users' interleaved, missed the page cache on every row once the table outgrew
+        it)."""
+        found = self._processors.get((table.name, names))
+        if found is None:
+            found = self._processors[(table.name, names)] = self._tuple_of(table, names)
+        as_tuple, key = found
         values = [as_tuple(row) for row in rows]
         if key is not None:
             values.sort(key=key)
         return values
 
-    def _tuple_of(self, table: Table) -> _Processors:
-        """A function from a row to its values' tuple, written out for the table's columns (a
-        loop over the columns and their processors cost twice as much), and the key's getter."""
-        names = [c.name for c in table.columns]
-        processors = [_faster(c.type, self._dialect) for c in table.columns]
+    def _tuple_of(self, table: Table, only: tuple[str, ...] | None = None) -> _Processors:
+        """A function from a row to its values' tuple, written out for the table's columns (or
+        `only` those; a loop over the columns and their processors cost twice as much), and the
+        key's getter."""
+        names = list(only) if only is not None else [c.name for c in table.columns]
+        processors = [_faster(table.c[name].type, self._dialect) for name in names]
         namespace: dict[str, Any] = {f"p{i}": p for i, p in enumerate(processors) if p}
         items = [
             f"p{i}(row[{name!r}])" if processor else f"row[{name!r}]"
@@ -192,6 +212,16 @@ class RowWriter:
         exec(f"def as_tuple(row): return ({', '.join(items)},)", namespace)  # our own code
         keys = [names.index(c.name) for c in table.primary_key.columns]
         return namespace["as_tuple"], itemgetter(*keys) if keys else None
+
+    def _update(self, table: Table, names: tuple[str, ...]) -> str:
+        """SQLite: set `names`' columns but the key, of the row at the key (`names`' last)."""
+        if (table.name, names) not in self._updates:
+            q = self._quote
+            keys, _ = columns_of(table)
+            sets = ", ".join(f"{q(c)} = ?" for c in names[: len(names) - len(keys)])
+            where = " AND ".join(f"{q(k)} = ?" for k in keys)
+            self._updates[(table.name, names)] = f"UPDATE {q(table.name)} SET {sets} WHERE {where}"
+        return self._updates[(table.name, names)]
 
     def _statement(self, table: Table, how: str) -> str:
         if (table.name, how) not in self._statements:

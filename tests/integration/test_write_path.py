@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import pytest
 from eventsourcing.persistence import IntegrityError, OperationalError
-from sqlalchemy import inspect
+from sqlalchemy import bindparam, inspect
 from sqlalchemy.dialects import postgresql, sqlite
 
 from flowstore import FlowStore, HistoryKind
@@ -16,7 +16,7 @@ from flowstore.commands import definition_of
 from flowstore.decisions import execute_transition
 from flowstore.domain import FlowInstance, instance_id
 from flowstore.projections import writes
-from flowstore.projections.batch import INSERT, SUM, columns_of
+from flowstore.projections.batch import INSERT, SUM, UPDATE, columns_of
 from flowstore.projections.sql import SqlProjections
 from flowstore.testing import Internals, ring_flow
 
@@ -305,6 +305,15 @@ class _SqlAlchemyWriter:
     def write(self, conn: Any, table: Any, how: str, rows: list[dict[str, Any]]) -> None:
         if how == INSERT:
             conn.execute(table.insert(), rows)
+            return
+        if how == UPDATE:  # some columns of rows known to be there
+            keys, _ = columns_of(table)
+            where = [table.c[k] == bindparam(f"key_{k}") for k in keys]
+            sets = {c: bindparam(f"set_{c}") for c in rows[0] if c not in keys}
+            conn.execute(
+                table.update().where(*where).values(sets),
+                [{f"key_{k}" if k in keys else f"set_{k}": v for k, v in r.items()} for r in rows],
+            )
             return
         insert = (sqlite.insert if conn.dialect.name == "sqlite" else postgresql.insert)(table)
         keys, others = columns_of(table)
