@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from datetime import timedelta
-from functools import lru_cache
 from typing import Any, Protocol
+from uuid import UUID
 
 from flowstore.domain import merge_payload
 from flowstore.models import FlowStatus, HistoryKind
@@ -137,13 +137,33 @@ _NEW_ROW: dict[str, Any] = {
     "entered_at": None,
 }
 _ACTIVE = FlowStatus.ACTIVE.value
+_KINDS = {kind: kind.value for kind in HistoryKind}  # an enum's `.value` is a slow property
+# Deltas many events add, made once (`RowChanges` only reads them).
+_ONE: dict[str, Mapping[str, float]] = {
+    name: {name: 1} for name in ("attempts", "dropped", "entered", "moved_on", "started", "taken")
+}
+_LOOPED: Mapping[str, float] = {"moved_on": 1, "entered": 1}
 _ACTIVITY = frozenset(ACTIVITY_COLUMNS)
 _MS = timedelta(milliseconds=1)
 
 
-_text = lru_cache(maxsize=8192)(str)
-"""An instance id's text: a UUID's `str` is a microsecond of Python, and an instance's events
-come by the dozen (a rebuild's page, a live batch), each decoded to a new but equal UUID."""
+_TEXTS: dict[int, str] = {}
+"""Instance ids' text by the UUID's number: a UUID's `str` (and its hash, for a cache keyed by
+the UUID) is a microsecond of Python, and an instance's events come by the dozen (a rebuild's
+page, a live batch), each decoded to a new but equal UUID."""
+
+
+def _text(uuid: Any) -> str:
+    """An instance id's text (a UUID's, or the id itself if it is text already)."""
+    if type(uuid) is not UUID:
+        return str(uuid)
+    number = uuid.int
+    found = _TEXTS.get(number)
+    if found is None:
+        if len(_TEXTS) >= 8192:
+            _TEXTS.clear()
+        found = _TEXTS[number] = str(uuid)
+    return found
 
 
 class _Fold:
@@ -202,7 +222,7 @@ class _Fold:
                 "version": e["originator_version"],
                 "instance_id": oid,
                 "id": f"{oid}:{e['originator_version']}",
-                "kind": kind.value,
+                "kind": _KINDS[kind],
                 "from_step": from_step or "",
                 "to_step": to_step or "",
                 "transition": transition or "",
@@ -221,12 +241,13 @@ class _Fold:
         """Add to the flow's activity in the minute and in the hour of `second`."""
         self.rows.add_spans("activity", self.flow, second, step, deltas)
 
-    def count(self, deltas: dict[str, float]) -> None:
+    def count(self, deltas: Mapping[str, float]) -> None:
         """Add to the flow's counters, and to its activity: runs by the bucket they started in
         (`completions` by the one they completed in), the rest by the bucket they happened in."""
-        self.rows.add("counters", (self.flow,), deltas)
+        rows = self.rows
+        rows.add("counters", (self.flow,), deltas)
         if _RUN_COUNTS.isdisjoint(deltas) and _ACTIVITY.issuperset(deltas):  # the usual case
-            self.activity(self.second, "", deltas)
+            rows.add_spans("activity", self.flow, self.second, "", deltas)
             return
         by_run = {k: v for k, v in deltas.items() if k in _RUN_COUNTS}
         by_now = {k: v for k, v in deltas.items() if k in ACTIVITY_COLUMNS and k not in by_run}
@@ -241,21 +262,22 @@ class _Fold:
 
     def step(self, step: str, counter: str) -> None:
         """Count one run entering, moving on from or dropping out at `step` (and its buckets)."""
-        self.steps(step, {counter: 1})
+        self.steps(step, _ONE[counter])
 
     def steps(self, step: str, deltas: Mapping[str, float]) -> None:
         """Add `deltas` to `step`'s funnel counts (and its buckets)."""
-        self.rows.add("steps", (self.flow, step), deltas)
-        self.activity(self.second, step, deltas)
+        rows, flow = self.rows, self.flow
+        rows.add("steps", (flow, step), deltas)
+        rows.add_spans("activity", flow, self.second, step, deltas)
 
     def moved(self, from_step: str, to_step: str) -> None:
         """A run moving on from `from_step` and entering `to_step`: one change of each row when
         the steps are the same (a loop), whose sums are those of the two (fewer adds per event)."""
         if from_step == to_step:
-            self.steps(from_step, {"moved_on": 1, "entered": 1})
+            self.steps(from_step, _LOOPED)
         else:
-            self.steps(from_step, {"moved_on": 1})
-            self.steps(to_step, {"entered": 1})
+            self.steps(from_step, _ONE["moved_on"])
+            self.steps(to_step, _ONE["entered"])
 
     def stay_ms(self) -> float | None:
         """For a transition taken: how long the run stayed on the step it leaves, in whole ms
@@ -280,9 +302,9 @@ class _Fold:
         rows.put(
             "samples", (flow, attempts % SAMPLE_SLOTS), {"elapsed_ms": elapsed, "second": second}
         )
-        rows.add("throughput", (flow, second), {"attempts": 1})
+        rows.add("throughput", (flow, second), _ONE["attempts"])
         rows.forget("throughput", flow, (second // hour - 1) * hour)
-        rows.add_spans("response_times", flow, second, response_bin(elapsed), {"attempts": 1})
+        rows.add_spans("response_times", flow, second, response_bin(elapsed), _ONE["attempts"])
 
 
 def _started(f: _Fold, e: Event, attempts: int) -> None:
@@ -292,7 +314,7 @@ def _started(f: _Fold, e: Event, attempts: int) -> None:
         e["step"],
     )
     f.dropped()
-    f.count({"started": 1})
+    f.count(_ONE["started"])
     f.step(e["step"], "entered")
     f.state(
         step=e["step"],
@@ -330,7 +352,7 @@ def _executed(f: _Fold, e: Event, attempts: int) -> None:
         counts["failures"] = 1
     f.count(counts)
     f.moved(e["from_step"], e["to_step"])
-    f.rows.add("transitions", (f.flow, e["from_step"], e["transition"]), {"taken": 1})
+    f.rows.add("transitions", (f.flow, e["from_step"], e["transition"]), _ONE["taken"])
     f.attempt(attempts)
     before = f.previous.get("payload") if f.previous else None
     f.state(
@@ -397,7 +419,7 @@ def _entered(handoff: bool) -> Callable[[_Fold, Event, int], None]:
         )
         f.dropped()
         if restarted:
-            f.count({"started": 1})
+            f.count(_ONE["started"])
         f.step(e["step"], "entered")
         f.state(
             step=e["step"],

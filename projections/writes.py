@@ -261,8 +261,24 @@ _PROBE = datetime(1987, 6, 5, 4, 3, 2, 1, tzinfo=UTC)
 _JSON_PROBES = (None, {"a": [1, 2.5, None, True, "é\"'"], "b": {}})
 
 
+_TEXTS: dict[int, tuple[datetime, str]] = {}
+"""Recent datetimes' SQLite text by the object's id (with the object, so that the id is not
+another's while it is here): a transition's time is its state row's `updated_at` and
+`entered_at` and its history row's `timestamp`, and a run's `started_at` is the same object in
+each of its state rows."""
+
+
 def _sqlite_datetime(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat(" ", "microseconds")[:26]
+    if value is None:
+        return None
+    found = _TEXTS.get(id(value))
+    if found is not None and found[0] is value:
+        return found[1]
+    text = value.isoformat(" ", "microseconds")[:26]
+    if len(_TEXTS) >= 4096:
+        _TEXTS.clear()
+    _TEXTS[id(value)] = (value, text)
+    return text
 
 
 def _faster(column_type: TypeEngine[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
