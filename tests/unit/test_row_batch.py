@@ -1,0 +1,136 @@
+"""The row batch's bookkeeping: bucket spreading and which state columns an UPDATE must set."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flowstore.projections.batch import PUT, UPDATE, RowBatch, _changed_columns, columns_of
+from flowstore.projections.ops import ACTIVITY_SPANS
+from flowstore.projections.tables import define_tables
+from flowstore.storage import make_engine, parse_url
+
+_TABLES = define_tables()
+
+_CHANGES = st.lists(
+    st.tuples(
+        st.sampled_from(["activity", "response_times"]),
+        st.sampled_from(["f", "g"]),
+        st.integers(0, 2 * 3600 + 5),  # seconds across minute and hour boundaries
+        st.sampled_from(["", "a", 3]),
+        st.dictionaries(st.sampled_from(["attempts", "entered", "dropped"]), st.integers(-3, 9)),
+    ),
+    max_size=40,
+)
+
+
+@given(_CHANGES)
+def test_changes_summed_by_second_are_those_added_to_each_bucket(changes: list[Any]) -> None:
+    spread, each = RowBatch(), RowBatch()
+    for table, flow, second, last, deltas in changes:
+        spread.add_spans(table, flow, second, last, deltas)
+        for span in ACTIVITY_SPANS:
+            each.add(table, (flow, span, second - second % span, last), deltas)
+    assert not spread.empty or not changes or all(not d for *_, d in changes)
+    assert sorted(map(repr, spread.rows(_TABLES))) == sorted(map(repr, each.rows(_TABLES)))
+
+
+_MOMENT = datetime(2026, 11, 30, 12, 0, 0, 5, tzinfo=UTC)
+# Values that are == but stored differently, and the same value as another object.
+_VALUES = st.sampled_from(
+    [
+        None,
+        0,
+        1,
+        True,
+        False,
+        1.0,
+        0.0,
+        -0.0,
+        "1",
+        "a",
+        _MOMENT,
+        _MOMENT.astimezone(timezone(timedelta(hours=-3))),
+        _MOMENT + timedelta(0),
+        {"n": 1},
+        {"n": 1.0},
+        {"n": True},
+    ]
+)
+
+
+@given(st.data())
+def test_a_column_counts_as_unchanged_only_when_its_stored_value_is_the_same(
+    data: st.DataObject,
+) -> None:
+    """What the UPDATE leaves out (`RowBatch.rows(changes=True)`) is what SQLite would store
+    again byte for byte: the same type and text after SQLAlchemy's bind processing."""
+    dialect = make_engine(parse_url("memory://")).dialect
+    table = _TABLES.states
+    _, others = columns_of(table)
+    old = {c: data.draw(_VALUES) for c in others}
+    new = {c: data.draw(st.just(old[c]) | _VALUES) for c in others}
+    changed = _changed_columns(table)(new, old)
+    for column in others:
+        process = table.c[column].type.dialect_impl(dialect).bind_processor(dialect)
+
+        def stored(value: Any, process: Any = process) -> str:
+            try:
+                value = process(value) if process is not None else value
+            except (TypeError, AttributeError, ValueError):
+                return f"unbindable {value!r}"
+            return f"{type(value).__name__} {value!r}"
+
+        if column not in changed:
+            assert stored(new[column]) == stored(old[column]), column
+
+
+def _event(user: str, version: int, payload: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "flow_id": "f",
+        "user_id": user,
+        "originator_id": f"id-{user}",
+        "originator_version": version,
+        "definition_version": 1,
+        "timestamp": _MOMENT + timedelta(seconds=version),
+        "from_step": "a",
+        "to_step": "a",
+        "transition": "go",
+        "payload": payload,
+        "elapsed_ms": 1.5,
+        "service": "svc",
+        "previous": None,
+        "ok": True,
+        "message": None,
+        "expires_at": None,
+        "rules": 1,
+    }
+
+
+def test_state_rows_the_tables_hold_come_as_updates_of_their_changed_columns() -> None:
+    first = RowBatch()
+    first.apply_fields("TransitionExecuted", _event("ann", 1, {"n": 1}))
+    held = first.states[("ann", "f")]
+    batch = RowBatch(lambda key: held if key == ("ann", "f") else None)
+    batch.apply_fields("TransitionExecuted", _event("ann", 2, {"n": 1}))
+    batch.apply_fields("TransitionExecuted", _event("bob", 1, {"n": 1}))
+    states = [
+        (how, rows) for t, how, rows in batch.rows(_TABLES, changes=True) if t is _TABLES.states
+    ]
+    assert [how for how, _ in states] == [PUT, UPDATE]
+    assert [r["user_id"] for r in states[0][1]] == ["bob"]  # not in the tables: written whole
+    (update,) = states[1][1]
+    assert set(update) == {
+        "user_id",
+        "flow_id",
+        "payload",  # a new (equal) document: written again
+        "version",
+        "updated_at",
+        "entered_at",
+    }
+    assert update["version"] == 2
+    whole = [how for t, how, _ in batch.rows(_TABLES) if t is _TABLES.states]
+    assert whole == [PUT]  # without `changes`: whole rows, as verify compares them
