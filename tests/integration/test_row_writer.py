@@ -13,7 +13,7 @@ from sqlalchemy import Engine, delete, select, text
 
 from flowstore.projections.batch import INSERT, PUT, SUM
 from flowstore.projections.tables import define_tables
-from flowstore.projections.writes import RowWriter, _sqlite_datetime
+from flowstore.projections.writes import RowWriter, _faster, _sqlite_datetime
 from flowstore.storage import make_engine, parse_url
 from tests.strategies import payloads
 
@@ -29,6 +29,26 @@ def test_sqlite_datetimes_are_written_as_sqlalchemy_writes_them(moment: datetime
     process = column.type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
     assert process is not None
     assert _sqlite_datetime(moment) == process(moment)
+
+
+@given(st.none() | st.booleans() | st.integers(-2, 2) | st.floats() | st.text(max_size=2))
+def test_sqlite_booleans_are_written_and_refused_as_sqlalchemy_does(value: Any) -> None:
+    engine = make_engine(parse_url("memory://"))
+    column_type = define_tables().history.c.success.type
+    theirs = column_type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
+    ours = _faster(column_type, engine.dialect)
+    assert theirs is not None
+    assert ours is not None
+    assert ours is not theirs  # the faster one is in use
+    try:
+        expected = repr(theirs(value))
+    except (TypeError, ValueError):
+        expected = "refused"
+    try:
+        got = repr(ours(value))
+    except (KeyError, TypeError):
+        got = "refused"
+    assert got == expected
 
 
 @pytest.fixture
