@@ -201,19 +201,12 @@ class RowBatch:
                 yield getattr(tables, name), INSERT, facts
         for name, changed in self.puts.items():
             table = getattr(tables, name)
-            keys, _ = columns_of(table)
-            yield table, PUT, [dict(zip(keys, k, strict=True)) | r for k, r in changed.items()]
+            put, _ = _whole_rows(table)
+            yield table, PUT, [put(k, r) for k, r in changed.items()]
         for name, sums in self.sums.items():
             table = getattr(tables, name)
-            keys, values = columns_of(table)
-            yield (
-                table,
-                SUM,
-                [
-                    dict(zip(keys, k, strict=True)) | {c: d.get(c, 0) for c in values}
-                    for k, d in sums.items()
-                ],
-            )
+            _, summed = _whole_rows(table)
+            yield table, SUM, [summed(k, d) for k, d in sums.items()]
 
     def _changes(
         self, table: Table, states: list[dict[str, Any]]
@@ -266,6 +259,27 @@ class RowBatch:
             or any(self._by_second.values())
             or any(self.puts.values())
         )
+
+
+_WholeRow = Callable[[tuple[Any, ...], Mapping[str, Any]], dict[str, Any]]
+_WHOLE: dict[Table, tuple[_WholeRow, _WholeRow]] = {}
+
+
+def _whole_rows(table: Table) -> tuple[_WholeRow, _WholeRow]:
+    """Functions from (key, columns) to the whole row: a put's (its columns), and a sum's (the
+    deltas, 0 for columns without one), written out for the table's columns."""
+    if table not in _WHOLE:
+        keys, others = columns_of(table)
+        key = ", ".join(f"{k!r}: key[{i}]" for i, k in enumerate(keys))
+        summed = ", ".join(f"{c!r}: get({c!r}, 0)" for c in others)
+        namespace: dict[str, Any] = {}
+        exec(  # our own code
+            f"def put(key, row): return {{{key}, **row}}\n"
+            f"def summed(key, deltas):\n    get = deltas.get\n    return {{{key}, {summed}}}",
+            namespace,
+        )
+        _WHOLE[table] = (namespace["put"], namespace["summed"])
+    return _WHOLE[table]
 
 
 _EXACT = (str, int, bool)
