@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from datetime import timedelta
+from datetime import date, datetime, timedelta, timezone, tzinfo
 from typing import Any, Protocol
 from uuid import UUID
+
+from pydantic_core import TzInfo
 
 from flowstore.domain import merge_payload
 from flowstore.models import FlowStatus, HistoryKind
@@ -166,6 +168,38 @@ def _text(uuid: Any) -> str:
     return found
 
 
+_FIXED_ZONES = (timezone, TzInfo)
+"""Time zone types whose offset is the same at any moment (the standard library's and
+pydantic's, which decoded events carry)."""
+_OFFSETS: dict[int, tuple[tzinfo, int]] = {}
+_EPOCH_DAY = date(1970, 1, 1).toordinal()
+
+
+def _second(moment: datetime) -> int:
+    """`int(moment.timestamp())` from the fields, for an aware moment in a fixed-offset zone:
+    its `timestamp()` asks pydantic's zone for the offset on every call (twice the time)."""
+    zone = moment.tzinfo
+    found = _OFFSETS.get(id(zone))
+    if found is None or found[0] is not zone:
+        if zone is None or type(zone) not in _FIXED_ZONES:
+            return int(moment.timestamp())
+        offset = zone.utcoffset(None)
+        if offset is None or offset.microseconds:
+            return int(moment.timestamp())
+        if len(_OFFSETS) >= 64:  # zones are shared objects, but nothing says they must be
+            _OFFSETS.clear()
+        found = _OFFSETS[id(zone)] = (zone, int(offset.total_seconds()))
+    second = (
+        (moment.toordinal() - _EPOCH_DAY) * 86400
+        + moment.hour * 3600
+        + moment.minute * 60
+        + moment.second
+        - found[1]
+    )
+    # `int` of a timestamp rounds towards zero: before 1970, a fraction of a second rounds up.
+    return second + 1 if second < 0 and moment.microsecond else second
+
+
 class _Fold:
     """One event's folding: the event, the rows it reads, and where its changes go."""
 
@@ -175,7 +209,7 @@ class _Fold:
         self.e, self.previous, self.rows = e, previous, rows
         self.flow: str = e["flow_id"]
         self.instance = _text(e["originator_id"])
-        self.second = int(e["timestamp"].timestamp())
+        self.second = _second(e["timestamp"])
 
     def state(self, **fields: Any) -> None:
         # Without a current row (only when one run's events were sealed under two keys, a write
@@ -255,7 +289,7 @@ class _Fold:
             by_now["completions"] = by_run["completed"]
         if by_run:
             started = self.previous.get("started_at") if self.previous else None
-            run = int(started.timestamp()) if started is not None else self.second
+            run = _second(started) if started is not None else self.second
             self.activity(run, "", by_run)
         if by_now:
             self.activity(self.second, "", by_now)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic_core import TzInfo
 
 from flowstore.projections.batch import PUT, UPDATE, RowBatch, _changed_columns, columns_of
-from flowstore.projections.ops import ACTIVITY_SPANS
+from flowstore.projections.ops import ACTIVITY_SPANS, _second
 from flowstore.projections.tables import define_tables
 from flowstore.storage import make_engine, parse_url
 
@@ -134,3 +136,24 @@ def test_state_rows_the_tables_hold_come_as_updates_of_their_changed_columns() -
     assert update["version"] == 2
     whole = [how for t, how, _ in batch.rows(_TABLES) if t is _TABLES.states]
     assert whole == [PUT]  # without `changes`: whole rows, as verify compares them
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from(
+            [
+                UTC,
+                timezone(timedelta(hours=-3)),
+                timezone(timedelta(hours=5, minutes=30)),
+                timezone(timedelta(seconds=1, microseconds=5)),
+                TzInfo(0),
+                TzInfo(-7200),
+                ZoneInfo("Europe/Berlin"),
+            ]
+        ),
+    )
+)
+def test_an_events_second_is_its_timestamps_whole_second(moment: datetime) -> None:
+    assert _second(moment) == int(moment.timestamp())
