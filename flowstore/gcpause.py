@@ -9,10 +9,15 @@ again while they live (measured: 28% of a rebuild's CPU, 20% of a batch of trans
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 __all__ = ["reference_counting_only"]
+
+_guard = threading.Lock()
+_pauses = 0  # stretches in progress, in any thread
+_paused = False  # whether they turned the collector off (it was on when the first began)
 
 
 @contextmanager
@@ -20,13 +25,21 @@ def reference_counting_only() -> Iterator[None]:
     """No cyclic garbage collection meanwhile (a second or two at most).
 
     Cycles other threads make meanwhile wait for the next collection. Left alone when the
-    application turned the collector off.
+    application turned the collector off. Stretches in several threads at once (a batch of
+    commands and the live projector's catch-up) keep it off until the last one ends: the
+    first to end would otherwise turn it on in the middle of the others.
     """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
+    global _pauses, _paused
+    with _guard:
+        _pauses += 1
+        if _pauses == 1 and gc.isenabled():
+            gc.disable()
+            _paused = True
     try:
         yield
     finally:
-        gc.enable()
+        with _guard:
+            _pauses -= 1
+            if _pauses == 0 and _paused:
+                _paused = False
+                gc.enable()
