@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic_core import TzInfo
 from sqlalchemy import Engine, delete, select, text
 
 from flowstore.projections.batch import INSERT, PUT, SUM
@@ -22,7 +23,11 @@ _MOMENTS = st.datetimes(
 )
 
 
-@given(st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=-3))])))
+@given(
+    st.datetimes(
+        timezones=st.sampled_from([UTC, timezone(timedelta(hours=-3)), TzInfo(5400)]) | st.none()
+    )
+)
 def test_sqlite_datetimes_are_written_as_sqlalchemy_writes_them(moment: datetime) -> None:
     engine = make_engine(parse_url("memory://"))
     column = define_tables().history.c.timestamp
