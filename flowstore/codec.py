@@ -398,7 +398,11 @@ def _decoder(cls: type[DomainEvent]) -> _Decode | None:
         return None  # validators of its own: the model decodes it
     if found.model_validators or cls.model_config.get("extra") not in (None, "ignore"):
         return None
-    lines = ["def decode(originator_id, originator_version, state):", "    get = state.get"]
+    # The required fields first, by subscript in one `try` (a missing one: the model says so);
+    # then the optional ones, each with its default; then each value's test.
+    required = ["    try:"]
+    optional = ["    get = state.get"]
+    tests: list[str] = []
     values = ["'originator_id': originator_id", "'originator_version': originator_version"]
     constants: dict[str, Any] = {"_MISSING": _MISSING, "_match": _TIMESTAMP.fullmatch}
     for i, (name, info) in enumerate(cls.model_fields.items()):
@@ -408,23 +412,24 @@ def _decoder(cls: type[DomainEvent]) -> _Decode | None:
         if test is None or info.metadata:
             return None  # a type these tests do not know, or constraints
         if info.is_required():
-            lines += [
-                f"    v{i} = get({name!r}, _MISSING)",
-                f"    if v{i} is _MISSING: return None",
-            ]
+            required.append(f"        v{i} = state[{name!r}]")
         else:
             if not isinstance(info.default, str | int | float | None):
                 return None  # a mutable default, which the model would copy
             constants[f"d{i}"] = info.default
             # A default is the model's, as is (it does not validate defaults).
-            lines += [
-                f"    v{i} = get({name!r}, _MISSING)",
-                f"    if v{i} is _MISSING: v{i} = d{i}",
-            ]
-            lines += ["    else:"]
+            optional.append(f"    v{i} = get({name!r}, _MISSING)")
+            tests += [f"    if v{i} is _MISSING: v{i} = d{i}", "    else:"]
             test = [f"    {line}" for line in test]
-        lines += test
+        tests += test
         values.append(f"{name!r}: v{i}")
+    required += ["    except KeyError: return None"] if len(required) > 1 else []
+    lines = [
+        "def decode(originator_id, originator_version, state):",
+        *(required if len(required) > 1 else []),
+        *optional,
+        *tests,
+    ]
     lines.append(f"    return {{{', '.join(values)}}}")
     namespace = {**constants, "datetime": datetime}
     exec("\n".join(lines), namespace)  # our own code, written from the model's annotations

@@ -41,17 +41,20 @@ class PausedCollection:
     leaves alive for the next (a page being written, the rows kept) were all made while it was
     off, and the first collections after it is on scan every one of them (measured: 2.8 of a
     rebuild's 45 CPU µs per event, re-enabling it after each 20,000-event page). So it stays
-    off across steps, and `breathe` collects the young generation once every `most` seconds:
-    cycles other threads make meanwhile wait that long at most (older ones, which survived a
-    breath, wait for the end of the loop). A rebuild of 50,000 events takes about two seconds.
+    off across steps; once every `most` seconds (`due`), the loop lets go of what it holds and
+    `breathe` collects the young generation, then only a few objects besides other threads'
+    (whose cycles so wait that long at most; older ones, which survived a breath, wait for the
+    end of the loop).
 
         with PausedCollection() as pause:
             for step in steps:
-                pause.breathe()
+                if pause.due():
+                    ...  # finish the work in flight, drop references to it
+                    pause.breathe()
                 ...
     """
 
-    def __init__(self, most: float = 2.0) -> None:
+    def __init__(self, most: float = 1.0) -> None:
         self.most = most
         self._ours = False
         self._since = 0.0
@@ -64,9 +67,13 @@ class PausedCollection:
         self._since = time.monotonic()
         return self
 
+    def due(self) -> bool:
+        """Whether `most` seconds passed since the last breath (never, if the collector was off)."""
+        return self._ours and time.monotonic() - self._since >= self.most
+
     def breathe(self) -> None:
-        """Between steps: collect the young generation if `most` seconds passed since the last."""
-        if self._ours and time.monotonic() - self._since >= self.most:
+        """Collect the young generation now (if the collector was on before the pause)."""
+        if self._ours:
             gc.collect(0)
             self._since = time.monotonic()
 

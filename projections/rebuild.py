@@ -218,9 +218,16 @@ class Rebuilds:
         # inserts meanwhile; SQLite's driver takes the GIL back for every row, so there it overlaps
         # little). One page in flight at most: memory stays bounded.
         pending: Future[tuple[int, int]] | None = None
+        events: Sequence[tuple[int, DomainEvent]] = ()
+        batch: RowBatch | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="flowstore-rebuild") as writer:
             while True:
-                collection.breathe()
+                if collection.due():
+                    # Once a second, the cyclic collector runs for other threads' cycles: with
+                    # the page in flight written and let go of, it has little of ours to scan.
+                    self._written(pending, progress)
+                    pending, events, batch = None, (), None
+                    collection.breathe()
                 events = cast(Sequence[tuple[int, DomainEvent]], read(position + 1, page))
                 if not events:
                     break

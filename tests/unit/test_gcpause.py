@@ -31,12 +31,13 @@ def test_the_collector_stays_off_across_steps_and_breathes_only_when_due(
 ) -> None:
     with PausedCollection(most=3600) as pause:
         for _ in range(3):
-            pause.breathe()
+            assert not pause.due()
             assert not gc.isenabled()
             junk = [[] for _ in range(5000)]  # far more than a collection's threshold
             del junk
         assert collections == []
         pause.most = 0
+        assert pause.due()
         pause.breathe()
         assert collections == [0]  # the young generation only
         assert not gc.isenabled()
@@ -47,6 +48,7 @@ def test_a_collector_the_application_turned_off_is_left_alone(collections: list[
     gc.disable()
     try:
         with PausedCollection(most=0) as pause:
+            assert not pause.due()
             pause.breathe()
         assert not gc.isenabled()
         assert collections == []
