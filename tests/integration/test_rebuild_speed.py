@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import pickle
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+from uuid import UUID
 
 import pytest
 from sqlalchemy import inspect
@@ -16,7 +20,7 @@ from sqlalchemy import inspect
 from flowstore import FlowError, FlowStore
 from flowstore.errors import CorruptEventError
 from flowstore.eventlog import UnreadableEvent
-from flowstore.projections.readahead import ReadAhead
+from flowstore.projections.readahead import ReadAhead, compact
 from flowstore.projections.sql import SqlProjections
 from flowstore.testing import Internals
 from tests.flows import onboarding
@@ -127,7 +131,7 @@ import sys
 from flowstore import FlowError, FlowStore
 from flowstore.errors import CorruptEventError
 from flowstore.eventlog import UnreadableEvent
-from flowstore.projections.readahead import ReadAhead
+from flowstore.projections.readahead import ReadAhead, compact
 from flowstore.testing import Internals
 store = FlowStore(sys.argv[1], live_projections=False)
 parts = Internals(store)._parts
@@ -212,3 +216,35 @@ def test_the_collector_stays_off_through_a_rebuild_and_is_back_on_after(
         assert not any(seen)
         assert gc.isenabled()
         assert store.verify_projections() == []
+
+
+def test_the_reading_child_sends_each_string_of_a_page_once() -> None:
+    """`compact`: the same events (definition events as their kind alone), equal strings of
+    instance events as one object, so that the parent unpickles each once per page."""
+    instance = UUID(int=5)
+    moment = datetime(2026, 1, 2, tzinfo=UTC)
+    events: list[tuple[int, Any]] = [
+        (
+            n,
+            (
+                "FlowCleared",
+                {
+                    "originator_id": instance,
+                    "timestamp": moment,
+                    "flow_id": "".join(["f", "1"]),
+                    "from_step": None,
+                    "user_id": f"u{n % 2}",
+                },
+            ),
+        )
+        for n in range(1, 5)
+    ]
+    events.append((5, ("FlowDefined", {"definition": object()})))
+    events.append((6, UnreadableEvent(6, str(instance), 3, "bad")))
+    sent = compact(events)
+    assert sent[:4] == events[:4]
+    assert sent[4:] == [(5, ("FlowDefined", {})), events[5]]
+    flows = {id(fields["flow_id"]) for _, (_, fields) in sent[:4]}
+    users = {id(fields["user_id"]) for _, (_, fields) in sent[:4]}
+    assert (len(flows), len(users)) == (1, 2)
+    assert pickle.loads(pickle.dumps(sent, protocol=5)) == sent
