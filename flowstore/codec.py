@@ -34,7 +34,6 @@ from pydantic import BaseModel
 from flowstore.domain import DomainEvent, InstanceEvent
 from flowstore.errors import CorruptEventError, EncryptionKeyError
 from flowstore.keys import (
-    _NONCE,
     ERASED_USER_PREFIX,
     PERSONAL_FIELDS,
     SealedKey,
@@ -156,10 +155,10 @@ class PydanticMapper(Mapper[Any]):
         building a `StoredEvent` per row.
 
         The usual event (flowstore's own kinds, sealed with a key this process can look up,
-        orjson's JSON) is decoded in one straight loop: each user's key
-        looked up once per page, the sealed fields opened in place. Any step of it that does not
-        go as usual leaves the event as it was for the general path (`to_plain_event`), which
-        decides: so the same events decode, to the same fields, and the same are rejected.
+        orjson's JSON) is decoded in one straight loop: each user's key looked up once per page,
+        the sealed fields opened in place. Any step of it that does not go as usual leaves the
+        event as it was for the general path (`to_plain_event`), which decides: so the same
+        events decode, to the same fields, and the same are rejected.
         """
         decoded = self._decoded
         if self.cipher or self.compressor or type(self.transcoder) is not OrjsonTranscoder:
@@ -209,9 +208,8 @@ class PydanticMapper(Mapper[Any]):
                         context = (bound.get(id(oid)) or bound.setdefault(id(oid), oid.bytes)) + (
                             version.to_bytes(8, "big")
                         )
-                        personal = loads(
-                            key.aead.decrypt(sealed[:_NONCE], sealed[_NONCE:], context)
-                        )
+                        plaintext = key.open(sealed, context)
+                        personal = None if plaintext is None else loads(plaintext)
                     except Exception:  # altered: the general path names it
                         personal = None
                     if type(personal) is not dict:
