@@ -9,7 +9,6 @@ again while they live (measured: 28% of a rebuild's CPU, 20% of a batch of trans
 from __future__ import annotations
 
 import gc
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,34 +17,21 @@ from types import TracebackType
 __all__ = ["PausedCollection", "reference_counting_only"]
 
 
-_guard = threading.Lock()
-_pauses = 0  # `reference_counting_only` stretches in progress, in any thread
-_paused = False  # whether they turned the collector off (it was on when the first began)
-
-
 @contextmanager
 def reference_counting_only() -> Iterator[None]:
     """No cyclic garbage collection meanwhile (a second or two at most).
 
     Cycles other threads make meanwhile wait for the next collection. Left alone when the
-    application turned the collector off. Stretches in several threads at once (a batch of
-    commands and the live projector's catch-up) keep it off until the last one ends: the
-    first to end would otherwise turn it on in the middle of the others.
+    application turned the collector off.
     """
-    global _pauses, _paused
-    with _guard:
-        _pauses += 1
-        if _pauses == 1 and gc.isenabled():
-            gc.disable()
-            _paused = True
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
     try:
         yield
     finally:
-        with _guard:
-            _pauses -= 1
-            if _pauses == 0 and _paused:
-                _paused = False
-                gc.enable()
+        gc.enable()
 
 
 class PausedCollection:

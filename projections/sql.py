@@ -37,7 +37,6 @@ import flowstore.projections.tables as layouts
 from flowstore.domain import DomainEvent
 from flowstore.errors import ProjectionLayoutError
 from flowstore.eventlog import UnreadableEvent, storage_errors
-from flowstore.gcpause import reference_counting_only
 from flowstore.projections.batch import RowBatch, RowCache, StateKey, columns_of
 from flowstore.projections.queries import Queries, percentile, row_dict
 from flowstore.projections.rebuild import Rebuilds
@@ -291,13 +290,11 @@ class SqlProjections(Queries, Verification, Rebuilds):
                     if self._owned_position is not None:
                         return self.position()  # exact, even if another process moved further
                     return position
-                # A batch's rows and statements' parameters make no cycles (`gcpause`).
-                with reference_counting_only():
-                    with _LazyRead(self._read) as conn:
-                        batch = self._fold(conn, self.tables, events, cache=self._rows)
-                    # The rows become statements' parameters before the write lock is taken:
-                    # the commands waiting for it then wait only while they are sent.
-                    prepared = self._prepare(self.tables, batch)
+                with _LazyRead(self._read) as conn:
+                    batch = self._fold(conn, self.tables, events, cache=self._rows)
+                # The rows become statements' parameters before the write lock is taken: the
+                # commands waiting for it then wait only while they are sent.
+                prepared = self._prepare(self.tables, batch)
                 new = events[-1][0]
                 self._owned_position = None  # until the write transaction commits
                 with self._writing() as conn:
