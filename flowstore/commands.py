@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from datetime import datetime
 from typing import cast
 from uuid import UUID
@@ -97,10 +97,19 @@ class Commands:
     @contextmanager
     def locked(self, iids: Iterable[UUID]) -> Iterator[None]:
         """Hold the locks of these instances (in one order everywhere, so no two callers deadlock)."""
-        with ExitStack() as held:
-            for stripe in sorted({self._stripe(iid) for iid in iids}):
-                held.enter_context(self._instance_locks[stripe])
+        # Taken and released by hand: a batch takes up to all of them, and an `ExitStack` of
+        # as many contexts cost a microsecond per request of a batch.
+        stripe = self._stripe
+        locks = [self._instance_locks[s] for s in sorted({stripe(iid) for iid in iids})]
+        held = 0
+        try:
+            for lock in locks:
+                lock.acquire()
+                held += 1
             yield
+        finally:
+            for lock in reversed(locks[:held]):
+                lock.release()
 
     # Appending
 
@@ -264,13 +273,32 @@ class Commands:
                 return cached
         return self.get_instance(iid)
 
+    def cached_instances(self, iids: Iterable[UUID]) -> dict[UUID, FlowInstance]:
+        """Those of these instances this process has cached (a batch's, under one lock)."""
+        found: dict[UUID, FlowInstance] = {}
+        with self._cache_lock:
+            instances = self._instances
+            for iid in iids:
+                cached = instances.get(iid)
+                if cached is not None:
+                    instances.move_to_end(iid)
+                    found[iid] = cached
+        return found
+
     def remember_instance(self, instance: FlowInstance) -> None:
         """Cache the instance's newest state (least recently used ones go first)."""
+        self.remember_instances((instance,))
+
+    def remember_instances(self, instances: Iterable[FlowInstance]) -> None:
+        """Cache these instances' newest states (least recently used ones go first)."""
         with self._cache_lock:
-            self._instances[instance.id] = instance
-            self._instances.move_to_end(instance.id)
-            while len(self._instances) > self._cache_size:
-                self._instances.popitem(last=False)
+            cache = self._instances
+            for instance in instances:
+                iid = instance.id
+                cache[iid] = instance
+                cache.move_to_end(iid)
+            while len(cache) > self._cache_size:
+                cache.popitem(last=False)
 
     def forget_instance(self, iid: UUID) -> None:
         """Drop the cached state: the next command reads the instance from the log."""
