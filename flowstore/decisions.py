@@ -8,9 +8,8 @@ that carries both its event and the error. No I/O and no clock: the service pass
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from uuid import UUID
 
 from flowstore.definitions import FlowDefinition
@@ -142,9 +141,11 @@ def start_flow(
     return events
 
 
-@dataclass(frozen=True)
-class Decision:
-    """The events a command appends, and the error to raise once they are saved (rejections)."""
+class Decision(NamedTuple):
+    """The events a command appends, and the error to raise once they are saved (rejections).
+
+    A named tuple: immutable, and built in half the time of a frozen dataclass (one per command).
+    """
 
     events: list[InstanceEvent]
     error: FlowError | None = None
