@@ -89,7 +89,7 @@ class PydanticMapper(Mapper[Any]):
             stored = self.compressor.compress(stored)
         if self.cipher:
             stored = self.cipher.encrypt(stored)
-        return StoredEvent(event.originator_id, event.originator_version, topic, stored)
+        return _stored_event(event.originator_id, event.originator_version, topic, stored)
 
     def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[Any]:
         """Rebuild (and type-check) an event from its stored form."""
@@ -233,6 +233,28 @@ _FIELDS: dict[type, _Fields] = {
 """The instance events' fields. Every one is of a type orjson writes as it is (str, int, float,
 bool, None, datetime, a dict of JSON), which `model_dump` returns unchanged: the stored state is
 taken from the event's values as they are, byte for byte what `model_dump` would give."""
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _stored_event(originator_id: UUID, version: int, topic: str, state: bytes) -> StoredEvent:
+    """`StoredEvent(originator_id, version, topic, state)`, its dict set at once: the frozen
+    dataclass's `__init__` sets each field through `object.__setattr__`, twice the cost (one per
+    event appended). Equal to the dataclass's own, field for field (tested)."""
+    stored = _new(StoredEvent)
+    _set(
+        stored,
+        "__dict__",
+        {
+            "originator_id": originator_id,
+            "originator_version": version,
+            "topic": topic,
+            "state": state,
+        },
+    )
+    return stored
 
 
 _Pick = Callable[[dict[str, Any]], dict[str, Any]]
