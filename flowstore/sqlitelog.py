@@ -18,6 +18,7 @@ from uuid import UUID
 from eventsourcing import persistence
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.sqlite import (
+    SQLITE3_DEFAULT_LOCK_TIMEOUT,
     SQLiteApplicationRecorder,
     SQLiteConnection,
     SQLiteConnectionPool,
@@ -37,11 +38,36 @@ SECURE_DELETE = "PRAGMA secure_delete = ON"
 """Run on every new SQLite connection of a store."""
 
 
+_CACHED_STATEMENTS = 64
+"""Prepared statements each of the log's connections keeps (by SQL text)."""
+
+
 class _SecurePool(SQLiteConnectionPool):
     def _create_connection(self) -> SQLiteConnection:
-        connection = super()._create_connection()
-        connection._sqlite_conn.execute(SECURE_DELETE)
-        return connection
+        # As eventsourcing's (the same settings, WAL, rows as sqlite3.Row), but with a statement
+        # cache of more than eventsourcing's one: the readers (the live projector's BEGIN, SELECT,
+        # ROLLBACK) share the pool's connections with the appends, and each statement they ran
+        # evicted the append's, which SQLite then parsed again (a 500-row INSERT: ~0.7 ms).
+        try:
+            sqlite_conn = sqlite3.connect(
+                database=self.db_name,
+                uri=True,
+                check_same_thread=False,
+                isolation_level=None,  # autocommit: transactions are begun explicitly
+                cached_statements=_CACHED_STATEMENTS,
+                timeout=self.lock_timeout or SQLITE3_DEFAULT_LOCK_TIMEOUT,
+            )
+        except (sqlite3.Error, TypeError) as exc:
+            raise persistence.InterfaceError(exc) from exc
+        if not self.is_sqlite_memory_mode and not self.is_journal_mode_wal:
+            mode = sqlite_conn.execute("PRAGMA journal_mode;").fetchone()[0]
+            if mode.lower() != "wal":
+                sqlite_conn.execute("PRAGMA journal_mode=WAL;")
+                self.journal_mode_was_changed_to_wal = True
+            self.is_journal_mode_wal = True
+        sqlite_conn.row_factory = sqlite3.Row
+        sqlite_conn.execute(SECURE_DELETE)
+        return SQLiteConnection(sqlite_conn=sqlite_conn, max_age=self.max_age)
 
 
 # sqlite3's errors as eventsourcing's (what `storage_errors` and the callers expect), in the

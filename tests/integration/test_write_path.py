@@ -466,3 +466,30 @@ def test_a_failing_statement_of_a_pipelined_batch_raises_as_sqlalchemy_does(
             )
         with store.engine.connect() as conn:  # rolled back: the counters were not added to
             assert conn.execute(started).scalar() == before
+
+
+def test_a_sqlite_append_is_not_parsed_again_after_reads_on_its_connection(tmp_path: Any) -> None:
+    # The pool's connections serve the readers too (the live projector's BEGIN, SELECT,
+    # ROLLBACK); with eventsourcing's statement cache of one, each of their statements evicted
+    # the append's INSERT, which SQLite then parsed again (0.7 ms for a batch of 500).
+    with FlowStore(f"sqlite:///{tmp_path / 'cache.db'}", live_projections=False) as store:
+        internals = _with_users(store, "ann")
+        with internals.recorder.datastore.get_connection(commit=True) as conn:
+            raw: sqlite3.Connection = conn._sqlite_conn
+        parsed: list[str] = []
+
+        def authorizer(action: int, table: str | None, *_: Any) -> int:
+            if action == sqlite3.SQLITE_INSERT:  # asked while a statement is parsed only
+                parsed.append(cast(str, table))
+            return sqlite3.SQLITE_OK
+
+        raw.set_authorizer(authorizer)
+        version = store.execute_transition("ann", FLOW, "tick").version
+        first = len(parsed)
+        for _ in range(3):
+            raw.execute("BEGIN")
+            raw.execute("SELECT MAX(rowid) FROM stored_events").fetchall()
+            raw.execute("ROLLBACK")
+            state = store.execute_transition("ann", FLOW, "tick")
+        assert len(parsed) == first <= 1
+        assert state.version == version + 3
