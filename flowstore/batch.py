@@ -273,7 +273,7 @@ class Transitions:
         # The batch's instances are this process's alone until it is written (see Commands).
         with commands.locked(iids):
             # Later requests see earlier ones' effects; those not cached are read when first met.
-            seen: dict[UUID, FlowInstance | None] = dict(commands.cached_instances(iids))
+            seen = commands.cached_instances(iids)
             outcomes: list[FlowInstance | FlowError] = []
             events: list[DomainEvent] = []
             for item in checked:

@@ -273,17 +273,15 @@ class Commands:
                 return cached
         return self.get_instance(iid)
 
-    def cached_instances(self, iids: Iterable[UUID]) -> dict[UUID, FlowInstance]:
-        """Those of these instances this process has cached (a batch's, under one lock)."""
-        found: dict[UUID, FlowInstance] = {}
+    def cached_instances(self, iids: Iterable[UUID]) -> dict[UUID, FlowInstance | None]:
+        """Those of these instances this process has cached (a batch's, under one lock).
+
+        Their places in the cache's order stay as they are: the batch remembers each of them
+        afterwards (`remember_instances`), which makes them the most recently used.
+        """
         with self._cache_lock:
-            instances = self._instances
-            for iid in iids:
-                cached = instances.get(iid)
-                if cached is not None:
-                    instances.move_to_end(iid)
-                    found[iid] = cached
-        return found
+            get = self._instances.get
+            return {iid: cached for iid in iids if (cached := get(iid)) is not None}
 
     def remember_instance(self, instance: FlowInstance) -> None:
         """Cache the instance's newest state (least recently used ones go first)."""
