@@ -42,6 +42,7 @@ def _targets() -> list[tuple[str, object, str]]:
         ("command (execute_transition)", store.FlowStore, "execute_transition"),
         ("  input checks (check_payload)", batch, "check_payload"),
         ("  read instance (cached_instance)", Commands, "cached_instance"),
+        ("  read a batch's instances (cached_instances)", Commands, "cached_instances"),
         ("  decide (decisions.execute_transition)", batch, "execute_transition"),
         ("  definitions (command_versions)", Commands, "command_versions"),
         ("  append (EventLog.save)", EventLog, "save"),
