@@ -80,7 +80,8 @@ class Commands:
         self._cache_size = cache_size
         self._written = written  # told the log position after every append (the live projector)
         self._cache_lock = threading.Lock()
-        self._instances: OrderedDict[UUID, FlowInstance] = OrderedDict()
+        # By the ids' integers: a UUID's hash and equality are Python methods, an int's are not.
+        self._instances: OrderedDict[int, FlowInstance] = OrderedDict()
         self._definitions: dict[str, tuple[FlowVersions, float]] = {}
         self._listeners: tuple[Callable[[str], None], ...] = ()
         self.reactions = Reactions()
@@ -267,9 +268,9 @@ class Commands:
     def cached_instance(self, iid: UUID) -> FlowInstance | None:
         """This process's last known state of the instance, else the log's."""
         with self._cache_lock:
-            cached = self._instances.get(iid)
+            cached = self._instances.get(iid.int)
             if cached is not None:
-                self._instances.move_to_end(iid)
+                self._instances.move_to_end(iid.int)
                 return cached
         return self.get_instance(iid)
 
@@ -281,7 +282,7 @@ class Commands:
         """
         with self._cache_lock:
             get = self._instances.get
-            return {iid: cached for iid in iids if (cached := get(iid)) is not None}
+            return {iid: cached for iid in iids if (cached := get(iid.int)) is not None}
 
     def remember_instance(self, instance: FlowInstance) -> None:
         """Cache the instance's newest state (least recently used ones go first)."""
@@ -292,16 +293,16 @@ class Commands:
         with self._cache_lock:
             cache = self._instances
             for instance in instances:
-                iid = instance.id
-                cache[iid] = instance
-                cache.move_to_end(iid)
+                key = instance.id.int
+                cache[key] = instance
+                cache.move_to_end(key)
             while len(cache) > self._cache_size:
                 cache.popitem(last=False)
 
     def forget_instance(self, iid: UUID) -> None:
         """Drop the cached state: the next command reads the instance from the log."""
         with self._cache_lock:
-            self._instances.pop(iid, None)
+            self._instances.pop(iid.int, None)
 
     def versions(self, flow_id: str) -> FlowVersions:
         """Every version of the flow's definition (deleted or not); `FlowNotFoundError` if none."""
