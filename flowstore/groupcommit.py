@@ -24,13 +24,16 @@ __all__ = ["GroupCommit"]
 class _Pending:
     """One command's stored events waiting for a group's commit, and how it went."""
 
-    __slots__ = ("done", "error", "ids", "stored")
+    __slots__ = ("done", "error", "ids", "stored", "turn")
 
     def __init__(self, stored: list[StoredEvent]) -> None:
         self.stored = stored
         self.ids: Sequence[int] | None = None
         self.error: BaseException | None = None
         self.done = False
+        # Held while a follower waits: released once its command is committed (`done`) or
+        # once it is to lead the next groups (not `done`). None: it leads from the start.
+        self.turn: threading.Lock | None = None
 
 
 class GroupCommit:
@@ -61,6 +64,7 @@ class GroupCommit:
         self._postgres = postgres
         self._queue: list[_Pending] = []
         self._queue_lock = threading.Lock()
+        self._leading = False  # a thread is committing the queue's groups
 
     def append(self, events: Sequence[DomainEvent]) -> Sequence[int]:
         """Record one command's events; their notification ids, once committed."""
@@ -71,22 +75,56 @@ class GroupCommit:
         pending = _Pending([mapper.to_stored_event(event) for event in events])
         with self._queue_lock:
             self._queue.append(pending)
-        with self._lock:
-            if not pending.done:
-                with self._queue_lock:
-                    group, self._queue = self._queue, []
-                try:
-                    if self._postgres:
-                        self._commit_postgres(group)
-                    else:
-                        self._commit(group)
-                finally:
-                    for done in group:
-                        done.done = True
+            if self._leading:
+                pending.turn = threading.Lock()
+                pending.turn.acquire()
+            else:
+                self._leading = True
+        if pending.turn is not None:
+            pending.turn.acquire()  # the leader commits us, or hands us the lead
+        if not pending.done:
+            self._lead(pending)
         if pending.error is not None:
             raise pending.error
         assert pending.ids
         return pending.ids
+
+    def _lead(self, own: _Pending) -> None:
+        """Commit everything queued (`own`, this thread's command, among it) as one group, wake
+        the group's other threads, and hand the lead to the first command queued meanwhile."""
+        group: list[_Pending] = []
+        failure: BaseException | None = None
+        try:
+            with self._lock:
+                # Taken once the write lock is ours: whatever queued while we waited for it
+                # (the previous group's commit, the projector's write) goes in this group.
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                if self._postgres:
+                    self._commit_postgres(group)
+                else:
+                    self._commit(group)
+        except BaseException as exc:  # not the commit's (each command has those): interrupted
+            failure = exc
+            with self._queue_lock:  # still queued if the write lock was never ours
+                self._queue = [pending for pending in self._queue if pending is not own]
+            for pending in (own, *group):
+                if pending.ids is None and pending.error is None:  # not committed
+                    pending.error = exc
+        own.done = True
+        for pending in group:
+            pending.done = True
+            if pending.turn is not None and pending is not own:
+                pending.turn.release()
+        with self._queue_lock:
+            if self._queue:
+                # It leads the next group once it has the GIL: by then, the commands of the
+                # threads just woken may have queued too, and go in the same commit.
+                self._queue[0].turn.release()  # type: ignore[union-attr]  # queued as follower
+            else:
+                self._leading = False
+        if failure is not None:
+            raise failure
 
     def _together(self, group: list[_Pending]) -> bool:
         """Append the whole group in one insert (one statement on SQLite, one round trip on
