@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any, cast
@@ -39,15 +40,19 @@ class _Pending:
 class GroupCommit:
     """Appends of many threads in one transaction, one commit (and fsync) for all of them.
 
-    Each thread queues its command's stored events and takes the write lock; whoever holds it
-    commits everything queued so far (its own events and those of the threads waiting behind it)
-    with the recorder's insert, all of it at once (one statement on SQLite, one round trip on
-    PostgreSQL). Only if that conflicts (nothing is committed then) does it go again in one
-    transaction, each command's inserts in a SAVEPOINT of their own: a command whose insert
-    conflicts (an instance moved on: optimistic concurrency) is rolled back to its savepoint
-    alone and gets eventsourcing's `IntegrityError`; the others commit. A thread whose command
-    another thread committed finds it done once it gets the lock, so every call returns only
-    after its own events are durable (or raises what the commit raised).
+    Each thread queues its command's stored events. One thread at a time leads: it takes the
+    write lock and commits everything queued by then (its own events and those of the threads
+    waiting behind it) with the recorder's insert, all of it at once (one statement on SQLite,
+    one round trip on PostgreSQL). Only if that conflicts (nothing is committed then) does it go
+    again in one transaction, each command's inserts in a SAVEPOINT of their own: a command
+    whose insert conflicts (an instance moved on: optimistic concurrency) is rolled back to its
+    savepoint alone and gets eventsourcing's `IntegrityError`; the others commit. The others
+    wait on a lock of their own (`_Pending.turn`), which the leader releases once their command
+    is committed (or has failed), so every call returns only after its own events are durable
+    (or raises what the commit raised), without taking the write lock to find that out; then
+    the leader hands the lead to the first command queued meanwhile, whose thread commits the
+    next group. (When the done threads took the write lock in turn to find their commands done,
+    each turn a switch of the GIL, the next group and the projector waited behind them.)
 
     On PostgreSQL the recorder's insert is retried when the connection drops; a group whose
     connection fails is retried one command at a time the same way (a group that did commit
@@ -65,6 +70,7 @@ class GroupCommit:
         self._queue: list[_Pending] = []
         self._queue_lock = threading.Lock()
         self._leading = False  # a thread is committing the queue's groups
+        self._crowded = False  # the last group had company: several threads are writing
 
     def append(self, events: Sequence[DomainEvent]) -> Sequence[int]:
         """Record one command's events; their notification ids, once committed."""
@@ -96,6 +102,14 @@ class GroupCommit:
         failure: BaseException | None = None
         try:
             with self._lock:
+                if self._crowded:
+                    # Other threads are writing too: let whichever wants the GIL run before the
+                    # group is taken (with the write lock held, the lock alone is kept waiting).
+                    # A thread finishing its command then queues it into this group and waits,
+                    # instead of starting a commit of its own right after this one: under
+                    # threads, 3.4-3.5 commands per commit instead of 2.5, and 205-220 CPU us per
+                    # command instead of 230. A lone writer never yields.
+                    time.sleep(0)
                 # Taken once the write lock is ours: whatever queued while we waited for it
                 # (the previous group's commit, the projector's write) goes in this group.
                 with self._queue_lock:
@@ -117,6 +131,7 @@ class GroupCommit:
             if pending.turn is not None and pending is not own:
                 pending.turn.release()
         with self._queue_lock:
+            self._crowded = len(group) > 1 or bool(self._queue)
             if self._queue:
                 # It leads the next group once it has the GIL: by then, the commands of the
                 # threads just woken may have queued too, and go in the same commit.

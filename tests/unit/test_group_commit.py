@@ -172,3 +172,37 @@ def test_every_concurrent_append_returns_its_own_ids_after_its_commit(threads: i
     assert sorted(order) == sorted(got)  # each command inserted exactly once
     assert {name: [position + 1] for position, name in enumerate(order)} == got
     assert len(lock.takers) == len(recorder.inserts)  # the lock: once per group, by its leader
+
+
+def test_a_lone_writer_never_yields_and_a_leader_after_a_crowded_group_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import flowstore.groupcommit as module
+
+    yields: list[str] = []
+    monkeypatch.setattr(
+        module,
+        "time",
+        SimpleNamespace(sleep=lambda _: yields.append(threading.current_thread().name)),
+    )
+    lock = _CountingLock()
+    group, recorder = _group(lock)
+    recorder.gate.set()
+    for i in range(5):
+        assert group.append([f"alone-{i}"]) == [i + 1]  # type: ignore[list-item]
+    assert yields == []  # nothing to wait for: no GIL handed away
+
+    group, recorder = _group(lock)
+    watch = _QueueWatch(group._queue_lock, expected=2)
+    group._queue_lock = watch  # type: ignore[assignment]
+    results: dict[str, Any] = {}
+    first = _run(group, "a", results)
+    assert recorder.inside.wait(timeout=30)
+    others = [_run(group, name, results) for name in ("b", "c")]
+    assert watch.queued.wait(timeout=30)
+    recorder.gate.set()
+    for thread in (first, *others):
+        thread.join(timeout=30)
+    # a led alone; whoever led b's and c's group yielded first (others were writing), once.
+    assert len(yields) == 1
+    assert yields[0] in ("b", "c")
