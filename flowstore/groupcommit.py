@@ -86,10 +86,19 @@ class GroupCommit:
                 pending.turn.acquire()
             else:
                 self._leading = True
-        if pending.turn is not None:
-            pending.turn.acquire()  # the leader commits us, or hands us the lead
+        interrupted: BaseException | None = None
+        while pending.turn is not None:  # the leader commits us, or hands us the lead
+            try:
+                pending.turn.acquire()
+                break
+            except BaseException as exc:  # a signal's (KeyboardInterrupt in the main thread)
+                # Waited for all the same: the leader may hand us the lead, and a group nobody
+                # leads would stall every writer of the process. Raised once our part is done.
+                interrupted = exc
         if not pending.done:
             self._lead(pending)
+        if interrupted is not None:
+            raise interrupted
         if pending.error is not None:
             raise pending.error
         assert pending.ids

@@ -206,3 +206,48 @@ def test_a_lone_writer_never_yields_and_a_leader_after_a_crowded_group_does(
     # a led alone; whoever led b's and c's group yielded first (others were writing), once.
     assert len(yields) == 1
     assert yields[0] in ("b", "c")
+
+
+def test_a_follower_interrupted_while_it_waits_still_leads_when_handed_the_lead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import flowstore.groupcommit as module
+
+    class _Interrupted:
+        """A follower's lock whose first wait is interrupted (a signal in the main thread)."""
+
+        def __init__(self) -> None:
+            self._lock = threading.Lock()
+            self._calls = 0
+
+        def acquire(self) -> bool:
+            self._calls += 1
+            if self._calls == 2:  # the first wait (the first call takes it, at once)
+                raise KeyboardInterrupt
+            return self._lock.acquire()
+
+        def release(self) -> None:
+            self._lock.release()
+
+    lock = _CountingLock()
+    group, recorder = _group(lock)
+    watch = _QueueWatch(group._queue_lock, expected=1)
+    group._queue_lock = watch  # type: ignore[assignment]
+    monkeypatch.setattr(module, "threading", SimpleNamespace(Lock=_Interrupted))
+    results: dict[str, Any] = {}
+    first = _run(group, "a", results)
+    assert recorder.inside.wait(timeout=30)
+    second = _run(group, "b", results)
+    assert watch.queued.wait(timeout=30)
+    recorder.gate.set()
+    for thread in (first, second):
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    assert results["a"] == [1]
+    assert isinstance(results["b"], KeyboardInterrupt)  # raised once its part was done:
+    assert recorder.inserts == [["a"], ["b"]]  # handed the lead, it led its group
+    monkeypatch.undo()
+    results.clear()
+    last = _run(group, "d", results)
+    last.join(timeout=30)
+    assert results == {"d": [3]}  # nobody left waiting for a leader that was gone
