@@ -71,12 +71,13 @@ class OneStatementRecorder(SQLiteApplicationRecorder):
     The notification ids (rowids) come from `lastrowid`, not from a RETURNING clause: RETURNING
     makes the driver step the statement once more for its rows, and the commit (the fsync)
     happens in that last step; each step releases the GIL, and under concurrency each return
-    waits for the GIL while the write lock is held (measured: twice the write lock's hold per
-    group commit). The rows of one statement get consecutive rowids: SQLite gives a row
-    inserted without one the table's largest rowid plus one (the table has no AUTOINCREMENT),
-    and nothing else writes in between (one statement, the database's write lock). It picks
-    rowids at random only once the table holds the largest possible one (2**63 - 1), which
-    nothing appends by itself; a log where some row has it is appended with RETURNING.
+    waits for the GIL while the write lock is held (beside a thread busy in Python, an append
+    with RETURNING waited for the GIL twice, one without it once). The rows of one statement
+    get consecutive rowids: SQLite gives a row inserted without one the table's largest rowid
+    plus one (the table has no AUTOINCREMENT), and nothing else writes in between (one
+    statement, the database's write lock). It picks rowids at random only once the table holds
+    the largest possible one (2**63 - 1), which nothing appends by itself; a log where some row
+    has it (looked up once, at the first append) is appended with RETURNING.
     """
 
     _MOST = 2000
