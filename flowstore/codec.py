@@ -33,9 +33,18 @@ from pydantic import BaseModel
 
 from flowstore.domain import DomainEvent, InstanceEvent
 from flowstore.errors import CorruptEventError, EncryptionKeyError
-from flowstore.keys import ERASED_USER_PREFIX, PERSONAL_FIELDS, UserKeys, erased_user_id
+from flowstore.keys import (
+    ERASED_USER_PREFIX,
+    PERSONAL_FIELDS,
+    SealedKey,
+    UserKeys,
+    erased_user_id,
+)
 
-__all__ = ["OrjsonTranscoder", "PlainEvent", "PydanticMapper"]
+__all__ = ["OrjsonTranscoder", "PlainEvent", "PydanticMapper", "StoredRow"]
+
+StoredRow = tuple[UUID | str, int, str, bytes]
+"""A stored event as the log's row holds it: originator id, originator version, topic, state."""
 
 PlainEvent = tuple[str, dict[str, Any]]
 """An event as plain data: its class name and its fields, equal to `(type(e).__name__, e.__dict__)`
@@ -96,16 +105,26 @@ class PydanticMapper(Mapper[Any]):
 
     def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[Any]:
         """Rebuild (and type-check) an event from its stored form."""
-        return self._build(stored_event, self._state(stored_event))
+        return self._build(
+            stored_event.originator_id,
+            stored_event.originator_version,
+            stored_event.topic,
+            self._state(stored_event),
+            {},
+        )
 
     def to_domain_events(self, stored_events: Sequence[StoredEvent]) -> list[DomainEvent]:
         """Rebuild a page of events, fetching the keys they need in one query rather than one each."""
         states = [self._state(stored) for stored in stored_events]
         if self.keys is not None:
-            self.keys.prefetch(state["subject"] for state in states if "sealed" in state)
+            self.keys.prefetch({state["subject"] for state in states if "sealed" in state})
+        opened: dict[str, SealedKey | None] = {}
         return [
-            cast(DomainEvent, self._build(stored, state))
-            for stored, state in zip(stored_events, states, strict=True)
+            cast(
+                DomainEvent,
+                self._build(s.originator_id, s.originator_version, s.topic, state, opened),
+            )
+            for s, state in zip(stored_events, states, strict=True)
         ]
 
     def to_plain_event(self, stored_event: StoredEvent) -> PlainEvent:
@@ -117,40 +136,131 @@ class PydanticMapper(Mapper[Any]):
         else goes through the event's model as `to_domain_event` does, which decides. So an event
         is rejected exactly when `to_domain_event` rejects it, and its fields are the model's.
         """
-        return self._plain(stored_event, self._state(stored_event))
+        return self._plain_fields(
+            stored_event.originator_id,
+            stored_event.originator_version,
+            stored_event.topic,
+            self._state(stored_event),
+            {},
+        )
 
     def to_plain_events(self, stored_events: Sequence[StoredEvent]) -> list[PlainEvent]:
         """A page of events as plain data (`to_plain_event`), their keys fetched in one query."""
-        states = [self._state(stored) for stored in stored_events]
-        if self.keys is not None:
-            self.keys.prefetch(state["subject"] for state in states if "sealed" in state)
-        plain = self._plain
-        return [plain(stored, state) for stored, state in zip(stored_events, states, strict=True)]
+        return self.to_plain_rows(
+            [(s.originator_id, s.originator_version, s.topic, s.state) for s in stored_events]
+        )
 
-    def _plain(self, stored_event: StoredEvent, state: dict[str, Any]) -> PlainEvent:
-        plan = _plan_of(stored_event.topic)
-        originator_id = stored_event.originator_id
+    def to_plain_rows(self, rows: Sequence[StoredRow]) -> list[PlainEvent]:
+        """`to_plain_events` of the log's rows as its driver gives them (`StoredRow`), without
+        building a `StoredEvent` per row.
+
+        The usual event (flowstore's own kinds, sealed with a key this process can look up,
+        orjson's JSON) is decoded in one straight loop: each user's key looked up once per page,
+        the sealed fields opened in place. Any step of it that does not go as usual leaves the
+        event as it was for the general path (`to_plain_event`), which decides: so the same
+        events decode, to the same fields, and the same are rejected.
+        """
+        decoded = self._decoded
+        if self.cipher or self.compressor or type(self.transcoder) is not OrjsonTranscoder:
+            states = [decoded(data, oid, version) for oid, version, _, data in rows]
+        else:  # `_decoded`'s checks, inline; it decides (and names) whatever fails them
+            loads = orjson.loads
+            states = []
+            for oid, version, _, data in rows:
+                try:
+                    state = loads(data)
+                except Exception:
+                    state = None
+                if type(state) is not dict or (
+                    "sealed" in state and type(state.get("subject")) is not str
+                ):
+                    state = decoded(data, oid, version)
+                states.append(state)
+        keys = self.keys
+        if keys is not None:
+            keys.prefetch({state["subject"] for state in states if "sealed" in state})
+        opened: dict[str, SealedKey | None] = {}  # by subject: a user's events come by the dozen
+        general = self._plain_fields
+        if keys is None or type(self.transcoder) is not OrjsonTranscoder:
+            return [
+                general(oid, version, topic, state, opened)
+                for (oid, version, topic, _), state in zip(rows, states, strict=True)
+            ]
+        loads, a2b, plans = orjson.loads, binascii.a2b_base64, _plans
+        # An instance's id as bytes (the sealed fields' context), by the id's object: `rows`
+        # keeps every one alive meanwhile, and a UUID's own hash is a Python call.
+        bound: dict[int, bytes] = {}
+        events: list[PlainEvent] = []
+        for (oid, version, topic, _), state in zip(rows, states, strict=True):
+            plan = plans[topic] if topic in plans else _plan_of(topic)
+            if plan is not None and type(oid) is UUID:
+                if "sealed" in state:
+                    subject = state["subject"]
+                    if subject in opened:
+                        key = opened[subject]
+                    else:
+                        key = opened[subject] = keys.for_subject(subject)
+                    if key is None:  # erased: the general path puts the stand-ins in
+                        events.append(general(oid, version, topic, state, opened))
+                        continue
+                    try:
+                        sealed = a2b(state["sealed"])
+                        context = (bound.get(id(oid)) or bound.setdefault(id(oid), oid.bytes)) + (
+                            version.to_bytes(8, "big")
+                        )
+                        plaintext = key.open(sealed, context)
+                        personal = None if plaintext is None else loads(plaintext)
+                    except Exception:  # altered: the general path names it
+                        personal = None
+                    if type(personal) is not dict:
+                        events.append(general(oid, version, topic, state, opened))
+                        continue
+                    del state["subject"], state["sealed"]
+                    state.update(personal)
+                fields = plan[2](oid, version, state)
+                if fields is not None:
+                    events.append((plan[0], fields))
+                    continue
+            events.append(general(oid, version, topic, state, opened))
+        return events
+
+    def _plain_fields(
+        self,
+        originator_id: UUID | str,
+        version: int,
+        topic: str,
+        state: dict[str, Any],
+        opened: dict[str, SealedKey | None],
+    ) -> PlainEvent:
+        """One event's plain data from its decoded state (`to_plain_event`); `opened`: the keys
+        this page already looked up, by subject."""
+        plan = _plan_of(topic)
         if plan is not None and type(originator_id) is UUID:
             name, cls, decode = plan
             if "sealed" in state:
-                state.update(self._open(stored_event, state, cls))
-            fields = decode(originator_id, stored_event.originator_version, state)
+                state.update(self._open(originator_id, version, state, cls, opened))
+            fields = decode(originator_id, version, state)
             if fields is not None:
                 return name, fields
         # A shape the checks do not know (or a corrupt event): the model decides.
-        event = self._build(stored_event, state)
+        event = self._build(originator_id, version, topic, state, opened)
         return type(event).__name__, event.__dict__
 
     def _state(self, stored_event: StoredEvent) -> dict[str, Any]:
         """The stored fields of an event: decrypted, decompressed, decoded (still sealed)."""
-        data = stored_event.state
+        return self._decoded(
+            stored_event.state, stored_event.originator_id, stored_event.originator_version
+        )
+
+    def _decoded(self, data: bytes, originator_id: UUID | str, version: int) -> dict[str, Any]:
+        """`_state` of an event's stored bytes (`originator_id` and `version` name it in errors)."""
         if self.cipher:
             try:
                 data = self.cipher.decrypt(data)
             except ValueError as exc:  # the AES-GCM tag does not match: wrong key, or tampering
                 raise EncryptionKeyError(
-                    f"Cannot decrypt event {stored_event.originator_id} "
-                    f"v{stored_event.originator_version}: wrong key, or the row was altered"
+                    f"Cannot decrypt event {originator_id} "
+                    f"v{version}: wrong key, or the row was altered"
                 ) from exc
         try:
             if self.compressor:
@@ -162,34 +272,57 @@ class PydanticMapper(Mapper[Any]):
                 raise TypeError("sealed fields without the subject of their key")
             return state
         except Exception as exc:  # undecodable bytes
-            raise CorruptEventError(
-                stored_event.originator_id, stored_event.originator_version, repr(exc)[:300]
-            ) from exc
+            raise CorruptEventError(originator_id, version, repr(exc)[:300]) from exc
 
-    def _build(self, stored_event: StoredEvent, state: dict[str, Any]) -> DomainEventProtocol[Any]:
+    def _build(
+        self,
+        originator_id: UUID | str,
+        version: int,
+        topic: str,
+        state: dict[str, Any],
+        opened: dict[str, SealedKey | None],
+    ) -> DomainEventProtocol[Any]:
         """The event from its decoded fields: personal fields opened, types checked."""
         try:
-            cls = resolve_topic(stored_event.topic)
+            cls = resolve_topic(topic)
             if "sealed" in state:
-                state.update(self._open(stored_event, state, cls))
-            state["originator_id"] = stored_event.originator_id
-            state["originator_version"] = stored_event.originator_version
+                state.update(self._open(originator_id, version, state, cls, opened))
+            state["originator_id"] = originator_id
+            state["originator_version"] = version
             return cast(DomainEventProtocol[Any], cls.model_validate(state))
         except CorruptEventError:
             raise
         except Exception as exc:  # unknown topic, fields that do not validate
-            raise CorruptEventError(
-                stored_event.originator_id, stored_event.originator_version, repr(exc)[:300]
-            ) from exc
+            raise CorruptEventError(originator_id, version, repr(exc)[:300]) from exc
 
-    def _open(self, stored_event: StoredEvent, state: dict[str, Any], cls: type) -> dict[str, Any]:
-        """The personal fields of a sealed event; stand-ins when its key has been shredded."""
+    def _open(
+        self,
+        originator_id: UUID | str,
+        version: int,
+        state: dict[str, Any],
+        cls: type,
+        opened: dict[str, SealedKey | None],
+    ) -> dict[str, Any]:
+        """The personal fields of a sealed event; stand-ins when its key has been shredded.
+
+        `opened`: keys already looked up by subject (filled in here), so that a page's events
+        look each user's key up once (a key never changes; one shredded while the page is
+        decoded may still open that page, as it would have a moment earlier).
+        """
         subject = state.pop("subject")
-        # What b64decode does, without its Python wrapper (a page of events decodes thousands).
-        sealed = binascii.a2b_base64(state.pop("sealed"))
-        key = self.keys.for_subject(subject) if self.keys is not None else None
+        try:
+            # What b64decode does, without its Python wrapper (a page decodes thousands).
+            sealed = binascii.a2b_base64(state.pop("sealed"))
+        except (TypeError, ValueError) as exc:  # not base64 text (binascii.Error is a ValueError)
+            raise CorruptEventError(originator_id, version, repr(exc)[:300]) from exc
+        if subject in opened:
+            key = opened[subject]
+        else:
+            key = opened[subject] = (
+                self.keys.for_subject(subject) if self.keys is not None else None
+            )
         if key is None:  # erased (or a store opened without keys): the event reads anonymised
-            fields = cast(type[BaseModel], cls).model_fields
+            model_fields = cast(type[BaseModel], cls).model_fields
             stand_in = {
                 "user_id": erased_user_id(subject),
                 "payload": None,
@@ -197,17 +330,18 @@ class PydanticMapper(Mapper[Any]):
                 "message": None,
                 "entity_id": None,
             }
-            return {f: v for f, v in stand_in.items() if f in fields}
-        opened = key.open(
-            sealed, _context(stored_event.originator_id, stored_event.originator_version)
-        )
-        if opened is None:
+            return {f: v for f, v in stand_in.items() if f in model_fields}
+        plaintext = key.open(sealed, _context(originator_id, version))
+        if plaintext is None:
             raise CorruptEventError(
-                stored_event.originator_id,
-                stored_event.originator_version,
+                originator_id,
+                version,
                 "its sealed fields do not open with their user's key (the row was altered)",
             )
-        return cast(dict[str, Any], self.transcoder.decode(opened))
+        fields = self.transcoder.decode(plaintext)
+        if not isinstance(fields, dict):  # sealed by this key for this event: never, unless a bug
+            raise CorruptEventError(originator_id, version, "its sealed fields are not an object")
+        return fields
 
 
 _IN_COLUMNS = ("originator_id", "originator_version")
@@ -278,7 +412,11 @@ def _decoder(cls: type[DomainEvent]) -> _Decode | None:
         return None  # validators of its own: the model decodes it
     if found.model_validators or cls.model_config.get("extra") not in (None, "ignore"):
         return None
-    lines = ["def decode(originator_id, originator_version, state):", "    get = state.get"]
+    # The required fields first, by subscript in one `try` (a missing one: the model says so);
+    # then the optional ones, each with its default; then each value's test.
+    required = ["    try:"]
+    optional = ["    get = state.get"]
+    tests: list[str] = []
     values = ["'originator_id': originator_id", "'originator_version': originator_version"]
     constants: dict[str, Any] = {"_MISSING": _MISSING, "_match": _TIMESTAMP.fullmatch}
     for i, (name, info) in enumerate(cls.model_fields.items()):
@@ -288,23 +426,24 @@ def _decoder(cls: type[DomainEvent]) -> _Decode | None:
         if test is None or info.metadata:
             return None  # a type these tests do not know, or constraints
         if info.is_required():
-            lines += [
-                f"    v{i} = get({name!r}, _MISSING)",
-                f"    if v{i} is _MISSING: return None",
-            ]
+            required.append(f"        v{i} = state[{name!r}]")
         else:
             if not isinstance(info.default, str | int | float | None):
                 return None  # a mutable default, which the model would copy
             constants[f"d{i}"] = info.default
             # A default is the model's, as is (it does not validate defaults).
-            lines += [
-                f"    v{i} = get({name!r}, _MISSING)",
-                f"    if v{i} is _MISSING: v{i} = d{i}",
-            ]
-            lines += ["    else:"]
+            optional.append(f"    v{i} = get({name!r}, _MISSING)")
+            tests += [f"    if v{i} is _MISSING: v{i} = d{i}", "    else:"]
             test = [f"    {line}" for line in test]
-        lines += test
+        tests += test
         values.append(f"{name!r}: v{i}")
+    required += ["    except KeyError: return None"] if len(required) > 1 else []
+    lines = [
+        "def decode(originator_id, originator_version, state):",
+        *(required if len(required) > 1 else []),
+        *optional,
+        *tests,
+    ]
     lines.append(f"    return {{{', '.join(values)}}}")
     namespace = {**constants, "datetime": datetime}
     exec("\n".join(lines), namespace)  # our own code, written from the model's annotations

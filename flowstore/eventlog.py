@@ -35,6 +35,7 @@ from eventsourcing.persistence import (
     OperationalError,
     Transcoder,
 )
+from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import get_topic
 
 from flowstore.codec import OrjsonTranscoder, PydanticMapper
@@ -505,10 +506,49 @@ class EventLog:
         an `UnreadableEvent` in its place (the projections skip it and name it; the others go on).
         `plain`: each event as plain data, `PlainEvent` (`PydanticMapper.to_plain_events`).
         """
+        if plain and isinstance(self.app.recorder, SQLiteApplicationRecorder):
+            return self._read_plain_rows(self.app.recorder, start, limit, contain=contain)
         with self.errors("reading the log"):
             page = self.app.recorder.select_notifications(start, limit)
         decoded = self._decode(page, contain=contain, plain=plain)
         return list(zip((n.id for n in page), decoded, strict=True))
+
+    def _read_plain_rows(
+        self, recorder: SQLiteApplicationRecorder, start: int, limit: int, *, contain: bool
+    ) -> list[tuple[int, Any]]:
+        """`read(start, limit, plain=True)` on SQLite, straight from the driver's rows.
+
+        `select_notifications` builds a `Notification` and a `UUID` per row (and reads it
+        through `sqlite3.Row`): 3 of a rebuild's 14 µs per event of reading and decoding. Here
+        the rows are plain tuples, an instance's id is converted once per page (the recorder's
+        own conversion), and only a page holding an event that does not decode is read again
+        the usual way, to name it exactly as `_decode` does.
+        """
+        with self.errors("reading the log"), recorder.datastore.transaction(commit=False) as c:
+            cursor = c.sqlite_cursor
+            cursor.row_factory = None  # tuples, not sqlite3.Row
+            cursor.execute(
+                "SELECT rowid, originator_id, originator_version, topic, state FROM "
+                f"{recorder.events_table_name} WHERE rowid>=? ORDER BY rowid LIMIT ?",
+                (start, limit),
+            )
+            found = cursor.fetchall()
+            convert, ids = recorder.convert_originator_id, dict[Any, Any]()
+            rows = [
+                (ids[o] if o in ids else ids.setdefault(o, convert(o)), v, t, s)
+                for _, o, v, t, s in found
+            ]
+        try:
+            events: list[Any] = cast(PydanticMapper, self.app.mapper).to_plain_rows(rows)
+        except CorruptEventError:
+            if not contain:
+                raise
+            page = [
+                Notification(id=n, originator_id=o, originator_version=v, topic=t, state=s)
+                for (n, *_), (o, v, t, s) in zip(found, rows, strict=True)
+            ]
+            events = self._decode(page, contain=True, plain=True)
+        return list(zip((n for n, *_ in found), events, strict=True))
 
     def _decode(
         self, page: Sequence[Notification], *, contain: bool, plain: bool = False

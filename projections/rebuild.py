@@ -23,7 +23,7 @@ from sqlalchemy.schema import CreateTable
 from flowstore.codec import PlainEvent
 from flowstore.domain import DomainEvent
 from flowstore.errors import ProjectionLayoutError, RebuildRunningError
-from flowstore.gcpause import reference_counting_only
+from flowstore.gcpause import PausedCollection
 from flowstore.projections.batch import RowBatch, RowCache
 from flowstore.projections.tables import (
     REBUILD_SUFFIX,
@@ -124,11 +124,19 @@ class Rebuilds:
         rather than kept up to date row by row (those by instance id from the log's first
         erasure on, whose deletes use them).
         """
-        with self._rebuild_lock():
+        # The cyclic collector stays off throughout (`PausedCollection`), and comes back on only
+        # once the rebuild's objects are gone: what it would scan is a page's objects, and no
+        # cycles.
+        with self._rebuild_lock(), PausedCollection() as collection:
             shadow = define_tables(REBUILD_SUFFIX)
             try:
                 return self._rebuild(
-                    shadow, read, page=page, progress=progress, migrating=migrating
+                    shadow,
+                    read,
+                    collection,
+                    page=page,
+                    progress=progress,
+                    migrating=migrating,
                 )
             except BaseException:
                 # A failed rebuild (a full disk, a lost connection) must not leave its half-filled
@@ -187,6 +195,7 @@ class Rebuilds:
         self,
         shadow: ProjectionTables,
         read: PlainPage,
+        collection: PausedCollection,
         *,
         page: int,
         progress: Callable[[int, int], None] | None,
@@ -209,18 +218,25 @@ class Rebuilds:
         # inserts meanwhile; SQLite's driver takes the GIL back for every row, so there it overlaps
         # little). One page in flight at most: memory stays bounded.
         pending: Future[tuple[int, int]] | None = None
+        events: Sequence[tuple[int, DomainEvent]] = ()
+        batch: RowBatch | None = None
         with ThreadPoolExecutor(1, thread_name_prefix="flowstore-rebuild") as writer:
             while True:
-                with reference_counting_only():
-                    events = cast(Sequence[tuple[int, DomainEvent]], read(position + 1, page))
-                    if not events:
-                        break
-                    if not rows.complete:  # the fold may read rows the page in flight writes
-                        self._written(pending, progress)
-                        pending = None
-                    with self._read(check=False) as conn:  # the new tables, whatever the layout
-                        batch = self._fold(conn, shadow, events, cache=rows)
-                    rows.keep(batch)
+                if collection.due():
+                    # Once a second, the cyclic collector runs for other threads' cycles: with
+                    # the page in flight written and let go of, it has little of ours to scan.
+                    self._written(pending, progress)
+                    pending, events, batch = None, (), None
+                    collection.breathe()
+                events = cast(Sequence[tuple[int, DomainEvent]], read(position + 1, page))
+                if not events:
+                    break
+                if not rows.complete:  # the fold may read rows the page in flight writes
+                    self._written(pending, progress)
+                    pending = None
+                with self._read(check=False) as conn:  # the new tables, whatever the layout
+                    batch = self._fold(conn, shadow, events, cache=rows)
+                rows.keep(batch)
                 # The first erasure of the log: from then on, deleting an instance's rows by its
                 # id is worth an index (kept up to date, row by row, from there).
                 index = bool(batch.erased) and not by_instance
