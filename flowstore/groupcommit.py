@@ -115,9 +115,9 @@ class GroupCommit:
                     # Other threads are writing too: let whichever wants the GIL run before the
                     # group is taken (with the write lock held, the lock alone is kept waiting).
                     # A thread finishing its command then queues it into this group and waits,
-                    # instead of starting a commit of its own right after this one: under
-                    # threads, 3.4-3.5 commands per commit instead of 2.5, and 205-220 CPU us per
-                    # command instead of 230. A lone writer never yields.
+                    # instead of starting a commit of its own right after this one: with 4
+                    # threads, 3.4-3.6 commands per commit instead of 2.5, so fewer fsyncs (what
+                    # counts when the disk is slow or shared). A lone writer never yields.
                     time.sleep(0)
                 # Taken once the write lock is ours: whatever queued while we waited for it
                 # (the previous group's commit, the projector's write) goes in this group.
