@@ -90,20 +90,29 @@ def _run(group: GroupCommit, name: str, results: dict[str, Any]) -> threading.Th
     return thread
 
 
-def test_commands_queued_behind_a_commit_go_in_one_group_whose_followers_skip_the_lock() -> None:
-    lock = _CountingLock()
-    group, recorder = _group(lock)
-    watch = _QueueWatch(group._queue_lock, expected=2)
+def _behind_a_commit(
+    group: GroupCommit, recorder: _Recorder, names: Sequence[str]
+) -> dict[str, Any]:
+    """Thread "a" commits alone (its insert held at the recorder's gate) while threads `names`
+    queue behind it; then the gate opens. What each call returned (or raised), once all ended."""
+    watch = _QueueWatch(group._queue_lock, expected=len(names))
     group._queue_lock = watch  # type: ignore[assignment]
     results: dict[str, Any] = {}
     first = _run(group, "a", results)
     assert recorder.inside.wait(timeout=30)  # a commits alone, holding the write lock
-    others = [_run(group, name, results) for name in ("b", "c")]
-    assert watch.queued.wait(timeout=30)  # b and c queued behind a's commit
+    others = [_run(group, name, results) for name in names]
+    assert watch.queued.wait(timeout=30)  # the others queued behind a's commit
     recorder.gate.set()
     for thread in (first, *others):
         thread.join(timeout=30)
-        assert not thread.is_alive()
+        assert not thread.is_alive()  # nobody waits forever
+    return results
+
+
+def test_commands_queued_behind_a_commit_go_in_one_group_whose_followers_skip_the_lock() -> None:
+    lock = _CountingLock()
+    group, recorder = _group(lock)
+    results = _behind_a_commit(group, recorder, ("b", "c"))
     assert recorder.inserts == [["a"], ["b", "c"]]  # b and c: one insert
     assert results == {"a": [1], "b": [2], "c": [3]}  # each its own ids
     # Taken once per group: by a, then by whoever led b's and c's group; the one it committed
@@ -122,17 +131,7 @@ def test_a_leader_interrupted_before_its_commit_fails_alone_and_hands_the_lead_o
 
     lock = _Failing()
     group, recorder = _group(lock)
-    watch = _QueueWatch(group._queue_lock, expected=2)
-    group._queue_lock = watch  # type: ignore[assignment]
-    results: dict[str, Any] = {}
-    first = _run(group, "a", results)
-    assert recorder.inside.wait(timeout=30)
-    others = [_run(group, name, results) for name in ("b", "c")]
-    assert watch.queued.wait(timeout=30)
-    recorder.gate.set()
-    for thread in (first, *others):
-        thread.join(timeout=30)
-        assert not thread.is_alive()  # nobody waits forever
+    results = _behind_a_commit(group, recorder, ("b", "c"))
     failed = [name for name in ("b", "c") if isinstance(results[name], KeyboardInterrupt)]
     assert len(failed) == 1  # whichever led next; its events were never written
     (done,) = {"b", "c"} - set(failed)
@@ -193,16 +192,7 @@ def test_a_lone_writer_never_yields_and_a_leader_after_a_crowded_group_does(
     assert yields == []  # nothing to wait for: no GIL handed away
 
     group, recorder = _group(lock)
-    watch = _QueueWatch(group._queue_lock, expected=2)
-    group._queue_lock = watch  # type: ignore[assignment]
-    results: dict[str, Any] = {}
-    first = _run(group, "a", results)
-    assert recorder.inside.wait(timeout=30)
-    others = [_run(group, name, results) for name in ("b", "c")]
-    assert watch.queued.wait(timeout=30)
-    recorder.gate.set()
-    for thread in (first, *others):
-        thread.join(timeout=30)
+    _behind_a_commit(group, recorder, ("b", "c"))
     # a led alone; whoever led b's and c's group yielded first (others were writing), once.
     assert len(yields) == 1
     assert yields[0] in ("b", "c")
@@ -231,18 +221,8 @@ def test_a_follower_interrupted_while_it_waits_still_leads_when_handed_the_lead(
 
     lock = _CountingLock()
     group, recorder = _group(lock)
-    watch = _QueueWatch(group._queue_lock, expected=1)
-    group._queue_lock = watch  # type: ignore[assignment]
     monkeypatch.setattr(module, "threading", SimpleNamespace(Lock=_Interrupted))
-    results: dict[str, Any] = {}
-    first = _run(group, "a", results)
-    assert recorder.inside.wait(timeout=30)
-    second = _run(group, "b", results)
-    assert watch.queued.wait(timeout=30)
-    recorder.gate.set()
-    for thread in (first, second):
-        thread.join(timeout=30)
-        assert not thread.is_alive()
+    results = _behind_a_commit(group, recorder, ("b",))
     assert results["a"] == [1]
     assert isinstance(results["b"], KeyboardInterrupt)  # raised once its part was done:
     assert recorder.inserts == [["a"], ["b"]]  # handed the lead, it led its group
