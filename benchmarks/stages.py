@@ -33,6 +33,7 @@ def _targets() -> list[tuple[str, object, str]]:
     from flowstore.codec import PydanticMapper
     from flowstore.commands import Commands
     from flowstore.eventlog import EventLog
+    from flowstore.groupcommit import GroupCommit
     from flowstore.keys import UserKeys
     from flowstore.pglog import OneTripRecorder
     from flowstore.projections.sql import SqlProjections
@@ -50,7 +51,10 @@ def _targets() -> list[tuple[str, object, str]]:
         ("    encode + seal (to_stored_event)", PydanticMapper, "to_stored_event"),
         ("    recorder put (insert + commit)", es_persistence.EventStore, "put"),
         ("      commit (SQLite)", es_sqlite.SQLiteConnection, "commit"),
-        # flowstore's SQLite recorder: one INSERT ... RETURNING in autocommit (insert + commit).
+        # Group commit: one thread per group takes the write lock and commits the group's commands
+        # (calls/op: groups per command); the others wait for it and return, without the lock.
+        ("    lead a group (write lock + commit)", GroupCommit, "_lead"),
+        # flowstore's SQLite recorder: one multi-row INSERT in autocommit (insert + commit).
         ("      insert + commit (SQLite, one statement)", OneStatementRecorder, "insert_events"),
         # flowstore's recorder (one round trip: insert + commit); eventsourcing's for the rest.
         ("      insert + commit (PostgreSQL)", OneTripRecorder, "insert_events"),

@@ -439,6 +439,47 @@ def test_a_sqlite_append_too_big_for_one_statement_goes_the_recorders_way(
         assert [e for _, e in store.read_events(before + 1)] == two
 
 
+def test_a_sqlite_append_takes_its_ids_from_the_rows_even_once_rowids_are_random(
+    tmp_path: Any,
+) -> None:
+    # An append's ids are worked out from the statement's last rowid (rows of one INSERT get
+    # consecutive rowids), except in a log holding the largest rowid, where SQLite picks new
+    # rowids at random: there they must come from the rows themselves.
+    path = tmp_path / "random.db"
+    with FlowStore(f"sqlite:///{path}", live_projections=False) as store:
+        internals = _with_users(store, "ann", "bob", "cat")
+        two = [*_tick_events(store, "ann"), *_tick_events(store, "bob")]
+        before = store.log_position()
+        assert list(internals.recorder.insert_events(internals.stored(two)) or []) == [
+            before + 1,
+            before + 2,
+        ]
+        last = internals.stored(_tick_events(store, "cat"))[0]
+    with sqlite3.connect(path) as raw:  # another writer gives one row the largest rowid
+        raw.execute(
+            "INSERT INTO stored_events (rowid, originator_id, originator_version, topic, state) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (2**63 - 1, last.originator_id.hex, last.originator_version, last.topic, last.state),
+        )
+    with FlowStore(f"sqlite:///{path}", live_projections=False) as store:
+        internals = Internals(store)
+        for _ in range(3):
+            events = [*_tick_events(store, "ann"), *_tick_events(store, "bob")]
+            ids = list(internals.recorder.insert_events(internals.stored(events)) or [])
+            with sqlite3.connect(path) as raw:
+                found = [
+                    raw.execute(
+                        "SELECT rowid FROM stored_events "
+                        "WHERE originator_id = ? AND originator_version = ?",
+                        (event.originator_id.hex, event.originator_version),
+                    ).fetchone()[0]
+                    for event in events
+                ]
+            assert ids == sorted(found)
+            for user in ("ann", "bob"):
+                internals.commands.forget_instance(instance_id(user, FLOW))
+
+
 def test_a_failing_statement_of_a_pipelined_batch_raises_as_sqlalchemy_does(
     store_url: str,
 ) -> None:
