@@ -3,7 +3,8 @@
     python -m benchmarks.run [--ops N] [--events N] [--instances N] [--backends sqlite,postgres]
                              [--scenarios 1,2,3,4,5,6] [--profile]
 
-`--profile` also prints where scenario 1's time goes, stage by stage (`benchmarks.stages`).
+`--profile` also prints where scenario 1's time goes, stage by stage (`benchmarks.stages`), and
+scenario 3's (the 4 threads).
 
 Starts its own PostgreSQL (as the tests do), gives every measurement a fresh database, prints one
 row per scenario and backend, and writes `benchmarks/results/<time>.json`; the quick profile (no
@@ -165,7 +166,10 @@ def _plan(
             ],
         ),
         ("2", lambda: [batched_transitions(urls, backend, max(args.ops * 5, 500))]),
-        ("3", lambda: concurrent_writers(urls, backend, args.ops)),
+        (
+            "3",
+            lambda: concurrent_writers(urls, backend, args.ops, Stages() if args.profile else None),
+        ),
         ("4", lambda: read_latency(urls, backend, args.instances)),
         ("5", lambda: [rebuild(urls, backend, args.events, args.before)]),
         # The publisher only reads the log; measured once, on the embedded backend.
@@ -188,7 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--instances", type=int, default=10_000, help="warm store size for latency")
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--scenarios", default="1,2,3,4,5,6")
-    parser.add_argument("--profile", action="store_true", help="print scenario 1's time per stage")
+    parser.add_argument(
+        "--profile", action="store_true", help="print scenarios 1's and 3's time per stage"
+    )
     parser.add_argument(
         "--before",
         metavar="CHECKOUT",

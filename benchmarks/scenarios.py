@@ -284,8 +284,11 @@ def _process_writer(url: str, users: list[str], ops: int, barrier: Any, out: Any
         out.put((began, time.perf_counter()))
 
 
-def concurrent_writers(urls: Callable[[], str], backend: str, ops: int) -> list[Row]:
-    """Scenario 3: 4 threads (and 2 processes on PostgreSQL) on distinct users."""
+def concurrent_writers(
+    urls: Callable[[], str], backend: str, ops: int, stages: Stages | None = None
+) -> list[Row]:
+    """Scenario 3: 4 threads (and 2 processes on PostgreSQL) on distinct users (stage timers on
+    the threads' part if `stages`: "insert + commit" calls per op are the commits per command)."""
     rows = []
     threads = 4
     users = [[f"t{t}-user-{i}" for i in range(50)] for t in range(threads)]
@@ -304,13 +307,19 @@ def concurrent_writers(urls: Callable[[], str], backend: str, ops: int) -> list[
         ]
         for worker in workers:
             worker.start()
-        barrier.wait()
-        clocks = Clocks()
-        for worker in workers:
-            worker.join()
-        store.sync_projections()
-        clocks.stop()
+        with ExitStack() as timing:
+            if stages is not None:
+                timing.enter_context(stages.active(store))
+            barrier.wait()
+            clocks = Clocks()
+            for worker in workers:
+                worker.join()
+            store.sync_projections()
+            clocks.stop()
         done = ops // threads * threads
+        if stages is not None:
+            print(f"\nstages of scenario 3 on {backend} ({done} transitions by {threads} threads):")
+            print(stages.table(done, clocks.wall, clocks.cpu))
         rate = done / clocks.wall
         lost = _lost_updates(store, users, 1 + (ops // threads) // 50)
     cpu = {"raw": solo_clocks.cpu_us(ops // threads), "flowstore": clocks.cpu_us(done)}

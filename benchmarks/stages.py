@@ -33,6 +33,7 @@ def _targets() -> list[tuple[str, object, str]]:
     from flowstore.codec import PydanticMapper
     from flowstore.commands import Commands
     from flowstore.eventlog import EventLog
+    from flowstore.groupcommit import GroupCommit
     from flowstore.keys import UserKeys
     from flowstore.pglog import OneTripRecorder
     from flowstore.projections.sql import SqlProjections
@@ -42,6 +43,7 @@ def _targets() -> list[tuple[str, object, str]]:
         ("command (execute_transition)", store.FlowStore, "execute_transition"),
         ("  input checks (check_payload)", batch, "check_payload"),
         ("  read instance (cached_instance)", Commands, "cached_instance"),
+        ("  read a batch's instances (cached_instances)", Commands, "cached_instances"),
         ("  decide (decisions.execute_transition)", batch, "execute_transition"),
         ("  definitions (command_versions)", Commands, "command_versions"),
         ("  append (EventLog.save)", EventLog, "save"),
@@ -49,7 +51,10 @@ def _targets() -> list[tuple[str, object, str]]:
         ("    encode + seal (to_stored_event)", PydanticMapper, "to_stored_event"),
         ("    recorder put (insert + commit)", es_persistence.EventStore, "put"),
         ("      commit (SQLite)", es_sqlite.SQLiteConnection, "commit"),
-        # flowstore's SQLite recorder: one INSERT ... RETURNING in autocommit (insert + commit).
+        # Group commit: one thread per group takes the write lock and commits the group's commands
+        # (calls/op: groups per command); the others wait for it and return, without the lock.
+        ("    lead a group (write lock + commit)", GroupCommit, "_lead"),
+        # flowstore's SQLite recorder: one multi-row INSERT in autocommit (insert + commit).
         ("      insert + commit (SQLite, one statement)", OneStatementRecorder, "insert_events"),
         # flowstore's recorder (one round trip: insert + commit); eventsourcing's for the rest.
         ("      insert + commit (PostgreSQL)", OneTripRecorder, "insert_events"),

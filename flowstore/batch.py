@@ -272,9 +272,10 @@ class Transitions:
         iids = [item[0] for item in checked if not isinstance(item, FlowError)]
         # The batch's instances are this process's alone until it is written (see Commands).
         with commands.locked(iids):
+            # Later requests see earlier ones' effects; those not cached are read when first met.
+            seen = commands.cached_instances(iids)
             outcomes: list[FlowInstance | FlowError] = []
             events: list[DomainEvent] = []
-            seen: dict[UUID, FlowInstance | None] = {}  # later requests see earlier ones' effects
             for item in checked:
                 if isinstance(item, FlowError):
                     outcomes.append(item)
@@ -290,7 +291,7 @@ class Transitions:
                     continue
                 updated = cast(FlowInstance, project(instance, decision.events))
                 seen[iid] = updated
-                events.extend(decision.events)
+                events += decision.events
                 outcomes.append(decision.error or updated)
             try:
                 commands.save(events, decided_here=True)
@@ -298,9 +299,9 @@ class Transitions:
                 for iid in seen:
                     commands.forget_instance(iid)
                 return None
-            for instance in seen.values():
-                if instance is not None:
-                    commands.remember_instance(instance)
+            commands.remember_instances(
+                instance for instance in seen.values() if instance is not None
+            )
         return outcomes
 
     def _check_transitions(
@@ -310,26 +311,25 @@ class Transitions:
         `execute_transition` checks: user, transition, payload, flow). An id that recurs in the
         batch is checked once (ids are strings: their check's verdict cannot change)."""
         limit = self.max_payload_bytes
-        valid: set[tuple[str, str]] = set()  # (argument, value) pairs already checked
-
-        def check_id(value: object, name: str) -> str:
-            if type(value) is str and (name, value) in valid:
-                return value
-            valid.add((name, require_id(value, name)))
-            return cast(str, value)
-
+        perf_counter = time.perf_counter
+        # The ids already checked, per argument. Only exact strings are remembered: an id's
+        # verdict cannot change, and a str subclass (whose methods may differ) is checked again.
+        users: set[str] = set()
+        transitions: set[str] = set()
+        flows: set[str] = set()
         checked: list[tuple[UUID, _Transition] | FlowError] = []
         for user_id, flow_id, transition, payload in batch:
-            began = time.perf_counter()
+            began = perf_counter()
             try:
+                if type(user_id) is not str or user_id not in users:
+                    users.add(require_id(user_id, "user_id"))
+                if type(transition) is not str or transition not in transitions:
+                    transitions.add(require_id(transition, "transition"))
                 request = _Transition(
-                    check_id(user_id, "user_id"),
-                    flow_id,
-                    check_id(transition, "transition"),
-                    check_payload(payload, limit=limit),
-                    began,
+                    user_id, flow_id, transition, check_payload(payload, limit=limit), began
                 )
-                check_id(flow_id, "flow_id")
+                if type(flow_id) is not str or flow_id not in flows:
+                    flows.add(require_id(flow_id, "flow_id"))
                 checked.append((cached_instance_id(user_id, flow_id), request))
             except FlowError as error:
                 checked.append(error)

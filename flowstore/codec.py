@@ -16,7 +16,6 @@ fraction of the cost (see `PlainEvent`).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 import types
@@ -72,36 +71,34 @@ class PydanticMapper(Mapper[Any]):
     def to_stored_event(self, domain_event: DomainEventProtocol[Any]) -> StoredEvent:
         """Serialise an event; id and version live in their own columns, not in the state."""
         event = cast(DomainEvent, domain_event)
-        fields = _FIELDS.get(type(event))
-        if fields is None:  # a definition's event (nested models), or a class defined elsewhere
+        plan = _ENCODERS.get(type(event))
+        if plan is None:  # a definition's event (nested models), or a class defined elsewhere
             state = event.model_dump(exclude=set(_IN_COLUMNS))
+            topic = get_topic(type(event))
         else:
+            topic, every, clear, personal = plan
             values = event.__dict__  # (see _FIELDS)
             user_id = values["user_id"]
+            keys = self.keys
             # An instance whose events already read as erased (sealed with a key shredded
             # meanwhile) carries a stand-in id, which names no one: sealing it would create a key
             # for nobody.
-            if self.keys is None or user_id.startswith(ERASED_USER_PREFIX):
-                state = {name: values[name] for name in fields[0]}
+            if keys is None or user_id.startswith(ERASED_USER_PREFIX):
+                state = every(values)
             else:
-                key = self.keys.for_user(user_id)  # a cache hit: `EventLog.save` loaded it
-                state = {name: values[name] for name in fields[1]}
-                personal = {name: values[name] for name in fields[2]}
+                key = keys.for_user(user_id)  # a cache hit: `EventLog.save` loaded it
+                state = clear(values)
                 context = _context(event.originator_id, event.originator_version)
-                sealed = key.seal(self.transcoder.encode(personal), context)
+                sealed = key.seal(self.transcoder.encode(personal(values)), context)
                 state["subject"] = key.subject
-                state["sealed"] = base64.b64encode(sealed).decode()
+                # What b64encode does, without its Python wrapper.
+                state["sealed"] = binascii.b2a_base64(sealed, newline=False).decode()
         stored = self.transcoder.encode(state)
         if self.compressor:
             stored = self.compressor.compress(stored)
         if self.cipher:
             stored = self.cipher.encrypt(stored)
-        return StoredEvent(
-            originator_id=event.originator_id,
-            originator_version=event.originator_version,
-            topic=get_topic(type(event)),
-            state=stored,
-        )
+        return _stored_event(event.originator_id, event.originator_version, topic, stored)
 
     def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[Any]:
         """Rebuild (and type-check) an event from its stored form."""
@@ -370,6 +367,49 @@ _FIELDS: dict[type, _Fields] = {
 """The instance events' fields. Every one is of a type orjson writes as it is (str, int, float,
 bool, None, datetime, a dict of JSON), which `model_dump` returns unchanged: the stored state is
 taken from the event's values as they are, byte for byte what `model_dump` would give."""
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _stored_event(originator_id: UUID, version: int, topic: str, state: bytes) -> StoredEvent:
+    """`StoredEvent(originator_id, version, topic, state)`, its dict set at once: the frozen
+    dataclass's `__init__` sets each field through `object.__setattr__`, twice the cost (one per
+    event appended). Equal to the dataclass's own, field for field (tested)."""
+    stored = _new(StoredEvent)
+    _set(
+        stored,
+        "__dict__",
+        {
+            "originator_id": originator_id,
+            "originator_version": version,
+            "topic": topic,
+            "state": state,
+        },
+    )
+    return stored
+
+
+_Pick = Callable[[dict[str, Any]], dict[str, Any]]
+"""Takes some fields' values out of an event's `__dict__`, in order, into a new dict."""
+
+
+def _picker(names: tuple[str, ...]) -> _Pick:
+    """A `_Pick` of `names`, written out as one dict display (a comprehension over the names
+    cost half as much again, per event)."""
+    body = ", ".join(f"{name!r}: values[{name!r}]" for name in names)
+    namespace: dict[str, Any] = {}
+    exec(f"def pick(values):\n    return {{{body}}}", namespace)  # our own fields' names
+    return cast(_Pick, namespace["pick"])
+
+
+_ENCODERS: dict[type, tuple[str, _Pick, _Pick, _Pick]] = {
+    cls: (get_topic(cls), _picker(every), _picker(clear), _picker(personal))
+    for cls, (every, clear, personal) in _FIELDS.items()
+}
+"""Per instance event class: its topic, and its fields (`_FIELDS`) taken out of an event: all the
+stored ones, those left in the clear, those sealed."""
 
 
 def _context(originator_id: UUID | str, version: int) -> bytes:

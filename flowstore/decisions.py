@@ -8,9 +8,8 @@ that carries both its event and the error. No I/O and no clock: the service pass
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from uuid import UUID
 
 from flowstore.definitions import FlowDefinition
@@ -142,9 +141,11 @@ def start_flow(
     return events
 
 
-@dataclass(frozen=True)
-class Decision:
-    """The events a command appends, and the error to raise once they are saved (rejections)."""
+class Decision(NamedTuple):
+    """The events a command appends, and the error to raise once they are saved (rejections).
+
+    A named tuple: immutable, and built in half the time of a frozen dataclass (one per command).
+    """
 
     events: list[InstanceEvent]
     error: FlowError | None = None
@@ -178,30 +179,30 @@ def execute_transition(
     # from the store's clock (checked to tell aware datetimes when the store opened, and compared
     # with the instance's last time just above), the request's values were checked by the caller
     # (see above), the error's text and code are the error's own, and the rest is computed here.
-    fields = _instance_fields(
-        instance.user_id, instance.flow_id, definition, instance.id, instance.version + 1, now
-    )
-    current = definition.step(instance.step)
+    step = instance.step
+    current = definition.step(step)
     edge = current.transitions.get(transition) if current else None
     error: FlowError | None = None
     if edge is None:
         error = InvalidTransitionError(
-            instance.step, transition, flow_id=instance.flow_id, user_id=instance.user_id
+            step, transition, flow_id=instance.flow_id, user_id=instance.user_id
         )
     else:
         problem = edge.payload_problem(payload)
         if problem is not None:
             error = PayloadValidationError(
-                f"Payload rejected by transition {transition!r} of step {instance.step!r}: "
-                f"{problem}",
+                f"Payload rejected by transition {transition!r} of step {step!r}: {problem}",
                 transition=transition,
-                step=instance.step,
+                step=step,
                 flow_id=instance.flow_id,
             )
+    fields = _instance_fields(
+        instance.user_id, instance.flow_id, definition, instance.id, instance.version + 1, now
+    )
     if error is not None:
         fields.update(
             transition=transition,
-            from_step=instance.step,
+            from_step=step,
             payload=payload,
             error=error.message,
             error_code=error.code,
@@ -210,29 +211,30 @@ def execute_transition(
         )
         return Decision([known_good(TransitionRejected, fields)], error)
     assert edge is not None
-    target = definition.steps[edge.step]
-    completed = (
-        {**fields, "originator_version": instance.version + 2, "step": edge.step}
-        if target.is_terminal
-        else None
+    to_step = edge.step
+    target = definition.steps[to_step]
+    terminal = target.is_terminal
+    # Item by item rather than `update` with keywords, which builds a dict of them first (every
+    # transition passes here).
+    fields["transition"] = transition
+    fields["from_step"] = step
+    fields["to_step"] = to_step
+    fields["service"] = instance.target or target.service
+    fields["payload"] = payload
+    fields["expires_at"] = _expiry(definition, now, terminal)
+    fields["elapsed_ms"] = elapsed_ms
+    fields["ok"] = ok
+    fields["message"] = message
+    fields["previous"] = step if edge.reversible else None
+    fields["rules"] = 2
+    executed = known_good(TransitionExecuted, fields)
+    if not terminal:
+        return Decision([executed])
+    completed = _instance_fields(
+        instance.user_id, instance.flow_id, definition, instance.id, instance.version + 2, now
     )
-    fields.update(
-        transition=transition,
-        from_step=instance.step,
-        to_step=edge.step,
-        service=instance.target or target.service,
-        payload=payload,
-        expires_at=_expiry(definition, now, target.is_terminal),
-        elapsed_ms=elapsed_ms,
-        ok=ok,
-        message=message,
-        previous=instance.step if edge.reversible else None,
-        rules=2,
-    )
-    events: list[InstanceEvent] = [known_good(TransitionExecuted, fields)]
-    if completed is not None:
-        events.append(known_good(FlowCompleted, completed))
-    return Decision(events)
+    completed["step"] = to_step
+    return Decision([executed, known_good(FlowCompleted, completed)])
 
 
 def override_state(

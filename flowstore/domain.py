@@ -249,6 +249,10 @@ class FlowListed(DomainEvent):
     flow_id: str
 
 
+_LIVE = (FlowStatus.ACTIVE, FlowStatus.COMPLETED)
+"""The statuses of an instance that has a state (`FlowInstance.is_live`)."""
+
+
 class _Aggregate(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -283,7 +287,9 @@ class FlowInstance(_Aggregate):
     @property
     def is_live(self) -> bool:
         """True when the user has a state (active or completed), False when cleared or expired."""
-        return self.status in (FlowStatus.ACTIVE, FlowStatus.COMPLETED)
+        # A module constant: `FlowStatus.ACTIVE` goes through the enum's class lookup, four
+        # times the cost of the test (every command asks this two or three times).
+        return self.status in _LIVE
 
 
 class FlowVersions(_Aggregate):
@@ -326,7 +332,7 @@ def known_good(cls: type[TModel], fields: dict[str, Any]) -> TModel:
     On the write path's hot spots only, each caller saying why every value is already of its
     field's type: pydantic's validation would merely copy such values (and `model_construct`, which
     fills defaults and resolves aliases, costs twice what validation does). `fields` must name every
-    field, in any order; the model must have no private attributes (as `model_construct` sets it up).
+    field, in any order; the model must be frozen and have no private attributes.
     """
     names = _FIELD_NAMES.get(cls) or _field_names(cls)
     # As many as the fields (comparing the names costs more than the rest of this function): a
@@ -334,20 +340,67 @@ def known_good(cls: type[TModel], fields: dict[str, Any]) -> TModel:
     assert len(fields) == len(names), set(fields) ^ names
     model = _new(cls)
     _set(model, "__dict__", fields)
-    _set(model, "__pydantic_fields_set__", set(names))
+    _set(model, "__pydantic_fields_set__", names)  # shared: see `_FieldNames`
     _set(model, "__pydantic_extra__", None)
     _set(model, "__pydantic_private__", None)
     return model
 
 
-_FIELD_NAMES: dict[type[BaseModel], frozenset[str]] = {}
+class _FieldNames(set[str]):
+    """Every field name of one model class: the set of fields set of each model `known_good`
+    builds, one for all of them.
+
+    A set of each model's own (of twenty names, a kilobyte) was a third of the cost of building
+    one, and as much again to free it. pydantic changes a model's set only on a mutable model (which
+    `known_good` does not build) or on a copy it makes first (`model_copy`, `copy.copy`: a plain
+    set of the copy's own here); changing it in place would change every such model's, so it
+    refuses to change.
+    """
+
+    __slots__ = ()
+
+    def __copy__(self) -> set[str]:
+        return set(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> set[str]:
+        return set(self)
+
+    def __reduce__(self) -> tuple[type[set[str]], tuple[list[str]]]:
+        return set, (list(self),)  # a pickled model unpickles with a plain set of its own
 
 
-def _field_names(cls: type[BaseModel]) -> frozenset[str]:
+def _refuse(self: _FieldNames, *args: Any) -> None:
+    raise TypeError("the field names of models built by known_good are shared: copy them first")
+
+
+for _name in (
+    "add",
+    "clear",
+    "discard",
+    "pop",
+    "remove",
+    "update",
+    "difference_update",
+    "intersection_update",
+    "symmetric_difference_update",
+    "__ior__",
+    "__iand__",
+    "__isub__",
+    "__ixor__",
+):
+    # Set after the class: written in it, each would need the signature of set's method.
+    setattr(_FieldNames, _name, _refuse)
+
+
+_FIELD_NAMES: dict[type[BaseModel], _FieldNames] = {}
+
+
+def _field_names(cls: type[BaseModel]) -> _FieldNames:
     """The names of the fields of a model `known_good` may build (once per class)."""
+    assert cls.model_config.get("frozen"), "a mutable model would change the shared names"
     assert not cls.__private_attributes__
     assert not cls.__pydantic_post_init__
-    names = _FIELD_NAMES[cls] = frozenset(cls.__pydantic_fields__)
+    names = _FIELD_NAMES[cls] = _FieldNames(cls.__pydantic_fields__)
     return names
 
 
@@ -359,8 +412,6 @@ def merge_payload(
         return current
     return {**(current or {}), **payload}
 
-
-_LIVE = (FlowStatus.ACTIVE, FlowStatus.COMPLETED)
 
 _CLEARED = {
     "step": None,

@@ -203,8 +203,8 @@ class Internals:
         """The instance as this store's cache holds it (None if not cached): no read of the log."""
         from flowstore.commands import cached_instance_id
 
-        cache: dict[Any, FlowInstance] = self.commands._instances
-        return cache.get(cached_instance_id(user_id, flow_id))
+        iid = cached_instance_id(user_id, flow_id)
+        return self.commands.cached_instances((iid,)).get(iid)
 
     # Faults
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic
 from hypothesis import given
 
@@ -23,6 +24,12 @@ def test_an_event_is_stored_as_model_dump_gives_it(event: DomainEvent) -> None:
         event.originator_id,
         event.originator_version,
     )
+    # Built without the dataclass's __init__: the same object as it would build.
+    built = StoredEvent(stored.originator_id, stored.originator_version, stored.topic, stored.state)
+    assert type(stored) is StoredEvent
+    assert vars(stored) == vars(built)
+    assert stored == built
+    assert hash(stored) == hash(built)
 
 
 @given(events)
