@@ -9,6 +9,7 @@ again while they live (measured: 28% of a rebuild's CPU, 20% of a batch of trans
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,21 +18,49 @@ from types import TracebackType
 __all__ = ["PausedCollection", "reference_counting_only"]
 
 
+_guard = threading.Lock()
+_pauses = 0  # stretches in progress, in any thread
+_paused = False  # whether they turned the collector off (it was on when the first began)
+
+
+def _begin() -> bool:
+    """Count a stretch in; whether the collector was on before the stretches (ours to restore)."""
+    global _pauses, _paused
+    with _guard:
+        _pauses += 1
+        if _pauses == 1 and gc.isenabled():
+            gc.disable()
+            _paused = True
+        return _paused
+
+
+def _end() -> None:
+    """Count a stretch out; the last one turns the collector back on if the first turned it off.
+
+    (Each turning it back on would turn it on in the middle of another thread's stretch: a batch
+    of commands beside a rebuild or another batch.)
+    """
+    global _pauses, _paused
+    with _guard:
+        _pauses -= 1
+        if _pauses == 0 and _paused:
+            _paused = False
+            gc.enable()
+
+
 @contextmanager
 def reference_counting_only() -> Iterator[None]:
     """No cyclic garbage collection meanwhile (a second or two at most).
 
     Cycles other threads make meanwhile wait for the next collection. Left alone when the
-    application turned the collector off.
+    application turned the collector off. Stretches in several threads at once keep it off
+    until the last of them ends.
     """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
+    _begin()
     try:
         yield
     finally:
-        gc.enable()
+        _end()
 
 
 class PausedCollection:
@@ -61,9 +90,7 @@ class PausedCollection:
 
     def __enter__(self) -> PausedCollection:
         # Left alone when the application turned the collector off.
-        self._ours = gc.isenabled()
-        if self._ours:
-            gc.disable()
+        self._ours = _begin()
         self._since = time.monotonic()
         return self
 
@@ -83,5 +110,4 @@ class PausedCollection:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._ours:
-            gc.enable()
+        _end()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Iterator
 
 import pytest
 
-from flowstore.gcpause import PausedCollection
+from flowstore.gcpause import PausedCollection, reference_counting_only
 
 
 @pytest.fixture
@@ -52,5 +53,39 @@ def test_a_collector_the_application_turned_off_is_left_alone(collections: list[
             pause.breathe()
         assert not gc.isenabled()
         assert collections == []
+    finally:
+        gc.enable()
+
+
+def test_overlapping_pauses_in_two_threads_keep_the_collector_off_until_the_last_ends() -> None:
+    """A batch of commands beside a rebuild: the first stretch to end must not turn it on."""
+    assert gc.isenabled()
+    entered, release = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def other() -> None:
+        with reference_counting_only():
+            entered.set()
+            release.wait(30)
+        seen.append(gc.isenabled())
+
+    with PausedCollection():
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert entered.wait(30)
+    assert not gc.isenabled()  # the other thread's stretch goes on
+    release.set()
+    thread.join(30)
+    assert seen == [True]  # on again once the last stretch ended
+    assert gc.isenabled()
+
+
+def test_nested_stretches_under_a_collector_the_application_turned_off_leave_it_off() -> None:
+    gc.disable()
+    try:
+        with reference_counting_only(), PausedCollection(most=0) as pause:
+            assert not gc.isenabled()
+            assert not pause.due()
+        assert not gc.isenabled()
     finally:
         gc.enable()

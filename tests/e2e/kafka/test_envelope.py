@@ -172,7 +172,7 @@ def test_the_publishers_message_is_the_envelope_byte_for_byte(
 
 @pytest.mark.parametrize(
     ("read", "plain"),
-    zip(EVENTS, PLAIN, strict=True),
+    list(zip(EVENTS, PLAIN, strict=True)),
     # Names that are the same in every process (xdist workers compare them): no times, no ids.
     ids=[f"{n}-{type(event).__name__}" for n, event in EVENTS],
 )
