@@ -9,7 +9,10 @@ decode", of which decoding the rows into plain events is "decode"; pages a child
 ahead count only their unpickling here), folding a page into rows, writing the rows, the swap (secondary indexes,
 dropping the old tables). The total is `time.process_time` (every thread of this process); the
 child's CPU (`ReadAhead`, on logs of `READ_AHEAD_FROM` events or more; `--no-child` turns it
-off) and its peak RSS are printed apart. Like `benchmarks.stages`, it wraps private functions,
+off) and its peak RSS are printed apart. Beside each stage's CPU is its wall time: where the wall
+exceeds the CPU, the thread waited (for the GIL, the disk, or the child's next page: "read +
+decode"); "wait for the writer" is the main thread waiting for the page in flight to be written
+(its writer thread's GIL waits included). Like `benchmarks.stages`, it wraps private functions,
 so it changes with them; run it on two checkouts, one after the other, to compare them.
 """
 
@@ -22,16 +25,20 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-_STAGES = ("read + decode", "  of which decode", "fold", "write", "swap")
+_STAGES = ("read + decode", "  of which decode", "fold", "write", "swap", "wait for the writer")
+
+_waited: dict[str, float] = defaultdict(float)
+"""Wall seconds per stage (`spent` holds the CPU)."""
 
 
 def _timed(spent: dict[str, float], label: str, function: Callable[..., Any]) -> Any:
     def timed(*args: Any, **kwargs: Any) -> Any:
-        began = time.thread_time()
+        began, wall = time.thread_time(), time.perf_counter()
         try:
             return function(*args, **kwargs)
         finally:
             spent[label] += time.thread_time() - began
+            _waited[label] += time.perf_counter() - wall
 
     return timed
 
@@ -58,6 +65,15 @@ def main(url: str, child: bool = True) -> None:
     ):
         setattr(owner, name, _timed(spent, label, getattr(owner, name)))
     try:
+        from flowstore.projections.rebuild import Rebuilds
+    except ImportError:  # older code: no writer thread
+        pass
+    else:
+        if hasattr(Rebuilds, "_written"):
+            Rebuilds._written = staticmethod(  # type: ignore[method-assign]
+                _timed(spent, "wait for the writer", Rebuilds._written)
+            )
+    try:
         from flowstore.projections.readahead import ReadAhead
     except ImportError:
         pass
@@ -81,8 +97,11 @@ def main(url: str, child: bool = True) -> None:
         f"{events:,} events: {events / wall:,.0f} events/s, {cpu / events * 1e6:.1f} CPU µs/event, "
         f"peak RSS {rss:.0f} MB"
     )
+    print(f"  {'stage':20} {'CPU':>6} {'wall':>6}   µs/event, wall {wall / events * 1e6:.1f}")
     for label in _STAGES:
-        print(f"  {label:20} {spent[label] / events * 1e6:6.1f}")
+        print(
+            f"  {label:20} {spent[label] / events * 1e6:6.1f} {_waited[label] / events * 1e6:6.1f}"
+        )
     if children.ru_maxrss:
         child_cpu = (children.ru_utime + children.ru_stime) / events * 1e6
         print(
