@@ -62,7 +62,7 @@ def main() -> None:
     if not args.starts:
         store.execute_transitions(warm)  # caches warm, as after the first batch of scenario 2
     store.sync_projections()
-    profiler = cProfile.Profile() if args.profile else None
+    profiler = cProfile.Profile(time.thread_time) if args.profile else None
     stages = Stages() if args.stages else None
     timing = stages.active(store) if stages is not None else contextlib.nullcontext()
     timing.__enter__()

@@ -273,6 +273,7 @@ class Transitions:
         # The batch's instances are this process's alone until it is written (see Commands).
         with commands.locked(iids):
             # Later requests see earlier ones' effects; those not cached are read when first met.
+            # Keyed by the ids' integers: `UUID.__hash__` is a Python method (three a request).
             seen = commands.cached_instances(iids)
             outcomes: list[FlowInstance | FlowError] = []
             events: list[DomainEvent] = []
@@ -281,22 +282,23 @@ class Transitions:
                     outcomes.append(item)
                     continue
                 iid, request = item
+                key = iid.int
                 try:
-                    instance = seen.get(iid, _UNREAD)
+                    instance = seen.get(key, _UNREAD)
                     if instance is _UNREAD:
-                        instance = seen[iid] = commands.cached_instance(iid)
+                        instance = seen[key] = commands.cached_instance(iid)
                     decision = decide(request, instance)
                 except FlowError as error:
                     outcomes.append(error)
                     continue
                 updated = cast(FlowInstance, project(instance, decision.events))
-                seen[iid] = updated
+                seen[key] = updated
                 events += decision.events
                 outcomes.append(decision.error or updated)
             try:
                 commands.save(events, decided_here=True)
             except IntegrityError:
-                for iid in seen:
+                for iid in iids:
                     commands.forget_instance(iid)
                 return None
             commands.remember_instances(

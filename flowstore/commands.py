@@ -274,15 +274,16 @@ class Commands:
                 return cached
         return self.get_instance(iid)
 
-    def cached_instances(self, iids: Iterable[UUID]) -> dict[UUID, FlowInstance | None]:
-        """Those of these instances this process has cached (a batch's, under one lock).
+    def cached_instances(self, iids: Iterable[UUID]) -> dict[int, FlowInstance | None]:
+        """Those of these instances this process has cached (a batch's, under one lock), by
+        their ids' integers (`UUID.__hash__` is a Python method; `int`'s is not).
 
         Their places in the cache's order stay as they are: the batch remembers each of them
         afterwards (`remember_instances`), which makes them the most recently used.
         """
         with self._cache_lock:
             get = self._instances.get
-            return {iid: cached for iid in iids if (cached := get(iid.int)) is not None}
+            return {key: cached for iid in iids if (cached := get(key := iid.int)) is not None}
 
     def remember_instance(self, instance: FlowInstance) -> None:
         """Cache the instance's newest state (least recently used ones go first)."""

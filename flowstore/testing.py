@@ -204,7 +204,7 @@ class Internals:
         from flowstore.commands import cached_instance_id
 
         iid = cached_instance_id(user_id, flow_id)
-        return self.commands.cached_instances((iid,)).get(iid)
+        return self.commands.cached_instances((iid,)).get(iid.int)
 
     # Faults
 

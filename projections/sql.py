@@ -64,6 +64,16 @@ __all__ = [
 PROJECTION = tracking_name(1)
 """The position's tracking row of layouts 1 and 2 (each later layout has its own: `tracking_name`)."""
 _PAGE = 1000
+_SQLITE_PAGE = 2000
+"""SQLite's catch-up pages: a write transaction there costs less per event the more events it
+holds. Each instance's state row (and its entries in five indexes) is rewritten once per
+transaction however many of its events the page folds, and the commit writes each changed page
+of the tables once: under a stream of batches (500 users' transitions each, the live projector
+behind by a page or more), twice the page halves both per event (measured: ~4 CPU µs of the
+projector's ~35 per transition). Readers wait no longer: a waiting reader is released when the
+whole catch-up returns (`LiveProjector`), after as many pages as it takes to reach the log's end,
+and a page only ends a catch-up sooner by coming back short. PostgreSQL keeps `_PAGE`: its live
+pages go as one pipeline, and a page of more than `writes._COPY_FROM` rows would go by COPY."""
 
 
 log = logging.getLogger(__name__)
@@ -105,6 +115,7 @@ class SqlProjections(Queries, Verification, Rebuilds):
         self._sqlite = self.engine.dialect.name == "sqlite"
         self._shared_connection = config.sqlalchemy_url is None
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
+        self._page = _SQLITE_PAGE if self._sqlite else _PAGE
         self._writer = RowWriter(self.engine.dialect)
         self._lookup_cache: dict[str, tuple[Any, Any]] = {}
         # Copies of the rows this process last wrote, valid while the tracking position is still
@@ -260,10 +271,11 @@ class SqlProjections(Queries, Verification, Rebuilds):
         self,
         read: EventPage,
         *,
-        page: int = _PAGE,
+        page: int | None = None,
         projected: Callable[[int, int, int, int], None] | None = None,
     ) -> int:
-        """Apply every event after the tracking position; return the new position.
+        """Apply every event after the tracking position, `page` events (by default
+        `_SQLITE_PAGE` on SQLite, `_PAGE` elsewhere) a transaction; return the new position.
 
         Reading, decoding and folding a batch happen outside any write transaction (and outside
         the write lock): only writing the rows and moving the tracking row do. The write
@@ -275,6 +287,8 @@ class SqlProjections(Queries, Verification, Rebuilds):
         catches any other writer. `projected(first, last, count, began_ns)` hears each committed
         batch (the store's observers: metrics, tracing).
         """
+        if page is None:
+            page = self._page
         while True:
             began = time.time_ns()
             with self._lock:
