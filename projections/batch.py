@@ -137,26 +137,13 @@ class RowBatch:
 
     def add(self, table: str, key: tuple[Any, ...], deltas: Mapping[str, float]) -> None:
         """Add to the row at `key`."""
-        rows = self.sums[table]
-        found = rows.get(key)
-        if found is None:
-            rows[key] = dict(deltas)
-        else:
-            for name, delta in deltas.items():
-                found[name] = found.get(name, 0) + delta
+        _add(self.sums[table], key, deltas)
 
     def add_spans(
         self, table: str, flow_id: str, second: int, last: Any, deltas: Mapping[str, float]
     ) -> None:
         """Add to the rows of the buckets holding `second` (summed by second until `settle`)."""
-        rows = self._by_second[table]
-        key = (flow_id, second, last)
-        found = rows.get(key)
-        if found is None:
-            rows[key] = dict(deltas)
-        else:
-            for name, delta in deltas.items():
-                found[name] = found.get(name, 0) + delta
+        _add(self._by_second[table], (flow_id, second, last), deltas)
 
     def settle(self) -> None:
         """Spread the changes `add_spans` summed by second over their buckets' rows in `sums`."""
@@ -259,6 +246,16 @@ class RowBatch:
             or any(self._by_second.values())
             or any(self.puts.values())
         )
+
+
+def _add(rows: dict[Any, dict[str, float]], key: Any, deltas: Mapping[str, float]) -> None:
+    """Add `deltas` to the counters of `rows[key]` (a new row starts at zero)."""
+    found = rows.get(key)
+    if found is None:
+        rows[key] = dict(deltas)
+    else:
+        for name, delta in deltas.items():
+            found[name] = found.get(name, 0) + delta
 
 
 _WholeRow = Callable[[tuple[Any, ...], Mapping[str, Any]], dict[str, Any]]
