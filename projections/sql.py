@@ -184,7 +184,9 @@ class SqlProjections(Queries, Verification, Rebuilds):
 
     def _layout_in(self, conn: Connection) -> int | None:
         """The tables' layout: 0 when incomplete, None when there are none this code knows of."""
-        rows: dict[str, int] = dict(conn.execute(select(TRACKING.c.name, TRACKING.c.position)).all())
+        rows: dict[str, int] = dict(
+            conn.execute(select(TRACKING.c.name, TRACKING.c.position)).all()
+        )
         found: int | None = rows.get(LAYOUT_ROW)
         if found is None:  # before layouts were recorded
             positions = [layout for name in rows if (layout := layout_of(name)) is not None]
