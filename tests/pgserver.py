@@ -215,6 +215,11 @@ class PostgresServer:
         fails, the watchdog kills the server before this raises.
         """
         try:
+            if self._running and not self.alive():
+                # It exited by itself: a WAL write that found no space is a PANIC, and the crash
+                # recovery that follows fails too while the disk is full (the disk-full tests).
+                # pg_ctl would fail for want of its PID file; there is nothing to stop.
+                self._running = False
             if self._running:
                 self._run(
                     [
@@ -229,6 +234,15 @@ class PostgresServer:
             raise
         shutil.rmtree(self.base_dir, ignore_errors=True)
         self._release_watchdog(clean=True)
+
+    def alive(self) -> bool:
+        """Whether the server's postmaster is running (its PID file names a live process)."""
+        try:
+            pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError):
+            return False
+        return True
 
     @property
     def watchdog_pid(self) -> int | None:

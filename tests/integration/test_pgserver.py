@@ -112,6 +112,23 @@ def test_start_and_stop_without_pytest() -> None:
     server.stop()  # a second stop is harmless
 
 
+def test_a_server_that_exited_by_itself_stops_cleanly() -> None:
+    """A WAL write on a full disk is a PANIC, and the failed recovery ends the postmaster (it
+    removes its PID file): stopping such a server must clean up, not fail the teardown."""
+    server = PostgresServer.start()
+    try:
+        pid_file = server.data_dir / "postmaster.pid"
+        assert pid_file.exists()
+        server._run(  # the postmaster ends, as after a PANIC whose recovery failed
+            [server._bin("pg_ctl"), "stop", "-D", str(server.data_dir), "-m", "immediate", "-w"],
+            timeout=90,
+        )
+        assert not pid_file.exists()
+    finally:
+        server.stop()
+    assert not server.base_dir.exists()
+
+
 def test_failed_start_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[PostgresServer] = []
     original = PostgresServer._start_on_free_port

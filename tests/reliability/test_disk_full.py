@@ -402,20 +402,12 @@ class PostgresOnSmallDisk:
             return 0
         return text.count("database system is ready to accept connections")
 
-    def _running(self) -> bool:
-        try:
-            pid = int((self.server.data_dir / "postmaster.pid").read_text().split()[0])
-            os.kill(pid, 0)
-        except (OSError, ValueError, IndexError):
-            return False
-        return True
-
     def revive(self) -> None:
         """Start the server again if it gave up: a WAL write that finds no space is a PANIC, and
         the crash recovery that follows fails too while the disk is full (an operator restarts it)."""
-        if not self._running():
+        if not self.server.alive():
             time.sleep(0.5)  # not in the middle of starting or stopping: still down
-            if not self._running():
+            if not self.server.alive():
                 RestartablePostgres(self.server).start()
                 self.revived += 1
 
