@@ -51,6 +51,7 @@ __all__ = [
     "TransitionRejected",
     "definition_id",
     "evolve",
+    "id_text",
     "instance_id",
     "merge_payload",
     "project",
@@ -402,6 +403,26 @@ def _field_names(cls: type[BaseModel]) -> _FieldNames:
     assert not cls.__pydantic_post_init__
     names = _FIELD_NAMES[cls] = _FieldNames(cls.__pydantic_fields__)
     return names
+
+
+_ID_TEXTS: dict[int, str] = {}
+"""Aggregate ids' text by the UUID's number (`id_text`)."""
+
+
+def id_text(originator_id: UUID | str) -> str:
+    """An aggregate id's text, `str(originator_id)`: cached by the UUID's number, since a UUID's
+    `str` (and its hash, for a cache keyed by the UUID) is a microsecond of Python, and an
+    instance's events come by the dozen (a rebuild's page, a live batch, a publisher's page),
+    each decoded to a new but equal UUID."""
+    if type(originator_id) is not UUID:
+        return str(originator_id)
+    number = originator_id.int
+    found = _ID_TEXTS.get(number)
+    if found is None:
+        if len(_ID_TEXTS) >= 8192:
+            _ID_TEXTS.clear()
+        found = _ID_TEXTS[number] = str(originator_id)
+    return found
 
 
 def merge_payload(

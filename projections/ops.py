@@ -17,11 +17,10 @@ import math
 from collections.abc import Callable, Mapping
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from typing import Any, Protocol
-from uuid import UUID
 
 from pydantic_core import TzInfo
 
-from flowstore.domain import merge_payload
+from flowstore.domain import id_text, merge_payload
 from flowstore.models import FlowStatus, HistoryKind
 
 __all__ = [
@@ -149,25 +148,6 @@ _ACTIVITY = frozenset(ACTIVITY_COLUMNS)
 _MS = timedelta(milliseconds=1)
 
 
-_TEXTS: dict[int, str] = {}
-"""Instance ids' text by the UUID's number: a UUID's `str` (and its hash, for a cache keyed by
-the UUID) is a microsecond of Python, and an instance's events come by the dozen (a rebuild's
-page, a live batch), each decoded to a new but equal UUID."""
-
-
-def _text(uuid: Any) -> str:
-    """An instance id's text (a UUID's, or the id itself if it is text already)."""
-    if type(uuid) is not UUID:
-        return str(uuid)
-    number = uuid.int
-    found = _TEXTS.get(number)
-    if found is None:
-        if len(_TEXTS) >= 8192:
-            _TEXTS.clear()
-        found = _TEXTS[number] = str(uuid)
-    return found
-
-
 _FIXED_ZONES = (timezone, TzInfo)
 """Time zone types whose offset is the same at any moment (the standard library's and
 pydantic's, which decoded events carry)."""
@@ -208,7 +188,7 @@ class _Fold:
     def __init__(self, e: Event, previous: dict[str, Any] | None, rows: RowChanges) -> None:
         self.e, self.previous, self.rows = e, previous, rows
         self.flow: str = e["flow_id"]
-        self.instance = _text(e["originator_id"])
+        self.instance = id_text(e["originator_id"])
         self.second = _second(e["timestamp"])
 
     def state(self, **fields: Any) -> None:

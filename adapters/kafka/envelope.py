@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from functools import lru_cache
 from hashlib import sha1
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -28,7 +27,7 @@ from pydantic.alias_generators import to_camel
 
 from flowstore import domain
 from flowstore.codec import PlainEvent
-from flowstore.domain import DomainEvent, InstanceEvent
+from flowstore.domain import DomainEvent, InstanceEvent, id_text
 from flowstore.errors import EnvelopeError
 
 __all__ = [
@@ -101,7 +100,7 @@ def message_bytes(notification_id: int, event: DomainEvent | PlainEvent) -> byte
     return orjson.dumps(
         {
             "schemaVersion": SCHEMA_VERSION,
-            "eventId": _event_id(f"{_text(oid)}:{version}"),
+            "eventId": _event_id(f"{id_text(oid)}:{version}"),
             "eventType": kind,
             "aggregateId": oid,
             "aggregateVersion": version,
@@ -129,8 +128,8 @@ _DATA_FIELDS: dict[type[DomainEvent], list[tuple[str, str]]] = {
 def message_key(event: DomainEvent | PlainEvent) -> bytes:
     """The Kafka key of an event: its aggregate's id (the instance id for instance events)."""
     if type(event) is tuple:
-        return _text(event[1]["originator_id"]).encode()
-    return _text(cast(DomainEvent, event).originator_id).encode()
+        return id_text(event[1]["originator_id"]).encode()
+    return id_text(cast(DomainEvent, event).originator_id).encode()
 
 
 def _event_id(name: str) -> str:
@@ -145,9 +144,6 @@ def _event_id(name: str) -> str:
 
 
 _NAMESPACE_BYTES = _EVENT_ID_NAMESPACE.bytes
-
-_text = lru_cache(maxsize=4096)(str)
-"""An instance id's text: the key and the envelope of a message both need it (a microsecond)."""
 
 
 class FlowEventEnvelope(BaseModel):

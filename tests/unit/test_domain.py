@@ -6,6 +6,7 @@ import copy
 import pickle
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import pytest
 from hypothesis import given
@@ -19,6 +20,7 @@ from flowstore.domain import (
     InstanceEvent,
     TransitionExecuted,
     evolve,
+    id_text,
     known_good,
     project,
 )
@@ -166,3 +168,10 @@ def test_known_good_refuses_models_with_private_attributes() -> None:
     # FlowTransition keeps its compiled schema privately: `known_good` would leave it unset.
     with pytest.raises(AssertionError):
         known_good(FlowTransition, dict.fromkeys(FlowTransition.model_fields))
+
+
+@given(st.uuids(), st.text(max_size=40))
+def test_an_id_s_text_is_its_str_for_uuids_and_text(uuid: UUID, text: str) -> None:
+    assert id_text(uuid) == str(uuid)
+    assert id_text(UUID(int=uuid.int)) == str(uuid)  # an equal UUID decoded again: the same text
+    assert id_text(text) == text
