@@ -24,6 +24,9 @@ __all__ = ["WorkerSettings", "run_worker"]
 
 log = logging.getLogger(__name__)
 
+_SIGNAL_CHECK = 0.25
+"""Seconds at most between two looks at pending signals by the thread waiting for the stop."""
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -114,7 +117,13 @@ def run_worker(
 
         publisher = KafkaPublisher(store, settings.bootstrap, settings.topic)
         start("publisher", lambda: publisher.run(stop))
-    stop.wait()
+    # Not `stop.wait()`: Python runs a signal's handler (the CLI's sets `stop`) in the main thread
+    # only, and Linux may hand a SIGTERM sent to the process to any thread that takes it first
+    # (seen here: a job thread in the middle of starting a thread took it). Then the C
+    # handler runs in that thread, and a main thread blocked without a timeout is never woken to
+    # run the Python one: the worker ran on. A bounded wait comes back and runs it.
+    while not stop.wait(_SIGNAL_CHECK):
+        pass
     for thread in threads:
         # Bounded: a job stuck in a database call must not keep a stopping worker alive (its
         # locks die with the process anyway).
