@@ -79,8 +79,9 @@ def run_worker(
             store.catch_up_projections(settings.batch)
 
         def pause(interval: float) -> None:
-            if notifier.pushes:  # PostgreSQL: wake on the next append, poll as a fallback
-                notifier.wait(seen[0], interval)
+            # PostgreSQL: wake on the next append or the stop, poll as a fallback.
+            if notifier.pushes:
+                notifier.wait(seen[0], interval, stop=stop)
             else:
                 stop.wait(interval)
 
@@ -124,6 +125,7 @@ def run_worker(
     # run the Python one: the worker ran on. A bounded wait comes back and runs it.
     while not stop.wait(_SIGNAL_CHECK):
         pass
+    store.log_notifier.wake()  # the projections job may be waiting for an append, not the stop
     for thread in threads:
         # Bounded: a job stuck in a database call must not keep a stopping worker alive (its
         # locks die with the process anyway).

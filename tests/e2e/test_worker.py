@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import signal
 import socket
@@ -14,13 +15,16 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from queue import Empty, Queue
+from typing import Any
 
 import pytest
 
 from flowstore import FlowStore
+from flowstore.adapters.worker import WorkerSettings, run_worker
 from flowstore.leader import LeaderLock, run_elected
 from flowstore.storage import parse_url
 from tests.flows import linear, ring
+from tests.pgserver import PostgresServer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -170,6 +174,37 @@ def test_a_worker_stops_when_sigterm_reaches_a_thread_other_than_its_main_thread
     worker.signal_a_job_thread(signal.SIGTERM)
     assert worker.process.wait(timeout=60) == 0
     worker.wait_for("no longer leading projections")  # it stopped its jobs on the way out
+
+
+def test_a_stopping_worker_does_not_wait_out_its_projection_interval(
+    pg_server: PostgresServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL: between two catch-ups the projections job waits for the next append, or for
+    # its interval. The stop must end that wait; it did not, so a worker with a long --interval
+    # kept its job running until `run_worker` gave up on it after 30 s.
+    caplog.set_level(logging.INFO)
+    with FlowStore(pg_server.create_database(), live_projections=False) as store:
+        notifier, waiting = store.log_notifier, threading.Event()
+        wait_for_append = notifier.wait
+
+        def wait(generation: int, timeout: float, **options: Any) -> bool:
+            # The wait that only an append (or the stop) can end: the listener listens and has
+            # made its first wake-up (generation 1), which the job has seen.
+            if notifier.listening and generation == notifier.generation >= 1:
+                waiting.set()
+            return wait_for_append(generation, timeout, **options)
+
+        monkeypatch.setattr(notifier, "wait", wait)
+        stop = threading.Event()
+        settings = WorkerSettings(interval=3600, jobs=("projections",))
+        runner = threading.Thread(target=run_worker, args=(store, stop, settings))
+        runner.start()
+        waiting.wait()  # pytest-timeout bounds this
+        stop.set()
+        runner.join()
+        messages = [record.getMessage() for record in caplog.records]
+        assert "no longer leading projections" in messages
+        assert not [message for message in messages if "did not stop" in message]
 
 
 def test_only_one_of_two_elections_leads_at_a_time(store_url: str) -> None:
