@@ -24,6 +24,9 @@ __all__ = ["WorkerSettings", "run_worker"]
 
 log = logging.getLogger(__name__)
 
+_SIGNAL_CHECK = 0.25
+"""Seconds at most between two looks at pending signals by the thread waiting for the stop."""
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -76,8 +79,9 @@ def run_worker(
             store.catch_up_projections(settings.batch)
 
         def pause(interval: float) -> None:
-            if notifier.pushes:  # PostgreSQL: wake on the next append, poll as a fallback
-                notifier.wait(seen[0], interval)
+            # PostgreSQL: wake on the next append or the stop, poll as a fallback.
+            if notifier.pushes:
+                notifier.wait(seen[0], interval, stop=stop)
             else:
                 stop.wait(interval)
 
@@ -114,7 +118,14 @@ def run_worker(
 
         publisher = KafkaPublisher(store, settings.bootstrap, settings.topic)
         start("publisher", lambda: publisher.run(stop))
-    stop.wait()
+    # Not `stop.wait()`: Python runs a signal's handler (the CLI's sets `stop`) in the main thread
+    # only, and Linux may hand a SIGTERM sent to the process to any thread that takes it first
+    # (seen here: a job thread in the middle of starting a thread took it). Then the C
+    # handler runs in that thread, and a main thread blocked without a timeout is never woken to
+    # run the Python one: the worker ran on. A bounded wait comes back and runs it.
+    while not stop.wait(_SIGNAL_CHECK):
+        pass
+    store.log_notifier.wake()  # the projections job may be waiting for an append, not the stop
     for thread in threads:
         # Bounded: a job stuck in a database call must not keep a stopping worker alive (its
         # locks die with the process anyway).

@@ -247,7 +247,7 @@ class LeaderLock:
             if self._connection is None:
                 self._connection = self._connect()
             sent = time.monotonic()
-            got = self._query("pg_try_advisory_lock", self.lease)
+            got = self._query(self._call("pg_try_advisory_lock"), self.lease)
         except (psycopg.Error, OSError, _LockConnectionError):
             self._drop_connection()  # the server went away: a new connection on the next try
             return False
@@ -262,8 +262,12 @@ class LeaderLock:
         self._heartbeat.start()
         return True
 
-    def _query(self, function: str, timeout: float) -> str | None:
-        """`SELECT function(key)` on the lock's connection, answered within `timeout` seconds.
+    def _call(self, function: str) -> str:
+        """`SELECT function(key)`: an advisory lock function called with this lock's key."""
+        return f"SELECT {function}({advisory_key(self.advisory_name)})"
+
+    def _query(self, query: str, timeout: float) -> str | None:
+        """The one value `query` returns on the lock's connection, answered within `timeout` s.
 
         Through libpq's asynchronous calls: a blocking execute would wait forever for a peer
         that acknowledges the query and never answers.
@@ -272,7 +276,7 @@ class LeaderLock:
 
         pgconn = self._connection.pgconn
         deadline = time.monotonic() + timeout
-        pgconn.send_query(f"SELECT {function}({advisory_key(self.advisory_name)})".encode())
+        pgconn.send_query(query.encode())
         while pgconn.flush():
             _wait_for(pgconn.socket, deadline, write=True)
         pgconn.consume_input()
@@ -298,7 +302,7 @@ class LeaderLock:
                 # Any query keeps the session busy. Half a lease to answer: a ping sent a
                 # quarter lease after the last one fails by three quarters, when `check` gives
                 # up anyway, a quarter lease before the server may release the lock.
-                self._query("pg_backend_pid", self.lease / 2)
+                self._query("SELECT 1", self.lease / 2)
             except (psycopg.Error, OSError, _LockConnectionError) as exc:
                 if not stopping.is_set():
                     log.warning("lost the %s lock: its connection failed (%s)", self.name, exc)
@@ -337,7 +341,7 @@ class LeaderLock:
         if self._connection is not None and self._held and not self._lost:
             # Bounded: closing the connection releases the lock anyway.
             with contextlib.suppress(psycopg.Error, OSError, _LockConnectionError):
-                self._query("pg_advisory_unlock", self.lease / 4)
+                self._query(self._call("pg_advisory_unlock"), self.lease / 4)
         self._held = False
         self._drop_connection()
 

@@ -50,13 +50,26 @@ class LogNotifier:
         self._start()
         return self._generation
 
-    def wait(self, generation: int, timeout: float) -> bool:
-        """Wait until a notification newer than `generation` arrives (True) or `timeout` passes."""
+    def wait(self, generation: int, timeout: float, *, stop: threading.Event | None = None) -> bool:
+        """Wait until a notification newer than `generation` arrives (True) or `timeout` passes;
+        `stop` set (and `wake()` called after setting it) ends the wait too (True)."""
         self._start()
         with self._changed:
             return self._changed.wait_for(
-                lambda: self._generation > generation or self._stopping, timeout
+                lambda: (
+                    self._generation > generation
+                    or self._stopping
+                    or (stop is not None and stop.is_set())
+                ),
+                timeout,
             )
+
+    def wake(self) -> None:
+        """Make every waiter look at its `stop` again (call it after setting that event)."""
+        # The waiters test `stop` under this condition's lock: set before this notify, it is
+        # seen either before a waiter sleeps or when this wakes it; none can miss it.
+        with self._changed:
+            self._changed.notify_all()
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         """Call `callback` (in the listener's thread; it must not block) on every notification."""

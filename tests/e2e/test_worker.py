@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
 import os
 import signal
 import socket
@@ -12,13 +15,16 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from queue import Empty, Queue
+from typing import Any
 
 import pytest
 
 from flowstore import FlowStore
+from flowstore.adapters.worker import WorkerSettings, run_worker
 from flowstore.leader import LeaderLock, run_elected
 from flowstore.storage import parse_url
 from tests.flows import linear, ring
+from tests.pgserver import PostgresServer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -87,6 +93,23 @@ class Worker:
             self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=60)
 
+    def signal_a_job_thread(self, signum: int) -> None:
+        """Send `signum` to one thread of the worker other than its main thread (Linux).
+
+        What the kernel does with a signal sent to the process when another thread takes it
+        first: the C-level handler runs in that thread, and the main thread is not interrupted.
+        """
+        libc = ctypes.CDLL(None, use_errno=True)
+        pid = self.process.pid
+        for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
+            if int(task.name) == pid:
+                continue  # the main thread
+            if libc.tgkill(pid, int(task.name), signum) == 0:
+                return
+            if ctypes.get_errno() != errno.ESRCH:  # ESRCH: that thread ended meanwhile
+                raise OSError(ctypes.get_errno(), "tgkill")
+        pytest.fail("the worker has no thread besides its main thread")
+
 
 @pytest.fixture
 def workers() -> Iterator[list[Worker]]:
@@ -135,6 +158,53 @@ def test_a_stopped_worker_hands_its_jobs_over(store_url: str, workers: list[Work
     workers.append(second)
     assert first.stop() == 0  # SIGTERM: releases the locks on its way out
     second.wait_for("leading projections")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tgkill and /proc are Linux's")
+def test_a_worker_stops_when_sigterm_reaches_a_thread_other_than_its_main_thread(
+    store_url: str, workers: list[Worker]
+) -> None:
+    # Linux hands a signal sent to a process to whichever of its threads takes it first (one
+    # that just unblocked signals, as pthread_create does around clone, beats a sleeping main
+    # thread): the worker's main thread, waiting for the stop without a timeout, never ran the
+    # Python handler that sets it, and the worker ran on (CI: "took over 60 s after SIGTERM").
+    worker = Worker(store_url)
+    workers.append(worker)
+    worker.wait_for("leading projections")
+    worker.signal_a_job_thread(signal.SIGTERM)
+    assert worker.process.wait(timeout=60) == 0
+    worker.wait_for("no longer leading projections")  # it stopped its jobs on the way out
+
+
+def test_a_stopping_worker_does_not_wait_out_its_projection_interval(
+    pg_server: PostgresServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL: between two catch-ups the projections job waits for the next append, or for
+    # its interval. The stop must end that wait; it did not, so a worker with a long --interval
+    # kept its job running until `run_worker` gave up on it after 30 s.
+    caplog.set_level(logging.INFO)
+    with FlowStore(pg_server.create_database(), live_projections=False) as store:
+        notifier, waiting = store.log_notifier, threading.Event()
+        wait_for_append = notifier.wait
+
+        def wait(generation: int, timeout: float, **options: Any) -> bool:
+            # The wait that only an append (or the stop) can end: the listener listens and has
+            # made its first wake-up (generation 1), which the job has seen.
+            if notifier.listening and generation == notifier.generation >= 1:
+                waiting.set()
+            return wait_for_append(generation, timeout, **options)
+
+        monkeypatch.setattr(notifier, "wait", wait)
+        stop = threading.Event()
+        settings = WorkerSettings(interval=3600, jobs=("projections",))
+        runner = threading.Thread(target=run_worker, args=(store, stop, settings))
+        runner.start()
+        waiting.wait()  # pytest-timeout bounds this
+        stop.set()
+        runner.join()
+        messages = [record.getMessage() for record in caplog.records]
+        assert "no longer leading projections" in messages
+        assert not [message for message in messages if "did not stop" in message]
 
 
 def test_only_one_of_two_elections_leads_at_a_time(store_url: str) -> None:
