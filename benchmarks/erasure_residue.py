@@ -48,7 +48,9 @@ def main(argv: list[str]) -> None:
         _fill(store, others)
         began = time.perf_counter()
         store.erase_user(USER)
-        print(f"sqlite, {others} other users: erase_user {(time.perf_counter() - began) * 1000:.0f} ms")
+        print(
+            f"sqlite, {others} other users: erase_user {(time.perf_counter() - began) * 1000:.0f} ms"
+        )
         for path in sorted(Path(folder).iterdir()):  # while the store is open: -wal, -shm too
             data = path.read_bytes()
             print(f"  {path.name}: {len(data)} bytes, {_counts(data)}")
@@ -59,7 +61,9 @@ def main(argv: list[str]) -> None:
             _fill(store, others)
             began = time.perf_counter()
             store.erase_user(USER)
-            print(f"postgres, {others} other users: erase_user {(time.perf_counter() - began) * 1000:.0f} ms")
+            print(
+                f"postgres, {others} other users: erase_user {(time.perf_counter() - began) * 1000:.0f} ms"
+            )
         names = ("flowstore_user_keys", "flow_states", "flow_history", "flowstore_events")
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("CHECKPOINT"))
@@ -73,7 +77,9 @@ def main(argv: list[str]) -> None:
             conn.execute(text("VACUUM flow_states, flow_history"))
             conn.execute(text("CHECKPOINT"))
             for name in ("flow_states", "flow_history"):
-                print(f"  {name} after VACUUM: {_counts((server.data_dir / files[name]).read_bytes())}")
+                print(
+                    f"  {name} after VACUUM: {_counts((server.data_dir / files[name]).read_bytes())}"
+                )
             wal = b"".join(p.read_bytes() for p in sorted((server.data_dir / "pg_wal").glob("0*")))
             print(f"  pg_wal: {len(wal)} bytes, {_counts(wal)}")
         engine.dispose()

@@ -58,7 +58,16 @@ def run(url: str, writes: int) -> None:
     port = free_port()
     env = {**os.environ, "FLOWSTORE_JWT_SECRET": SECRET, "FLOWSTORE_KAFKA_BOOTSTRAP": ""}
     server = subprocess.Popen(
-        [sys.executable, "-m", "flowstore.adapters.cli", "--url", url, "serve", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "flowstore.adapters.cli",
+            "--url",
+            url,
+            "serve",
+            "--port",
+            str(port),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -73,9 +82,10 @@ def run(url: str, writes: int) -> None:
                 time.sleep(0.02)
         token = jwt.encode({"sub": "ann", "exp": int(time.time()) + 3600}, SECRET)
         latencies = []
-        with FlowStore(url, live_projections=False) as writer, connect(
-            f"ws://127.0.0.1:{port}/api/flow/ws?token={token}", proxy=None
-        ) as ws:
+        with (
+            FlowStore(url, live_projections=False) as writer,
+            connect(f"ws://127.0.0.1:{port}/api/flow/ws?token={token}", proxy=None) as ws,
+        ):
             json.loads(ws.recv(timeout=10))  # authenticated
             writer.execute_transition("ann", "r", "tick")  # the pusher has reached the log
             json.loads(ws.recv(timeout=10))

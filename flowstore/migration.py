@@ -69,7 +69,9 @@ def migrate(
             )
             if to_step is None or dry_run:
                 return Decision([])
-            return Decision(migrate_instance(instance, target, to_step=to_step, now=commands.clock()))
+            return Decision(
+                migrate_instance(instance, target, to_step=to_step, now=commands.clock())
+            )
 
         if dry_run:
             decide(commands.get_instance(instance_id(user_id, flow_id)))

@@ -82,9 +82,7 @@ class Verification:
         return batch
 
     def _expected_rows(self, batch: RowBatch) -> Snapshot:
-        expected: Snapshot = {
-            table.name: {} for table in self.tables.all
-        }
+        expected: Snapshot = {table.name: {} for table in self.tables.all}
         for table, _, rows in batch.rows(self.tables):
             keys, _ = columns_of(table)
             expected[table.name].update((tuple(r[k] for k in keys), r) for r in rows)

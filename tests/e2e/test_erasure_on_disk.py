@@ -74,12 +74,18 @@ def test_an_erasure_over_http_leaves_no_trace_in_any_file_of_the_store(
     env = {"FLOWSTORE_CIPHER_KEY": new_key()} if cipher else {}
     with FlowStore(f"sqlite:///{db}", cipher_key=env.get("FLOWSTORE_CIPHER_KEY")) as store:
         store.create_flow(linear("line", 4))
-    user, other, admin = bearer(mint(USER)), bearer(mint("other-user")), bearer(mint("root", roles=["admin"]))
+    user, other, admin = (
+        bearer(mint(USER)),
+        bearer(mint("other-user")),
+        bearer(mint("root", roles=["admin"])),
+    )
     with serving(db, tmp_path / "server.log", **env) as client:
         for number in range(20):  # enough writes that the WAL holds many frames of the user
             body = {"payload": {"note": f"{PAYLOAD}-{number}", "who": USER}}
             client.post("/api/flow/line/transition/next", json=body, headers=user)
-            client.post("/api/flow/line/transition/next", json={"payload": {"n": number}}, headers=other)
+            client.post(
+                "/api/flow/line/transition/next", json={"payload": {"n": number}}, headers=other
+            )
             if number % 3 == 2:
                 client.post("/api/flow/line/reset", json={}, headers=user)
         assert client.get("/api/flow/line/history", headers=user).json()
@@ -111,17 +117,29 @@ def test_on_postgresql_the_erased_key_is_gone_from_the_key_tables_heap(
             store.execute_transition(who, "line", "next", {"n": number})
         engine = create_engine(parse_url(url).sqlalchemy_url or "")
         with engine.connect() as conn:
-            keys_before = {bytes(k) for k in conn.execute(text("SELECT key FROM flowstore_user_keys")).scalars()}
-            before = conn.execute(text("SELECT pg_relation_filepath('flowstore_user_keys')")).scalar_one()
+            keys_before = {
+                bytes(k)
+                for k in conn.execute(text("SELECT key FROM flowstore_user_keys")).scalars()
+            }
+            before = conn.execute(
+                text("SELECT pg_relation_filepath('flowstore_user_keys')")
+            ).scalar_one()
         store.erase_user(USER)
         with engine.connect() as conn:
-            path = conn.execute(text("SELECT pg_relation_filepath('flowstore_user_keys')")).scalar_one()
-            remaining = {bytes(k) for k in conn.execute(text("SELECT key FROM flowstore_user_keys")).scalars()}
+            path = conn.execute(
+                text("SELECT pg_relation_filepath('flowstore_user_keys')")
+            ).scalar_one()
+            remaining = {
+                bytes(k)
+                for k in conn.execute(text("SELECT key FROM flowstore_user_keys")).scalars()
+            }
             conn.execute(text("CHECKPOINT"))  # the heap pages on disk as the server holds them
         engine.dispose()
     (gone,) = keys_before - remaining
     heap = (pg_server.data_dir / path).read_bytes()
     assert all(key in heap for key in remaining)  # the file read is the right one
     assert gone not in heap
-    if (pg_server.data_dir / before).exists():  # a rewrite unlinks the old file at the next checkpoint
+    if (
+        pg_server.data_dir / before
+    ).exists():  # a rewrite unlinks the old file at the next checkpoint
         assert gone not in (pg_server.data_dir / before).read_bytes()

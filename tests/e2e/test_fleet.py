@@ -105,7 +105,9 @@ class Client:
         while True:
             base = self.server().url.replace("http://", "ws://")
             try:
-                ws = connect(f"{base}/api/flow/ws?token={token(self.user)}", proxy=None, legacy=True)
+                ws = connect(
+                    f"{base}/api/flow/ws?token={token(self.user)}", proxy=None, legacy=True
+                )
                 assert json.loads(ws.recv(timeout=30))["type"] == "authenticated"
                 break
             except (OSError, ConnectionClosed):

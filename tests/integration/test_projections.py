@@ -118,7 +118,10 @@ def test_a_rebuild_equals_tables_that_summed_its_floats_in_other_groups(
     key = ("sums", 60, int(minute.timestamp()), "")
     summed = (live["flow_activity"][key], rebuilt["flow_activity"][key])
     assert [row["completed"] for row in summed] == [3, 3]
-    assert [row["completed_duration_ms"] for row in summed] == [(0.1 + 0.2) + 0.3, 0.1 + (0.2 + 0.3)]
+    assert [row["completed_duration_ms"] for row in summed] == [
+        (0.1 + 0.2) + 0.3,
+        0.1 + (0.2 + 0.3),
+    ]
     assert tables.compare(live, rebuilt) == []
     miscounted = copy.deepcopy(live)
     miscounted["flow_activity"][key]["completed"] = 4

@@ -590,8 +590,12 @@ def test_a_same_origin_redirect_is_followed_with_the_credentials(
 
 @pytest.mark.parametrize(
     "authentication",
-    [Authentication("apikey", "k3y"), Authentication("apikey", "k3y", header="X-Flows-Key"),
-     Authentication("bearer", "t0ken"), Authentication("basic", "ann:s3cret")],
+    [
+        Authentication("apikey", "k3y"),
+        Authentication("apikey", "k3y", header="X-Flows-Key"),
+        Authentication("bearer", "t0ken"),
+        Authentication("basic", "ann:s3cret"),
+    ],
     ids=["apikey", "custom-header", "bearer", "basic"],
 )
 def test_credentials_never_follow_a_redirect_to_another_origin(
@@ -601,7 +605,9 @@ def test_credentials_never_follow_a_redirect_to_another_origin(
     elsewhere = f"http://localhost:{server.port}/stolen"
     server.routes["/flows"] = Answer(302, b"", location=elsewhere)
     server.serve("/stolen", [linear("alpha")])
-    provider = make_flow_provider(remote(server.url("/flows"), ticker, authentication=authentication))
+    provider = make_flow_provider(
+        remote(server.url("/flows"), ticker, authentication=authentication)
+    )
     with pytest.raises(FlowNotFoundError, match="redirected to another origin"):
         provider.get_flow("alpha")
     assert [path for path, _ in server.requests] == ["/flows"]

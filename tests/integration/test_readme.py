@@ -58,7 +58,9 @@ def test_every_shell_line_names_what_exists() -> None:
             named = re.fullmatch(r"\.(?:\[(.*)\])?", words[3])
             assert named is not None, words
             assert set(filter(None, (named.group(1) or "").split(","))) <= extras, words
-        elif words[0].endswith("python") and words[1] == "-m" and words[2].startswith("benchmarks."):
+        elif (
+            words[0].endswith("python") and words[1] == "-m" and words[2].startswith("benchmarks.")
+        ):
             assert (ROOT / "benchmarks" / f"{words[2].split('.', 1)[1]}.py").exists(), words
         else:
             raise AssertionError(f"a README shell line this test does not know: {words}")

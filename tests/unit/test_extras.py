@@ -26,7 +26,8 @@ def test_providers_name_the_providers_extra(missing: str) -> None:
 
 def test_the_command_line_names_the_cli_extra() -> None:
     done = _without(
-        "rich", "from flowstore.adapters.cli import main; sys.exit(main(['--url', 'memory://', 'flows', 'list']))"
+        "rich",
+        "from flowstore.adapters.cli import main; sys.exit(main(['--url', 'memory://', 'flows', 'list']))",
     )
     assert done.returncode != 0
     assert "flowstore-es[cli]" in done.stderr + done.stdout

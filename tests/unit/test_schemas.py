@@ -41,7 +41,9 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         "urn:example:thing",
     ],
 )
-def test_non_local_refs_are_refused_when_the_flow_is_defined(ref: str, no_network: list[str]) -> None:
+def test_non_local_refs_are_refused_when_the_flow_is_defined(
+    ref: str, no_network: list[str]
+) -> None:
     schema = {"type": "object", "properties": {"a": {"$ref": ref}}}
     with pytest.raises(DefinitionError, match="refers outside the schema"):
         parse_definition(_with_schema(schema))
@@ -84,7 +86,10 @@ def test_patterns_re2_cannot_run_are_refused(pattern: str) -> None:
 
 def test_a_backtracking_pattern_runs_in_linear_time() -> None:
     # Python's re needs ~2**n steps here (28 characters held the GIL for 12 s); RE2 is linear.
-    schema = {"type": "object", "properties": {"name": {"type": "string", "pattern": r"^(\w+\s?)*$"}}}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "pattern": r"^(\w+\s?)*$"}},
+    }
     edge = parse_definition(_with_schema(schema)).steps["s0"].transitions["next"]
     assert "does not match" in (edge.payload_problem({"name": "a" * 5000 + "!"}) or "")
     assert edge.payload_problem({"name": "ann lee"}) is None
@@ -114,9 +119,11 @@ def test_a_pattern_inside_data_keywords_is_not_a_regex() -> None:
 
 def test_unique_items_is_one_pass() -> None:
     # 3,000 small distinct objects took 47 s of CPU with pairwise comparison.
-    edge = parse_definition(
-        _with_schema({"type": "array", "uniqueItems": True})
-    ).steps["s0"].transitions["next"]
+    edge = (
+        parse_definition(_with_schema({"type": "array", "uniqueItems": True}))
+        .steps["s0"]
+        .transitions["next"]
+    )
     many = [{"k": i, "v": [i, str(i)]} for i in range(3000)]
     assert edge.payload_problem(many) is None
     assert "non-unique" in (edge.payload_problem([*many, {"v": [5, "5"], "k": 5}]) or "")
@@ -141,7 +148,9 @@ def test_unique_items_follows_json_schema_equality(items: list[Any], unique: boo
 def test_a_schema_whose_work_multiplies_is_cut_off_by_the_budget() -> None:
     # Every level evaluates the next one twice: 2**40 keyword evaluations without a budget.
     schema = {
-        "$defs": {"a": {"allOf": [{"items": {"$ref": "#/$defs/a"}}, {"items": {"$ref": "#/$defs/a"}}]}},
+        "$defs": {
+            "a": {"allOf": [{"items": {"$ref": "#/$defs/a"}}, {"items": {"$ref": "#/$defs/a"}}]}
+        },
         "$ref": "#/$defs/a",
     }
     edge = parse_definition(_with_schema(schema)).steps["s0"].transitions["next"]

@@ -595,7 +595,9 @@ def test_one_history_response_holds_at_most_its_cap(
     user = User.new("hoarder")
     big = {"blob": "x" * 60_000}
     for _ in range(80):  # rejected attempts keep their payloads: 4.8 MB of history
-        response = client.post(f"/api/flow/{line}/transition/nope", json={"payload": big}, headers=user.headers)
+        response = client.post(
+            f"/api/flow/{line}/transition/nope", json={"payload": big}, headers=user.headers
+        )
         assert response.status_code == 422
     answer = client.get(f"/api/flow/{line}/history", headers=user.headers)
     assert answer.status_code == 200
@@ -603,10 +605,17 @@ def test_one_history_response_holds_at_most_its_cap(
     rows = answer.json()
     assert 0 < len(rows) < 81
     assert sum(len(json.dumps(row["payload"])) for row in rows) <= MAX_HISTORY_RESPONSE_BYTES
-    assert rows == [r.model_dump(mode="json", by_alias=True) for r in store.get_flow_history(user.id, line)][: len(rows)]
+    assert (
+        rows
+        == [
+            r.model_dump(mode="json", by_alias=True) for r in store.get_flow_history(user.id, line)
+        ][: len(rows)]
+    )
     # A history under the cap comes whole, unmarked.
     small = User.new("small")
-    client.post(f"/api/flow/{line}/transition/next", json={"payload": {"a": 1}}, headers=small.headers)
+    client.post(
+        f"/api/flow/{line}/transition/next", json={"payload": {"a": 1}}, headers=small.headers
+    )
     whole = client.get(f"/api/flow/{line}/history", headers=small.headers)
     assert "X-History-Truncated" not in whole.headers
     assert len(whole.json()) == len(store.get_flow_history(small.id, line))
@@ -618,7 +627,9 @@ def test_a_delete_on_the_state_route_is_405_not_an_erasure(
     # The erasure route takes the rest of the path as the user id, except a path that ends like
     # the override route: that is a DELETE the override route does not have.
     victim = User("u/flows/f/state", mint("u/flows/f/state"))
-    assert client.post(f"/api/flow/{line}/transition/next", headers=victim.headers).status_code == 200
+    assert (
+        client.post(f"/api/flow/{line}/transition/next", headers=victim.headers).status_code == 200
+    )
     answer = client.delete("/api/admin/users/u/flows/f/state", headers=admin.headers)
     assert_problem(answer, 405, "METHOD_NOT_ALLOWED")
     assert client.get(f"/api/flow/{line}/state", headers=victim.headers).status_code == 200

@@ -16,7 +16,5 @@ def test_all_names_exist_and_have_docstrings() -> None:
 
 
 def test_the_cli_imports_no_web_framework() -> None:
-    code = (
-        "import sys, flowstore.adapters.cli; sys.exit('fastapi' in sys.modules or 'uvicorn' in sys.modules)"
-    )
+    code = "import sys, flowstore.adapters.cli; sys.exit('fastapi' in sys.modules or 'uvicorn' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode == 0

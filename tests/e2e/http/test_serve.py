@@ -37,7 +37,13 @@ def environment(**settings: str) -> dict[str, str]:
 def test_serve_runs_the_api_until_sigterm(tmp_path: Path, rsa_keys: tuple[bytes, str]) -> None:
     private, public = rsa_keys
     port, log = free_port(), tmp_path / "server.log"
-    command = [sys.executable, "-m", "flowstore.adapters.cli", "--url", f"sqlite:///{tmp_path / 'f.db'}"]
+    command = [
+        sys.executable,
+        "-m",
+        "flowstore.adapters.cli",
+        "--url",
+        f"sqlite:///{tmp_path / 'f.db'}",
+    ]
     with log.open("w") as out:
         server = subprocess.Popen(
             [*command, "serve", "--port", str(port)],
@@ -55,7 +61,12 @@ def test_serve_runs_the_api_until_sigterm(tmp_path: Path, rsa_keys: tuple[bytes,
             hs256 = bearer(mint("carol", key=SECRET))  # this server takes RS256 only
             assert client.get("/api/flows/mine", headers=hs256).status_code == 401
         # The server decodes the parameter's name, so `%74oken` is `token`: the log filter must too.
-        for query in (f"token={token}", f"%74oken={token}", f"tok%65n={token}", f"x=1&%74ok%65n={token}"):
+        for query in (
+            f"token={token}",
+            f"%74oken={token}",
+            f"tok%65n={token}",
+            f"x=1&%74ok%65n={token}",
+        ):
             with connect(f"ws://127.0.0.1:{port}/api/flow/ws?{query}", proxy=None) as ws:
                 assert '"userId":"carol"' in str(ws.recv(timeout=10))
         server.send_signal(signal.SIGTERM)

@@ -223,13 +223,23 @@ def test_a_deeply_nested_message_is_a_request_error_not_an_internal_one(
     nested = "[" * depth + "]" * depth
     with signed_in(server, alice) as ws:
         head = {"type": "flow-transition", "requestId": "deep", "flowId": ONBOARDING}
-        ws.send(json.dumps(head)[:-1] + ', "transition": "start", "payload": {"x": ' + nested + "}}")
+        ws.send(
+            json.dumps(head)[:-1] + ', "transition": "start", "payload": {"x": ' + nested + "}}"
+        )
         reply = answer(ws)
         assert reply["type"] == "flow-error"
         assert reply["code"] in ("REQUEST_INVALID", "PAYLOAD_INVALID")
         assert reply["problem"]["status"] == 422
         # The session still works.
-        send(ws, {"type": "flow-transition", "requestId": "ok", "flowId": ONBOARDING, "transition": "nope"})
+        send(
+            ws,
+            {
+                "type": "flow-transition",
+                "requestId": "ok",
+                "flowId": ONBOARDING,
+                "transition": "nope",
+            },
+        )
         assert answer(ws)["requestId"] == "ok"
 
 
