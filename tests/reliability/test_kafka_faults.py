@@ -235,9 +235,10 @@ def test_a_broker_restarted_empty_gets_everything_after_the_restart_then_a_full_
             hammers.wait_for_progress(rng.randint(10, 100), "writes while the broker is down")
             # What the old broker acknowledged may still be on its way to the database: read the
             # position once the publisher has recorded it. A stalled round records every
-            # acknowledgement the producer has before it reports; the second stall reported
-            # since the broker stopped comes from a round that began after it had stopped (and
-            # after the producer read the old broker's last answers, a flush_timeout earlier).
+            # acknowledgement the producer has received before it reports "waiting for broker";
+            # the second such report since the stop ends a round that began after the broker was
+            # gone and waited a whole flush_timeout, so the old broker's last answers (read by
+            # the producer before it sees the connection close) are in by then.
             wait_until(
                 lambda s=stalls: publisher.stalls() >= s + 2, "the publisher to report the stall"
             )
