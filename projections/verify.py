@@ -15,7 +15,7 @@ from flowstore.projections.batch import RowBatch, StateKey, columns_of
 from flowstore.projections.queries import row_dict
 from flowstore.projections.tables import ProjectionTables
 
-__all__ = ["Difference", "EventPage", "Verification"]
+__all__ = ["Difference", "EventPage", "Snapshot", "Verification"]
 
 PAGE = 1000
 """Events read per page when replaying the log in memory."""
@@ -23,10 +23,14 @@ PAGE = 1000
 EventPage = Callable[[int, int], Sequence[tuple[int, DomainEvent]]]
 """Reads up to `limit` events with notification ids >= `start`: (start, limit) -> [(id, event)]."""
 
+Snapshot = dict[str, dict[tuple[Any, ...], dict[str, Any]]]
+"""Every row of every table: by table name, then by primary key (`Verification.snapshot`)."""
+
 
 @dataclass(frozen=True)
 class Difference:
-    """One row where the tables disagree with the log."""
+    """One row where the tables disagree with the log (or, from `compare`, with the expected
+    snapshot)."""
 
     table: str
     key: tuple[Any, ...]
@@ -77,8 +81,8 @@ class Verification:
         batch.forget_old()
         return batch
 
-    def _expected_rows(self, batch: RowBatch) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
-        expected: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {
+    def _expected_rows(self, batch: RowBatch) -> Snapshot:
+        expected: Snapshot = {
             table.name: {} for table in self.tables.all
         }
         for table, _, rows in batch.rows(self.tables):
@@ -86,24 +90,27 @@ class Verification:
             expected[table.name].update((tuple(r[k] for k in keys), r) for r in rows)
         return expected
 
-    def snapshot(self) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
+    def snapshot(self) -> Snapshot:
         """Every row of every live table, keyed by table name and primary key."""
         with self._read() as conn:
             return self._actual_rows(conn)
 
-    def _actual_rows(self, conn: Connection) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
-        actual: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {}
+    def _actual_rows(self, conn: Connection) -> Snapshot:
+        actual: Snapshot = {}
         for table in self.tables.all:
             keys = [c.name for c in table.primary_key.columns]
             rows = (row_dict(r._mapping) for r in conn.execute(select(table)))
             actual[table.name] = {tuple(r[k] for k in keys): r for r in rows}
         return actual
 
-    def _compare(
-        self,
-        expected: dict[str, dict[tuple[Any, ...], dict[str, Any]]],
-        actual: dict[str, dict[tuple[Any, ...], dict[str, Any]]],
-    ) -> list[Difference]:
+    def compare(self, expected: Snapshot, actual: Snapshot) -> list[Difference]:
+        """Every difference between two snapshots of the tables, as `verify` finds them.
+
+        Floats are the same to within 1e-9 (relative): the sums in the counters are added in
+        batches, and a rebuild, a catch-up and a replay group them differently, so their last
+        bits may differ. Everything else is compared exactly. Compare a rebuild with the tables
+        it replaced this way, not with `==`.
+        """
         found: list[Difference] = []
         names = {t.name: tuple(c.name for c in t.primary_key.columns) for t in self.tables.all}
         for table, rows in expected.items():
@@ -129,7 +136,7 @@ class Verification:
     def verify(self, read: EventPage) -> list[Difference]:
         """Every difference between the tables and a replay of the log up to the tracking position."""
         with self._locked() as (conn, position):
-            return self._compare(
+            return self.compare(
                 self._expected_rows(self.expected(read, position)), self._actual_rows(conn)
             )
 
@@ -141,7 +148,7 @@ class Verification:
             expected = self._expected_rows(self.expected(read, position))
             differences = [
                 d
-                for d in self._compare(expected, self._actual_rows(conn))
+                for d in self.compare(expected, self._actual_rows(conn))
                 if _concerns(d, user_id, flow_id)
             ]
             self._owned_position = None

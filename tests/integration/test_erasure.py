@@ -153,7 +153,7 @@ def test_erase_user_leaves_nothing_of_them_and_everything_of_others(store_url: s
         assert store.verify_projections() == []
         live = store.read_model().snapshot()
         store.rebuild_projections()
-        assert store.read_model().snapshot() == live
+        assert store.read_model().compare(live, store.read_model().snapshot()) == []
         assert store.recover_flow_state("ann", FLOW) is None
 
     with FlowStore(store_url) as reopened:  # nothing cached: everything from the log
