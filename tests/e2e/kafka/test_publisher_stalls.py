@@ -3,7 +3,6 @@ recorded before a stall is reported, even when the send of the next page is what
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,14 +18,14 @@ from tests.flows import linear
 
 
 def test_a_page_the_broker_acknowledged_is_recorded_while_the_next_send_stalls(
-    tmp_path: Path, own_broker: TansuBroker, topic: str, monkeypatch: pytest.MonkeyPatch
+    store_url: str, own_broker: TansuBroker, topic: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Pages of 5: page 2 is acknowledged, then the broker comes back empty, so handing page 3
     to the producer waits for the topic's metadata (until the publisher creates the topic again,
     at most every 2 s). Page 2's position used to be recorded only once that send returned;
     now the stalled round records it before reporting "waiting for broker"."""
     statuses: list[PublisherStatus] = []
-    with FlowStore(f"sqlite:///{tmp_path / 'a.db'}", live_projections=False) as store:
+    with FlowStore(store_url, live_projections=False) as store:
         store.create_flow(linear("f", 2))
         for n in range(12):
             store.reset_flow(f"u{n}", "f")
