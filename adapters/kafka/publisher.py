@@ -9,9 +9,12 @@ At least once, never a gap: pages of events are read from the tracking position 
 the event's aggregate id, see `envelope.message_key`) with `acks=all`; a page's position is
 recorded once the broker acknowledged all its messages, and so every earlier one. The next page
 is sent meanwhile, so the producer's pipeline never runs dry between pages (only the log's last
-page is flushed). A crash anywhere resends from the last recorded position (at most the two pages
-in flight): duplicates, no gaps. Messages are written from the events read as plain data
-(`FlowStore.read_plain_events`, `envelope.message_bytes`): no pydantic event is built.
+page is flushed). A round that stalls (a send, an acknowledgement or a flush not done within
+`flush_timeout`) first records the longest run of events the broker has acknowledged, so the
+position never waits for a stalled send of the next page. A crash anywhere resends from the last
+recorded position (at most the two pages in flight): duplicates, no gaps. Messages are written
+from the events read as plain data (`FlowStore.read_plain_events`, `envelope.message_bytes`): no
+pydantic event is built.
 
 Per-key order: one request in flight per connection and unlimited retries with no delivery timeout,
 so the producer retries a partition's batches in order and never drops one while later ones get
@@ -90,7 +93,9 @@ class PublisherStatus:
     slow: a send or flush round timed out), "failing" (the broker refused a message, or the
     database failed; retried with backoff) or "stopped"."""
     position: int
-    """Notification id of the last event the broker acknowledged (recorded in the database)."""
+    """Notification id of the last event recorded in the database as acknowledged by the broker,
+    with every earlier one; reported "waiting for broker", it includes every acknowledgement the
+    producer had received when that round stalled."""
     log_position: int
     """Notification id of the newest event in the log when last looked at."""
     published: int = 0
@@ -171,9 +176,10 @@ class _RefusedError(Exception):
     """Raised when the broker refused a message for good: publishing starts over."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: one page is one object (`list.remove` by identity)
 class _Sent:
-    """A page handed to the producer: its events, their messages' futures, when it was read."""
+    """A page handed to the producer: its events, their messages' futures (one per message handed
+    over so far, in order), when it was read."""
 
     events: Sequence[tuple[int, Any]]
     futures: list[Any]
@@ -183,6 +189,22 @@ class _Sent:
     def position(self) -> int:
         """The notification id of its last event."""
         return int(self.events[-1][0])
+
+
+def acknowledged_run(pages: Sequence[_Sent]) -> int:
+    """The notification id of the last event of the longest run from the first page's first event
+    on whose messages are all acknowledged, 0 if its first one is not; a refused message or one not
+    yet handed to the producer ends the run."""
+    position = 0
+    for page in pages:
+        for index, (number, _) in enumerate(page.events):
+            if index == len(page.futures):  # not handed to the producer yet
+                return position
+            future = page.futures[index]
+            if not future.is_done or future.failed():
+                return position
+            position = number
+    return position
 
 
 class KafkaPublisher:
@@ -223,6 +245,9 @@ class KafkaPublisher:
         self.tracking = PublisherTracking(store.config, store.engine)
         self.lock = PublisherLock(store.config, self.topic, store_key=str(id(store)))
         self._producer: KafkaProducer | None = None
+        # Pages handed to the producer and not recorded yet, oldest first (at most two): what a
+        # stalled round records as far as the broker acknowledged it.
+        self._unrecorded: list[_Sent] = []
         self._topic_checked_at: float | None = None
         self._backoff = 0.1
         self._status = PublisherStatus(self.topic, "starting", 0, 0)
@@ -326,7 +351,10 @@ class KafkaPublisher:
         if self._topic_checked_at is None:
             self._ensure_topic()
         position = self.tracking.position(self.topic)
-        return self._publish_from(position, stop)
+        try:
+            return self._publish_from(position, stop)
+        finally:
+            self._unrecorded.clear()  # what was not recorded is read and sent again next time
 
     def _publish_from(self, position: int, stop: threading.Event) -> int:
         """Publish from `position` on: each page is sent while the broker still acknowledges the
@@ -340,14 +368,19 @@ class KafkaPublisher:
             if events and not self.lock.check():  # lost while reading (a partition): send nothing
                 raise PublisherLockError(f"the publisher lock for {self.topic!r} is not held")
             try:
-                futures = self._send(messages, stop) if events else []
+                futures: list[Any] = []
+                if events:
+                    # Visible to a stalled round before the sends: one that stalls in the middle
+                    # of this page records the page before it (and this page's acknowledged part).
+                    self._unrecorded.append(_Sent(events, futures, time.perf_counter()))
+                    self._send(messages, futures, stop)
                 # The next page is read while the broker acknowledges this one (and the one
                 # before): it changes nothing until the pages before it are recorded.
                 upcoming = self._page(events[-1][0] + 1) if len(events) == self.batch else _NO_PAGE
                 if sent is not None:
                     total += self._record(sent, stop)
                     position = sent.position
-                sent = _Sent(events, futures, time.perf_counter()) if events else None
+                sent = self._unrecorded[-1] if events else None
                 if sent is not None and not upcoming[0]:  # the log's end: this page too, now
                     self._flush(stop)
                     total += self._record(sent, stop)
@@ -359,10 +392,13 @@ class KafkaPublisher:
                 # over from the last recorded position with a fresh producer: duplicates, never
                 # a gap.
                 self.close_producer()
+                self._unrecorded.clear()
                 try:
                     self._sleep(stop)
                 except _StopRequestedError:
                     return total
+                # A stalled round may have recorded more than this loop knows of.
+                position = max(position, self.status().position)
                 sent, page = None, self._page(position + 1)
                 continue
             if sent is None:
@@ -379,6 +415,7 @@ class KafkaPublisher:
         if not self.lock.check():  # someone else may publish now: do not record
             raise PublisherLockError(f"the publisher lock for {self.topic!r} is not held")
         self.tracking.advance(self.topic, sent.position)
+        self._unrecorded.remove(sent)
         self._backoff = 0.1
         elapsed = time.perf_counter() - sent.began
         head = self.store.log_position()
@@ -400,10 +437,12 @@ class KafkaPublisher:
         events = self.store.read_plain_events(start, self.batch)
         return events, [(message_key(event), message_bytes(n, event)) for n, event in events]
 
-    def _send(self, messages: Sequence[tuple[bytes, bytes]], stop: threading.Event) -> list[Any]:
-        """Hand every message to the producer (which sends them in the background); their futures."""
+    def _send(
+        self, messages: Sequence[tuple[bytes, bytes]], futures: list[Any], stop: threading.Event
+    ) -> None:
+        """Hand every message to the producer (which sends them in the background), appending
+        their futures to `futures` as it goes."""
         producer = self._ensure_producer(stop)
-        futures = []
         sent = 0
         while sent < len(messages):
             key, value = messages[sent]
@@ -415,7 +454,6 @@ class KafkaPublisher:
                 self._stalled(exc, stop)
                 continue
             sent += 1
-        return futures
 
     def _flush(self, stop: threading.Event) -> None:
         """Send what the producer holds now rather than after its linger."""
@@ -455,9 +493,13 @@ class KafkaPublisher:
         return self._producer
 
     def _stalled(self, exc: Exception, stop: threading.Event, *, sleep: bool = False) -> None:
+        # Before reporting the stall, and before `_ensure_topic` (which may wait for the broker
+        # too): a page the broker acknowledged is not left unrecorded behind a stalled send.
+        position = self._record_acknowledged()
         status = self.status()
         self._set(
             state="waiting for broker",
+            position=max(position, status.position),
             failures=status.failures + 1,
             last_error=repr(exc),
             log_position=self.store.log_position(),
@@ -467,6 +509,15 @@ class KafkaPublisher:
         self._ensure_topic()
         if sleep:
             self._sleep(stop)
+
+    def _record_acknowledged(self) -> int:
+        """Record the last event of the longest run of unrecorded events whose messages the
+        broker has all acknowledged (so far); return it (0 if there is none)."""
+        position = acknowledged_run(self._unrecorded)
+        if position and self.lock.check():  # not held: someone else may publish, record nothing
+            self.tracking.advance(self.topic, position)
+            return position
+        return 0
 
     def _sleep(self, stop: threading.Event) -> None:
         if stop.wait(self._backoff):

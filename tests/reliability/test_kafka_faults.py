@@ -69,17 +69,31 @@ def url_for(
 
 
 class Publisher:
-    """`flowstore publish` as a worker process."""
+    """`flowstore publish` as a worker process; with `watch`, its status lines are collected."""
 
-    def __init__(self, url: str, bootstrap: str, topic: str) -> None:
+    def __init__(self, url: str, bootstrap: str, topic: str, *, watch: bool = False) -> None:
         env = {**os.environ, "FLOWSTORE_URL": url, "FLOWSTORE_KAFKA_BOOTSTRAP": bootstrap}
+        report = ["--report-every", "0.1"] if watch else []
         self.process = subprocess.Popen(
-            [*CLI, "publish", "--topic", topic, "--batch", "7", "--interval", "0.01"],
+            [*CLI, "publish", "--topic", topic, "--batch", "7", "--interval", "0.01", *report],
             env=env,
             cwd=REPO,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if watch else subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            text=True,
         )
+        self.lines: list[str] = []
+        if watch:
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def stalls(self) -> int:
+        """How many "waiting for broker" lines the publisher printed so far."""
+        return sum(line.startswith("waiting for broker") for line in list(self.lines))
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
@@ -209,7 +223,7 @@ def test_a_broker_restarted_empty_gets_everything_after_the_restart_then_a_full_
     began = time.monotonic()
     store = CountingStore(url)
     hammers = Hammers(store, threads=2)
-    publisher = Publisher(url, broker.bootstrap, topic)
+    publisher = Publisher(url, broker.bootstrap, topic, watch=True)
     since = 0
     try:
         for _ in range(restarts):
@@ -217,7 +231,17 @@ def test_a_broker_restarted_empty_gets_everything_after_the_restart_then_a_full_
             wait_until(lambda b=before: tracking.position(topic) > b, "publishing before")
             time.sleep(rng.uniform(0, 0.05))  # then crash at a random point
             broker.stop()
+            stalls = publisher.stalls()
             hammers.wait_for_progress(rng.randint(10, 100), "writes while the broker is down")
+            # What the old broker acknowledged may still be on its way to the database: read the
+            # position once the publisher has recorded it. A stalled round records every
+            # acknowledgement the producer has received before it reports "waiting for broker";
+            # the second such report since the stop ends a round that began after the broker was
+            # gone and waited a whole flush_timeout, so the old broker's last answers (read by
+            # the producer before it sees the connection close) are in by then.
+            wait_until(
+                lambda s=stalls: publisher.stalls() >= s + 2, "the publisher to report the stall"
+            )
             since = tracking.position(topic)  # acknowledged by a broker that no longer has it
             broker.start_again()
             resumed = store.log_position()
