@@ -76,7 +76,7 @@ def run_worker(
 
         def catch_up() -> None:
             seen[0] = notifier.generation  # before reading: no append goes unnoticed
-            store.catch_up_projections(settings.batch)
+            store.catch_up_projections(settings.batch, stop=stop)
 
         def pause(interval: float) -> None:
             # PostgreSQL: wake on the next append or the stop, poll as a fallback.

@@ -23,6 +23,7 @@ import functools
 import inspect
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -554,9 +555,11 @@ class AsyncFlowStore:
         """Rewrite the rows that differ from the log (`FlowStore.repair_projections`)."""
         return await self._run(self.store.repair_projections, user_id, flow_id)
 
-    async def catch_up_projections(self, batch: int = 1000) -> int:
+    async def catch_up_projections(
+        self, batch: int = 1000, *, stop: threading.Event | None = None
+    ) -> int:
         """Apply events the tables have not seen (`FlowStore.catch_up_projections`)."""
-        return await self._run(self.store.catch_up_projections, batch)
+        return await self._run(self.store.catch_up_projections, batch, stop=stop)
 
     async def sync_projections(self, timeout: float = 60.0) -> None:
         """Wait until the tables reflect this process's writes (`FlowStore.sync_projections`)."""

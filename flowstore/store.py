@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -652,11 +653,16 @@ class FlowStore:
             self._parts.read_contained, user_id=user_id, flow_id=flow_id
         )
 
-    def catch_up_projections(self, batch: int = 1000) -> int:
-        """Apply events the tables have not seen yet, `batch` per transaction; return the position."""
+    def catch_up_projections(
+        self, batch: int = 1000, *, stop: threading.Event | None = None
+    ) -> int:
+        """Apply events the tables have not seen yet, `batch` per transaction; return the position.
+
+        Once `stop` is set, it returns after the batch in progress (each batch commits whole).
+        """
         parts = self._parts
         return parts.projections.catch_up(
-            parts.read_contained, page=batch, projected=parts.projected()
+            parts.read_contained, page=batch, projected=parts.projected(), stop=stop
         )
 
     @property

@@ -275,9 +275,12 @@ class SqlProjections(Queries, Verification, Rebuilds):
         *,
         page: int | None = None,
         projected: Callable[[int, int, int, int], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> int:
         """Apply every event after the tracking position, `page` events (by default
         `_SQLITE_PAGE` on SQLite, `_PAGE` elsewhere) a transaction; return the new position.
+        Once `stop` is set, return after the batch in progress (a stopping worker with a long
+        backlog ahead: the rest is for whoever leads next).
 
         Reading, decoding and folding a batch happen outside any write transaction (and outside
         the write lock): only writing the rows and moving the tracking row do. The write
@@ -325,6 +328,8 @@ class SqlProjections(Queries, Verification, Rebuilds):
             if projected is not None:
                 projected(events[0][0], new, len(events), began)
             if len(events) < page:  # the log's end: no need for another transaction to find it
+                return new
+            if stop is not None and stop.is_set():
                 return new
 
     @contextmanager

@@ -130,6 +130,25 @@ def test_a_rebuild_equals_tables_that_summed_its_floats_in_other_groups(
     ]
 
 
+def test_a_catch_up_told_to_stop_returns_after_the_batch_in_progress(
+    store_url: str, tables: SqlProjections
+) -> None:
+    """A worker stopping with a backlog ahead commits the batch it is on and leaves the rest to
+    the next catch-up (its own, or the next leader's), rather than running through all of it."""
+    with FlowStore(store_url, live_projections=False) as store:
+        store.create_flow(linear("backlog", steps=40))
+        for _ in range(30):
+            store.execute_transition("ann", "backlog", "next")
+        head = store.log_position()
+        tenth = store.read_events(1, 10)[-1][0]
+        stop = threading.Event()
+        stop.set()
+        assert store.catch_up_projections(batch=10, stop=stop) == tenth
+        assert tables.position() == tenth < head
+        assert store.verify_projections() == []  # the batch whole, as far as it went
+        assert store.catch_up_projections(batch=10) == head
+
+
 def test_a_rebuild_in_small_pages_past_its_cache_equals_the_live_tables(
     store_url: str, tables: SqlProjections, monkeypatch: pytest.MonkeyPatch
 ) -> None:
