@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from datetime import date, datetime, timedelta, timezone, tzinfo
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from typing import Any, Protocol
 
 from pydantic_core import TzInfo
@@ -153,19 +153,24 @@ _FIXED_ZONES = (timezone, TzInfo)
 pydantic's, which decoded events carry)."""
 _OFFSETS: dict[int, tuple[tzinfo, int]] = {}
 _EPOCH_DAY = date(1970, 1, 1).toordinal()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def _second(moment: datetime) -> int:
-    """`int(moment.timestamp())` from the fields, for an aware moment in a fixed-offset zone:
-    its `timestamp()` asks pydantic's zone for the offset on every call (twice the time)."""
+    """The moment's Unix time in whole seconds, rounded towards zero as `int(moment.timestamp())`
+    rounds, but exact: that float has less than a microsecond's precision before 1698 and after
+    2242, where a moment a microsecond from a whole second could round to it (a naive moment is
+    local time, as for `timestamp()`). From the fields, for a fixed-offset zone: its
+    `timestamp()` asks pydantic's zone for the offset on every call (twice the time)."""
     zone = moment.tzinfo
     found = _OFFSETS.get(id(zone))
     if found is None or found[0] is not zone:
-        if zone is None or type(zone) not in _FIXED_ZONES:
+        if zone is None:
             return int(moment.timestamp())
-        offset = zone.utcoffset(None)
+        offset = zone.utcoffset(None) if type(zone) in _FIXED_ZONES else None
         if offset is None or offset.microseconds:
-            return int(moment.timestamp())
+            return _whole_seconds((moment - _EPOCH) // _MICROSECOND)
         if len(_OFFSETS) >= 64:  # zones are shared objects, but nothing says they must be
             _OFFSETS.clear()
         found = _OFFSETS[id(zone)] = (zone, int(offset.total_seconds()))
@@ -178,6 +183,13 @@ def _second(moment: datetime) -> int:
     )
     # `int` of a timestamp rounds towards zero: before 1970, a fraction of a second rounds up.
     return second + 1 if second < 0 and moment.microsecond else second
+
+
+def _whole_seconds(microseconds: int) -> int:
+    """Microseconds as whole seconds, rounded towards zero (as `int` rounds a float)."""
+    if microseconds >= 0:
+        return microseconds // 1_000_000
+    return -(-microseconds // 1_000_000)
 
 
 class _Fold:

@@ -156,4 +156,18 @@ def test_state_rows_the_tables_hold_come_as_updates_of_their_changed_columns() -
     )
 )
 def test_an_events_second_is_its_timestamps_whole_second(moment: datetime) -> None:
-    assert _second(moment) == int(moment.timestamp())
+    """Exactly: `int(moment.timestamp())` is one off for 1425-01-01 00:00:00.000001 UTC (its float
+    has no microseconds left at that distance from 1970, and rounds to the whole second)."""
+    micros = (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    towards_zero = micros // 10**6 if micros >= 0 else -(-micros // 10**6)
+    assert _second(moment) == towards_zero
+    if abs(micros) < 2**32 * 10**6:  # where its float keeps microseconds: as timestamp() says
+        assert _second(moment) == int(moment.timestamp())
+
+
+def test_a_seconds_rounding_is_exact_far_from_1970() -> None:
+    moment = datetime(1425, 1, 1, 0, 0, 0, 1, tzinfo=UTC)
+    assert _second(moment) == _second(moment.astimezone(ZoneInfo("Europe/Berlin")))
+    assert _second(moment) == -17198524799  # 17,198,524,800 s before 1970, and a microsecond
+    late = datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC)
+    assert _second(late) == _second(late.astimezone(ZoneInfo("Europe/Berlin"))) == 253402214399
