@@ -11,7 +11,8 @@ on the same file call `secure_sqlite`.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
@@ -30,6 +31,7 @@ __all__ = [
     "SECURE_DELETE",
     "OneStatementRecorder",
     "SecureSQLiteFactory",
+    "opened_read_only",
     "secure_sqlite",
     "wipe_wal",
 ]
@@ -40,6 +42,25 @@ SECURE_DELETE = "PRAGMA secure_delete = ON"
 
 _CACHED_STATEMENTS = 64
 """Prepared statements each of the log's connections keeps (by SQL text)."""
+
+
+def opened_read_only(exc: BaseException | None) -> bool:
+    """Whether `exc` (or an exception it was raised from) is SQLite refusing to write because
+    the connection has the file read-only.
+
+    SQLite opens a database file it may not write (read-only permissions, `chattr +i`, a
+    read-only mount) read-only rather than failing, and such a connection stays read-only once
+    the file is writable again: kept in a pool, it would refuse every later write. The pools
+    drop a connection that says so (the next one opens the file as it is then).
+    """
+    while exc is not None:
+        if isinstance(exc, sqlite3.Error):
+            # The primary code: SQLITE_READONLY and its extended codes (moved, can't lock, ...);
+            # none on an error raised by other code than the driver's.
+            code = getattr(exc, "sqlite_errorcode", None)
+            return code is not None and (code & 0xFF) == sqlite3.SQLITE_READONLY
+        exc = exc.__cause__
+    return False
 
 
 class _SecurePool(SQLiteConnectionPool):
@@ -68,6 +89,20 @@ class _SecurePool(SQLiteConnectionPool):
         sqlite_conn.row_factory = sqlite3.Row
         sqlite_conn.execute(SECURE_DELETE)
         return SQLiteConnection(sqlite_conn=sqlite_conn, max_age=self.max_age)
+
+
+class _SecureDatastore(SQLiteDatastore):
+    @contextmanager
+    def get_connection(self, *, commit: bool) -> Iterator[SQLiteConnection]:
+        # Every read and write of the log's goes through here: a connection that turns out to
+        # have the file read-only is closed, so that the pool drops it (`opened_read_only`).
+        with super().get_connection(commit=commit) as connection:
+            try:
+                yield connection
+            except persistence.PersistenceError as exc:
+                if opened_read_only(exc):
+                    connection.close()
+                raise
 
 
 # sqlite3's errors as eventsourcing's (what `storage_errors` and the callers expect), in the
@@ -152,22 +187,36 @@ class OneStatementRecorder(SQLiteApplicationRecorder):
                 # lookups), which cost three times the copy (~1 µs a row).
                 bytearray(event.state),
             )
+        try:
+            found = self._insert(statement, params, returning)
+        except persistence.OperationalError as exc:
+            if not opened_read_only(exc):
+                raise
+            # Its connection had the file read-only (and is gone now): on a fresh one, if the
+            # file is writable again, the append goes through; nothing was written by this one.
+            found = self._insert(statement, params, returning)
+        if returning:
+            return found
+        last = found[0]
+        if last == self._LARGEST_ROWID:
+            self._random_rowids = True  # the next appends' rowids may be anywhere
+        return list(range(last - count + 1, last + 1))
+
+    def _insert(self, statement: str, params: list[Any], returning: bool) -> list[int]:
+        """Run the append's INSERT: the rows' ids if `returning`, else the last one's alone."""
         with self.datastore.get_connection(commit=True) as connection:
             try:
                 cursor = connection._sqlite_conn.execute(statement, params)
                 if returning:
                     # In an order SQLite does not promise; rowids grow with the rows' order.
                     return sorted(row[0] for row in cursor)
-                last: int = cursor.lastrowid  # type: ignore[assignment]  # an INSERT sets it
+                return [cursor.lastrowid]  # type: ignore[list-item]  # an INSERT sets it
             except sqlite3.Error as exc:
                 if connection._sqlite_conn.in_transaction:  # an I/O error may leave it open
                     connection._sqlite_conn.rollback()
                 raise next(ours for theirs, ours in _ERRORS if isinstance(exc, theirs))(
                     exc
                 ) from exc
-        if last == self._LARGEST_ROWID:
-            self._random_rowids = True  # the next appends' rowids may be anywhere
-        return list(range(last - count + 1, last + 1))
 
 
 def _variables_allowed() -> int:
@@ -189,7 +238,7 @@ class SecureSQLiteFactory(SQLiteFactory):
         plain = self.datastore
         # Same settings, a pool whose connections overwrite deletions (the plain pool has not
         # connected yet: connections are made on first use).
-        secure = SQLiteDatastore(
+        secure = _SecureDatastore(
             db_name=plain.pool.db_name,
             lock_timeout=plain.pool.lock_timeout,
             single_row_tracking=plain.single_row_tracking,

@@ -275,6 +275,7 @@ def make_engine(config: StorageConfig, *, pool_size: int | None = None) -> Engin
             connect_args=connect_args,
         )
     if engine.dialect.name == "sqlite":
+        from flowstore.sqlitelog import opened_read_only  # with eventsourcing: SQLite only
 
         @event.listens_for(engine, "connect")
         def _connect(dbapi_connection: Any, _: Any) -> None:
@@ -283,6 +284,14 @@ def make_engine(config: StorageConfig, *, pool_size: int | None = None) -> Engin
             dbapi_connection.isolation_level = None
             dbapi_connection.execute("PRAGMA synchronous=NORMAL")
             dbapi_connection.execute("PRAGMA secure_delete=ON")
+
+        @event.listens_for(engine, "handle_error")
+        def _read_only(context: Any) -> None:
+            # A connection that has the file read-only stays so: drop it rather than pool it
+            # (`sqlitelog.opened_read_only`); the next one opens the file as it is then.
+            if opened_read_only(context.original_exception):
+                context.is_disconnect = True
+                context.invalidate_pool_on_disconnect = False  # the others may be fine
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:

@@ -188,6 +188,15 @@ class Internals:
         recent: Recent | None = self._parts.log.recent
         return recent
 
+    def drop_idle_connections(self) -> None:
+        """Close every idle connection of the store's pools, the log's and the engine's: the next
+        use of each opens a new one (with the database file as it is then)."""
+        idle = self.recorder.datastore.pool._pool  # eventsourcing's: a deque of idle connections
+        while idle:
+            with contextlib.suppress(IndexError):  # taken meanwhile by another thread
+                idle.popleft().close()
+        self._parts.engine.dispose()
+
     @contextlib.contextmanager
     def paused_projections(self) -> Iterator[None]:
         """Inside the block no catch-up of this store's tables starts (the live projector waits)."""

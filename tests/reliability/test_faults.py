@@ -323,6 +323,32 @@ def test_a_command_on_a_read_only_database_raises_a_flow_error(
         assert store.execute_transition("ann", FLOW, "tick").version == before.version + 1
 
 
+def test_connections_opened_while_the_file_was_read_only_write_again_once_it_is_not(
+    tmp_path: Path, read_only_files: Callable[[bool], None]
+) -> None:
+    """SQLite opens a file it may not write read-only, and such a connection stays read-only
+    (in CI: a store's live projector refused every batch after the file was writable again).
+    Here every connection of both pools is opened during the read-only spell: once the file is
+    writable, the first command goes through and the tables catch up."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    create_ring(url)
+    with FlowStore(url) as store:
+        before = store.execute_transition("ann", FLOW, "tick")
+        store.sync_projections()
+        read_only_files(True)
+        try:
+            Internals(store).drop_idle_connections()
+            assert store.read_events(1, 1000)  # the log's pool opens one: read-only
+            assert store.get_flow_history("ann", FLOW)  # and the tables' engine
+        finally:
+            read_only_files(False)
+        after = store.execute_transition("ann", FLOW, "tick")
+        assert after.version == before.version + 1
+        store.sync_projections()
+        assert store.get_flow_state("ann", FLOW) == after
+        assert store.verify_projections() == []
+
+
 # An append whose acknowledgement is lost
 
 
