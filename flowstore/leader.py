@@ -299,10 +299,11 @@ class LeaderLock:
         while not stopping.wait(self.lease / 4):
             sent = time.monotonic()
             try:
-                # Any query keeps the session busy. Half a lease to answer: a ping sent a
-                # quarter lease after the last one fails by three quarters, when `check` gives
-                # up anyway, a quarter lease before the server may release the lock.
-                self._query("SELECT 1", self.lease / 2)
+                # Any query keeps the session busy. It has until three quarters of a lease after
+                # the last answered ping was sent, when `check` gives up anyway, a quarter lease
+                # before the server may release the lock: from the last answer, not from this
+                # ping, so that a heartbeat woken late (a busy process) still says "lost" in time.
+                self._query("SELECT 1", max(0.0, self._confirmed + self.lease * 3 / 4 - sent))
             except (psycopg.Error, OSError, _LockConnectionError) as exc:
                 if not stopping.is_set():
                     log.warning("lost the %s lock: its connection failed (%s)", self.name, exc)

@@ -98,7 +98,9 @@ def test_a_publisher_killed_at_random_points_leaves_no_gap(
         head = store.log_position()
     tracking = PublisherTracking(parse_url(store_url))
     env = {**os.environ, "FLOWSTORE_URL": store_url, "FLOWSTORE_KAFKA_BOOTSTRAP": bootstrap}
-    args = [*CLI, "publish", "--topic", topic, "--batch", "7", "--interval", "0.01"]
+    # Pages of 3: the work takes long enough for two kills even when this process is starved
+    # for a while between seeing progress and killing (with 7, a busy CI could lose the race).
+    args = [*CLI, "publish", "--topic", topic, "--batch", "3", "--interval", "0.01"]
     kills = 0
     while tracking.position(topic) < head and kills < 6:
         before = tracking.position(topic)
