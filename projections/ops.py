@@ -159,9 +159,9 @@ _MICROSECOND = timedelta(microseconds=1)
 
 def _second(moment: datetime) -> int:
     """The moment's Unix time in whole seconds, rounded towards zero as `int(moment.timestamp())`
-    rounds, but exact: that float has less than a microsecond's precision before 1698 and after
-    2242, where a moment a microsecond from a whole second could round to it (a naive moment is
-    local time, as for `timestamp()`). From the fields, for a fixed-offset zone: its
+    rounds, but exact: that float is coarser than a microsecond before 1834 and after 2106 (2**32
+    seconds from 1970), where a moment a microsecond from a whole second may round to it (a naive
+    moment is local time, as for `timestamp()`). From the fields, for a fixed-offset zone: its
     `timestamp()` asks pydantic's zone for the offset on every call (twice the time)."""
     zone = moment.tzinfo
     found = _OFFSETS.get(id(zone))
