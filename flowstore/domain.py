@@ -18,6 +18,7 @@ registered under its old topic) so that old logs still decode.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal, TypeVar, cast
@@ -323,8 +324,16 @@ class FlowCatalog(_Aggregate):
 TAggregate = TypeVar("TAggregate", bound=_Aggregate)
 TModel = TypeVar("TModel", bound=BaseModel)
 
-_set = object.__setattr__
 _new = object.__new__
+# The setters of the four slots every pydantic model has (`BaseModel.__slots__`: its `__dict__`,
+# fields set, extra and private values), which subclasses inherit and do not redefine: called
+# straight, each costs half what `object.__setattr__(model, name, value)` does, which looks the
+# name up in the class's attributes first (four per model, three models per transition).
+_set_dict = BaseModel.__dict__["__dict__"].__set__
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
+_SLOTS = ("__dict__", "__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__")
 
 
 def known_good(cls: type[TModel], fields: dict[str, Any]) -> TModel:
@@ -340,10 +349,10 @@ def known_good(cls: type[TModel], fields: dict[str, Any]) -> TModel:
     # misspelt one leaves a field unset, which its first reader, or `model_dump`, finds at once.
     assert len(fields) == len(names), set(fields) ^ names
     model = _new(cls)
-    _set(model, "__dict__", fields)
-    _set(model, "__pydantic_fields_set__", names)  # shared: see `_FieldNames`
-    _set(model, "__pydantic_extra__", None)
-    _set(model, "__pydantic_private__", None)
+    _set_dict(model, fields)
+    _set_fields_set(model, names)  # shared: see `_FieldNames`
+    _set_extra(model, None)
+    _set_private(model, None)
     return model
 
 
@@ -401,6 +410,10 @@ def _field_names(cls: type[BaseModel]) -> _FieldNames:
     assert cls.model_config.get("frozen"), "a mutable model would change the shared names"
     assert not cls.__private_attributes__
     assert not cls.__pydantic_post_init__
+    # `known_good` sets BaseModel's own slots: a class whose MRO put others first would differ.
+    assert all(
+        inspect.getattr_static(cls, slot) is BaseModel.__dict__[slot] for slot in _SLOTS
+    ), "a model class with slots of its own"
     names = _FIELD_NAMES[cls] = _FieldNames(cls.__pydantic_fields__)
     return names
 
