@@ -49,7 +49,7 @@ from flowstore.errors import (
 )
 from flowstore.groupcommit import GroupCommit
 from flowstore.inputs import ERASED_USER_PREFIX
-from flowstore.keys import MemoryKeyStore, SqlKeyStore, UserKeys
+from flowstore.keys import MemoryKeyStore, SealedKey, SqlKeyStore, UserKeys
 from flowstore.storage import SQLITE_PERSISTENCE, StorageConfig
 
 if TYPE_CHECKING:
@@ -448,7 +448,7 @@ class EventLog:
                 if isinstance(e, InstanceEvent) and not e.user_id.startswith(ERASED_USER_PREFIX)
             )
             try:
-                ids = self._append(events)
+                ids = self._append(events, keys)
             except IntegrityError:
                 if not decided_here:
                     raise
@@ -470,10 +470,13 @@ class EventLog:
                 self.recent.add(ids, events, {user: key.subject for user, key in keys.items()})
             return ids[-1] if ids else 0
 
-    def _append(self, events: Sequence[DomainEvent]) -> Sequence[int]:
-        """Record the events (all or none); their notification ids, once committed."""
+    def _append(
+        self, events: Sequence[DomainEvent], keys: Mapping[str, SealedKey]
+    ) -> Sequence[int]:
+        """Record the events (all or none), sealed with `keys`; their notification ids, once
+        committed."""
         if self._group is not None:
-            return self._group.append(events)
+            return self._group.append(events, keys)
         with self.write_lock:
             recordings = self.app.save(*events)
         return [recording.notification.id for recording in recordings]
