@@ -70,7 +70,8 @@ def _not_before(instance: FlowInstance | None, now: datetime) -> datetime:
     """
     if instance is None:
         return now
-    return max(now, instance.modified_on)
+    last = instance.modified_on
+    return now if now >= last else last  # `max`, without building its arguments' tuple
 
 
 def _expiry(definition: FlowDefinition, now: datetime, terminal: bool) -> datetime | None:
@@ -180,7 +181,7 @@ def execute_transition(
     # with the instance's last time just above), the request's values were checked by the caller
     # (see above), the error's text and code are the error's own, and the rest is computed here.
     step = instance.step
-    current = definition.step(step)
+    current = definition.steps.get(step)  # (`definition.step`, a call less)
     edge = current.transitions.get(transition) if current else None
     error: FlowError | None = None
     if edge is None:
