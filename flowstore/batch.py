@@ -305,7 +305,7 @@ class Transitions:
                     commands.forget_instance(iid)
                 return None
             commands.remember_instances(
-                instance for instance in seen.values() if instance is not None
+                [instance for instance in seen.values() if instance is not None]
             )
         return outcomes
 

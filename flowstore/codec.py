@@ -87,8 +87,7 @@ class PydanticMapper(Mapper[Any]):
         encode = orjson.dumps if type(transcoder) is OrjsonTranscoder else transcoder.encode
         compressor, cipher = self.compressor, self.cipher
         stored_events: list[StoredEvent] = []
-        for domain_event in domain_events:
-            event = cast(DomainEvent, domain_event)
+        for event in cast(Sequence[DomainEvent], domain_events):
             plan = _ENCODERS.get(type(event))
             if plan is None:  # a definition's event (nested models), or a class defined elsewhere
                 state = event.model_dump(exclude=set(_IN_COLUMNS))
