@@ -562,16 +562,19 @@ def _fold_instance(fields: dict[str, Any] | None, event: InstanceEvent) -> dict[
     fields["modified_on"] = event.timestamp
     match event:
         case TransitionExecuted():
-            merged = event.rules == 2
-            fields["step"] = event.to_step
-            fields["service"] = event.service
-            fields["ok"] = event.ok
-            fields["message"] = event.message
-            fields["previous"] = event.previous
+            # Read from the event's dict: an attribute of a pydantic model goes through its
+            # `__getattr__` hook, twice the cost (the usual event, nine fields).
+            values = event.__dict__
+            payload = values["payload"]
+            fields["step"] = values["to_step"]
+            fields["service"] = values["service"]
+            fields["ok"] = values["ok"]
+            fields["message"] = values["message"]
+            fields["previous"] = values["previous"]
             fields["payload"] = (
-                merge_payload(fields["payload"], event.payload) if merged else event.payload
+                merge_payload(fields["payload"], payload) if values["rules"] == 2 else payload
             )
-            fields["expires_at"] = event.expires_at
+            fields["expires_at"] = values["expires_at"]
         case TransitionRejected():
             if event.rules != 2:  # 2, the model: a refused transition leaves the state as it was
                 fields["ok"] = False
