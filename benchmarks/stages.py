@@ -48,7 +48,7 @@ def _targets() -> list[tuple[str, object, str]]:
         ("  definitions (command_versions)", Commands, "command_versions"),
         ("  append (EventLog.save)", EventLog, "save"),
         ("    keys for the users (for_users)", UserKeys, "for_users"),
-        ("    encode + seal (to_stored_event)", PydanticMapper, "to_stored_event"),
+        ("    encode + seal (to_stored_events)", PydanticMapper, "to_stored_events"),
         ("    recorder put (insert + commit)", es_persistence.EventStore, "put"),
         ("      commit (SQLite)", es_sqlite.SQLiteConnection, "commit"),
         # Group commit: one thread per group takes the write lock and commits the group's commands

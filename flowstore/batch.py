@@ -17,12 +17,11 @@ make no cycles: `gcpause`).
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Generic, NamedTuple, TypeVar, cast
+from typing import Any, Generic, NamedTuple, TypeVar
 from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
@@ -162,10 +161,12 @@ class Transitions:
         # One definitions lookup per flow and batch (`_decide_transition` looks again for an
         # instance on a newer version than the one looked up).
         known: dict[str, FlowVersions] = {}
+        decide = self._decide_transition
         kind: _Kind[TransitionRequest, _Transition] = _Kind(
             "transition",
             self._check_transitions,
-            functools.partial(self._decide_transition, known=known),
+            # A closure, not `partial(..., known=known)`: that builds a dict of keywords per call.
+            lambda request, instance: decide(request, instance, known),
             lambda request: _outcome(lambda: self.execute_transition(*request)),
         )
         results: list[FlowState | FlowError] = []
@@ -291,10 +292,12 @@ class Transitions:
                 except FlowError as error:
                     outcomes.append(error)
                     continue
-                updated = cast(FlowInstance, project(instance, decision.events))
+                decided, refused = decision
+                updated = project(instance, decided)
+                assert updated is not None  # (a decision has events)
                 seen[key] = updated
-                events += decision.events
-                outcomes.append(decision.error or updated)
+                events += decided
+                outcomes.append(refused or updated)
             try:
                 commands.save(events, decided_here=True)
             except IntegrityError:
@@ -302,7 +305,7 @@ class Transitions:
                     commands.forget_instance(iid)
                 return None
             commands.remember_instances(
-                instance for instance in seen.values() if instance is not None
+                [instance for instance in seen.values() if instance is not None]
             )
         return outcomes
 
@@ -377,12 +380,13 @@ class Transitions:
             if known is not None:
                 known[flow_id] = versions
         now = commands.clock()
-        started: list[InstanceEvent] = []
-        if instance is None or not live:
+        started: list[InstanceEvent] | None = None
+        if not live:
             started = start_flow(
                 instance, versions.latest, user_id=request.user_id, now=now, reason="start"
             )
-            instance = cast(FlowInstance, project(instance, started))
+            instance = project(instance, started)
+        assert instance is not None
         decision = execute_transition(
             instance,
             definition_of(instance, versions),
@@ -393,7 +397,7 @@ class Transitions:
             ok=request.ok,
             message=request.message,
         )
-        if not started:
+        if started is None:
             return decision
         return Decision([*started, *decision.events], decision.error)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import binascii
 import re
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, Union, cast, get_args, get_origin
 from uuid import UUID
@@ -70,35 +70,54 @@ class PydanticMapper(Mapper[Any]):
 
     def to_stored_event(self, domain_event: DomainEventProtocol[Any]) -> StoredEvent:
         """Serialise an event; id and version live in their own columns, not in the state."""
-        event = cast(DomainEvent, domain_event)
-        plan = _ENCODERS.get(type(event))
-        if plan is None:  # a definition's event (nested models), or a class defined elsewhere
-            state = event.model_dump(exclude=set(_IN_COLUMNS))
-            topic = get_topic(type(event))
-        else:
-            topic, every, clear, personal = plan
-            values = event.__dict__  # (see _FIELDS)
-            user_id = values["user_id"]
-            keys = self.keys
-            # An instance whose events already read as erased (sealed with a key shredded
-            # meanwhile) carries a stand-in id, which names no one: sealing it would create a key
-            # for nobody.
-            if keys is None or user_id.startswith(ERASED_USER_PREFIX):
-                state = every(values)
+        return self.to_stored_events((domain_event,))[0]
+
+    def to_stored_events(
+        self,
+        domain_events: Sequence[DomainEventProtocol[Any]],
+        keys: Mapping[str, SealedKey] | None = None,
+    ) -> list[StoredEvent]:
+        """`to_stored_event` of each event (a command's, or a whole batch's), looking this mapper's
+        settings up once per call; `keys`: the users' keys the caller already holds (by user id),
+        which seal their events (the others are looked up, `UserKeys.for_user`)."""
+        user_keys = self.keys
+        found: Mapping[str, SealedKey] = keys or {}
+        transcoder = self.transcoder
+        # orjson's own function when the transcoder is ours (its `encode` adds a call per use).
+        encode = orjson.dumps if type(transcoder) is OrjsonTranscoder else transcoder.encode
+        compressor, cipher = self.compressor, self.cipher
+        stored_events: list[StoredEvent] = []
+        for event in cast(Sequence[DomainEvent], domain_events):
+            plan = _ENCODERS.get(type(event))
+            if plan is None:  # a definition's event (nested models), or a class defined elsewhere
+                state = event.model_dump(exclude=set(_IN_COLUMNS))
+                topic = get_topic(type(event))
             else:
-                key = keys.for_user(user_id)  # a cache hit: `EventLog.save` loaded it
-                state = clear(values)
-                context = _context(event.originator_id, event.originator_version)
-                sealed = key.seal(self.transcoder.encode(personal(values)), context)
-                state["subject"] = key.subject
-                # What b64encode does, without its Python wrapper.
-                state["sealed"] = binascii.b2a_base64(sealed, newline=False).decode()
-        stored = self.transcoder.encode(state)
-        if self.compressor:
-            stored = self.compressor.compress(stored)
-        if self.cipher:
-            stored = self.cipher.encrypt(stored)
-        return _stored_event(event.originator_id, event.originator_version, topic, stored)
+                topic, every, clear, personal = plan
+                values = event.__dict__  # (see _FIELDS)
+                user_id = values["user_id"]
+                # An instance whose events already read as erased (sealed with a key shredded
+                # meanwhile) carries a stand-in id, which names no one: sealing it would create a
+                # key for nobody.
+                if user_keys is None or user_id.startswith(ERASED_USER_PREFIX):
+                    state = every(values)
+                else:
+                    key = found.get(user_id) or user_keys.for_user(user_id)
+                    state = clear(values)
+                    context = _context(values["originator_id"], values["originator_version"])
+                    sealed = key.seal(encode(personal(values)), context)
+                    state["subject"] = key.subject
+                    # What b64encode does, without its Python wrapper.
+                    state["sealed"] = binascii.b2a_base64(sealed, newline=False).decode()
+            stored = encode(state)
+            if compressor:
+                stored = compressor.compress(stored)
+            if cipher:
+                stored = cipher.encrypt(stored)
+            stored_events.append(
+                _stored_event(event.originator_id, event.originator_version, topic, stored)
+            )
+        return stored_events
 
     def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[Any]:
         """Rebuild (and type-check) an event from its stored form."""
@@ -415,7 +434,8 @@ stored ones, those left in the clear, those sealed."""
 def _context(originator_id: UUID | str, version: int) -> bytes:
     """What a sealed blob is bound to: the event it belongs to."""
     uuid = originator_id if isinstance(originator_id, UUID) else UUID(originator_id)
-    return uuid.bytes + version.to_bytes(8, "big")
+    # `uuid.bytes`, without the property's call (one per event sealed or opened).
+    return uuid.int.to_bytes(16, "big") + version.to_bytes(8, "big")
 
 
 # Plain decoding (`PydanticMapper.to_plain_event`): per event class, a function that checks the

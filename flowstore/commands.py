@@ -351,7 +351,8 @@ def definition_of(instance: FlowInstance, versions: FlowVersions) -> FlowDefinit
             instance.flow_id,
             f"runs on definition version {instance.definition_version}, which does not exist",
         )
-    if instance.step is not None and definition.step(instance.step) is None:
+    step = instance.step
+    if step is not None and step not in definition.steps:  # (`definition.step`, a call less)
         raise FlowStateCorruptionError(
             instance.user_id,
             instance.flow_id,

@@ -70,7 +70,8 @@ def _not_before(instance: FlowInstance | None, now: datetime) -> datetime:
     """
     if instance is None:
         return now
-    return max(now, instance.modified_on)
+    last = instance.modified_on
+    return now if now >= last else last  # `max`, without building its arguments' tuple
 
 
 def _expiry(definition: FlowDefinition, now: datetime, terminal: bool) -> datetime | None:
@@ -151,6 +152,11 @@ class Decision(NamedTuple):
     error: FlowError | None = None
 
 
+_decision = tuple.__new__
+"""`_decision(Decision, (events, error))` is `Decision(events, error)` without the named tuple's
+generated `__new__` (a Python call: half the cost, once per transition)."""
+
+
 def execute_transition(
     instance: FlowInstance,
     definition: FlowDefinition,
@@ -180,7 +186,7 @@ def execute_transition(
     # with the instance's last time just above), the request's values were checked by the caller
     # (see above), the error's text and code are the error's own, and the rest is computed here.
     step = instance.step
-    current = definition.step(step)
+    current = definition.steps.get(step)  # (`definition.step`, a call less)
     edge = current.transitions.get(transition) if current else None
     error: FlowError | None = None
     if edge is None:
@@ -209,7 +215,7 @@ def execute_transition(
             elapsed_ms=elapsed_ms,
             rules=2,
         )
-        return Decision([known_good(TransitionRejected, fields)], error)
+        return _decision(Decision, ([known_good(TransitionRejected, fields)], error))
     assert edge is not None
     to_step = edge.step
     target = definition.steps[to_step]
@@ -229,12 +235,12 @@ def execute_transition(
     fields["rules"] = 2
     executed = known_good(TransitionExecuted, fields)
     if not terminal:
-        return Decision([executed])
+        return _decision(Decision, ([executed], None))
     completed = _instance_fields(
         instance.user_id, instance.flow_id, definition, instance.id, instance.version + 2, now
     )
     completed["step"] = to_step
-    return Decision([executed, known_good(FlowCompleted, completed)])
+    return _decision(Decision, ([executed, known_good(FlowCompleted, completed)], None))
 
 
 def override_state(

@@ -49,7 +49,7 @@ from flowstore.errors import (
 )
 from flowstore.groupcommit import GroupCommit
 from flowstore.inputs import ERASED_USER_PREFIX
-from flowstore.keys import MemoryKeyStore, SqlKeyStore, UserKeys
+from flowstore.keys import MemoryKeyStore, SealedKey, SqlKeyStore, UserKeys
 from flowstore.storage import SQLITE_PERSISTENCE, StorageConfig
 
 if TYPE_CHECKING:
@@ -239,19 +239,22 @@ class Recent:
         keys.on_drop(self.clear)
 
     def add(
-        self, ids: Sequence[int], events: Sequence[DomainEvent], subjects: Mapping[str, str]
+        self, ids: Sequence[int], events: Sequence[DomainEvent], keys: Mapping[str, SealedKey]
     ) -> None:
-        """Keep committed events, with the subject of the key each was sealed with (None: none)."""
+        """Keep committed events, with the subject of the key each was sealed with (`keys`: by
+        user id; None: none)."""
         with self._lock:
+            kept = self._events
             for position, event in zip(ids, events, strict=True):
                 if not isinstance(event, InstanceEvent):
                     continue
-                subject = subjects.get(event.user_id)
-                if subject is None and not event.user_id.startswith(ERASED_USER_PREFIX):
+                user_id = event.user_id
+                key = keys.get(user_id)
+                if key is None and not user_id.startswith(ERASED_USER_PREFIX):
                     continue  # sealed with a key we do not know: read it from the log
-                self._events[position] = (event, subject)
-            while len(self._events) > self.SIZE:
-                self._events.popitem(last=False)
+                kept[position] = (event, None if key is None else key.subject)
+            while len(kept) > self.SIZE:
+                kept.popitem(last=False)
 
     def take(self, start: int, limit: int) -> list[tuple[int, DomainEvent]]:
         """The events at `start`, `start + 1`, ... (at most `limit`) while the buffer has them and
@@ -443,12 +446,15 @@ class EventLog:
             # transaction of its own, and the mapper, sealing, finds them cached. (Erased
             # stand-in ids name no one: nothing is sealed for them, so they need no key.)
             keys = self.keys.for_users(
-                e.user_id
-                for e in events
-                if isinstance(e, InstanceEvent) and not e.user_id.startswith(ERASED_USER_PREFIX)
+                [
+                    user_id
+                    for e in events
+                    if isinstance(e, InstanceEvent)
+                    and not (user_id := e.user_id).startswith(ERASED_USER_PREFIX)
+                ]
             )
             try:
-                ids = self._append(events)
+                ids = self._append(events, keys)
             except IntegrityError:
                 if not decided_here:
                     raise
@@ -467,13 +473,16 @@ class EventLog:
                 )
                 return self.app.recorder.max_notification_id() or 0  # past our events
             if self.recent is not None and decided_here and ids:  # imports: not the caller's
-                self.recent.add(ids, events, {user: key.subject for user, key in keys.items()})
+                self.recent.add(ids, events, keys)
             return ids[-1] if ids else 0
 
-    def _append(self, events: Sequence[DomainEvent]) -> Sequence[int]:
-        """Record the events (all or none); their notification ids, once committed."""
+    def _append(
+        self, events: Sequence[DomainEvent], keys: Mapping[str, SealedKey]
+    ) -> Sequence[int]:
+        """Record the events (all or none), sealed with `keys`; their notification ids, once
+        committed."""
         if self._group is not None:
-            return self._group.append(events)
+            return self._group.append(events, keys)
         with self.write_lock:
             recordings = self.app.save(*events)
         return [recording.notification.id for recording in recordings]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, cast
 from uuid import UUID
@@ -17,7 +17,9 @@ from uuid import UUID
 from eventsourcing.application import Application
 from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError, StoredEvent
 
+from flowstore.codec import PydanticMapper
 from flowstore.domain import DomainEvent
+from flowstore.keys import SealedKey
 
 __all__ = ["GroupCommit"]
 
@@ -72,13 +74,16 @@ class GroupCommit:
         self._leading = False  # a thread is committing the queue's groups
         self._crowded = False  # the last group had company: several threads are writing
 
-    def append(self, events: Sequence[DomainEvent]) -> Sequence[int]:
-        """Record one command's events; their notification ids, once committed."""
+    def append(
+        self, events: Sequence[DomainEvent], keys: Mapping[str, SealedKey] | None = None
+    ) -> Sequence[int]:
+        """Record one command's events (sealed with `keys`, the users' keys by user id, where
+        they have one there); their notification ids, once committed."""
         if not events:
             return ()
         # Encoding and sealing happen here, while another thread's group may be committing.
-        mapper = self._app.mapper
-        pending = _Pending([mapper.to_stored_event(event) for event in events])
+        mapper = cast(PydanticMapper, self._app.mapper)
+        pending = _Pending(mapper.to_stored_events(events, keys))
         with self._queue_lock:
             self._queue.append(pending)
             if self._leading:

@@ -7,7 +7,7 @@ a typed `FlowError` and changes nothing. The JSON limits are shared with `flowst
 from __future__ import annotations
 
 import re
-from typing import Any, cast
+from typing import Any
 
 import orjson
 
@@ -91,16 +91,20 @@ def check_payload(payload: Any, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> di
     # back equal is not plain JSON and would be stored as something other than what was sent.
     # The decoded copy is what is returned: the events then share no object with the caller, who
     # may change theirs after the call (this process's projector takes the events as they are).
-    copy = orjson.loads(encoded)
+    copy: dict[str, Any] = orjson.loads(encoded)
     if copy != payload:
         raise PayloadValidationError(
             "Payload is not plain JSON (NaN/Infinity, tuples, dates or non-string keys "
             "do not survive a JSON round trip)"
         )
-    # Each level opens a bracket: with no more brackets than the limit (in strings too, so never
-    # fewer than the depth) the payload is within it, and the walk is not needed.
-    brackets = encoded.count(b"{") + encoded.count(b"[")
-    if brackets > MAX_JSON_DEPTH and (depth := json_nesting(payload)) > MAX_JSON_DEPTH:
+    # Each level opens a bracket and closes it: in no more bytes than twice the limit, or with
+    # no more brackets than the limit (in strings too, so never fewer than the depth), the
+    # payload is within it, and the walk is not needed (nor the count, for a small payload).
+    if (
+        len(encoded) > 2 * MAX_JSON_DEPTH
+        and encoded.count(b"{") + encoded.count(b"[") > MAX_JSON_DEPTH
+        and (depth := json_nesting(payload)) > MAX_JSON_DEPTH
+    ):
         raise PayloadValidationError(
             f"Payload is nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH}"
         )
@@ -108,7 +112,7 @@ def check_payload(payload: Any, *, limit: int = DEFAULT_MAX_PAYLOAD_BYTES) -> di
         # Valid JSON, but PostgreSQL text and jsonb cannot store NUL: refused on every backend so
         # that a store behaves the same wherever it runs.
         raise PayloadValidationError("Payload contains a NUL character (\\u0000)")
-    return cast(dict[str, Any], copy)
+    return copy
 
 
 def check_entity(value: object) -> str | None:

@@ -255,8 +255,9 @@ class UserKeys(ABC):
         self._look()
         keys: dict[str, SealedKey] = {}
         missing: list[str] = []
+        cached = self._by_user.get
         for user_id in dict.fromkeys(user_ids):
-            key = self._by_user.get(user_id)
+            key = cached(user_id)
             if key is not None:
                 keys[user_id] = key
             else:

@@ -66,8 +66,9 @@ def _reopen(url: str, options: dict[str, Any]) -> FlowStore:
     return FlowStore(url, **options)
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
+_utc_now: Callable[[], datetime] = functools.partial(datetime.now, UTC)
+"""The default clock: `datetime.now(UTC)`, called without a Python function around it (every
+command reads it)."""
 
 
 class FlowStore:

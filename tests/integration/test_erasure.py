@@ -316,24 +316,25 @@ def test_a_write_racing_an_erasure_is_never_sealed_with_the_shredded_key(store_u
         store.execute_transition("ann", "line", "next", {"note": ANN_SECRET})
         keys = Internals(store).keys
         looked_up, shredded = threading.Event(), threading.Event()
-        original_for_user, original_shred = keys.for_user, keys.shred
+        original_for_users, original_shred = keys.for_users, keys.shred
         eraser = threading.Thread(target=store.erase_user, args=("ann",))
 
-        def for_user(user_id: str) -> Any:
-            key = original_for_user(user_id)
-            if user_id == "ann" and not looked_up.is_set():
+        def for_users(user_ids: Any) -> Any:
+            # The append's lookup: the keys it seals with (`EventLog.save`).
+            found = original_for_users(user_ids)
+            if "ann" in found and not looked_up.is_set():
                 looked_up.set()
                 eraser.start()
                 # Old code: the erasure shreds the key now. Fixed: it waits for this write.
                 shredded.wait(timeout=1.0)
-            return key
+            return found
 
         def shred(user_id: str) -> list[str]:
             subjects = original_shred(user_id)
             shredded.set()
             return subjects
 
-        keys.for_user = for_user  # type: ignore[method-assign]
+        keys.for_users = for_users  # type: ignore[method-assign]
         keys.shred = shred  # type: ignore[method-assign]
         store.execute_transition("ann", "other", "next", {"note": ANN_SECRET})
         eraser.join(timeout=60)

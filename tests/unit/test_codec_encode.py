@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic
-from hypothesis import given
+from hypothesis import assume, given
 
 from flowstore.codec import OrjsonTranscoder, PydanticMapper
 from flowstore.domain import DomainEvent, InstanceEvent
@@ -44,3 +44,25 @@ def test_a_sealed_event_keeps_its_personal_fields_out_of_the_clear(event: Domain
         assert state["subject"] == sealing.keys.for_user(event.user_id).subject
     else:
         assert "sealed" not in state
+
+
+@given(events)
+def test_events_are_sealed_with_the_keys_the_caller_holds(event: DomainEvent) -> None:
+    # The append hands down the keys it looked up under the user's lock (`EventLog.save`): those
+    # seal its events, not another lookup's (which could differ once a key was erased meanwhile).
+    assume(isinstance(event, InstanceEvent) and not event.user_id.startswith(ERASED_USER_PREFIX))
+    assert isinstance(event, InstanceEvent)
+    held = MemoryKeyStore()
+    key = held.for_user(event.user_id)
+    sealing = PydanticMapper(transcoder=OrjsonTranscoder())
+    sealing.keys = MemoryKeyStore()  # a key store of its own: its key for the user is another
+    [stored] = sealing.to_stored_events([event], {event.user_id: key})
+    assert orjson.loads(stored.state)["subject"] == key.subject
+    reading = PydanticMapper(transcoder=OrjsonTranscoder())
+    reading.keys = held
+    assert reading.to_domain_event(stored) == event
+    # Without keys handed down, the mapper's own store seals: the same as `to_stored_event`.
+    [alone] = sealing.to_stored_events([event])
+    subject = sealing.keys.for_user(event.user_id).subject
+    assert orjson.loads(alone.state)["subject"] == subject != key.subject
+    assert orjson.loads(sealing.to_stored_event(event).state)["subject"] == subject

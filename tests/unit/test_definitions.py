@@ -466,6 +466,20 @@ def test_payloads_nested_up_to_the_limit_are_accepted_and_deeper_ones_refused() 
         check_payload(nested(MAX_JSON_DEPTH + 1))
 
 
+def test_payloads_nested_in_the_fewest_bytes_are_held_to_the_limit_too() -> None:
+    # Arrays of arrays: two bytes a level, the least a level takes (the check counts brackets
+    # only in payloads longer than twice the limit).
+    def arrays(depth: int) -> dict[str, Any]:
+        value: Any = []
+        for _ in range(depth - 2):
+            value = [value]
+        return {"": value}
+
+    assert check_payload(arrays(MAX_JSON_DEPTH)) == arrays(MAX_JSON_DEPTH)
+    with pytest.raises(PayloadValidationError, match=f"nested {MAX_JSON_DEPTH + 1} levels deep"):
+        check_payload(arrays(MAX_JSON_DEPTH + 1))
+
+
 @pytest.mark.parametrize("depth", [253, 254, 255, 2000])
 def test_payloads_nested_near_orjsons_limit_are_refused(depth: int) -> None:
     # 253 levels passed orjson alone but not inside its event (one level more): untyped TypeError.

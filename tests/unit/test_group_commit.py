@@ -73,7 +73,8 @@ class _QueueWatch:
 
 def _group(lock: Any) -> tuple[GroupCommit, _Recorder]:
     recorder = _Recorder()
-    mapper = SimpleNamespace(to_stored_event=lambda event: event)  # events stand for themselves
+    # Events stand for themselves.
+    mapper = SimpleNamespace(to_stored_events=lambda events, keys: list(events))
     app = SimpleNamespace(mapper=mapper, recorder=recorder)
     return GroupCommit(app, lock), recorder  # type: ignore[arg-type]
 
