@@ -116,6 +116,14 @@ class RowChanges(Protocol):
     def forget(self, table: str, flow_id: str, before: int) -> None:
         """Rows of `flow_id` whose second column is below `before` are no longer wanted."""
 
+    def repeat(self, changes: Callable[..., None], *key: Any) -> None:
+        """Make the changes `changes(rows, times, *key)` makes, `times` being how many times
+        `repeat` is given these `changes` and `key`: all at once, when the changes are sums of
+        whole numbers (`times` of each), which give the same totals in any order and whatever
+        else is added meanwhile. Many events count alike (a batch's transitions of one flow,
+        second and step): `RowBatch` makes each distinct call's changes once, when it settles,
+        rather than an add per row and column per event."""
+
 
 Event = Mapping[str, Any]
 """An event's fields by name (a decoded event's `__dict__`): timestamps are datetimes."""
@@ -141,9 +149,8 @@ _ACTIVE = FlowStatus.ACTIVE.value
 _KINDS = {kind: kind.value for kind in HistoryKind}  # an enum's `.value` is a slow property
 # Deltas many events add, made once (`RowChanges` only reads them).
 _ONE: dict[str, Mapping[str, float]] = {
-    name: {name: 1} for name in ("attempts", "dropped", "entered", "moved_on", "started", "taken")
+    name: {name: 1} for name in ("dropped", "entered", "started")
 }
-_LOOPED: Mapping[str, float] = {"moved_on": 1, "entered": 1}
 _ACTIVITY = frozenset(ACTIVITY_COLUMNS)
 _MS = timedelta(milliseconds=1)
 
@@ -297,13 +304,8 @@ class _Fold:
         rows.add_spans("activity", flow, self.second, step, deltas)
 
     def moved(self, from_step: str, to_step: str) -> None:
-        """A run moving on from `from_step` and entering `to_step`: one change of each row when
-        the steps are the same (a loop), whose sums are those of the two (fewer adds per event)."""
-        if from_step == to_step:
-            self.steps(from_step, _LOOPED)
-        else:
-            self.steps(from_step, _ONE["moved_on"])
-            self.steps(to_step, _ONE["entered"])
+        """A run moving on from `from_step` and entering `to_step` (`_moved`)."""
+        self.rows.repeat(_moved, self.flow, self.second, from_step, to_step)
 
     def stay_ms(self) -> float | None:
         """For a transition taken: how long the run stayed on the step it leaves, in whole ms
@@ -321,6 +323,8 @@ class _Fold:
             self.step(previous["step"], "dropped")
 
     def attempt(self, attempts: int) -> None:
+        """An attempt (taken or refused): its response-time sample and what it counts but in
+        `_attempted` (which the caller repeats, with what else its kind counts alike)."""
         e, second = self.e, self.second
         # Whole hours are forgotten at once, so the bound (and the delete behind it) moves rarely.
         hour = THROUGHPUT_RETENTION_SECONDS
@@ -328,9 +332,43 @@ class _Fold:
         rows.put(
             "samples", (flow, attempts % SAMPLE_SLOTS), {"elapsed_ms": elapsed, "second": second}
         )
-        rows.add("throughput", (flow, second), _ONE["attempts"])
         rows.forget("throughput", flow, (second // hour - 1) * hour)
-        rows.add_spans("response_times", flow, second, response_bin(elapsed), _ONE["attempts"])
+
+
+def _moved(rows: RowChanges, times: int, flow: str, second: int, left: str, entered: str) -> None:
+    """`times` runs moving on from step `left` and entering `entered` in `second` (a change
+    of each row when the steps are the same, a loop: whose sums are those of the two)."""
+    if left == entered:
+        steps = ((left, {"moved_on": times, "entered": times}),)
+    else:
+        steps = ((left, {"moved_on": times}), (entered, {"entered": times}))
+    for step, deltas in steps:
+        rows.add("steps", (flow, step), deltas)
+        rows.add_spans("activity", flow, second, step, deltas)
+
+
+def _attempted(rows: RowChanges, times: int, flow: str, second: int, bin_: int) -> None:
+    """`times` attempts in `second` answered in the response-time bin `bin_`."""
+    attempts = {"attempts": times}
+    rows.add("throughput", (flow, second), attempts)
+    rows.add_spans("response_times", flow, second, bin_, attempts)
+
+
+def _taken(
+    rows: RowChanges,
+    times: int,
+    flow: str,
+    second: int,
+    bin_: int,
+    left: str,
+    entered: str,
+    transition: str,
+) -> None:
+    """`times` transitions `transition` taken from `left` to `entered` in `second`, answered in
+    the response-time bin `bin_`: all that such a transition counts in whole numbers."""
+    _attempted(rows, times, flow, second, bin_)
+    _moved(rows, times, flow, second, left, entered)
+    rows.add("transitions", (flow, left, transition), {"taken": times})
 
 
 def _started(f: _Fold, e: Event, attempts: int) -> None:
@@ -377,8 +415,15 @@ def _executed(f: _Fold, e: Event, attempts: int) -> None:
     if not e["ok"]:
         counts["failures"] = 1
     f.count(counts)
-    f.moved(e["from_step"], e["to_step"])
-    f.rows.add("transitions", (f.flow, e["from_step"], e["transition"]), _ONE["taken"])
+    f.rows.repeat(
+        _taken,
+        f.flow,
+        f.second,
+        response_bin(e["elapsed_ms"]),
+        e["from_step"],
+        e["to_step"],
+        e["transition"],
+    )
     f.attempt(attempts)
     before = f.previous.get("payload") if f.previous else None
     f.state(
@@ -405,6 +450,7 @@ def _rejected(f: _Fold, e: Event, attempts: int) -> None:
         error=e["error"],
     )
     f.count({"attempts": 1, "rejections": 1, "response_ms_total": e["elapsed_ms"]})
+    f.rows.repeat(_attempted, f.flow, f.second, response_bin(e["elapsed_ms"]))
     f.attempt(attempts)
     # Rules 2 (the model): a refusal leaves the state as it was; rules 1 set ok to false.
     f.state(**({} if e["rules"] == 2 else {"ok": False}))
