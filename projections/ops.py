@@ -118,11 +118,12 @@ class RowChanges(Protocol):
 
     def repeat(self, changes: Callable[..., None], *key: Any) -> None:
         """Make the changes `changes(rows, times, *key)` makes, `times` being how many times
-        `repeat` is given these `changes` and `key`: all at once, when the changes are sums of
-        whole numbers (`times` of each), which give the same totals in any order and whatever
-        else is added meanwhile. Many events count alike (a batch's transitions of one flow,
-        second and step): `RowBatch` makes each distinct call's changes once, when it settles,
-        rather than an add per row and column per event."""
+        `repeat` is given these `changes` and `key`, at any moment before the rows are read.
+        For changes that come to the same made at once or one by one, in any order and
+        whatever else changes meanwhile: adding whole numbers (`times` each) to columns no
+        float is added to, and `forget`. Many events count alike (a batch's transitions of one
+        flow, second and step): `RowBatch` makes each distinct call's changes once, when it
+        settles, rather than an add per row and column per event."""
 
 
 Event = Mapping[str, Any]
@@ -323,16 +324,13 @@ class _Fold:
             self.step(previous["step"], "dropped")
 
     def attempt(self, attempts: int) -> None:
-        """An attempt (taken or refused): its response-time sample and what it counts but in
-        `_attempted` (which the caller repeats, with what else its kind counts alike)."""
-        e, second = self.e, self.second
-        # Whole hours are forgotten at once, so the bound (and the delete behind it) moves rarely.
-        hour = THROUGHPUT_RETENTION_SECONDS
-        rows, flow, elapsed = self.rows, self.flow, e["elapsed_ms"]
-        rows.put(
-            "samples", (flow, attempts % SAMPLE_SLOTS), {"elapsed_ms": elapsed, "second": second}
+        """An attempt (taken or refused): its response-time sample (what it counts is in
+        `_attempted`, which the caller repeats with what else its kind counts alike)."""
+        self.rows.put(
+            "samples",
+            (self.flow, attempts % SAMPLE_SLOTS),
+            {"elapsed_ms": self.e["elapsed_ms"], "second": self.second},
         )
-        rows.forget("throughput", flow, (second // hour - 1) * hour)
 
 
 def _moved(rows: RowChanges, times: int, flow: str, second: int, left: str, entered: str) -> None:
@@ -347,10 +345,20 @@ def _moved(rows: RowChanges, times: int, flow: str, second: int, left: str, ente
         rows.add_spans("activity", flow, second, step, deltas)
 
 
-def _attempted(rows: RowChanges, times: int, flow: str, second: int, bin_: int) -> None:
-    """`times` attempts in `second` answered in the response-time bin `bin_`."""
+def _attempted(
+    rows: RowChanges, times: int, flow: str, second: int, bin_: int, outcome: str | None
+) -> None:
+    """`times` attempts in `second` answered in the response-time bin `bin_`, each also counted
+    as `outcome` ("failures", "rejections"; None: neither), and the throughput rows they leave
+    behind (the bound depends on the second alone: the same for every one of them)."""
     attempts = {"attempts": times}
+    counts = attempts if outcome is None else {"attempts": times, outcome: times}
+    rows.add("counters", (flow,), counts)
+    rows.add_spans("activity", flow, second, "", counts)
     rows.add("throughput", (flow, second), attempts)
+    # Whole hours are forgotten at once, so the bound (and the delete behind it) moves rarely.
+    hour = THROUGHPUT_RETENTION_SECONDS
+    rows.forget("throughput", flow, (second // hour - 1) * hour)
     rows.add_spans("response_times", flow, second, bin_, attempts)
 
 
@@ -363,10 +371,12 @@ def _taken(
     left: str,
     entered: str,
     transition: str,
+    outcome: str | None,
 ) -> None:
     """`times` transitions `transition` taken from `left` to `entered` in `second`, answered in
-    the response-time bin `bin_`: all that such a transition counts in whole numbers."""
-    _attempted(rows, times, flow, second, bin_)
+    the response-time bin `bin_` (`outcome`: "failures" when they failed): all that such a
+    transition counts in whole numbers."""
+    _attempted(rows, times, flow, second, bin_, outcome)
     _moved(rows, times, flow, second, left, entered)
     rows.add("transitions", (flow, left, transition), {"taken": times})
 
@@ -411,10 +421,7 @@ def _executed(f: _Fold, e: Event, attempts: int) -> None:
         message=e["message"],
         stay_ms=f.stay_ms(),
     )
-    counts: dict[str, float] = {"attempts": 1, "response_ms_total": e["elapsed_ms"]}
-    if not e["ok"]:
-        counts["failures"] = 1
-    f.count(counts)
+    f.count({"response_ms_total": e["elapsed_ms"]})  # floats: added in order, one by one
     f.rows.repeat(
         _taken,
         f.flow,
@@ -423,6 +430,7 @@ def _executed(f: _Fold, e: Event, attempts: int) -> None:
         e["from_step"],
         e["to_step"],
         e["transition"],
+        None if e["ok"] else "failures",
     )
     f.attempt(attempts)
     before = f.previous.get("payload") if f.previous else None
@@ -449,8 +457,8 @@ def _rejected(f: _Fold, e: Event, attempts: int) -> None:
         success=False,
         error=e["error"],
     )
-    f.count({"attempts": 1, "rejections": 1, "response_ms_total": e["elapsed_ms"]})
-    f.rows.repeat(_attempted, f.flow, f.second, response_bin(e["elapsed_ms"]))
+    f.count({"response_ms_total": e["elapsed_ms"]})
+    f.rows.repeat(_attempted, f.flow, f.second, response_bin(e["elapsed_ms"]), "rejections")
     f.attempt(attempts)
     # Rules 2 (the model): a refusal leaves the state as it was; rules 1 set ok to false.
     f.state(**({} if e["rules"] == 2 else {"ok": False}))
