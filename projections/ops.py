@@ -275,6 +275,13 @@ class _Fold:
         """Add to the flow's activity in the minute and in the hour of `second`."""
         self.rows.add_spans("activity", self.flow, second, step, deltas)
 
+    def timed(self, elapsed_ms: float) -> None:
+        """Add an attempt's response time to the flow's counters and its activity (floats: one
+        by one, in the events' order; what else an attempt counts is `_attempted`)."""
+        deltas = {"response_ms_total": elapsed_ms}
+        self.rows.add("counters", (self.flow,), deltas)
+        self.rows.add_spans("activity", self.flow, self.second, "", deltas)
+
     def count(self, deltas: Mapping[str, float]) -> None:
         """Add to the flow's counters, and to its activity: runs by the bucket they started in
         (`completions` by the one they completed in), the rest by the bucket they happened in."""
@@ -421,7 +428,7 @@ def _executed(f: _Fold, e: Event, attempts: int) -> None:
         message=e["message"],
         stay_ms=f.stay_ms(),
     )
-    f.count({"response_ms_total": e["elapsed_ms"]})  # floats: added in order, one by one
+    f.timed(e["elapsed_ms"])
     f.rows.repeat(
         _taken,
         f.flow,
@@ -457,7 +464,7 @@ def _rejected(f: _Fold, e: Event, attempts: int) -> None:
         success=False,
         error=e["error"],
     )
-    f.count({"response_ms_total": e["elapsed_ms"]})
+    f.timed(e["elapsed_ms"])
     f.rows.repeat(_attempted, f.flow, f.second, response_bin(e["elapsed_ms"]), "rejections")
     f.attempt(attempts)
     # Rules 2 (the model): a refusal leaves the state as it was; rules 1 set ok to false.
