@@ -343,10 +343,11 @@ class _Fold:
 def _moved(rows: RowChanges, times: int, flow: str, second: int, left: str, entered: str) -> None:
     """`times` runs moving on from step `left` and entering `entered` in `second` (a change
     of each row when the steps are the same, a loop: whose sums are those of the two)."""
-    if left == entered:
-        steps = ((left, {"moved_on": times, "entered": times}),)
-    else:
-        steps = ((left, {"moved_on": times}), (entered, {"entered": times}))
+    steps: list[tuple[str, dict[str, float]]] = (
+        [(left, {"moved_on": times, "entered": times})]
+        if left == entered
+        else [(left, {"moved_on": times}), (entered, {"entered": times})]
+    )
     for step, deltas in steps:
         rows.add("steps", (flow, step), deltas)
         rows.add_spans("activity", flow, second, step, deltas)
