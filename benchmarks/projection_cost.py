@@ -26,7 +26,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,6 +66,16 @@ class _WithoutConsole:
     ) -> None:
         if table == "activity":  # the minute's bucket only
             self.rows.add(table, (flow_id, 60, second - second % 60, last), deltas)
+
+    def repeat(self, changes: Callable[..., None], *key: Any) -> None:
+        # The changes are made later, on the rows given: filtered by a `_WithoutConsole` too.
+        self.rows.repeat(_repeated_without_console, changes, *key)
+
+
+def _repeated_without_console(
+    rows: RowChanges, times: int, changes: Callable[..., None], *key: Any
+) -> None:
+    changes(_WithoutConsole(rows), times, *key)
 
 
 def _fold_without_console(

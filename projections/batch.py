@@ -72,6 +72,9 @@ class RowBatch:
         self._by_second: defaultdict[str, dict[tuple[str, int, Any], dict[str, float]]] = (
             defaultdict(dict)
         )
+        # How many times `repeat` was given each call (in a list: counting in place finds the
+        # call's key, which hashes each of its parts, once rather than twice).
+        self._repeats: dict[tuple[Callable[..., None], tuple[Any, ...]], list[int]] = {}
         self.puts: defaultdict[str, dict[tuple[Any, ...], dict[str, Any]]] = defaultdict(dict)
         self.forget_before: defaultdict[str, dict[str, int]] = defaultdict(dict)
         """table -> flow_id -> the second below which its rows go"""
@@ -145,8 +148,22 @@ class RowBatch:
         """Add to the rows of the buckets holding `second` (summed by second until `settle`)."""
         _add(self._by_second[table], (flow_id, second, last), deltas)
 
+    def repeat(self, changes: Callable[..., None], *key: Any) -> None:
+        """Make `changes(self, times, *key)` when the batch settles (`times`: the calls alike)."""
+        call = (changes, key)
+        times = self._repeats.get(call)
+        if times is None:
+            self._repeats[call] = [1]
+        else:
+            times[0] += 1
+
     def settle(self) -> None:
-        """Spread the changes `add_spans` summed by second over their buckets' rows in `sums`."""
+        """Make the changes `repeat` was given, and spread the changes `add_spans` summed by
+        second over their buckets' rows in `sums`."""
+        if self._repeats:
+            repeats, self._repeats = self._repeats, {}
+            for (changes, key), (times,) in repeats.items():
+                changes(self, times, *key)
         for table, seconds in self._by_second.items():
             for (flow, second, last), deltas in seconds.items():
                 for span in ACTIVITY_SPANS:
@@ -244,6 +261,7 @@ class RowBatch:
             or any(self.inserted.values())
             or any(self.sums.values())
             or any(self._by_second.values())
+            or bool(self._repeats)
             or any(self.puts.values())
         )
 

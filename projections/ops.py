@@ -116,6 +116,15 @@ class RowChanges(Protocol):
     def forget(self, table: str, flow_id: str, before: int) -> None:
         """Rows of `flow_id` whose second column is below `before` are no longer wanted."""
 
+    def repeat(self, changes: Callable[..., None], *key: Any) -> None:
+        """Make the changes `changes(rows, times, *key)` makes, `times` being how many times
+        `repeat` is given these `changes` and `key`, at any moment before the rows are read.
+        For changes that come to the same made at once or one by one, in any order and
+        whatever else changes meanwhile: adding whole numbers (`times` each) to columns no
+        float is added to, and `forget`. Many events count alike (a batch's transitions of one
+        flow, second and step): `RowBatch` makes each distinct call's changes once, when it
+        settles, rather than an add per row and column per event."""
+
 
 Event = Mapping[str, Any]
 """An event's fields by name (a decoded event's `__dict__`): timestamps are datetimes."""
@@ -141,9 +150,8 @@ _ACTIVE = FlowStatus.ACTIVE.value
 _KINDS = {kind: kind.value for kind in HistoryKind}  # an enum's `.value` is a slow property
 # Deltas many events add, made once (`RowChanges` only reads them).
 _ONE: dict[str, Mapping[str, float]] = {
-    name: {name: 1} for name in ("attempts", "dropped", "entered", "moved_on", "started", "taken")
+    name: {name: 1} for name in ("dropped", "entered", "started")
 }
-_LOOPED: Mapping[str, float] = {"moved_on": 1, "entered": 1}
 _ACTIVITY = frozenset(ACTIVITY_COLUMNS)
 _MS = timedelta(milliseconds=1)
 
@@ -267,6 +275,13 @@ class _Fold:
         """Add to the flow's activity in the minute and in the hour of `second`."""
         self.rows.add_spans("activity", self.flow, second, step, deltas)
 
+    def timed(self, elapsed_ms: float) -> None:
+        """Add an attempt's response time to the flow's counters and its activity (floats: one
+        by one, in the events' order; what else an attempt counts is `_attempted`)."""
+        deltas = {"response_ms_total": elapsed_ms}
+        self.rows.add("counters", (self.flow,), deltas)
+        self.rows.add_spans("activity", self.flow, self.second, "", deltas)
+
     def count(self, deltas: Mapping[str, float]) -> None:
         """Add to the flow's counters, and to its activity: runs by the bucket they started in
         (`completions` by the one they completed in), the rest by the bucket they happened in."""
@@ -297,13 +312,8 @@ class _Fold:
         rows.add_spans("activity", flow, self.second, step, deltas)
 
     def moved(self, from_step: str, to_step: str) -> None:
-        """A run moving on from `from_step` and entering `to_step`: one change of each row when
-        the steps are the same (a loop), whose sums are those of the two (fewer adds per event)."""
-        if from_step == to_step:
-            self.steps(from_step, _LOOPED)
-        else:
-            self.steps(from_step, _ONE["moved_on"])
-            self.steps(to_step, _ONE["entered"])
+        """A run moving on from `from_step` and entering `to_step` (`_moved`)."""
+        self.rows.repeat(_moved, self.flow, self.second, from_step, to_step)
 
     def stay_ms(self) -> float | None:
         """For a transition taken: how long the run stayed on the step it leaves, in whole ms
@@ -321,16 +331,62 @@ class _Fold:
             self.step(previous["step"], "dropped")
 
     def attempt(self, attempts: int) -> None:
-        e, second = self.e, self.second
-        # Whole hours are forgotten at once, so the bound (and the delete behind it) moves rarely.
-        hour = THROUGHPUT_RETENTION_SECONDS
-        rows, flow, elapsed = self.rows, self.flow, e["elapsed_ms"]
-        rows.put(
-            "samples", (flow, attempts % SAMPLE_SLOTS), {"elapsed_ms": elapsed, "second": second}
+        """An attempt (taken or refused): its response-time sample (what it counts is in
+        `_attempted`, which the caller repeats with what else its kind counts alike)."""
+        self.rows.put(
+            "samples",
+            (self.flow, attempts % SAMPLE_SLOTS),
+            {"elapsed_ms": self.e["elapsed_ms"], "second": self.second},
         )
-        rows.add("throughput", (flow, second), _ONE["attempts"])
-        rows.forget("throughput", flow, (second // hour - 1) * hour)
-        rows.add_spans("response_times", flow, second, response_bin(elapsed), _ONE["attempts"])
+
+
+def _moved(rows: RowChanges, times: int, flow: str, second: int, left: str, entered: str) -> None:
+    """`times` runs moving on from step `left` and entering `entered` in `second` (a change
+    of each row when the steps are the same, a loop: whose sums are those of the two)."""
+    steps: list[tuple[str, dict[str, float]]] = (
+        [(left, {"moved_on": times, "entered": times})]
+        if left == entered
+        else [(left, {"moved_on": times}), (entered, {"entered": times})]
+    )
+    for step, deltas in steps:
+        rows.add("steps", (flow, step), deltas)
+        rows.add_spans("activity", flow, second, step, deltas)
+
+
+def _attempted(
+    rows: RowChanges, times: int, flow: str, second: int, bin_: int, outcome: str | None
+) -> None:
+    """`times` attempts in `second` answered in the response-time bin `bin_`, each also counted
+    as `outcome` ("failures", "rejections"; None: neither), and the throughput rows they leave
+    behind (the bound depends on the second alone: the same for every one of them)."""
+    attempts = {"attempts": times}
+    counts = attempts if outcome is None else {"attempts": times, outcome: times}
+    rows.add("counters", (flow,), counts)
+    rows.add_spans("activity", flow, second, "", counts)
+    rows.add("throughput", (flow, second), attempts)
+    # Whole hours are forgotten at once, so the bound (and the delete behind it) moves rarely.
+    hour = THROUGHPUT_RETENTION_SECONDS
+    rows.forget("throughput", flow, (second // hour - 1) * hour)
+    rows.add_spans("response_times", flow, second, bin_, attempts)
+
+
+def _taken(
+    rows: RowChanges,
+    times: int,
+    flow: str,
+    second: int,
+    bin_: int,
+    left: str,
+    entered: str,
+    transition: str,
+    outcome: str | None,
+) -> None:
+    """`times` transitions `transition` taken from `left` to `entered` in `second`, answered in
+    the response-time bin `bin_` (`outcome`: "failures" when they failed): all that such a
+    transition counts in whole numbers."""
+    _attempted(rows, times, flow, second, bin_, outcome)
+    _moved(rows, times, flow, second, left, entered)
+    rows.add("transitions", (flow, left, transition), {"taken": times})
 
 
 def _started(f: _Fold, e: Event, attempts: int) -> None:
@@ -373,12 +429,17 @@ def _executed(f: _Fold, e: Event, attempts: int) -> None:
         message=e["message"],
         stay_ms=f.stay_ms(),
     )
-    counts: dict[str, float] = {"attempts": 1, "response_ms_total": e["elapsed_ms"]}
-    if not e["ok"]:
-        counts["failures"] = 1
-    f.count(counts)
-    f.moved(e["from_step"], e["to_step"])
-    f.rows.add("transitions", (f.flow, e["from_step"], e["transition"]), _ONE["taken"])
+    f.timed(e["elapsed_ms"])
+    f.rows.repeat(
+        _taken,
+        f.flow,
+        f.second,
+        response_bin(e["elapsed_ms"]),
+        e["from_step"],
+        e["to_step"],
+        e["transition"],
+        None if e["ok"] else "failures",
+    )
     f.attempt(attempts)
     before = f.previous.get("payload") if f.previous else None
     f.state(
@@ -404,7 +465,8 @@ def _rejected(f: _Fold, e: Event, attempts: int) -> None:
         success=False,
         error=e["error"],
     )
-    f.count({"attempts": 1, "rejections": 1, "response_ms_total": e["elapsed_ms"]})
+    f.timed(e["elapsed_ms"])
+    f.rows.repeat(_attempted, f.flow, f.second, response_bin(e["elapsed_ms"]), "rejections")
     f.attempt(attempts)
     # Rules 2 (the model): a refusal leaves the state as it was; rules 1 set ok to false.
     f.state(**({} if e["rules"] == 2 else {"ok": False}))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,9 +24,29 @@ _MOMENTS = st.datetimes(
 )
 
 
+class _NoOffset(tzinfo):
+    """A zone that knows no offset (such a moment is naive to `utcoffset`)."""
+
+    def utcoffset(self, dt: datetime | None) -> None:
+        return None
+
+    def dst(self, dt: datetime | None) -> None:
+        return None
+
+
 @given(
     st.datetimes(
-        timezones=st.sampled_from([UTC, timezone(timedelta(hours=-3)), TzInfo(5400)]) | st.none()
+        timezones=st.sampled_from(
+            [
+                UTC,
+                timezone(timedelta(hours=-3)),
+                timezone(timedelta(hours=23, minutes=59, seconds=59, microseconds=1)),
+                TzInfo(5400),
+                ZoneInfo("Europe/Paris"),
+                _NoOffset(),
+            ]
+        )
+        | st.none()
     )
 )
 def test_sqlite_datetimes_are_written_as_sqlalchemy_writes_them(moment: datetime) -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pydantic_core import TzInfo
 
 from flowstore.projections.batch import PUT, UPDATE, RowBatch, _changed_columns, columns_of
-from flowstore.projections.ops import ACTIVITY_SPANS, _second
+from flowstore.projections.ops import ACTIVITY_SPANS, _second, _taken
 from flowstore.projections.tables import define_tables
 from flowstore.storage import make_engine, parse_url
 
@@ -38,6 +38,43 @@ def test_changes_summed_by_second_are_those_added_to_each_bucket(changes: list[A
             each.add(table, (flow, span, second - second % span, last), deltas)
     assert not spread.empty or not changes or all(not d for *_, d in changes)
     assert sorted(map(repr, spread.rows(_TABLES))) == sorted(map(repr, each.rows(_TABLES)))
+
+
+_TAKEN = st.lists(
+    st.tuples(
+        st.sampled_from(["f", "g"]),
+        st.integers(2 * 3600 - 65, 2 * 3600 + 65),  # minutes and hours; throughput bounds move
+        st.integers(-3, 3),  # response-time bins
+        st.sampled_from([("a", "a", "tick"), ("a", "b", "flip"), ("b", "a", "flop")]),
+        st.sampled_from([None, "failures"]),
+        st.integers(1, 3),  # calls alike in a row
+        st.floats(0, 5) | st.sampled_from([0.1, 0.2, 0.3, 1e-9, 1e9]),
+    ),
+    max_size=40,
+)
+
+
+@given(_TAKEN)
+def test_repeated_changes_are_those_made_one_call_at_a_time(calls: list[Any]) -> None:
+    """`repeat` makes each distinct call once, `times` over, when the batch settles: the rows are
+    those of making every call with 1 as it comes, floats added meanwhile summed in the same
+    order (whole numbers add up the same in any order; the floats are not repeated)."""
+    repeated, each = RowBatch(), RowBatch()
+    for flow, second, bin_, (left, entered, transition), outcome, times, elapsed in calls:
+        for batch in (repeated, each):
+            batch.add("counters", (flow,), {"response_ms_total": elapsed})
+            batch.add_spans("activity", flow, second, "", {"response_ms_total": elapsed})
+        for _ in range(times):
+            repeated.repeat(_taken, flow, second, bin_, left, entered, transition, outcome)
+            _taken(each, 1, flow, second, bin_, left, entered, transition, outcome)
+    assert repeated.empty == each.empty == (not calls)
+    assert _written(repeated) == _written(each)  # every value's repr: floats to the bit
+    assert repeated.forget_before == each.forget_before
+
+
+def _written(batch: RowBatch) -> list[tuple[str, str, list[str]]]:
+    """A batch's rows by table, in an order of their own (a row's columns in table order)."""
+    return sorted((t.name, how, sorted(map(repr, rows))) for t, how, rows in batch.rows(_TABLES))
 
 
 _MOMENT = datetime(2026, 11, 30, 12, 0, 0, 5, tzinfo=UTC)
