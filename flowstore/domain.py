@@ -411,9 +411,9 @@ def _field_names(cls: type[BaseModel]) -> _FieldNames:
     assert not cls.__private_attributes__
     assert not cls.__pydantic_post_init__
     # `known_good` sets BaseModel's own slots: a class whose MRO put others first would differ.
-    assert all(
-        inspect.getattr_static(cls, slot) is BaseModel.__dict__[slot] for slot in _SLOTS
-    ), "a model class with slots of its own"
+    assert all(inspect.getattr_static(cls, slot) is BaseModel.__dict__[slot] for slot in _SLOTS), (
+        "a model class with slots of its own"
+    )
     names = _FIELD_NAMES[cls] = _FieldNames(cls.__pydantic_fields__)
     return names
 
