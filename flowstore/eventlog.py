@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 from uuid import UUID
 
+import orjson
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.cryptography import AESCipher
 from eventsourcing.persistence import (
@@ -300,6 +301,18 @@ class Recent:
             self._events.clear()
 
 
+def _json_text(state: bytes) -> bool:
+    """Whether a stored event's state is JSON (a log written without a cipher), not AES-GCM
+    output. That begins with its random nonce, so one log in 256 has a first event beginning with
+    `{`: only a whole JSON document tells them apart (random bytes never are one). Opening an
+    encrypted log without its key would append plaintext to it."""
+    try:
+        orjson.loads(state)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
 class EventLog:
     """The append-only log of one store: append, read aggregates, read the total order."""
 
@@ -387,12 +400,15 @@ class EventLog:
         try:
             self.app.mapper.to_domain_event(first[0])
         except FlowError as exc:  # AES-GCM tag mismatch, or ciphertext fed to the JSON decoder
-            if not encrypted and first[0].state.startswith(b"{"):
-                return  # plain JSON, so not encrypted: merely corrupt, which reading it will say
+            if not encrypted and _json_text(first[0].state):
+                return  # plain JSON, so not encrypted: merely invalid, which reading it will say
             hint = (
                 "the key does not match the one the log was written with"
                 if encrypted
-                else (f"the log is encrypted: set {CIPHER_KEY_ENV} or pass cipher_key")
+                else (
+                    f"the log is encrypted (or its first event is not JSON): set {CIPHER_KEY_ENV}"
+                    " or pass cipher_key"
+                )
             )
             raise EncryptionKeyError(f"Cannot read the event log: {hint}") from exc
 

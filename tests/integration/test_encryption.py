@@ -6,6 +6,7 @@ import base64
 import os
 
 import pytest
+from eventsourcing.cryptography import AESCipher
 from sqlalchemy import create_engine, inspect, text
 
 from flowstore import EncryptionKeyError, FlowStore
@@ -73,6 +74,25 @@ def test_a_wrong_or_missing_key_refuses_to_open(store_url: str) -> None:
         write_some(store)
     with pytest.raises(EncryptionKeyError, match="does not match"):
         FlowStore(store_url, cipher_key=new_key())
+    with pytest.raises(EncryptionKeyError, match="encrypted"):
+        FlowStore(store_url)
+
+
+def test_a_missing_key_is_refused_whatever_byte_the_ciphertext_begins_with(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A ciphertext begins with its random nonce: one log in 256 has a first event beginning
+    # with `{`, which looked like plain (if corrupt) JSON, so a store without the key opened it
+    # (and would have appended plaintext to an encrypted log). Found by CI, once in ~60 runs.
+    nonces = iter(range(1, 1_000_000))
+    monkeypatch.setattr(
+        AESCipher,
+        "random_bytes",
+        staticmethod(lambda n: b"{" + next(nonces).to_bytes(n - 1, "big")),
+    )
+    with FlowStore(store_url, cipher_key=new_key()) as store:
+        write_some(store)
+    assert all(state.startswith(b"{") for state in raw_event_states(store_url))
     with pytest.raises(EncryptionKeyError, match="encrypted"):
         FlowStore(store_url)
 
