@@ -83,7 +83,7 @@ def test_a_missing_key_is_refused_whatever_byte_the_ciphertext_begins_with(
 ) -> None:
     # A ciphertext begins with its random nonce: one log in 256 has a first event beginning
     # with `{`, which looked like plain (if corrupt) JSON, so a store without the key opened it
-    # (and would have appended plaintext to an encrypted log). Found by CI, once in ~60 runs.
+    # (and would have appended plaintext to an encrypted log). Found by a CI run of the test above.
     nonces = iter(range(1, 1_000_000))
     monkeypatch.setattr(
         AESCipher,
