@@ -278,18 +278,15 @@ class _Fold:
     def timed(self, elapsed_ms: float) -> None:
         """Add an attempt's response time to the flow's counters and its activity (floats: one
         by one, in the events' order; what else an attempt counts is `_attempted`)."""
-        deltas = {"response_ms_total": elapsed_ms}
-        self.rows.add("counters", (self.flow,), deltas)
-        self.rows.add_spans("activity", self.flow, self.second, "", deltas)
+        _counted(self.rows, self.flow, self.second, {"response_ms_total": elapsed_ms})
 
     def count(self, deltas: Mapping[str, float]) -> None:
         """Add to the flow's counters, and to its activity: runs by the bucket they started in
         (`completions` by the one they completed in), the rest by the bucket they happened in."""
-        rows = self.rows
-        rows.add("counters", (self.flow,), deltas)
         if _RUN_COUNTS.isdisjoint(deltas) and _ACTIVITY.issuperset(deltas):  # the usual case
-            rows.add_spans("activity", self.flow, self.second, "", deltas)
+            _counted(self.rows, self.flow, self.second, deltas)
             return
+        self.rows.add("counters", (self.flow,), deltas)
         by_run = {k: v for k, v in deltas.items() if k in _RUN_COUNTS}
         by_now = {k: v for k, v in deltas.items() if k in ACTIVITY_COLUMNS and k not in by_run}
         if "completed" in by_run:
@@ -303,13 +300,7 @@ class _Fold:
 
     def step(self, step: str, counter: str) -> None:
         """Count one run entering, moving on from or dropping out at `step` (and its buckets)."""
-        self.steps(step, _ONE[counter])
-
-    def steps(self, step: str, deltas: Mapping[str, float]) -> None:
-        """Add `deltas` to `step`'s funnel counts (and its buckets)."""
-        rows, flow = self.rows, self.flow
-        rows.add("steps", (flow, step), deltas)
-        rows.add_spans("activity", flow, self.second, step, deltas)
+        _step_counted(self.rows, self.flow, self.second, step, _ONE[counter])
 
     def moved(self, from_step: str, to_step: str) -> None:
         """A run moving on from `from_step` and entering `to_step` (`_moved`)."""
@@ -340,6 +331,20 @@ class _Fold:
         )
 
 
+def _counted(rows: RowChanges, flow: str, second: int, deltas: Mapping[str, float]) -> None:
+    """Add `deltas` to the flow's counters and to its activity (the buckets of `second`)."""
+    rows.add("counters", (flow,), deltas)
+    rows.add_spans("activity", flow, second, "", deltas)
+
+
+def _step_counted(
+    rows: RowChanges, flow: str, second: int, step: str, deltas: Mapping[str, float]
+) -> None:
+    """Add `deltas` to `step`'s funnel counts and to its activity (the buckets of `second`)."""
+    rows.add("steps", (flow, step), deltas)
+    rows.add_spans("activity", flow, second, step, deltas)
+
+
 def _moved(rows: RowChanges, times: int, flow: str, second: int, left: str, entered: str) -> None:
     """`times` runs moving on from step `left` and entering `entered` in `second` (a change
     of each row when the steps are the same, a loop: whose sums are those of the two)."""
@@ -349,8 +354,7 @@ def _moved(rows: RowChanges, times: int, flow: str, second: int, left: str, ente
         else [(left, {"moved_on": times}), (entered, {"entered": times})]
     )
     for step, deltas in steps:
-        rows.add("steps", (flow, step), deltas)
-        rows.add_spans("activity", flow, second, step, deltas)
+        _step_counted(rows, flow, second, step, deltas)
 
 
 def _attempted(
@@ -361,8 +365,7 @@ def _attempted(
     behind (the bound depends on the second alone: the same for every one of them)."""
     attempts = {"attempts": times}
     counts = attempts if outcome is None else {"attempts": times, outcome: times}
-    rows.add("counters", (flow,), counts)
-    rows.add_spans("activity", flow, second, "", counts)
+    _counted(rows, flow, second, counts)
     rows.add("throughput", (flow, second), attempts)
     # Whole hours are forgotten at once, so the bound (and the delete behind it) moves rarely.
     hour = THROUGHPUT_RETENTION_SECONDS
