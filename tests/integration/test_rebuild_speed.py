@@ -15,12 +15,14 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.exc import IntegrityError
 
 from flowstore import FlowError, FlowStore
 from flowstore.errors import CorruptEventError
 from flowstore.eventlog import UnreadableEvent
 from flowstore.projections.readahead import ReadAhead, compact
+from flowstore.projections.rebuild import _sorting_threads
 from flowstore.projections.sql import SqlProjections
 from flowstore.testing import Internals
 from tests.flows import onboarding
@@ -71,6 +73,69 @@ def test_a_rebuild_indexes_its_tables_by_instance_from_the_first_erasure_on(
         assert all(len(names) >= 2 for names in after)
         assert tables.compare(live, tables.snapshot()) == []
         assert store.verify_projections() == []
+
+
+def _unique_indexes(tables: SqlProjections, table: str) -> list[list[str]]:
+    """SQLite: the columns of each unique index of `table`, its primary key's own included
+    (`sqlite_autoindex_...`, which SQLAlchemy's inspector leaves out)."""
+    with tables.engine.connect() as conn:
+        return [
+            [column for _, _, column in conn.exec_driver_sql(f'PRAGMA index_info("{name}")')]
+            for _, name, unique, *_ in conn.exec_driver_sql(f'PRAGMA index_list("{table}")')
+            if unique
+        ]
+
+
+def test_a_rebuild_fills_the_history_before_building_its_key_which_then_holds(
+    store_url: str, tables: SqlProjections
+) -> None:
+    """SQLite: the new history table gets its key (user, flow, version) at the swap, built once
+    over all its rows, not kept up to date row by row; the rebuilt tables are the live ones, the
+    key refuses a second row for a (user, flow, version) as the primary key did, and the next
+    rebuild replaces a table carrying it."""
+    sqlite = store_url.startswith("sqlite")
+    with FlowStore(store_url) as store:
+        store.create_flow(onboarding())
+        for user in ("ann", "bob", "cy"):
+            store.execute_transition(user, FLOW, "start")
+        store.execute_transition("cy", FLOW, "skip")
+        store.sync_projections()
+        live = tables.snapshot()
+        key = [c.name for c in tables.tables.history.primary_key.columns]
+        for _ in range(2):
+            filling: list[list[list[str]]] = []
+            tables.rebuild(
+                store.read_events,
+                page=2,
+                progress=lambda *_: filling.append(
+                    _unique_indexes(tables, "flow_history__rebuild") if sqlite else []
+                ),
+            )
+            assert filling
+            assert not any(filling)  # SQLite: no key while the rows go in; else nothing asked
+            assert tables.snapshot() == live
+            if sqlite:
+                assert _unique_indexes(tables, "flow_history") == [key]
+            row = next(iter(live["flow_history"].values()))
+            with pytest.raises(IntegrityError), tables.engine.begin() as conn:
+                conn.execute(tables.tables.history.insert(), dict(row))
+        assert store.verify_projections() == []
+
+
+def test_the_swap_gives_the_connection_back_with_its_sorting_threads_as_they_were(
+    tmp_path: Path,
+) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'threads.db'}")
+    with engine.connect() as conn:
+        threads = lambda: conn.exec_driver_sql("PRAGMA threads").scalar_one()  # noqa: E731
+        before = threads()
+        with _sorting_threads(conn, 2):
+            assert threads() == 2
+        assert threads() == before
+        with pytest.raises(ZeroDivisionError), _sorting_threads(conn, 2):
+            1 / 0
+        assert threads() == before
+    engine.dispose()
 
 
 def _build_log(store: FlowStore) -> None:
