@@ -147,6 +147,8 @@ def define_tables(suffix: str = "") -> ProjectionTables:
             "user_id",
         ),
     )
+    # On SQLite, a rebuild gives its history table this key as a unique index on the same
+    # columns, built at the swap (`flowstore.projections.rebuild._without_key`).
     history = Table(
         f"flow_history{suffix}",
         md,
