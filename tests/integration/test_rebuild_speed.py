@@ -16,14 +16,17 @@ from uuid import UUID
 
 import pytest
 from sqlalchemy import create_engine, inspect
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.schema import CreateTable
 
 from flowstore import FlowError, FlowStore
 from flowstore.errors import CorruptEventError
 from flowstore.eventlog import UnreadableEvent
 from flowstore.projections.readahead import ReadAhead, compact
-from flowstore.projections.rebuild import _sorting_threads
+from flowstore.projections.rebuild import _sorting_threads, _without_key
 from flowstore.projections.sql import SqlProjections
+from flowstore.projections.tables import REBUILD_SUFFIX, define_tables
 from flowstore.testing import Internals
 from tests.flows import onboarding
 from tests.integration.test_encryption import new_key
@@ -93,7 +96,7 @@ def test_a_rebuild_fills_the_history_before_building_its_key_which_then_holds(
     over all its rows, not kept up to date row by row; the rebuilt tables are the live ones, the
     key refuses a second row for a (user, flow, version) as the primary key did, and the next
     rebuild replaces a table carrying it."""
-    sqlite = store_url.startswith("sqlite")
+    on_sqlite = store_url.startswith("sqlite")
     with FlowStore(store_url) as store:
         store.create_flow(onboarding())
         for user in ("ann", "bob", "cy"):
@@ -105,21 +108,34 @@ def test_a_rebuild_fills_the_history_before_building_its_key_which_then_holds(
         filling: list[list[list[str]]] = []
 
         def look(replayed: int, position: int) -> None:
-            if sqlite:
+            if on_sqlite:
                 filling.append(_unique_indexes(tables, "flow_history__rebuild"))
 
         for _ in range(2):
             filling.clear()
             tables.rebuild(store.read_events, page=2, progress=look)
-            assert len(filling) > 1 or not sqlite
+            assert len(filling) > 1 or not on_sqlite
             assert not any(filling)  # no key while the rows go in
             assert tables.snapshot() == live
-            if sqlite:
+            if on_sqlite:
                 assert _unique_indexes(tables, "flow_history") == [key]
             row = next(iter(live["flow_history"].values()))
             with pytest.raises(IntegrityError), tables.engine.begin() as conn:
                 conn.execute(tables.tables.history.insert(), dict(row))
         assert store.verify_projections() == []
+
+
+def test_the_keyless_history_table_is_the_history_table_but_for_its_key() -> None:
+    # Whatever a column of the history table comes to hold (a default, a type's constraint),
+    # the table a SQLite rebuild fills must declare it too: only the PRIMARY KEY clause goes.
+    history = define_tables(REBUILD_SUFFIX).history
+    whole, keyless = (
+        str(CreateTable(table).compile(dialect=sqlite.dialect()))
+        for table in (history, _without_key(history))
+    )
+    key = ", ".join(c.name for c in history.primary_key.columns)
+    assert f"PRIMARY KEY ({key})" in whole
+    assert keyless == whole.replace(f", \n\tPRIMARY KEY ({key})", "")
 
 
 def test_the_swap_gives_the_connection_back_with_its_sorting_threads_as_they_were(
