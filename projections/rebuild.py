@@ -7,6 +7,7 @@ of an older layout, blue/green.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -346,7 +347,9 @@ class Rebuilds:
 
 
 def _without_key(table: Table) -> Table:
-    """`table` without its primary key (its columns as they are), for the rebuild to fill.
+    """`table` without its primary key, for the rebuild to fill: its columns' names, types and
+    nullability, which is all the history table declares (a test checks that the DDL is the
+    table's but for the PRIMARY KEY clause).
 
     SQLite: a rebuild fills `flow_history` with plain inserts (facts; nothing upserts into it),
     so its key is needed only once the rows are all there. Kept up to date row by row, the
@@ -383,10 +386,16 @@ def _sorting_threads(conn: Connection, threads: int) -> Iterator[None]:
         return
     before = conn.exec_driver_sql("PRAGMA threads").scalar_one()
     conn.exec_driver_sql(f"PRAGMA threads = {threads:d}")
+    restore = f"PRAGMA threads = {int(before):d}"
     try:
         yield
-    finally:
-        conn.exec_driver_sql(f"PRAGMA threads = {int(before):d}")
+    except BaseException:
+        # What failed the swap is what the caller must see, not a failure to set this back on
+        # a connection it may have broken.
+        with contextlib.suppress(Exception):
+            conn.exec_driver_sql(restore)
+        raise
+    conn.exec_driver_sql(restore)
 
 
 def _create_instance_indexes(conn: Connection, shadow: ProjectionTables) -> None:

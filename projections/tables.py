@@ -147,8 +147,9 @@ def define_tables(suffix: str = "") -> ProjectionTables:
             "user_id",
         ),
     )
-    # On SQLite, a rebuild gives its history table this key as a unique index on the same
-    # columns, built at the swap (`flowstore.projections.rebuild._without_key`).
+    # On SQLite, a rebuild fills its history table without this key (`_without_key` in
+    # `flowstore.projections.rebuild`) and gives it the key at the swap, as a unique index on
+    # the same columns (`_key_index_ddl`).
     history = Table(
         f"flow_history{suffix}",
         md,

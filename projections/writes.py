@@ -190,7 +190,9 @@ class RowWriter:
         rebuild's history rows, a thousand users' interleaved, missed the page cache on every
         row once the table outgrew it). The sort is stable, so rows with the same first column
         keep the fold's order (one instance's history rows: its versions, in order); comparing
-        one string rather than a tuple of the whole key makes it three times cheaper."""
+        one string rather than a tuple of the whole key makes it three times cheaper. (A SQLite
+        rebuild fills its history table without the key, built at the swap: there the sort,
+        about 0.1 µs a row, buys nothing.)"""
         found = self._processors.get((table.name, names))
         if found is None:
             found = self._processors[(table.name, names)] = self._tuple_of(table, names)
