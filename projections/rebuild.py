@@ -209,7 +209,7 @@ class Rebuilds:
             shadow.metadata.drop_all(conn)
             for table in shadow.all:
                 # The secondary indexes come at the swap; on SQLite so does history's key.
-                keyless = self._sqlite and table is shadow.history
+                keyless = self._filled_without_key(shadow, table)
                 conn.execute(CreateTable(_without_key(table) if keyless else table))
         by_instance = False  # whether the indexes erasures delete by exist yet
         position, replayed = 0, 0
@@ -333,14 +333,19 @@ class Rebuilds:
         self._found_layout = self.layout
         self._layout_checked_at = time.monotonic()
 
+    def _filled_without_key(self, shadow: ProjectionTables, table: Table) -> bool:
+        """Whether the rebuild fills `table` (of `shadow`) without its primary key, which the
+        swap then builds (`_without_key`): SQLite's history."""
+        return self._sqlite and table is shadow.history
+
     def _swap(self, conn: Connection, shadow: ProjectionTables) -> None:
-        with _sorting_threads(conn, 2 if self._sqlite else 0):
+        with _sorting_threads(conn, 2) if self._sqlite else contextlib.nullcontext():
             for live, new in zip(self.tables.all, shadow.all, strict=True):
                 for index in new.indexes:
                     conn.execute(text(f'DROP INDEX IF EXISTS "{index.name}"'))
                 conn.execute(text(f'DROP TABLE IF EXISTS "{live.name}"'))
                 conn.execute(text(f'ALTER TABLE "{new.name}" RENAME TO "{live.name}"'))
-                if self._sqlite and live is self.tables.history:
+                if self._filled_without_key(shadow, new):
                     conn.execute(text(_key_index_ddl(live)))
                 for index in live.indexes:
                     index.create(conn)
@@ -381,9 +386,6 @@ def _sorting_threads(conn: Connection, threads: int) -> Iterator[None]:
     At the swap the read-ahead process is done and its core free: on two threads, history's
     three index builds at 1M rows took 1.7 s wall against 2.1 on one. A build of SQLite
     without worker threads ignores it."""
-    if not threads:
-        yield
-        return
     before = conn.exec_driver_sql("PRAGMA threads").scalar_one()
     conn.exec_driver_sql(f"PRAGMA threads = {threads:d}")
     restore = f"PRAGMA threads = {int(before):d}"
