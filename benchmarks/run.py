@@ -145,7 +145,9 @@ def write_markdown(rows: list[Row], info: dict[str, object], command: str) -> No
         "transition. For latencies (ms) lower is better and no ratio applies; for scenario 3 the raw",
         "column holds one thread's rate in the same run, so /raw is the concurrency speed-up.",
         "CPU µs/op: `time.process_time` (every thread of the process, so the live projector's work",
-        "counts) per operation; for scenario 3 the raw figure is the single thread's.",
+        "counts) per operation; for scenario 3 the raw figure is the single thread's; for rebuild the",
+        "read-ahead process's CPU counts too. Rebuild's rate is the first build, into empty tables;",
+        "replace= in its notes is a second rebuild replacing those full tables.",
         "",
     ]
     # The hand-written analysis below the marker (targets met or missed, and why) survives reruns.
