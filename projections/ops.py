@@ -148,6 +148,7 @@ _NEW_ROW: dict[str, Any] = {
 }
 _ACTIVE = FlowStatus.ACTIVE.value
 _KINDS = {kind: kind.value for kind in HistoryKind}  # an enum's `.value` is a slow property
+_TRANSITION = HistoryKind.TRANSITION.value
 # Deltas many events add, made once (`RowChanges` only reads them).
 _ONE: dict[str, Mapping[str, float]] = {
     name: {name: 1} for name in ("dropped", "entered", "started")
@@ -306,15 +307,6 @@ class _Fold:
         """A run moving on from `from_step` and entering `to_step` (`_moved`)."""
         self.rows.repeat(_moved, self.flow, self.second, from_step, to_step)
 
-    def stay_ms(self) -> float | None:
-        """For a transition taken: how long the run stayed on the step it leaves, in whole ms
-        (since the accepted command that brought it there; None when the row does not say)."""
-        previous = self.previous
-        entered = previous.get("entered_at") if previous else None
-        if entered is None or previous is None or previous.get("step") != self.e["from_step"]:
-            return None
-        return float(max(0, round((self.e["timestamp"] - entered) / _MS)))
-
     def dropped(self) -> None:
         """An active run that ends or is moved away from its step without moving on drops out."""
         previous = self.previous
@@ -418,42 +410,78 @@ def _started(f: _Fold, e: Event, attempts: int) -> None:
 
 
 def _executed(f: _Fold, e: Event, attempts: int) -> None:
-    meta = {"elapsed_ms": e["elapsed_ms"], "service": e["service"]}
-    if e["previous"] is not None:
-        meta["previous"] = e["previous"]
-    f.history(
-        HistoryKind.TRANSITION,
-        e["from_step"],
-        e["to_step"],
-        meta=meta,
-        transition=e["transition"],
-        payload=e["payload"],
-        ok=e["ok"],
-        message=e["message"],
-        stay_ms=f.stay_ms(),
+    # Nine events in ten are transitions taken: their rows are written out here rather than
+    # through `_Fold.history`, `state`, `timed` and `attempt` (the same rows, keys in the same
+    # order; a test compares them), which cost the fold 14% more in its calls, keyword
+    # arguments and the dicts they pass (issue 17: a rebuild's fold 12.0 -> 10.3 µs per event).
+    rows, flow, second, previous = f.rows, f.flow, f.second, f.previous
+    user, version, now = e["user_id"], e["originator_version"], e["timestamp"]
+    from_step, to_step, transition = e["from_step"], e["to_step"], e["transition"]
+    definition, elapsed, service = e["definition_version"], e["elapsed_ms"], e["service"]
+    payload, ok, message, came_from = e["payload"], e["ok"], e["message"], e["previous"]
+    oid = f.instance
+    # How long the run stayed on the step it leaves, in whole ms (since the accepted command
+    # that brought it there; None when the row does not say).
+    stay: float | None = None
+    entered = previous.get("entered_at") if previous else None
+    if entered is not None and previous is not None and previous.get("step") == from_step:
+        stay = float(max(0, round((now - entered) / _MS)))
+    meta = {"definition_version": definition, "elapsed_ms": elapsed, "service": service}
+    if came_from is not None:
+        meta["previous"] = came_from
+    rows.insert(
+        "history",
+        {
+            "user_id": user,
+            "flow_id": flow,
+            "version": version,
+            "instance_id": oid,
+            "id": f"{oid}:{version}",
+            "kind": _TRANSITION,
+            "from_step": from_step or "",
+            "to_step": to_step or "",
+            "transition": transition or "",
+            "payload": payload,
+            "timestamp": now,
+            "success": True,
+            "error": None,
+            "meta": meta,
+            "ok": ok,
+            "message": message,
+            "stay_ms": stay,
+        },
     )
-    f.timed(e["elapsed_ms"])
-    f.rows.repeat(
+    _counted(rows, flow, second, {"response_ms_total": elapsed})
+    rows.repeat(
         _taken,
-        f.flow,
-        f.second,
-        response_bin(e["elapsed_ms"]),
-        e["from_step"],
-        e["to_step"],
-        e["transition"],
-        None if e["ok"] else "failures",
+        flow,
+        second,
+        response_bin(elapsed),
+        from_step,
+        to_step,
+        transition,
+        None if ok else "failures",
     )
-    f.attempt(attempts)
-    before = f.previous.get("payload") if f.previous else None
-    f.state(
-        step=e["to_step"],
-        service=e["service"],
-        ok=e["ok"],
-        message=e["message"],
-        previous=e["previous"],
-        payload=merge_payload(before, e["payload"]) if e["rules"] == 2 else e["payload"],
-        expires_at=e["expires_at"],
-        entered_at=e["timestamp"],
+    rows.put("samples", (flow, attempts % SAMPLE_SLOTS), {"elapsed_ms": elapsed, "second": second})
+    before = previous.get("payload") if previous else None
+    rows.put_state(
+        {
+            **(previous or _NEW_ROW),
+            "instance_id": oid,
+            "user_id": user,
+            "flow_id": flow,
+            "definition_version": definition,
+            "version": version,
+            "updated_at": now,
+            "step": to_step,
+            "service": service,
+            "ok": ok,
+            "message": message,
+            "previous": came_from,
+            "payload": merge_payload(before, payload) if e["rules"] == 2 else payload,
+            "expires_at": e["expires_at"],
+            "entered_at": now,
+        }
     )
 
 
