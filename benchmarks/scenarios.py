@@ -435,6 +435,20 @@ print(json.dumps([replayed, wall, cpu + child.ru_utime + child.ru_stime, rss]))
 names; its CPU counts the read-ahead process's (`flowstore.projections.readahead`, on large logs),
 which has ended by the time the store closes."""
 
+_RAW_READ = """
+import json, sys, time
+from flowstore import FlowStore
+from flowstore.testing import Internals
+with FlowStore(sys.argv[1], live_projections=False) as store:
+    recorder = Internals(store).recorder
+    wall, count, start = time.perf_counter(), 0, 1
+    while page := recorder.select_notifications(start, 5000):
+        count += len(page)
+        start = page[-1].id + 1
+    print(json.dumps(count / (time.perf_counter() - wall)))
+"""
+"""Scenario 5's raw read (events/s) again, in a fresh process, after the rebuilds."""
+
 _PUBLISH = """
 import json, sys
 from benchmarks.kafka import publisher_rate
@@ -476,6 +490,8 @@ def rebuild(urls: Callable[[], str], backend: str, events: int, before: str | No
     dropping the old tables, whose freed pages SQLite overwrites, is part of its cost):
     `replace=` and `replace_raw=`. `before`: a checkout of older code, whose rebuild replaces
     the first build's tables before that second rebuild runs (`before=`, `before_raw=`).
+    `raw_after=`: the raw read again, in a fresh process after the rebuilds, and the first
+    build's ratio to it (`raw_after_ratio=`).
     """
     url = urls()
     users = [f"user-{i}" for i in range(1000)]
@@ -509,6 +525,10 @@ def rebuild(urls: Callable[[], str], backend: str, events: int, before: str | No
         replace_cpu_us=round(spent / done * 1e6, 1),
         replace_rss_mb=round(peak),
     )
+    # The same read in a fresh process, after the rebuilds (the one above follows the writes in
+    # the writing process): how far the raw limit itself moves, beside the ratios.
+    again = in_tree("", _RAW_READ, url)
+    extra.update(raw_after=round(again), raw_after_ratio=round(replayed / wall / again, 3))
     return Row(
         "5 rebuild",
         backend,
