@@ -147,7 +147,8 @@ def write_markdown(rows: list[Row], info: dict[str, object], command: str) -> No
         "CPU µs/op: `time.process_time` (every thread of the process, so the live projector's work",
         "counts) per operation; for scenario 3 the raw figure is the single thread's; for rebuild the",
         "read-ahead process's CPU counts too. Rebuild's rate is the first build, into empty tables;",
-        "replace= in its notes is a second rebuild replacing those full tables.",
+        "replace= in its notes is a second rebuild replacing those full tables, raw_after= the raw",
+        "read again in a fresh process after both (raw_after_ratio=: the first build's ratio to it).",
         "",
     ]
     # The hand-written analysis below the marker (targets met or missed, and why) survives reruns.

@@ -429,11 +429,12 @@ with FlowStore(sys.argv[1], live_projections=False) as store:
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 child = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(json.dumps([replayed, wall, cpu + child.ru_utime + child.ru_stime, rss]))
+print(json.dumps([replayed, wall, cpu + child.ru_utime + child.ru_stime, rss, child.ru_maxrss / 1024]))
 """
 """A rebuild in a fresh process (so its peak RSS is the rebuild's) of whichever code PYTHONPATH
-names; its CPU counts the read-ahead process's (`flowstore.projections.readahead`, on large logs),
-which has ended by the time the store closes."""
+names: events, wall s, CPU s, peak RSS MB, and the read-ahead process's peak RSS MB (0 without
+one: `flowstore.projections.readahead`, on large logs), whose CPU the CPU counts (the rebuild
+reaps it before it returns)."""
 
 _RAW_READ = """
 import json, sys, time
@@ -485,10 +486,11 @@ def rebuild(urls: Callable[[], str], backend: str, events: int, before: str | No
     """Scenario 5: projection rebuild vs the raw ordered log read; peak RSS of the rebuilding process.
 
     The row's rate is the first build, into empty tables (a store restored from its log; what
-    this scenario has always measured). The notes hold a second rebuild,
-    of the same code, replacing those full tables (`rebuild_projections` on a store in use:
-    dropping the old tables, whose freed pages SQLite overwrites, is part of its cost):
-    `replace=` and `replace_raw=`. `before`: a checkout of older code, whose rebuild replaces
+    this scenario's row measured before `--before` existed, and without it since). The notes
+    hold a second rebuild, of the same code, replacing those full tables (`rebuild_projections`
+    on a store in use: dropping the old tables, whose freed pages SQLite overwrites, is part of
+    its cost): `replace=` and `replace_raw=`. `child_rss_mb=`: the first build's read-ahead
+    process's peak RSS (0 without one). `before`: a checkout of older code, whose rebuild replaces
     the first build's tables before that second rebuild runs (`before=`, `before_raw=`).
     `raw_after=`: the raw read again, in a fresh process after the rebuilds, and the first
     build's ratio to it (`raw_after_ratio=`).
@@ -508,17 +510,21 @@ def rebuild(urls: Callable[[], str], backend: str, events: int, before: str | No
             start = page[-1].id + 1
         clocks.stop()
         raw = count / clocks.wall
-    replayed, wall, cpu, rss = in_tree("", _REBUILD, url)
-    extra: dict[str, Any] = {"events": replayed, "peak_rss_mb": round(rss)}
+    replayed, wall, cpu, rss, child_rss = in_tree("", _REBUILD, url)
+    extra: dict[str, Any] = {
+        "events": replayed,
+        "peak_rss_mb": round(rss),
+        "child_rss_mb": round(child_rss),
+    }
     if before is not None:
-        done, took, spent, peak = in_tree(before, _REBUILD, url)
+        done, took, spent, peak, _ = in_tree(before, _REBUILD, url)
         extra.update(
             before=round(done / took),
             before_raw=round(done / took / raw, 3),
             before_cpu_us=round(spent / done * 1e6, 1),
             before_rss_mb=round(peak),
         )
-    done, took, spent, peak = in_tree("", _REBUILD, url)
+    done, took, spent, peak, _ = in_tree("", _REBUILD, url)
     extra.update(
         replace=round(done / took),
         replace_raw=round(done / took / raw, 3),

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from flowstore.domain import merge_payload
@@ -120,7 +120,7 @@ _EVENTS = st.fixed_dictionaries(
         "elapsed_ms": st.floats(0, 10**7, allow_nan=False),
         "ok": st.booleans(),
         "message": st.none() | st.just("careful"),
-        "previous": st.none() | st.just("https://elsewhere"),
+        "previous": st.none() | _STEPS,
         "rules": st.sampled_from([1, 2]),
     }
 )
@@ -135,10 +135,35 @@ _PREVIOUS = st.none() | st.fixed_dictionaries(
 ).map(lambda row: {**_NEW_ROW, "instance_id": "i", "user_id": "ann", "flow_id": "f", **row})
 
 
+_EXAMPLE: dict[str, Any] = {
+    "originator_id": UUID(int=7),
+    "originator_version": 2,
+    "timestamp": _T0,
+    "user_id": "ann",
+    "flow_id": "f",
+    "definition_version": 1,
+    "transition": "go",
+    "from_step": "a",
+    "to_step": "b",
+    "service": "svc",
+    "payload": None,
+    "expires_at": None,
+    "elapsed_ms": 1.0,
+    "ok": True,
+    "message": None,
+    "previous": None,
+    "rules": 2,
+}
+_LATE = {**_NEW_ROW, "instance_id": "i", "step": "a", "entered_at": _T0 + timedelta(seconds=9)}
+
+
 @given(_EVENTS, _PREVIOUS, st.integers(0, 3 * SAMPLE_SLOTS))
+@example(_EXAMPLE, _LATE, 0)  # the step entered after the transition's time (a clock set back)
 def test_a_transition_taken_makes_the_rows_the_helpers_make(
     event: dict[str, Any], previous: dict[str, Any] | None, attempts: int
 ) -> None:
+    """Whatever the event and the run's row before it: the same calls, in the same order, with
+    the same rows (their keys in the same order)."""
     rows = _Recorded()
     fold("TransitionExecuted", event, previous, attempts, rows)
     assert rows.calls == _through_helpers(event, previous, attempts)
@@ -146,27 +171,7 @@ def test_a_transition_taken_makes_the_rows_the_helpers_make(
 
 def test_every_history_row_has_the_same_columns_in_the_same_order() -> None:
     """The written-out row and the helpers' (a rejection's, here) name the same columns."""
-    event = {
-        "originator_id": UUID(int=7),
-        "originator_version": 2,
-        "timestamp": _T0,
-        "user_id": "ann",
-        "flow_id": "f",
-        "definition_version": 1,
-        "transition": "go",
-        "from_step": "a",
-        "to_step": "b",
-        "service": "svc",
-        "payload": None,
-        "expires_at": None,
-        "elapsed_ms": 1.0,
-        "ok": True,
-        "message": None,
-        "previous": None,
-        "rules": 2,
-        "error": "no",
-        "error_code": "NO",
-    }
+    event = {**_EXAMPLE, "error": "no", "error_code": "NO"}
     taken, refused = _Recorded(), _Recorded()
     fold("TransitionExecuted", event, None, 0, taken)
     fold("TransitionRejected", event, None, 0, refused)
