@@ -414,7 +414,7 @@ def _executed(f: _Fold, e: Event, attempts: int) -> None:
     # through `_Fold.history`, `state`, `timed` and `attempt` (the same rows, keys in the same
     # order: `tests/unit/test_fold.py`), whose calls, keyword arguments and the dicts they pass
     # cost 11% of the fold (issue 17: 76.9k -> 68.3k instructions per event under valgrind;
-    # 12.0 -> 10.9 µs per event in a rebuild's fold).
+    # 11.9 -> 10.9 µs per event in a rebuild's fold).
     rows, flow, second, previous = f.rows, f.flow, f.second, f.previous
     user, version, now = e["user_id"], e["originator_version"], e["timestamp"]
     from_step, to_step, transition = e["from_step"], e["to_step"], e["transition"]
