@@ -433,8 +433,8 @@ print(json.dumps([replayed, wall, cpu + child.ru_utime + child.ru_stime, rss, ch
 """
 """A rebuild in a fresh process (so its peak RSS is the rebuild's) of whichever code PYTHONPATH
 names: events, wall s, CPU s, peak RSS MB, and the read-ahead process's peak RSS MB (0 without
-one: `flowstore.projections.readahead`, on large logs), whose CPU the CPU counts (the rebuild
-reaps it before it returns)."""
+one: `flowstore.projections.readahead`, on large logs). The CPU includes that process's: the
+rebuild has reaped it by the time it returns."""
 
 _RAW_READ = """
 import json, sys, time
