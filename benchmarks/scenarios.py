@@ -437,16 +437,12 @@ one: `flowstore.projections.readahead`, on large logs). The CPU includes that pr
 rebuild has reaped it by the time it returns."""
 
 _RAW_READ = """
-import json, sys, time
+import json, sys
+from benchmarks.scenarios import raw_read
 from flowstore import FlowStore
-from flowstore.testing import Internals
 with FlowStore(sys.argv[1], live_projections=False) as store:
-    recorder = Internals(store).recorder
-    wall, count, start = time.perf_counter(), 0, 1
-    while page := recorder.select_notifications(start, 5000):
-        count += len(page)
-        start = page[-1].id + 1
-    print(json.dumps(count / (time.perf_counter() - wall)))
+    count, clocks = raw_read(store)
+print(json.dumps(count / clocks.wall))
 """
 """Scenario 5's raw read (events/s) again, in a fresh process, after the rebuilds."""
 
@@ -482,6 +478,17 @@ def in_tree(tree: str, code: str, *args: str) -> Any:
     return json.loads(done.stdout.splitlines()[-1])
 
 
+def raw_read(store: FlowStore) -> tuple[int, Clocks]:
+    """Scenario 5's raw limit: the whole log in order by the recorder's `select_notifications`,
+    without decoding; the events read and the read's clocks."""
+    recorder = Internals(store).recorder
+    clocks, count, start = Clocks(), 0, 1
+    while page := recorder.select_notifications(start, 5000):
+        count += len(page)
+        start = page[-1].id + 1
+    return count, clocks.stop()
+
+
 def rebuild(urls: Callable[[], str], backend: str, events: int, before: str | None = None) -> Row:
     """Scenario 5: projection rebuild vs the raw ordered log read; peak RSS of the rebuilding process.
 
@@ -503,12 +510,7 @@ def rebuild(urls: Callable[[], str], backend: str, events: int, before: str | No
             store.execute_transitions(
                 [(u, "loop", "tick", PAYLOAD) for u in users], batch_size=1000
             )
-        recorder = Internals(store).recorder  # the raw ordered read, without decoding
-        clocks, count, start = Clocks(), 0, 1
-        while page := recorder.select_notifications(start, 5000):
-            count += len(page)
-            start = page[-1].id + 1
-        clocks.stop()
+        count, clocks = raw_read(store)
         raw = count / clocks.wall
     replayed, wall, cpu, rss, child_rss = in_tree("", _REBUILD, url)
     extra: dict[str, Any] = {
@@ -600,6 +602,7 @@ __all__ = [
     "concurrent_writers",
     "in_tree",
     "kafka_publisher",
+    "raw_read",
     "read_latency",
     "rebuild",
     "single_transitions",
