@@ -27,9 +27,16 @@ from uuid import UUID
 from eventsourcing.persistence import IntegrityError
 from pydantic import ValidationError
 
-from flowstore.commands import Commands, cached_instance_id, definition_of
+from flowstore.commands import Commands, definition_of
 from flowstore.decisions import Decision, execute_transition, override_state, start_flow
-from flowstore.domain import DomainEvent, FlowInstance, FlowVersions, InstanceEvent, project
+from flowstore.domain import (
+    DomainEvent,
+    FlowInstance,
+    FlowVersions,
+    InstanceEvent,
+    instance_id,
+    project,
+)
 from flowstore.errors import FlowError, FlowNotFoundError, InvalidArgumentError
 from flowstore.gcpause import reference_counting_only
 from flowstore.inputs import check_entity, check_message, check_payload, require_id
@@ -193,7 +200,7 @@ class Transitions:
                 try:
                     flow_id, decide = self._override(user_id, state)
                     require_id(flow_id, "flow_id")
-                    checked.append((cached_instance_id(user_id, flow_id), decide))
+                    checked.append((instance_id(user_id, flow_id), decide))
                 except FlowError as error:
                     checked.append(error)
             return checked
@@ -335,7 +342,7 @@ class Transitions:
                 )
                 if type(flow_id) is not str or flow_id not in flows:
                     flows.add(require_id(flow_id, "flow_id"))
-                checked.append((cached_instance_id(user_id, flow_id), request))
+                checked.append((instance_id(user_id, flow_id), request))
             except FlowError as error:
                 checked.append(error)
         return checked

@@ -9,7 +9,6 @@ so a transition is always validated against the state it is applied to. Definiti
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import threading
@@ -46,18 +45,12 @@ from flowstore.models import FlowStatus
 from flowstore.reactions import Reactions
 from flowstore.telemetry import POSITION, Observers
 
-__all__ = ["Commands", "cached_instance_id", "definition_of", "is_expired"]
+__all__ = ["Commands", "definition_of", "is_expired"]
 
 _log = logging.getLogger(__name__)
 
 _LOCK_STRIPES = 256
 """Locks that serialise commands on one instance within a process (an instance maps to one)."""
-
-
-@functools.lru_cache(maxsize=65_536)
-def cached_instance_id(user_id: str, flow_id: str) -> UUID:
-    """`instance_id`, remembered: a uuid5 (a SHA-1) costs more than the rest of a lookup."""
-    return instance_id(user_id, flow_id)
 
 
 class Commands:
@@ -162,7 +155,7 @@ class Commands:
         persistent: bool,
         kind: str = "",
     ) -> FlowInstance:
-        iid = cached_instance_id(user_id, flow_id)
+        iid = instance_id(user_id, flow_id)
         # Threads of this process take turns on one instance (inside the user's key lock).
         with self._instance_locks[self._stripe(iid)]:
             return self._decide_and_append(

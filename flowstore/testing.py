@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from eventsourcing.persistence import IntegrityError
 
-from flowstore.domain import DomainEvent, FlowInstance
+from flowstore.domain import DomainEvent, FlowInstance, instance_id
 from flowstore.groupcommit import GroupCommit, _Pending
 from flowstore.store import FlowStore
 
@@ -210,9 +210,7 @@ class Internals:
 
     def cached_instance(self, user_id: str, flow_id: str) -> FlowInstance | None:
         """The instance as this store's cache holds it (None if not cached): no read of the log."""
-        from flowstore.commands import cached_instance_id
-
-        iid = cached_instance_id(user_id, flow_id)
+        iid = instance_id(user_id, flow_id)
         return self.commands.cached_instances((iid,)).get(iid.int)
 
     # Faults

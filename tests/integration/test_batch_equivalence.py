@@ -16,8 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowstore import FlowError, FlowStore
-from flowstore.commands import cached_instance_id
-from flowstore.domain import DomainEvent
+from flowstore.domain import DomainEvent, instance_id
 from flowstore.testing import Clock, Internals, ring_flow
 from flowstore.views import instance_state
 
@@ -138,7 +137,7 @@ def test_a_batch_equals_its_transitions_one_by_one(pair: tuple[FlowStore, FlowSt
         commands = Internals(batched).commands
         for user in users:
             cached = Internals(batched).cached_instance(user, FLOW)
-            assert cached == commands.get_instance(cached_instance_id(user, FLOW))
+            assert cached == commands.get_instance(instance_id(user, FLOW))
         batched.sync_projections()
         last = {(who, flow): r for r, (who, flow, *_) in zip(results, calls, strict=True)}
         for user in users:

@@ -7,7 +7,7 @@ import gc
 from collections import Counter
 
 from flowstore import FlowError, FlowState, FlowStore
-from flowstore.commands import cached_instance_id
+from flowstore.domain import instance_id
 from flowstore.telemetry import StoreObserver
 from flowstore.testing import Internals, ring_flow
 
@@ -81,7 +81,7 @@ def test_the_ids_of_an_append_of_many_events_are_their_positions(store_url: str)
     with FlowStore(store_url) as store:
         store.create_flow(ring_flow(FLOW))
         store.execute_transitions([("ann", FLOW, "tick", None), ("bob", FLOW, "tick", None)])
-        ann = cached_instance_id("ann", FLOW)
+        ann = instance_id("ann", FLOW)
         started, ticked = [e for _, e in store.read_events(1, 100) if e.originator_id == ann]
         # Three appends of two events in one group, the middle one conflicting (ann's first two
         # versions again): the ids the others get are the positions their events are read at.
