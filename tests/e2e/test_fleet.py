@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidMessage
 from websockets.sync.client import ClientConnection, connect
 
 from flowstore import FlowStore
@@ -110,8 +110,11 @@ class Client:
                 )
                 assert json.loads(ws.recv(timeout=30))["type"] == "authenticated"
                 break
-            except (OSError, ConnectionClosed):
+            except (OSError, ConnectionClosed, InvalidMessage):
                 # A server killed a moment ago can still look alive (not reaped yet): try again.
+                # Killed after accepting the connection but before answering the handshake, it
+                # gives `InvalidMessage` ("did not receive a valid HTTP response"), which once
+                # ended a client's thread and failed the test in CI.
                 time.sleep(0.05)  # the pace of the retry loop
         self._ws = ws
         self._reader = threading.Thread(target=self._read, args=(ws,), daemon=True)
