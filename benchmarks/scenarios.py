@@ -489,6 +489,18 @@ def raw_read(store: FlowStore) -> tuple[int, Clocks]:
     return count, clocks.stop()
 
 
+def _rebuild_notes(name: str, measured: list[float], raw: float) -> dict[str, Any]:
+    """A further rebuild's notes, from `_REBUILD`'s output: `name=` (events/s), `name_raw=` (its
+    ratio to the raw read), `name_cpu_us=` (per event) and `name_rss_mb=` (peak)."""
+    done, took, spent, peak, _ = measured
+    return {
+        name: round(done / took),
+        f"{name}_raw": round(done / took / raw, 3),
+        f"{name}_cpu_us": round(spent / done * 1e6, 1),
+        f"{name}_rss_mb": round(peak),
+    }
+
+
 def rebuild(urls: Callable[[], str], backend: str, events: int, before: str | None = None) -> Row:
     """Scenario 5: projection rebuild vs the raw ordered log read; peak RSS of the rebuilding process.
 
@@ -519,20 +531,8 @@ def rebuild(urls: Callable[[], str], backend: str, events: int, before: str | No
         "child_rss_mb": round(child_rss),
     }
     if before is not None:
-        done, took, spent, peak, _ = in_tree(before, _REBUILD, url)
-        extra.update(
-            before=round(done / took),
-            before_raw=round(done / took / raw, 3),
-            before_cpu_us=round(spent / done * 1e6, 1),
-            before_rss_mb=round(peak),
-        )
-    done, took, spent, peak, _ = in_tree("", _REBUILD, url)
-    extra.update(
-        replace=round(done / took),
-        replace_raw=round(done / took / raw, 3),
-        replace_cpu_us=round(spent / done * 1e6, 1),
-        replace_rss_mb=round(peak),
-    )
+        extra.update(_rebuild_notes("before", in_tree(before, _REBUILD, url), raw))
+    extra.update(_rebuild_notes("replace", in_tree("", _REBUILD, url), raw))
     # The same read in a fresh process, after the rebuilds (the one above follows the writes in
     # the writing process): how far the raw limit itself moves, beside the ratios.
     again = in_tree("", _RAW_READ, url)
